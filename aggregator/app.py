@@ -1,0 +1,49 @@
+"""The aggregator's FastAPI application."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from aggregator.config import AggregatorConfig
+from aggregator.rounds import RoundManager
+from aggregator.routes import devices, models, rounds, status
+from aggregator.storage import Storage
+
+# How often the deadline of the open round is checked.
+TICK_SECONDS = 0.5
+
+
+def create_app(config: AggregatorConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        storage = Storage(config.db_path)
+        app.state.storage = storage
+        app.state.rounds = RoundManager(config, storage)
+        app.state.tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
+        stop = threading.Event()
+        ticker = threading.Thread(target=_tick_until, args=(app.state.rounds, stop), daemon=True, name="round-deadlines")
+        ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            ticker.join()
+            storage.close()
+
+    app = FastAPI(
+        title="fedkeyboard aggregator",
+        description="Federated Averaging for a next-word keyboard model. Devices upload model deltas only.",
+        lifespan=lifespan,
+    )
+    for module in (devices, models, rounds, status):
+        app.include_router(module.router)
+    return app
+
+
+def _tick_until(manager: RoundManager, stop: threading.Event) -> None:
+    while not stop.wait(TICK_SECONDS):
+        manager.tick()

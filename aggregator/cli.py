@@ -1,0 +1,75 @@
+"""`fedkb aggregator` / `python -m aggregator`: run the aggregation service."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from aggregator.app import create_app
+from aggregator.config import AggregatorConfig
+from keyboard_model.cli_options import add_model_arguments, model_config_from_args
+from keyboard_model.commands import run_command
+from keyboard_model.tokenizer import KeyboardTokenizer
+
+DEFAULTS = AggregatorConfig(db_path=Path("aggregator.sqlite"), tokenizer_path=Path("tokenizer.json"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", type=Path, default=DEFAULTS.db_path, help="SQLite database for rounds and models (default: %(default)s)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer.json of a prepared corpus (default: the default corpus's, prepared if needed)")
+    parser.add_argument("--host", default=DEFAULTS.host, help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULTS.port, help="port to listen on (default: %(default)s)")
+    add_round_arguments(parser)
+    add_model_arguments(parser)
+
+
+def add_round_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the round protocol, shared with `fedkb simulate` when it starts its own aggregator."""
+    parser.add_argument("--clients-per-round", type=int, default=DEFAULTS.clients_per_round,
+                        help="updates that close a round (default: %(default)s)")
+    parser.add_argument("--round-deadline", type=float, default=DEFAULTS.round_deadline_s,
+                        help="seconds after which a round closes with the updates it has (default: %(default)s)")
+    parser.add_argument("--min-reports", type=int, default=DEFAULTS.min_reports,
+                        help="fewest updates that make a round count at its deadline (default: %(default)s)")
+    parser.add_argument("--server-lr", type=float, default=DEFAULTS.server_learning_rate,
+                        help="server learning rate of FedAvg (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the initial model (default: %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> AggregatorConfig:
+    tokenizer = KeyboardTokenizer.from_file(tokenizer_path)
+    return AggregatorConfig(
+        db_path=args.db,
+        tokenizer_path=tokenizer_path,
+        model=model_config_from_args(args, tokenizer.vocab_size),
+        clients_per_round=args.clients_per_round,
+        round_deadline_s=args.round_deadline,
+        min_reports=args.min_reports,
+        server_learning_rate=args.server_lr,
+        seed=args.seed,
+        host=args.host,
+        port=args.port,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from device_sim.corpus import CorpusConfig, prepare  # noqa: PLC0415  (only for the default tokenizer)
+
+    tokenizer_path = args.tokenizer or prepare(CorpusConfig()).tokenizer_path
+    if not tokenizer_path.exists():
+        print(f"error: tokenizer {tokenizer_path} does not exist; run `fedkb data` first", file=sys.stderr)
+        return 2
+    config = config_from_args(args, tokenizer_path)
+    print(f"aggregator: serving on http://{config.host}:{config.port} with database {config.db_path}", flush=True)
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aggregator", description=__doc__)
+    add_arguments(parser)
+    return run_command(run, parser.parse_args(argv))

@@ -1,0 +1,35 @@
+"""The aggregator's configuration: one object, filled from the command line or by code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keyboard_model.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    db_path: Path
+    # The public tokenizer, served to phones and the web demo with the model.
+    tokenizer_path: Path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    clients_per_round: int = 10
+    # A round closes early when its goal is met, otherwise at this deadline.
+    round_deadline_s: float = 300.0
+    # At the deadline, a round with fewer reports than this is abandoned and recorded as failed.
+    min_reports: int = 1
+    server_learning_rate: float = 1.0
+    # How long a device that was not selected should wait before checking in again.
+    retry_after_s: float = 5.0
+    seed: int = 0
+    host: str = "127.0.0.1"
+    port: int = 8600
+
+    def __post_init__(self) -> None:
+        if self.clients_per_round < 1:
+            raise ValueError("clients_per_round must be at least 1")
+        if not 1 <= self.min_reports <= self.clients_per_round:
+            raise ValueError("min_reports must be between 1 and clients_per_round")
+        if not self.round_deadline_s > 0 or not self.retry_after_s > 0:
+            raise ValueError("round_deadline_s and retry_after_s must be positive")

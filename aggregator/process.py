@@ -1,0 +1,88 @@
+"""Start an aggregator as a child process on loopback, for `fedkb simulate`, `fedkb up` and tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from aggregator.config import AggregatorConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalAggregator:
+    """A `python -m aggregator` child process, stopped cleanly when the context exits."""
+
+    def __init__(self, config: AggregatorConfig, startup_timeout_s: float = 60.0) -> None:
+        self.config = config
+        self.startup_timeout_s = startup_timeout_s
+        self.url = f"http://{config.host}:{config.port}"
+        self.process: subprocess.Popen | None = None
+        self._log = tempfile.TemporaryFile()
+
+    def command(self) -> list[str]:
+        c = self.config
+        return [
+            sys.executable, "-m", "aggregator", "--db", str(c.db_path), "--tokenizer", str(c.tokenizer_path),
+            "--host", c.host, "--port", str(c.port), "--clients-per-round", str(c.clients_per_round),
+            "--round-deadline", str(c.round_deadline_s), "--min-reports", str(c.min_reports),
+            "--server-lr", str(c.server_learning_rate), "--seed", str(c.seed),
+            "--embedding-dim", str(c.model.embedding_dim), "--hidden-dim", str(c.model.hidden_dim),
+        ]
+
+    def __enter__(self) -> "LocalAggregator":
+        # Its own process group, so a Ctrl-C in the terminal reaches the parent only and
+        # the parent decides how the child stops.
+        self.process = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the aggregator exited with code {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/status", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the aggregator did not answer at {self.url} within {self.startup_timeout_s:.0f} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM lets uvicorn finish its requests and close the database; SIGKILL if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+        self._log.close()
+
+
+def local_aggregator_config(workdir: Path, tokenizer_path: Path, **overrides) -> AggregatorConfig:
+    """A config for a fresh aggregator on a free loopback port, its database in `workdir`."""
+    return AggregatorConfig(db_path=workdir / "aggregator.sqlite", tokenizer_path=tokenizer_path,
+                            port=free_port(), **overrides)

@@ -1,0 +1,203 @@
+"""Rounds: which devices train, which updates count, and when a new global model is made.
+
+A round selects the first `clients_per_round` devices that check in, and closes as
+soon as all of them have reported or when its deadline passes. Closing averages the
+reported deltas (FedAvg), stores the new model version and opens the next round.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aggregator.config import AggregatorConfig
+from aggregator.storage import Storage
+from aggregator.strategy import FedAvg, UpdateSum
+from keyboard_model.model import build_model
+from keyboard_model.weights import WeightsError, l2_norm, model_to_bytes, parameter_shapes, read_tensors
+
+# Upper bound on one update's claimed example count: anything larger is a lie that
+# would let one device outweigh everyone else.
+MAX_EXAMPLES_PER_UPDATE = 1_000_000
+
+
+class RoundClosedError(Exception):
+    """The update is for a round that is no longer open."""
+
+
+class UnauthorizedError(Exception):
+    """The upload token does not belong to a device selected for this round."""
+
+
+class BadUpdateError(ValueError):
+    """The update's bytes or example count are not acceptable; the message says why."""
+
+
+@dataclass
+class CheckinDecision:
+    action: str  # "train" or "retry"
+    round: int
+    model_version: int
+    upload_token: str | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass
+class SubmitResult:
+    round: int
+    reported: int
+    duplicate: bool
+
+
+@dataclass
+class OpenRound:
+    number: int
+    base_version: int
+    started_at: float
+    deadline: float
+    device_by_token: dict[str, str] = field(default_factory=dict)
+    token_by_device: dict[str, str] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)
+    examples: int = 0
+
+
+class RoundManager:
+    """The round state machine. Thread-safe: HTTP handlers and the deadline timer share it."""
+
+    def __init__(self, config: AggregatorConfig, storage: Storage, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.storage = storage
+        self.clock = clock
+        self.strategy = FedAvg(config.server_learning_rate)
+        self._lock = threading.Lock()
+        latest = storage.latest_model()
+        if latest is None:
+            initial = build_model(config.model, seed=config.seed).state_dict()
+            storage.save_initial_model(model_to_bytes(initial, 0, config.model))
+            latest = storage.latest_model()
+        self.model_version, self.model_bytes = latest
+        shapes = parameter_shapes(build_model(config.model).state_dict())
+        self.global_state, _ = read_tensors(self.model_bytes, shapes)
+        self.shapes = shapes
+        self.round = self._open_round(storage.last_round_number() + 1)
+        self._sum = UpdateSum(shapes)
+
+    def _open_round(self, number: int) -> OpenRound:
+        now = self.clock()
+        return OpenRound(number, self.model_version, now, now + self.config.round_deadline_s)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """A float32 delta of this model plus room for the safetensors header."""
+        return 4 * sum(_numel(shape) for shape in self.shapes.values()) + 64 * 1024
+
+    def current_model(self) -> tuple[int, bytes]:
+        with self._lock:
+            return self.model_version, self.model_bytes
+
+    def checkin(self, device_id: str) -> CheckinDecision:
+        with self._lock:
+            current = self.round
+            token = current.token_by_device.get(device_id)
+            if token is None and device_id not in current.reported and len(current.token_by_device) < self.config.clients_per_round:
+                token = secrets.token_urlsafe(24)
+                current.token_by_device[device_id] = token
+                current.device_by_token[token] = device_id
+            if token is not None and device_id not in current.reported:
+                decision = CheckinDecision("train", current.number, self.model_version, upload_token=token)
+            else:
+                decision = CheckinDecision("retry", current.number, self.model_version, retry_after_s=self.config.retry_after_s)
+        self.storage.log_checkin(device_id, decision.round, decision.action)
+        return decision
+
+    def submit(self, round_number: int, token: str, data: bytes) -> SubmitResult:
+        """Validate an uploaded delta and add it to the round's running sum."""
+        with self._lock:
+            device_id = self._authorize(round_number, token)
+            if device_id in self.round.reported:
+                return SubmitResult(round_number, len(self.round.reported), duplicate=True)
+        # Parsing and checking the bytes is the expensive part; do it outside the lock.
+        try:
+            delta, metadata = read_tensors(data, self.shapes)
+        except WeightsError as error:
+            raise BadUpdateError(str(error)) from error
+        num_examples = _parse_example_count(metadata)
+        with self._lock:
+            device_id = self._authorize(round_number, token)
+            if device_id in self.round.reported:
+                return SubmitResult(round_number, len(self.round.reported), duplicate=True)
+            self._sum.add(delta, num_examples)
+            self.round.reported.add(device_id)
+            self.round.examples += num_examples
+            reported = len(self.round.reported)
+            if reported >= self.config.clients_per_round:
+                self._close_round()
+        return SubmitResult(round_number, reported, duplicate=False)
+
+    def _authorize(self, round_number: int, token: str) -> str:
+        if round_number != self.round.number:
+            raise RoundClosedError(f"round {round_number} is closed; the current round is {self.round.number}")
+        device_id = self.round.device_by_token.get(token)
+        if device_id is None:
+            raise UnauthorizedError(f"this upload token was not issued for round {round_number}")
+        return device_id
+
+    def tick(self) -> None:
+        """Close the round if its deadline has passed (called periodically)."""
+        with self._lock:
+            if self.clock() >= self.round.deadline:
+                self._close_round()
+
+    def _close_round(self) -> None:
+        current, now = self.round, self.clock()
+        summary = {
+            "round": current.number, "started_at": current.started_at, "closed_at": now,
+            "goal": self.config.clients_per_round, "selected": len(current.token_by_device),
+            "reported": len(current.reported), "examples": current.examples,
+            "base_version": current.base_version, "new_version": None, "update_norm": None,
+        }
+        if len(current.reported) >= self.config.min_reports:
+            mean_delta = self._sum.mean()
+            new_state = self.strategy.apply(self.global_state, mean_delta)
+            new_bytes = model_to_bytes(new_state, self.model_version + 1, self.config.model)
+            summary.update(status="closed", new_version=self.model_version + 1, update_norm=l2_norm(mean_delta))
+            self.storage.record_round(summary, new_bytes)
+            self.model_version, self.model_bytes, self.global_state = self.model_version + 1, new_bytes, new_state
+        else:
+            summary["status"] = "failed"
+            self.storage.record_round(summary, None)
+        self.round = self._open_round(current.number + 1)
+        self._sum = UpdateSum(self.shapes)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "round": self.round.number, "model_version": self.model_version,
+                "selected": len(self.round.token_by_device), "reported": len(self.round.reported),
+                "goal": self.config.clients_per_round,
+                "deadline_in_s": max(0.0, self.round.deadline - self.clock()),
+            }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _parse_example_count(metadata: dict[str, str]) -> int:
+    # The example count is the only thing besides the tensors an update may carry.
+    if set(metadata) != {"num_examples"}:
+        raise BadUpdateError(f'the update metadata must hold exactly "num_examples", got {sorted(metadata)}')
+    raw = metadata["num_examples"]
+    try:
+        count = int(raw)
+    except ValueError as error:
+        raise BadUpdateError(f"num_examples must be a whole number, got {raw!r}") from error
+    if not 1 <= count <= MAX_EXAMPLES_PER_UPDATE:
+        raise BadUpdateError(f"num_examples must be between 1 and {MAX_EXAMPLES_PER_UPDATE}, got {count}")
+    return count

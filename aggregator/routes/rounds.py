@@ -1,0 +1,60 @@
+"""Update uploads: a selected device sends its model delta for the round it trained in.
+
+The body is safetensors bytes: one float32 tensor per model parameter and the
+example count in the header metadata. They are parsed by safetensors, never unpickled.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
+
+from aggregator.dependencies import get_rounds
+from aggregator.rounds import BadUpdateError, RoundClosedError, RoundManager, UnauthorizedError
+from aggregator.schemas import ErrorResponse, UploadResponse
+
+router = APIRouter(tags=["rounds"])
+
+
+@router.post(
+    "/rounds/{round_number}/updates",
+    response_model=UploadResponse,
+    responses={
+        401: {"model": ErrorResponse, "description": "Missing or unknown upload token"},
+        409: {"model": ErrorResponse, "description": "The round is closed"},
+        413: {"model": ErrorResponse, "description": "Body too large"},
+        422: {"model": ErrorResponse, "description": "Not a valid update for this model"},
+    },
+)
+async def upload_update(
+    round_number: int,
+    request: Request,
+    authorization: str = Header(default="", description="Bearer <upload_token from check-in>"),
+    rounds: RoundManager = Depends(get_rounds),
+) -> UploadResponse:
+    token = authorization.removeprefix("Bearer ").strip()
+    if not token:
+        raise HTTPException(401, "an upload needs the header 'Authorization: Bearer <upload_token>' from check-in")
+    body = await _read_limited(request, rounds.max_upload_bytes)
+    try:
+        result = rounds.submit(round_number, token, body)
+    except UnauthorizedError as error:
+        raise HTTPException(401, str(error)) from error
+    except RoundClosedError as error:
+        raise HTTPException(409, str(error)) from error
+    except BadUpdateError as error:
+        raise HTTPException(422, f"rejected update: {error}") from error
+    return UploadResponse(**result.__dict__)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """Read the body, refusing it as soon as it grows past `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"an update may be at most {limit} bytes; this one declares {declared}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"an update may be at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

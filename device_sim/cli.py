@@ -1,0 +1,169 @@
+"""`fedkb data`, `fedkb simulate` and `fedkb eval` (also `python -m device_sim ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import ExitStack, closing
+from pathlib import Path
+
+from aggregator.cli import add_round_arguments
+from aggregator.process import LocalAggregator, local_aggregator_config
+from device_sim.client import AggregatorClient
+from device_sim.corpus import CorpusConfig, PreparedCorpus, default_data_dir, prepare
+from device_sim.eligibility import EligibilityConfig
+from device_sim.fleet import FleetConfig, evaluate_phones
+from device_sim.phone import Phone
+from device_sim.simulation import SimulationConfig, SimulationSummary, run_simulation
+from keyboard_model.commands import main_for
+from keyboard_model.cli_options import add_model_arguments, model_config_from_args
+from keyboard_model.tokenizer import KeyboardTokenizer
+from keyboard_model.train import LocalTrainConfig
+from keyboard_model.weights import model_from_bytes
+
+TRAIN_DEFAULTS = LocalTrainConfig()
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("corpus")
+    group.add_argument("--data-dir", type=Path, default=None,
+                       help="cache for downloads and prepared corpora (default: $FEDKB_DATA_DIR or ~/.cache/fedkeyboard)")
+    group.add_argument("--corpus", type=Path, default=None,
+                       help='your own corpus: JSONL lines {"user": ..., "text": ..., "ts": ...} (default: Shakespeare by role)')
+    group.add_argument("--proxy-text", type=Path, default=None,
+                       help="public text (one line each) to build the tokenizer from, with --corpus "
+                            "(default: Shakespeare's proxy split)")
+    group.add_argument("--min-messages", type=int, default=20, help="fewest messages that make a user a phone (default: %(default)s)")
+    group.add_argument("--vocab-size", type=int, default=10_000, help="tokenizer vocabulary, special tokens included (default: %(default)s)")
+
+
+def corpus_config_from_args(args: argparse.Namespace) -> CorpusConfig:
+    return CorpusConfig(
+        data_dir=args.data_dir or default_data_dir(), user_corpus=args.corpus, proxy_text=args.proxy_text,
+        min_messages=args.min_messages, vocab_size=args.vocab_size,
+    )
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    add_corpus_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="prepare again even if a cached copy is valid")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    corpus = prepare(corpus_config_from_args(args), force=args.force)
+    print(json.dumps({"path": str(corpus.path), **{k: v for k, v in corpus.manifest.items() if k != "sha256"}}, indent=2))
+    return 0
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("on-device training")
+    group.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, help="local epochs per round (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size, help="local batch size (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.learning_rate, help="local SGD learning rate (default: %(default)s)")
+    group.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS.sequence_length, help="tokens per training row (default: %(default)s)")
+    group.add_argument("--max-messages", type=int, default=TRAIN_DEFAULTS.max_messages,
+                       help="newest training messages a phone uses per round (default: %(default)s)")
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aggregator", default=None,
+                        help="URL of a running aggregator (default: start one on loopback for this run)")
+    parser.add_argument("--out", type=Path, default=Path("runs/simulate"),
+                        help="folder for phones, metrics.jsonl and the final model (default: %(default)s)")
+    parser.add_argument("--phones", type=int, default=None, help="phones to provision (default: one per corpus user)")
+    parser.add_argument("--rounds", type=int, default=10, help="federated rounds to run (default: %(default)s)")
+    parser.add_argument("--time-budget", type=float, default=None, help="stop starting rounds after this many seconds")
+    parser.add_argument("--eval-phones", type=int, default=64,
+                        help="phones whose held-out messages score each round (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_corpus_arguments(parser)
+    add_training_arguments(parser)
+    group = parser.add_argument_group("rounds, when the simulation starts its own aggregator")
+    add_round_arguments(group)
+    add_model_arguments(parser)
+
+
+def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
+    train = LocalTrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        sequence_length=args.seq_len, max_messages=args.max_messages,
+    )
+    fleet = FleetConfig(
+        phones_dir=args.out / "phones", num_phones=args.phones, train=train,
+        eligibility=EligibilityConfig(seed=args.seed), eval_phones=args.eval_phones, seed=args.seed,
+    )
+    return SimulationConfig(out_dir=args.out, rounds=args.rounds, fleet=fleet, time_budget_s=args.time_budget)
+
+
+def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack) -> tuple[SimulationSummary, str]:
+    """Run the simulation, against `--aggregator` or a local one kept open on `stack`."""
+    config = simulation_config_from_args(args)
+    url = args.aggregator
+    if url is None:
+        aggregator_config = local_aggregator_config(
+            args.out, corpus.tokenizer_path,
+            model=model_config_from_args(args, corpus.manifest["vocab_size"]),
+            clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
+            min_reports=args.min_reports, server_learning_rate=args.server_lr, seed=args.seed,
+        )
+        url = stack.enter_context(LocalAggregator(aggregator_config)).url
+        print(f"started an aggregator at {url} (database {aggregator_config.db_path})", flush=True)
+    client = stack.enter_context(closing(AggregatorClient(url)))
+    summary = run_simulation(corpus, config, client, show_progress=not args.no_progress)
+    return summary, url
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    corpus = prepare(corpus_config_from_args(args))
+    with ExitStack() as stack:
+        summary, _ = simulate(args, corpus, stack)
+    print_summary(summary, args.out)
+    return 0
+
+
+def print_summary(summary: SimulationSummary, out_dir: Path) -> None:
+    def row(name: str, metrics: dict[str, float]) -> str:
+        return f"  {name:<28} top-1 {metrics['recall_at_1']:.4f}  top-3 {metrics['recall_at_3']:.4f}"
+
+    print(f"\n{summary.rounds_completed} rounds, model version {summary.model_version}, "
+          f"{summary.wall_time_s:.0f} s; held-out recall over {summary.eval_positions} next-word positions:")
+    print(row("initial model (round 0)", summary.initial))
+    print(row(f"most frequent {summary.most_frequent_words}", summary.most_frequent_baseline))
+    print(row("federated model", summary.final))
+    print(f"metrics: {out_dir / 'metrics.jsonl'}; model: {out_dir / 'model.safetensors'}")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=Path("runs/simulate/model.safetensors"),
+                        help="a saved model.safetensors (default: %(default)s)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="its tokenizer.json (default: beside the model)")
+    parser.add_argument("--phones-dir", type=Path, default=None,
+                        help="phones whose held-out messages to score (default: the phones folder beside the model)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    tokenizer_path = args.tokenizer or args.model.parent / "tokenizer.json"
+    phones_dir = args.phones_dir or args.model.parent / "phones"
+    for path in (args.model, tokenizer_path, phones_dir / "fleet.json"):
+        if not path.exists():
+            print(f"error: {path} does not exist (run `fedkb simulate` first, or pass its path)", file=sys.stderr)
+            return 2
+    model, version = model_from_bytes(args.model.read_bytes())
+    tokenizer = KeyboardTokenizer.from_file(tokenizer_path)
+    phone_ids = json.loads((phones_dir / "fleet.json").read_text())["phone_ids"]
+    counts = evaluate_phones(model, tokenizer, [Phone(pid, phones_dir / pid) for pid in phone_ids])
+    print(json.dumps({"model_version": version, "phones": len(phone_ids), "positions": counts.positions,
+                      **counts.metrics()}, indent=2))
+    return 0
+
+
+COMMANDS = (
+    ("data", add_data_arguments, run_data, "fetch and prepare a corpus (cached)"),
+    ("simulate", add_simulate_arguments, run_simulate, "provision phones and run federated rounds"),
+    ("eval", add_eval_arguments, run_eval, "score a saved model on phones' held-out messages"),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_for("python -m device_sim", "Simulated phones, their corpus and federated runs.", COMMANDS, argv)

@@ -1,0 +1,68 @@
+"""A phone's HTTP client for the aggregator: check in, fetch the model, upload an update."""
+
+from __future__ import annotations
+
+import httpx
+
+from keyboard_model.errors import UserFacingError
+from aggregator.schemas import CheckinResponse, StatusResponse, UploadResponse
+
+
+class AggregatorUnavailableError(UserFacingError):
+    """Nothing answers at the aggregator's address."""
+
+
+class AggregatorRefusedError(UserFacingError):
+    """The aggregator answered with an error; `status_code` and the message say why."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(f"the aggregator refused the request ({status_code}): {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+class AggregatorClient:
+    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise AggregatorUnavailableError(
+                f"no aggregator is answering at {self.url} ({error.__class__.__name__}); "
+                "start one with `fedkb aggregator`, or leave out --aggregator to start one automatically"
+            ) from error
+        if response.is_error:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise AggregatorRefusedError(response.status_code, str(detail))
+        return response
+
+    def status(self) -> StatusResponse:
+        return StatusResponse.model_validate(self._request("GET", "/status").json())
+
+    def checkin(self, device_id: str) -> CheckinResponse:
+        return CheckinResponse.model_validate(self._request("POST", "/checkin", json={"device_id": device_id}).json())
+
+    def model(self) -> bytes:
+        return self._request("GET", "/model").content
+
+    def model_version(self, version: int) -> bytes:
+        return self._request("GET", f"/models/{version}").content
+
+    def tokenizer_json(self) -> str:
+        return self._request("GET", "/tokenizer").text
+
+    def upload(self, round_number: int, upload_token: str, update: bytes) -> UploadResponse:
+        response = self._request(
+            "POST", f"/rounds/{round_number}/updates", content=update,
+            headers={"Authorization": f"Bearer {upload_token}", "Content-Type": "application/octet-stream"},
+        )
+        return UploadResponse.model_validate(response.json())
+
+    def close(self) -> None:
+        self._http.close()

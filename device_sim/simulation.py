@@ -1,0 +1,145 @@
+"""A federated training run: provision the fleet, run rounds, log metrics, save the model.
+
+Writes into the output folder:
+- `metrics.jsonl`: one JSON object per round (round 0 is the initial model), each
+  line written whole and flushed, so an interrupted run leaves only complete lines;
+- `model.safetensors` and `tokenizer.json`: the latest global model, replaced atomically;
+- `summary.json`: the final model against the initial one and against a keyboard that
+  always offers the three most frequent words, on every phone's held-out messages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from device_sim.client import AggregatorClient
+from device_sim.corpus import PreparedCorpus
+from device_sim.files import write_atomically
+from device_sim.fleet import Fleet, FleetConfig, RoundReport, evaluate_phones, provision
+from keyboard_model.evaluate import EvalCounts, evaluate, evaluate_fixed_suggestions, most_frequent_words
+from keyboard_model.weights import model_from_bytes
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    out_dir: Path
+    rounds: int = 10
+    fleet: FleetConfig | None = None
+    # Stop after this many seconds even if rounds remain (None: run all rounds).
+    time_budget_s: float | None = None
+
+    def fleet_config(self) -> FleetConfig:
+        return self.fleet or FleetConfig(phones_dir=self.out_dir / "phones")
+
+
+@dataclass
+class SimulationSummary:
+    rounds_completed: int
+    model_version: int
+    initial: dict[str, float]
+    final: dict[str, float]
+    most_frequent_baseline: dict[str, float]
+    most_frequent_words: list[str]
+    eval_positions: int
+    wall_time_s: float
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "extra"} | self.extra
+
+
+def run_simulation(
+    corpus: PreparedCorpus, config: SimulationConfig, client: AggregatorClient, show_progress: bool = True
+) -> SimulationSummary:
+    started = time.monotonic()
+    fleet_config = config.fleet_config()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    phones = provision(corpus, fleet_config.phones_dir, fleet_config.num_phones, fleet_config.seed)
+    fleet = Fleet(phones, fleet_config, client)
+    tokenizer = fleet.tokenizer
+    (config.out_dir / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+
+    eval_sample = random.Random(fleet_config.seed).sample(phones, min(fleet_config.eval_phones, len(phones)))
+    eval_messages = [m for phone in eval_sample for m in phone.held_out(tokenizer)]
+
+    def score_current_model() -> tuple[int, EvalCounts]:
+        data = client.model()
+        model, version = model_from_bytes(data)
+        write_atomically(config.out_dir / "model.safetensors", data)
+        return version, evaluate(model, tokenizer, eval_messages)
+
+    version, initial_sample = score_current_model()
+    metrics_path = config.out_dir / "metrics.jsonl"
+    rounds_completed = 0
+    with metrics_path.open("a", encoding="utf-8") as metrics, tqdm(
+        total=config.rounds, desc="federated rounds", unit="round", disable=not show_progress, dynamic_ncols=True
+    ) as progress:
+        _log_round(metrics, 0, version, None, initial_sample, 0.0)
+        try:
+            for _ in range(config.rounds):
+                if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
+                    progress.write(f"time budget of {config.time_budget_s:.0f} s reached; stopping")
+                    break
+                round_started = time.monotonic()
+                report = fleet.run_round()
+                version, counts = score_current_model()
+                rounds_completed += 1
+                line = _log_round(metrics, report.round, version, report, counts, time.monotonic() - round_started)
+                progress.set_postfix(
+                    round=report.round, participants=len(report.participants),
+                    loss=f"{line['train_loss']:.3f}", top1=f"{counts.recall_at_1:.3f}",
+                )
+                progress.update(1)
+        except KeyboardInterrupt:
+            progress.write("interrupted: keeping the rounds finished so far")
+
+    final_model, version = model_from_bytes((config.out_dir / "model.safetensors").read_bytes())
+    initial_model, _ = model_from_bytes(client.model_version(0))
+    all_messages = [m for phone in phones for m in phone.held_out(tokenizer)]
+    final = evaluate_phones(final_model, tokenizer, phones)
+    frequent = most_frequent_words(tokenizer, tokenizer.encode_batch(corpus.proxy_lines()))
+    summary = SimulationSummary(
+        rounds_completed=rounds_completed,
+        model_version=version,
+        initial=evaluate(initial_model, tokenizer, all_messages).metrics(),
+        final=final.metrics(),
+        most_frequent_baseline=evaluate_fixed_suggestions(tokenizer, all_messages, frequent).metrics(),
+        most_frequent_words=[tokenizer.id_to_token[i] for i in frequent],
+        eval_positions=final.positions,
+        wall_time_s=time.monotonic() - started,
+    )
+    write_atomically(config.out_dir / "summary.json", (json.dumps(summary.to_dict(), indent=2) + "\n").encode())
+    return summary
+
+
+def _log_round(
+    metrics_file, round_number: int, version: int, report: RoundReport | None, counts: EvalCounts, duration_s: float
+) -> dict:
+    line = {
+        "round": round_number,
+        "model_version": version,
+        "participants": len(report.participants) if report else 0,
+        "examples": sum(p.result.num_examples for p in report.participants) if report else 0,
+        "train_loss": report.train_loss if report else None,
+        **counts.metrics(),
+        "eval_positions": counts.positions,
+        "bytes_up": report.bytes_up if report else 0,
+        "sim_ticks": report.ticks if report else 0,
+        "duration_s": round(duration_s, 3),
+    }
+    metrics_file.write(json.dumps({k: _json_number(v) for k, v in line.items()}) + "\n")
+    metrics_file.flush()
+    return line
+
+
+def _json_number(value):
+    """JSON has no NaN: an undefined metric is written as null."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+

@@ -1,0 +1,5 @@
+import sys
+
+from fedkb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""One phone's local training: a few epochs of plain SGD over its own messages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from keyboard_model.model import CIFGLSTM
+from keyboard_model.tokenizer import PAD_ID
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    """Client-side optimisation, as in the TFF/FedJAX Stack Overflow baseline (SGD, batch 16)."""
+
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 0.5
+    sequence_length: int = 20
+    # Clipping each step keeps one unlucky batch of a random-init model from blowing up.
+    max_grad_norm: float = 5.0
+    # Newest messages a phone trains on in one round; older ones wait for later rounds.
+    max_messages: int = 400
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.sequence_length < 1 or self.max_messages < 1:
+            raise ValueError(f"epochs, batch_size, sequence_length and max_messages must be positive: {self}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive: {self}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    mean_loss: float
+    num_examples: int  # messages trained on
+    num_tokens: int  # target tokens per epoch
+
+
+def pack_sequences(messages: Sequence[Sequence[int]], sequence_length: int) -> torch.Tensor:
+    """Concatenate encoded messages and cut the stream into rows of `sequence_length + 1` tokens.
+
+    Rows overlap by one token so every token but the first is a target exactly once.
+    The last row is padded with PAD, which the loss ignores.
+    """
+    stream = [token for message in messages for token in message]
+    if len(stream) < 2:
+        return torch.empty(0, sequence_length + 1, dtype=torch.long)
+    rows = []
+    for start in range(0, len(stream) - 1, sequence_length):
+        row = stream[start : start + sequence_length + 1]
+        rows.append(row + [PAD_ID] * (sequence_length + 1 - len(row)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def language_model_loss(model: CIFGLSTM, rows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the non-padding targets of `rows`."""
+    logits, _ = model(rows[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), ignore_index=PAD_ID)
+
+
+def train_local(
+    model: CIFGLSTM, messages: Sequence[Sequence[int]], config: LocalTrainConfig, seed: int = 0
+) -> TrainResult:
+    """Train `model` in place on encoded messages; returns the mean loss over all steps."""
+    messages = messages[-config.max_messages :]
+    rows = pack_sequences(messages, config.sequence_length)
+    num_tokens = int((rows[:, 1:] != PAD_ID).sum())
+    if num_tokens == 0:
+        return TrainResult(float("nan"), 0, 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    total_loss, steps = 0.0, 0
+    for _ in range(config.epochs):
+        for batch in torch.randperm(len(rows), generator=generator).split(config.batch_size):
+            loss = language_model_loss(model, rows[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            total_loss += loss.item()
+            steps += 1
+    return TrainResult(total_loss / steps, len(messages), num_tokens)

@@ -1,0 +1,91 @@
+"""Model weights and updates as safetensors bytes.
+
+safetensors holds only named tensors and a str->str header, so reading bytes that
+arrived over the network can never run code (unlike pickle or `torch.load`).
+`read_tensors` checks the bytes against the shapes the receiver expects before
+anyone uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from keyboard_model.model import CIFGLSTM, ModelConfig
+
+Tensors = dict[str, torch.Tensor]
+
+
+class WeightsError(ValueError):
+    """Bytes that are not the tensors the receiver expects; the message says how."""
+
+
+def write_tensors(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
+    return save_safetensors({name: t.detach().contiguous() for name, t in tensors.items()}, metadata=metadata)
+
+
+def read_tensors(data: bytes, expected_shapes: dict[str, tuple[int, ...]]) -> tuple[Tensors, dict[str, str]]:
+    """Parse safetensors bytes and insist on exactly the expected float32, finite tensors."""
+    try:
+        tensors = load_safetensors(data)
+        metadata = _read_metadata(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, AttributeError) as error:
+        raise WeightsError(f"not a safetensors file: {error}") from error
+    missing = sorted(expected_shapes.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected_shapes.keys())
+    if missing or unexpected:
+        raise WeightsError(f"tensor names do not match the model: missing {missing}, unexpected {unexpected}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected_shapes[name]):
+            raise WeightsError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected_shapes[name])}")
+        if tensor.dtype != torch.float32:
+            raise WeightsError(f"{name} has dtype {tensor.dtype}, expected torch.float32")
+        if not torch.isfinite(tensor).all():
+            raise WeightsError(f"{name} holds NaN or infinite values")
+    return tensors, metadata
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    """The free-form header of a safetensors file, which safetensors.torch.load drops.
+
+    The format is an 8-byte little-endian length followed by that many bytes of JSON.
+    """
+    header_length = int.from_bytes(data[:8], "little")
+    if header_length > len(data) - 8:
+        raise ValueError("header length runs past the end of the data")
+    metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("metadata must map strings to strings")
+    return metadata
+
+
+def model_to_bytes(state: Tensors, version: int, config: ModelConfig) -> bytes:
+    """A global model as it is served and saved: weights plus its version and sizes."""
+    return write_tensors(state, {"version": str(version), "model_config": json.dumps(config.to_dict())})
+
+
+def model_from_bytes(data: bytes) -> tuple[CIFGLSTM, int]:
+    """Rebuild a served or saved model; returns it with its version."""
+    try:
+        metadata = _read_metadata(data)
+        config = ModelConfig(**json.loads(metadata["model_config"]))
+        version = int(metadata["version"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise WeightsError(f"not a fedkeyboard model file: {error!r}") from error
+    model = CIFGLSTM(config)
+    state, _ = read_tensors(data, parameter_shapes(model.state_dict()))
+    model.load_state_dict(state)
+    return model, version
+
+
+def parameter_shapes(state: Tensors) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in state.items()}
+
+
+def l2_norm(tensors: Tensors) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))

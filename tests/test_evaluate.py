@@ -1,0 +1,48 @@
+import math
+
+import torch
+
+from keyboard_model.evaluate import (
+    evaluate_fixed_suggestions, most_frequent_words, recall_positions, score_predictions, suggestion_mask,
+)
+from keyboard_model.tokenizer import EOS_ID, PAD_ID, UNK_ID, KeyboardTokenizer
+
+
+def test_recall_on_a_hand_made_example():
+    tokenizer = KeyboardTokenizer.train(["a b c d e , ."], vocab_size=20)
+    a, b, c, d, e, comma = (tokenizer.token_to_id[t] for t in ["a", "b", "c", "d", "e", ","])
+    v = tokenizer.vocab_size
+
+    def ranking(*best_first):
+        logits = torch.zeros(v)
+        for rank, token in enumerate(best_first):
+            logits[token] = 10.0 - rank
+        return logits
+
+    logits = torch.stack([
+        ranking(a, b, c),          # target a: top-1 hit
+        ranking(b, a, c),          # target a: top-3 hit only
+        ranking(b, c, d, a),       # target a: miss (4th)
+        ranking(comma, d, e, a),   # target a: punctuation is never suggested, so a is 3rd: top-3 hit
+        ranking(a, b, c),          # target <unk>: always a miss, but counted
+        ranking(a, b, c),          # target ",": not a recall position
+        ranking(a, b, c),          # target </s>: not a recall position
+        ranking(a, b, c),          # padding: not scored at all
+    ])
+    targets = torch.tensor([a, a, a, a, UNK_ID, comma, EOS_ID, PAD_ID])
+    counts = score_predictions(logits, targets, recall_positions(tokenizer), suggestion_mask(tokenizer))
+    assert (counts.hits_at_1, counts.hits_at_3, counts.positions) == (1, 3, 5)
+    assert counts.tokens == 7
+    assert math.isclose(counts.recall_at_1, 1 / 5) and math.isclose(counts.recall_at_3, 3 / 5)
+    expected_nll = torch.nn.functional.cross_entropy(logits[:7], targets[:7], reduction="sum").item()
+    assert math.isclose(counts.perplexity, math.exp(expected_nll / 7), rel_tol=1e-6)
+
+
+def test_most_frequent_words_keyboard():
+    tokenizer = KeyboardTokenizer.train(["the the the cat cat sat , , , , , ."], vocab_size=20)
+    encoded = [tokenizer.encode_message("the the the cat cat sat , , , , ,")]
+    top = most_frequent_words(tokenizer, encoded)
+    assert [tokenizer.id_to_token[i] for i in top] == ["the", "cat", "sat"]  # punctuation is not a word
+    counts = evaluate_fixed_suggestions(tokenizer, [tokenizer.encode_message("the cat dog .")], top)
+    # positions: the, cat, dog(<unk>); "." and </s> are not counted
+    assert (counts.hits_at_1, counts.hits_at_3, counts.positions) == (1, 2, 3)

@@ -1,0 +1,196 @@
+"""The whole protocol over real HTTP: a real aggregator process on loopback, phones with real SQLite histories."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from device_sim.client import AggregatorClient, AggregatorRefusedError
+from device_sim.phone import Phone, update_bytes
+from keyboard_model.model import build_model
+from keyboard_model.train import LocalTrainConfig
+from keyboard_model.weights import model_from_bytes, parameter_shapes, read_tensors, write_tensors
+from tests.conftest import SMALL_TEXT
+
+
+class RecordingClient(AggregatorClient):
+    """A phone's client that keeps a copy of every upload, as a network tap would see it."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.uploads: list[bytes] = []
+
+    def upload(self, round_number, upload_token, update):
+        self.uploads.append(update)
+        return super().upload(round_number, upload_token, update)
+
+
+def make_phone(folder: Path, name: str, texts: list[str]) -> Phone:
+    phone = Phone(name, folder / name)
+    phone.history.add((float(i), text) for i, text in enumerate(texts))
+    return phone
+
+
+def state_of(client: AggregatorClient) -> tuple[dict[str, torch.Tensor], int]:
+    model, version = model_from_bytes(client.model())
+    return model.state_dict(), version
+
+
+def test_three_phones_two_rounds_give_the_example_weighted_mean(
+    tmp_path, start_aggregator, small_tokenizer_path, small_tokenizer, small_model_config
+):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3)
+    client = RecordingClient(aggregator.url)
+    # Histories of different sizes, so the weighting matters.
+    phones = [make_phone(tmp_path, f"phone-{i}", SMALL_TEXT * (i + 1)) for i in range(3)]
+    train = LocalTrainConfig(epochs=2, batch_size=4, learning_rate=0.5)
+
+    for expected_round in (1, 2):
+        before, version = state_of(client)
+        assert version == expected_round - 1
+        client.uploads.clear()
+        for seed, phone in enumerate(phones):
+            decision = client.checkin(phone.phone_id)
+            assert decision.action == "train" and decision.round == expected_round
+            phone.train_round(client, decision.round, decision.upload_token, small_tokenizer, train, seed=seed)
+        after, new_version = state_of(client)
+        assert new_version == version + 1
+        shapes = parameter_shapes(before)
+        parsed = [read_tensors(data, shapes) for data in client.uploads]
+        deltas = [delta for delta, _ in parsed]
+        counts = [int(metadata["num_examples"]) for _, metadata in parsed]
+        assert counts == [len(p.history.split()[0]) for p in phones]
+        assert len(set(counts)) == 3
+        for name in before:
+            # Written out here rather than calling the aggregator's own averaging code.
+            mean = sum(n * d[name].double() for n, d in zip(counts, deltas)) / sum(counts)
+            torch.testing.assert_close(after[name], before[name] + mean.float(), rtol=1e-5, atol=1e-6)
+        assert any(not torch.equal(after[name], before[name]) for name in before)
+
+    status = client.status()
+    assert status.model_version == 2 and status.round == 3
+    assert [r.reported for r in status.recent_rounds] == [3, 3]
+    assert [r.new_version for r in status.recent_rounds] == [1, 2]
+
+
+def test_an_upload_holds_only_parameter_tensors_and_an_example_count(
+    tmp_path, start_aggregator, small_tokenizer_path, small_tokenizer, small_model_config
+):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=1)
+    client = RecordingClient(aggregator.url)
+    phone = make_phone(tmp_path, "phone-0", SMALL_TEXT * 5)
+    decision = client.checkin(phone.phone_id)
+    phone.train_round(client, decision.round, decision.upload_token, small_tokenizer, LocalTrainConfig(), seed=0)
+    (data,) = client.uploads
+
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_length])
+    metadata = header.pop("__metadata__")
+    train_messages, _ = phone.history.split()
+    assert metadata == {"num_examples": str(len(train_messages))}
+    expected = {name: list(t.shape) for name, t in build_model(small_model_config).state_dict().items()}
+    assert {name: entry["shape"] for name, entry in header.items()} == expected
+    assert {entry["dtype"] for entry in header.values()} == {"F32"}
+    # The body is exactly the float32 tensors: nothing rides along after them.
+    tensor_bytes = sum(4 * torch.Size(shape).numel() for shape in expected.values())
+    assert len(data) == 8 + header_length + tensor_bytes
+    for text in SMALL_TEXT:
+        for word in text.split():
+            if len(word) >= 5:
+                assert word.encode() not in data
+
+
+def upload_raw(url: str, round_number: int, token: str | None, body: bytes) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(f"{url}/rounds/{round_number}/updates", content=body, headers=headers, timeout=30)
+
+
+def test_bad_uploads_are_refused_with_a_reason_and_leave_the_aggregate_alone(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2)
+    client = AggregatorClient(aggregator.url)
+    before, _ = state_of(client)
+    shapes = parameter_shapes(before)
+    good = {name: torch.full(shape, 0.01) for name, shape in shapes.items()}
+    first, second = client.checkin("phone-a"), client.checkin("phone-b")
+    assert client.checkin("phone-c").action == "retry"  # the round is full
+
+    wrong_shape = dict(good, output_bias=torch.zeros(3))
+    nan = dict(good, output_bias=torch.full(shapes["output_bias"], float("nan")))
+    cases = [
+        (update_bytes(wrong_shape, 5), 422, "shape"),
+        (update_bytes(nan, 5), 422, "NaN"),
+        (write_tensors(good, {"num_examples": "5", "text": "to be or not"}), 422, "num_examples"),
+        (update_bytes(good, 0), 422, "num_examples"),
+        (b"\x80\x04pickled", 422, "safetensors"),
+        (b"x" * (4 * sum(t.numel() for t in good.values()) + 200_000), 413, "at most"),
+    ]
+    for body, status, reason in cases:
+        response = upload_raw(aggregator.url, first.round, first.upload_token, body)
+        assert response.status_code == status, response.text
+        assert reason in response.json()["detail"]
+    response = upload_raw(aggregator.url, first.round, None, update_bytes(good, 5))
+    assert response.status_code == 401
+    response = upload_raw(aggregator.url, first.round, "made-up-token", update_bytes(good, 5))
+    assert response.status_code == 401
+    assert client.status().reported == 0
+
+    # A repeated upload counts once.
+    assert client.upload(first.round, first.upload_token, update_bytes(good, 5)).duplicate is False
+    again = client.upload(first.round, first.upload_token, update_bytes(good, 5))
+    assert again.duplicate is True and again.reported == 1
+    assert client.status().reported == 1
+
+    other = {name: torch.full(shape, -0.03) for name, shape in shapes.items()}
+    client.upload(second.round, second.upload_token, update_bytes(other, 15))
+    after, version = state_of(client)
+    assert version == 1
+    for name in before:
+        # (5 * 0.01 + 15 * -0.03) / 20 = -0.02: the refused uploads left no trace.
+        torch.testing.assert_close(after[name], before[name] - 0.02)
+
+    # The round is closed now; a late upload is told so.
+    with pytest.raises(AggregatorRefusedError) as refused:
+        client.upload(first.round, first.upload_token, update_bytes(good, 5))
+    assert refused.value.status_code == 409 and "closed" in refused.value.detail
+
+
+def test_the_deadline_closes_a_round_with_the_updates_it_has(start_aggregator, small_tokenizer_path, small_model_config):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, round_deadline_s=2.0)
+    client = AggregatorClient(aggregator.url)
+    before, _ = state_of(client)
+    decision = client.checkin("only-phone")
+    client.checkin("dropped-phone")  # selected, never reports
+    client.upload(decision.round, decision.upload_token,
+                  update_bytes({n: torch.ones_like(t) for n, t in before.items()}, 4))
+    deadline = time.monotonic() + 20
+    while client.status().model_version == 0:
+        assert time.monotonic() < deadline, "the round never closed at its deadline"
+        time.sleep(0.2)
+    status = client.status()
+    closed = status.recent_rounds[-1]
+    assert (closed.status, closed.selected, closed.reported) == ("closed", 2, 1)
+    after, _ = state_of(client)
+    torch.testing.assert_close(after["output_bias"], before["output_bias"] + 1)
+
+
+def test_a_round_with_too_few_reports_fails_and_keeps_the_model(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, min_reports=2,
+                                  round_deadline_s=1.0)
+    client = AggregatorClient(aggregator.url)
+    client.checkin("lonely-phone")
+    deadline = time.monotonic() + 20
+    while not client.status().recent_rounds:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    failed = client.status().recent_rounds[0]
+    assert failed.status == "failed" and failed.new_version is None
+    assert client.status().model_version == 0

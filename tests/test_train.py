@@ -1,0 +1,42 @@
+import torch
+
+from keyboard_model.model import build_model
+from keyboard_model.tokenizer import PAD_ID
+from keyboard_model.train import LocalTrainConfig, language_model_loss, pack_sequences, train_local
+
+
+def test_pack_sequences_makes_every_token_but_the_first_a_target_once():
+    rows = pack_sequences([[2, 10, 11, 3], [2, 12, 3]], sequence_length=3)
+    assert rows.tolist() == [[2, 10, 11, 3], [3, 2, 12, 3]]
+    rows = pack_sequences([[2, 10, 11, 3, 2, 12]], sequence_length=4)
+    assert rows.tolist() == [[2, 10, 11, 3, 2], [2, 12, PAD_ID, PAD_ID, PAD_ID]]
+    targets = rows[:, 1:][rows[:, 1:] != PAD_ID]
+    assert targets.tolist() == [10, 11, 3, 2, 12]
+
+
+def test_local_training_lowers_the_loss_on_the_phones_messages(small_tokenizer, small_model_config):
+    from tests.conftest import SMALL_TEXT
+
+    messages = small_tokenizer.encode_batch(SMALL_TEXT)
+    model = build_model(small_model_config, seed=0)
+    rows = pack_sequences(messages, 20)
+    before = language_model_loss(model, rows).item()
+    result = train_local(model, messages, LocalTrainConfig(epochs=100, batch_size=2, learning_rate=1.0))
+    after = language_model_loss(model, rows).item()
+    assert after < before - 1.0
+    assert result.num_examples == len(messages)
+    assert result.num_tokens == sum(len(m) for m in messages) - 1
+
+
+def test_training_uses_only_the_newest_messages_up_to_the_cap(small_tokenizer, small_model_config):
+    messages = small_tokenizer.encode_batch(["to be or not to be"] * 10)
+    result = train_local(build_model(small_model_config), messages, LocalTrainConfig(max_messages=3))
+    assert result.num_examples == 3
+
+
+def test_same_seed_same_result(small_tokenizer, small_model_config):
+    messages = small_tokenizer.encode_batch(["to be or not to be", "the winter of our discontent"] * 4)
+    a, b = build_model(small_model_config), build_model(small_model_config)
+    train_local(a, messages, LocalTrainConfig(batch_size=2), seed=4)
+    train_local(b, messages, LocalTrainConfig(batch_size=2), seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
