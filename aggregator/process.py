@@ -42,7 +42,7 @@ class LocalAggregator:
             "--embedding-dim", str(c.model.embedding_dim), "--hidden-dim", str(c.model.hidden_dim),
         ]
 
-    def __enter__(self) -> "LocalAggregator":
+    def __enter__(self) -> LocalAggregator:
         # Its own process group, so a Ctrl-C in the terminal reaches the parent only and
         # the parent decides how the child stops.
         self.process = subprocess.Popen(

@@ -50,6 +50,7 @@ class SubmitResult:
     round: int
     reported: int
     duplicate: bool
+    round_closed: bool = False
 
 
 @dataclass
@@ -133,9 +134,10 @@ class RoundManager:
             self.round.reported.add(device_id)
             self.round.examples += num_examples
             reported = len(self.round.reported)
-            if reported >= self.config.clients_per_round:
+            closed = reported >= self.config.clients_per_round
+            if closed:
                 self._close_round()
-        return SubmitResult(round_number, reported, duplicate=False)
+        return SubmitResult(round_number, reported, duplicate=False, round_closed=closed)
 
     def _authorize(self, round_number: int, token: str) -> str:
         if round_number != self.round.number:

@@ -23,6 +23,7 @@ class UploadResponse(BaseModel):
     round: int
     reported: int = Field(description="Updates accepted in this round so far, this one included.")
     duplicate: bool = Field(description="True when this device had already reported; the update was not counted again.")
+    round_closed: bool = Field(False, description="True when this update completed the round.")
 
 
 class RoundSummary(BaseModel):

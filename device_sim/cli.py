@@ -23,6 +23,7 @@ from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import model_from_bytes
 
 TRAIN_DEFAULTS = LocalTrainConfig()
+FLEET_DEFAULTS = FleetConfig(phones_dir=Path("phones"))
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +75,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phones", type=int, default=None, help="phones to provision (default: one per corpus user)")
     parser.add_argument("--rounds", type=int, default=10, help="federated rounds to run (default: %(default)s)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting rounds after this many seconds")
-    parser.add_argument("--eval-phones", type=int, default=64,
+    parser.add_argument("--eval-phones", type=int, default=FLEET_DEFAULTS.eval_phones,
                         help="phones whose held-out messages score each round (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_corpus_arguments(parser)

@@ -44,7 +44,7 @@ PROXY_POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and
 PROXY_PLAYS = ("tempest", "julius_caesar", "midsummer_nights_dream", "twelfth_night")
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CorpusError(UserFacingError):
@@ -77,7 +77,7 @@ class CorpusConfig:
 
     @property
     def prepared_dir(self) -> Path:
-        return self.data_dir / "corpora" / f"{self.name}-min{self.min_messages}-v{self.vocab_size}"
+        return self.data_dir / "corpora" / f"{self.name}-min{self.min_messages}-v{self.vocab_size}-f{FORMAT_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class PreparedCorpus:
     manifest: dict
 
     @classmethod
-    def open(cls, path: Path) -> "PreparedCorpus":
+    def open(cls, path: Path) -> PreparedCorpus:
         manifest_path = path / MANIFEST
         if not manifest_path.exists():
             raise CorpusError(f"no prepared corpus at {path} (no {MANIFEST}); run `fedkb data` to prepare it")
@@ -130,6 +130,8 @@ class PreparedCorpus:
 
 def prepare(config: CorpusConfig, force: bool = False, log=print) -> PreparedCorpus:
     """Prepare the corpus once and cache it; later calls open the cached copy."""
+    if config.user_corpus is not None and not config.user_corpus.is_file():
+        raise CorpusError(f"corpus file {config.user_corpus} does not exist")
     target = config.prepared_dir
     if target.exists() and not force:
         try:

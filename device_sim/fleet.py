@@ -43,7 +43,7 @@ class FleetConfig:
     train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     # Phones whose held-out messages score the model after every round (all of them at the end).
-    eval_phones: int = 64
+    eval_phones: int = 32
     # Simulated ticks to wait for a round to fill before giving up.
     max_ticks_per_round: int = 1_000
     seed: int = 0
@@ -97,7 +97,6 @@ def _write_history(folder: Path, messages: list[tuple[float, str]]) -> None:
 @dataclass(frozen=True)
 class RoundReport:
     round: int
-    model_version: int
     participants: list[LocalRound]
     ticks: int
 
@@ -123,30 +122,36 @@ class Fleet:
         self.clock = SimulatedClock(config.eligibility)
         self.tokenizer = KeyboardTokenizer.from_json(client.tokenizer_json())
         self._rng = random.Random(config.seed)
+        self._early: list[LocalRound] = []
 
     def run_round(self) -> RoundReport:
         """Advance simulated time, letting eligible phones check in and train, until the round closes."""
         round_number = self.client.status().round
-        participants: list[LocalRound] = []
+        # A phone selected for this round while the last one was closing trained already.
+        participants, self._early = [p for p in self._early if p.round == round_number], []
         for ticks in range(1, self.config.max_ticks_per_round + 1):
             self.clock.advance()
             eligible = [p for p in self.phones if self.clock.conditions(p.phone_id).eligible]
             self._rng.shuffle(eligible)
             for phone in eligible:
                 decision = self.client.checkin(phone.phone_id)
-                if decision.round != round_number:
-                    return RoundReport(round_number, decision.model_version, participants, ticks)
                 if decision.action != "train":
                     continue
+                # A selected phone always trains: one that did not would hold a place in its round.
                 local = phone.train_round(
-                    self.client, round_number, decision.upload_token, self.tokenizer, self.config.train,
+                    self.client, decision.round, decision.upload_token, self.tokenizer, self.config.train,
                     seed=self._rng.randrange(2**31),
                 )
-                if local is not None:
-                    participants.append(local)
-            status = self.client.status()
-            if status.round != round_number:
-                return RoundReport(round_number, status.model_version, participants, ticks)
+                if local is None:
+                    continue
+                if decision.round != round_number:  # our round closed at its deadline meanwhile
+                    self._early.append(local)
+                    return RoundReport(round_number, participants, ticks)
+                participants.append(local)
+                if local.closed_round:
+                    return RoundReport(round_number, participants, ticks)
+            if self.client.status().round != round_number:
+                return RoundReport(round_number, participants, ticks)
         raise FleetError(
             f"round {round_number} did not close within {self.config.max_ticks_per_round} simulated ticks: "
             f"too few eligible phones for the aggregator's goal of {self.client.status().goal} updates"

@@ -26,6 +26,8 @@ class LocalRound:
     base_version: int
     result: TrainResult
     update_size_bytes: int
+    # This phone's update was the one that completed the round.
+    closed_round: bool
 
 
 def update_bytes(delta: Tensors, num_examples: int) -> bytes:
@@ -61,8 +63,8 @@ class Phone:
             return None
         delta = {name: t - start[name] for name, t in model.state_dict().items()}
         upload = update_bytes(delta, result.num_examples)
-        client.upload(round_number, upload_token, upload)
-        return LocalRound(self.phone_id, round_number, version, result, len(upload))
+        answer = client.upload(round_number, upload_token, upload)
+        return LocalRound(self.phone_id, round_number, version, result, len(upload), answer.round_closed)
 
     def held_out(self, tokenizer: KeyboardTokenizer) -> list[list[int]]:
         """Encoded held-out messages, for evaluation on the phone."""

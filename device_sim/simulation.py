@@ -22,7 +22,7 @@ from tqdm import tqdm
 from device_sim.client import AggregatorClient
 from device_sim.corpus import PreparedCorpus
 from device_sim.files import write_atomically
-from device_sim.fleet import Fleet, FleetConfig, RoundReport, evaluate_phones, provision
+from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision
 from keyboard_model.evaluate import EvalCounts, evaluate, evaluate_fixed_suggestions, most_frequent_words
 from keyboard_model.weights import model_from_bytes
 
@@ -78,32 +78,28 @@ def run_simulation(
     version, initial_sample = score_current_model()
     metrics_path = config.out_dir / "metrics.jsonl"
     rounds_completed = 0
-    with metrics_path.open("a", encoding="utf-8") as metrics, tqdm(
-        total=config.rounds, desc="federated rounds", unit="round", disable=not show_progress, dynamic_ncols=True
-    ) as progress:
+    # Ctrl-C ends the loop by propagating: every finished round is already on disk.
+    with metrics_path.open("a", encoding="utf-8") as metrics, _progress_bar(config, show_progress) as progress:
         _log_round(metrics, 0, version, None, initial_sample, 0.0)
-        try:
-            for _ in range(config.rounds):
-                if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
-                    progress.write(f"time budget of {config.time_budget_s:.0f} s reached; stopping")
-                    break
-                round_started = time.monotonic()
-                report = fleet.run_round()
-                version, counts = score_current_model()
-                rounds_completed += 1
-                line = _log_round(metrics, report.round, version, report, counts, time.monotonic() - round_started)
-                progress.set_postfix(
-                    round=report.round, participants=len(report.participants),
-                    loss=f"{line['train_loss']:.3f}", top1=f"{counts.recall_at_1:.3f}",
-                )
-                progress.update(1)
-        except KeyboardInterrupt:
-            progress.write("interrupted: keeping the rounds finished so far")
+        for _ in range(config.rounds):
+            if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
+                progress.write(f"time budget of {config.time_budget_s:.0f} s reached; stopping")
+                break
+            round_started = time.monotonic()
+            report = fleet.run_round()
+            version, counts = score_current_model()
+            rounds_completed += 1
+            line = _log_round(metrics, report.round, version, report, counts, time.monotonic() - round_started)
+            progress.set_postfix(
+                round=report.round, participants=len(report.participants),
+                loss=f"{line['train_loss']:.3f}", top1=f"{counts.recall_at_1:.3f}",
+            )
+            progress.update(1 if config.time_budget_s is None else time.monotonic() - started - progress.n)
 
     final_model, version = model_from_bytes((config.out_dir / "model.safetensors").read_bytes())
     initial_model, _ = model_from_bytes(client.model_version(0))
     all_messages = [m for phone in phones for m in phone.held_out(tokenizer)]
-    final = evaluate_phones(final_model, tokenizer, phones)
+    final = evaluate(final_model, tokenizer, all_messages)
     frequent = most_frequent_words(tokenizer, tokenizer.encode_batch(corpus.proxy_lines()))
     summary = SimulationSummary(
         rounds_completed=rounds_completed,
@@ -117,6 +113,16 @@ def run_simulation(
     )
     write_atomically(config.out_dir / "summary.json", (json.dumps(summary.to_dict(), indent=2) + "\n").encode())
     return summary
+
+
+def _progress_bar(config: SimulationConfig, show: bool) -> tqdm:
+    """Counts rounds, or seconds of the time budget when there is one (the rounds then show in the postfix)."""
+    if config.time_budget_s is None:
+        return tqdm(total=config.rounds, desc="federated rounds", unit="round", disable=not show, dynamic_ncols=True)
+    return tqdm(
+        total=config.time_budget_s, desc="federated training", disable=not show, dynamic_ncols=True,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
+    )
 
 
 def _log_round(

@@ -12,11 +12,9 @@ import argparse
 from contextlib import ExitStack
 from pathlib import Path
 
-import uvicorn
-
 from device_sim import cli as device_cli
 from device_sim.corpus import prepare
-from web_demo.app import create_app
+from web_demo.cli import serve
 from web_demo.config import DemoConfig
 
 DEMO_DEFAULTS = DemoConfig()
@@ -38,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
         device_cli.print_summary(summary, args.out)
         if args.no_demo:
             return 0
-        config = DemoConfig(aggregator_url=aggregator_url, host=args.demo_host, port=args.demo_port)
-        print(f"\nkeyboard demo: open http://{config.host}:{config.port}  (Ctrl-C stops everything)", flush=True)
-        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+        print("\nserving the keyboard on the trained model; Ctrl-C stops everything", flush=True)
+        serve(DemoConfig(aggregator_url=aggregator_url, host=args.demo_host, port=args.demo_port))
     return 0

@@ -33,7 +33,7 @@ class EvalCounts:
     nll_sum: float = 0.0
     tokens: int = 0  # perplexity positions (all targets)
 
-    def __add__(self, other: "EvalCounts") -> "EvalCounts":
+    def __add__(self, other: EvalCounts) -> EvalCounts:
         return EvalCounts(
             self.hits_at_1 + other.hits_at_1,
             self.hits_at_3 + other.hits_at_3,
@@ -80,7 +80,8 @@ def score_predictions(
     scored = targets != PAD_ID
     logits, targets = logits[scored], targets[scored]
     nll = F.cross_entropy(logits, targets, reduction="sum").item()
-    top3 = (logits + can_suggest).topk(3, dim=-1).indices
+    # In place: the logits are (positions x vocabulary), the largest tensor of an evaluation.
+    top3 = logits.add_(can_suggest).topk(3, dim=-1).indices
     counted = is_recall_target[targets]
     hits = top3[counted] == targets[counted, None]
     return EvalCounts(

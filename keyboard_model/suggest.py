@@ -53,7 +53,9 @@ class Suggester:
                 return []
             ranked = sorted(candidates, key=lambda token_id: -float(scores[token_id]))[:SUGGESTIONS]
         else:
-            ranked = scores.topk(SUGGESTIONS).indices.tolist()
+            best = scores.topk(min(SUGGESTIONS, len(scores)))
+            # -inf marks non-words; a tiny vocabulary may not have three real words.
+            ranked = best.indices[best.values > float("-inf")].tolist()
         return [self.tokenizer.id_to_token[i] for i in ranked]
 
     def _words_with_prefix(self, prefix: str) -> list[int]:

@@ -24,7 +24,10 @@ _IS_WORD = re.compile(r"\w")
 
 def _new_tokenizer() -> Tokenizer:
     tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    # Phones type the curly apostrophe; it must not split "don’t" differently from "don't".
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Replace("\u2019", "'"), normalizers.Lowercase()]
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_WORD_OR_PUNCTUATION), behavior="isolated")]
     )
@@ -48,7 +51,7 @@ class KeyboardTokenizer:
         self.word_ids = [i for i, t in enumerate(self.id_to_token) if i >= len(SPECIAL_TOKENS) and _IS_WORD.search(t)]
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 10_000) -> "KeyboardTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 10_000) -> KeyboardTokenizer:
         if vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens")
         tokenizer = _new_tokenizer()
@@ -57,11 +60,11 @@ class KeyboardTokenizer:
         return cls(tokenizer)
 
     @classmethod
-    def from_file(cls, path: Path) -> "KeyboardTokenizer":
+    def from_file(cls, path: Path) -> KeyboardTokenizer:
         return cls(Tokenizer.from_file(str(path)))
 
     @classmethod
-    def from_json(cls, text: str) -> "KeyboardTokenizer":
+    def from_json(cls, text: str) -> KeyboardTokenizer:
         return cls(Tokenizer.from_str(text))
 
     def to_json(self) -> str:

@@ -18,7 +18,7 @@ class LocalTrainConfig:
 
     epochs: int = 1
     batch_size: int = 16
-    learning_rate: float = 0.5
+    learning_rate: float = 1.0
     sequence_length: int = 20
     # Clipping each step keeps one unlucky batch of a random-init model from blowing up.
     max_grad_norm: float = 5.0

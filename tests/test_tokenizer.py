@@ -30,3 +30,8 @@ def test_json_round_trip():
     tokenizer = KeyboardTokenizer.train(["one two three"], vocab_size=20)
     again = KeyboardTokenizer.from_json(tokenizer.to_json())
     assert again.encode("three two one") == tokenizer.encode("three two one")
+
+
+def test_curly_apostrophe_is_an_apostrophe():
+    tokenizer = KeyboardTokenizer.train(["x"], vocab_size=10)
+    assert tokenizer.split("Don\u2019t \u2019tis") == tokenizer.split("don't 'tis") == ["don't", "'", "tis"]

@@ -1,0 +1,299 @@
+"""The web demo end to end: a real aggregator, the demo as a real HTTP server, a real browser."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import pytest
+import torch
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from aggregator.process import LocalAggregator, free_port, local_aggregator_config
+from keyboard_model.model import ModelConfig
+from keyboard_model.suggest import Suggester
+from keyboard_model.tokenizer import SPECIAL_TOKENS, KeyboardTokenizer
+from keyboard_model.weights import model_from_bytes, parameter_shapes, write_tensors
+from web_demo.cli import main
+
+pytestmark = pytest.mark.timeout(120)
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshots" / "keyboard.png"
+LINES = [
+    "To be, or not to be, that is the question.",
+    "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune.",
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    "Then there was the thing that they thought through thoroughly.",
+    "All the world's a stage, and all the men and women merely players.",
+    "Now is the winter of our discontent made glorious summer by this sun of York.",
+]
+# A suggestible word as the tokenizer splits them: no punctuation, no special tokens.
+WORD = re.compile(r"\w+(?:'\w+)*")
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, failure: Callable[[], str]) -> T:
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(failure())
+        time.sleep(0.1)
+    return result
+
+
+class DemoServer:
+    """`python -m web_demo` as a child process on a free loopback port, stopped on exit."""
+
+    def __init__(self, aggregator_url: str, refresh_seconds: float = 0.3) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = [
+            sys.executable, "-m", "web_demo", "--aggregator", aggregator_url,
+            "--port", str(port), "--refresh-seconds", str(refresh_seconds),
+        ]
+        self._log = tempfile.TemporaryFile()
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> DemoServer:
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(self._answers, 30, lambda: f"the demo did not answer at {self.url}:\n{self.output()}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the demo exited with code {self.process.returncode}:\n{self.output()}")
+        try:
+            return httpx.get(self.url, timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def model_info(self) -> dict:
+        return httpx.get(f"{self.url}/api/model", timeout=5.0).json()
+
+    def wait_for_model(self, version: int | None = None) -> dict:
+        """/api/model once a model (of `version`, if given) is loaded."""
+        def loaded() -> dict | None:
+            info = self.model_info()
+            ready = info["model_version"] is not None and version in (None, info["model_version"])
+            return info if ready else None
+
+        return wait_for(loaded, 20, lambda: f"no model {version} in the demo: {self.model_info()}\n{self.output()}")
+
+    def suggest(self, text: str) -> httpx.Response:
+        return httpx.get(f"{self.url}/api/suggest", params={"text": text}, timeout=5.0)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def tokenizer() -> KeyboardTokenizer:
+    return KeyboardTokenizer.train(LINES, vocab_size=200)
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path, tokenizer: KeyboardTokenizer) -> Iterator[LocalAggregator]:
+    tokenizer_path = tmp_path / "tokenizer.json"
+    tokenizer.save(tokenizer_path)
+    model = ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=16, hidden_dim=32, projection_dim=16)
+    with LocalAggregator(local_aggregator_config(tmp_path, tokenizer_path, clients_per_round=1, model=model)) as running:
+        yield running
+
+
+def aggregator_suggester(aggregator: LocalAggregator, tokenizer: KeyboardTokenizer) -> tuple[Suggester, int]:
+    """The aggregator's current model, loaded here, to compare the demo's suggestions with."""
+    model, version = model_from_bytes(httpx.get(f"{aggregator.url}/model", timeout=10.0).content)
+    return Suggester(model, tokenizer), version
+
+
+def publish_new_version(aggregator: LocalAggregator) -> int:
+    """Play one phone through a round (one client closes it), so the aggregator makes a new model."""
+    with httpx.Client(base_url=aggregator.url, timeout=10.0) as client:
+        checkin = client.post("/checkin", json={"device_id": "test-phone"}).json()
+        assert checkin["action"] == "train", checkin
+        # A large random delta, so the new model's suggestions differ from the old one's.
+        generator = torch.Generator().manual_seed(1)
+        state = model_from_bytes(client.get("/model").content)[0].state_dict()
+        delta = {name: torch.randn(shape, generator=generator) for name, shape in parameter_shapes(state).items()}
+        upload = client.post(
+            f"/rounds/{checkin['round']}/updates", content=write_tensors(delta, {"num_examples": "5"}),
+            headers={"Authorization": f"Bearer {checkin['upload_token']}"},
+        )
+        assert upload.status_code == 200, upload.text
+        return client.get("/status").json()["model_version"]
+
+
+def assert_suggestible(words: list[str], tokenizer: KeyboardTokenizer) -> None:
+    assert len(set(words)) == len(words), words
+    for word in words:
+        assert word in tokenizer.token_to_id and WORD.fullmatch(word) and word not in SPECIAL_TOKENS, words
+
+
+def test_suggests_words_from_the_aggregators_model(aggregator: LocalAggregator, tokenizer: KeyboardTokenizer) -> None:
+    with DemoServer(aggregator.url) as demo:
+        info = demo.wait_for_model()
+        assert f"demo: open {demo.url}" in demo.output()
+        expected, version = aggregator_suggester(aggregator, tokenizer)
+        assert info == {"model_version": version, "aggregator": aggregator.url, "error": None, "refresh_seconds": 0.3}
+        assert version == httpx.get(f"{aggregator.url}/status").json()["model_version"]
+
+        for text in ["", "to be ", "To be, or not to be, that is the question. "]:
+            response = demo.suggest(text)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert len(body["suggestions"]) == 3, body
+            assert_suggestible(body["suggestions"], tokenizer)
+            assert body == {"suggestions": expected.suggest(text), "model_version": version}
+
+        th_words = {word for word in tokenizer.token_to_id if word.startswith("th")}
+        assert len(th_words) > 3  # so the test can tell a ranking from "all of them"
+        completions = demo.suggest("to be or not to be, th").json()["suggestions"]
+        assert len(completions) == 3 and set(completions) <= th_words, completions
+        assert_suggestible(completions, tokenizer)
+        assert demo.suggest("compare thee to a summer's da").json()["suggestions"] == ["day"]
+        assert demo.suggest("to be qx").json()["suggestions"] == []
+
+
+def test_reports_an_aggregator_that_is_not_reachable() -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with DemoServer(nowhere) as demo:
+        info = wait_for(lambda: (i := demo.model_info())["error"] and i, 10, lambda: str(demo.model_info()))
+        assert info["model_version"] is None and nowhere in info["error"]
+
+        response = demo.suggest("to be ")
+        assert response.status_code == 503
+        detail = response.json()["detail"]
+        assert f"the aggregator at {nowhere} is not reachable" in detail, detail
+        assert "Traceback" not in detail and "Traceback" not in demo.output()
+
+
+def test_picks_up_a_newly_published_model(aggregator: LocalAggregator, tokenizer: KeyboardTokenizer) -> None:
+    texts = ["", "to be ", "the ", "shall i compare thee to a ", "all the world's a "]
+    with DemoServer(aggregator.url, refresh_seconds=0.3) as demo:
+        demo.wait_for_model(version=0)
+        old = [demo.suggest(text).json()["suggestions"] for text in texts]
+
+        new_version = publish_new_version(aggregator)
+        assert new_version == 1
+        demo.wait_for_model(version=new_version)
+
+        expected, _ = aggregator_suggester(aggregator, tokenizer)
+        new = [demo.suggest(text).json() for text in texts]
+        assert all(body["model_version"] == new_version for body in new)
+        assert [body["suggestions"] for body in new] == [expected.suggest(text) for text in texts]
+        assert [body["suggestions"] for body in new] != old, "the new model should suggest differently"
+
+
+@contextmanager
+def chromium(profile: Path) -> Iterator[webdriver.Chrome]:
+    for binary in (CHROMIUM, CHROMEDRIVER):
+        if not binary.exists():
+            pytest.fail(f"{binary} is missing: run `bash dev.sh test`, which installs Debian's chromium and chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--window-size=480,640"):
+        options.add_argument(flag)
+    # An explicit driver path keeps selenium-manager from downloading anything.
+    browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def shown_words(browser: webdriver.Chrome) -> list[str] | None:
+    """The strip's words once it has its answer for the current text (None while it waits)."""
+    busy, words = browser.execute_script(
+        "const strip = document.getElementById('suggestions');"
+        "return [strip.getAttribute('aria-busy'), [...strip.querySelectorAll('button')]"
+        "  .filter(b => !b.disabled).map(b => b.textContent)];"
+    )
+    return words if busy == "false" else None
+
+
+def test_typing_and_tapping_suggestions_in_a_browser(
+    aggregator: LocalAggregator, tokenizer: KeyboardTokenizer, tmp_path: Path
+) -> None:
+    with DemoServer(aggregator.url) as demo, chromium(tmp_path / "chromium-profile") as browser:
+        demo.wait_for_model()
+        browser.get(demo.url)
+        box = browser.find_element(By.ID, "message")
+        wait = WebDriverWait(browser, 10)
+
+        # The answer for "to be " arrives last, after the answers for the longer text typed
+        # since: the strip must not show it.
+        slow, typed = "to be ", "to be or not to be, that is the "
+        assert demo.suggest(slow).json() != demo.suggest(typed).json()
+        browser.execute_script(
+            "const fetchNow = window.fetch;"
+            "window.fetch = (url, ...rest) => url.endsWith('text=' + encodeURIComponent(arguments[0]))"
+            "  ? new Promise(wait => setTimeout(wait, 1000)).then(() => fetchNow(url, ...rest))"
+            "      .finally(() => setTimeout(() => { window.slowAnswerArrived = true; }))"
+            "  : fetchNow(url, ...rest);",
+            slow,
+        )
+        box.send_keys(typed)
+        wait.until(lambda b: b.execute_script("return window.slowAnswerArrived === true"))
+        words = wait.until(lambda b: (w := shown_words(b)) and len(w) == 3 and w)
+        assert words == demo.suggest(typed).json()["suggestions"]
+        assert browser.find_element(By.ID, "model-version").text == "model v0"
+
+        browser.find_elements(By.CSS_SELECTOR, "#suggestions button")[1].click()
+        assert box.get_attribute("value") == typed + words[1] + " "
+
+        # Inside a word the strip completes it, and a tap replaces what was typed of it.
+        before = box.get_attribute("value")
+        box.send_keys("Th")
+        completions = wait.until(lambda b: (w := shown_words(b)) and w[0].startswith("th") and w)
+        assert all(word.startswith("th") for word in completions) and len(completions) == 3
+        browser.find_elements(By.CSS_SELECTOR, "#suggestions button")[0].click()
+        assert box.get_attribute("value") == before + completions[0].capitalize() + " "
+
+        box.send_keys("and ")
+        wait.until(lambda b: (w := shown_words(b)) and len(w) == 3)
+        assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+        ActionChains(browser).move_to_element(box).perform()  # no hover highlight in the picture
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(SCREENSHOT))
+
+
+def test_command_line_help_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--aggregator", "--host", "--port", "--refresh-seconds"):
+        assert option in help_text
+
+    assert main(["--refresh-seconds", "0"]) == 2
+    assert "refresh_seconds must be positive" in capsys.readouterr().err

@@ -1,0 +1,5 @@
+import sys
+
+from web_demo.cli import main
+
+sys.exit(main())

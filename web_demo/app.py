@@ -1,0 +1,72 @@
+"""The web demo's FastAPI application: the keyboard page and the suggestions behind it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from web_demo.config import DemoConfig
+from web_demo.model_source import ModelSource
+from web_demo.schemas import ErrorResponse, ModelInfo, SuggestResponse
+
+STATIC = Path(__file__).parent / "static"
+# The suggester reads only the last 64 tokens; the page sends at most this much text before
+# the caret, which also keeps the query string well inside uvicorn's limit.
+MAX_TEXT_CHARS = 1000
+
+router = APIRouter()
+
+
+def get_model_source(request: Request) -> ModelSource:
+    return request.app.state.model_source
+
+
+@router.get("/", include_in_schema=False)
+def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+@router.get(
+    "/api/suggest",
+    response_model=SuggestResponse,
+    responses={503: {"model": ErrorResponse, "description": "No model has been loaded from the aggregator yet"}},
+)
+def suggest(
+    text: str = Query("", max_length=MAX_TEXT_CHARS, description="The message up to the caret"),
+    source: ModelSource = Depends(get_model_source),
+) -> SuggestResponse:
+    model, error = source.state()
+    if model is None:
+        raise HTTPException(503, f"no model yet: {error or f'still fetching it from the aggregator at {source.url}'}")
+    return SuggestResponse(suggestions=model.suggester.suggest(text), model_version=model.version)
+
+
+@router.get("/api/model", response_model=ModelInfo)
+def model_info(source: ModelSource = Depends(get_model_source)) -> ModelInfo:
+    model, error = source.state()
+    return ModelInfo(
+        model_version=None if model is None else model.version, aggregator=source.url, error=error,
+        refresh_seconds=source.refresh_seconds,
+    )
+
+
+def create_app(config: DemoConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with ModelSource(config.aggregator_url, config.refresh_seconds) as source:
+            app.state.model_source = source
+            yield
+
+    app = FastAPI(
+        title="fedkeyboard web demo",
+        description="A keyboard suggestion strip driven by the aggregator's latest global model.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

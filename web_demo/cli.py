@@ -1,0 +1,50 @@
+"""`fedkb demo` / `python -m web_demo`: serve the keyboard page on the aggregator's latest model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import uvicorn
+
+from keyboard_model.commands import run_command
+from web_demo.app import create_app
+from web_demo.config import DemoConfig
+
+DEFAULTS = DemoConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aggregator", default=DEFAULTS.aggregator_url, metavar="URL",
+                        help="aggregator to take the global model and tokenizer from (default: %(default)s)")
+    parser.add_argument("--host", default=DEFAULTS.host, help="address to serve the page on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULTS.port, help="port to serve the page on (default: %(default)s)")
+    parser.add_argument("--refresh-seconds", type=float, default=DEFAULTS.refresh_seconds, metavar="SECONDS",
+                        help="how often to check the aggregator for a newer model version (default: %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    return DemoConfig(aggregator_url=args.aggregator, host=args.host, port=args.port,
+                      refresh_seconds=args.refresh_seconds)
+
+
+def run(args: argparse.Namespace) -> int:
+    serve(config_from_args(args))
+    return 0
+
+
+def serve(config: DemoConfig) -> None:
+    """Serve the page until Ctrl-C."""
+    # Only the demo's own messages (model loads, aggregator trouble); uvicorn keeps its own logging.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("demo: %(message)s"))
+    logger = logging.getLogger("web_demo")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    print(f"demo: open http://{config.host}:{config.port} (model from {config.aggregator_url})", flush=True)
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m web_demo", description=__doc__)
+    add_arguments(parser)
+    return run_command(run, parser.parse_args(argv))

@@ -1,0 +1,104 @@
+"""The aggregator's latest global model, kept current by a background thread.
+
+A refresh asks the aggregator for its model version and downloads the model (with
+its tokenizer) only when that version differs from the one loaded. The new model is
+built completely before it replaces the old one, so a request always sees one whole
+model; when the aggregator cannot be reached the last good model keeps serving and
+the reason is kept for the page to show.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import httpx
+
+from aggregator.schemas import StatusResponse
+from keyboard_model.suggest import Suggester
+from keyboard_model.tokenizer import KeyboardTokenizer
+from keyboard_model.weights import model_from_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    suggester: Suggester
+    version: int
+
+
+class ModelSource:
+    """Thread-safe holder of the latest model; use as a context manager to run the poller."""
+
+    def __init__(self, aggregator_url: str, refresh_seconds: float, timeout_s: float = 10.0) -> None:
+        self.url = aggregator_url.rstrip("/")
+        self.refresh_seconds = refresh_seconds
+        self._client = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self._lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._error: str | None = None
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="model-refresh", daemon=True)
+
+    def state(self) -> tuple[LoadedModel | None, str | None]:
+        """The loaded model (None before the first success) and why the last refresh failed (None if it did not)."""
+        with self._lock:
+            return self._model, self._error
+
+    def refresh(self) -> None:
+        """Load the aggregator's model if its version is not the one loaded; record why not if that fails."""
+        loaded, previous_error = self.state()
+        try:
+            status = StatusResponse.model_validate_json(self._get("/status").content)
+            if loaded is None or loaded.version != status.model_version:
+                self._load()
+            error = None
+        except httpx.TransportError as e:
+            error = f"the aggregator at {self.url} is not reachable: {str(e) or type(e).__name__}"
+        except httpx.HTTPStatusError as e:
+            error = f"the aggregator at {self.url} answered {e.response.status_code} to GET {e.request.url.path}"
+        except ValueError as e:  # bad JSON, unreadable weights, a tokenizer that does not fit the model
+            error = f"the aggregator at {self.url} sent something the demo cannot use: {e}"
+        except Exception as e:
+            # The poller must outlive any surprise, or the page would silently stop updating.
+            logger.exception("refreshing the model from %s failed", self.url)
+            error = f"refreshing the model from {self.url} failed: {e!r}"
+        with self._lock:
+            self._error = error
+        if error and error != previous_error:
+            logger.warning("%s", error)
+
+    def _load(self) -> None:
+        # The tokenizer comes with every new model: a restarted aggregator may serve another corpus.
+        tokenizer_json = self._get("/tokenizer").text
+        try:
+            tokenizer = KeyboardTokenizer.from_json(tokenizer_json)
+        except Exception as e:  # the tokenizers library raises a bare Exception for malformed JSON
+            raise ValueError(f"unreadable tokenizer: {e}") from e
+        model, version = model_from_bytes(self._get("/model").content)
+        loaded = LoadedModel(Suggester(model, tokenizer), version)
+        with self._lock:
+            self._model = loaded
+        logger.info("model version %d loaded from %s", version, self.url)
+
+    def _get(self, path: str) -> httpx.Response:
+        response = self._client.get(path)
+        response.raise_for_status()
+        return response
+
+    def _poll(self) -> None:
+        while True:
+            self.refresh()
+            if self._stop.wait(self.refresh_seconds):
+                return
+
+    def __enter__(self) -> ModelSource:
+        self._poller.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._poller.join()
+        self._client.close()

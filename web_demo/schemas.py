@@ -1,0 +1,21 @@
+"""Response bodies of the web demo's HTTP API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class SuggestResponse(BaseModel):
+    suggestions: list[str] = Field(description="Up to three words, best first.")
+    model_version: int = Field(description="Version of the global model that made the suggestions.")
+
+
+class ModelInfo(BaseModel):
+    model_version: int | None = Field(description="The loaded model's version; null until one has been loaded.")
+    aggregator: str = Field(description="URL of the aggregator the model comes from.")
+    error: str | None = Field(description="Why the last refresh failed; null when it succeeded.")
+    refresh_seconds: float = Field(description="How often the demo asks the aggregator for a newer model.")
+
+
+class ErrorResponse(BaseModel):
+    detail: str

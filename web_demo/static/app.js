@@ -1,0 +1,129 @@
+// The suggestion strip: three words for the text before the caret, asked of the demo server
+// whenever that text changes, and refreshed when the aggregator publishes a new model.
+"use strict";
+
+// The server's limit on the text it reads; the model itself only looks at the last 64 words.
+const CONTEXT_CHARS = 1000;
+// The word being typed, split the way the tokenizer splits words: letters and digits with
+// inner apostrophes. Empty after a space or punctuation, where the server predicts the next word.
+const PARTIAL_WORD = /[\p{L}\p{N}_]+(?:'[\p{L}\p{N}_]+)*$/u;
+const REST_OF_WORD = /^[\p{L}\p{N}_']+/u;
+const SERVER_DOWN = "The demo server is not answering. Is it still running?";
+
+const message = document.getElementById("message");
+const strip = document.getElementById("suggestions");
+const buttons = [...strip.querySelectorAll("button")];
+const badge = document.getElementById("model-version");
+const statusLine = document.getElementById("status");
+const aggregatorLabel = document.getElementById("aggregator");
+
+let latestRequest = 0; // an answer to an older request is for text that has changed since: dropped
+let requestedContext = null; // the text before the caret that the strip shows, or awaits, words for
+let knownVersion = null;
+let pollMs = 5000;
+
+// [HTTP status, JSON body]; status 0 when the demo server could not be reached at all.
+async function getJson(url) {
+  try {
+    const response = await fetch(url);
+    return [response.status, await response.json().catch(() => ({}))];
+  } catch {
+    return [0, {}];
+  }
+}
+
+function showWords(words, note) {
+  buttons.forEach((button, i) => {
+    button.textContent = words[i] ?? "";
+    button.disabled = !words[i];
+  });
+  strip.setAttribute("aria-busy", "false");
+  if (note) strip.dataset.note = note;
+  else delete strip.dataset.note;
+}
+
+function showVersion(version) {
+  badge.textContent = version === null ? "no model yet" : `model v${version}`;
+  badge.classList.toggle("missing", version === null);
+}
+
+function showStatus(text) {
+  statusLine.textContent = text ?? "";
+  statusLine.hidden = !text;
+}
+
+async function updateSuggestions({ force = false } = {}) {
+  const context = message.value.slice(0, message.selectionStart);
+  if (context === requestedContext && !force) return;
+  requestedContext = context;
+  const request = ++latestRequest;
+  // Until the answer comes, the words on screen belong to older text: grey and not clickable.
+  strip.setAttribute("aria-busy", "true");
+  buttons.forEach((button) => (button.disabled = true));
+
+  const [status, body] = await getJson(`api/suggest?text=${encodeURIComponent(context.slice(-CONTEXT_CHARS))}`);
+  if (request !== latestRequest) return;
+  if (status === 200) {
+    showWords(body.suggestions, body.suggestions.length ? "" : "No suggestions");
+    showVersion(body.model_version);
+    return;
+  }
+  requestedContext = null; // so the next poll asks again
+  if (status === 503) {
+    // No model yet; the poll below tells why.
+    showWords([], "Waiting for the aggregator…");
+    return;
+  }
+  showWords([], "No suggestions right now");
+  if (status === 0) showStatus(SERVER_DOWN);
+  else showStatus(typeof body.detail === "string" ? body.detail : `The demo server answered ${status}.`);
+}
+
+function describeModelState(info) {
+  if (info.error && info.model_version !== null) return `Still using model v${info.model_version}: ${info.error}`;
+  if (info.error) return `No model yet: ${info.error}`;
+  if (info.model_version === null) return `Fetching the model from the aggregator at ${info.aggregator}…`;
+  return "";
+}
+
+// The page learns of new model versions by asking the demo as often as the demo asks the aggregator.
+async function pollModel() {
+  const [status, info] = await getJson("api/model");
+  if (status === 200) {
+    pollMs = info.refresh_seconds * 1000;
+    aggregatorLabel.textContent = info.aggregator;
+    showVersion(info.model_version);
+    showStatus(describeModelState(info));
+    const changed = info.model_version !== knownVersion;
+    knownVersion = info.model_version;
+    updateSuggestions({ force: changed });
+  } else {
+    showStatus(status === 0 ? SERVER_DOWN : `The demo server answered ${status}.`);
+  }
+  setTimeout(pollModel, pollMs);
+}
+
+function insert(word) {
+  const before = message.value.slice(0, message.selectionStart);
+  if (before !== requestedContext) return updateSuggestions();
+  const partial = before.match(PARTIAL_WORD)?.[0] ?? "";
+  let after = message.value.slice(message.selectionEnd);
+  if (partial) after = after.replace(REST_OF_WORD, ""); // the caret was inside a word: replace all of it
+  // The vocabulary is lower case; keep a capital the person typed ("Th" becomes "The").
+  if (partial && partial[0] !== partial[0].toLowerCase()) word = word[0].toUpperCase() + word.slice(1);
+  const head = before.slice(0, before.length - partial.length) + word + " ";
+  message.value = head + after.replace(/^ /, ""); // one space after the word, not two
+  message.setSelectionRange(head.length, head.length);
+  message.focus();
+  updateSuggestions();
+}
+
+message.addEventListener("input", () => updateSuggestions());
+document.addEventListener("selectionchange", () => {
+  if (document.activeElement === message) updateSuggestions();
+});
+buttons.forEach((button) => {
+  button.addEventListener("mousedown", (event) => event.preventDefault()); // keep the caret in the text box
+  button.addEventListener("click", () => insert(button.textContent));
+});
+pollModel();
