@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundManager
-from aggregator.routes import devices, models, rounds, status
+from aggregator.routes import devices, models, status
+from aggregator.routes import rounds as rounds_routes
 from aggregator.storage import Storage
 
 # How often the deadline of the open round is checked.
@@ -18,14 +19,14 @@ TICK_SECONDS = 0.5
 
 
 def create_app(config: AggregatorConfig) -> FastAPI:
+    """The service, its database opened and its model loaded (so bad configuration fails here, clearly)."""
+    storage = Storage(config.db_path)
+    rounds = RoundManager(config, storage)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        storage = Storage(config.db_path)
-        app.state.storage = storage
-        app.state.rounds = RoundManager(config, storage)
-        app.state.tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
         stop = threading.Event()
-        ticker = threading.Thread(target=_tick_until, args=(app.state.rounds, stop), daemon=True, name="round-deadlines")
+        ticker = threading.Thread(target=_tick_until, args=(rounds, stop), daemon=True, name="round-deadlines")
         ticker.start()
         try:
             yield
@@ -39,7 +40,10 @@ def create_app(config: AggregatorConfig) -> FastAPI:
         description="Federated Averaging for a next-word keyboard model. Devices upload model deltas only.",
         lifespan=lifespan,
     )
-    for module in (devices, models, rounds, status):
+    app.state.storage = storage
+    app.state.rounds = rounds
+    app.state.tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
+    for module in (devices, models, rounds_routes, status):
         app.include_router(module.router)
     return app
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from aggregator.config import AggregatorConfig
 from aggregator.storage import Storage
 from aggregator.strategy import FedAvg, UpdateSum
+from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
 from keyboard_model.weights import WeightsError, l2_norm, model_to_bytes, parameter_shapes, read_tensors
 
@@ -80,11 +81,16 @@ class RoundManager:
             storage.save_initial_model(model_to_bytes(initial, 0, config.model))
             latest = storage.latest_model()
         self.model_version, self.model_bytes = latest
-        shapes = parameter_shapes(build_model(config.model).state_dict())
-        self.global_state, _ = read_tensors(self.model_bytes, shapes)
-        self.shapes = shapes
+        self.shapes = parameter_shapes(build_model(config.model).state_dict())
+        try:
+            self.global_state, _ = read_tensors(self.model_bytes, self.shapes)
+        except WeightsError as error:
+            raise UserFacingError(
+                f"the database {config.db_path} holds a model that does not fit this configuration ({error}); "
+                "use the sizes and tokenizer it was created with, or another --db"
+            ) from error
         self.round = self._open_round(storage.last_round_number() + 1)
-        self._sum = UpdateSum(shapes)
+        self._sum = UpdateSum(self.shapes)
 
     def _open_round(self, number: int) -> OpenRound:
         now = self.clock()
@@ -103,7 +109,8 @@ class RoundManager:
         with self._lock:
             current = self.round
             token = current.token_by_device.get(device_id)
-            if token is None and device_id not in current.reported and len(current.token_by_device) < self.config.clients_per_round:
+            has_room = len(current.token_by_device) < self.config.clients_per_round
+            if token is None and device_id not in current.reported and has_room:
                 token = secrets.token_urlsafe(24)
                 current.token_by_device[device_id] = token
                 current.device_by_token[token] = device_id

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from aggregator.process import free_port
+from keyboard_model.weights import model_from_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,3 +80,52 @@ def test_bad_input_gets_a_clear_message_not_a_traceback(tmp_path: Path, shakespe
     assert result.returncode == 2, result.stderr
     assert message.format(tmp=tmp_path, port=port) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_the_run_and_its_aggregator_leaving_whole_files(tmp_path: Path, shakespeare):
+    out = tmp_path / "run"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "fedkb", "simulate", "--phones", "12", "--clients-per-round", "3", "--rounds", "500",
+         "--out", str(out), "--no-progress", "--hidden-dim", "32", "--embedding-dim", "16"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+        assert run.poll() is None, run.stderr.read()
+        assert time.monotonic() < deadline, "no rounds were logged"
+        time.sleep(0.2)
+    aggregator_url = next(line.split()[4] for line in iter(run.stdout.readline, "") if "started an aggregator" in line)
+    os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{aggregator_url}/status", timeout=2)
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [line["round"] for line in lines] == list(range(len(lines)))
+    model, version = model_from_bytes((out / "model.safetensors").read_bytes())
+    assert version >= len(lines) - 1
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_an_aggregator_database_of_another_model_is_refused_clearly(tmp_path: Path, small_tokenizer_path):
+    with socket.socket() as busy:
+        # A port that is taken: each start opens the database, then cannot serve, and exits.
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+
+        def aggregator(hidden: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "aggregator", "--db", str(tmp_path / "a.sqlite"), "--tokenizer",
+                 str(small_tokenizer_path), "--hidden-dim", hidden, "--embedding-dim", "8",
+                 "--port", str(busy.getsockname()[1])],
+                capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=120,
+            )
+
+        first = aggregator("16")  # creates the database with version 0 of a 16-cell model
+        assert first.returncode != 0 and "address already in use" in first.stderr
+        result = aggregator("32")
+    assert result.returncode == 2
+    assert "holds a model that does not fit" in result.stderr and "Traceback" not in result.stderr
