@@ -41,9 +41,13 @@ class TypingHistory:
 
     def split(self) -> tuple[list[str], list[str]]:
         """(training messages, held-out messages): the newest 20% are held out."""
-        texts = self.texts()
-        held_out = math.ceil(len(texts) * HELD_OUT_FRACTION) if texts else 0
-        return texts[: len(texts) - held_out], texts[len(texts) - held_out :]
+        return split_held_out(self.texts())
 
     def close(self) -> None:
         self.db.close()
+
+
+def split_held_out(texts: list[str]) -> tuple[list[str], list[str]]:
+    """(training, held-out) of messages oldest first: the newest 20% are held out."""
+    held_out = math.ceil(len(texts) * HELD_OUT_FRACTION)
+    return texts[: len(texts) - held_out], texts[len(texts) - held_out :]

@@ -3,32 +3,45 @@
 After a space (or at the start) it predicts the next word; inside a word it ranks the
 vocabulary words that begin with what has been typed of it. Only real words are
 offered: never <unk>, sentence markers or lone punctuation.
+
+A `Suggester` follows one text box. It keeps the recurrent state after every token of
+the text typed so far, so a keystroke costs at most one model step: typing inside a
+word reuses the scores it already has, finishing a word feeds that one word, and
+deleting goes back to a state it kept.
 """
 
 from __future__ import annotations
 
 import bisect
+import threading
 
 import torch
 
 from keyboard_model.evaluate import suggestion_mask
-from keyboard_model.model import CIFGLSTM
+from keyboard_model.model import CIFGLSTM, State
 from keyboard_model.tokenizer import BOS_ID, KeyboardTokenizer
 
 SUGGESTIONS = 3
 
 
 class Suggester:
-    def __init__(self, model: CIFGLSTM, tokenizer: KeyboardTokenizer, max_context: int = 64) -> None:
+    def __init__(self, model: CIFGLSTM, tokenizer: KeyboardTokenizer) -> None:
         if model.config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"model has {model.config.vocab_size} words, tokenizer {tokenizer.vocab_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.max_context = max_context
         self._can_suggest = suggestion_mask(tokenizer)
-        # Suggestible words sorted alphabetically, so a prefix is a contiguous range.
-        self._sorted_words = sorted((tokenizer.id_to_token[i], i) for i in tokenizer.word_ids)
-        self._sorted_keys = [word for word, _ in self._sorted_words]
+        # Suggestible words sorted alphabetically, so the words with a prefix are one slice.
+        ordered = sorted((tokenizer.id_to_token[i], i) for i in tokenizer.word_ids)
+        self._sorted_words = [word for word, _ in ordered]
+        self._sorted_ids = torch.tensor([token_id for _, token_id in ordered], dtype=torch.long)
+        # One text box at a time: requests from several threads take turns.
+        self._lock = threading.Lock()
+        self._context: list[int] = []
+        # _states[i] and _scores[i] hold the state and next-token scores after <s> + _context[:i].
+        self._states: list[State] = []
+        self._scores: list[torch.Tensor] = []
+        self._feed_from(self.model.initial_state(1), [BOS_ID])
 
     def split_context(self, text: str) -> tuple[list[str], str]:
         """(complete pieces before the cursor, the partly typed word, or '' after a boundary)."""
@@ -37,28 +50,42 @@ class Suggester:
             return pieces[:-1], pieces[-1]
         return pieces, ""
 
-    @torch.no_grad()
     def next_word_scores(self, pieces: list[str]) -> torch.Tensor:
         """Log-probabilities of the next token after `pieces`, from the start of the message."""
-        context = [BOS_ID, *self.tokenizer.ids_of(pieces)][-self.max_context :]
-        logits, _ = self.model(torch.tensor([context]))
-        return torch.log_softmax(logits[0, -1], dim=-1)
+        with self._lock:
+            return self._scores_after(self.tokenizer.ids_of(pieces))
 
     def suggest(self, text: str) -> list[str]:
         pieces, prefix = self.split_context(text)
-        scores = self.next_word_scores(pieces) + self._can_suggest
+        with self._lock:
+            scores = self._scores_after(self.tokenizer.ids_of(pieces))
         if prefix:
-            candidates = self._words_with_prefix(prefix.lower())
-            if not candidates:
-                return []
-            ranked = sorted(candidates, key=lambda token_id: -float(scores[token_id]))[:SUGGESTIONS]
+            start = bisect.bisect_left(self._sorted_words, prefix)
+            end = bisect.bisect_left(self._sorted_words, prefix + "\U0010ffff")
+            candidates = self._sorted_ids[start:end]
+            best = scores[candidates].topk(min(SUGGESTIONS, len(candidates)))
+            ranked = candidates[best.indices].tolist()
         else:
-            best = scores.topk(min(SUGGESTIONS, len(scores)))
+            best = (scores + self._can_suggest).topk(min(SUGGESTIONS, len(scores)))
             # -inf marks non-words; a tiny vocabulary may not have three real words.
             ranked = best.indices[best.values > float("-inf")].tolist()
         return [self.tokenizer.id_to_token[i] for i in ranked]
 
-    def _words_with_prefix(self, prefix: str) -> list[int]:
-        start = bisect.bisect_left(self._sorted_keys, prefix)
-        end = bisect.bisect_left(self._sorted_keys, prefix + "\U0010ffff")
-        return [token_id for _, token_id in self._sorted_words[start:end]]
+    def _scores_after(self, ids: list[int]) -> torch.Tensor:
+        """Scores after <s> + ids, stepping the model only past the part not already seen."""
+        common = 0
+        for seen, new in zip(self._context, ids):
+            if seen != new:
+                break
+            common += 1
+        del self._context[common:], self._states[common + 1 :], self._scores[common + 1 :]
+        self._feed_from(self._states[-1], ids[common:])
+        self._context.extend(ids[common:])
+        return self._scores[-1]
+
+    @torch.inference_mode()
+    def _feed_from(self, state: State, ids: list[int]) -> None:
+        for token in ids:
+            logits, state = self.model(torch.tensor([[token]]), state)
+            self._states.append(state)
+            self._scores.append(torch.log_softmax(logits[0, -1], dim=-1))

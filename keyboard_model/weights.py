@@ -29,8 +29,10 @@ def write_tensors(tensors: Tensors, metadata: dict[str, str] | None = None) -> b
     return save_safetensors({name: t.detach().contiguous() for name, t in tensors.items()}, metadata=metadata)
 
 
-def read_tensors(data: bytes, expected_shapes: dict[str, tuple[int, ...]]) -> tuple[Tensors, dict[str, str]]:
-    """Parse safetensors bytes and insist on exactly the expected float32, finite tensors."""
+def read_tensors(
+    data: bytes, expected_shapes: dict[str, tuple[int, ...]], expected_dtypes: dict[str, torch.dtype] | None = None
+) -> tuple[Tensors, dict[str, str]]:
+    """Parse safetensors bytes and insist on exactly the expected, finite tensors (float32 unless told)."""
     try:
         tensors = load_safetensors(data)
         metadata = _read_metadata(data)
@@ -43,9 +45,10 @@ def read_tensors(data: bytes, expected_shapes: dict[str, tuple[int, ...]]) -> tu
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected_shapes[name]):
             raise WeightsError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected_shapes[name])}")
-        if tensor.dtype != torch.float32:
-            raise WeightsError(f"{name} has dtype {tensor.dtype}, expected torch.float32")
-        if not torch.isfinite(tensor).all():
+        expected_dtype = (expected_dtypes or {}).get(name, torch.float32)
+        if tensor.dtype != expected_dtype:
+            raise WeightsError(f"{name} has dtype {tensor.dtype}, expected {expected_dtype}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(f"{name} holds NaN or infinite values")
     return tensors, metadata
 

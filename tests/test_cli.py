@@ -88,24 +88,31 @@ def test_ctrl_c_stops_the_run_and_its_aggregator_leaving_whole_files(tmp_path: P
         [sys.executable, "-m", "fedkb", "simulate", "--phones", "12", "--clients-per-round", "3", "--rounds", "500",
          "--out", str(out), "--no-progress", "--hidden-dim", "32", "--embedding-dim", "16"],
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        # As in a terminal: its own process group, and SIGINT not ignored (a shell's background job inherits
+        # SIGINT ignored, and Python then never raises KeyboardInterrupt).
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
-        assert run.poll() is None, run.stderr.read()
-        assert time.monotonic() < deadline, "no rounds were logged"
-        time.sleep(0.2)
-    aggregator_url = next(line.split()[4] for line in iter(run.stdout.readline, "") if "started an aggregator" in line)
-    os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
-    _, stderr = run.communicate(timeout=60)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+            assert run.poll() is None, run.stderr.read()
+            assert time.monotonic() < deadline, "no rounds were logged"
+            time.sleep(0.2)
+        started = next(line for line in iter(run.stdout.readline, "") if "started an aggregator" in line)
+        aggregator_url = started.split()[4]
+        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 130, stderr
     assert "Traceback" not in stderr
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{aggregator_url}/status", timeout=2)
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [line["round"] for line in lines] == list(range(len(lines)))
-    model, version = model_from_bytes((out / "model.safetensors").read_bytes())
+    _, version = model_from_bytes((out / "model.safetensors").read_bytes())
     assert version >= len(lines) - 1
     assert not list(out.glob(".*.tmp"))
 

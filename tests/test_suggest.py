@@ -1,3 +1,5 @@
+import random
+
 import torch
 
 from keyboard_model.model import ModelConfig, build_model
@@ -60,3 +62,23 @@ def test_next_words_are_the_models_top_words_after_the_whole_message(small_token
         assert s.suggest(text + " ") == expected
         seen.add(tuple(expected))
     assert len(seen) > 1  # the context, not just word frequency, decides
+
+
+def test_incremental_state_matches_a_fresh_pass_while_typing_and_deleting(small_tokenizer):
+    s = suggester(small_tokenizer, seed=2)
+    steps = []
+    s.model.register_forward_hook(lambda module, inputs, output: steps.append(inputs[0].shape[1]))
+    target = " ".join(SMALL_TEXT)
+    rng = random.Random(0)
+    text = ""
+    for _ in range(400):
+        if text and rng.random() < 0.15:
+            text = text[: -rng.randint(1, min(6, len(text)))]  # backspace a few characters
+        else:
+            text = target[: len(text) + 1] if target.startswith(text) else text + rng.choice("ab ,")
+        steps.clear()
+        assert s.suggest(text) == suggester(small_tokenizer, seed=2).suggest(text), text
+        if not steps or len(text) < 2:
+            continue
+        # A keystroke feeds at most the word it finished (plus a punctuation mark typed with it).
+        assert sum(steps) <= 2, (text, steps)

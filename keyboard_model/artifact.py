@@ -1,0 +1,97 @@
+"""The on-device artifact: an int8 model, its tokenizer and a manifest in one small zip file.
+
+Every weight matrix (the tied embedding/output matrix, the input and recurrent gate
+weights, the projection) is stored as int8 with one float32 scale per row: symmetric
+quantisation, row r of W is `q[r] * scale[r]` with `scale[r] = max|W[r]| / 127`. Per-row
+scales keep a rare word's small embedding from being rounded away by a frequent word's
+large one. Biases are few and stay float32. Loading dequantises to a float32 model, so
+inference needs no int8 kernels; what the phone downloads and stores is the int8 file.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from keyboard_model.model import CIFGLSTM, ModelConfig
+from keyboard_model.tokenizer import KeyboardTokenizer
+from keyboard_model.weights import Tensors, WeightsError, read_tensors, write_tensors
+
+FORMAT = "fedkeyboard-int8-v1"
+SCALE_SUFFIX = ".scale"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    model: CIFGLSTM
+    tokenizer: KeyboardTokenizer
+    manifest: dict
+
+
+def quantize(state: Tensors) -> Tensors:
+    """int8 per-row copies of every matrix (with `<name>.scale`), other tensors as they are."""
+    out: Tensors = {}
+    for name, tensor in state.items():
+        if tensor.dim() != 2:
+            out[name] = tensor.float()
+            continue
+        scale = tensor.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        out[name] = torch.round(tensor / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        out[name + SCALE_SUFFIX] = scale.float()
+    return out
+
+
+def dequantize(stored: Tensors) -> Tensors:
+    state: Tensors = {}
+    for name, tensor in stored.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if tensor.dtype == torch.int8:
+            state[name] = tensor.float() * stored[name + SCALE_SUFFIX][:, None]
+        else:
+            state[name] = tensor
+    return state
+
+
+def export(model: CIFGLSTM, tokenizer: KeyboardTokenizer, path: Path, version: int) -> dict:
+    """Write the artifact; returns its manifest."""
+    stored = quantize(model.state_dict())
+    manifest = {
+        "format": FORMAT,
+        "model_version": version,
+        "model_config": model.config.to_dict(),
+        "int8_tensors": sorted(n for n, t in stored.items() if t.dtype == torch.int8),
+    }
+    staging = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(staging, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr("manifest.json", json.dumps(manifest, indent=1))
+        archive.writestr("tokenizer.json", tokenizer.to_json())
+        # safetensors' bytes are mostly incompressible int8; storing them saves the phone the inflate.
+        archive.writestr("weights.safetensors", write_tensors(stored), compress_type=zipfile.ZIP_STORED)
+    staging.replace(path)
+    return manifest
+
+
+def load(path: Path) -> Artifact:
+    """Read an artifact back into a float32 model ready to suggest."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            manifest = json.loads(archive.read("manifest.json"))
+            tokenizer = KeyboardTokenizer.from_json(archive.read("tokenizer.json").decode("utf-8"))
+            weights = archive.read("weights.safetensors")
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
+        config = ModelConfig(**manifest["model_config"])
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as error:
+        raise WeightsError(f"{path} is not a fedkeyboard artifact: {error}") from error
+    model = CIFGLSTM(config)
+    expected = quantize(model.state_dict())
+    stored, _ = read_tensors(
+        weights, {n: tuple(t.shape) for n, t in expected.items()}, {n: t.dtype for n, t in expected.items()}
+    )
+    model.load_state_dict(dequantize(stored))
+    return Artifact(model.eval(), tokenizer, manifest)
