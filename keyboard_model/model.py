@@ -84,8 +84,8 @@ class CIFGLSTM(nn.Module):
         h = self.projection(torch.sigmoid(output_gate) * torch.tanh(c))
         return h, c
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """Logits over the vocabulary for every position of `tokens` (batch, time)."""
+    def hidden_states(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Projected outputs (batch, time, projection) for `tokens` (batch, time), and the final state."""
         if state is None:
             state = self.initial_state(tokens.shape[0])
         # The input projection of every time step is one matrix product; only the
@@ -95,8 +95,16 @@ class CIFGLSTM(nn.Module):
         for t in range(tokens.shape[1]):
             state = self.step(gate_inputs[:, t], state)
             outputs.append(state[0])
-        projected = torch.stack(outputs, dim=1)
-        return projected @ self.embedding.weight.T + self.output_bias, state
+        return torch.stack(outputs, dim=1), state
+
+    def output_logits(self, projected: torch.Tensor) -> torch.Tensor:
+        """Scores over the vocabulary: the projected output read against the (tied) embeddings."""
+        return projected @ self.embedding.weight.T + self.output_bias
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Logits over the vocabulary for every position of `tokens` (batch, time)."""
+        projected, state = self.hidden_states(tokens, state)
+        return self.output_logits(projected), state
 
 
 def build_model(config: ModelConfig, seed: int = 0) -> CIFGLSTM:

@@ -38,9 +38,10 @@ class Suggester:
         # One text box at a time: requests from several threads take turns.
         self._lock = threading.Lock()
         self._context: list[int] = []
-        # _states[i] and _scores[i] hold the state and next-token scores after <s> + _context[:i].
+        # _states[i] is the state after <s> + _context[:i]. Scores (the costly output layer)
+        # are computed only for the end of the text, and kept while the context stays the same.
         self._states: list[State] = []
-        self._scores: list[torch.Tensor] = []
+        self._scores: torch.Tensor | None = None
         self._feed_from(self.model.initial_state(1), [BOS_ID])
 
     def split_context(self, text: str) -> tuple[list[str], str]:
@@ -78,14 +79,21 @@ class Suggester:
             if seen != new:
                 break
             common += 1
-        del self._context[common:], self._states[common + 1 :], self._scores[common + 1 :]
-        self._feed_from(self._states[-1], ids[common:])
-        self._context.extend(ids[common:])
-        return self._scores[-1]
+        if common < len(self._context) or common < len(ids):
+            del self._context[common:], self._states[common + 1 :]
+            self._feed_from(self._states[-1], ids[common:])
+            self._context.extend(ids[common:])
+            self._scores = None
+        if self._scores is None:
+            self._scores = self._log_probabilities(self._states[-1])
+        return self._scores
 
     @torch.inference_mode()
     def _feed_from(self, state: State, ids: list[int]) -> None:
         for token in ids:
-            logits, state = self.model(torch.tensor([[token]]), state)
+            _, state = self.model.hidden_states(torch.tensor([[token]]), state)
             self._states.append(state)
-            self._scores.append(torch.log_softmax(logits[0, -1], dim=-1))
+
+    @torch.inference_mode()
+    def _log_probabilities(self, state: State) -> torch.Tensor:
+        return torch.log_softmax(self.model.output_logits(state[0])[0], dim=-1)
