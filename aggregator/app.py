@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,8 @@ from aggregator.rounds import RoundManager
 from aggregator.routes import devices, models, status
 from aggregator.routes import rounds as rounds_routes
 from aggregator.storage import Storage
+
+logger = logging.getLogger(__name__)
 
 # How often the deadline of the open round is checked.
 TICK_SECONDS = 0.5
@@ -50,4 +53,8 @@ def create_app(config: AggregatorConfig) -> FastAPI:
 
 def _tick_until(manager: RoundManager, stop: threading.Event) -> None:
     while not stop.wait(TICK_SECONDS):
-        manager.tick()
+        try:
+            manager.tick()
+        except Exception:
+            # Keep ticking: without this thread no round would ever close at its deadline again.
+            logger.exception("closing a round at its deadline failed; will try again")

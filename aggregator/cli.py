@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import uvicorn
@@ -37,6 +36,8 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fewest updates that make a round count at its deadline (default: %(default)s)")
     parser.add_argument("--server-lr", type=float, default=DEFAULTS.server_learning_rate,
                         help="server learning rate of FedAvg (default: %(default)s)")
+    parser.add_argument("--max-examples", type=int, default=DEFAULTS.max_examples_per_update,
+                        help="most examples one update may claim; more is refused (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the initial model (default: %(default)s)")
 
 
@@ -50,6 +51,7 @@ def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> Aggregat
         round_deadline_s=args.round_deadline,
         min_reports=args.min_reports,
         server_learning_rate=args.server_lr,
+        max_examples_per_update=args.max_examples,
         seed=args.seed,
         host=args.host,
         port=args.port,
@@ -60,9 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from device_sim.corpus import CorpusConfig, prepare  # noqa: PLC0415  (only for the default tokenizer)
 
     tokenizer_path = args.tokenizer or prepare(CorpusConfig()).tokenizer_path
-    if not tokenizer_path.exists():
-        print(f"error: tokenizer {tokenizer_path} does not exist; run `fedkb data` first", file=sys.stderr)
-        return 2
     config = config_from_args(args, tokenizer_path)
     print(f"aggregator: serving on http://{config.host}:{config.port} with database {config.db_path}", flush=True)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")

@@ -20,6 +20,10 @@ class AggregatorConfig:
     # At the deadline, a round with fewer reports than this is abandoned and recorded as failed.
     min_reports: int = 1
     server_learning_rate: float = 1.0
+    # Most examples one update may claim. Weighting trusts this count, so it is capped: a
+    # device cannot outweigh more than this many honest examples. Phones train on at most
+    # 400 messages a round by default.
+    max_examples_per_update: int = 1_000
     # How long a device that was not selected should wait before checking in again.
     retry_after_s: float = 5.0
     seed: int = 0
@@ -31,5 +35,7 @@ class AggregatorConfig:
             raise ValueError("clients_per_round must be at least 1")
         if not 1 <= self.min_reports <= self.clients_per_round:
             raise ValueError("min_reports must be between 1 and clients_per_round")
+        if self.max_examples_per_update < 1:
+            raise ValueError("max_examples_per_update must be at least 1")
         if not self.round_deadline_s > 0 or not self.retry_after_s > 0:
             raise ValueError("round_deadline_s and retry_after_s must be positive")

@@ -7,6 +7,7 @@ reported deltas (FedAvg), stores the new model version and opens the next round.
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -19,10 +20,6 @@ from aggregator.strategy import FedAvg, UpdateSum
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
 from keyboard_model.weights import WeightsError, l2_norm, model_to_bytes, parameter_shapes, read_tensors
-
-# Upper bound on one update's claimed example count: anything larger is a lie that
-# would let one device outweigh everyone else.
-MAX_EXAMPLES_PER_UPDATE = 1_000_000
 
 
 class RoundClosedError(Exception):
@@ -69,7 +66,9 @@ class OpenRound:
 class RoundManager:
     """The round state machine. Thread-safe: HTTP handlers and the deadline timer share it."""
 
-    def __init__(self, config: AggregatorConfig, storage: Storage, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: AggregatorConfig, storage: Storage, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
         self.storage = storage
         self.clock = clock
@@ -94,12 +93,12 @@ class RoundManager:
 
     def _open_round(self, number: int) -> OpenRound:
         now = self.clock()
-        return OpenRound(number, self.model_version, now, now + self.config.round_deadline_s)
+        return OpenRound(number, self.model_version, time.time(), now + self.config.round_deadline_s)
 
     @property
     def max_upload_bytes(self) -> int:
         """A float32 delta of this model plus room for the safetensors header."""
-        return 4 * sum(_numel(shape) for shape in self.shapes.values()) + 64 * 1024
+        return 4 * sum(math.prod(shape) for shape in self.shapes.values()) + 64 * 1024
 
     def current_model(self) -> tuple[int, bytes]:
         with self._lock:
@@ -121,6 +120,11 @@ class RoundManager:
         self.storage.log_checkin(device_id, decision.round, decision.action)
         return decision
 
+    def authorize(self, round_number: int, token: str) -> None:
+        """Refuse an upload before its body is read if its token is not valid for this round."""
+        with self._lock:
+            self._authorize(round_number, token)
+
     def submit(self, round_number: int, token: str, data: bytes) -> SubmitResult:
         """Validate an uploaded delta and add it to the round's running sum."""
         with self._lock:
@@ -132,7 +136,7 @@ class RoundManager:
             delta, metadata = read_tensors(data, self.shapes)
         except WeightsError as error:
             raise BadUpdateError(str(error)) from error
-        num_examples = _parse_example_count(metadata)
+        num_examples = _parse_example_count(metadata, self.config.max_examples_per_update)
         with self._lock:
             device_id = self._authorize(round_number, token)
             if device_id in self.round.reported:
@@ -161,7 +165,7 @@ class RoundManager:
                 self._close_round()
 
     def _close_round(self) -> None:
-        current, now = self.round, self.clock()
+        current, now = self.round, time.time()
         summary = {
             "round": current.number, "started_at": current.started_at, "closed_at": now,
             "goal": self.config.clients_per_round, "selected": len(current.token_by_device),
@@ -191,14 +195,7 @@ class RoundManager:
             }
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
-def _parse_example_count(metadata: dict[str, str]) -> int:
+def _parse_example_count(metadata: dict[str, str], limit: int) -> int:
     # The example count is the only thing besides the tensors an update may carry.
     if set(metadata) != {"num_examples"}:
         raise BadUpdateError(f'the update metadata must hold exactly "num_examples", got {sorted(metadata)}')
@@ -207,6 +204,6 @@ def _parse_example_count(metadata: dict[str, str]) -> int:
         count = int(raw)
     except ValueError as error:
         raise BadUpdateError(f"num_examples must be a whole number, got {raw!r}") from error
-    if not 1 <= count <= MAX_EXAMPLES_PER_UPDATE:
-        raise BadUpdateError(f"num_examples must be between 1 and {MAX_EXAMPLES_PER_UPDATE}, got {count}")
+    if not 1 <= count <= limit:
+        raise BadUpdateError(f"num_examples must be between 1 and {limit}, got {count}")
     return count

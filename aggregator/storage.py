@@ -9,20 +9,40 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
+
+from keyboard_model.errors import UserFacingError
 
 
 class Storage:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection shared by the server's worker threads, serialised by `_lock`.
+        # One connection shared by the server's worker threads, serialised by `_lock`. In
+        # autocommit mode; `_transaction` groups the writes that must land together.
         self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         self.db = sqlite_utils.Database(self._connection)
-        self.db.enable_wal()
-        self._create_tables()
+        try:
+            self.db.enable_wal()
+            self._create_tables()
+        except sqlite3.DatabaseError as error:
+            self._connection.close()
+            raise UserFacingError(f"{path} is not a usable aggregator database: {error}") from error
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
 
     def _create_tables(self) -> None:
         self.db["models"].create(
@@ -52,12 +72,12 @@ class Storage:
         return rows[0]["weights"] if rows else None
 
     def save_initial_model(self, weights: bytes) -> None:
-        with self._lock, self._connection:
+        with self._transaction():
             self.db["models"].insert({"version": 0, "round": 0, "created_at": time.time(), "weights": weights})
 
     def record_round(self, summary: dict, new_weights: bytes | None) -> None:
         """Store a finished round, and the model it produced if it succeeded, atomically."""
-        with self._lock, self._connection:
+        with self._transaction():
             if new_weights is not None:
                 self.db["models"].insert(
                     {"version": summary["new_version"], "round": summary["round"],
@@ -76,7 +96,7 @@ class Storage:
             return list(reversed(list(rows)))
 
     def log_checkin(self, device_id: str, round_number: int, action: str) -> None:
-        with self._lock, self._connection:
+        with self._lock:
             self.db["checkins"].insert({"device_id": device_id, "ts": time.time(), "round": round_number, "action": action})
 
     def close(self) -> None:

@@ -31,9 +31,7 @@ class RecordingClient(AggregatorClient):
 
 
 def make_phone(folder: Path, name: str, texts: list[str]) -> Phone:
-    phone = Phone(name, folder / name)
-    phone.history.add((float(i), text) for i, text in enumerate(texts))
-    return phone
+    return Phone.create(name, folder / name, [(float(i), text) for i, text in enumerate(texts)])
 
 
 def state_of(client: AggregatorClient) -> tuple[dict[str, torch.Tensor], int]:
@@ -64,7 +62,7 @@ def test_three_phones_two_rounds_give_the_example_weighted_mean(
         parsed = [read_tensors(data, shapes) for data in client.uploads]
         deltas = [delta for delta, _ in parsed]
         counts = [int(metadata["num_examples"]) for _, metadata in parsed]
-        assert counts == [len(p.history.split()[0]) for p in phones]
+        assert counts == [len(p.messages()[0]) for p in phones]
         assert len(set(counts)) == 3
         for name in before:
             # Written out here rather than calling the aggregator's own averaging code.
@@ -91,7 +89,7 @@ def test_an_upload_holds_only_parameter_tensors_and_an_example_count(
     header_length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_length])
     metadata = header.pop("__metadata__")
-    train_messages, _ = phone.history.split()
+    train_messages, _ = phone.messages()
     assert metadata == {"num_examples": str(len(train_messages))}
     expected = {name: list(t.shape) for name, t in build_model(small_model_config).state_dict().items()}
     assert {name: entry["shape"] for name, entry in header.items()} == expected
@@ -128,6 +126,7 @@ def test_bad_uploads_are_refused_with_a_reason_and_leave_the_aggregate_alone(
         (update_bytes(nan, 5), 422, "NaN"),
         (write_tensors(good, {"num_examples": "5", "text": "to be or not"}), 422, "num_examples"),
         (update_bytes(good, 0), 422, "num_examples"),
+        (update_bytes(good, 1_001), 422, "between 1 and 1000"),
         (b"\x80\x04pickled", 422, "safetensors"),
         (b"x" * (4 * sum(t.numel() for t in good.values()) + 200_000), 413, "at most"),
     ]
@@ -135,6 +134,11 @@ def test_bad_uploads_are_refused_with_a_reason_and_leave_the_aggregate_alone(
         response = upload_raw(aggregator.url, first.round, first.upload_token, body)
         assert response.status_code == status, response.text
         assert reason in response.json()["detail"]
+    # Without a Content-Length the body is streamed, and cut off as soon as it is too long.
+    too_long = (b"x" * 65_536 for _ in range(200))
+    response = httpx.post(f"{aggregator.url}/rounds/{first.round}/updates", content=too_long,
+                          headers={"Authorization": f"Bearer {first.upload_token}"}, timeout=30)
+    assert response.status_code == 413 and "at most" in response.json()["detail"]
     response = upload_raw(aggregator.url, first.round, None, update_bytes(good, 5))
     assert response.status_code == 401
     response = upload_raw(aggregator.url, first.round, "made-up-token", update_bytes(good, 5))

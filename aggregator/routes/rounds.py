@@ -7,6 +7,7 @@ example count in the header metadata. They are parsed by safetensors, never unpi
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 
 from aggregator.dependencies import get_rounds
 from aggregator.rounds import BadUpdateError, RoundClosedError, RoundManager, UnauthorizedError
@@ -34,9 +35,12 @@ async def upload_update(
     token = authorization.removeprefix("Bearer ").strip()
     if not token:
         raise HTTPException(401, "an upload needs the header 'Authorization: Bearer <upload_token>' from check-in")
-    body = await _read_limited(request, rounds.max_upload_bytes)
     try:
-        result = rounds.submit(round_number, token, body)
+        # The token first: a body is read only for a device selected in this round.
+        rounds.authorize(round_number, token)
+        body = await _read_limited(request, rounds.max_upload_bytes)
+        # Checking and summing the tensors is CPU work; keep it off the event loop.
+        result = await run_in_threadpool(rounds.submit, round_number, token, body)
     except UnauthorizedError as error:
         raise HTTPException(401, str(error)) from error
     except RoundClosedError as error:
