@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from contextlib import ExitStack, closing
 from pathlib import Path
 
@@ -16,8 +15,9 @@ from device_sim.eligibility import EligibilityConfig
 from device_sim.fleet import FleetConfig, evaluate_phones
 from device_sim.phone import Phone
 from device_sim.simulation import SimulationConfig, SimulationSummary, run_simulation
-from keyboard_model.commands import main_for
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
+from keyboard_model.commands import main_for
+from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import model_from_bytes
@@ -106,7 +106,8 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
             args.out, corpus.tokenizer_path,
             model=model_config_from_args(args, corpus.manifest["vocab_size"]),
             clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
-            min_reports=args.min_reports, server_learning_rate=args.server_lr, seed=args.seed,
+            min_reports=args.min_reports, server_learning_rate=args.server_lr,
+            max_examples_per_update=args.max_examples, seed=args.seed,
         )
         url = stack.enter_context(LocalAggregator(aggregator_config)).url
         print(f"started an aggregator at {url} (database {aggregator_config.db_path})", flush=True)
@@ -148,8 +149,7 @@ def run_eval(args: argparse.Namespace) -> int:
     phones_dir = args.phones_dir or args.model.parent / "phones"
     for path in (args.model, tokenizer_path, phones_dir / "fleet.json"):
         if not path.exists():
-            print(f"error: {path} does not exist (run `fedkb simulate` first, or pass its path)", file=sys.stderr)
-            return 2
+            raise UserFacingError(f"{path} does not exist (run `fedkb simulate` first, or pass its path)")
     model, version = model_from_bytes(args.model.read_bytes())
     tokenizer = KeyboardTokenizer.from_file(tokenizer_path)
     phone_ids = json.loads((phones_dir / "fleet.json").read_text())["phone_ids"]
@@ -159,11 +159,13 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (
-    ("data", add_data_arguments, run_data, "fetch and prepare a corpus (cached)"),
-    ("simulate", add_simulate_arguments, run_simulate, "provision phones and run federated rounds"),
-    ("eval", add_eval_arguments, run_eval, "score a saved model on phones' held-out messages"),
+DATA_COMMAND = ("data", add_data_arguments, run_data, "fetch and prepare a corpus (cached)")
+SIMULATE_COMMAND = (
+    "simulate", add_simulate_arguments, run_simulate,
+    "provision phones and run federated rounds; writes metrics.jsonl and the final model into --out",
 )
+EVAL_COMMAND = ("eval", add_eval_arguments, run_eval, "score a saved model on phones' held-out messages")
+COMMANDS = (DATA_COMMAND, SIMULATE_COMMAND, EVAL_COMMAND)
 
 
 def main(argv: list[str] | None = None) -> int:

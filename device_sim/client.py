@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from keyboard_model.errors import UserFacingError
 from aggregator.schemas import CheckinResponse, StatusResponse, UploadResponse
+from keyboard_model.errors import UserFacingError
 
 
 class AggregatorUnavailableError(UserFacingError):

@@ -73,7 +73,10 @@ class CorpusConfig:
 
     @property
     def name(self) -> str:
-        return "shakespeare" if self.user_corpus is None else f"user-{_sha256_file(self.user_corpus)[:12]}"
+        if self.user_corpus is None:
+            return "shakespeare"
+        proxy = "shakespeare" if self.proxy_text is None else _sha256_file(self.proxy_text)[:12]
+        return f"user-{_sha256_file(self.user_corpus)[:12]}-proxy-{proxy}"
 
     @property
     def prepared_dir(self) -> Path:
@@ -130,8 +133,9 @@ class PreparedCorpus:
 
 def prepare(config: CorpusConfig, force: bool = False, log=print) -> PreparedCorpus:
     """Prepare the corpus once and cache it; later calls open the cached copy."""
-    if config.user_corpus is not None and not config.user_corpus.is_file():
-        raise CorpusError(f"corpus file {config.user_corpus} does not exist")
+    for given in (config.user_corpus, config.proxy_text):
+        if given is not None and not given.is_file():
+            raise CorpusError(f"corpus file {given} does not exist")
     target = config.prepared_dir
     if target.exists() and not force:
         try:

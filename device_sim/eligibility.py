@@ -48,10 +48,6 @@ class SimulatedClock:
     def advance(self) -> None:
         self.tick += 1
 
-    @property
-    def minutes(self) -> float:
-        return self.tick * self.config.tick_minutes
-
     def conditions(self, phone_id: str) -> DeviceConditions:
         draw = random.Random(f"{self.config.seed}:{phone_id}:{self.tick}")
         return DeviceConditions(

@@ -9,21 +9,18 @@ would do with federated evaluation; those scores never go to the aggregator.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_sim.client import AggregatorClient
 from device_sim.corpus import PreparedCorpus
-from device_sim.files import write_atomically
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
-from device_sim.history import TypingHistory
 from device_sim.phone import LocalRound, Phone
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
+from keyboard_model.files import write_atomically
 from keyboard_model.model import CIFGLSTM
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
@@ -77,21 +74,10 @@ def provision(corpus: PreparedCorpus, phones_dir: Path, num_phones: int | None, 
     log(f"provisioning {len(chosen)} phones in {phones_dir}")
     phone_ids = [f"phone-{index:05d}" for index in range(len(chosen))]
     for phone_id, user in zip(phone_ids, chosen):
-        _write_history(phones_dir / phone_id, [(m.ts, m.text) for m in users[user]])
+        Phone.create(phone_id, phones_dir / phone_id, [(m.ts, m.text) for m in users[user]])
     # Written last: a fleet without its manifest was interrupted and is provisioned again.
     write_atomically(manifest_path, json.dumps({**wanted, "phone_ids": phone_ids}, indent=1).encode())
     return [Phone(pid, phones_dir / pid) for pid in phone_ids]
-
-
-def _write_history(folder: Path, messages: list[tuple[float, str]]) -> None:
-    """Build the SQLite file beside its final place and rename it in, so it is whole or absent."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as staging:
-        history = TypingHistory(Path(staging) / "history.sqlite")
-        history.add(messages)
-        history.db.disable_wal()
-        history.close()
-        os.replace(Path(staging) / "history.sqlite", folder / "history.sqlite")
 
 
 @dataclass(frozen=True)
@@ -114,9 +100,10 @@ class Fleet:
     """Phones, their simulated conditions, and the aggregator they talk to."""
 
     def __init__(self, phones: Sequence[Phone], config: FleetConfig, client: AggregatorClient) -> None:
-        if not phones:
-            raise FleetError("a fleet needs at least one phone")
-        self.phones = list(phones)
+        # A phone with nothing to train on never checks in: selected, it would hold a place it cannot fill.
+        self.phones = [phone for phone in phones if phone.can_train()]
+        if not self.phones:
+            raise FleetError("no phone has any message to train on")
         self.config = config
         self.client = client
         self.clock = SimulatedClock(config.eligibility)

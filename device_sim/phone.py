@@ -7,11 +7,14 @@ ids, no word counts, no training loss.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_sim.client import AggregatorClient
+from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.history import TypingHistory
+from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, train_local
 from keyboard_model.weights import Tensors, model_from_bytes, write_tensors
@@ -23,11 +26,14 @@ class LocalRound:
 
     phone_id: str
     round: int
-    base_version: int
     result: TrainResult
     update_size_bytes: int
     # This phone's update was the one that completed the round.
     closed_round: bool
+
+
+class PhoneError(UserFacingError):
+    """A phone folder is missing or damaged."""
 
 
 def update_bytes(delta: Tensors, num_examples: int) -> bytes:
@@ -36,11 +42,37 @@ def update_bytes(delta: Tensors, num_examples: int) -> bytes:
 
 
 class Phone:
+    """A phone folder holding `history.sqlite`. The history is opened only while it is used."""
+
     def __init__(self, phone_id: str, folder: Path) -> None:
         self.phone_id = phone_id
-        self.folder = folder
+        self.history_path = folder / "history.sqlite"
+
+    @classmethod
+    def create(cls, phone_id: str, folder: Path, messages: list[tuple[float, str]]) -> Phone:
+        """A new phone with these (timestamp, text) messages. The SQLite file is built beside its
+        final place and renamed in, so a phone's history is whole or absent."""
         folder.mkdir(parents=True, exist_ok=True)
-        self.history = TypingHistory(folder / "history.sqlite")
+        with tempfile.TemporaryDirectory(dir=folder) as staging:
+            history = TypingHistory(Path(staging) / "history.sqlite")
+            history.add(messages)
+            history.db.disable_wal()
+            history.close()
+            os.replace(Path(staging) / "history.sqlite", folder / "history.sqlite")
+        return cls(phone_id, folder)
+
+    def messages(self) -> tuple[list[str], list[str]]:
+        """(training messages, held-out messages) from the phone's history."""
+        if not self.history_path.exists():
+            raise PhoneError(f"phone {self.phone_id} has no history at {self.history_path}")
+        history = TypingHistory(self.history_path)
+        try:
+            return history.split()
+        finally:
+            history.close()
+
+    def can_train(self) -> bool:
+        return bool(self.messages()[0])
 
     def train_round(
         self,
@@ -53,20 +85,23 @@ class Phone:
     ) -> LocalRound | None:
         """Download the global model, fine-tune on this phone's training messages, upload the delta.
 
-        Returns None when the phone has nothing to train on (it then uploads nothing).
+        Returns None when the upload came too late: the round closed at its deadline meanwhile.
         """
-        train_texts, _ = self.history.split()
-        model, version = model_from_bytes(client.model())
+        train_texts, _ = self.messages()
+        model = model_from_bytes(client.model())[0]
         start = {name: t.clone() for name, t in model.state_dict().items()}
         result = train_local(model, tokenizer.encode_batch(train_texts), config, seed=seed)
-        if result.num_examples == 0:
-            return None
         delta = {name: t - start[name] for name, t in model.state_dict().items()}
         upload = update_bytes(delta, result.num_examples)
-        answer = client.upload(round_number, upload_token, upload)
-        return LocalRound(self.phone_id, round_number, version, result, len(upload), answer.round_closed)
+        try:
+            answer = client.upload(round_number, upload_token, upload)
+        except AggregatorRefusedError as refused:
+            if refused.status_code == 409:  # a real phone just drops a late update
+                return None
+            raise
+        return LocalRound(self.phone_id, round_number, result, len(upload), answer.round_closed)
 
     def held_out(self, tokenizer: KeyboardTokenizer) -> list[list[int]]:
         """Encoded held-out messages, for evaluation on the phone."""
-        _, held_out = self.history.split()
+        held_out = self.messages()[1]
         return tokenizer.encode_batch(held_out) if held_out else []

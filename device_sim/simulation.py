@@ -2,7 +2,9 @@
 
 Writes into the output folder:
 - `metrics.jsonl`: one JSON object per round (round 0 is the initial model), each
-  line written whole and flushed, so an interrupted run leaves only complete lines;
+  line written whole and flushed, so an interrupted run leaves only complete lines.
+  Running again into the same folder resumes: the aggregator's database keeps its
+  model and round numbers, and the new rounds are appended;
 - `model.safetensors` and `tokenizer.json`: the latest global model, replaced atomically;
 - `summary.json`: the final model against the initial one and against a keyboard that
   always offers the three most frequent words, on every phone's held-out messages.
@@ -14,16 +16,16 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from device_sim.client import AggregatorClient
 from device_sim.corpus import PreparedCorpus
-from device_sim.files import write_atomically
 from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision
 from keyboard_model.evaluate import EvalCounts, evaluate, evaluate_fixed_suggestions, most_frequent_words
+from keyboard_model.files import write_atomically
 from keyboard_model.weights import model_from_bytes
 
 
@@ -49,10 +51,9 @@ class SimulationSummary:
     most_frequent_words: list[str]
     eval_positions: int
     wall_time_s: float
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "extra"} | self.extra
+        return dict(self.__dict__)
 
 
 def run_simulation(
@@ -64,7 +65,7 @@ def run_simulation(
     phones = provision(corpus, fleet_config.phones_dir, fleet_config.num_phones, fleet_config.seed)
     fleet = Fleet(phones, fleet_config, client)
     tokenizer = fleet.tokenizer
-    (config.out_dir / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+    write_atomically(config.out_dir / "tokenizer.json", tokenizer.to_json().encode("utf-8"))
 
     eval_sample = random.Random(fleet_config.seed).sample(phones, min(fleet_config.eval_phones, len(phones)))
     eval_messages = [m for phone in eval_sample for m in phone.held_out(tokenizer)]
@@ -77,10 +78,14 @@ def run_simulation(
 
     version, initial_sample = score_current_model()
     metrics_path = config.out_dir / "metrics.jsonl"
+    resuming = _keep_whole_lines(metrics_path)
+    if resuming:
+        print(f"resuming the run in {config.out_dir} at model version {version}", flush=True)
     rounds_completed = 0
     # Ctrl-C ends the loop by propagating: every finished round is already on disk.
     with metrics_path.open("a", encoding="utf-8") as metrics, _progress_bar(config, show_progress) as progress:
-        _log_round(metrics, 0, version, None, initial_sample, 0.0)
+        if not resuming:
+            _log_round(metrics, 0, version, None, initial_sample, 0.0)
         for _ in range(config.rounds):
             if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
                 progress.write(f"time budget of {config.time_budget_s:.0f} s reached; stopping")
@@ -113,6 +118,17 @@ def run_simulation(
     )
     write_atomically(config.out_dir / "summary.json", (json.dumps(summary.to_dict(), indent=2) + "\n").encode())
     return summary
+
+
+def _keep_whole_lines(path: Path) -> bool:
+    """True if `path` already holds metrics; drops a last line cut short by a crash."""
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if whole != data:
+        write_atomically(path, whole)
+    return bool(whole)
 
 
 def _progress_bar(config: SimulationConfig, show: bool) -> tqdm:

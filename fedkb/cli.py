@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from aggregator import cli as aggregator_cli
 from device_sim import cli as device_cli
 from fedkb import up
@@ -19,11 +17,10 @@ from keyboard_model.commands import main_for
 from web_demo import cli as demo_cli
 
 COMMANDS = (
-    device_cli.COMMANDS[0],
+    device_cli.DATA_COMMAND,
     ("aggregator", aggregator_cli.add_arguments, aggregator_cli.run, "run the aggregation service"),
-    ("simulate", device_cli.add_simulate_arguments, device_cli.run_simulate,
-     "provision phones and run federated rounds; writes metrics.jsonl and the final model into --out"),
-    device_cli.COMMANDS[2],
+    device_cli.SIMULATE_COMMAND,
+    device_cli.EVAL_COMMAND,
     ("demo", demo_cli.add_arguments, demo_cli.run, "serve the browser keyboard"),
     ("up", up.add_arguments, up.run, "prepare data, start the aggregator, train with a simulated fleet, serve the demo"),
 )
@@ -31,7 +28,3 @@ COMMANDS = (
 
 def main(argv: list[str] | None = None) -> int:
     return main_for("fedkb", __doc__, COMMANDS, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,7 @@ inference needs no int8 kernels; what the phone downloads and stores is the int8
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from keyboard_model.files import write_atomically
 from keyboard_model.model import CIFGLSTM, ModelConfig
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import Tensors, WeightsError, read_tensors, write_tensors
@@ -66,13 +68,13 @@ def export(model: CIFGLSTM, tokenizer: KeyboardTokenizer, path: Path, version: i
         "model_config": model.config.to_dict(),
         "int8_tensors": sorted(n for n, t in stored.items() if t.dtype == torch.int8),
     }
-    staging = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(staging, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         archive.writestr("manifest.json", json.dumps(manifest, indent=1))
         archive.writestr("tokenizer.json", tokenizer.to_json())
-        # safetensors' bytes are mostly incompressible int8; storing them saves the phone the inflate.
+        # The int8 weights barely compress; stored as they are, a phone reads them without inflating.
         archive.writestr("weights.safetensors", write_tensors(stored), compress_type=zipfile.ZIP_STORED)
-    staging.replace(path)
+    write_atomically(path, buffer.getvalue())
     return manifest
 
 

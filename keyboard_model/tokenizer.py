@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+from keyboard_model.errors import UserFacingError
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
@@ -61,11 +63,20 @@ class KeyboardTokenizer:
 
     @classmethod
     def from_file(cls, path: Path) -> KeyboardTokenizer:
-        return cls(Tokenizer.from_file(str(path)))
+        if not path.is_file():
+            raise UserFacingError(f"tokenizer {path} does not exist; run `fedkb data` to prepare one")
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (UserFacingError, UnicodeDecodeError) as error:
+            raise UserFacingError(f"{path}: {error}") from error
 
     @classmethod
     def from_json(cls, text: str) -> KeyboardTokenizer:
-        return cls(Tokenizer.from_str(text))
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as error:  # the tokenizers library raises a bare Exception on bad JSON
+            raise UserFacingError(f"not a tokenizer: {error}") from error
+        return cls(tokenizer)
 
     def to_json(self) -> str:
         return self._tokenizer.to_str()
