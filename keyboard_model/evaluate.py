@@ -1,7 +1,8 @@
 """Keyboard metrics: top-1 and top-3 recall of the next word, and perplexity.
 
 How positions are counted (the same for every model scored here):
-- Each held-out message is scored on its own, from <s>, as a keyboard sees it.
+- Each held-out message is scored on its own, from <s>, as a keyboard sees it, up to
+  its first MAX_SCORED_TOKENS tokens (Shakespeare's longest line has 30).
 - Recall counts every position whose target is a word, including out-of-vocabulary
   words (<unk>). Suggestions are drawn only from vocabulary words, so an <unk>
   target is always a miss. Punctuation and </s> targets are not recall positions:
@@ -21,6 +22,9 @@ import torch.nn.functional as F
 
 from keyboard_model.model import CIFGLSTM
 from keyboard_model.tokenizer import PAD_ID, UNK_ID, KeyboardTokenizer
+
+# Tokens of a message that are scored; longer messages are cut here, for every keyboard alike.
+MAX_SCORED_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -99,13 +103,12 @@ def evaluate(
     tokenizer: KeyboardTokenizer,
     messages: Sequence[Sequence[int]],
     batch_size: int = 128,
-    max_length: int = 64,
 ) -> EvalCounts:
     """Score encoded messages (each <s> ... </s>), each from a fresh state."""
     model.eval()
     is_recall_target, can_suggest = recall_positions(tokenizer), suggestion_mask(tokenizer)
     # Similar lengths together waste less padding.
-    ordered = sorted((list(m[:max_length]) for m in messages if len(m) >= 2), key=len)
+    ordered = sorted((list(m[:MAX_SCORED_TOKENS]) for m in messages if len(m) >= 2), key=len)
     total = EvalCounts()
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start : start + batch_size]
@@ -132,7 +135,7 @@ def evaluate_fixed_suggestions(
     is_recall_target = recall_positions(tokenizer)
     hits_at_1 = hits_at_3 = positions = 0
     for message in messages:
-        for target in message[1:]:
+        for target in message[1:MAX_SCORED_TOKENS]:
             if is_recall_target[target]:
                 positions += 1
                 hits_at_1 += target == suggestions[0]

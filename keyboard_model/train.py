@@ -36,7 +36,6 @@ class LocalTrainConfig:
 class TrainResult:
     mean_loss: float
     num_examples: int  # messages trained on
-    num_tokens: int  # target tokens per epoch
 
 
 def pack_sequences(messages: Sequence[Sequence[int]], sequence_length: int) -> torch.Tensor:
@@ -67,9 +66,8 @@ def train_local(
     """Train `model` in place on encoded messages; returns the mean loss over all steps."""
     messages = messages[-config.max_messages :]
     rows = pack_sequences(messages, config.sequence_length)
-    num_tokens = int((rows[:, 1:] != PAD_ID).sum())
-    if num_tokens == 0:
-        return TrainResult(float("nan"), 0, 0)
+    if not (rows[:, 1:] != PAD_ID).any():
+        return TrainResult(float("nan"), 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -83,4 +81,4 @@ def train_local(
             optimizer.step()
             total_loss += loss.item()
             steps += 1
-    return TrainResult(total_loss / steps, len(messages), num_tokens)
+    return TrainResult(total_loss / steps, len(messages))

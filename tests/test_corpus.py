@@ -4,7 +4,13 @@ from pathlib import Path
 import pytest
 
 from device_sim.corpus import (
-    PROXY_PLAYS, CorpusConfig, CorpusError, PreparedCorpus, parse_play, prepare, read_shakespeare,
+    PROXY_PLAYS,
+    CorpusConfig,
+    CorpusError,
+    PreparedCorpus,
+    parse_play,
+    prepare,
+    read_shakespeare,
 )
 
 PLAY = """PERSONS REPRESENTED.

@@ -3,7 +3,11 @@ import math
 import torch
 
 from keyboard_model.evaluate import (
-    evaluate_fixed_suggestions, most_frequent_words, recall_positions, score_predictions, suggestion_mask,
+    evaluate_fixed_suggestions,
+    most_frequent_words,
+    recall_positions,
+    score_predictions,
+    suggestion_mask,
 )
 from keyboard_model.tokenizer import EOS_ID, PAD_ID, UNK_ID, KeyboardTokenizer
 
@@ -46,3 +50,18 @@ def test_most_frequent_words_keyboard():
     counts = evaluate_fixed_suggestions(tokenizer, [tokenizer.encode_message("the cat dog .")], top)
     # positions: the, cat, dog(<unk>); "." and </s> are not counted
     assert (counts.hits_at_1, counts.hits_at_3, counts.positions) == (1, 2, 3)
+
+
+def test_evaluate_batches_and_pads_without_changing_the_counts(small_tokenizer, small_model_config):
+    from keyboard_model.evaluate import EvalCounts, evaluate
+    from keyboard_model.model import build_model
+    from tests.conftest import SMALL_TEXT
+
+    model = build_model(small_model_config, seed=3)
+    messages = small_tokenizer.encode_batch(SMALL_TEXT)  # different lengths: batches need padding
+    batched = evaluate(model, small_tokenizer, messages, batch_size=4)
+    one_by_one = sum((evaluate(model, small_tokenizer, [m], batch_size=1) for m in messages), EvalCounts())
+    assert (batched.hits_at_1, batched.hits_at_3, batched.positions, batched.tokens) == (
+        one_by_one.hits_at_1, one_by_one.hits_at_3, one_by_one.positions, one_by_one.tokens)
+    assert batched.tokens == sum(len(m) - 1 for m in messages)
+    assert math.isclose(batched.nll_sum, one_by_one.nll_sum, rel_tol=1e-5)

@@ -25,7 +25,6 @@ def test_local_training_lowers_the_loss_on_the_phones_messages(small_tokenizer, 
     after = language_model_loss(model, rows).item()
     assert after < before - 1.0
     assert result.num_examples == len(messages)
-    assert result.num_tokens == sum(len(m) for m in messages) - 1
 
 
 def test_training_uses_only_the_newest_messages_up_to_the_cap(small_tokenizer, small_model_config):

@@ -6,7 +6,12 @@ import torch
 
 from keyboard_model.model import ModelConfig, build_model
 from keyboard_model.weights import (
-    WeightsError, model_from_bytes, model_to_bytes, parameter_shapes, read_tensors, write_tensors,
+    WeightsError,
+    model_from_bytes,
+    model_to_bytes,
+    parameter_shapes,
+    read_tensors,
+    write_tensors,
 )
 
 SHAPES = {"a": (2, 3), "b": (4,)}

@@ -15,8 +15,8 @@ from web_demo.model_source import ModelSource
 from web_demo.schemas import ErrorResponse, ModelInfo, SuggestResponse
 
 STATIC = Path(__file__).parent / "static"
-# The suggester reads only the last 64 tokens; the page sends at most this much text before
-# the caret, which also keeps the query string well inside uvicorn's limit.
+# The page sends the sentence being typed, at most this much of it, which keeps the query
+# string well inside uvicorn's limit and the suggester's remembered state short.
 MAX_TEXT_CHARS = 1000
 
 router = APIRouter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+
 import uvicorn
 
 from keyboard_model.commands import run_command

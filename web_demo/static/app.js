@@ -2,7 +2,7 @@
 // whenever that text changes, and refreshed when the aggregator publishes a new model.
 "use strict";
 
-// The server's limit on the text it reads; the model itself only looks at the last 64 words.
+// The server's limit on the text it reads.
 const CONTEXT_CHARS = 1000;
 // The word being typed, split the way the tokenizer splits words: letters and digits with
 // inner apostrophes. Empty after a space or punctuation, where the server predicts the next word.
@@ -52,6 +52,15 @@ function showStatus(text) {
   statusLine.hidden = !text;
 }
 
+// The model learned from one-line messages, each read from its start: so the context is the
+// sentence or line being typed. It also keeps the server's remembered state short, and its
+// start moves only when a sentence ends, so each keystroke costs the server one model step.
+function currentMessage(text) {
+  let start = text.lastIndexOf("\n") + 1;
+  for (const end of text.matchAll(/[.!?]\s+/g)) start = Math.max(start, end.index + end[0].length);
+  return text.slice(start).slice(-CONTEXT_CHARS);
+}
+
 async function updateSuggestions({ force = false } = {}) {
   const context = message.value.slice(0, message.selectionStart);
   if (context === requestedContext && !force) return;
@@ -61,7 +70,7 @@ async function updateSuggestions({ force = false } = {}) {
   strip.setAttribute("aria-busy", "true");
   buttons.forEach((button) => (button.disabled = true));
 
-  const [status, body] = await getJson(`api/suggest?text=${encodeURIComponent(context.slice(-CONTEXT_CHARS))}`);
+  const [status, body] = await getJson(`api/suggest?text=${encodeURIComponent(currentMessage(context))}`);
   if (request !== latestRequest) return;
   if (status === 200) {
     showWords(body.suggestions, body.suggestions.length ? "" : "No suggestions");
