@@ -136,3 +136,15 @@ def test_an_aggregator_database_of_another_model_is_refused_clearly(tmp_path: Pa
         result = aggregator("32")
     assert result.returncode == 2
     assert "holds a model that does not fit" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_running_again_into_the_same_folder_resumes(tmp_path: Path, shakespeare):
+    args = ["simulate", "--phones", "6", "--clients-per-round", "2", "--rounds", "2", "--out", str(tmp_path / "run"),
+            "--no-progress", "--hidden-dim", "16", "--embedding-dim", "8"]
+    assert fedkb(*args).returncode == 0
+    again = fedkb(*args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming the run" in again.stdout
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2, 3, 4]
+    assert [line["model_version"] for line in lines] == [0, 1, 2, 3, 4]
