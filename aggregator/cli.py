@@ -39,6 +39,8 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", type=int, default=DEFAULTS.max_examples_per_update,
                         help="most examples one update may claim; more is refused (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the initial model (default: %(default)s)")
+    parser.add_argument("--init-model", type=Path, default=None,
+                        help="start a new database from this saved model.safetensors (default: a fresh model)")
 
 
 def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> AggregatorConfig:
@@ -53,6 +55,7 @@ def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> Aggregat
         server_learning_rate=args.server_lr,
         max_examples_per_update=args.max_examples,
         seed=args.seed,
+        initial_model=args.init_model,
         host=args.host,
         port=args.port,
     )

@@ -27,6 +27,9 @@ class AggregatorConfig:
     # How long a device that was not selected should wait before checking in again.
     retry_after_s: float = 5.0
     seed: int = 0
+    # Start from this saved model (e.g. one trained on the server's proxy data) instead of a
+    # fresh one; used only when the database is new.
+    initial_model: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8600
 

@@ -19,7 +19,9 @@ from aggregator.storage import Storage
 from aggregator.strategy import FedAvg, UpdateSum
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
-from keyboard_model.weights import WeightsError, l2_norm, model_to_bytes, parameter_shapes, read_tensors
+from keyboard_model.weights import (
+    Tensors, WeightsError, l2_norm, model_from_bytes, model_to_bytes, parameter_shapes, read_tensors,
+)
 
 
 class RoundClosedError(Exception):
@@ -76,8 +78,7 @@ class RoundManager:
         self._lock = threading.Lock()
         latest = storage.latest_model()
         if latest is None:
-            initial = build_model(config.model, seed=config.seed).state_dict()
-            storage.save_initial_model(model_to_bytes(initial, 0, config.model))
+            storage.save_initial_model(model_to_bytes(self._initial_state(), 0, config.model))
             latest = storage.latest_model()
         self.model_version, self.model_bytes = latest
         self.shapes = parameter_shapes(build_model(config.model).state_dict())
@@ -90,6 +91,20 @@ class RoundManager:
             ) from error
         self.round = self._open_round(storage.last_round_number() + 1)
         self._sum = UpdateSum(self.shapes)
+
+    def _initial_state(self) -> Tensors:
+        if self.config.initial_model is None:
+            return build_model(self.config.model, seed=self.config.seed).state_dict()
+        try:
+            model, _ = model_from_bytes(self.config.initial_model.read_bytes())
+        except (OSError, WeightsError) as error:
+            raise UserFacingError(f"cannot start from {self.config.initial_model}: {error}") from error
+        if model.config != self.config.model:
+            raise UserFacingError(
+                f"{self.config.initial_model} has sizes {model.config}, but this aggregator is set up for "
+                f"{self.config.model}"
+            )
+        return model.state_dict()
 
     def _open_round(self, number: int) -> OpenRound:
         now = self.clock()

@@ -107,7 +107,7 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
             model=model_config_from_args(args, corpus.manifest["vocab_size"]),
             clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
             min_reports=args.min_reports, server_learning_rate=args.server_lr,
-            max_examples_per_update=args.max_examples, seed=args.seed,
+            max_examples_per_update=args.max_examples, seed=args.seed, initial_model=args.init_model,
         )
         url = stack.enter_context(LocalAggregator(aggregator_config)).url
         print(f"started an aggregator at {url} (database {aggregator_config.db_path})", flush=True)

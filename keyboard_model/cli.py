@@ -1,4 +1,4 @@
-"""`python -m keyboard_model suggest`: try a saved model's suggestions from the terminal."""
+"""`python -m keyboard_model {suggest,export}`: try a saved model's suggestions, or export it for phones."""
 
 from __future__ import annotations
 
@@ -6,35 +6,64 @@ import argparse
 import sys
 from pathlib import Path
 
+from keyboard_model import artifact
 from keyboard_model.commands import main_for
 from keyboard_model.errors import UserFacingError
+from keyboard_model.model import CIFGLSTM
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes
 
 
-def add_suggest_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=Path("runs/up/model.safetensors"),
                         help="a saved model.safetensors (default: %(default)s)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="its tokenizer.json (default: beside the model)")
+
+
+def add_suggest_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_file_arguments(parser)
     parser.add_argument("text", nargs="*",
                         help="texts to complete; with none, each line of standard input is one text")
 
 
-def run_suggest(args: argparse.Namespace) -> int:
+def load_saved(args: argparse.Namespace) -> tuple[CIFGLSTM, int, KeyboardTokenizer]:
+    """The model of --model and the tokenizer of --tokenizer (default: beside the model)."""
     tokenizer_path = args.tokenizer or args.model.parent / "tokenizer.json"
     for path in (args.model, tokenizer_path):
         if not path.exists():
             raise UserFacingError(f"{path} does not exist (train one with `fedkb simulate` or `fedkb up`)")
     model, version = model_from_bytes(args.model.read_bytes())
-    suggester = Suggester(model, KeyboardTokenizer.from_file(tokenizer_path))
+    return model, version, KeyboardTokenizer.from_file(tokenizer_path)
+
+
+def run_suggest(args: argparse.Namespace) -> int:
+    model, version, tokenizer = load_saved(args)
+    suggester = Suggester(model, tokenizer)
     texts = args.text or (line.rstrip("\n") for line in sys.stdin)
     for text in texts:
         print(f"{text!r} -> {' | '.join(suggester.suggest(text))}  (model v{version})", flush=True)
     return 0
 
 
-COMMANDS = (("suggest", add_suggest_arguments, run_suggest, "print a saved model's three suggestions for some text"),)
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_file_arguments(parser)
+    parser.add_argument("--out", type=Path, default=Path("runs/up/keyboard.fkb"),
+                        help="where to write the int8 artifact (default: %(default)s)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    model, version, tokenizer = load_saved(args)
+    manifest = artifact.export(model, tokenizer, args.out, version)
+    print(f"{args.out}: {args.out.stat().st_size:,} bytes, model version {manifest['model_version']}, "
+          f"int8 tensors {', '.join(manifest['int8_tensors'])}")
+    return 0
+
+
+COMMANDS = (
+    ("suggest", add_suggest_arguments, run_suggest, "print a saved model's three suggestions for some text"),
+    ("export", add_export_arguments, run_export, "write a saved model as the small int8 on-device artifact"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,3 +67,22 @@ def test_a_damaged_artifact_is_refused(tmp_path, small_tokenizer, small_model_co
     path.write_bytes(b"not a zip")
     with pytest.raises(WeightsError, match="not a fedkeyboard artifact"):
         artifact.load(path)
+
+
+def test_export_command_writes_a_loadable_artifact(tmp_path, small_tokenizer, small_tokenizer_path, small_model_config):
+    import subprocess
+    import sys
+
+    from keyboard_model.weights import model_to_bytes
+
+    model = build_model(small_model_config, seed=4)
+    (tmp_path / "model.safetensors").write_bytes(model_to_bytes(model.state_dict(), 9, small_model_config))
+    result = subprocess.run(
+        [sys.executable, "-m", "keyboard_model", "export", "--model", str(tmp_path / "model.safetensors"),
+         "--tokenizer", str(small_tokenizer_path), "--out", str(tmp_path / "k.fkb")],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = artifact.load(tmp_path / "k.fkb")
+    assert loaded.manifest["model_version"] == 9
+    assert Suggester(loaded.model, loaded.tokenizer).suggest("to be ") == Suggester(model, small_tokenizer).suggest("to be ")

@@ -198,3 +198,18 @@ def test_a_round_with_too_few_reports_fails_and_keeps_the_model(
     failed = client.status().recent_rounds[0]
     assert failed.status == "failed" and failed.new_version is None
     assert client.status().model_version == 0
+
+
+def test_a_new_aggregator_can_start_from_a_saved_model(
+    tmp_path, start_aggregator, small_tokenizer_path, small_model_config
+):
+    from keyboard_model.weights import model_to_bytes
+
+    trained = build_model(small_model_config, seed=42)  # stands in for a server-trained model
+    path = tmp_path / "server.safetensors"
+    path.write_bytes(model_to_bytes(trained.state_dict(), 7, small_model_config))
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, initial_model=path)
+    served, version = state_of(AggregatorClient(aggregator.url))
+    assert version == 0  # version 0 of this federation, whatever the file called itself
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(served[name], tensor)
