@@ -9,6 +9,7 @@ import uvicorn
 
 from aggregator.app import create_app
 from aggregator.config import AggregatorConfig
+from aggregator.strategy import STRATEGIES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.commands import run_command
 from keyboard_model.tokenizer import KeyboardTokenizer
@@ -34,6 +35,8 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds after which a round closes with the updates it has (default: %(default)s)")
     parser.add_argument("--min-reports", type=int, default=DEFAULTS.min_reports,
                         help="fewest updates that make a round count at its deadline (default: %(default)s)")
+    parser.add_argument("--server-optimizer", choices=sorted(STRATEGIES), default=DEFAULTS.server_optimizer,
+                        help="how the mean update moves the global model (default: %(default)s)")
     parser.add_argument("--server-lr", type=float, default=DEFAULTS.server_learning_rate,
                         help="server learning rate of FedAvg (default: %(default)s)")
     parser.add_argument("--max-examples", type=int, default=DEFAULTS.max_examples_per_update,
@@ -52,6 +55,7 @@ def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> Aggregat
         clients_per_round=args.clients_per_round,
         round_deadline_s=args.round_deadline,
         min_reports=args.min_reports,
+        server_optimizer=args.server_optimizer,
         server_learning_rate=args.server_lr,
         max_examples_per_update=args.max_examples,
         seed=args.seed,

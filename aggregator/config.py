@@ -19,6 +19,8 @@ class AggregatorConfig:
     round_deadline_s: float = 300.0
     # At the deadline, a round with fewer reports than this is abandoned and recorded as failed.
     min_reports: int = 1
+    # fedavg, fedavgm (server momentum) or fedadam; see aggregator/strategy.py.
+    server_optimizer: str = "fedavg"
     server_learning_rate: float = 1.0
     # Most examples one update may claim. Weighting trusts this count, so it is capped: a
     # device cannot outweigh more than this many honest examples. Phones train on at most

@@ -16,24 +16,48 @@ from dataclasses import dataclass, field
 
 from aggregator.config import AggregatorConfig
 from aggregator.storage import Storage
-from aggregator.strategy import FedAvg, UpdateSum
+from aggregator.strategy import UpdateSum, make_strategy
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
 from keyboard_model.weights import (
-    Tensors, WeightsError, l2_norm, model_from_bytes, model_to_bytes, parameter_shapes, read_tensors,
+    Tensors,
+    WeightsError,
+    l2_norm,
+    model_from_bytes,
+    model_to_bytes,
+    parameter_shapes,
+    read_tensors,
 )
 
 
-class RoundClosedError(Exception):
-    """The update is for a round that is no longer open."""
+class UploadRefusedError(Exception):
+    """An upload the aggregator will not count; `status_code` is its HTTP answer."""
+
+    status_code = 400
 
 
-class UnauthorizedError(Exception):
+class UnauthorizedError(UploadRefusedError):
     """The upload token does not belong to a device selected for this round."""
 
+    status_code = 401
 
-class BadUpdateError(ValueError):
+
+class RoundClosedError(UploadRefusedError):
+    """The update is for a round that is no longer open."""
+
+    status_code = 409
+
+
+class TooLargeError(UploadRefusedError):
+    """The update is larger than any valid update of this model."""
+
+    status_code = 413
+
+
+class BadUpdateError(UploadRefusedError):
     """The update's bytes or example count are not acceptable; the message says why."""
+
+    status_code = 422
 
 
 @dataclass
@@ -74,7 +98,7 @@ class RoundManager:
         self.config = config
         self.storage = storage
         self.clock = clock
-        self.strategy = FedAvg(config.server_learning_rate)
+        self.strategy = make_strategy(config.server_optimizer, config.server_learning_rate)
         self._lock = threading.Lock()
         latest = storage.latest_model()
         if latest is None:
@@ -142,6 +166,8 @@ class RoundManager:
 
     def submit(self, round_number: int, token: str, data: bytes) -> SubmitResult:
         """Validate an uploaded delta and add it to the round's running sum."""
+        if len(data) > self.max_upload_bytes:
+            raise TooLargeError(f"an update may be at most {self.max_upload_bytes} bytes; this one has {len(data)}")
         with self._lock:
             device_id = self._authorize(round_number, token)
             if device_id in self.round.reported:

@@ -1,14 +1,18 @@
-"""Federated Averaging (McMahan et al. 2017): the new global model is the old one plus
-the example-weighted mean of the clients' deltas.
+"""Server-side aggregation: Federated Averaging and its server optimisers.
 
-The sum is kept as a running total (`UpdateSum`), so the server's memory does not
-grow with the number of updates in a round.
+Every strategy takes the example-weighted mean of the clients' deltas (McMahan et al.
+2017), kept as a running total (`UpdateSum`) so the server's memory does not grow with
+the number of updates in a round, and turns it into a step of the global model:
+- `FedAvg`: add it, scaled by the server learning rate;
+- `FedAvgM`: treat it as a (negative) gradient for SGD with momentum (Hsu et al. 2019;
+  Gboard used Nesterov momentum 0.9 with server learning rate 1.0);
+- `FedAdam`: treat it as a (negative) gradient for Adam (Reddi et al. 2021).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,7 +52,7 @@ def weighted_mean(deltas: Sequence[Tensors], weights: Sequence[float]) -> Tensor
     return total.mean()
 
 
-@dataclass(frozen=True)
+@dataclass
 class FedAvg:
     """Server step of Federated Averaging; server_learning_rate 1.0 is plain FedAvg."""
 
@@ -56,3 +60,55 @@ class FedAvg:
 
     def apply(self, global_state: Tensors, mean_delta: Tensors) -> Tensors:
         return {name: w + self.server_learning_rate * mean_delta[name] for name, w in global_state.items()}
+
+
+@dataclass
+class FedAvgM:
+    """Server SGD with (Nesterov) momentum on the mean delta."""
+
+    server_learning_rate: float = 1.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    velocity: Tensors = field(default_factory=dict)
+
+    def apply(self, global_state: Tensors, mean_delta: Tensors) -> Tensors:
+        new_state = {}
+        for name, w in global_state.items():
+            velocity = self.momentum * self.velocity.get(name, torch.zeros_like(w)) + mean_delta[name]
+            self.velocity[name] = velocity
+            step = mean_delta[name] + self.momentum * velocity if self.nesterov else velocity
+            new_state[name] = w + self.server_learning_rate * step
+        return new_state
+
+
+@dataclass
+class FedAdam:
+    """Server Adam on the mean delta, without bias correction, as in Reddi et al. 2021."""
+
+    server_learning_rate: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    # Reddi et al.'s tau: large next to Adam's usual 1e-8, so tiny deltas are not blown up.
+    epsilon: float = 1e-3
+    first_moment: Tensors = field(default_factory=dict)
+    second_moment: Tensors = field(default_factory=dict)
+
+    def apply(self, global_state: Tensors, mean_delta: Tensors) -> Tensors:
+        new_state = {}
+        for name, w in global_state.items():
+            delta = mean_delta[name]
+            m = self.beta1 * self.first_moment.get(name, torch.zeros_like(w)) + (1 - self.beta1) * delta
+            v = self.beta2 * self.second_moment.get(name, torch.zeros_like(w)) + (1 - self.beta2) * delta * delta
+            self.first_moment[name], self.second_moment[name] = m, v
+            new_state[name] = w + self.server_learning_rate * m / (v.sqrt() + self.epsilon)
+        return new_state
+
+
+Strategy = FedAvg | FedAvgM | FedAdam
+STRATEGIES = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam}
+
+
+def make_strategy(name: str, server_learning_rate: float) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown server optimiser {name!r}; choose one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name](server_learning_rate=server_learning_rate)

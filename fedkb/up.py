@@ -14,6 +14,7 @@ from pathlib import Path
 
 from device_sim import cli as device_cli
 from device_sim.corpus import prepare
+from keyboard_model.errors import UserFacingError
 from web_demo.cli import serve
 from web_demo.config import DemoConfig
 
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.in_process and not args.no_demo:
+        raise UserFacingError("the demo needs the aggregator service: use --in-process only with --no-demo")
     corpus = prepare(device_cli.corpus_config_from_args(args))
     with ExitStack() as stack:
         summary, aggregator_url = device_cli.simulate(args, corpus, stack)

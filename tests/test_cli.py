@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from aggregator.process import free_port
 from keyboard_model.weights import model_from_bytes
@@ -148,3 +149,16 @@ def test_running_again_into_the_same_folder_resumes(tmp_path: Path, shakespeare)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2, 3, 4]
     assert [line["model_version"] for line in lines] == [0, 1, 2, 3, 4]
+
+
+def test_in_process_and_service_mode_train_the_same_model(tmp_path: Path, shakespeare):
+    common = ["simulate", "--phones", "8", "--clients-per-round", "3", "--rounds", "3", "--no-progress",
+              "--hidden-dim", "16", "--embedding-dim", "8", "--seed", "5"]
+    for mode, extra in (("service", []), ("in-process", ["--in-process"])):
+        result = fedkb(*common, "--out", str(tmp_path / mode), *extra)
+        assert result.returncode == 0, result.stderr
+    service, _ = model_from_bytes((tmp_path / "service" / "model.safetensors").read_bytes())
+    in_process, version = model_from_bytes((tmp_path / "in-process" / "model.safetensors").read_bytes())
+    assert version == 3
+    for (name, a), b in zip(service.state_dict().items(), in_process.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aggregator.strategy import FedAvg, UpdateSum, weighted_mean
+from aggregator.strategy import FedAdam, FedAvg, FedAvgM, UpdateSum, make_strategy, weighted_mean
 
 
 def test_weighted_mean_weights_by_example_count():
@@ -34,3 +34,32 @@ def test_empty_or_unweighted_updates_are_refused():
         UpdateSum({"w": (1,)}).add({"w": torch.zeros(1)}, 0)
     with pytest.raises(ValueError):
         weighted_mean([], [])
+
+
+def test_fedavgm_accumulates_nesterov_momentum():
+    strategy = FedAvgM(server_learning_rate=1.0, momentum=0.9)
+    w = {"w": torch.tensor([0.0])}
+    delta = {"w": torch.tensor([1.0])}
+    w = strategy.apply(w, delta)  # velocity 1, step 1 + 0.9 * 1
+    torch.testing.assert_close(w["w"], torch.tensor([1.9]))
+    w = strategy.apply(w, delta)  # velocity 1.9, step 1 + 0.9 * 1.9
+    torch.testing.assert_close(w["w"], torch.tensor([1.9 + 2.71]))
+
+
+def test_fedadam_steps_by_the_normalised_mean_delta():
+    strategy = FedAdam(server_learning_rate=0.1, beta1=0.9, beta2=0.99, epsilon=1e-3)
+    w = strategy.apply({"w": torch.tensor([0.0, 0.0])}, {"w": torch.tensor([2.0, -0.5])})
+    # m = 0.1 * delta, v = 0.01 * delta^2: the step is 0.1 * 0.1 d / (0.1 |d| + 0.001).
+    expected = 0.1 * torch.tensor([0.2 / (0.2 + 1e-3), -0.05 / (0.05 + 1e-3)])
+    torch.testing.assert_close(w["w"], expected)
+    second = strategy.apply(w, {"w": torch.tensor([2.0, -0.5])})
+    m = 0.9 * 0.2 + 0.1 * 2.0
+    v = 0.99 * 0.04 + 0.01 * 4.0
+    torch.testing.assert_close(second["w"][0], w["w"][0] + 0.1 * m / (v**0.5 + 1e-3))
+
+
+def test_strategies_are_chosen_by_name():
+    assert isinstance(make_strategy("fedadam", 0.02), FedAdam)
+    assert make_strategy("fedavgm", 0.5).server_learning_rate == 0.5
+    with pytest.raises(ValueError, match="fedavg"):
+        make_strategy("sgd", 1.0)

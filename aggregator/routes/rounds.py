@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
 from aggregator.dependencies import get_rounds
-from aggregator.rounds import BadUpdateError, RoundClosedError, RoundManager, UnauthorizedError
+from aggregator.rounds import RoundManager, UploadRefusedError
 from aggregator.schemas import ErrorResponse, UploadResponse
 
 router = APIRouter(tags=["rounds"])
@@ -41,12 +41,8 @@ async def upload_update(
         body = await _read_limited(request, rounds.max_upload_bytes)
         # Checking and summing the tensors is CPU work; keep it off the event loop.
         result = await run_in_threadpool(rounds.submit, round_number, token, body)
-    except UnauthorizedError as error:
-        raise HTTPException(401, str(error)) from error
-    except RoundClosedError as error:
-        raise HTTPException(409, str(error)) from error
-    except BadUpdateError as error:
-        raise HTTPException(422, f"rejected update: {error}") from error
+    except UploadRefusedError as error:
+        raise HTTPException(error.status_code, str(error)) from error
     return UploadResponse(**result.__dict__)
 
 

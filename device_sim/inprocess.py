@@ -1,0 +1,54 @@
+"""In-process mode: the fleet talks to the aggregator's own round manager by function call.
+
+`InProcessClient` answers exactly like `AggregatorClient` (same methods, same response
+models, same refusals with the same status codes), so the phones, the fleet and the
+aggregation code are the ones service mode runs; only HTTP and the second process are
+gone. Use it for fast research runs; use service mode to exercise the real service.
+"""
+
+from __future__ import annotations
+
+from aggregator.config import AggregatorConfig
+from aggregator.rounds import RoundManager, UploadRefusedError
+from aggregator.schemas import CheckinResponse, RoundSummary, StatusResponse, UploadResponse
+from aggregator.storage import Storage
+from device_sim.client import AggregatorRefusedError
+
+
+class InProcessClient:
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.url = f"in-process aggregator ({config.db_path})"
+        self._storage = Storage(config.db_path)
+        self._rounds = RoundManager(config, self._storage)
+        self._tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
+
+    def status(self) -> StatusResponse:
+        # No timer thread here: deadlines are checked whenever the fleet looks.
+        self._rounds.tick()
+        recent = [RoundSummary(**row) for row in self._storage.recent_rounds(20)]
+        return StatusResponse(**self._rounds.snapshot(), recent_rounds=recent)
+
+    def checkin(self, device_id: str) -> CheckinResponse:
+        return CheckinResponse(**self._rounds.checkin(device_id).__dict__)
+
+    def model(self) -> bytes:
+        return self._rounds.current_model()[1]
+
+    def model_version(self, version: int) -> bytes:
+        data = self._storage.model(version)
+        if data is None:
+            raise AggregatorRefusedError(404, f"there is no model version {version}")
+        return data
+
+    def tokenizer_json(self) -> str:
+        return self._tokenizer_json
+
+    def upload(self, round_number: int, upload_token: str, update: bytes) -> UploadResponse:
+        try:
+            self._rounds.authorize(round_number, upload_token)
+            return UploadResponse(**self._rounds.submit(round_number, upload_token, update).__dict__)
+        except UploadRefusedError as error:
+            raise AggregatorRefusedError(error.status_code, str(error)) from error
+
+    def close(self) -> None:
+        self._storage.close()
