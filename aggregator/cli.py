@@ -37,8 +37,8 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fewest updates that make a round count at its deadline (default: %(default)s)")
     parser.add_argument("--server-optimizer", choices=sorted(STRATEGIES), default=DEFAULTS.server_optimizer,
                         help="how the mean update moves the global model (default: %(default)s)")
-    parser.add_argument("--server-lr", type=float, default=DEFAULTS.server_learning_rate,
-                        help="server learning rate of FedAvg (default: %(default)s)")
+    parser.add_argument("--server-lr", type=float, default=None,
+                        help="server learning rate (default: the optimiser's own: fedavg 1.0, fedavgm 0.5, fedadam 0.01)")
     parser.add_argument("--max-examples", type=int, default=DEFAULTS.max_examples_per_update,
                         help="most examples one update may claim; more is refused (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the initial model (default: %(default)s)")

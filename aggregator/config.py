@@ -20,8 +20,9 @@ class AggregatorConfig:
     # At the deadline, a round with fewer reports than this is abandoned and recorded as failed.
     min_reports: int = 1
     # fedavg, fedavgm (server momentum) or fedadam; see aggregator/strategy.py.
-    server_optimizer: str = "fedavg"
-    server_learning_rate: float = 1.0
+    server_optimizer: str = "fedavgm"
+    # None: the optimiser's own default (FedAvg 1.0, FedAvgM 0.5, FedAdam 0.01).
+    server_learning_rate: float | None = None
     # Most examples one update may claim. Weighting trusts this count, so it is capped: a
     # device cannot outweigh more than this many honest examples. Phones train on at most
     # 400 messages a round by default.

@@ -39,10 +39,12 @@ def state_of(client: AggregatorClient) -> tuple[dict[str, torch.Tensor], int]:
     return model.state_dict(), version
 
 
+# Tests that check the averaging itself run plain FedAvg (server learning rate 1): the new model is
+# then exactly the old one plus the example-weighted mean delta.
 def test_three_phones_two_rounds_give_the_example_weighted_mean(
     tmp_path, start_aggregator, small_tokenizer_path, small_tokenizer, small_model_config
 ):
-    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3)
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, server_optimizer="fedavg")
     client = RecordingClient(aggregator.url)
     # Histories of different sizes, so the weighting matters.
     phones = [make_phone(tmp_path, f"phone-{i}", SMALL_TEXT * (i + 1)) for i in range(3)]
@@ -111,7 +113,7 @@ def upload_raw(url: str, round_number: int, token: str | None, body: bytes) -> h
 def test_bad_uploads_are_refused_with_a_reason_and_leave_the_aggregate_alone(
     start_aggregator, small_tokenizer_path, small_model_config
 ):
-    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2)
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, server_optimizer="fedavg")
     client = AggregatorClient(aggregator.url)
     before, _ = state_of(client)
     shapes = parameter_shapes(before)
@@ -166,7 +168,7 @@ def test_bad_uploads_are_refused_with_a_reason_and_leave_the_aggregate_alone(
 
 
 def test_the_deadline_closes_a_round_with_the_updates_it_has(start_aggregator, small_tokenizer_path, small_model_config):
-    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, round_deadline_s=2.0)
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, round_deadline_s=2.0, server_optimizer="fedavg")
     client = AggregatorClient(aggregator.url)
     before, _ = state_of(client)
     decision = client.checkin("only-phone")
