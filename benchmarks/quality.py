@@ -108,7 +108,7 @@ def main() -> None:
     int8 = artifact.load(on_device).model
     int8_row = row("federated CIFG, int8 artifact", evaluate(int8, tokenizer, held_out))
 
-    print(f"\n| model | top-1 recall | top-3 recall | perplexity |\n| --- | --- | --- | --- |")
+    print("\n| model | top-1 recall | top-3 recall | perplexity |\n| --- | --- | --- | --- |")
     for r in [*rows, int8_row]:
         print(f"| {r['model']} | {100 * r['recall_at_1']:.2f}% | {100 * r['recall_at_3']:.2f}% | {r['perplexity']:.1f} |")
     ngram, server_row, fed, oracle_row = (r["recall_at_1"] for r in rows)
