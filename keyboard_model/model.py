@@ -74,16 +74,6 @@ class CIFGLSTM(nn.Module):
         zeros = self.embedding.weight.new_zeros
         return zeros(batch_size, self.config.projection_dim), zeros(batch_size, self.config.hidden_dim)
 
-    def step(self, gate_inputs: torch.Tensor, state: State) -> State:
-        """One time step, given this step's share of the input projection."""
-        h, c = state
-        input_gate, output_gate, candidate = (gate_inputs + self.recurrent_weights(h)).chunk(3, dim=-1)
-        input_gate = torch.sigmoid(input_gate)
-        # The coupling: what is written in is exactly what is forgotten.
-        c = (1.0 - input_gate) * c + input_gate * torch.tanh(candidate)
-        h = self.projection(torch.sigmoid(output_gate) * torch.tanh(c))
-        return h, c
-
     def hidden_states(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Projected outputs (batch, time, projection) for `tokens` (batch, time), and the final state."""
         if state is None:
@@ -91,11 +81,10 @@ class CIFGLSTM(nn.Module):
         # The input projection of every time step is one matrix product; only the
         # recurrence has to walk the sequence.
         gate_inputs = self.input_weights(self.embedding(tokens))
-        outputs = []
-        for t in range(tokens.shape[1]):
-            state = self.step(gate_inputs[:, t], state)
-            outputs.append(state[0])
-        return torch.stack(outputs, dim=1), state
+        outputs, h, c = CIFGRecurrence.apply(
+            gate_inputs, state[0], state[1], self.recurrent_weights.weight, self.projection.weight
+        )
+        return outputs, (h, c)
 
     def output_logits(self, projected: torch.Tensor) -> torch.Tensor:
         """Scores over the vocabulary: the projected output read against the (tied) embeddings."""
@@ -105,6 +94,64 @@ class CIFGLSTM(nn.Module):
         """Logits over the vocabulary for every position of `tokens` (batch, time)."""
         projected, state = self.hidden_states(tokens, state)
         return self.output_logits(projected), state
+
+
+class CIFGRecurrence(torch.autograd.Function):
+    """The walk over time, with a hand-written backward pass.
+
+    Autograd would record a dozen small operations per time step and replay them one
+    by one; here the backward pass walks the steps once, and the gradients of the two
+    weight matrices are each one matrix product over all steps together.
+
+    Per step, with gate pre-activations split as [input | output | candidate]:
+        i, o, g = sigmoid, sigmoid, tanh of (gate_inputs[t] + h @ W_h^T)
+        c = (1 - i) * c + i * g          (the coupling: what is written in is what is forgotten)
+        m = o * tanh(c);   h = m @ W_p^T
+    """
+
+    @staticmethod
+    def forward(ctx, gate_inputs, h, c, recurrent_weight, projection_weight):
+        batch, steps, _ = gate_inputs.shape
+        hidden = projection_weight.shape[1]
+        outputs = gate_inputs.new_empty(batch, steps, projection_weight.shape[0])
+        saved: dict[str, list[torch.Tensor]] = {name: [] for name in ("h_prev", "c_prev", "i", "o", "g", "tanh_c", "m")}
+        for t in range(steps):
+            pre = torch.addmm(gate_inputs[:, t], h, recurrent_weight.T)
+            i, o, g = pre[:, :hidden].sigmoid(), pre[:, hidden : 2 * hidden].sigmoid(), pre[:, 2 * hidden :].tanh()
+            saved["h_prev"].append(h)
+            saved["c_prev"].append(c)
+            c = torch.addcmul(c - i * c, i, g)
+            tanh_c = c.tanh()
+            m = o * tanh_c
+            h = m @ projection_weight.T
+            outputs[:, t] = h
+            for name, value in (("i", i), ("o", o), ("g", g), ("tanh_c", tanh_c), ("m", m)):
+                saved[name].append(value)
+        ctx.save_for_backward(recurrent_weight, projection_weight, *(torch.stack(v, dim=1) for v in saved.values()))
+        return outputs, h, c
+
+    @staticmethod
+    def backward(ctx, d_outputs, d_h_last, d_c_last):
+        recurrent_weight, projection_weight, h_prev, c_prev, i, o, g, tanh_c, m = ctx.saved_tensors
+        hidden = i.shape[2]
+        d_h = torch.zeros_like(h_prev[:, 0]) if d_h_last is None else d_h_last.clone()
+        d_c = torch.zeros_like(c_prev[:, 0]) if d_c_last is None else d_c_last.clone()
+        d_pre = i.new_empty(*i.shape[:2], 3 * hidden)
+        d_h_all = torch.empty_like(d_outputs)
+        for t in reversed(range(d_outputs.shape[1])):
+            d_h = d_h + d_outputs[:, t]
+            d_h_all[:, t] = d_h
+            d_m = d_h @ projection_weight
+            i_t, o_t, g_t, tanh_c_t = i[:, t], o[:, t], g[:, t], tanh_c[:, t]
+            d_c = d_c + d_m * o_t * (1 - tanh_c_t * tanh_c_t)
+            d_pre[:, t, :hidden] = d_c * (g_t - c_prev[:, t]) * i_t * (1 - i_t)
+            d_pre[:, t, hidden : 2 * hidden] = d_m * tanh_c_t * o_t * (1 - o_t)
+            d_pre[:, t, 2 * hidden :] = d_c * i_t * (1 - g_t * g_t)
+            d_c = d_c * (1 - i_t)
+            d_h = d_pre[:, t] @ recurrent_weight
+        d_recurrent = d_pre.flatten(0, 1).T @ h_prev.flatten(0, 1)
+        d_projection = d_h_all.flatten(0, 1).T @ m.flatten(0, 1)
+        return d_pre, d_h, d_c, d_recurrent, d_projection
 
 
 def build_model(config: ModelConfig, seed: int = 0) -> CIFGLSTM:

@@ -74,3 +74,29 @@ def test_untied_projection_width_is_refused():
         assert "tied" in str(error)
     else:
         raise AssertionError("a projection narrower than the embedding cannot be tied")
+
+
+def test_hand_written_backward_matches_numerical_gradients():
+    from keyboard_model.model import CIFGRecurrence
+
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.double, requires_grad=True)
+
+    hidden, projection = 6, 4
+    inputs = (tensor(3, 5, 3 * hidden), tensor(3, projection), tensor(3, hidden),
+              tensor(3 * hidden, projection), tensor(projection, hidden))
+    assert torch.autograd.gradcheck(CIFGRecurrence.apply, inputs)
+
+
+def test_training_gradients_match_autograd_through_the_reference():
+    config = ModelConfig(vocab_size=30, embedding_dim=4, hidden_dim=6, projection_dim=4)
+    model = build_model(config, seed=1)
+    tokens = torch.randint(0, 30, (2, 7), generator=torch.Generator().manual_seed(2))
+    logits, _ = model(tokens)
+    logits.square().mean().backward()
+    expected = reference_cifg(model, tokens).square().mean()
+    gradients = torch.autograd.grad(expected, list(model.parameters()))
+    for (name, parameter), gradient in zip(model.named_parameters(), gradients, strict=True):
+        torch.testing.assert_close(parameter.grad, gradient, msg=name)
