@@ -81,9 +81,11 @@ class CIFGLSTM(nn.Module):
         # The input projection of every time step is one matrix product; only the
         # recurrence has to walk the sequence.
         gate_inputs = self.input_weights(self.embedding(tokens))
-        outputs, h, c = CIFGRecurrence.apply(
-            gate_inputs, state[0], state[1], self.recurrent_weights.weight, self.projection.weight
-        )
+        weights = (self.recurrent_weights.weight, self.projection.weight)
+        if torch.is_grad_enabled():
+            outputs, h, c = CIFGRecurrence.apply(gate_inputs, *state, *weights)
+        else:  # inference (the keyboard): nothing to keep for a backward pass
+            outputs, h, c = CIFGRecurrence.run(gate_inputs, *state, *weights)
         return outputs, (h, c)
 
     def output_logits(self, projected: torch.Tensor) -> torch.Tensor:
@@ -111,23 +113,29 @@ class CIFGRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_inputs, h, c, recurrent_weight, projection_weight):
+        saved: dict[str, list[torch.Tensor]] = {name: [] for name in ("h_prev", "c_prev", "i", "o", "g", "tanh_c", "m")}
+        outputs, h, c = CIFGRecurrence.run(gate_inputs, h, c, recurrent_weight, projection_weight, saved)
+        ctx.save_for_backward(recurrent_weight, projection_weight, *(torch.stack(v, dim=1) for v in saved.values()))
+        return outputs, h, c
+
+    @staticmethod
+    def run(gate_inputs, h, c, recurrent_weight, projection_weight, saved=None):
+        """The forward walk; with `saved`, it also keeps what the backward pass needs."""
         batch, steps, _ = gate_inputs.shape
         hidden = projection_weight.shape[1]
         outputs = gate_inputs.new_empty(batch, steps, projection_weight.shape[0])
-        saved: dict[str, list[torch.Tensor]] = {name: [] for name in ("h_prev", "c_prev", "i", "o", "g", "tanh_c", "m")}
         for t in range(steps):
             pre = torch.addmm(gate_inputs[:, t], h, recurrent_weight.T)
             i, o, g = pre[:, :hidden].sigmoid(), pre[:, hidden : 2 * hidden].sigmoid(), pre[:, 2 * hidden :].tanh()
-            saved["h_prev"].append(h)
-            saved["c_prev"].append(c)
+            h_prev, c_prev = h, c
             c = torch.addcmul(c - i * c, i, g)
             tanh_c = c.tanh()
             m = o * tanh_c
             h = m @ projection_weight.T
             outputs[:, t] = h
-            for name, value in (("i", i), ("o", o), ("g", g), ("tanh_c", tanh_c), ("m", m)):
-                saved[name].append(value)
-        ctx.save_for_backward(recurrent_weight, projection_weight, *(torch.stack(v, dim=1) for v in saved.values()))
+            if saved is not None:
+                for name, value in zip(saved, (h_prev, c_prev, i, o, g, tanh_c, m), strict=True):
+                    saved[name].append(value)
         return outputs, h, c
 
     @staticmethod
