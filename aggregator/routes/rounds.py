@@ -36,8 +36,9 @@ async def upload_update(
     if not token:
         raise HTTPException(401, "an upload needs the header 'Authorization: Bearer <upload_token>' from check-in")
     try:
-        # The token first: a body is read only for a device selected in this round.
-        rounds.authorize(round_number, token)
+        # The token first: a body is read only for a device selected in this round. Like the
+        # submit below, it may wait on the round lock while a round closes, so off the event loop.
+        await run_in_threadpool(rounds.authorize, round_number, token)
         body = await _read_limited(request, rounds.max_upload_bytes)
         # Checking and summing the tensors is CPU work; keep it off the event loop.
         result = await run_in_threadpool(rounds.submit, round_number, token, body)
