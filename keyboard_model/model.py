@@ -84,8 +84,9 @@ class CIFGLSTM(nn.Module):
         weights = (self.recurrent_weights.weight, self.projection.weight)
         if torch.is_grad_enabled():
             outputs, h, c = CIFGRecurrence.apply(gate_inputs, *state, *weights)
-        else:  # inference (the keyboard): nothing to keep for a backward pass
-            outputs, h, c = CIFGRecurrence.run(gate_inputs, *state, *weights)
+        else:  # inference (the keyboard): no autograd bookkeeping
+            outputs, h_all, c_all, *_ = CIFGRecurrence.run(gate_inputs, *state, *weights)
+            h, c = h_all[-1], c_all[-1]
         return outputs, (h, c)
 
     def output_logits(self, projected: torch.Tensor) -> torch.Tensor:
@@ -97,69 +98,121 @@ class CIFGLSTM(nn.Module):
         projected, state = self.hidden_states(tokens, state)
         return self.output_logits(projected), state
 
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """Mean next-token cross-entropy of `tokens` (batch, time) against `targets`, skipping `ignore_index`.
+
+        Equal to `F.cross_entropy(self(tokens)[0], targets)`, but the scores over the
+        vocabulary, the largest tensor of a training step, are made and walked fewer times.
+        """
+        projected, _ = self.hidden_states(tokens)
+        keep = targets != ignore_index
+        return TiedOutputCrossEntropy.apply(projected[keep], self.embedding.weight, self.output_bias, targets[keep])
+
+
+class TiedOutputCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the tied output layer, output layer and loss in one.
+
+    The gradient of cross-entropy with respect to the scores is softmax minus the one-hot
+    target, so the log-probabilities kept from the forward pass become that gradient in
+    place; autograd's separate softmax and loss would allocate and fill several more
+    (positions x vocabulary) tensors. Backward runs once: it consumes what it saved.
+    """
+
+    @staticmethod
+    def forward(ctx, projected, embedding, bias, targets):
+        log_probs = torch.addmm(bias, projected, embedding.T)
+        torch.log_softmax(log_probs, dim=1, out=log_probs)
+        ctx.save_for_backward(projected, embedding, log_probs, targets)
+        return -log_probs.gather(1, targets[:, None]).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_loss):
+        projected, embedding, log_probs, targets = ctx.saved_tensors
+        d_scores = log_probs.exp_()
+        d_scores[torch.arange(len(targets)), targets] -= 1
+        d_scores.mul_(d_loss / len(targets))
+        return d_scores @ embedding, d_scores.T @ projected, d_scores.sum(0), None
+
 
 class CIFGRecurrence(torch.autograd.Function):
     """The walk over time, with a hand-written backward pass.
-
-    Autograd would record a dozen small operations per time step and replay them one
-    by one; here the backward pass walks the steps once, and the gradients of the two
-    weight matrices are each one matrix product over all steps together.
 
     Per step, with gate pre-activations split as [input | output | candidate]:
         i, o, g = sigmoid, sigmoid, tanh of (gate_inputs[t] + h @ W_h^T)
         c = (1 - i) * c + i * g          (the coupling: what is written in is what is forgotten)
         m = o * tanh(c);   h = m @ W_p^T
+
+    Autograd would record a dozen small operations per step and replay them one by one.
+    Here every step writes into preallocated time-major buffers; the backward pass first
+    computes, for all steps at once, each local derivative that does not depend on the
+    incoming gradient, so its walk back is two matrix products and five products of
+    vectors per step; the weight gradients are one matrix product over all steps each.
     """
 
     @staticmethod
     def forward(ctx, gate_inputs, h, c, recurrent_weight, projection_weight):
-        saved: dict[str, list[torch.Tensor]] = {name: [] for name in ("h_prev", "c_prev", "i", "o", "g", "tanh_c", "m")}
-        outputs, h, c = CIFGRecurrence.run(gate_inputs, h, c, recurrent_weight, projection_weight, saved)
-        ctx.save_for_backward(recurrent_weight, projection_weight, *(torch.stack(v, dim=1) for v in saved.values()))
-        return outputs, h, c
+        walk = CIFGRecurrence.run(gate_inputs, h, c, recurrent_weight, projection_weight)
+        outputs, h_all, c_all, gates, tanh_c, m = walk
+        ctx.save_for_backward(recurrent_weight, projection_weight, h_all, c_all, gates, tanh_c, m)
+        return outputs, h_all[-1].clone(), c_all[-1].clone()
 
     @staticmethod
-    def run(gate_inputs, h, c, recurrent_weight, projection_weight, saved=None):
-        """The forward walk; with `saved`, it also keeps what the backward pass needs."""
+    def run(gate_inputs, h, c, recurrent_weight, projection_weight):
+        """The forward walk: (outputs (batch, time, projection), then, time-major, h and c of
+        every step including the initial state, the gate activations, tanh(c) and m)."""
         batch, steps, _ = gate_inputs.shape
-        hidden = projection_weight.shape[1]
-        outputs = gate_inputs.new_empty(batch, steps, projection_weight.shape[0])
+        hidden, projection = projection_weight.shape[1], projection_weight.shape[0]
+        new = gate_inputs.new_empty
+        h_all, c_all = new(steps + 1, batch, projection), new(steps + 1, batch, hidden)
+        gates, tanh_c, m = new(steps, batch, 3 * hidden), new(steps, batch, hidden), new(steps, batch, hidden)
+        h_all[0], c_all[0] = h, c
+        pre, candidate_minus_c = new(batch, 3 * hidden), new(batch, hidden)
         for t in range(steps):
-            pre = torch.addmm(gate_inputs[:, t], h, recurrent_weight.T)
-            i, o, g = pre[:, :hidden].sigmoid(), pre[:, hidden : 2 * hidden].sigmoid(), pre[:, 2 * hidden :].tanh()
-            h_prev, c_prev = h, c
-            c = torch.addcmul(c - i * c, i, g)
-            tanh_c = c.tanh()
-            m = o * tanh_c
-            h = m @ projection_weight.T
-            outputs[:, t] = h
-            if saved is not None:
-                for name, value in zip(saved, (h_prev, c_prev, i, o, g, tanh_c, m), strict=True):
-                    saved[name].append(value)
-        return outputs, h, c
+            torch.addmm(gate_inputs[:, t], h_all[t], recurrent_weight.T, out=pre)
+            torch.sigmoid(pre[:, : 2 * hidden], out=gates[t, :, : 2 * hidden])
+            torch.tanh(pre[:, 2 * hidden :], out=gates[t, :, 2 * hidden :])
+            i, o, g = gates[t].split(hidden, dim=1)
+            torch.sub(g, c_all[t], out=candidate_minus_c)
+            torch.addcmul(c_all[t], i, candidate_minus_c, out=c_all[t + 1])  # = (1 - i) c + i g
+            torch.tanh(c_all[t + 1], out=tanh_c[t])
+            torch.mul(o, tanh_c[t], out=m[t])
+            torch.mm(m[t], projection_weight.T, out=h_all[t + 1])
+        return h_all[1:].transpose(0, 1).contiguous(), h_all, c_all, gates, tanh_c, m
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_outputs, d_h_last, d_c_last):
-        recurrent_weight, projection_weight, h_prev, c_prev, i, o, g, tanh_c, m = ctx.saved_tensors
-        hidden = i.shape[2]
-        d_h = torch.zeros_like(h_prev[:, 0]) if d_h_last is None else d_h_last.clone()
-        d_c = torch.zeros_like(c_prev[:, 0]) if d_c_last is None else d_c_last.clone()
-        d_pre = i.new_empty(*i.shape[:2], 3 * hidden)
-        d_h_all = torch.empty_like(d_outputs)
-        for t in reversed(range(d_outputs.shape[1])):
-            d_h = d_h + d_outputs[:, t]
-            d_h_all[:, t] = d_h
-            d_m = d_h @ projection_weight
-            i_t, o_t, g_t, tanh_c_t = i[:, t], o[:, t], g[:, t], tanh_c[:, t]
-            d_c = d_c + d_m * o_t * (1 - tanh_c_t * tanh_c_t)
-            d_pre[:, t, :hidden] = d_c * (g_t - c_prev[:, t]) * i_t * (1 - i_t)
-            d_pre[:, t, hidden : 2 * hidden] = d_m * tanh_c_t * o_t * (1 - o_t)
-            d_pre[:, t, 2 * hidden :] = d_c * i_t * (1 - g_t * g_t)
-            d_c = d_c * (1 - i_t)
-            d_h = d_pre[:, t] @ recurrent_weight
-        d_recurrent = d_pre.flatten(0, 1).T @ h_prev.flatten(0, 1)
+        recurrent_weight, projection_weight, h_all, c_all, gates, tanh_c, m = ctx.saved_tensors
+        steps, hidden = m.shape[0], m.shape[2]
+        i, o, g = gates.split(hidden, dim=2)
+        # d c_t / d (its own tanh output m), and d pre_t / d c_t or d m_t per gate, for all steps at once.
+        c_from_m = o * (1 - tanh_c * tanh_c)
+        input_from_c = (g - c_all[:-1]) * i * (1 - i)
+        output_from_m = tanh_c * o * (1 - o)
+        candidate_from_c = i * (1 - g * g)
+        forget = 1 - i
+
+        d_outputs = d_outputs.transpose(0, 1)
+        d_h_all = torch.empty_like(d_outputs)  # gradient reaching each step's h, from above and from later steps
+        d_pre = torch.empty_like(gates)
+        d_m = torch.empty_like(m[0])
+        d_c = torch.zeros_like(c_all[0]) if d_c_last is None else d_c_last.clone()
+        d_h_all[-1] = d_outputs[-1] if d_h_last is None else d_outputs[-1] + d_h_last
+        for t in reversed(range(steps)):
+            torch.mm(d_h_all[t], projection_weight, out=d_m)
+            d_c.addcmul_(d_m, c_from_m[t])
+            d_i, d_o, d_g = d_pre[t].split(hidden, dim=1)
+            torch.mul(d_c, input_from_c[t], out=d_i)
+            torch.mul(d_m, output_from_m[t], out=d_o)
+            torch.mul(d_c, candidate_from_c[t], out=d_g)
+            d_c.mul_(forget[t])
+            if t > 0:
+                torch.addmm(d_outputs[t - 1], d_pre[t], recurrent_weight, out=d_h_all[t - 1])
+        d_h = d_pre[0] @ recurrent_weight
+        d_recurrent = d_pre.flatten(0, 1).T @ h_all[:-1].flatten(0, 1)
         d_projection = d_h_all.flatten(0, 1).T @ m.flatten(0, 1)
-        return d_pre, d_h, d_c, d_recurrent, d_projection
+        return d_pre.transpose(0, 1), d_h, d_c, d_recurrent, d_projection
 
 
 def build_model(config: ModelConfig, seed: int = 0) -> CIFGLSTM:

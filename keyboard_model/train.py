@@ -1,12 +1,15 @@
-"""One phone's local training: a few epochs of plain SGD over its own messages."""
+"""One phone's local training: a few epochs of plain SGD over its own messages.
+
+`train_centrally` reuses it for the server-side baselines that pool messages in one place.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from keyboard_model.model import CIFGLSTM
 from keyboard_model.tokenizer import PAD_ID
@@ -56,8 +59,7 @@ def pack_sequences(messages: Sequence[Sequence[int]], sequence_length: int) -> t
 
 def language_model_loss(model: CIFGLSTM, rows: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the non-padding targets of `rows`."""
-    logits, _ = model(rows[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), ignore_index=PAD_ID)
+    return model.loss(rows[:, :-1], rows[:, 1:], ignore_index=PAD_ID)
 
 
 def train_local(
@@ -82,3 +84,23 @@ def train_local(
             total_loss += loss.item()
             steps += 1
     return TrainResult(total_loss / steps, len(messages))
+
+
+def train_centrally(
+    model: CIFGLSTM,
+    messages: Sequence[Sequence[int]],
+    config: LocalTrainConfig,
+    epochs: int,
+    after_epoch: Callable[[int, TrainResult], None] = lambda epoch, result: None,
+) -> None:
+    """Train on pooled messages for `epochs` passes, the learning rate decayed on a cosine per epoch.
+
+    The decay is what lets a central baseline converge instead of hovering at SGD's noise
+    floor, so it is a fair upper bound for federated training (phones use a constant rate).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    for epoch in range(epochs):
+        rate = config.learning_rate * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        epoch_config = replace(config, epochs=1, learning_rate=rate, max_messages=max(1, len(messages)))
+        after_epoch(epoch, train_local(model, messages, epoch_config, seed=epoch))

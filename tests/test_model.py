@@ -100,3 +100,24 @@ def test_training_gradients_match_autograd_through_the_reference():
     gradients = torch.autograd.grad(expected, list(model.parameters()))
     for (name, parameter), gradient in zip(model.named_parameters(), gradients, strict=True):
         torch.testing.assert_close(parameter.grad, gradient, msg=name)
+
+
+def test_fused_loss_matches_cross_entropy_of_the_logits_and_its_gradients():
+    config = ModelConfig(vocab_size=30, embedding_dim=4, hidden_dim=6, projection_dim=4)
+    model = build_model(config, seed=4)
+    with torch.no_grad():
+        model.output_bias.normal_()
+    generator = torch.Generator().manual_seed(5)
+    tokens, targets = torch.randint(1, 30, (3, 7), generator=generator), torch.randint(1, 30, (3, 7), generator=generator)
+    targets[2, 4:] = 0  # padding, which both must skip
+
+    fused = model.loss(tokens, targets, ignore_index=0)
+    fused_gradients = torch.autograd.grad(fused, list(model.parameters()))
+    logits, _ = model(tokens)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 30), targets.reshape(-1), ignore_index=0)
+    expected_gradients = torch.autograd.grad(expected, list(model.parameters()))
+
+    torch.testing.assert_close(fused, expected)
+    for (name, _), got, want in zip(model.named_parameters(), fused_gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(got, want, msg=name)
+
