@@ -1,17 +1,14 @@
-"""Gboard's comparison table on our own data: n-gram, server CIFG, federated CIFG, centralised oracle.
+"""Gboard's comparison table on our own data, the recall-per-round plot, and the int8 artifact's recall.
 
-Every row is scored on the same positions: the held-out messages (each phone's newest
-20%, never trained on) of every phone of the default corpus.
-1. n-gram: interpolated Kneser-Ney trigram on the public proxy split (server-side data).
-2. server CIFG: the default CIFG-LSTM trained centrally on the proxy split only.
-3. federated CIFG: the model of a federated run (`--federated-run DIR`, from `fedkb simulate`
-   or `fedkb up`), with its metrics.jsonl for the recall-per-round plot.
-4. oracle: the same network trained centrally on all phones' training messages pooled.
-It also exports the federated model as the int8 on-device artifact and scores that.
+The table (n-gram, server CIFG, federated CIFG, centralised oracle) is
+`device_sim.comparison`, also `fedkb eval --table`; see there for what each row is.
+This adds the int8 on-device artifact of the federated model as a fifth row, checks
+the issue's targets and draws federated recall per round (from the run's
+metrics.jsonl) with the other rows as horizontal lines.
 
     .venv/bin/python benchmarks/quality.py --federated-run runs/up [--out runs/quality]
 
-Trained server and oracle models are cached in --out and reused.
+The trained server and oracle models are cached in --out and reused.
 """
 
 from __future__ import annotations
@@ -20,39 +17,16 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
+from device_sim.comparison import ComparisonConfig, TableRow, comparison_table, markdown_table
 from device_sim.corpus import CorpusConfig, prepare
-from device_sim.history import split_held_out
+from device_sim.phone import Phone
 from keyboard_model import artifact
-from keyboard_model.evaluate import EvalCounts, evaluate
+from keyboard_model.evaluate import evaluate
 from keyboard_model.files import write_atomically
-from keyboard_model.model import ModelConfig, build_model
-from keyboard_model.ngram import KneserNeyTrigram
-from keyboard_model.train import LocalTrainConfig, train_local
-from keyboard_model.weights import model_from_bytes, model_to_bytes
+from keyboard_model.weights import model_from_bytes
 
 
-def train_centrally(name: str, messages: list[list[int]], vocab_size: int, epochs: int, out: Path):
-    """The default network trained on pooled messages with the phones' optimiser; cached in `out`."""
-    path = out / f"{name}.safetensors"
-    if path.exists():
-        return model_from_bytes(path.read_bytes())[0]
-    config = ModelConfig(vocab_size=vocab_size)
-    model = build_model(config, seed=0)
-    train = LocalTrainConfig(epochs=1, max_messages=len(messages))
-    for epoch in tqdm(range(epochs), desc=f"training the {name} model", unit="epoch"):
-        train_local(model, messages, train, seed=epoch)
-    write_atomically(path, model_to_bytes(model.state_dict(), 0, config))
-    return model
-
-
-def row(name: str, counts: EvalCounts) -> dict:
-    return {"model": name, **counts.metrics(), "positions": counts.positions}
-
-
-def plot(metrics_path: Path, rows: list[dict], png: Path) -> None:
+def plot(metrics_path: Path, rows: list[TableRow], png: Path) -> None:
     import matplotlib  # noqa: PLC0415  (only the benchmark draws)
 
     matplotlib.use("Agg")
@@ -60,10 +34,11 @@ def plot(metrics_path: Path, rows: list[dict], png: Path) -> None:
 
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     figure, axis = plt.subplots(figsize=(8, 4.5), dpi=120)
-    axis.plot([m["round"] for m in lines], [100 * m["recall_at_1"] for m in lines], label="federated CIFG (sample)")
-    others = [r for r in rows if r["model"] != "federated CIFG"]
-    for other, style in zip(others, (":", "--", "-."), strict=True):
-        axis.axhline(100 * other["recall_at_1"], linestyle=style, color="grey", label=other["model"])
+    axis.plot([m["round"] for m in lines], [100 * m["recall_at_1"] for m in lines],
+              label="federated CIFG (32-phone sample each round)")
+    ngram, server, _, oracle = rows
+    for other, style in ((ngram, ":"), (server, "--"), (oracle, "-.")):
+        axis.axhline(100 * other.counts.recall_at_1, linestyle=style, color="grey", label=other.model)
     axis.set_xlabel("round")
     axis.set_ylabel("top-1 recall (%)")
     axis.set_title("Held-out top-1 recall per federated round")
@@ -76,51 +51,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--federated-run", type=Path, default=Path("runs/up"))
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--server-epochs", type=int, default=5)
-    parser.add_argument("--oracle-epochs", type=int, default=3)
+    parser.add_argument("--server-epochs", type=int, default=ComparisonConfig(Path()).server_epochs)
+    parser.add_argument("--oracle-epochs", type=int, default=ComparisonConfig(Path()).oracle_epochs)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     corpus = prepare(CorpusConfig(), log=lambda _: None)
     tokenizer = corpus.tokenizer()
-    train_texts, held_out_texts = [], []
-    for messages in corpus.users().values():
-        train, held_out = split_held_out([m.text for m in messages])
-        train_texts += train
-        held_out_texts += held_out
-    held_out = tokenizer.encode_batch(held_out_texts)
-    proxy = tokenizer.encode_batch(corpus.proxy_lines())
-    print(f"{len(held_out):,} held-out messages of {len(corpus.users())} phones; {len(proxy):,} proxy lines; "
-          f"{len(train_texts):,} phone training messages")
-
-    rows = [row("n-gram (KN trigram, proxy)", KneserNeyTrigram(proxy, tokenizer.vocab_size).evaluate(tokenizer, held_out))]
-    server = train_centrally("server", proxy, tokenizer.vocab_size, args.server_epochs, args.out)
-    rows.append(row("server CIFG (proxy)", evaluate(server, tokenizer, held_out)))
-    federated_path = args.federated_run / "model.safetensors"
-    federated, version = model_from_bytes(federated_path.read_bytes())
-    rows.append(row("federated CIFG", evaluate(federated, tokenizer, held_out)) | {"model_version": version})
-    oracle = train_centrally("oracle", tokenizer.encode_batch(train_texts), tokenizer.vocab_size, args.oracle_epochs,
-                             args.out)
-    rows.append(row("centralised oracle", evaluate(oracle, tokenizer, held_out)))
+    phones_dir = args.federated_run / "phones"
+    phones = [Phone(pid, phones_dir / pid) for pid in json.loads((phones_dir / "fleet.json").read_text())["phone_ids"]]
+    federated, version = model_from_bytes((args.federated_run / "model.safetensors").read_bytes())
+    config = ComparisonConfig(args.out, server_epochs=args.server_epochs, oracle_epochs=args.oracle_epochs)
+    rows = comparison_table(federated, tokenizer, phones, corpus.proxy_lines(), config)
 
     on_device = args.out / "keyboard.fkb"
     artifact.export(federated, tokenizer, on_device, version)
-    int8 = artifact.load(on_device).model
-    int8_row = row("federated CIFG, int8 artifact", evaluate(int8, tokenizer, held_out))
+    held_out = [m for phone in phones for m in phone.held_out(tokenizer)]
+    int8 = TableRow("federated CIFG, int8 artifact", evaluate(artifact.load(on_device).model, tokenizer, held_out))
 
-    print("\n| model | top-1 recall | top-3 recall | perplexity |\n| --- | --- | --- | --- |")
-    for r in [*rows, int8_row]:
-        print(f"| {r['model']} | {100 * r['recall_at_1']:.2f}% | {100 * r['recall_at_3']:.2f}% | {r['perplexity']:.1f} |")
-    ngram, server_row, fed, oracle_row = (r["recall_at_1"] for r in rows)
-    print(f"\nfederated / n-gram top-1: {fed / ngram:.2f} (target >= 1.2); federated > server: {fed > server_row}; "
-          f"federated / oracle: {fed / oracle_row:.3f} (target >= 0.95)")
-    print(f"int8 artifact: {on_device.stat().st_size:,} bytes (target <= 1.6 MB); top-1 {int8_row['recall_at_1']:.4f} "
-          f"vs float {fed:.4f}: relative change {abs(int8_row['recall_at_1'] - fed) / fed:.2%} (target <= 1%)")
-    write_atomically(args.out / "quality.json", json.dumps([*rows, int8_row], indent=2).encode())
+    print(f"\nfederated model: version {version} of {args.federated_run}\n")
+    print(markdown_table([*rows, int8]))
+    ngram, server, fed, oracle = (r.counts.recall_at_1 for r in rows)
+    print(f"\nfederated / n-gram top-1: {fed / ngram:.3f} (target >= 1.2); federated > server: {fed > server}; "
+          f"federated / oracle: {fed / oracle:.3f} (target >= 0.95)")
+    int8_top1 = int8.counts.recall_at_1
+    print(f"int8 artifact: {on_device.stat().st_size:,} bytes (target <= 1.6 MB); top-1 {int8_top1:.4f} "
+          f"vs float {fed:.4f}: relative change {abs(int8_top1 - fed) / fed:.2%} (target <= 1%)")
+    table = [r.to_dict() for r in [*rows, int8]]
+    write_atomically(args.out / "quality.json", json.dumps({"model_version": version, "rows": table}, indent=2).encode())
     plot(args.federated_run / "metrics.jsonl", rows, args.out / "recall_per_round.png")
     print(f"table: {args.out / 'quality.json'}; plot: {args.out / 'recall_per_round.png'}")
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
     main()

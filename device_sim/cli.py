@@ -10,6 +10,7 @@ from pathlib import Path
 from aggregator.cli import add_round_arguments
 from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim.client import AggregatorClient
+from device_sim.comparison import ComparisonConfig, comparison_table, markdown_table
 from device_sim.corpus import CorpusConfig, PreparedCorpus, default_data_dir, prepare
 from device_sim.eligibility import EligibilityConfig
 from device_sim.fleet import FleetConfig, evaluate_phones
@@ -25,6 +26,7 @@ from keyboard_model.weights import model_from_bytes
 
 TRAIN_DEFAULTS = LocalTrainConfig()
 FLEET_DEFAULTS = FleetConfig(phones_dir=Path("phones"))
+COMPARISON_DEFAULTS = ComparisonConfig(baselines_dir=Path("baselines"))
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +152,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="its tokenizer.json (default: beside the model)")
     parser.add_argument("--phones-dir", type=Path, default=None,
                         help="phones whose held-out messages to score (default: the phones folder beside the model)")
+    table = parser.add_argument_group("the comparison table (--table)")
+    table.add_argument("--table", action="store_true",
+                       help="compare with an n-gram, a server-trained and a centrally trained (oracle) model")
+    table.add_argument("--baselines-dir", type=Path, default=None,
+                       help="cache of the trained baselines (default: a baselines folder beside the model)")
+    table.add_argument("--server-epochs", type=int, default=COMPARISON_DEFAULTS.server_epochs,
+                       help="passes over the proxy split for the server CIFG (default: %(default)s)")
+    table.add_argument("--oracle-epochs", type=int, default=COMPARISON_DEFAULTS.oracle_epochs,
+                       help="passes over the pooled phone messages for the oracle (default: %(default)s)")
+    add_corpus_arguments(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -161,7 +173,16 @@ def run_eval(args: argparse.Namespace) -> int:
     model, version = model_from_bytes(args.model.read_bytes())
     tokenizer = KeyboardTokenizer.from_file(tokenizer_path)
     phone_ids = json.loads((phones_dir / "fleet.json").read_text())["phone_ids"]
-    counts = evaluate_phones(model, tokenizer, [Phone(pid, phones_dir / pid) for pid in phone_ids])
+    phones = [Phone(pid, phones_dir / pid) for pid in phone_ids]
+    if args.table:
+        config = ComparisonConfig(
+            baselines_dir=args.baselines_dir or args.model.parent / "baselines",
+            server_epochs=args.server_epochs, oracle_epochs=args.oracle_epochs,
+        )
+        proxy_lines = prepare(corpus_config_from_args(args)).proxy_lines()
+        print(markdown_table(comparison_table(model, tokenizer, phones, proxy_lines, config)))
+        return 0
+    counts = evaluate_phones(model, tokenizer, phones)
     print(json.dumps({"model_version": version, "phones": len(phone_ids), "positions": counts.positions,
                       **counts.metrics()}, indent=2))
     return 0

@@ -50,6 +50,13 @@ def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path
     assert report["model_version"] == 3 and report["phones"] == 20
     assert report["recall_at_1"] == pytest.approx(summary["final"]["recall_at_1"])
 
+    table = fedkb("eval", "--model", str(out / "model.safetensors"), "--table", "--server-epochs", "1",
+                  "--oracle-epochs", "1")
+    assert table.returncode == 0, table.stderr
+    federated_row = next(line for line in table.stdout.splitlines() if line.startswith("| federated CIFG |"))
+    assert federated_row.split(" | ")[1] == f"{100 * report['recall_at_1']:.2f}%"
+    assert len(list((out / "baselines").glob("*.safetensors"))) == 2
+
 
 def test_every_command_explains_its_options():
     for command in ("data", "aggregator", "simulate", "eval", "demo", "up"):

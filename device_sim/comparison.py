@@ -1,0 +1,115 @@
+"""Gboard's comparison table (Hard et al. 2018) on our own fleet: n-gram, server CIFG, federated, oracle.
+
+Every row is scored on the same positions: the held-out messages (each phone's newest
+20%, never trained on) of every phone of the fleet, counted as `keyboard_model.evaluate`
+describes.
+1. n-gram: interpolated Kneser-Ney trigram on the public proxy split (server-side data).
+2. server CIFG: the federated model's network, trained centrally on the proxy split only.
+3. federated CIFG: the model a federated run produced.
+4. centralised oracle: the same network trained centrally on all phones' training
+   messages pooled, the privacy-free upper bound.
+The two central baselines start from the same initialisation as a federated run
+(`build_model(config, seed=0)`) and train with the phones' optimiser, but for several
+passes with a decaying learning rate, so they converge. They are cached by content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from device_sim.phone import Phone
+from keyboard_model.evaluate import EvalCounts, evaluate
+from keyboard_model.files import write_atomically
+from keyboard_model.model import CIFGLSTM, build_model
+from keyboard_model.ngram import KneserNeyTrigram
+from keyboard_model.tokenizer import KeyboardTokenizer
+from keyboard_model.train import LocalTrainConfig, train_centrally
+from keyboard_model.weights import model_from_bytes, model_to_bytes
+
+
+@dataclass(frozen=True)
+class ComparisonConfig:
+    # Where the trained server and oracle models are cached.
+    baselines_dir: Path
+    server_epochs: int = 10
+    oracle_epochs: int = 10
+    train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.server_epochs < 1 or self.oracle_epochs < 1:
+            raise ValueError("server_epochs and oracle_epochs must be at least 1")
+
+
+@dataclass(frozen=True)
+class TableRow:
+    model: str
+    counts: EvalCounts
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, **self.counts.metrics(), "positions": self.counts.positions}
+
+
+def comparison_table(
+    federated: CIFGLSTM,
+    tokenizer: KeyboardTokenizer,
+    phones: Sequence[Phone],
+    proxy_lines: Sequence[str],
+    config: ComparisonConfig,
+    log: Callable[[str], None] = print,
+) -> list[TableRow]:
+    """The four rows, in the paper's order."""
+    train_texts, held_out_texts = [], []
+    for phone in phones:
+        train, held_out = phone.messages()
+        train_texts += train
+        held_out_texts += held_out
+    held_out = tokenizer.encode_batch(held_out_texts)
+    proxy = tokenizer.encode_batch(list(proxy_lines))
+    log(f"scoring on {len(held_out):,} held-out messages of {len(phones)} phones; "
+        f"{len(proxy):,} proxy lines, {len(train_texts):,} phone training messages")
+
+    def baseline(name: str, messages: list[list[int]], epochs: int) -> CIFGLSTM:
+        return _trained_centrally(name, federated, messages, epochs, config, log)
+
+    server = baseline("server", proxy, config.server_epochs)
+    oracle = baseline("oracle", tokenizer.encode_batch(train_texts), config.oracle_epochs)
+    return [
+        TableRow("n-gram (KN trigram, proxy)", KneserNeyTrigram(proxy, tokenizer.vocab_size).evaluate(tokenizer, held_out)),
+        TableRow(f"server CIFG (proxy, {config.server_epochs} epochs)", evaluate(server, tokenizer, held_out)),
+        TableRow("federated CIFG", evaluate(federated, tokenizer, held_out)),
+        TableRow(f"centralised oracle ({config.oracle_epochs} epochs)", evaluate(oracle, tokenizer, held_out)),
+    ]
+
+
+def markdown_table(rows: Sequence[TableRow]) -> str:
+    lines = ["| model | top-1 recall | top-3 recall | perplexity |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        c = row.counts
+        lines.append(f"| {row.model} | {100 * c.recall_at_1:.2f}% | {100 * c.recall_at_3:.2f}% | {c.perplexity:.1f} |")
+    return "\n".join(lines)
+
+
+def _trained_centrally(
+    name: str, like: CIFGLSTM, messages: list[list[int]], epochs: int, config: ComparisonConfig, log
+) -> CIFGLSTM:
+    """`like`'s network trained from seed 0 on pooled `messages`; reused from the cache when the same."""
+    key = hashlib.sha256(
+        json.dumps([name, epochs, like.config.to_dict(), asdict(config.train), messages]).encode()
+    ).hexdigest()[:16]
+    path = config.baselines_dir / f"{name}-{key}.safetensors"
+    if path.exists():
+        log(f"{name} model: cached {path}")
+        return model_from_bytes(path.read_bytes())[0]
+    model = build_model(like.config, seed=0)
+
+    def report(epoch: int, result) -> None:
+        log(f"{name} model: epoch {epoch + 1}/{epochs}, mean training loss {result.mean_loss:.3f}")
+
+    train_centrally(model, messages, config.train, epochs, report)
+    config.baselines_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, model_to_bytes(model.state_dict(), 0, like.config))
+    return model
