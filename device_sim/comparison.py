@@ -79,9 +79,9 @@ def comparison_table(
     oracle = baseline("oracle", tokenizer.encode_batch(train_texts), config.oracle_epochs)
     return [
         TableRow("n-gram (KN trigram, proxy)", KneserNeyTrigram(proxy, tokenizer.vocab_size).evaluate(tokenizer, held_out)),
-        TableRow(f"server CIFG (proxy, {config.server_epochs} epochs)", evaluate(server, tokenizer, held_out)),
+        TableRow("server CIFG (proxy)", evaluate(server, tokenizer, held_out)),
         TableRow("federated CIFG", evaluate(federated, tokenizer, held_out)),
-        TableRow(f"centralised oracle ({config.oracle_epochs} epochs)", evaluate(oracle, tokenizer, held_out)),
+        TableRow("centralised oracle", evaluate(oracle, tokenizer, held_out)),
     ]
 
 

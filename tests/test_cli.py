@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from aggregator.process import free_port
+from tests.conftest import SMALL_TEXT
 from keyboard_model.weights import model_from_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,11 +51,31 @@ def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path
     assert report["model_version"] == 3 and report["phones"] == 20
     assert report["recall_at_1"] == pytest.approx(summary["final"]["recall_at_1"])
 
+
+def test_eval_table_compares_the_run_with_baselines_trained_on_the_same_corpus(tmp_path: Path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(
+        json.dumps({"user": f"user-{u}", "text": SMALL_TEXT[(u + n) % len(SMALL_TEXT)], "ts": n}) + "\n"
+        for u in range(4) for n in range(10)
+    ))
+    (tmp_path / "proxy.txt").write_text("\n".join(SMALL_TEXT) + "\n")
+    corpus_args = ["--corpus", str(corpus), "--proxy-text", str(tmp_path / "proxy.txt"),
+                   "--data-dir", str(tmp_path / "data"), "--min-messages", "5"]
+    out = tmp_path / "run"
+    trained = fedkb("simulate", *corpus_args, "--embedding-dim", "8", "--hidden-dim", "16", "--clients-per-round", "2",
+                    "--rounds", "2", "--in-process", "--out", str(out), "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    scored = fedkb("eval", "--model", str(out / "model.safetensors"))
+    assert scored.returncode == 0, scored.stderr
+
     table = fedkb("eval", "--model", str(out / "model.safetensors"), "--table", "--server-epochs", "1",
-                  "--oracle-epochs", "1")
+                  "--oracle-epochs", "2", *corpus_args)
+
     assert table.returncode == 0, table.stderr
-    federated_row = next(line for line in table.stdout.splitlines() if line.startswith("| federated CIFG |"))
-    assert federated_row.split(" | ")[1] == f"{100 * report['recall_at_1']:.2f}%"
+    rows = [line.split(" | ") for line in table.stdout.splitlines() if line.startswith("| ")][2:]
+    assert [row[0] for row in rows] == ["| n-gram (KN trigram, proxy)", "| server CIFG (proxy)", "| federated CIFG",
+                                        "| centralised oracle"]
+    assert rows[2][1] == f"{100 * json.loads(scored.stdout)['recall_at_1']:.2f}%"
     assert len(list((out / "baselines").glob("*.safetensors"))) == 2
 
 
