@@ -167,14 +167,13 @@ class CIFGRecurrence(torch.autograd.Function):
         h_all, c_all = new(steps + 1, batch, projection), new(steps + 1, batch, hidden)
         gates, tanh_c, m = new(steps, batch, 3 * hidden), new(steps, batch, hidden), new(steps, batch, hidden)
         h_all[0], c_all[0] = h, c
-        pre, candidate_minus_c = new(batch, 3 * hidden), new(batch, hidden)
+        pre = new(batch, 3 * hidden)
         for t in range(steps):
             torch.addmm(gate_inputs[:, t], h_all[t], recurrent_weight.T, out=pre)
             torch.sigmoid(pre[:, : 2 * hidden], out=gates[t, :, : 2 * hidden])
             torch.tanh(pre[:, 2 * hidden :], out=gates[t, :, 2 * hidden :])
             i, o, g = gates[t].split(hidden, dim=1)
-            torch.sub(g, c_all[t], out=candidate_minus_c)
-            torch.addcmul(c_all[t], i, candidate_minus_c, out=c_all[t + 1])  # = (1 - i) c + i g
+            torch.lerp(c_all[t], g, i, out=c_all[t + 1])  # c + i (g - c) = (1 - i) c + i g
             torch.tanh(c_all[t + 1], out=tanh_c[t])
             torch.mul(o, tanh_c[t], out=m[t])
             torch.mm(m[t], projection_weight.T, out=h_all[t + 1])
@@ -186,11 +185,12 @@ class CIFGRecurrence(torch.autograd.Function):
         recurrent_weight, projection_weight, h_all, c_all, gates, tanh_c, m = ctx.saved_tensors
         steps, hidden = m.shape[0], m.shape[2]
         i, o, g = gates.split(hidden, dim=2)
-        # d c_t / d (its own tanh output m), and d pre_t / d c_t or d m_t per gate, for all steps at once.
+        # For all steps at once: how a gradient on m reaches c, and how one on c or m reaches each gate's
+        # pre-activation. The input and candidate gates both take theirs from c, so one product per step
+        # fills both, through a view of every other gate block of d_pre.
         c_from_m = o * (1 - tanh_c * tanh_c)
-        input_from_c = (g - c_all[:-1]) * i * (1 - i)
+        input_and_candidate_from_c = torch.stack([(g - c_all[:-1]) * i * (1 - i), i * (1 - g * g)], dim=2)
         output_from_m = tanh_c * o * (1 - o)
-        candidate_from_c = i * (1 - g * g)
         forget = 1 - i
 
         d_outputs = d_outputs.transpose(0, 1)
@@ -202,10 +202,9 @@ class CIFGRecurrence(torch.autograd.Function):
         for t in reversed(range(steps)):
             torch.mm(d_h_all[t], projection_weight, out=d_m)
             d_c.addcmul_(d_m, c_from_m[t])
-            d_i, d_o, d_g = d_pre[t].split(hidden, dim=1)
-            torch.mul(d_c, input_from_c[t], out=d_i)
-            torch.mul(d_m, output_from_m[t], out=d_o)
-            torch.mul(d_c, candidate_from_c[t], out=d_g)
+            d_gates = d_pre[t].view(-1, 3, hidden)
+            torch.mul(d_c[:, None], input_and_candidate_from_c[t], out=d_gates[:, ::2])
+            torch.mul(d_m, output_from_m[t], out=d_gates[:, 1])
             d_c.mul_(forget[t])
             if t > 0:
                 torch.addmm(d_outputs[t - 1], d_pre[t], recurrent_weight, out=d_h_all[t - 1])
