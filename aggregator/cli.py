@@ -41,6 +41,8 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="server learning rate (default: the optimiser's own: fedavg 1.0, fedavgm 0.5, fedadam 0.01)")
     parser.add_argument("--max-examples", type=int, default=DEFAULTS.max_examples_per_update,
                         help="most examples one update may claim; more is refused (default: %(default)s)")
+    parser.add_argument("--max-update-norm", type=float, default=DEFAULTS.max_update_norm,
+                        help="largest L2 norm of an update; larger ones are refused (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the initial model (default: %(default)s)")
     parser.add_argument("--init-model", type=Path, default=None,
                         help="start a new database from this saved model.safetensors (default: a fresh model)")
@@ -58,6 +60,7 @@ def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> Aggregat
         server_optimizer=args.server_optimizer,
         server_learning_rate=args.server_lr,
         max_examples_per_update=args.max_examples,
+        max_update_norm=args.max_update_norm,
         seed=args.seed,
         initial_model=args.init_model,
         host=args.host,

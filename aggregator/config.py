@@ -27,6 +27,9 @@ class AggregatorConfig:
     # device cannot outweigh more than this many honest examples. Phones train on at most
     # 400 messages a round by default.
     max_examples_per_update: int = 1_000
+    # Largest L2 norm an update may have; larger ones are refused, so one device cannot drag
+    # the model far. Honest phones with the default training measured 0.3 to 6.0.
+    max_update_norm: float = 20.0
     # How long a device that was not selected should wait before checking in again.
     retry_after_s: float = 5.0
     seed: int = 0
@@ -43,5 +46,5 @@ class AggregatorConfig:
             raise ValueError("min_reports must be between 1 and clients_per_round")
         if self.max_examples_per_update < 1:
             raise ValueError("max_examples_per_update must be at least 1")
-        if not self.round_deadline_s > 0 or not self.retry_after_s > 0:
-            raise ValueError("round_deadline_s and retry_after_s must be positive")
+        if not self.round_deadline_s > 0 or not self.retry_after_s > 0 or not self.max_update_norm > 0:
+            raise ValueError("round_deadline_s, retry_after_s and max_update_norm must be positive")

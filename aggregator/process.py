@@ -47,7 +47,8 @@ class LocalAggregator:
             "--host", c.host, "--port", str(c.port), "--clients-per-round", str(c.clients_per_round),
             "--round-deadline", str(c.round_deadline_s), "--min-reports", str(c.min_reports),
             "--server-optimizer", c.server_optimizer,
-            *(["--server-lr", str(c.server_learning_rate)] if c.server_learning_rate is not None else []), "--max-examples", str(c.max_examples_per_update),
+            *(["--server-lr", str(c.server_learning_rate)] if c.server_learning_rate is not None else []),
+            "--max-examples", str(c.max_examples_per_update), "--max-update-norm", str(c.max_update_norm),
             "--seed", str(c.seed), *(["--init-model", str(c.initial_model)] if c.initial_model else []),
             "--embedding-dim", str(c.model.embedding_dim), "--hidden-dim", str(c.model.hidden_dim),
         ]

@@ -178,6 +178,10 @@ class RoundManager:
         except WeightsError as error:
             raise BadUpdateError(str(error)) from error
         num_examples = _parse_example_count(metadata, self.config.max_examples_per_update)
+        norm = l2_norm(delta)
+        if norm > self.config.max_update_norm:
+            raise BadUpdateError(f"the update's L2 norm is {norm:.2f}, above this aggregator's bound of "
+                                 f"{self.config.max_update_norm}")
         with self._lock:
             device_id = self._authorize(round_number, token)
             if device_id in self.round.reported:

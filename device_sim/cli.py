@@ -114,7 +114,7 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
             model=model_config_from_args(args, corpus.manifest["vocab_size"]),
             clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
             min_reports=args.min_reports, server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr,
-            max_examples_per_update=args.max_examples, seed=args.seed, initial_model=args.init_model,
+            max_examples_per_update=args.max_examples, max_update_norm=args.max_update_norm, seed=args.seed, initial_model=args.init_model,
         )
         if args.in_process:
             client = stack.enter_context(closing(InProcessClient(aggregator_config)))

@@ -123,9 +123,11 @@ def test_bad_uploads_are_refused_with_a_reason_and_leave_the_aggregate_alone(
 
     wrong_shape = dict(good, output_bias=torch.zeros(3))
     nan = dict(good, output_bias=torch.full(shapes["output_bias"], float("nan")))
+    huge = dict(good, output_bias=torch.full(shapes["output_bias"], 100.0))
     cases = [
         (update_bytes(wrong_shape, 5), 422, "shape"),
         (update_bytes(nan, 5), 422, "NaN"),
+        (update_bytes(huge, 5), 422, "above this aggregator's bound of 20.0"),
         (write_tensors(good, {"num_examples": "5", "text": "to be or not"}), 422, "num_examples"),
         (update_bytes(good, 0), 422, "num_examples"),
         (update_bytes(good, 1_001), 422, "between 1 and 1000"),
@@ -174,7 +176,7 @@ def test_the_deadline_closes_a_round_with_the_updates_it_has(start_aggregator, s
     decision = client.checkin("only-phone")
     client.checkin("dropped-phone")  # selected, never reports
     client.upload(decision.round, decision.upload_token,
-                  update_bytes({n: torch.ones_like(t) for n, t in before.items()}, 4))
+                  update_bytes({n: torch.full_like(t, 0.1) for n, t in before.items()}, 4))
     deadline = time.monotonic() + 20
     while client.status().model_version == 0:
         assert time.monotonic() < deadline, "the round never closed at its deadline"
@@ -183,7 +185,7 @@ def test_the_deadline_closes_a_round_with_the_updates_it_has(start_aggregator, s
     closed = status.recent_rounds[-1]
     assert (closed.status, closed.selected, closed.reported) == ("closed", 2, 1)
     after, _ = state_of(client)
-    torch.testing.assert_close(after["output_bias"], before["output_bias"] + 1)
+    torch.testing.assert_close(after["output_bias"], before["output_bias"] + 0.1)
 
 
 def test_a_round_with_too_few_reports_fails_and_keeps_the_model(

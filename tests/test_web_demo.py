@@ -124,7 +124,9 @@ def aggregator(tmp_path: Path, tokenizer: KeyboardTokenizer) -> Iterator[LocalAg
     tokenizer_path = tmp_path / "tokenizer.json"
     tokenizer.save(tokenizer_path)
     model = ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=16, hidden_dim=32, projection_dim=16)
-    with LocalAggregator(local_aggregator_config(tmp_path, tokenizer_path, clients_per_round=1, model=model)) as running:
+    # publish_new_version uploads a deliberately large delta, beyond the default norm bound.
+    config = local_aggregator_config(tmp_path, tokenizer_path, clients_per_round=1, model=model, max_update_norm=1_000.0)
+    with LocalAggregator(config) as running:
         yield running
 
 
