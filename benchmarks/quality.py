@@ -39,10 +39,12 @@ def plot(metrics_path: Path, rows: list[TableRow], png: Path) -> None:
     ngram, server, _, oracle = rows
     for other, style in ((ngram, ":"), (server, "--"), (oracle, "-.")):
         axis.axhline(100 * other.counts.recall_at_1, linestyle=style, color="grey", label=other.model)
+    highest = max([100 * m["recall_at_1"] for m in lines] + [100 * r.counts.recall_at_1 for r in rows])
+    axis.set_ylim(0, 1.1 * highest)
     axis.set_xlabel("round")
     axis.set_ylabel("top-1 recall (%)")
     axis.set_title("Held-out top-1 recall per federated round")
-    axis.legend()
+    axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(png)
 
