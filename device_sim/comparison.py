@@ -27,7 +27,7 @@ from keyboard_model.files import write_atomically
 from keyboard_model.model import CIFGLSTM, build_model
 from keyboard_model.ngram import KneserNeyTrigram
 from keyboard_model.tokenizer import KeyboardTokenizer
-from keyboard_model.train import LocalTrainConfig, train_centrally
+from keyboard_model.train import LocalTrainConfig, TrainResult, train_centrally
 from keyboard_model.weights import model_from_bytes, model_to_bytes
 
 
@@ -95,7 +95,12 @@ def markdown_table(rows: Sequence[TableRow]) -> str:
 
 
 def _trained_centrally(
-    name: str, like: CIFGLSTM, messages: list[list[int]], epochs: int, config: ComparisonConfig, log
+    name: str,
+    like: CIFGLSTM,
+    messages: list[list[int]],
+    epochs: int,
+    config: ComparisonConfig,
+    log: Callable[[str], None],
 ) -> CIFGLSTM:
     """`like`'s network trained from seed 0 on pooled `messages`; reused from the cache when the same."""
     key = hashlib.sha256(
@@ -107,7 +112,7 @@ def _trained_centrally(
         return model_from_bytes(path.read_bytes())[0]
     model = build_model(like.config, seed=0)
 
-    def report(epoch: int, result) -> None:
+    def report(epoch: int, result: TrainResult) -> None:
         log(f"{name} model: epoch {epoch + 1}/{epochs}, mean training loss {result.mean_loss:.3f}")
 
     train_centrally(model, messages, config.train, epochs, report)
