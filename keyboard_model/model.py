@@ -146,7 +146,7 @@ class CIFGRecurrence(torch.autograd.Function):
     Autograd would record a dozen small operations per step and replay them one by one.
     Here every step writes into preallocated time-major buffers; the backward pass first
     computes, for all steps at once, each local derivative that does not depend on the
-    incoming gradient, so its walk back is two matrix products and five products of
+    incoming gradient, so its walk back is two matrix products and four products of
     vectors per step; the weight gradients are one matrix product over all steps each.
     """
 
