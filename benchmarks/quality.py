@@ -19,7 +19,7 @@ from pathlib import Path
 
 from device_sim.comparison import ComparisonConfig, TableRow, comparison_table, markdown_table
 from device_sim.corpus import CorpusConfig, prepare
-from device_sim.phone import Phone
+from device_sim.fleet import provisioned_phones
 from keyboard_model import artifact
 from keyboard_model.evaluate import evaluate
 from keyboard_model.files import write_atomically
@@ -60,8 +60,7 @@ def main() -> None:
 
     corpus = prepare(CorpusConfig(), log=lambda _: None)
     tokenizer = corpus.tokenizer()
-    phones_dir = args.federated_run / "phones"
-    phones = [Phone(pid, phones_dir / pid) for pid in json.loads((phones_dir / "fleet.json").read_text())["phone_ids"]]
+    phones = provisioned_phones(args.federated_run / "phones")
     federated, version = model_from_bytes((args.federated_run / "model.safetensors").read_bytes())
     config = ComparisonConfig(args.out, server_epochs=args.server_epochs, oracle_epochs=args.oracle_epochs)
     rows = comparison_table(federated, tokenizer, phones, corpus.proxy_lines(), config)

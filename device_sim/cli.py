@@ -13,9 +13,8 @@ from device_sim.client import AggregatorClient
 from device_sim.comparison import ComparisonConfig, comparison_table, markdown_table
 from device_sim.corpus import CorpusConfig, PreparedCorpus, default_data_dir, prepare
 from device_sim.eligibility import EligibilityConfig
-from device_sim.fleet import FleetConfig, evaluate_phones
+from device_sim.fleet import FleetConfig, evaluate_phones, provisioned_phones
 from device_sim.inprocess import InProcessClient
-from device_sim.phone import Phone
 from device_sim.simulation import SimulationConfig, SimulationSummary, run_simulation
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.commands import main_for
@@ -172,8 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UserFacingError(f"{path} does not exist (run `fedkb simulate` first, or pass its path)")
     model, version = model_from_bytes(args.model.read_bytes())
     tokenizer = KeyboardTokenizer.from_file(tokenizer_path)
-    phone_ids = json.loads((phones_dir / "fleet.json").read_text())["phone_ids"]
-    phones = [Phone(pid, phones_dir / pid) for pid in phone_ids]
+    phones = provisioned_phones(phones_dir)
     if args.table:
         config = ComparisonConfig(
             baselines_dir=args.baselines_dir or args.model.parent / "baselines",
@@ -183,7 +181,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(markdown_table(comparison_table(model, tokenizer, phones, proxy_lines, config)))
         return 0
     counts = evaluate_phones(model, tokenizer, phones)
-    print(json.dumps({"model_version": version, "phones": len(phone_ids), "positions": counts.positions,
+    print(json.dumps({"model_version": version, "phones": len(phones), "positions": counts.positions,
                       **counts.metrics()}, indent=2))
     return 0
 

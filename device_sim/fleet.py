@@ -80,6 +80,12 @@ def provision(corpus: PreparedCorpus, phones_dir: Path, num_phones: int | None, 
     return [Phone(pid, phones_dir / pid) for pid in phone_ids]
 
 
+def provisioned_phones(phones_dir: Path) -> list[Phone]:
+    """The phones of a fleet `provision` made earlier, as listed in its manifest."""
+    manifest = json.loads((phones_dir / FLEET_MANIFEST).read_text())
+    return [Phone(pid, phones_dir / pid) for pid in manifest["phone_ids"]]
+
+
 @dataclass(frozen=True)
 class RoundReport:
     round: int
