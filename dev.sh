@@ -24,6 +24,8 @@ setup() {
     rm -f .venv/.installed-*
     touch "$stamp"
   fi
+  # Compile the C++ training kernel now rather than in the middle of the first run (cached).
+  .venv/bin/python -c 'import sys; from keyboard_model.native import cifg_kernel; sys.exit(cifg_kernel() is None)' || true
 }
 
 browser() {

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from keyboard_model.native import cifg_kernel
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -83,7 +85,8 @@ class CIFGLSTM(nn.Module):
         gate_inputs = self.input_weights(self.embedding(tokens))
         weights = (self.recurrent_weights.weight, self.projection.weight)
         if torch.is_grad_enabled():
-            outputs, h, c = CIFGRecurrence.apply(gate_inputs, *state, *weights)
+            walk = CompiledCIFGRecurrence if cifg_kernel() is not None else CIFGRecurrence
+            outputs, h, c = walk.apply(gate_inputs, *state, *weights)
         else:  # inference (the keyboard): no autograd bookkeeping
             outputs, h_all, c_all, *_ = CIFGRecurrence.run(gate_inputs, *state, *weights)
             h, c = h_all[-1], c_all[-1]
@@ -212,6 +215,30 @@ class CIFGRecurrence(torch.autograd.Function):
         d_recurrent = d_pre.flatten(0, 1).T @ h_all[:-1].flatten(0, 1)
         d_projection = d_h_all.flatten(0, 1).T @ m.flatten(0, 1)
         return d_pre.transpose(0, 1), d_h, d_c, d_recurrent, d_projection
+
+
+class CompiledCIFGRecurrence(torch.autograd.Function):
+    """`CIFGRecurrence` for training, each direction one call into `cifg_kernel.cpp`.
+
+    Same results (tested against it); a quarter faster on a phone-sized batch, because
+    a step's dozen small operations no longer each pay Python's dispatch.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_inputs, h, c, recurrent_weight, projection_weight):
+        outputs, h_all, c_all, m, *local = cifg_kernel().forward(
+            gate_inputs.contiguous(), h.contiguous(), c.contiguous(), recurrent_weight, projection_weight
+        )
+        ctx.save_for_backward(recurrent_weight, projection_weight, h_all, m, *local)
+        return outputs, h_all[-1].clone(), c_all[-1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_outputs, d_h_last, d_c_last):
+        recurrent_weight, projection_weight, h_all, m, *local = ctx.saved_tensors
+        return tuple(
+            cifg_kernel().backward(d_outputs, d_h_last, d_c_last, recurrent_weight, projection_weight, h_all, m, local)
+        )
 
 
 def build_model(config: ModelConfig, seed: int = 0) -> CIFGLSTM:

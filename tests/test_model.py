@@ -90,6 +90,30 @@ def test_hand_written_backward_matches_numerical_gradients():
     assert torch.autograd.gradcheck(CIFGRecurrence.apply, inputs)
 
 
+def test_compiled_walk_matches_the_python_walk_and_its_gradients():
+    from keyboard_model.model import CIFGRecurrence, CompiledCIFGRecurrence
+    from keyboard_model.native import cifg_kernel
+
+    assert cifg_kernel() is not None, "the C++ kernel must build on a machine with a compiler"
+    generator = torch.Generator().manual_seed(1)
+    hidden, projection = 7, 4
+    shapes = [(3, 5, 3 * hidden), (3, projection), (3, hidden), (3 * hidden, projection), (projection, hidden)]
+    inputs = [torch.randn(*shape, generator=generator) for shape in shapes]
+    # Gradients arriving on the outputs and on both final states, as when a state is carried on.
+    upstream = [torch.randn(3, 5, projection, generator=generator), torch.randn(3, projection, generator=generator),
+                torch.randn(3, hidden, generator=generator)]
+
+    def outputs_and_gradients(walk):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        outputs = walk.apply(*leaves)
+        torch.autograd.backward(outputs, upstream)
+        return [*outputs, *(leaf.grad for leaf in leaves)]
+
+    for compiled, python in zip(outputs_and_gradients(CompiledCIFGRecurrence),
+                                outputs_and_gradients(CIFGRecurrence), strict=True):
+        torch.testing.assert_close(compiled, python)
+
+
 def test_training_gradients_match_autograd_through_the_reference():
     config = ModelConfig(vocab_size=30, embedding_dim=4, hidden_dim=6, projection_dim=4)
     model = build_model(config, seed=1)
