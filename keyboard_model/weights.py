@@ -35,7 +35,7 @@ def read_tensors(
     """Parse safetensors bytes and insist on exactly the expected, finite tensors (float32 unless told)."""
     try:
         tensors = load_safetensors(data)
-        metadata = _read_metadata(data)
+        metadata = read_metadata(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError, AttributeError) as error:
         raise WeightsError(f"not a safetensors file: {error}") from error
     missing = sorted(expected_shapes.keys() - tensors.keys())
@@ -53,7 +53,7 @@ def read_tensors(
     return tensors, metadata
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def read_metadata(data: bytes) -> dict[str, str]:
     """The free-form header of a safetensors file, which safetensors.torch.load drops.
 
     The format is an 8-byte little-endian length followed by that many bytes of JSON.
@@ -75,7 +75,7 @@ def model_to_bytes(state: Tensors, version: int, config: ModelConfig) -> bytes:
 def model_from_bytes(data: bytes) -> tuple[CIFGLSTM, int]:
     """Rebuild a served or saved model; returns it with its version."""
     try:
-        metadata = _read_metadata(data)
+        metadata = read_metadata(data)
         config = ModelConfig(**json.loads(metadata["model_config"]))
         version = int(metadata["version"])
     except (ValueError, KeyError, TypeError) as error:
