@@ -33,8 +33,10 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="updates that close a round (default: %(default)s)")
     parser.add_argument("--round-deadline", type=float, default=DEFAULTS.round_deadline_s,
                         help="seconds after which a round closes with the updates it has (default: %(default)s)")
-    parser.add_argument("--min-reports", type=int, default=DEFAULTS.min_reports,
-                        help="fewest updates that make a round count at its deadline (default: %(default)s)")
+    parser.add_argument("--over-selection", type=float, default=DEFAULTS.over_selection,
+                        help="devices selected per round, as a multiple of the goal (default: %(default)s)")
+    parser.add_argument("--min-report-fraction", type=float, default=DEFAULTS.min_report_fraction,
+                        help="share of the goal that makes a round count at its deadline (default: %(default)s)")
     parser.add_argument("--server-optimizer", choices=sorted(STRATEGIES), default=DEFAULTS.server_optimizer,
                         help="how the mean update moves the global model (default: %(default)s)")
     parser.add_argument("--server-lr", type=float, default=None,
@@ -56,7 +58,8 @@ def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> Aggregat
         model=model_config_from_args(args, tokenizer.vocab_size),
         clients_per_round=args.clients_per_round,
         round_deadline_s=args.round_deadline,
-        min_reports=args.min_reports,
+        over_selection=args.over_selection,
+        min_report_fraction=args.min_report_fraction,
         server_optimizer=args.server_optimizer,
         server_learning_rate=args.server_lr,
         max_examples_per_update=args.max_examples,

@@ -14,11 +14,14 @@ class AggregatorConfig:
     # The public tokenizer, served to phones and the web demo with the model.
     tokenizer_path: Path
     model: ModelConfig = field(default_factory=ModelConfig)
+    # The goal: a round closes as soon as this many updates have arrived.
     clients_per_round: int = 10
-    # A round closes early when its goal is met, otherwise at this deadline.
+    # Devices selected per round, as a multiple of the goal: some drop out or abort (Bonawitz et al. 2019 use 1.3).
+    over_selection: float = 1.3
+    # Otherwise a round closes at this deadline...
     round_deadline_s: float = 300.0
-    # At the deadline, a round with fewer reports than this is abandoned and recorded as failed.
-    min_reports: int = 1
+    # ...with the updates it has if they are at least this fraction of the goal; if not, it is recorded as failed.
+    min_report_fraction: float = 0.5
     # fedavg, fedavgm (server momentum) or fedadam; see aggregator/strategy.py.
     server_optimizer: str = "fedavgm"
     # None: the optimiser's own default (FedAvg 1.0, FedAvgM 0.5, FedAdam 0.01).
@@ -30,7 +33,7 @@ class AggregatorConfig:
     # Largest L2 norm an update may have; larger ones are refused, so one device cannot drag
     # the model far. Honest phones with the default training measured 0.3 to 6.0.
     max_update_norm: float = 20.0
-    # How long a device that was not selected should wait before checking in again.
+    # The shortest wait pace steering gives a device it turns away (see aggregator/pace.py).
     retry_after_s: float = 5.0
     seed: int = 0
     # Start from this saved model (e.g. one trained on the server's proxy data) instead of a
@@ -42,8 +45,10 @@ class AggregatorConfig:
     def __post_init__(self) -> None:
         if self.clients_per_round < 1:
             raise ValueError("clients_per_round must be at least 1")
-        if not 1 <= self.min_reports <= self.clients_per_round:
-            raise ValueError("min_reports must be between 1 and clients_per_round")
+        if not self.over_selection >= 1.0:
+            raise ValueError(f"over_selection must be at least 1.0, got {self.over_selection}")
+        if not 0.0 < self.min_report_fraction <= 1.0:
+            raise ValueError(f"min_report_fraction must be in (0, 1], got {self.min_report_fraction}")
         if self.max_examples_per_update < 1:
             raise ValueError("max_examples_per_update must be at least 1")
         if not self.round_deadline_s > 0 or not self.retry_after_s > 0 or not self.max_update_norm > 0:

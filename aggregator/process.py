@@ -45,7 +45,8 @@ class LocalAggregator:
         return [
             sys.executable, "-m", "aggregator", "--db", str(c.db_path), "--tokenizer", str(c.tokenizer_path),
             "--host", c.host, "--port", str(c.port), "--clients-per-round", str(c.clients_per_round),
-            "--round-deadline", str(c.round_deadline_s), "--min-reports", str(c.min_reports),
+            "--round-deadline", str(c.round_deadline_s), "--over-selection", str(c.over_selection),
+            "--min-report-fraction", str(c.min_report_fraction),
             "--server-optimizer", c.server_optimizer,
             *(["--server-lr", str(c.server_learning_rate)] if c.server_learning_rate is not None else []),
             "--max-examples", str(c.max_examples_per_update), "--max-update-norm", str(c.max_update_norm),

@@ -1,24 +1,39 @@
 """Rounds: which devices train, which updates count, and when a new global model is made.
 
-A round selects the first `clients_per_round` devices that check in, and closes as
-soon as all of them have reported or when its deadline passes. Closing averages the
-reported deltas (FedAvg), stores the new model version and opens the next round.
+The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
+- devices enrol once and get a secret token; every check-in carries it;
+- a round selects `ceil(goal * over_selection)` of the devices that check in, because
+  some will drop out or abort, and closes as soon as `goal` of them have reported;
+- at its deadline a round closes with what it has if that is at least
+  `min_report_fraction` of the goal, and is recorded as failed otherwise;
+- devices turned away are told when to come back (pace steering, `aggregator/pace.py`);
+- updates for a round that has closed are refused and counted late.
+Closing averages the reported deltas (FedAvg and its server optimisers) into a new
+model, which is committed to SQLite together with the optimiser's state and the
+round's counts; on restart the manager resumes from the last committed model.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import math
+import random
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from safetensors.torch import load as load_safetensors
+
 from aggregator.config import AggregatorConfig
+from aggregator.pace import retry_after_s
 from aggregator.storage import Storage
 from aggregator.strategy import UpdateSum, make_strategy
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
+from keyboard_model.update_codec import decode_update, max_encoded_bytes
 from keyboard_model.weights import (
     Tensors,
     WeightsError,
@@ -27,7 +42,11 @@ from keyboard_model.weights import (
     model_to_bytes,
     parameter_shapes,
     read_tensors,
+    write_tensors,
 )
+
+# Round durations that pace steering looks back on.
+RECENT_ROUNDS = 20
 
 
 class UploadRefusedError(Exception):
@@ -37,7 +56,7 @@ class UploadRefusedError(Exception):
 
 
 class UnauthorizedError(UploadRefusedError):
-    """The upload token does not belong to a device selected for this round."""
+    """The device or upload token is not one this aggregator issued (for this round)."""
 
     status_code = 401
 
@@ -81,12 +100,20 @@ class SubmitResult:
 class OpenRound:
     number: int
     base_version: int
-    started_at: float
+    started_at: float  # wall clock, for the record
+    started: float  # the manager's clock, for durations and the deadline
     deadline: float
     device_by_token: dict[str, str] = field(default_factory=dict)
     token_by_device: dict[str, str] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
+    aborted: set[str] = field(default_factory=set)
     examples: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class RoundManager:
@@ -100,6 +127,7 @@ class RoundManager:
         self.clock = clock
         self.strategy = make_strategy(config.server_optimizer, config.server_learning_rate)
         self._lock = threading.Lock()
+        self._rng = random.Random(secrets.randbits(64))
         latest = storage.latest_model()
         if latest is None:
             storage.save_initial_model(model_to_bytes(self._initial_state(), 0, config.model))
@@ -113,7 +141,19 @@ class RoundManager:
                 f"the database {config.db_path} holds a model that does not fit this configuration ({error}); "
                 "use the sizes and tokenizer it was created with, or another --db"
             ) from error
-        self.round = self._open_round(storage.last_round_number() + 1)
+        # Our own bytes from our own database, written by `_close_round`; not device input.
+        optimizer_state = storage.optimizer_state(self.model_version)
+        if optimizer_state:
+            self.strategy.load_state(load_safetensors(optimizer_state))
+        self._device_by_token_hash = storage.device_tokens()
+        recent = storage.recent_rounds(RECENT_ROUNDS)
+        self._recent_durations = collections.deque(
+            (r["duration_s"] for r in recent if r["duration_s"] is not None), maxlen=RECENT_ROUNDS
+        )
+        next_round = storage.last_round_number() + 1
+        # A round that was open when the service stopped is run again from the start.
+        storage.discard_selections(next_round)
+        self.round = self._open_round(next_round)
         self._sum = UpdateSum(self.shapes)
 
     def _initial_state(self) -> Tensors:
@@ -132,32 +172,59 @@ class RoundManager:
 
     def _open_round(self, number: int) -> OpenRound:
         now = self.clock()
-        return OpenRound(number, self.model_version, time.time(), now + self.config.round_deadline_s)
+        return OpenRound(number, self.model_version, time.time(), now, now + self.config.round_deadline_s)
 
     @property
     def max_upload_bytes(self) -> int:
-        """A float32 delta of this model plus room for the safetensors header."""
-        return 4 * sum(math.prod(shape) for shape in self.shapes.values()) + 64 * 1024
+        """The largest honest update: an uncompressed (float32) one."""
+        return max_encoded_bytes(self.shapes, "none")
 
     def current_model(self) -> tuple[int, bytes]:
         with self._lock:
             return self.model_version, self.model_bytes
 
+    def enrol(self) -> tuple[str, str]:
+        """A new device: its id and the secret token it must show at every check-in."""
+        device_id, token = f"device-{secrets.token_hex(8)}", secrets.token_urlsafe(32)
+        with self._lock:
+            self.storage.enrol_device(device_id, token_hash(token))
+            self._device_by_token_hash[token_hash(token)] = device_id
+        return device_id, token
+
+    def authenticate(self, device_token: str) -> str:
+        """The enrolled device this token belongs to."""
+        with self._lock:
+            device_id = self._device_by_token_hash.get(token_hash(device_token))
+        if device_id is None:
+            raise UnauthorizedError("unknown device token: enrol first (POST /devices)")
+        return device_id
+
     def checkin(self, device_id: str) -> CheckinDecision:
         with self._lock:
             current = self.round
+            done = device_id in current.reported or device_id in current.aborted
             token = current.token_by_device.get(device_id)
-            has_room = len(current.token_by_device) < self.config.clients_per_round
-            if token is None and device_id not in current.reported and has_room:
+            if token is None and not done and len(current.token_by_device) < self.selection_target:
                 token = secrets.token_urlsafe(24)
+                self.storage.record_selection(current.number, device_id, token_hash(token))
                 current.token_by_device[device_id] = token
                 current.device_by_token[token] = device_id
-            if token is not None and device_id not in current.reported:
-                decision = CheckinDecision("train", current.number, self.model_version, upload_token=token)
-            else:
-                decision = CheckinDecision("retry", current.number, self.model_version, retry_after_s=self.config.retry_after_s)
-        self.storage.log_checkin(device_id, decision.round, decision.action)
-        return decision
+                # A selected device downloads the model it is to train.
+                current.bytes_down += len(self.model_bytes)
+            if token is not None and not done:
+                return CheckinDecision("train", current.number, self.model_version, upload_token=token)
+            wait = retry_after_s(
+                self.clock() - current.started, self._recent_durations, self.config.retry_after_s, self._rng
+            )
+            return CheckinDecision("retry", current.number, self.model_version, retry_after_s=round(wait, 3))
+
+    @property
+    def selection_target(self) -> int:
+        return math.ceil(self.config.clients_per_round * self.config.over_selection)
+
+    @property
+    def min_reports(self) -> int:
+        return max(1, math.ceil(self.config.clients_per_round * self.config.min_report_fraction))
 
     def authorize(self, round_number: int, token: str) -> None:
         """Refuse an upload before its body is read if its token is not valid for this round."""
@@ -174,7 +241,7 @@ class RoundManager:
                 return SubmitResult(round_number, len(self.round.reported), duplicate=True)
         # Parsing and checking the bytes is the expensive part; do it outside the lock.
         try:
-            delta, metadata = read_tensors(data, self.shapes)
+            delta, metadata = decode_update(data, self.shapes)
         except WeightsError as error:
             raise BadUpdateError(str(error)) from error
         num_examples = _parse_example_count(metadata, self.config.max_examples_per_update)
@@ -187,17 +254,38 @@ class RoundManager:
             if device_id in self.round.reported:
                 return SubmitResult(round_number, len(self.round.reported), duplicate=True)
             self._sum.add(delta, num_examples)
+            self.storage.set_selection_status(round_number, device_id, "reported")
             self.round.reported.add(device_id)
+            self.round.aborted.discard(device_id)
             self.round.examples += num_examples
+            self.round.bytes_up += len(data)
             reported = len(self.round.reported)
             closed = reported >= self.config.clients_per_round
             if closed:
                 self._close_round()
         return SubmitResult(round_number, reported, duplicate=False, round_closed=closed)
 
+    def abort(self, round_number: int, token: str) -> int:
+        """A selected device gave up (its conditions changed while training): it will not report.
+        Returns how many devices of the round have aborted."""
+        with self._lock:
+            if round_number != self.round.number:
+                raise RoundClosedError(f"round {round_number} is closed; the current round is {self.round.number}")
+            device_id = self._authorize(round_number, token)
+            if device_id not in self.round.reported and device_id not in self.round.aborted:
+                self.round.aborted.add(device_id)
+                self.storage.set_selection_status(round_number, device_id, "aborted")
+            return len(self.round.aborted)
+
     def _authorize(self, round_number: int, token: str) -> str:
         if round_number != self.round.number:
-            raise RoundClosedError(f"round {round_number} is closed; the current round is {self.round.number}")
+            selection = self.storage.selection_for_token(token_hash(token))
+            if selection is None or selection["round"] != round_number:
+                raise UnauthorizedError(f"this upload token was not issued for round {round_number}")
+            if selection["status"] == "selected":
+                self.storage.record_late(round_number, selection["device_id"])
+            raise RoundClosedError(f"round {round_number} closed before this update arrived; it was not counted. "
+                                   f"The current round is {self.round.number}")
         device_id = self.round.device_by_token.get(token)
         if device_id is None:
             raise UnauthorizedError(f"this upload token was not issued for round {round_number}")
@@ -210,23 +298,27 @@ class RoundManager:
                 self._close_round()
 
     def _close_round(self) -> None:
-        current, now = self.round, time.time()
+        current = self.round
+        duration = self.clock() - current.started
+        selected, reported, aborted = len(current.token_by_device), len(current.reported), len(current.aborted)
         summary = {
-            "round": current.number, "started_at": current.started_at, "closed_at": now,
-            "goal": self.config.clients_per_round, "selected": len(current.token_by_device),
-            "reported": len(current.reported), "examples": current.examples,
+            "round": current.number, "started_at": current.started_at, "closed_at": time.time(),
+            "duration_s": duration, "goal": self.config.clients_per_round, "selected": selected,
+            "reported": reported, "aborted": aborted, "dropped": selected - reported - aborted, "late": 0,
+            "examples": current.examples, "bytes_up": current.bytes_up, "bytes_down": current.bytes_down,
             "base_version": current.base_version, "new_version": None, "update_norm": None,
         }
-        if len(current.reported) >= self.config.min_reports:
+        if reported >= self.min_reports:
             mean_delta = self._sum.mean()
             new_state = self.strategy.apply(self.global_state, mean_delta)
             new_bytes = model_to_bytes(new_state, self.model_version + 1, self.config.model)
             summary.update(status="closed", new_version=self.model_version + 1, update_norm=l2_norm(mean_delta))
-            self.storage.record_round(summary, new_bytes)
+            self.storage.record_round(summary, new_bytes, write_tensors(self.strategy.state()))
             self.model_version, self.model_bytes, self.global_state = self.model_version + 1, new_bytes, new_state
         else:
             summary["status"] = "failed"
-            self.storage.record_round(summary, None)
+            self.storage.record_round(summary, None, None)
+        self._recent_durations.append(duration)
         self.round = self._open_round(current.number + 1)
         self._sum = UpdateSum(self.shapes)
 
@@ -234,16 +326,15 @@ class RoundManager:
         with self._lock:
             return {
                 "round": self.round.number, "model_version": self.model_version,
+                "goal": self.config.clients_per_round, "selection_target": self.selection_target,
                 "selected": len(self.round.token_by_device), "reported": len(self.round.reported),
-                "goal": self.config.clients_per_round,
+                "aborted": len(self.round.aborted),
                 "deadline_in_s": max(0.0, self.round.deadline - self.clock()),
             }
 
 
 def _parse_example_count(metadata: dict[str, str], limit: int) -> int:
-    # The example count is the only thing besides the tensors an update may carry.
-    if set(metadata) != {"num_examples"}:
-        raise BadUpdateError(f'the update metadata must hold exactly "num_examples", got {sorted(metadata)}')
+    # decode_update has made sure the metadata holds nothing but the count and the compression.
     raw = metadata["num_examples"]
     try:
         count = int(raw)

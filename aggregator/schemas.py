@@ -7,8 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
-class CheckinRequest(BaseModel):
-    device_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._/:-]+$")
+class EnrolmentResponse(BaseModel):
+    device_id: str
+    device_token: str = Field(description="Secret; send it as 'Authorization: Bearer <device_token>' at every check-in.")
 
 
 class CheckinResponse(BaseModel):
@@ -16,7 +17,9 @@ class CheckinResponse(BaseModel):
     round: int
     model_version: int
     upload_token: str | None = Field(None, description="Present when action is 'train'; authorises one upload.")
-    retry_after_s: float | None = Field(None, description="Present when action is 'retry'.")
+    retry_after_s: float | None = Field(
+        None, description="Present when action is 'retry': seconds to wait, spread by the server (pace steering)."
+    )
 
 
 class UploadResponse(BaseModel):
@@ -26,15 +29,28 @@ class UploadResponse(BaseModel):
     round_closed: bool = Field(False, description="True when this update completed the round.")
 
 
+class AbortResponse(BaseModel):
+    round: int
+    aborted: int = Field(description="Devices of this round that have aborted so far.")
+
+
 class RoundSummary(BaseModel):
+    """A finished round. Counts are None for rounds recorded by an older version."""
+
     round: int
     status: Literal["closed", "failed"]
     started_at: float
     closed_at: float
+    duration_s: float | None
     goal: int
     selected: int
     reported: int
+    aborted: int | None = Field(description="Selected devices that said they gave up (their conditions changed).")
+    dropped: int | None = Field(description="Selected devices never heard from again.")
+    late: int | None = Field(description="Selected devices whose update arrived after the round closed.")
     examples: int
+    bytes_up: int | None = Field(description="Bytes of the accepted updates.")
+    bytes_down: int | None = Field(description="Model bytes sent to the selected devices.")
     base_version: int
     new_version: int | None
     update_norm: float | None
@@ -44,8 +60,10 @@ class StatusResponse(BaseModel):
     round: int = Field(description="The round now open.")
     model_version: int
     goal: int
+    selection_target: int = Field(description="Devices the round selects: the goal times the over-selection factor.")
     selected: int
     reported: int
+    aborted: int
     deadline_in_s: float
     recent_rounds: list[RoundSummary]
 

@@ -61,6 +61,13 @@ class FedAvg:
     def apply(self, global_state: Tensors, mean_delta: Tensors) -> Tensors:
         return {name: w + self.server_learning_rate * mean_delta[name] for name, w in global_state.items()}
 
+    def state(self) -> Tensors:
+        """What the optimiser carries from round to round (saved with each model): nothing for FedAvg."""
+        return {}
+
+    def load_state(self, state: Tensors) -> None:
+        pass
+
 
 @dataclass
 class FedAvgM:
@@ -81,6 +88,12 @@ class FedAvgM:
             step = mean_delta[name] + self.momentum * velocity if self.nesterov else velocity
             new_state[name] = w + self.server_learning_rate * step
         return new_state
+
+    def state(self) -> Tensors:
+        return {f"velocity/{name}": v for name, v in self.velocity.items()}
+
+    def load_state(self, state: Tensors) -> None:
+        self.velocity = _unprefixed(state, "velocity/")
 
 
 @dataclass
@@ -104,6 +117,17 @@ class FedAdam:
             self.first_moment[name], self.second_moment[name] = m, v
             new_state[name] = w + self.server_learning_rate * m / (v.sqrt() + self.epsilon)
         return new_state
+
+    def state(self) -> Tensors:
+        return {**{f"m/{name}": m for name, m in self.first_moment.items()},
+                **{f"v/{name}": v for name, v in self.second_moment.items()}}
+
+    def load_state(self, state: Tensors) -> None:
+        self.first_moment, self.second_moment = _unprefixed(state, "m/"), _unprefixed(state, "v/")
+
+
+def _unprefixed(state: Tensors, prefix: str) -> Tensors:
+    return {name.removeprefix(prefix): t for name, t in state.items() if name.startswith(prefix)}
 
 
 Strategy = FedAvg | FedAvgM | FedAdam

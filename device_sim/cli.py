@@ -21,6 +21,7 @@ from keyboard_model.commands import main_for
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
+from keyboard_model.update_codec import SCHEMES
 from keyboard_model.weights import model_from_bytes
 
 TRAIN_DEFAULTS = LocalTrainConfig()
@@ -67,6 +68,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS.sequence_length, help="tokens per training row (default: %(default)s)")
     group.add_argument("--max-messages", type=int, default=TRAIN_DEFAULTS.max_messages,
                        help="newest training messages a phone uses per round (default: %(default)s)")
+    group.add_argument("--update-compression", choices=SCHEMES, default=FLEET_DEFAULTS.update_compression,
+                       help="how phones encode their updates (default: %(default)s)")
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +100,7 @@ def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
     fleet = FleetConfig(
         phones_dir=args.out / "phones", num_phones=args.phones, train=train,
         eligibility=EligibilityConfig(seed=args.seed), eval_phones=args.eval_phones, seed=args.seed,
+        update_compression=args.update_compression,
     )
     return SimulationConfig(out_dir=args.out, rounds=args.rounds, fleet=fleet, time_budget_s=args.time_budget)
 
@@ -112,7 +116,7 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
             args.out, corpus.tokenizer_path,
             model=model_config_from_args(args, corpus.manifest["vocab_size"]),
             clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
-            min_reports=args.min_reports, server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr,
+            over_selection=args.over_selection, min_report_fraction=args.min_report_fraction, server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr,
             max_examples_per_update=args.max_examples, max_update_norm=args.max_update_norm, seed=args.seed, initial_model=args.init_model,
         )
         if args.in_process:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from aggregator.schemas import CheckinResponse, StatusResponse, UploadResponse
+from aggregator.schemas import AbortResponse, CheckinResponse, EnrolmentResponse, StatusResponse, UploadResponse
 from keyboard_model.errors import UserFacingError
 
 
@@ -45,8 +45,12 @@ class AggregatorClient:
     def status(self) -> StatusResponse:
         return StatusResponse.model_validate(self._request("GET", "/status").json())
 
-    def checkin(self, device_id: str) -> CheckinResponse:
-        return CheckinResponse.model_validate(self._request("POST", "/checkin", json={"device_id": device_id}).json())
+    def enrol(self) -> EnrolmentResponse:
+        return EnrolmentResponse.model_validate(self._request("POST", "/devices").json())
+
+    def checkin(self, device_token: str) -> CheckinResponse:
+        response = self._request("POST", "/checkin", headers={"Authorization": f"Bearer {device_token}"})
+        return CheckinResponse.model_validate(response.json())
 
     def model(self) -> bytes:
         return self._request("GET", "/model").content
@@ -63,6 +67,12 @@ class AggregatorClient:
             headers={"Authorization": f"Bearer {upload_token}", "Content-Type": "application/octet-stream"},
         )
         return UploadResponse.model_validate(response.json())
+
+    def abort(self, round_number: int, upload_token: str) -> AbortResponse:
+        response = self._request(
+            "POST", f"/rounds/{round_number}/abort", headers={"Authorization": f"Bearer {upload_token}"}
+        )
+        return AbortResponse.model_validate(response.json())
 
     def close(self) -> None:
         self._http.close()

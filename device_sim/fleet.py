@@ -39,6 +39,8 @@ class FleetConfig:
     num_phones: int | None = None
     train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+    # How updates travel: "int8" (a quarter of the bytes, unbiased rounding) or "none" (float32).
+    update_compression: str = "int8"
     # Phones whose held-out messages score the model after every round (all of them at the end).
     eval_phones: int = 32
     # Simulated ticks to wait for a round to fill before giving up.
@@ -97,10 +99,6 @@ class RoundReport:
         losses = [p.result.mean_loss for p in self.participants]
         return sum(losses) / len(losses) if losses else float("nan")
 
-    @property
-    def bytes_up(self) -> int:
-        return sum(p.update_size_bytes for p in self.participants)
-
 
 class Fleet:
     """Phones, their simulated conditions, and the aggregator they talk to."""
@@ -127,13 +125,13 @@ class Fleet:
             eligible = [p for p in self.phones if self.clock.conditions(p.phone_id).eligible]
             self._rng.shuffle(eligible)
             for phone in eligible:
-                decision = self.client.checkin(phone.phone_id)
+                decision = phone.check_in(self.client)
                 if decision.action != "train":
                     continue
                 # A selected phone always trains: one that did not would hold a place in its round.
                 local = phone.train_round(
                     self.client, decision.round, decision.upload_token, self.tokenizer, self.config.train,
-                    seed=self._rng.randrange(2**31),
+                    seed=self._rng.randrange(2**31), compression=self.config.update_compression,
                 )
                 if local is None:
                     continue

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundManager, UploadRefusedError
-from aggregator.schemas import CheckinResponse, RoundSummary, StatusResponse, UploadResponse
+from aggregator.schemas import (
+    AbortResponse,
+    CheckinResponse,
+    EnrolmentResponse,
+    RoundSummary,
+    StatusResponse,
+    UploadResponse,
+)
 from aggregator.storage import Storage
 from device_sim.client import AggregatorRefusedError
 
@@ -28,7 +35,15 @@ class InProcessClient:
         recent = [RoundSummary(**row) for row in self._storage.recent_rounds(20)]
         return StatusResponse(**self._rounds.snapshot(), recent_rounds=recent)
 
-    def checkin(self, device_id: str) -> CheckinResponse:
+    def enrol(self) -> EnrolmentResponse:
+        device_id, device_token = self._rounds.enrol()
+        return EnrolmentResponse(device_id=device_id, device_token=device_token)
+
+    def checkin(self, device_token: str) -> CheckinResponse:
+        try:
+            device_id = self._rounds.authenticate(device_token)
+        except UploadRefusedError as error:
+            raise AggregatorRefusedError(error.status_code, str(error)) from error
         return CheckinResponse(**self._rounds.checkin(device_id).__dict__)
 
     def model(self) -> bytes:
@@ -47,6 +62,12 @@ class InProcessClient:
         try:
             self._rounds.authorize(round_number, upload_token)
             return UploadResponse(**self._rounds.submit(round_number, upload_token, update).__dict__)
+        except UploadRefusedError as error:
+            raise AggregatorRefusedError(error.status_code, str(error)) from error
+
+    def abort(self, round_number: int, upload_token: str) -> AbortResponse:
+        try:
+            return AbortResponse(round=round_number, aborted=self._rounds.abort(round_number, upload_token))
         except UploadRefusedError as error:
             raise AggregatorRefusedError(error.status_code, str(error)) from error
 

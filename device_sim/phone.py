@@ -1,23 +1,29 @@
 """A simulated phone: its own typing history, and one round of on-device training.
 
-What leaves the phone is built in `update_bytes`: one float32 delta tensor per model
-parameter and the number of messages trained on. Nothing else: no text, no token
-ids, no word counts, no training loss.
+What leaves the phone is built in `update_bytes`: the model delta (int8 with one scale
+per row by default, see keyboard_model/update_codec.py) and the number of messages
+trained on. Nothing else: no text, no token ids, no word counts, no training loss.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from aggregator.schemas import CheckinResponse
 from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.history import TypingHistory
 from keyboard_model.errors import UserFacingError
+from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, train_local
-from keyboard_model.weights import Tensors, model_from_bytes, write_tensors
+from keyboard_model.update_codec import encode_update
+from keyboard_model.weights import Tensors, model_from_bytes
 
 
 @dataclass(frozen=True)
@@ -36,17 +42,44 @@ class PhoneError(UserFacingError):
     """A phone folder is missing or damaged."""
 
 
-def update_bytes(delta: Tensors, num_examples: int) -> bytes:
-    """The upload: model delta and example count, nothing more."""
-    return write_tensors(delta, {"num_examples": str(num_examples)})
+def update_bytes(delta: Tensors, num_examples: int, compression: str = "int8", seed: int = 0) -> bytes:
+    """The upload: model delta and example count, nothing more. `seed` drives int8's stochastic rounding."""
+    return encode_update(delta, num_examples, compression, torch.Generator().manual_seed(seed))
 
 
 class Phone:
-    """A phone folder holding `history.sqlite`. The history is opened only while it is used."""
+    """A phone folder holding `history.sqlite` and, once enrolled, `device.json` (its credentials
+    with the aggregator). The history is opened only while it is used."""
 
     def __init__(self, phone_id: str, folder: Path) -> None:
         self.phone_id = phone_id
         self.history_path = folder / "history.sqlite"
+        self.credentials_path = folder / "device.json"
+        self._device_token: str | None = None
+
+    def check_in(self, client: AggregatorClient) -> CheckinResponse:
+        """Ask the aggregator whether to train now, enrolling first if it does not know this phone."""
+        try:
+            return client.checkin(self._token(client))
+        except AggregatorRefusedError as refused:
+            if refused.status_code != 401:
+                raise
+        # An aggregator with a new database has never seen us: enrol again.
+        return client.checkin(self._enrol(client))
+
+    def _token(self, client: AggregatorClient) -> str:
+        if self._device_token is None:
+            if self.credentials_path.exists():
+                self._device_token = json.loads(self.credentials_path.read_text())["device_token"]
+            else:
+                self._enrol(client)
+        return self._device_token
+
+    def _enrol(self, client: AggregatorClient) -> str:
+        enrolment = client.enrol()
+        write_atomically(self.credentials_path, enrolment.model_dump_json().encode())
+        self._device_token = enrolment.device_token
+        return self._device_token
 
     @classmethod
     def create(cls, phone_id: str, folder: Path, messages: list[tuple[float, str]]) -> Phone:
@@ -82,6 +115,7 @@ class Phone:
         tokenizer: KeyboardTokenizer,
         config: LocalTrainConfig,
         seed: int,
+        compression: str = "int8",
     ) -> LocalRound | None:
         """Download the global model, fine-tune on this phone's training messages, upload the delta.
 
@@ -92,7 +126,7 @@ class Phone:
         start = {name: t.clone() for name, t in model.state_dict().items()}
         result = train_local(model, tokenizer.encode_batch(train_texts), config, seed=seed)
         delta = {name: t - start[name] for name, t in model.state_dict().items()}
-        upload = update_bytes(delta, result.num_examples)
+        upload = update_bytes(delta, result.num_examples, compression, seed)
         try:
             answer = client.upload(round_number, upload_token, upload)
         except AggregatorRefusedError as refused:

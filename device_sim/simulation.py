@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from aggregator.schemas import RoundSummary
 from device_sim.client import AggregatorClient
 from device_sim.corpus import PreparedCorpus
 from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision
@@ -85,7 +86,7 @@ def run_simulation(
     # Ctrl-C ends the loop by propagating: every finished round is already on disk.
     with metrics_path.open("a", encoding="utf-8") as metrics, _progress_bar(config, show_progress) as progress:
         if not resuming:
-            _log_round(metrics, 0, version, None, initial_sample, 0.0)
+            _log_round(metrics, 0, version, None, None, initial_sample, 0.0)
         for _ in range(config.rounds):
             if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
                 progress.write(f"time budget of {config.time_budget_s:.0f} s reached; stopping")
@@ -94,7 +95,10 @@ def run_simulation(
             report = fleet.run_round()
             version, counts = score_current_model()
             rounds_completed += 1
-            line = _log_round(metrics, report.round, version, report, counts, time.monotonic() - round_started)
+            server_view = next(r for r in client.status().recent_rounds if r.round == report.round)
+            line = _log_round(
+                metrics, report.round, version, report, server_view, counts, time.monotonic() - round_started
+            )
             progress.set_postfix(
                 round=report.round, participants=len(report.participants),
                 loss=f"{line['train_loss']:.3f}", top1=f"{counts.recall_at_1:.3f}",
@@ -141,19 +145,28 @@ def _progress_bar(config: SimulationConfig, show: bool) -> tqdm:
     )
 
 
+# What the aggregator recorded of a round, copied into metrics.jsonl beside the fleet's own view.
+SERVER_COUNTS = ("selected", "reported", "aborted", "dropped", "late", "bytes_up", "bytes_down")
+
+
 def _log_round(
-    metrics_file, round_number: int, version: int, report: RoundReport | None, counts: EvalCounts, duration_s: float
+    metrics_file, round_number: int, version: int, report: RoundReport | None, server_view: RoundSummary | None,
+    counts: EvalCounts, duration_s: float,
 ) -> dict:
     line = {
         "round": round_number,
         "model_version": version,
+        "status": server_view.status if server_view else None,
+        "failed": server_view.status == "failed" if server_view else False,
         "participants": len(report.participants) if report else 0,
+        **{name: getattr(server_view, name) if server_view else 0 for name in SERVER_COUNTS},
         "examples": sum(p.result.num_examples for p in report.participants) if report else 0,
         "train_loss": report.train_loss if report else None,
         **counts.metrics(),
         "eval_positions": counts.positions,
-        "bytes_up": report.bytes_up if report else 0,
         "sim_ticks": report.ticks if report else 0,
+        # The round as the aggregator timed it, and the whole iteration including scoring the model.
+        "round_duration_s": round(server_view.duration_s, 3) if server_view and server_view.duration_s else None,
         "duration_s": round(duration_s, 3),
     }
     metrics_file.write(json.dumps({k: _json_number(v) for k, v in line.items()}) + "\n")

@@ -14,7 +14,8 @@ from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.phone import Phone, update_bytes
 from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig
-from keyboard_model.weights import model_from_bytes, parameter_shapes, read_tensors, write_tensors
+from keyboard_model.update_codec import decode_update
+from keyboard_model.weights import model_from_bytes, parameter_shapes, write_tensors
 from tests.conftest import SMALL_TEXT
 
 
@@ -55,13 +56,13 @@ def test_three_phones_two_rounds_give_the_example_weighted_mean(
         assert version == expected_round - 1
         client.uploads.clear()
         for seed, phone in enumerate(phones):
-            decision = client.checkin(phone.phone_id)
+            decision = phone.check_in(client)
             assert decision.action == "train" and decision.round == expected_round
             phone.train_round(client, decision.round, decision.upload_token, small_tokenizer, train, seed=seed)
         after, new_version = state_of(client)
         assert new_version == version + 1
         shapes = parameter_shapes(before)
-        parsed = [read_tensors(data, shapes) for data in client.uploads]
+        parsed = [decode_update(data, shapes) for data in client.uploads]
         deltas = [delta for delta, _ in parsed]
         counts = [int(metadata["num_examples"]) for _, metadata in parsed]
         assert counts == [len(p.messages()[0]) for p in phones]
@@ -84,7 +85,7 @@ def test_an_upload_holds_only_parameter_tensors_and_an_example_count(
     aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=1)
     client = RecordingClient(aggregator.url)
     phone = make_phone(tmp_path, "phone-0", SMALL_TEXT * 5)
-    decision = client.checkin(phone.phone_id)
+    decision = phone.check_in(client)
     phone.train_round(client, decision.round, decision.upload_token, small_tokenizer, LocalTrainConfig(), seed=0)
     (data,) = client.uploads
 
@@ -92,17 +93,25 @@ def test_an_upload_holds_only_parameter_tensors_and_an_example_count(
     header = json.loads(data[8 : 8 + header_length])
     metadata = header.pop("__metadata__")
     train_messages, _ = phone.messages()
-    assert metadata == {"num_examples": str(len(train_messages))}
-    expected = {name: list(t.shape) for name, t in build_model(small_model_config).state_dict().items()}
-    assert {name: entry["shape"] for name, entry in header.items()} == expected
-    assert {entry["dtype"] for entry in header.values()} == {"F32"}
-    # The body is exactly the float32 tensors: nothing rides along after them.
-    tensor_bytes = sum(4 * torch.Size(shape).numel() for shape in expected.values())
+    assert metadata == {"num_examples": str(len(train_messages)), "compression": "int8"}
+    shapes = {name: list(t.shape) for name, t in build_model(small_model_config).state_dict().items()}
+    scales = {f"{name}.scale": [shape[0] if len(shape) > 1 else 1] for name, shape in shapes.items()}
+    assert {name: entry["shape"] for name, entry in header.items()} == {**shapes, **scales}
+    assert {name: entry["dtype"] for name, entry in header.items()} == {
+        **{name: "I8" for name in shapes}, **{name: "F32" for name in scales}
+    }
+    # The body is exactly those tensors: nothing rides along after them.
+    tensor_bytes = sum(torch.Size(shape).numel() for shape in shapes.values()) + 4 * sum(s for (s,) in scales.values())
     assert len(data) == 8 + header_length + tensor_bytes
     for text in SMALL_TEXT:
         for word in text.split():
             if len(word) >= 5:
                 assert word.encode() not in data
+
+
+def new_device(client: AggregatorClient) -> str:
+    """Enrol a device; returns its token."""
+    return client.enrol().device_token
 
 
 def upload_raw(url: str, round_number: int, token: str | None, body: bytes) -> httpx.Response:
@@ -113,13 +122,14 @@ def upload_raw(url: str, round_number: int, token: str | None, body: bytes) -> h
 def test_bad_uploads_are_refused_with_a_reason_and_leave_the_aggregate_alone(
     start_aggregator, small_tokenizer_path, small_model_config
 ):
-    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, server_optimizer="fedavg")
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, over_selection=1.0,
+                                  server_optimizer="fedavg")
     client = AggregatorClient(aggregator.url)
     before, _ = state_of(client)
     shapes = parameter_shapes(before)
     good = {name: torch.full(shape, 0.01) for name, shape in shapes.items()}
-    first, second = client.checkin("phone-a"), client.checkin("phone-b")
-    assert client.checkin("phone-c").action == "retry"  # the round is full
+    first, second = client.checkin(new_device(client)), client.checkin(new_device(client))
+    assert client.checkin(new_device(client)).action == "retry"  # the round is full
 
     wrong_shape = dict(good, output_bias=torch.zeros(3))
     nan = dict(good, output_bias=torch.full(shapes["output_bias"], float("nan")))
@@ -170,11 +180,12 @@ def test_bad_uploads_are_refused_with_a_reason_and_leave_the_aggregate_alone(
 
 
 def test_the_deadline_closes_a_round_with_the_updates_it_has(start_aggregator, small_tokenizer_path, small_model_config):
-    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, round_deadline_s=2.0, server_optimizer="fedavg")
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, round_deadline_s=2.0,
+                                  min_report_fraction=0.3, server_optimizer="fedavg")
     client = AggregatorClient(aggregator.url)
     before, _ = state_of(client)
-    decision = client.checkin("only-phone")
-    client.checkin("dropped-phone")  # selected, never reports
+    decision = client.checkin(new_device(client))
+    client.checkin(new_device(client))  # selected, never reports
     client.upload(decision.round, decision.upload_token,
                   update_bytes({n: torch.full_like(t, 0.1) for n, t in before.items()}, 4))
     deadline = time.monotonic() + 20
@@ -183,7 +194,7 @@ def test_the_deadline_closes_a_round_with_the_updates_it_has(start_aggregator, s
         time.sleep(0.2)
     status = client.status()
     closed = status.recent_rounds[-1]
-    assert (closed.status, closed.selected, closed.reported) == ("closed", 2, 1)
+    assert (closed.status, closed.selected, closed.reported, closed.dropped) == ("closed", 2, 1, 1)
     after, _ = state_of(client)
     torch.testing.assert_close(after["output_bias"], before["output_bias"] + 0.1)
 
@@ -191,16 +202,18 @@ def test_the_deadline_closes_a_round_with_the_updates_it_has(start_aggregator, s
 def test_a_round_with_too_few_reports_fails_and_keeps_the_model(
     start_aggregator, small_tokenizer_path, small_model_config
 ):
-    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, min_reports=2,
-                                  round_deadline_s=1.0)
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2,
+                                  min_report_fraction=1.0, round_deadline_s=1.0)
     client = AggregatorClient(aggregator.url)
-    client.checkin("lonely-phone")
+    lonely = client.checkin(new_device(client))
+    client.upload(lonely.round, lonely.upload_token,
+                  update_bytes({name: torch.zeros(shape) for name, shape in parameter_shapes(state_of(client)[0]).items()}, 3))
     deadline = time.monotonic() + 20
     while not client.status().recent_rounds:
         assert time.monotonic() < deadline
         time.sleep(0.2)
     failed = client.status().recent_rounds[0]
-    assert failed.status == "failed" and failed.new_version is None
+    assert (failed.status, failed.new_version, failed.reported) == ("failed", None, 1)
     assert client.status().model_version == 0
 
 

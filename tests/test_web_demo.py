@@ -22,10 +22,11 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from aggregator.process import LocalAggregator, free_port, local_aggregator_config
+from device_sim.phone import update_bytes
 from keyboard_model.model import ModelConfig
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import SPECIAL_TOKENS, KeyboardTokenizer
-from keyboard_model.weights import model_from_bytes, parameter_shapes, write_tensors
+from keyboard_model.weights import model_from_bytes, parameter_shapes
 from web_demo.cli import main
 
 pytestmark = pytest.mark.timeout(120)
@@ -139,14 +140,15 @@ def aggregator_suggester(aggregator: LocalAggregator, tokenizer: KeyboardTokeniz
 def publish_new_version(aggregator: LocalAggregator) -> int:
     """Play one phone through a round (one client closes it), so the aggregator makes a new model."""
     with httpx.Client(base_url=aggregator.url, timeout=10.0) as client:
-        checkin = client.post("/checkin", json={"device_id": "test-phone"}).json()
+        device_token = client.post("/devices").json()["device_token"]
+        checkin = client.post("/checkin", headers={"Authorization": f"Bearer {device_token}"}).json()
         assert checkin["action"] == "train", checkin
         # A large random delta, so the new model's suggestions differ from the old one's.
         generator = torch.Generator().manual_seed(1)
         state = model_from_bytes(client.get("/model").content)[0].state_dict()
         delta = {name: torch.randn(shape, generator=generator) for name, shape in parameter_shapes(state).items()}
         upload = client.post(
-            f"/rounds/{checkin['round']}/updates", content=write_tensors(delta, {"num_examples": "5"}),
+            f"/rounds/{checkin['round']}/updates", content=update_bytes(delta, 5),
             headers={"Authorization": f"Bearer {checkin['upload_token']}"},
         )
         assert upload.status_code == 200, upload.text

@@ -6,12 +6,12 @@ example count in the header metadata. They are parsed by safetensors, never unpi
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
-from aggregator.dependencies import get_rounds
+from aggregator.dependencies import get_bearer_token, get_rounds
 from aggregator.rounds import RoundManager, UploadRefusedError
-from aggregator.schemas import ErrorResponse, UploadResponse
+from aggregator.schemas import AbortResponse, ErrorResponse, UploadResponse
 
 router = APIRouter(tags=["rounds"])
 
@@ -21,7 +21,7 @@ router = APIRouter(tags=["rounds"])
     response_model=UploadResponse,
     responses={
         401: {"model": ErrorResponse, "description": "Missing or unknown upload token"},
-        409: {"model": ErrorResponse, "description": "The round is closed"},
+        409: {"model": ErrorResponse, "description": "The round is closed; the update was late and not counted"},
         413: {"model": ErrorResponse, "description": "Body too large"},
         422: {"model": ErrorResponse, "description": "Not a valid update for this model"},
     },
@@ -29,12 +29,10 @@ router = APIRouter(tags=["rounds"])
 async def upload_update(
     round_number: int,
     request: Request,
-    authorization: str = Header(default="", description="Bearer <upload_token from check-in>"),
+    token: str = Depends(get_bearer_token),
     rounds: RoundManager = Depends(get_rounds),
 ) -> UploadResponse:
-    token = authorization.removeprefix("Bearer ").strip()
-    if not token:
-        raise HTTPException(401, "an upload needs the header 'Authorization: Bearer <upload_token>' from check-in")
+    """The body is the update; the bearer token is the upload token this device got at check-in."""
     try:
         # The token first: a body is read only for a device selected in this round. Like the
         # submit below, it may wait on the round lock while a round closes, so off the event loop.
@@ -45,6 +43,22 @@ async def upload_update(
     except UploadRefusedError as error:
         raise HTTPException(error.status_code, str(error)) from error
     return UploadResponse(**result.__dict__)
+
+
+@router.post(
+    "/rounds/{round_number}/abort",
+    response_model=AbortResponse,
+    responses={401: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+)
+async def abort(
+    round_number: int, token: str = Depends(get_bearer_token), rounds: RoundManager = Depends(get_rounds)
+) -> AbortResponse:
+    """A selected device says it stopped training (its conditions changed) and will not report."""
+    try:
+        aborted = await run_in_threadpool(rounds.abort, round_number, token)
+    except UploadRefusedError as error:
+        raise HTTPException(error.status_code, str(error)) from error
+    return AbortResponse(round=round_number, aborted=aborted)
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

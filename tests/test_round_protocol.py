@@ -1,0 +1,178 @@
+"""The round protocol on the real service: enrolment, over-selection, drop-outs, pace steering, crash recovery."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+
+import httpx
+import pytest
+import torch
+
+from aggregator.pace import retry_after_s
+from aggregator.process import LocalAggregator
+from device_sim.client import AggregatorClient, AggregatorRefusedError
+from device_sim.phone import update_bytes
+from keyboard_model.weights import model_from_bytes, parameter_shapes
+
+
+def constant_update(client: AggregatorClient, value: float, examples: int) -> bytes:
+    model, _ = model_from_bytes(client.model())
+    return update_bytes({name: torch.full(shape, value) for name, shape in parameter_shapes(model.state_dict()).items()},
+                        examples)
+
+
+def wait_for_round(client: AggregatorClient, number: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.status().round <= number:
+        assert time.monotonic() < deadline, f"round {number} never closed"
+        time.sleep(0.1)
+
+
+def test_checkin_needs_an_enrolled_device_and_tokens_are_stored_hashed(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config)
+    client = AggregatorClient(aggregator.url)
+    assert httpx.post(f"{aggregator.url}/checkin", timeout=10).status_code == 401
+    with pytest.raises(AggregatorRefusedError) as refused:
+        client.checkin("a-token-nobody-issued")
+    assert refused.value.status_code == 401 and "enrol" in refused.value.detail
+
+    enrolment = client.enrol()
+    assert client.checkin(enrolment.device_token).action == "train"
+    assert client.enrol().device_id != enrolment.device_id
+    database = aggregator.config.db_path.read_bytes() + aggregator.config.db_path.with_suffix(".sqlite-wal").read_bytes()
+    assert enrolment.device_id.encode() in database
+    assert enrolment.device_token.encode() not in database
+
+
+def test_over_selection_absorbs_drop_outs_and_counts_aborted_late_and_dropped(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    # Goal 3, six selected. One aborts, three report (the round closes), one uploads too late, one vanishes.
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, over_selection=2.0,
+                                  round_deadline_s=60.0)
+    client = AggregatorClient(aggregator.url)
+    decisions = [client.checkin(client.enrol().device_token) for _ in range(7)]
+    assert [d.action for d in decisions] == ["train"] * 6 + ["retry"]
+    assert client.status().selected == 6 and client.status().selection_target == 6
+
+    aborting, *reporting, late, vanished = decisions[:6]
+    assert client.abort(aborting.round, aborting.upload_token).aborted == 1
+    update = constant_update(client, 0.01, 5)
+    answers = [client.upload(d.round, d.upload_token, update) for d in reporting]
+    assert [a.round_closed for a in answers] == [False, False, True]
+    with pytest.raises(AggregatorRefusedError) as refused:
+        client.upload(late.round, late.upload_token, update)
+    assert refused.value.status_code == 409 and "not counted" in refused.value.detail
+
+    (summary,) = client.status().recent_rounds
+    assert (summary.status, summary.selected, summary.reported) == ("closed", 6, 3)
+    assert (summary.aborted, summary.late, summary.dropped) == (1, 1, 1)
+    assert summary.bytes_up == 3 * len(update)
+    assert summary.bytes_down == 6 * len(client.model_version(0))
+    assert summary.duration_s > 0
+    # A second late upload from the same device is not counted twice.
+    with pytest.raises(AggregatorRefusedError):
+        client.upload(late.round, late.upload_token, update)
+    assert client.status().recent_rounds[0].late == 1
+    del vanished
+
+
+def test_the_deadline_closes_a_round_whose_selected_devices_vanished(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=4, over_selection=1.5,
+                                  min_report_fraction=0.5, round_deadline_s=2.0)
+    client = AggregatorClient(aggregator.url)
+    decisions = [client.checkin(client.enrol().device_token) for _ in range(6)]
+    update = constant_update(client, 0.01, 5)
+    for decision in decisions[:2]:
+        client.upload(decision.round, decision.upload_token, update)
+    wait_for_round(client, decisions[0].round)
+    (summary,) = client.status().recent_rounds
+    assert (summary.status, summary.reported, summary.dropped, summary.new_version) == ("closed", 2, 4, 1)
+
+
+def test_pace_steering_spreads_the_devices_it_turns_away(start_aggregator, small_tokenizer_path, small_model_config):
+    # The rule itself: never before the round is expected to end, spread over a round's length.
+    rng = random.Random(0)
+    waits = [retry_after_s(4.0, [10.0, 12.0, 10.0], 1.0, rng) for _ in range(1_000)]
+    assert min(waits) >= 6.0 and max(waits) <= 16.0
+    assert max(waits) - min(waits) > 8.0
+    assert retry_after_s(100.0, [10.0], 1.0, rng) >= 1.0  # an overdue round still waits the floor
+
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=1, over_selection=1.0)
+    client = AggregatorClient(aggregator.url)
+    client.checkin(client.enrol().device_token)
+    turned_away = [client.checkin(client.enrol().device_token) for _ in range(20)]
+    assert {d.action for d in turned_away} == {"retry"}
+    waits = [d.retry_after_s for d in turned_away]
+    assert min(waits) >= aggregator.config.retry_after_s
+    assert len(set(waits)) > 15  # not one moment for everybody: no thundering herd
+
+
+def test_sigkill_mid_round_loses_no_committed_round_and_the_redone_round_gives_the_same_model(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    from aggregator.process import local_aggregator_config
+
+    def config(name: str):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        # FedAvgM: its momentum must survive the crash too, or the redone round would differ.
+        return local_aggregator_config(workdir, small_tokenizer_path, model=small_model_config, clients_per_round=2,
+                                       over_selection=1.0, server_optimizer="fedavgm")
+
+    def run_round(client: AggregatorClient, tokens: list[str], values: list[float]) -> None:
+        for token, value, examples in zip(tokens, values, (3, 7)):
+            decision = client.checkin(token)
+            assert decision.action == "train"
+            client.upload(decision.round, decision.upload_token, constant_update(client, value, examples))
+
+    # Without a crash.
+    with LocalAggregator(config("reference")) as aggregator:
+        client = AggregatorClient(aggregator.url)
+        tokens = [client.enrol().device_token for _ in range(2)]
+        run_round(client, tokens, [0.01, -0.02])
+        run_round(client, tokens, [0.03, 0.01])
+        expected = client.model()
+
+    crashing = config("crashing")
+    aggregator = LocalAggregator(crashing).__enter__()
+    client = AggregatorClient(aggregator.url)
+    tokens = [client.enrol().device_token for _ in range(2)]
+    run_round(client, tokens, [0.01, -0.02])
+    first = client.checkin(tokens[0])
+    client.upload(first.round, first.upload_token, constant_update(client, 0.03, 3))
+    assert client.status().reported == 1
+    aggregator.process.kill()  # SIGKILL: no chance to clean up
+    aggregator.process.wait()
+
+    with LocalAggregator(crashing) as restarted:
+        client = AggregatorClient(restarted.url)
+        status = client.status()
+        assert (status.model_version, status.round, status.reported) == (1, 2, 0)
+        assert [r.round for r in status.recent_rounds] == [1]
+        # The interrupted round's upload token is gone with it; the device checks in again.
+        with pytest.raises(AggregatorRefusedError) as refused:
+            client.upload(first.round, first.upload_token, constant_update(client, 0.03, 3))
+        assert refused.value.status_code == 401
+        again = client.checkin(tokens[0])
+        update = constant_update(client, 0.03, 3)
+        assert client.upload(again.round, again.upload_token, update).duplicate is False
+        assert client.upload(again.round, again.upload_token, update).duplicate is True  # counted once
+        second = client.checkin(tokens[1])
+        assert client.upload(second.round, second.upload_token, constant_update(client, 0.01, 7)).round_closed
+        recovered = client.model()
+
+    expected_model, expected_version = model_from_bytes(expected)
+    recovered_model, recovered_version = model_from_bytes(recovered)
+    assert recovered_version == expected_version == 2
+    for (name, want), got in zip(expected_model.state_dict().items(), recovered_model.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=name)
+    with sqlite3.connect(crashing.db_path) as db:
+        assert db.execute("pragma integrity_check").fetchone() == ("ok",)
+        assert [row[0] for row in db.execute("select round from rounds order by round")] == [1, 2]
