@@ -1,31 +1,53 @@
 """The fleet: provisioning phones from a corpus, and driving them through rounds.
 
-Phones run one after another in this process and talk to the aggregator over HTTP,
-exactly as separate devices would. The simulator also plays the researcher: it can
-read every phone's held-out messages to score a model, which a real deployment
-would do with federated evaluation; those scores never go to the aggregator.
+Simulated time advances in ticks (`device_sim/eligibility.py`). At every tick the
+phones that are eligible (idle, charging, unmetered: mostly at night, local time)
+and due (pace steering told them when to come back) check in. The selected ones:
+- may vanish (network loss): they are never heard from again;
+- train for a simulated time that depends on their speed and history; a phone whose
+  conditions change during that time aborts and tells the aggregator so;
+- upload in the order they would finish; those after the round closed are late.
+Phones really train, side by side in one single-threaded worker process per core
+(`TrainingPool`); every request to the aggregator goes through the client, over HTTP
+in service mode or by function call in in-process mode, from this process.
+
+The simulator also plays the researcher: it can read every phone's held-out messages
+to score a model, which a real deployment would do with federated evaluation; those
+scores never go to the aggregator.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import signal
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
-from device_sim.client import AggregatorClient
+import torch
+
+from aggregator.schemas import CheckinResponse
+from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.corpus import PreparedCorpus
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
-from device_sim.phone import LocalRound, Phone
+from device_sim.history import split_held_out
+from device_sim.phone import Phone
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
 from keyboard_model.model import CIFGLSTM
 from keyboard_model.tokenizer import KeyboardTokenizer
-from keyboard_model.train import LocalTrainConfig
+from keyboard_model.train import LocalTrainConfig, TrainResult
 
 FLEET_MANIFEST = "fleet.json"
+# A phone that lost its network checks in again this many ticks later.
+VANISHED_TICKS = 36
 
 
 class FleetError(UserFacingError):
@@ -35,12 +57,21 @@ class FleetError(UserFacingError):
 @dataclass(frozen=True)
 class FleetConfig:
     phones_dir: Path
-    # None provisions a phone for every user of the corpus.
+    # None provisions a phone for every user of the corpus; more phones than users reuse users' histories.
     num_phones: int | None = None
     train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     # How updates travel: "int8" (a quarter of the bytes, unbiased rounding) or "none" (float32).
     update_compression: str = "int8"
+    # Phones' own simulated training time per message at speed 1 (a phone's speed factor multiplies it).
+    minutes_per_message: float = 0.05
+    # Chance that a selected phone loses its network during the round and is never heard from again.
+    vanish_probability: float = 0.03
+    # Training messages are typed over this many simulated days: half before the simulation starts, the
+    # rest evenly after, so histories grow as the days pass.
+    typing_days: float = 7.0
+    # Worker processes that train phones side by side, one thread each (None: one per core).
+    workers: int | None = None
     # Phones whose held-out messages score the model after every round (all of them at the end).
     eval_phones: int = 32
     # Simulated ticks to wait for a round to fill before giving up.
@@ -52,20 +83,30 @@ class FleetConfig:
             raise ValueError("num_phones must be at least 1")
         if self.eval_phones < 1:
             raise ValueError("eval_phones must be at least 1")
+        if not 0.0 <= self.vanish_probability < 1.0:
+            raise ValueError(f"vanish_probability must be in [0, 1), got {self.vanish_probability}")
+        if self.minutes_per_message < 0 or self.typing_days < 0:
+            raise ValueError("minutes_per_message and typing_days must not be negative")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("workers must be at least 1")
 
 
-def provision(corpus: PreparedCorpus, phones_dir: Path, num_phones: int | None, seed: int, log=print) -> list[Phone]:
+def provision(
+    corpus: PreparedCorpus, phones_dir: Path, num_phones: int | None, seed: int, typing_days: float = 7.0, log=print
+) -> list[Phone]:
     """Give each chosen user a phone folder with its history.sqlite; reuse a matching earlier fleet.
 
     Phones get opaque ids (phone-00000): the aggregator never learns whose phone it is.
     """
     users = corpus.users()
     chosen = sorted(users)
-    if num_phones is not None:
-        if num_phones > len(chosen):
-            raise FleetError(f"the corpus has {len(chosen)} users; cannot provision {num_phones} phones")
+    if num_phones is not None and num_phones <= len(chosen):
         chosen = sorted(random.Random(seed).sample(chosen, num_phones))
-    wanted = {"corpus_sha256": corpus.manifest["sha256"]["messages.jsonl"], "users": chosen}
+    elif num_phones is not None:
+        log(f"{num_phones} phones from {len(chosen)} users: phone k replays the history of user k mod {len(chosen)}")
+        chosen = [chosen[k % len(chosen)] for k in range(num_phones)]
+    wanted = {"corpus_sha256": corpus.manifest["sha256"]["messages.jsonl"], "users": chosen,
+              "typing_days": typing_days}
     manifest_path = phones_dir / FLEET_MANIFEST
     if manifest_path.exists():
         existing = json.loads(manifest_path.read_text())
@@ -76,10 +117,26 @@ def provision(corpus: PreparedCorpus, phones_dir: Path, num_phones: int | None, 
     log(f"provisioning {len(chosen)} phones in {phones_dir}")
     phone_ids = [f"phone-{index:05d}" for index in range(len(chosen))]
     for phone_id, user in zip(phone_ids, chosen):
-        Phone.create(phone_id, phones_dir / phone_id, [(m.ts, m.text) for m in users[user]])
+        Phone.create(phone_id, phones_dir / phone_id, typing_times([m.text for m in users[user]], typing_days))
     # Written last: a fleet without its manifest was interrupted and is provisioned again.
     write_atomically(manifest_path, json.dumps({**wanted, "phone_ids": phone_ids}, indent=1).encode())
     return [Phone(pid, phones_dir / pid) for pid in phone_ids]
+
+
+def typing_times(texts: Sequence[str], typing_days: float) -> list[tuple[float, str]]:
+    """(simulated second when typed, text) for a user's messages, oldest first.
+
+    The older half of the training messages was typed before the simulation starts
+    (time 0); the rest arrive evenly over `typing_days`; the held-out newest 20% come
+    last, so they stay the newest and are never trained on.
+    """
+    train, held_out = split_held_out(list(texts))
+    before = len(train) // 2
+    later = len(train) - before
+    span = typing_days * 86_400.0
+    times = [0.0] * before + [span * (i + 1) / later for i in range(later)]
+    times += [span + i + 1 for i in range(len(held_out))]
+    return list(zip(times, [*train, *held_out]))
 
 
 def provisioned_phones(phones_dir: Path) -> list[Phone]:
@@ -89,10 +146,51 @@ def provisioned_phones(phones_dir: Path) -> list[Phone]:
 
 
 @dataclass(frozen=True)
+class Participation:
+    """What became of one selected phone, seen from the simulator."""
+
+    phone_id: str
+    round: int  # the round it was selected for
+    outcome: str  # "reported", "late", "aborted" or "vanished"
+    # Simulated ticks: when it was selected, and when it uploaded or aborted (or vanished).
+    selected_tick: int
+    done_tick: int
+    result: TrainResult | None = None  # None if it never finished training
+    upload_bytes: int = 0
+    training_s: float = 0.0  # wall seconds of its local training
+
+
+@dataclass
+class _Event:
+    """A selected phone's next step: at simulated `tick`, upload the result of `job`, or abort if it has none."""
+
+    selected_tick: int
+    tick: int
+    phone: Phone
+    decision: CheckinResponse
+    job: Future | None
+
+
+@dataclass(frozen=True)
 class RoundReport:
     round: int
-    participants: list[LocalRound]
+    participations: list[Participation]
+    # Simulated ticks the round was open.
     ticks: int
+    eligible_at_start: int
+    # When the round began, in simulated time.
+    day: int
+    hour_utc: float
+    # Wall seconds the phones spent in local training, summed over phones.
+    training_s: float
+
+    @property
+    def participants(self) -> list[Participation]:
+        """The phones whose update was counted in this round."""
+        return [p for p in self.participations if p.outcome == "reported" and p.round == self.round]
+
+    def count(self, outcome: str) -> int:
+        return sum(p.outcome == outcome for p in self.participations)
 
     @property
     def train_loss(self) -> float:
@@ -113,40 +211,143 @@ class Fleet:
         self.clock = SimulatedClock(config.eligibility)
         self.tokenizer = KeyboardTokenizer.from_json(client.tokenizer_json())
         self._rng = random.Random(config.seed)
-        self._early: list[LocalRound] = []
+        self._due_tick: dict[str, float] = {phone.phone_id: 0 for phone in self.phones}
+        self._pending: list[_Event] = []
+        self._ids = [phone.phone_id for phone in self.phones]
+        self.pool = TrainingPool(self.tokenizer, config.workers)
+
+    @property
+    def now_s(self) -> float:
+        """Simulated seconds since the simulation started."""
+        return self.clock.tick * self.config.eligibility.tick_minutes * 60.0
 
     def run_round(self) -> RoundReport:
-        """Advance simulated time, letting eligible phones check in and train, until the round closes."""
-        round_number = self.client.status().round
-        # A phone selected for this round while the last one was closing trained already.
-        participants, self._early = [p for p in self._early if p.round == round_number], []
-        for ticks in range(1, self.config.max_ticks_per_round + 1):
+        """Advance simulated time, tick by tick, until the open round closes.
+
+        At each tick, first the phones whose training has finished by now upload (or
+        say they aborted), in the order they finished; then the eligible phones that
+        are due check in, and the selected ones start training. A phone still training
+        when its round closes uploads later and is told it is late.
+        """
+        round_number, started_tick = self.client.status().round, self.clock.tick + 1
+        outcomes: list[Participation] = []
+        eligible_at_start, training_s = None, 0.0
+        for _ in range(self.config.max_ticks_per_round):
             self.clock.advance()
-            eligible = [p for p in self.phones if self.clock.conditions(p.phone_id).eligible]
-            self._rng.shuffle(eligible)
-            for phone in eligible:
-                decision = phone.check_in(self.client)
-                if decision.action != "train":
-                    continue
-                # A selected phone always trains: one that did not would hold a place in its round.
-                local = phone.train_round(
-                    self.client, decision.round, decision.upload_token, self.tokenizer, self.config.train,
-                    seed=self._rng.randrange(2**31), compression=self.config.update_compression,
-                )
-                if local is None:
-                    continue
-                if decision.round != round_number:  # our round closed at its deadline meanwhile
-                    self._early.append(local)
-                    return RoundReport(round_number, participants, ticks)
-                participants.append(local)
-                if local.closed_round:
-                    return RoundReport(round_number, participants, ticks)
+            due_now = sorted((e for e in self._pending if e.tick <= self.clock.tick), key=lambda e: e.tick)
+            self._pending = [e for e in self._pending if e.tick > self.clock.tick]
+            for event in due_now:
+                outcome = self._finish(event)
+                training_s += outcome.training_s
+                outcomes.append(outcome)
             if self.client.status().round != round_number:
-                return RoundReport(round_number, participants, ticks)
-        raise FleetError(
-            f"round {round_number} did not close within {self.config.max_ticks_per_round} simulated ticks: "
-            f"too few eligible phones for the aggregator's goal of {self.client.status().goal} updates"
+                break
+            eligible = [phone for phone, ok in zip(self.phones, self.clock.eligible(self._ids)) if ok]
+            eligible_at_start = len(eligible) if eligible_at_start is None else eligible_at_start
+            due = [phone for phone in eligible if self._due_tick[phone.phone_id] <= self.clock.tick]
+            outcomes += self._check_in(due)
+        else:
+            raise FleetError(
+                f"round {round_number} did not close within {self.config.max_ticks_per_round} simulated ticks: "
+                f"too few eligible phones for the aggregator's goal of {self.client.status().goal} updates"
+            )
+        return RoundReport(round_number, outcomes, self.clock.tick - started_tick + 1, eligible_at_start or 0,
+                           self.clock.day(started_tick), self.clock.hour_utc(started_tick), training_s)
+
+    def _check_in(self, due: list[Phone]) -> list[Participation]:
+        """Let these phones check in; the selected ones start training. Returns the ones that vanished."""
+        vanished = []
+        self._rng.shuffle(due)
+        tick_minutes = self.config.eligibility.tick_minutes
+        for phone in due:
+            decision = phone.check_in(self.client)
+            if decision.action != "train":
+                wait_ticks = math.ceil(decision.retry_after_s / 60.0 / tick_minutes)
+                self._due_tick[phone.phone_id] = self.clock.tick + max(1, wait_ticks)
+                continue
+            # Until it has reported, a selected phone does not check in again.
+            self._due_tick[phone.phone_id] = math.inf
+            seed = self._rng.randrange(2**31)
+            if self._rng.random() < self.config.vanish_probability:
+                self._due_tick[phone.phone_id] = self.clock.tick + VANISHED_TICKS
+                vanished.append(
+                    Participation(phone.phone_id, decision.round, "vanished", self.clock.tick, self.clock.tick)
+                )
+                continue
+            typed = len(phone.messages(self.now_s)[0][-self.config.train.max_messages :])
+            minutes = self.config.minutes_per_message * typed * self.clock.profile(phone.phone_id).speed
+            finish = self.clock.tick + max(1, math.ceil(minutes / tick_minutes))
+            interrupted = next(
+                (t for t in range(self.clock.tick + 1, finish + 1) if not self.clock.conditions(phone.phone_id, t).eligible),
+                None,
+            )
+            if interrupted is not None:
+                self._pending.append(_Event(self.clock.tick, interrupted, phone, decision, None))
+                continue
+            model = self.client.model()  # the phone downloads the model it was selected to train
+            job = self.pool.submit(phone, model, self.config.train, seed, self.config.update_compression, self.now_s)
+            self._pending.append(_Event(self.clock.tick, finish, phone, decision, job))
+        return vanished
+
+    def _finish(self, event: _Event) -> Participation:
+        """A selected phone's training ends: it uploads, or, if its conditions changed, says it aborted."""
+        phone, decision, ticks = event.phone, event.decision, (event.selected_tick, event.tick)
+        self._due_tick[phone.phone_id] = self.clock.tick + 1
+        if event.job is None:
+            try:
+                self.client.abort(decision.round, decision.upload_token)
+            except AggregatorRefusedError as refused:
+                if refused.status_code != 409:  # its round closed meanwhile: nothing to say
+                    raise
+            return Participation(phone.phone_id, decision.round, "aborted", *ticks)
+        upload, result, seconds = event.job.result()
+        try:
+            self.client.upload(decision.round, decision.upload_token, upload)
+        except AggregatorRefusedError as refused:
+            if refused.status_code != 409:
+                raise
+            return Participation(phone.phone_id, decision.round, "late", *ticks, result, len(upload), seconds)
+        return Participation(phone.phone_id, decision.round, "reported", *ticks, result, len(upload), seconds)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class TrainingPool:
+    """Phones' local training in worker processes, one thread each, side by side (see benchmarks/train_speed.py:
+    two phones on one thread each train faster than one phone on two threads)."""
+
+    def __init__(self, tokenizer: KeyboardTokenizer, workers: int | None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self._executor = ProcessPoolExecutor(
+            self.workers, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(tokenizer.to_json(),)
         )
+
+    def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float):
+        """A future of (upload bytes, TrainResult, wall seconds spent training)."""
+        return self._executor.submit(_train, phone.phone_id, phone.history_path.parent, model, config, seed,
+                                     compression, now_s)
+
+    def close(self) -> None:
+        self._executor.shutdown(cancel_futures=True)
+
+
+_worker_tokenizer: KeyboardTokenizer | None = None
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    # Ctrl-C reaches the whole process group; the simulator stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    _worker_tokenizer = KeyboardTokenizer.from_json(tokenizer_json)
+
+
+def _train(phone_id: str, folder: Path, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
+           now_s: float) -> tuple[bytes, TrainResult, float]:
+    started = time.perf_counter()
+    upload, result = Phone(phone_id, folder).local_update(model, _worker_tokenizer, config, seed, compression, now_s)
+    return upload, result, time.perf_counter() - started
 
 
 def evaluate_phones(model: CIFGLSTM, tokenizer: KeyboardTokenizer, phones: Sequence[Phone]) -> EvalCounts:

@@ -1,7 +1,9 @@
 """A phone's typing history: one SQLite file, written and read through sqlite-utils.
 
 The newest 20% of a phone's messages are its held-out evaluation set: they score the
-model and are never trained on.
+model and are never trained on. A message's `ts` is when it was typed; in the
+simulator that is simulated time, so the history a phone can train on grows as the
+simulated days pass.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import sqlite_utils
+
+T = TypeVar("T")
 
 HELD_OUT_FRACTION = 0.2
 
@@ -36,18 +41,25 @@ class TypingHistory:
     def __len__(self) -> int:
         return self.table.count
 
-    def texts(self) -> list[str]:
-        return [row["text"] for row in self.db.query("select text from messages order by ts, id")]
+    def rows(self) -> list[tuple[float, str]]:
+        """Every (ts, text), oldest first."""
+        return [(row["ts"], row["text"]) for row in self.db.query("select ts, text from messages order by ts, id")]
 
-    def split(self) -> tuple[list[str], list[str]]:
-        """(training messages, held-out messages): the newest 20% are held out."""
-        return split_held_out(self.texts())
+    def texts(self) -> list[str]:
+        return [text for _, text in self.rows()]
+
+    def split(self, now: float | None = None) -> tuple[list[str], list[str]]:
+        """(training messages typed by `now`, held-out messages): the newest 20% of all are held out.
+        `now` None means every message."""
+        rows = self.rows()
+        train, held_out = split_held_out(rows)
+        return [text for ts, text in train if now is None or ts <= now], [text for _, text in held_out]
 
     def close(self) -> None:
         self.db.close()
 
 
-def split_held_out(texts: list[str]) -> tuple[list[str], list[str]]:
+def split_held_out(texts: list[T]) -> tuple[list[T], list[T]]:
     """(training, held-out) of messages oldest first: the newest 20% are held out."""
     held_out = math.ceil(len(texts) * HELD_OUT_FRACTION)
     return texts[: len(texts) - held_out], texts[len(texts) - held_out :]

@@ -94,18 +94,31 @@ class Phone:
             os.replace(Path(staging) / "history.sqlite", folder / "history.sqlite")
         return cls(phone_id, folder)
 
-    def messages(self) -> tuple[list[str], list[str]]:
-        """(training messages, held-out messages) from the phone's history."""
+    def messages(self, now: float | None = None) -> tuple[list[str], list[str]]:
+        """(training messages typed by `now`, held-out messages) from the phone's history."""
         if not self.history_path.exists():
             raise PhoneError(f"phone {self.phone_id} has no history at {self.history_path}")
         history = TypingHistory(self.history_path)
         try:
-            return history.split()
+            return history.split(now)
         finally:
             history.close()
 
     def can_train(self) -> bool:
         return bool(self.messages()[0])
+
+    def local_update(
+        self, model_bytes: bytes, tokenizer: KeyboardTokenizer, config: LocalTrainConfig, seed: int,
+        compression: str = "int8", now: float | None = None,
+    ) -> tuple[bytes, TrainResult]:
+        """Fine-tune the given global model on the messages typed by `now`; returns the upload and how it went.
+        This is all the work that happens on the phone; nothing here talks to the network."""
+        train_texts, _ = self.messages(now)
+        model = model_from_bytes(model_bytes)[0]
+        start = {name: t.clone() for name, t in model.state_dict().items()}
+        result = train_local(model, tokenizer.encode_batch(train_texts), config, seed=seed)
+        delta = {name: t - start[name] for name, t in model.state_dict().items()}
+        return update_bytes(delta, result.num_examples, compression, seed), result
 
     def train_round(
         self,
@@ -121,12 +134,7 @@ class Phone:
 
         Returns None when the upload came too late: the round closed at its deadline meanwhile.
         """
-        train_texts, _ = self.messages()
-        model = model_from_bytes(client.model())[0]
-        start = {name: t.clone() for name, t in model.state_dict().items()}
-        result = train_local(model, tokenizer.encode_batch(train_texts), config, seed=seed)
-        delta = {name: t - start[name] for name, t in model.state_dict().items()}
-        upload = update_bytes(delta, result.num_examples, compression, seed)
+        upload, result = self.local_update(client.model(), tokenizer, config, seed, compression)
         try:
             answer = client.upload(round_number, upload_token, upload)
         except AggregatorRefusedError as refused:

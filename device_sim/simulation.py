@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def run_simulation(
     started = time.monotonic()
     fleet_config = config.fleet_config()
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    phones = provision(corpus, fleet_config.phones_dir, fleet_config.num_phones, fleet_config.seed)
+    phones = provision(corpus, fleet_config.phones_dir, fleet_config.num_phones, fleet_config.seed,
+                       fleet_config.typing_days)
     fleet = Fleet(phones, fleet_config, client)
     tokenizer = fleet.tokenizer
     write_atomically(config.out_dir / "tokenizer.json", tokenizer.to_json().encode("utf-8"))
@@ -84,7 +86,11 @@ def run_simulation(
         print(f"resuming the run in {config.out_dir} at model version {version}", flush=True)
     rounds_completed = 0
     # Ctrl-C ends the loop by propagating: every finished round is already on disk.
-    with metrics_path.open("a", encoding="utf-8") as metrics, _progress_bar(config, show_progress) as progress:
+    with (
+        closing(fleet),
+        metrics_path.open("a", encoding="utf-8") as metrics,
+        _progress_bar(config, show_progress) as progress,
+    ):
         if not resuming:
             _log_round(metrics, 0, version, None, None, initial_sample, 0.0)
         for _ in range(config.rounds):
@@ -159,12 +165,18 @@ def _log_round(
         "status": server_view.status if server_view else None,
         "failed": server_view.status == "failed" if server_view else False,
         "participants": len(report.participants) if report else 0,
+        # The fleet's own view: phones eligible when the round began, and selected phones that vanished.
+        "eligible": report.eligible_at_start if report else 0,
+        "vanished": report.count("vanished") if report else 0,
+        "sim_day": report.day if report else 0,
+        "sim_hour_utc": round(report.hour_utc, 2) if report else 0,
         **{name: getattr(server_view, name) if server_view else 0 for name in SERVER_COUNTS},
         "examples": sum(p.result.num_examples for p in report.participants) if report else 0,
         "train_loss": report.train_loss if report else None,
         **counts.metrics(),
         "eval_positions": counts.positions,
         "sim_ticks": report.ticks if report else 0,
+        "training_s": round(report.training_s, 3) if report else 0.0,
         # The round as the aggregator timed it, and the whole iteration including scoring the model.
         "round_duration_s": round(server_view.duration_s, 3) if server_view and server_view.duration_s else None,
         "duration_s": round(duration_s, 3),

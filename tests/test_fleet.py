@@ -1,0 +1,122 @@
+"""The simulated fleet against a real aggregator: aborts, late uploads, and the same run in both modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from aggregator.process import LocalAggregator, local_aggregator_config
+from device_sim.client import AggregatorClient
+from device_sim.fleet import Fleet, FleetConfig, typing_times
+from device_sim.inprocess import InProcessClient
+from device_sim.phone import Phone
+from keyboard_model.train import LocalTrainConfig
+from keyboard_model.weights import model_from_bytes
+from tests.conftest import SMALL_TEXT
+
+
+def make_phones(folder: Path, count: int) -> list[Phone]:
+    phones = []
+    for n in range(count):
+        texts = [SMALL_TEXT[(n + t) % len(SMALL_TEXT)] for t in range(10 + n % 5)]
+        phones.append(Phone.create(f"phone-{n:05d}", folder / f"phone-{n:05d}", typing_times(texts, typing_days=1.0)))
+    return phones
+
+
+def fleet_config(folder: Path, **changes) -> FleetConfig:
+    settings = dict(phones_dir=folder, train=LocalTrainConfig(batch_size=4), workers=2, seed=3) | changes
+    return FleetConfig(**settings)
+
+
+class Tap:
+    """Wraps a client and keeps what the phones sent: upload tokens with their bodies, aborts, selections."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.uploads: dict[str, bytes] = {}
+        self.aborts: list[str] = []
+        self.selections: dict[str, tuple[str, int]] = {}  # upload token -> (device token, round)
+
+    def checkin(self, device_token):
+        decision = self.client.checkin(device_token)
+        if decision.upload_token:
+            self.selections[decision.upload_token] = (device_token, decision.round)
+        return decision
+
+    def upload(self, round_number, upload_token, update):
+        self.uploads[upload_token] = update
+        return self.client.upload(round_number, upload_token, update)
+
+    def abort(self, round_number, upload_token):
+        self.aborts.append(upload_token)
+        return self.client.abort(round_number, upload_token)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_a_phone_whose_conditions_change_while_training_aborts_and_uploads_nothing(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    aggregator = InProcessClient(local_aggregator_config(
+        tmp_path, small_tokenizer_path, model=small_model_config, clients_per_round=4))
+    tap = Tap(aggregator)
+    # Slow phones: training takes hours of simulated time, so many are interrupted.
+    config = fleet_config(tmp_path / "phones", minutes_per_message=12.0, vanish_probability=0.0)
+    fleet = Fleet(make_phones(tmp_path / "phones", 24), config, tap)
+    try:
+        reports = [fleet.run_round() for _ in range(3)]
+    finally:
+        fleet.close()
+
+    phone_of_device = {json.loads(p.credentials_path.read_text())["device_token"]: p.phone_id
+                       for p in fleet.phones if p.credentials_path.exists()}
+
+    def selection(upload_token: str) -> tuple[str, int]:
+        device_token, round_number = tap.selections[upload_token]
+        return phone_of_device[device_token], round_number
+
+    aborted = [p for report in reports for p in report.participations if p.outcome == "aborted"]
+    assert aborted, "slow phones at night should sometimes be interrupted"
+    for participation in aborted:
+        # It really was ineligible when it gave up, and was eligible until then.
+        assert not fleet.clock.conditions(participation.phone_id, participation.done_tick).eligible
+        assert fleet.clock.stays_eligible(participation.phone_id, participation.selected_tick,
+                                          participation.done_tick - participation.selected_tick)
+    uploaded = {selection(token) for token in tap.uploads}
+    assert uploaded  # the others did report
+    assert not uploaded & {(p.phone_id, p.round) for p in aborted}
+    assert sorted(map(selection, tap.aborts)) == sorted((p.phone_id, p.round) for p in aborted)
+    status = aggregator.status()
+    assert sum(r.aborted for r in status.recent_rounds) >= 1
+    for report in reports:
+        assert len(report.participants) == 4
+
+
+def test_in_process_and_service_mode_follow_the_same_trajectory(tmp_path, small_tokenizer_path, small_model_config):
+    def run(client, folder: Path) -> bytes:
+        fleet = Fleet(make_phones(folder, 16), fleet_config(folder), client)
+        try:
+            for _ in range(3):
+                fleet.run_round()
+        finally:
+            fleet.close()
+        return client.model()
+
+    settings = dict(model=small_model_config, clients_per_round=3)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    in_process = run(InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path, **settings)),
+                     tmp_path / "a" / "phones")
+    with LocalAggregator(local_aggregator_config(tmp_path / "b", small_tokenizer_path, **settings)) as service:
+        over_http = run(AggregatorClient(service.url), tmp_path / "b" / "phones")
+
+    (model_a, version_a), (model_b, version_b) = model_from_bytes(in_process), model_from_bytes(over_http)
+    assert version_a == version_b == 3
+    initial = model_from_bytes(InProcessClient(local_aggregator_config(
+        tmp_path / "a", small_tokenizer_path, **settings)).model_version(0))[0].state_dict()
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert any(not torch.equal(a, initial[name]) for name, a in model_a.state_dict().items())
