@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from aggregator.app import create_app
@@ -76,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer_path = args.tokenizer or prepare(CorpusConfig()).tokenizer_path
     config = config_from_args(args, tokenizer_path)
+    # Uploads are checked and summed on several request threads at once; one torch thread each
+    # keeps them from fighting over the cores (measured: more updates per second).
+    torch.set_num_threads(1)
     print(f"aggregator: serving on http://{config.host}:{config.port} with database {config.db_path}", flush=True)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
     return 0

@@ -34,6 +34,9 @@ class Storage:
         self.db = sqlite_utils.Database(self._connection)
         try:
             self.db.enable_wal()
+            # With WAL, NORMAL still survives a crash of the process (SIGKILL); only a power cut can lose
+            # the last commits. FULL would wait for the disk at every upload's commit.
+            self._connection.execute("PRAGMA synchronous=NORMAL")
             self._create_tables()
         except sqlite3.DatabaseError as error:
             self._connection.close()

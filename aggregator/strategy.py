@@ -32,7 +32,7 @@ class UpdateSum:
         if not weight > 0:
             raise ValueError(f"an update's weight must be positive, got {weight}")
         for name, total in self.weighted_sum.items():
-            total.add_(delta[name].double(), alpha=weight)
+            total.add_(delta[name], alpha=weight)  # promoted to float64 element by element, without a copy
         self.total_weight += weight
         self.count += 1
 

@@ -183,6 +183,8 @@ class RoundReport:
     hour_utc: float
     # Wall seconds the phones spent in local training, summed over phones.
     training_s: float
+    # Check-ins the aggregator answered while the round was open.
+    checkins: int
 
     @property
     def participants(self) -> list[Participation]:
@@ -231,7 +233,7 @@ class Fleet:
         """
         round_number, started_tick = self.client.status().round, self.clock.tick + 1
         outcomes: list[Participation] = []
-        eligible_at_start, training_s = None, 0.0
+        eligible_at_start, training_s, checkins = None, 0.0, 0
         for _ in range(self.config.max_ticks_per_round):
             self.clock.advance()
             due_now = sorted((e for e in self._pending if e.tick <= self.clock.tick), key=lambda e: e.tick)
@@ -246,13 +248,14 @@ class Fleet:
             eligible_at_start = len(eligible) if eligible_at_start is None else eligible_at_start
             due = [phone for phone in eligible if self._due_tick[phone.phone_id] <= self.clock.tick]
             outcomes += self._check_in(due)
+            checkins += len(due)
         else:
             raise FleetError(
                 f"round {round_number} did not close within {self.config.max_ticks_per_round} simulated ticks: "
                 f"too few eligible phones for the aggregator's goal of {self.client.status().goal} updates"
             )
         return RoundReport(round_number, outcomes, self.clock.tick - started_tick + 1, eligible_at_start or 0,
-                           self.clock.day(started_tick), self.clock.hour_utc(started_tick), training_s)
+                           self.clock.day(started_tick), self.clock.hour_utc(started_tick), training_s, checkins)
 
     def _check_in(self, due: list[Phone]) -> list[Participation]:
         """Let these phones check in; the selected ones start training. Returns the ones that vanished."""

@@ -27,6 +27,7 @@ from keyboard_model.weights import Tensors, WeightsError, read_metadata, read_te
 
 SCHEMES = ("int8", "none")
 LEVELS = 127  # symmetric, so -128 is never produced and is refused when decoding
+MAX_SCALE = torch.finfo(torch.float32).max / LEVELS
 SCALE_SUFFIX = ".scale"
 # Room for the JSON header, as the aggregator has always allowed for float32 uploads.
 HEADER_ALLOWANCE = 64 * 1024
@@ -88,13 +89,13 @@ def decode_update(data: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[Tens
         quantised, scale = stored[name], stored[name + SCALE_SUFFIX]
         if (scale < 0).any():
             raise WeightsError(f"{name}{SCALE_SUFFIX} holds negative scales")
+        # A finite scale near the float32 limit times 127 would overflow to infinity; bounding the
+        # (few) scales spares a pass over the (many) decoded values.
+        if (scale > MAX_SCALE).any():
+            raise WeightsError(f"{name} decodes to infinite values: a scale above {MAX_SCALE:.3g}")
         if (quantised < -LEVELS).any():
             raise WeightsError(f"{name} holds values outside [-{LEVELS}, {LEVELS}]")
-        value = (_as_rows(quantised.float()) * scale.unsqueeze(1)).reshape(shape)
-        # A finite scale near the float32 limit times 127 overflows to infinity.
-        if not torch.isfinite(value).all():
-            raise WeightsError(f"{name} decodes to infinite values")
-        delta[name] = value
+        delta[name] = (_as_rows(quantised.float()) * scale.unsqueeze(1)).reshape(shape)
     return delta, metadata
 
 

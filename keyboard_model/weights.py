@@ -91,4 +91,6 @@ def parameter_shapes(state: Tensors) -> dict[str, tuple[int, ...]]:
 
 
 def l2_norm(tensors: Tensors) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+    # Each tensor's norm in its own precision (float32 is ample for comparing with a bound); the squares are
+    # summed in Python floats, i.e. float64.
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors.values()))
