@@ -38,6 +38,8 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="devices selected per round, as a multiple of the goal (default: %(default)s)")
     parser.add_argument("--min-report-fraction", type=float, default=DEFAULTS.min_report_fraction,
                         help="share of the goal that makes a round count at its deadline (default: %(default)s)")
+    parser.add_argument("--simulated-clock", action="store_true",
+                        help="run rounds on a simulator's clock, set through PUT /clock (for simulations)")
     parser.add_argument("--server-optimizer", choices=sorted(STRATEGIES), default=DEFAULTS.server_optimizer,
                         help="how the mean update moves the global model (default: %(default)s)")
     parser.add_argument("--server-lr", type=float, default=None,
@@ -60,6 +62,7 @@ def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> Aggregat
         clients_per_round=args.clients_per_round,
         round_deadline_s=args.round_deadline,
         over_selection=args.over_selection,
+        simulated_clock=args.simulated_clock,
         min_report_fraction=args.min_report_fraction,
         server_optimizer=args.server_optimizer,
         server_learning_rate=args.server_lr,

@@ -33,6 +33,9 @@ class AggregatorConfig:
     # Largest L2 norm an update may have; larger ones are refused, so one device cannot drag
     # the model far. Honest phones with the default training measured 0.3 to 6.0.
     max_update_norm: float = 20.0
+    # Run rounds on a simulator's clock (set through PUT /clock) instead of the wall clock, so that deadlines,
+    # durations and pace steering are in simulated time. Only for simulations.
+    simulated_clock: bool = False
     # The shortest wait pace steering gives a device it turns away (see aggregator/pace.py).
     retry_after_s: float = 5.0
     seed: int = 0

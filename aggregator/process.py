@@ -47,6 +47,7 @@ class LocalAggregator:
             "--host", c.host, "--port", str(c.port), "--clients-per-round", str(c.clients_per_round),
             "--round-deadline", str(c.round_deadline_s), "--over-selection", str(c.over_selection),
             "--min-report-fraction", str(c.min_report_fraction),
+            *(["--simulated-clock"] if c.simulated_clock else []),
             "--server-optimizer", c.server_optimizer,
             *(["--server-lr", str(c.server_learning_rate)] if c.server_learning_rate is not None else []),
             "--max-examples", str(c.max_examples_per_update), "--max-update-norm", str(c.max_update_norm),

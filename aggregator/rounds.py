@@ -73,6 +73,12 @@ class TooLargeError(UploadRefusedError):
     status_code = 413
 
 
+class ClockError(UploadRefusedError):
+    """The aggregator's clock cannot be set: it runs on the wall clock, or the time would go backwards."""
+
+    status_code = 409
+
+
 class BadUpdateError(UploadRefusedError):
     """The update's bytes or example count are not acceptable; the message says why."""
 
@@ -124,7 +130,8 @@ class RoundManager:
     ) -> None:
         self.config = config
         self.storage = storage
-        self.clock = clock
+        self._simulated_now = 0.0
+        self.clock = (lambda: self._simulated_now) if config.simulated_clock else clock
         self.strategy = make_strategy(config.server_optimizer, config.server_learning_rate)
         self._lock = threading.Lock()
         self._rng = random.Random(secrets.randbits(64))
@@ -291,6 +298,16 @@ class RoundManager:
             raise UnauthorizedError(f"this upload token was not issued for round {round_number}")
         return device_id
 
+    def set_simulated_time(self, now_s: float) -> None:
+        """Move a simulated clock forward to `now_s` seconds, closing the round if its deadline passed."""
+        if not self.config.simulated_clock:
+            raise ClockError("this aggregator runs on the wall clock; start it with --simulated-clock")
+        with self._lock:
+            if now_s < self._simulated_now:
+                raise ClockError(f"simulated time only moves forward: it is {self._simulated_now}, not {now_s}")
+            self._simulated_now = now_s
+        self.tick()
+
     def tick(self) -> None:
         """Close the round if its deadline has passed (called periodically)."""
         with self._lock:
@@ -326,6 +343,7 @@ class RoundManager:
         with self._lock:
             return {
                 "round": self.round.number, "model_version": self.model_version,
+                "clock": "simulated" if self.config.simulated_clock else "wall",
                 "goal": self.config.clients_per_round, "selection_target": self.selection_target,
                 "selected": len(self.round.token_by_device), "reported": len(self.round.reported),
                 "aborted": len(self.round.aborted),

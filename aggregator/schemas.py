@@ -29,6 +29,10 @@ class UploadResponse(BaseModel):
     round_closed: bool = Field(False, description="True when this update completed the round.")
 
 
+class ClockUpdate(BaseModel):
+    now_s: float = Field(ge=0, description="Simulated seconds since the simulation started.")
+
+
 class AbortResponse(BaseModel):
     round: int
     aborted: int = Field(description="Devices of this round that have aborted so far.")
@@ -58,6 +62,7 @@ class RoundSummary(BaseModel):
 
 class StatusResponse(BaseModel):
     round: int = Field(description="The round now open.")
+    clock: Literal["wall", "simulated"] = Field(description="What the round's deadline and durations are measured on.")
     model_version: int
     goal: int
     selection_target: int = Field(description="Devices the round selects: the goal times the over-selection factor.")

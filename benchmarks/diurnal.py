@@ -7,6 +7,9 @@ time `SimulatedClock.eligible` takes per tick for the whole fleet.
 
     .venv/bin/python benchmarks/diurnal.py [--phones 10000] [--days 1] [--out docs/fleet/eligible_per_hour.png]
 
+With `--run DIR` (a `fedkb simulate --out DIR` run), the fleet is that run's phones and
+the plot adds the updates counted per simulated hour, from its metrics.jsonl.
+
 `eligible_per_tick` and `plot_eligible` are meant for reuse: a fleet benchmark can
 pass its participants per round as an extra series to draw on the same axes.
 """
@@ -14,6 +17,7 @@ pass its participants per round as an extra series to draw on the same axes.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from device_sim.eligibility import MINUTES_PER_DAY, EligibilityConfig, SimulatedClock
+from device_sim.fleet import provisioned_phones
 
 
 @dataclass(frozen=True)
@@ -81,19 +86,36 @@ def plot_eligible(eligible: EligibleCounts, png: Path, extra: Mapping[str, tuple
     plt.close(figure)
 
 
+def updates_per_hour(metrics: Path, days: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mid-hour, updates counted in rounds that opened in that simulated hour) over the first `days`."""
+    totals = np.zeros(int(np.ceil(days * 24)))
+    for line in metrics.read_text().splitlines():
+        round_ = json.loads(line)
+        hour = int(round_["sim_day"] * 24 + round_["sim_hour_utc"])
+        if round_["round"] > 0 and hour < len(totals):
+            totals[hour] += round_["participants"]
+    return np.arange(len(totals)) + 0.5, totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phones", type=int, default=10_000)
     parser.add_argument("--days", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/fleet/eligible_per_hour.png"))
+    parser.add_argument("--run", type=Path, default=None, help="a simulation's --out folder: plot its updates too")
     args = parser.parse_args()
     if args.phones < 1 or args.days <= 0:
         parser.error("--phones must be at least 1 and --days positive")
 
+    extra, title = None, f"Eligible phones per tick, {args.phones:,} phones (default time-zone mix)"
+    if args.run is not None:
+        args.phones = len(provisioned_phones(args.run / "phones"))
+        extra = {"updates counted per simulated hour": updates_per_hour(args.run / "metrics.jsonl", args.days)}
+        title = f"Eligible phones and counted updates, {args.phones:,} phones ({args.run.name})"
     eligible = eligible_per_tick(EligibilityConfig(seed=args.seed), args.phones, args.days)
     peak, trough = int(np.argmax(eligible.counts)), int(np.argmin(eligible.counts))
-    plot_eligible(eligible, args.out, title=f"Eligible phones per tick, {args.phones:,} phones (default time-zone mix)")
+    plot_eligible(eligible, args.out, extra, title=title)
 
     def at(tick: int) -> str:
         minutes = round(eligible.hours[tick] * 60)

@@ -53,7 +53,7 @@ def run_mode(mode: str, corpus, phones, args) -> ModeResult:
     workdir.mkdir(parents=True)
     config = local_aggregator_config(
         workdir, corpus.tokenizer_path, model=ModelConfig(vocab_size=corpus.tokenizer().vocab_size),
-        clients_per_round=args.per_round, round_deadline_s=3600.0,
+        clients_per_round=args.per_round, round_deadline_s=3600.0, simulated_clock=True,
     )
     with ExitStack() as stack:
         if mode == "service":

@@ -84,11 +84,22 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting rounds after this many seconds")
     parser.add_argument("--eval-phones", type=int, default=FLEET_DEFAULTS.eval_phones,
                         help="phones whose held-out messages score each round (default: %(default)s)")
+    group = parser.add_argument_group("the simulated fleet")
+    group.add_argument("--minutes-per-message", type=float, default=FLEET_DEFAULTS.minutes_per_message,
+                       help="simulated training time per message of a phone of average speed (default: %(default)s)")
+    group.add_argument("--vanish-probability", type=float, default=FLEET_DEFAULTS.vanish_probability,
+                       help="chance that a selected phone loses its network for the round (default: %(default)s)")
+    group.add_argument("--typing-days", type=float, default=FLEET_DEFAULTS.typing_days,
+                       help="simulated days over which the second half of each history is typed (default: %(default)s)")
+    group.add_argument("--workers", type=int, default=None,
+                       help="processes training phones side by side, one thread each (default: one per core)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_corpus_arguments(parser)
     add_training_arguments(parser)
-    group = parser.add_argument_group("rounds, when the simulation starts its own aggregator")
+    group = parser.add_argument_group("rounds, when the simulation starts its own aggregator (on simulated time)")
     add_round_arguments(group)
+    # Simulated seconds: an hour, six ticks, lets slow phones at the edge of the night report.
+    parser.set_defaults(round_deadline=3600.0)
     add_model_arguments(parser)
 
 
@@ -100,7 +111,8 @@ def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
     fleet = FleetConfig(
         phones_dir=args.out / "phones", num_phones=args.phones, train=train,
         eligibility=EligibilityConfig(seed=args.seed), eval_phones=args.eval_phones, seed=args.seed,
-        update_compression=args.update_compression,
+        update_compression=args.update_compression, minutes_per_message=args.minutes_per_message,
+        vanish_probability=args.vanish_probability, typing_days=args.typing_days, workers=args.workers,
     )
     return SimulationConfig(out_dir=args.out, rounds=args.rounds, fleet=fleet, time_budget_s=args.time_budget)
 
@@ -115,7 +127,7 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
         aggregator_config = local_aggregator_config(
             args.out, corpus.tokenizer_path,
             model=model_config_from_args(args, corpus.manifest["vocab_size"]),
-            clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline,
+            clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline, simulated_clock=True,
             over_selection=args.over_selection, min_report_fraction=args.min_report_fraction, server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr,
             max_examples_per_update=args.max_examples, max_update_norm=args.max_update_norm, seed=args.seed, initial_model=args.init_model,
         )

@@ -68,6 +68,9 @@ class AggregatorClient:
         )
         return UploadResponse.model_validate(response.json())
 
+    def set_clock(self, now_s: float) -> None:
+        self._request("PUT", "/clock", json={"now_s": now_s})
+
     def abort(self, round_number: int, upload_token: str) -> AbortResponse:
         response = self._request(
             "POST", f"/rounds/{round_number}/abort", headers={"Authorization": f"Bearer {upload_token}"}

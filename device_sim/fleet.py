@@ -216,6 +216,9 @@ class Fleet:
         self._due_tick: dict[str, float] = {phone.phone_id: 0 for phone in self.phones}
         self._pending: list[_Event] = []
         self._ids = [phone.phone_id for phone in self.phones]
+        # An aggregator on the wall clock (one started without --simulated-clock) is left to it: its deadlines
+        # are then real seconds, which a simulation passes through much faster than simulated hours.
+        self._drives_clock = client.status().clock == "simulated"
         self.pool = TrainingPool(self.tokenizer, config.workers)
 
     @property
@@ -236,6 +239,8 @@ class Fleet:
         eligible_at_start, training_s, checkins = None, 0.0, 0
         for _ in range(self.config.max_ticks_per_round):
             self.clock.advance()
+            if self._drives_clock:  # the aggregator's deadlines and pace steering follow simulated time
+                self.client.set_clock(self.now_s)
             due_now = sorted((e for e in self._pending if e.tick <= self.clock.tick), key=lambda e: e.tick)
             self._pending = [e for e in self._pending if e.tick > self.clock.tick]
             for event in due_now:

@@ -65,6 +65,12 @@ class InProcessClient:
         except UploadRefusedError as error:
             raise AggregatorRefusedError(error.status_code, str(error)) from error
 
+    def set_clock(self, now_s: float) -> None:
+        try:
+            self._rounds.set_simulated_time(now_s)
+        except UploadRefusedError as error:
+            raise AggregatorRefusedError(error.status_code, str(error)) from error
+
     def abort(self, round_number: int, upload_token: str) -> AbortResponse:
         try:
             return AbortResponse(round=round_number, aborted=self._rounds.abort(round_number, upload_token))

@@ -185,8 +185,9 @@ def test_in_process_and_service_mode_train_the_same_model(tmp_path: Path, shakes
     for mode, extra in (("service", []), ("in-process", ["--in-process"])):
         result = fedkb(*common, "--out", str(tmp_path / mode), *extra)
         assert result.returncode == 0, result.stderr
-    service, _ = model_from_bytes((tmp_path / "service" / "model.safetensors").read_bytes())
+    service, service_version = model_from_bytes((tmp_path / "service" / "model.safetensors").read_bytes())
     in_process, version = model_from_bytes((tmp_path / "in-process" / "model.safetensors").read_bytes())
-    assert version == 3
+    # With 8 phones a round can fail at its (simulated) deadline; it must fail the same way in both modes.
+    assert service_version == version >= 1
     for (name, a), b in zip(service.state_dict().items(), in_process.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)

@@ -176,3 +176,29 @@ def test_sigkill_mid_round_loses_no_committed_round_and_the_redone_round_gives_t
     with sqlite3.connect(crashing.db_path) as db:
         assert db.execute("pragma integrity_check").fetchone() == ("ok",)
         assert [row[0] for row in db.execute("select round from rounds order by round")] == [1, 2]
+
+
+def test_on_a_simulated_clock_the_deadline_is_simulated_time(start_aggregator, small_tokenizer_path, small_model_config):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, over_selection=1.0,
+                                  min_report_fraction=0.5, round_deadline_s=600.0, simulated_clock=True)
+    client = AggregatorClient(aggregator.url)
+    assert client.status().clock == "simulated"
+    first, _ = (client.checkin(client.enrol().device_token) for _ in range(2))
+    client.upload(first.round, first.upload_token, constant_update(client, 0.01, 5))
+    time.sleep(1.5)  # wall time passes: nothing happens
+    client.set_clock(599.0)
+    assert client.status().round == first.round
+    client.set_clock(600.0)  # the deadline, in simulated seconds
+    (summary,) = client.status().recent_rounds
+    assert (summary.status, summary.reported, summary.dropped, summary.duration_s) == ("closed", 1, 1, 600.0)
+    with pytest.raises(AggregatorRefusedError) as refused:
+        client.set_clock(10.0)
+    assert refused.value.status_code == 409 and "forward" in refused.value.detail
+
+
+def test_a_wall_clock_aggregator_refuses_to_have_its_clock_set(start_aggregator, small_tokenizer_path, small_model_config):
+    client = AggregatorClient(start_aggregator(small_tokenizer_path, small_model_config).url)
+    assert client.status().clock == "wall"
+    with pytest.raises(AggregatorRefusedError) as refused:
+        client.set_clock(100.0)
+    assert refused.value.status_code == 409 and "--simulated-clock" in refused.value.detail

@@ -1,12 +1,12 @@
-"""What the aggregator is doing: the open round, the model version and recent rounds."""
+"""What the aggregator is doing (the open round, the model version, recent rounds), and a simulator's clock."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 
 from aggregator.dependencies import get_rounds, get_storage
-from aggregator.rounds import RoundManager
-from aggregator.schemas import RoundSummary, StatusResponse
+from aggregator.rounds import ClockError, RoundManager
+from aggregator.schemas import ClockUpdate, RoundSummary, StatusResponse
 from aggregator.storage import Storage
 
 router = APIRouter(tags=["status"])
@@ -21,3 +21,12 @@ def status(
     return StatusResponse(
         **rounds.snapshot(), recent_rounds=[RoundSummary(**row) for row in storage.recent_rounds(recent)]
     )
+
+
+@router.put("/clock", status_code=204, responses={409: {"description": "Not a simulated clock, or time going back"}})
+def set_clock(update: ClockUpdate, rounds: RoundManager = Depends(get_rounds)) -> None:
+    """A simulator moves the aggregator's simulated clock forward (only with --simulated-clock)."""
+    try:
+        rounds.set_simulated_time(update.now_s)
+    except ClockError as error:
+        raise HTTPException(error.status_code, str(error)) from error
