@@ -103,7 +103,6 @@ def provision(
     if num_phones is not None and num_phones <= len(chosen):
         chosen = sorted(random.Random(seed).sample(chosen, num_phones))
     elif num_phones is not None:
-        log(f"{num_phones} phones from {len(chosen)} users: phone k replays the history of user k mod {len(chosen)}")
         chosen = [chosen[k % len(chosen)] for k in range(num_phones)]
     wanted = {"corpus_sha256": corpus.manifest["sha256"]["messages.jsonl"], "users": chosen,
               "typing_days": typing_days}
@@ -114,7 +113,8 @@ def provision(
             return [Phone(pid, phones_dir / pid) for pid in existing["phone_ids"]]
         raise FleetError(f"{phones_dir} holds a different fleet; choose another --out or delete it")
     phones_dir.mkdir(parents=True, exist_ok=True)
-    log(f"provisioning {len(chosen)} phones in {phones_dir}")
+    replicas = f": phone k replays the history of user k mod {len(users)}" if len(chosen) > len(users) else ""
+    log(f"provisioning {len(chosen)} phones in {phones_dir}{replicas}")
     phone_ids = [f"phone-{index:05d}" for index in range(len(chosen))]
     for phone_id, user in zip(phone_ids, chosen):
         Phone.create(phone_id, phones_dir / phone_id, typing_times([m.text for m in users[user]], typing_days))
