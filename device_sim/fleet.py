@@ -48,6 +48,9 @@ from keyboard_model.train import LocalTrainConfig, TrainResult
 FLEET_MANIFEST = "fleet.json"
 # A phone that lost its network checks in again this many ticks later.
 VANISHED_TICKS = 36
+# Answers that mean a phone's round is over: closed (409), or forgotten by an aggregator that restarted (401).
+# A real phone drops its update then, and so does the simulated one.
+GONE = (401, 409)
 
 
 class FleetError(UserFacingError):
@@ -285,10 +288,8 @@ class Fleet:
             typed = len(phone.messages(self.now_s)[0][-self.config.train.max_messages :])
             minutes = self.config.minutes_per_message * typed * self.clock.profile(phone.phone_id).speed
             finish = self.clock.tick + max(1, math.ceil(minutes / tick_minutes))
-            interrupted = next(
-                (t for t in range(self.clock.tick + 1, finish + 1) if not self.clock.conditions(phone.phone_id, t).eligible),
-                None,
-            )
+            window = range(self.clock.tick + 1, finish + 1)
+            interrupted = next((t for t in window if not self.clock.conditions(phone.phone_id, t).eligible), None)
             if interrupted is not None:
                 self._pending.append(_Event(self.clock.tick, interrupted, phone, decision, None))
                 continue
@@ -305,14 +306,14 @@ class Fleet:
             try:
                 self.client.abort(decision.round, decision.upload_token)
             except AggregatorRefusedError as refused:
-                if refused.status_code != 409:  # its round closed meanwhile: nothing to say
+                if refused.status_code not in GONE:  # its round is over: nothing to say
                     raise
             return Participation(phone.phone_id, decision.round, "aborted", *ticks)
         upload, result, seconds = event.job.result()
         try:
             self.client.upload(decision.round, decision.upload_token, upload)
         except AggregatorRefusedError as refused:
-            if refused.status_code != 409:
+            if refused.status_code not in GONE:
                 raise
             return Participation(phone.phone_id, decision.round, "late", *ticks, result, len(upload), seconds)
         return Participation(phone.phone_id, decision.round, "reported", *ticks, result, len(upload), seconds)
