@@ -134,7 +134,9 @@ class RoundManager:
         self.clock = (lambda: self._simulated_now) if config.simulated_clock else clock
         self.strategy = make_strategy(config.server_optimizer, config.server_learning_rate)
         self._lock = threading.Lock()
-        self._rng = random.Random(secrets.randbits(64))
+        # Seeded, so that a simulation on a simulated clock gets the same pace-steering waits, and so the same
+        # trajectory, in in-process and service mode; the jitter spreads check-ins whatever its seed.
+        self._rng = random.Random(config.seed)
         latest = storage.latest_model()
         if latest is None:
             storage.save_initial_model(model_to_bytes(self._initial_state(), 0, config.model))

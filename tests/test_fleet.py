@@ -105,7 +105,8 @@ def test_in_process_and_service_mode_follow_the_same_trajectory(tmp_path, small_
             fleet.close()
         return client.model()
 
-    settings = dict(model=small_model_config, clients_per_round=3)
+    # On a simulated clock, as simulations run: deadlines and pace steering then shape the trajectory too.
+    settings = dict(model=small_model_config, clients_per_round=3, simulated_clock=True, round_deadline_s=3600.0)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     in_process = run(InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path, **settings)),
