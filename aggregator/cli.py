@@ -48,9 +48,29 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most examples one update may claim; more is refused (default: %(default)s)")
     parser.add_argument("--max-update-norm", type=float, default=DEFAULTS.max_update_norm,
                         help="largest L2 norm of an update; larger ones are refused (default: %(default)s)")
+    parser.add_argument("--max-eval-positions", type=int, default=DEFAULTS.max_eval_positions,
+                        help="most predictions one device's evaluation may claim (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the initial model (default: %(default)s)")
     parser.add_argument("--init-model", type=Path, default=None,
                         help="start a new database from this saved model.safetensors (default: a fresh model)")
+
+
+def round_settings(args: argparse.Namespace) -> dict:
+    """The AggregatorConfig fields that `add_round_arguments` sets."""
+    return dict(
+        clients_per_round=args.clients_per_round,
+        round_deadline_s=args.round_deadline,
+        over_selection=args.over_selection,
+        min_report_fraction=args.min_report_fraction,
+        simulated_clock=args.simulated_clock,
+        server_optimizer=args.server_optimizer,
+        server_learning_rate=args.server_lr,
+        max_examples_per_update=args.max_examples,
+        max_update_norm=args.max_update_norm,
+        max_eval_positions=args.max_eval_positions,
+        seed=args.seed,
+        initial_model=args.init_model,
+    )
 
 
 def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> AggregatorConfig:
@@ -59,19 +79,9 @@ def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> Aggregat
         db_path=args.db,
         tokenizer_path=tokenizer_path,
         model=model_config_from_args(args, tokenizer.vocab_size),
-        clients_per_round=args.clients_per_round,
-        round_deadline_s=args.round_deadline,
-        over_selection=args.over_selection,
-        simulated_clock=args.simulated_clock,
-        min_report_fraction=args.min_report_fraction,
-        server_optimizer=args.server_optimizer,
-        server_learning_rate=args.server_lr,
-        max_examples_per_update=args.max_examples,
-        max_update_norm=args.max_update_norm,
-        seed=args.seed,
-        initial_model=args.init_model,
         host=args.host,
         port=args.port,
+        **round_settings(args),
     )
 
 

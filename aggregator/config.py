@@ -33,6 +33,9 @@ class AggregatorConfig:
     # Largest L2 norm an update may have; larger ones are refused, so one device cannot drag
     # the model far. Honest phones with the default training measured 0.3 to 6.0.
     max_update_norm: float = 20.0
+    # Most predictions one evaluation report may claim. Federated recall weights devices by this count, so, like
+    # the example count, it is capped. Phones score at most 100 held-out messages by default (about 1,500 words).
+    max_eval_positions: int = 10_000
     # Run rounds on a simulator's clock (set through PUT /clock) instead of the wall clock, so that deadlines,
     # durations and pace steering are in simulated time. Only for simulations.
     simulated_clock: bool = False
@@ -52,7 +55,7 @@ class AggregatorConfig:
             raise ValueError(f"over_selection must be at least 1.0, got {self.over_selection}")
         if not 0.0 < self.min_report_fraction <= 1.0:
             raise ValueError(f"min_report_fraction must be in (0, 1], got {self.min_report_fraction}")
-        if self.max_examples_per_update < 1:
-            raise ValueError("max_examples_per_update must be at least 1")
+        if self.max_examples_per_update < 1 or self.max_eval_positions < 1:
+            raise ValueError("max_examples_per_update and max_eval_positions must be at least 1")
         if not self.round_deadline_s > 0 or not self.retry_after_s > 0 or not self.max_update_norm > 0:
             raise ValueError("round_deadline_s, retry_after_s and max_update_norm must be positive")

@@ -7,7 +7,10 @@ The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
 - at its deadline a round closes with what it has if that is at least
   `min_report_fraction` of the goal, and is recorded as failed otherwise;
 - devices turned away are told when to come back (pace steering, `aggregator/pace.py`);
-- updates for a round that has closed are refused and counted late.
+- updates for a round that has closed are refused and counted late;
+- devices also score the model they downloaded on their own held-out messages and
+  report three counts (federated evaluation); summed, they are the round's quality
+  metrics for the model it started from.
 Closing averages the reported deltas (FedAvg and its server optimisers) into a new
 model, which is committed to SQLite together with the optimiser's state and the
 round's counts; on restart the manager resumes from the last committed model.
@@ -29,6 +32,7 @@ from safetensors.torch import load as load_safetensors
 
 from aggregator.config import AggregatorConfig
 from aggregator.pace import retry_after_s
+from aggregator.schemas import EvaluationReport
 from aggregator.storage import Storage
 from aggregator.strategy import UpdateSum, make_strategy
 from keyboard_model.errors import UserFacingError
@@ -113,6 +117,10 @@ class OpenRound:
     token_by_device: dict[str, str] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
     aborted: set[str] = field(default_factory=set)
+    evaluated: set[str] = field(default_factory=set)
+    eval_positions: int = 0
+    eval_hits_at_1: int = 0
+    eval_hits_at_3: int = 0
     examples: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -274,6 +282,25 @@ class RoundManager:
                 self._close_round()
         return SubmitResult(round_number, reported, duplicate=False, round_closed=closed)
 
+    def submit_evaluation(self, round_number: int, token: str, report: EvaluationReport) -> tuple[int, bool]:
+        """Add a selected device's evaluation counts to the round's; returns (reports so far, duplicate)."""
+        if report.positions > self.config.max_eval_positions:
+            raise BadUpdateError(f"an evaluation may score at most {self.config.max_eval_positions} predictions; "
+                                 f"this one claims {report.positions}")
+        with self._lock:
+            device_id = self._authorize(round_number, token)
+            current = self.round
+            if report.model_version != current.base_version:
+                raise BadUpdateError(f"round {round_number} trains model version {current.base_version}; "
+                                     f"this evaluation scored version {report.model_version}")
+            if device_id in current.evaluated:
+                return len(current.evaluated), True
+            current.evaluated.add(device_id)
+            current.eval_positions += report.positions
+            current.eval_hits_at_1 += report.hits_at_1
+            current.eval_hits_at_3 += report.hits_at_3
+            return len(current.evaluated), False
+
     def abort(self, round_number: int, token: str) -> int:
         """A selected device gave up (its conditions changed while training): it will not report.
         Returns how many devices of the round have aborted."""
@@ -326,6 +353,8 @@ class RoundManager:
             "reported": reported, "aborted": aborted, "dropped": selected - reported - aborted, "late": 0,
             "examples": current.examples, "bytes_up": current.bytes_up, "bytes_down": current.bytes_down,
             "base_version": current.base_version, "new_version": None, "update_norm": None,
+            "eval_devices": len(current.evaluated), "eval_positions": current.eval_positions,
+            "eval_hits_at_1": current.eval_hits_at_1, "eval_hits_at_3": current.eval_hits_at_3,
         }
         if reported >= self.min_reports:
             mean_delta = self._sum.mean()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 
 class EnrolmentResponse(BaseModel):
@@ -27,6 +27,31 @@ class UploadResponse(BaseModel):
     reported: int = Field(description="Updates accepted in this round so far, this one included.")
     duplicate: bool = Field(description="True when this device had already reported; the update was not counted again.")
     round_closed: bool = Field(False, description="True when this update completed the round.")
+
+
+class EvaluationReport(BaseModel):
+    """Federated evaluation: how well the model a device downloaded for this round predicts the device's own
+    held-out messages. Three counts, and which model they score; no words, no per-word counts."""
+
+    # Anything else a device sends is refused, not ignored: nothing rides along with the counts.
+    model_config = ConfigDict(extra="forbid")
+
+    model_version: int = Field(ge=0, description="The global model version scored: the one this round trains.")
+    positions: int = Field(ge=1, description="Next-word predictions scored (word targets in the held-out messages).")
+    hits_at_1: int = Field(ge=0, description="Predictions whose target was the top suggestion.")
+    hits_at_3: int = Field(ge=0, description="Predictions whose target was among the three suggestions.")
+
+    @model_validator(mode="after")
+    def _counts_are_consistent(self) -> EvaluationReport:
+        if not self.hits_at_1 <= self.hits_at_3 <= self.positions:
+            raise ValueError("the counts must satisfy hits_at_1 <= hits_at_3 <= positions")
+        return self
+
+
+class EvaluationResponse(BaseModel):
+    round: int
+    evaluations: int = Field(description="Evaluation reports accepted in this round so far, this one included.")
+    duplicate: bool = Field(description="True when this device had already reported; it was not counted again.")
 
 
 class ClockUpdate(BaseModel):
@@ -58,6 +83,23 @@ class RoundSummary(BaseModel):
     base_version: int
     new_version: int | None
     update_norm: float | None
+    eval_devices: int | None = Field(
+        None, description="Devices that scored the round's base model on their held-out messages."
+    )
+    eval_positions: int | None = Field(None, description="Next-word predictions those devices scored, summed.")
+    eval_hits_at_1: int | None = None
+    eval_hits_at_3: int | None = None
+
+    # The quality metrics: the model this round started from (base_version), scored by federated evaluation.
+    @computed_field
+    @property
+    def recall_at_1(self) -> float | None:
+        return self.eval_hits_at_1 / self.eval_positions if self.eval_positions else None
+
+    @computed_field
+    @property
+    def recall_at_3(self) -> float | None:
+        return self.eval_hits_at_3 / self.eval_positions if self.eval_positions else None
 
 
 class StatusResponse(BaseModel):

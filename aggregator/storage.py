@@ -66,7 +66,8 @@ class Storage:
                 "round": int, "status": str, "started_at": float, "closed_at": float, "duration_s": float,
                 "goal": int, "selected": int, "reported": int, "aborted": int, "dropped": int, "late": int,
                 "examples": int, "bytes_up": int, "bytes_down": int, "base_version": int, "new_version": int,
-                "update_norm": float,
+                "update_norm": float, "eval_devices": int, "eval_positions": int, "eval_hits_at_1": int,
+                "eval_hits_at_3": int,
             },
             pk="round",
         )

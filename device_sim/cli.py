@@ -7,7 +7,7 @@ import json
 from contextlib import ExitStack, closing
 from pathlib import Path
 
-from aggregator.cli import add_round_arguments
+from aggregator.cli import add_round_arguments, round_settings
 from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim.client import AggregatorClient
 from device_sim.comparison import ComparisonConfig, comparison_table, markdown_table
@@ -124,12 +124,10 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
     if url is not None and args.in_process:
         raise UserFacingError("--in-process runs its own aggregator; it cannot be combined with --aggregator")
     if url is None:
+        # The simulator drives its own aggregator's clock, so that deadlines are simulated time.
         aggregator_config = local_aggregator_config(
-            args.out, corpus.tokenizer_path,
-            model=model_config_from_args(args, corpus.manifest["vocab_size"]),
-            clients_per_round=args.clients_per_round, round_deadline_s=args.round_deadline, simulated_clock=True,
-            over_selection=args.over_selection, min_report_fraction=args.min_report_fraction, server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr,
-            max_examples_per_update=args.max_examples, max_update_norm=args.max_update_norm, seed=args.seed, initial_model=args.init_model,
+            args.out, corpus.tokenizer_path, model=model_config_from_args(args, corpus.manifest["vocab_size"]),
+            **round_settings(args) | {"simulated_clock": True},
         )
         if args.in_process:
             client = stack.enter_context(closing(InProcessClient(aggregator_config)))

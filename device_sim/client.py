@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import httpx
 
-from aggregator.schemas import AbortResponse, CheckinResponse, EnrolmentResponse, StatusResponse, UploadResponse
+from aggregator.schemas import (
+    AbortResponse,
+    CheckinResponse,
+    EnrolmentResponse,
+    EvaluationReport,
+    EvaluationResponse,
+    StatusResponse,
+    UploadResponse,
+)
 from keyboard_model.errors import UserFacingError
 
 
@@ -67,6 +75,13 @@ class AggregatorClient:
             headers={"Authorization": f"Bearer {upload_token}", "Content-Type": "application/octet-stream"},
         )
         return UploadResponse.model_validate(response.json())
+
+    def report_evaluation(self, round_number: int, upload_token: str, report: EvaluationReport) -> EvaluationResponse:
+        response = self._request(
+            "POST", f"/rounds/{round_number}/evaluations", content=report.model_dump_json(),
+            headers={"Authorization": f"Bearer {upload_token}", "Content-Type": "application/json"},
+        )
+        return EvaluationResponse.model_validate(response.json())
 
     def set_clock(self, now_s: float) -> None:
         self._request("PUT", "/clock", json={"now_s": now_s})

@@ -6,14 +6,16 @@ and due (pace steering told them when to come back) check in. The selected ones:
 - may vanish (network loss): they are never heard from again;
 - train for a simulated time that depends on their speed and history; a phone whose
   conditions change during that time aborts and tells the aggregator so;
-- upload in the order they would finish; those after the round closed are late.
+- score the model they downloaded on their held-out messages (federated evaluation) and
+  send those counts and their update in the order they would finish; those after the
+  round closed are late.
 Phones really train, side by side in one single-threaded worker process per core
 (`TrainingPool`); every request to the aggregator goes through the client, over HTTP
 in service mode or by function call in in-process mode, from this process.
 
 The simulator also plays the researcher: it can read every phone's held-out messages
-to score a model, which a real deployment would do with federated evaluation; those
-scores never go to the aggregator.
+to score a model centrally, which no real deployment could; those scores never go to
+the aggregator, and they cross-check the federated evaluation.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.corpus import PreparedCorpus
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
 from device_sim.history import split_held_out
-from device_sim.phone import Phone
+from device_sim.phone import LocalWork, Phone
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
@@ -160,7 +162,7 @@ class Participation:
     done_tick: int
     result: TrainResult | None = None  # None if it never finished training
     upload_bytes: int = 0
-    training_s: float = 0.0  # wall seconds of its local training
+    training_s: float = 0.0  # wall seconds of its local work (evaluation and training)
 
 
 @dataclass
@@ -184,7 +186,7 @@ class RoundReport:
     # When the round began, in simulated time.
     day: int
     hour_utc: float
-    # Wall seconds the phones spent in local training, summed over phones.
+    # Wall seconds the phones spent on local work (evaluation and training), summed over phones.
     training_s: float
     # Check-ins the aggregator answered while the round was open.
     checkins: int
@@ -309,14 +311,15 @@ class Fleet:
                 if refused.status_code not in GONE:  # its round is over: nothing to say
                     raise
             return Participation(phone.phone_id, decision.round, "aborted", *ticks)
-        upload, result, seconds = event.job.result()
+        work, seconds = event.job.result()
+        outcome = "reported"
         try:
-            self.client.upload(decision.round, decision.upload_token, upload)
+            phone.send(self.client, decision.round, decision.upload_token, work)
         except AggregatorRefusedError as refused:
             if refused.status_code not in GONE:
                 raise
-            return Participation(phone.phone_id, decision.round, "late", *ticks, result, len(upload), seconds)
-        return Participation(phone.phone_id, decision.round, "reported", *ticks, result, len(upload), seconds)
+            outcome = "late"
+        return Participation(phone.phone_id, decision.round, outcome, *ticks, work.result, len(work.upload), seconds)
 
     def close(self) -> None:
         self.pool.close()
@@ -333,7 +336,7 @@ class TrainingPool:
         )
 
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float):
-        """A future of (upload bytes, TrainResult, wall seconds spent training)."""
+        """A future of (LocalWork, wall seconds the phone spent on it)."""
         return self._executor.submit(_train, phone.phone_id, phone.history_path.parent, model, config, seed,
                                      compression, now_s)
 
@@ -353,10 +356,10 @@ def _start_worker(tokenizer_json: str) -> None:
 
 
 def _train(phone_id: str, folder: Path, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
-           now_s: float) -> tuple[bytes, TrainResult, float]:
+           now_s: float) -> tuple[LocalWork, float]:
     started = time.perf_counter()
-    upload, result = Phone(phone_id, folder).local_update(model, _worker_tokenizer, config, seed, compression, now_s)
-    return upload, result, time.perf_counter() - started
+    work = Phone(phone_id, folder).local_work(model, _worker_tokenizer, config, seed, compression, now_s)
+    return work, time.perf_counter() - started
 
 
 def evaluate_phones(model: CIFGLSTM, tokenizer: KeyboardTokenizer, phones: Sequence[Phone]) -> EvalCounts:

@@ -14,6 +14,8 @@ from aggregator.schemas import (
     AbortResponse,
     CheckinResponse,
     EnrolmentResponse,
+    EvaluationReport,
+    EvaluationResponse,
     RoundSummary,
     StatusResponse,
     UploadResponse,
@@ -64,6 +66,13 @@ class InProcessClient:
             return UploadResponse(**self._rounds.submit(round_number, upload_token, update).__dict__)
         except UploadRefusedError as error:
             raise AggregatorRefusedError(error.status_code, str(error)) from error
+
+    def report_evaluation(self, round_number: int, upload_token: str, report: EvaluationReport) -> EvaluationResponse:
+        try:
+            evaluations, duplicate = self._rounds.submit_evaluation(round_number, upload_token, report)
+        except UploadRefusedError as error:
+            raise AggregatorRefusedError(error.status_code, str(error)) from error
+        return EvaluationResponse(round=round_number, evaluations=evaluations, duplicate=duplicate)
 
     def set_clock(self, now_s: float) -> None:
         try:

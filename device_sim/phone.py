@@ -1,8 +1,12 @@
-"""A simulated phone: its own typing history, and one round of on-device training.
+"""A simulated phone: its own typing history, and one round of on-device work.
 
-What leaves the phone is built in `update_bytes`: the model delta (int8 with one scale
-per row by default, see keyboard_model/update_codec.py) and the number of messages
-trained on. Nothing else: no text, no token ids, no word counts, no training loss.
+What leaves the phone in a round is built here, and is two things:
+- the update (`update_bytes`): the model delta, int8 with one scale per row by default
+  (see keyboard_model/update_codec.py), and the number of messages trained on;
+- the evaluation (`evaluation_report`): how many next-word predictions of the
+  downloaded model it scored on its held-out messages (at most EVAL_MESSAGES of them),
+  and how many were right at top-1 and top-3.
+Nothing else: no text, no token ids, no word counts, no training loss.
 """
 
 from __future__ import annotations
@@ -15,15 +19,20 @@ from pathlib import Path
 
 import torch
 
-from aggregator.schemas import CheckinResponse
+from aggregator.schemas import CheckinResponse, EvaluationReport, UploadResponse
 from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.history import TypingHistory
 from keyboard_model.errors import UserFacingError
+from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, train_local
 from keyboard_model.update_codec import encode_update
 from keyboard_model.weights import Tensors, model_from_bytes
+
+# Held-out messages a phone scores the downloaded model on, at most: enough for a useful count,
+# few enough that the count says little about how much the person types.
+EVAL_MESSAGES = 100
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,15 @@ class LocalRound:
     update_size_bytes: int
     # This phone's update was the one that completed the round.
     closed_round: bool
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """A phone's work in a round: the two things it sends, and how training went (which stays on the phone)."""
+
+    upload: bytes
+    evaluation: EvaluationReport | None  # None: no held-out message to score
+    result: TrainResult
 
 
 class PhoneError(UserFacingError):
@@ -107,18 +125,26 @@ class Phone:
     def can_train(self) -> bool:
         return bool(self.messages()[0])
 
-    def local_update(
+    def local_work(
         self, model_bytes: bytes, tokenizer: KeyboardTokenizer, config: LocalTrainConfig, seed: int,
-        compression: str = "int8", now: float | None = None,
-    ) -> tuple[bytes, TrainResult]:
-        """Fine-tune the given global model on the messages typed by `now`; returns the upload and how it went.
-        This is all the work that happens on the phone; nothing here talks to the network."""
-        train_texts, _ = self.messages(now)
-        model = model_from_bytes(model_bytes)[0]
+        compression: str = "int8", now: float | None = None, eval_messages: int = EVAL_MESSAGES,
+    ) -> LocalWork:
+        """Score the downloaded global model on held-out messages, then fine-tune it on the messages typed by
+        `now`. This is all the work that happens on the phone; nothing here talks to the network."""
+        train_texts, held_out = self.messages(now)
+        model, version = model_from_bytes(model_bytes)
+        scored = tokenizer.encode_batch(held_out[:eval_messages]) if held_out else []
+        evaluation = evaluation_report(version, evaluate(model, tokenizer, scored))
         start = {name: t.clone() for name, t in model.state_dict().items()}
         result = train_local(model, tokenizer.encode_batch(train_texts), config, seed=seed)
         delta = {name: t - start[name] for name, t in model.state_dict().items()}
-        return update_bytes(delta, result.num_examples, compression, seed), result
+        return LocalWork(update_bytes(delta, result.num_examples, compression, seed), evaluation, result)
+
+    def send(self, client: AggregatorClient, round_number: int, upload_token: str, work: LocalWork) -> UploadResponse:
+        """Report the evaluation, then upload the update. The evaluation goes first: the update may close the round."""
+        if work.evaluation is not None:
+            client.report_evaluation(round_number, upload_token, work.evaluation)
+        return client.upload(round_number, upload_token, work.upload)
 
     def train_round(
         self,
@@ -130,20 +156,29 @@ class Phone:
         seed: int,
         compression: str = "int8",
     ) -> LocalRound | None:
-        """Download the global model, fine-tune on this phone's training messages, upload the delta.
+        """Download the global model, score and fine-tune it on this phone, send the evaluation and the update.
 
-        Returns None when the upload came too late: the round closed at its deadline meanwhile.
+        Returns None when they came too late: the round closed at its deadline meanwhile.
         """
-        upload, result = self.local_update(client.model(), tokenizer, config, seed, compression)
+        work = self.local_work(client.model(), tokenizer, config, seed, compression)
         try:
-            answer = client.upload(round_number, upload_token, upload)
+            answer = self.send(client, round_number, upload_token, work)
         except AggregatorRefusedError as refused:
             if refused.status_code == 409:  # a real phone just drops a late update
                 return None
             raise
-        return LocalRound(self.phone_id, round_number, result, len(upload), answer.round_closed)
+        return LocalRound(self.phone_id, round_number, work.result, len(work.upload), answer.round_closed)
 
     def held_out(self, tokenizer: KeyboardTokenizer) -> list[list[int]]:
         """Encoded held-out messages, for evaluation on the phone."""
         held_out = self.messages()[1]
         return tokenizer.encode_batch(held_out) if held_out else []
+
+
+def evaluation_report(model_version: int, counts: EvalCounts) -> EvaluationReport | None:
+    """The evaluation a phone sends: recall counts only (not the loss, which says more about the text)."""
+    if counts.positions == 0:
+        return None
+    return EvaluationReport(
+        model_version=model_version, positions=counts.positions, hits_at_1=counts.hits_at_1, hits_at_3=counts.hits_at_3
+    )

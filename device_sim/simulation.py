@@ -173,8 +173,15 @@ def _log_round(
         **{name: getattr(server_view, name) if server_view else 0 for name in SERVER_COUNTS},
         "examples": sum(p.result.num_examples for p in report.participants) if report else 0,
         "train_loss": report.train_loss if report else None,
+        # The researcher's central score of the model this round produced (model_version)...
         **counts.metrics(),
         "eval_positions": counts.positions,
+        # ...and the aggregator's federated one of the model the round started from: the phones' own counts.
+        "fed_eval_model_version": server_view.base_version if server_view else None,
+        "fed_eval_devices": server_view.eval_devices if server_view else 0,
+        "fed_eval_positions": server_view.eval_positions if server_view else 0,
+        "fed_recall_at_1": server_view.recall_at_1 if server_view else None,
+        "fed_recall_at_3": server_view.recall_at_3 if server_view else None,
         "sim_ticks": report.ticks if report else 0,
         "training_s": round(report.training_s, 3) if report else 0.0,
         # The round as the aggregator timed it, and the whole iteration including scoring the model.

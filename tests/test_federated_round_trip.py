@@ -12,6 +12,7 @@ import torch
 
 from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.phone import Phone, update_bytes
+from keyboard_model.evaluate import evaluate
 from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.update_codec import decode_update
@@ -20,15 +21,17 @@ from tests.conftest import SMALL_TEXT
 
 
 class RecordingClient(AggregatorClient):
-    """A phone's client that keeps a copy of every upload, as a network tap would see it."""
+    """A phone's client that keeps every request it sends, as a network tap would see it."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self.uploads: list[bytes] = []
+        self.sent: list[tuple[str, str, bytes]] = []  # (method, path, body)
+        self._http.event_hooks["request"].append(
+            lambda request: self.sent.append((request.method, request.url.path, request.read())))
 
-    def upload(self, round_number, upload_token, update):
-        self.uploads.append(update)
-        return super().upload(round_number, upload_token, update)
+    @property
+    def uploads(self) -> list[bytes]:
+        return [body for _, path, body in self.sent if path.endswith("/updates")]
 
 
 def make_phone(folder: Path, name: str, texts: list[str]) -> Phone:
@@ -54,7 +57,7 @@ def test_three_phones_two_rounds_give_the_example_weighted_mean(
     for expected_round in (1, 2):
         before, version = state_of(client)
         assert version == expected_round - 1
-        client.uploads.clear()
+        client.sent.clear()
         for seed, phone in enumerate(phones):
             decision = phone.check_in(client)
             assert decision.action == "train" and decision.round == expected_round
@@ -79,7 +82,7 @@ def test_three_phones_two_rounds_give_the_example_weighted_mean(
     assert [r.new_version for r in status.recent_rounds] == [1, 2]
 
 
-def test_an_upload_holds_only_parameter_tensors_and_an_example_count(
+def test_a_phone_sends_only_parameter_tensors_an_example_count_and_three_recall_counts(
     tmp_path, start_aggregator, small_tokenizer_path, small_tokenizer, small_model_config
 ):
     aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=1)
@@ -87,6 +90,25 @@ def test_an_upload_holds_only_parameter_tensors_and_an_example_count(
     phone = make_phone(tmp_path, "phone-0", SMALL_TEXT * 5)
     decision = phone.check_in(client)
     phone.train_round(client, decision.round, decision.upload_token, small_tokenizer, LocalTrainConfig(), seed=0)
+    assert [(method, path) for method, path, _ in client.sent] == [
+        ("POST", "/devices"), ("POST", "/checkin"), ("GET", "/model"),
+        ("POST", "/rounds/1/evaluations"), ("POST", "/rounds/1/updates"),
+    ]
+    # Enrolling, checking in and downloading send no body at all.
+    assert [body for _, _, body in client.sent[:3]] == [b"", b"", b""]
+    for _, _, body in client.sent:
+        for text in SMALL_TEXT:
+            for word in text.split():
+                if len(word) >= 5:
+                    assert word.encode() not in body
+
+    # The evaluation: three counts of how the downloaded model did on the held-out messages, and its version.
+    evaluation = json.loads(client.sent[3][2])
+    expected = evaluate(model_from_bytes(client.model_version(0))[0], small_tokenizer, phone.held_out(small_tokenizer))
+    assert evaluation == {"model_version": 0, "positions": expected.positions, "hits_at_1": expected.hits_at_1,
+                          "hits_at_3": expected.hits_at_3}
+    assert expected.positions > 0
+
     (data,) = client.uploads
 
     header_length = int.from_bytes(data[:8], "little")
@@ -103,10 +125,6 @@ def test_an_upload_holds_only_parameter_tensors_and_an_example_count(
     # The body is exactly those tensors: nothing rides along after them.
     tensor_bytes = sum(torch.Size(shape).numel() for shape in shapes.values()) + 4 * sum(s for (s,) in scales.values())
     assert len(data) == 8 + header_length + tensor_bytes
-    for text in SMALL_TEXT:
-        for word in text.split():
-            if len(word) >= 5:
-                assert word.encode() not in data
 
 
 def new_device(client: AggregatorClient) -> str:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 
+from aggregator.schemas import EvaluationReport
 from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim.client import AggregatorClient
 from device_sim.fleet import Fleet, FleetConfig, typing_times
 from device_sim.inprocess import InProcessClient
-from device_sim.phone import Phone
+from device_sim.phone import EVAL_MESSAGES, Phone
+from keyboard_model.evaluate import evaluate
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import model_from_bytes
 from tests.conftest import SMALL_TEXT
@@ -37,6 +39,7 @@ class Tap:
         self.client = client
         self.uploads: dict[str, bytes] = {}
         self.aborts: list[str] = []
+        self.evaluations: dict[str, EvaluationReport] = {}
         self.selections: dict[str, tuple[str, int]] = {}  # upload token -> (device token, round)
 
     def checkin(self, device_token):
@@ -48,6 +51,10 @@ class Tap:
     def upload(self, round_number, upload_token, update):
         self.uploads[upload_token] = update
         return self.client.upload(round_number, upload_token, update)
+
+    def report_evaluation(self, round_number, upload_token, report):
+        self.evaluations[upload_token] = report
+        return self.client.report_evaluation(round_number, upload_token, report)
 
     def abort(self, round_number, upload_token):
         self.aborts.append(upload_token)
@@ -95,6 +102,41 @@ def test_a_phone_whose_conditions_change_while_training_aborts_and_uploads_nothi
         assert len(report.participants) == 4
 
 
+def test_the_rounds_quality_metrics_are_the_sum_of_what_its_phones_measured_on_their_own_held_out_messages(
+    tmp_path, small_tokenizer_path, small_tokenizer, small_model_config
+):
+    aggregator = InProcessClient(local_aggregator_config(
+        tmp_path, small_tokenizer_path, model=small_model_config, clients_per_round=3))
+    tap = Tap(aggregator)
+    phones = make_phones(tmp_path / "phones", 12)
+    fleet = Fleet(phones, fleet_config(tmp_path / "phones", vanish_probability=0.0), tap)
+    try:
+        reports = [fleet.run_round() for _ in range(2)]
+    finally:
+        fleet.close()
+
+    by_id = {phone.phone_id: phone for phone in phones}
+    summaries = {r.round: r for r in aggregator.status().recent_rounds}
+    for report in reports:
+        summary = summaries[report.round]
+        base_model, version = model_from_bytes(aggregator.model_version(summary.base_version))
+        # Scored here from the phones' own files, not with anything the aggregator computed.
+        expected = sum(
+            (evaluate(base_model, small_tokenizer, by_id[p.phone_id].held_out(small_tokenizer)[:EVAL_MESSAGES])
+             for p in report.participants),
+            start=evaluate(base_model, small_tokenizer, []),
+        )
+        assert summary.eval_devices == len(report.participants) == 3
+        assert (summary.eval_positions, summary.eval_hits_at_1, summary.eval_hits_at_3) == (
+            expected.positions, expected.hits_at_1, expected.hits_at_3)
+        assert summary.recall_at_1 == expected.recall_at_1 and summary.recall_at_3 == expected.recall_at_3
+    # Every phone scored the model it was selected to train (late ones too, though theirs were refused).
+    assert len(tap.evaluations) >= 6
+    for token, report in tap.evaluations.items():
+        assert report.model_version == tap.selections[token][1] - 1
+    assert reports[1].participants and summaries[2].recall_at_3 > 0
+
+
 def test_in_process_and_service_mode_follow_the_same_trajectory(tmp_path, small_tokenizer_path, small_model_config):
     def run(client, folder: Path) -> bytes:
         fleet = Fleet(make_phones(folder, 16), fleet_config(folder), client)
@@ -103,16 +145,18 @@ def test_in_process_and_service_mode_follow_the_same_trajectory(tmp_path, small_
                 fleet.run_round()
         finally:
             fleet.close()
-        return client.model()
+        quality = [(r.eval_positions, r.eval_hits_at_1, r.eval_hits_at_3) for r in client.status().recent_rounds]
+        return client.model(), quality
 
     # On a simulated clock, as simulations run: deadlines and pace steering then shape the trajectory too.
     settings = dict(model=small_model_config, clients_per_round=3, simulated_clock=True, round_deadline_s=3600.0)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    in_process = run(InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path, **settings)),
+    in_process, quality_a = run(InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path, **settings)),
                      tmp_path / "a" / "phones")
     with LocalAggregator(local_aggregator_config(tmp_path / "b", small_tokenizer_path, **settings)) as service:
-        over_http = run(AggregatorClient(service.url), tmp_path / "b" / "phones")
+        over_http, quality_b = run(AggregatorClient(service.url), tmp_path / "b" / "phones")
+    assert quality_a == quality_b and len(quality_a) == 3
 
     (model_a, version_a), (model_b, version_b) = model_from_bytes(in_process), model_from_bytes(over_http)
     assert version_a == version_b == 3

@@ -202,3 +202,48 @@ def test_a_wall_clock_aggregator_refuses_to_have_its_clock_set(start_aggregator,
     with pytest.raises(AggregatorRefusedError) as refused:
         client.set_clock(100.0)
     assert refused.value.status_code == 409 and "--simulated-clock" in refused.value.detail
+
+
+def test_evaluation_reports_are_checked_counted_once_and_summed_into_the_rounds_quality_metrics(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, over_selection=1.0,
+                                  max_eval_positions=500)
+    client = AggregatorClient(aggregator.url)
+    first, second = (client.checkin(client.enrol().device_token) for _ in range(2))
+
+    def post(decision, body: dict, token: str | None = "same") -> httpx.Response:
+        token = decision.upload_token if token == "same" else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.post(f"{aggregator.url}/rounds/{decision.round}/evaluations", json=body, headers=headers,
+                          timeout=10)
+
+    good = {"model_version": 0, "positions": 200, "hits_at_1": 30, "hits_at_3": 50}
+    refusals = {
+        "no token": (post(first, good, token=None), 401),
+        "someone else's token": (post(first, good, token="not-issued"), 401),
+        "another model": (post(first, good | {"model_version": 1}), 422),
+        "more hits than predictions": (post(first, good | {"hits_at_3": 201, "hits_at_1": 201}), 422),
+        "top-1 above top-3": (post(first, good | {"hits_at_1": 60}), 422),
+        "over the cap": (post(first, good | {"positions": 501}), 422),
+        "a word in it": (post(first, good | {"last_word": "rose"}), 422),
+    }
+    for what, (response, status) in refusals.items():
+        assert response.status_code == status, what
+        assert response.json()["detail"], what
+
+    assert post(first, good).json() == {"round": 1, "evaluations": 1, "duplicate": False}
+    # A repeat is not counted again, even with other numbers.
+    assert post(first, good | {"hits_at_1": 40}).json() == {"round": 1, "evaluations": 1, "duplicate": True}
+    assert post(second, {"model_version": 0, "positions": 100, "hits_at_1": 5, "hits_at_3": 25}).status_code == 200
+    update = constant_update(client, 0.01, 5)
+    for decision in (first, second):
+        client.upload(decision.round, decision.upload_token, update)
+    assert post(second, good).status_code == 409  # its round has closed
+
+    (summary,) = client.status().recent_rounds
+    assert (summary.eval_devices, summary.eval_positions, summary.eval_hits_at_1, summary.eval_hits_at_3) == (
+        2, 300, 35, 75)
+    assert summary.recall_at_1 == pytest.approx(35 / 300) and summary.recall_at_3 == pytest.approx(75 / 300)
+    raw = httpx.get(f"{aggregator.url}/status", timeout=10).json()["recent_rounds"][0]
+    assert raw["recall_at_1"] == pytest.approx(35 / 300)

@@ -1,7 +1,8 @@
-"""Update uploads: a selected device sends its model delta for the round it trained in.
+"""What a selected device sends for the round it trained in: its update, its evaluation, or that it gave up.
 
-The body is safetensors bytes: one float32 tensor per model parameter and the
-example count in the header metadata. They are parsed by safetensors, never unpickled.
+An update's body is safetensors bytes: one tensor per model parameter (int8 with a
+scale per row, or float32) and the example count in the header metadata. They are
+parsed by safetensors, never unpickled. An evaluation is three counts, as JSON.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from aggregator.dependencies import get_bearer_token, get_rounds
 from aggregator.rounds import RoundManager, UploadRefusedError
-from aggregator.schemas import AbortResponse, ErrorResponse, UploadResponse
+from aggregator.schemas import AbortResponse, ErrorResponse, EvaluationReport, EvaluationResponse, UploadResponse
 
 router = APIRouter(tags=["rounds"])
 
@@ -43,6 +44,29 @@ async def upload_update(
     except UploadRefusedError as error:
         raise HTTPException(error.status_code, str(error)) from error
     return UploadResponse(**result.__dict__)
+
+
+@router.post(
+    "/rounds/{round_number}/evaluations",
+    response_model=EvaluationResponse,
+    responses={
+        401: {"model": ErrorResponse, "description": "Missing or unknown upload token"},
+        409: {"model": ErrorResponse, "description": "The round is closed; the evaluation was not counted"},
+        422: {"model": ErrorResponse, "description": "Counts out of range, or for another model version"},
+    },
+)
+async def report_evaluation(
+    round_number: int,
+    report: EvaluationReport,
+    token: str = Depends(get_bearer_token),
+    rounds: RoundManager = Depends(get_rounds),
+) -> EvaluationResponse:
+    """Federated evaluation: how the model this device downloaded scored on its own held-out messages."""
+    try:
+        evaluations, duplicate = await run_in_threadpool(rounds.submit_evaluation, round_number, token, report)
+    except UploadRefusedError as error:
+        raise HTTPException(error.status_code, str(error)) from error
+    return EvaluationResponse(round=round_number, evaluations=evaluations, duplicate=duplicate)
 
 
 @router.post(
