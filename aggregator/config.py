@@ -34,8 +34,8 @@ class AggregatorConfig:
     # the model far. Honest phones with the default training measured 0.3 to 6.0.
     max_update_norm: float = 20.0
     # Most predictions one evaluation report may claim. Federated recall weights devices by this count, so, like
-    # the example count, it is capped. Phones score at most 100 held-out messages by default (about 1,500 words).
-    max_eval_positions: int = 10_000
+    # the example count, it is capped. Phones score at most 25 held-out messages of at most 63 predictions each.
+    max_eval_positions: int = 2_000
     # Run rounds on a simulator's clock (set through PUT /clock) instead of the wall clock, so that deadlines,
     # durations and pace steering are in simulated time. Only for simulations.
     simulated_clock: bool = False

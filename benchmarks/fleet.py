@@ -5,7 +5,7 @@ k mod users' history) and runs rounds in both modes, in-process and service (eac
 phone a real HTTP client of `python -m aggregator` on loopback). For each mode it
 prints rounds per hour, updates per second, bytes per round, and the framework's
 overhead: the share of a round's wall time in which the training workers were not
-training phones (everything but the phones' own local training: check-ins,
+doing phones' local work (everything but the phones' own evaluation and training: check-ins,
 eligibility, downloads, uploads, aggregation, waiting).
 
     .venv/bin/python benchmarks/fleet.py [--phones 10000] [--per-round 100] [--rounds 4]

@@ -114,10 +114,11 @@ def evaluate(
         chunk = ordered[start : start + batch_size]
         width = len(chunk[-1])
         rows = torch.tensor([m + [PAD_ID] * (width - len(m)) for m in chunk], dtype=torch.long)
-        logits, _ = model(rows[:, :-1])
-        total += score_predictions(
-            logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), is_recall_target, can_suggest
-        )
+        projected, _ = model.hidden_states(rows[:, :-1])
+        targets = rows[:, 1:]
+        # Scores over the vocabulary are the costliest part; none are made for padding.
+        scored = targets != PAD_ID
+        total += score_predictions(model.output_logits(projected[scored]), targets[scored], is_recall_target, can_suggest)
     return total
 
 
