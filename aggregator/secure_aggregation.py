@@ -1,0 +1,168 @@
+"""The aggregator's side of secure aggregation for one round (see keyboard_model/secagg.py for the protocol).
+
+Phases, each closed by the round manager when every phone that should answer has, or
+at its deadline; whoever has not answered by then has dropped out:
+1. advertise: selected phones send public keys; closing fixes the cohort, its indices
+   and its neighbour graph (the roster);
+2. share: phones send sealed share pairs for their neighbours, which the server only
+   stores and forwards (it cannot open them);
+3. collect: phones that shared send masked inputs, summed modulo 2**32 as they come;
+4. unmask: phones whose input was counted reveal one share per neighbour; the server
+   rebuilds the self-mask seeds of the phones that reported and the masking seeds of
+   those that shared but did not, and removes their masks from the sum.
+The server never holds an unmasked individual input: it sees masked inputs, sealed
+shares, and for each phone either its self-mask seed or its masking seed, never both.
+If fewer phones than the threshold remain at any phase, the round fails, and no share
+has been revealed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import numpy as np
+
+from keyboard_model.secagg import (
+    GraphParameters,
+    PublicKeys,
+    Roster,
+    SecAggError,
+    Share,
+    combine_shares,
+    graph_parameters,
+    pairwise_seed,
+    pairwise_sign,
+    prg_mask,
+)
+
+
+@dataclass
+class SecureAggregation:
+    round_number: int
+    length: int  # uint32 elements of every masked input
+    graph_seed: int
+    # Drop-outs the graph is built to survive, as a share of the cohort.
+    dropout: float = 1 / 3
+    phase: str = "advertise"
+    advertised: dict[str, PublicKeys] = field(default_factory=dict)
+    roster: Roster | None = None
+    devices: list[str] = field(default_factory=list)  # cohort index -> device id
+    sealed: dict[int, dict[int, bytes]] = field(default_factory=dict)  # sender -> recipient -> sealed pair
+    shared: list[int] = field(default_factory=list)
+    reported: list[int] = field(default_factory=list)
+    revealed: dict[int, dict[int, Share]] = field(default_factory=dict)  # owner -> revealer -> share
+    _sum: np.ndarray | None = None
+    _neighbours: list[list[int]] = field(default_factory=list)
+
+    # --- phase 1 ---
+    def advertise(self, device_id: str, keys: PublicKeys) -> None:
+        self._expect("advertise")
+        if keys in self.advertised.values() and self.advertised.get(device_id) != keys:
+            raise SecAggError("these public keys were already advertised by another phone")
+        self.advertised[device_id] = keys
+
+    def close_advertising(self) -> Roster:
+        self._expect("advertise")
+        self.devices = sorted(self.advertised)
+        if len(self.devices) < 2:
+            self._fail()
+        self.roster = Roster(self.round_number, [self.advertised[d] for d in self.devices],
+                             graph_parameters(len(self.devices), self.dropout), self.graph_seed)
+        self._neighbours = self.roster.neighbours()
+        self.phase = "share"
+        return self.roster
+
+    @property
+    def parameters(self) -> GraphParameters:
+        assert self.roster is not None
+        return self.roster.parameters
+
+    def index_of(self, device_id: str) -> int:
+        if device_id not in self.advertised or self.roster is None:
+            raise SecAggError("this device is not in the round's cohort")
+        return self.devices.index(device_id)
+
+    # --- phase 2 ---
+    def add_shares(self, sender: int, sealed: dict[int, bytes]) -> None:
+        self._expect("share")
+        if set(sealed) != set(self._neighbours[sender]):
+            raise SecAggError("shares must go to exactly the sender's neighbours")
+        self.sealed[sender] = dict(sealed)
+
+    def close_sharing(self) -> list[int]:
+        self._expect("share")
+        self.shared = sorted(self.sealed)
+        if len(self.shared) < self.parameters.threshold:
+            self._fail()
+        self.phase = "collect"
+        return self.shared
+
+    # --- phase 3 ---
+    def add_masked_input(self, sender: int, masked: np.ndarray) -> None:
+        self._expect("collect")
+        if sender not in self.sealed:
+            raise SecAggError("only phones that shared their seeds may send a masked input")
+        if sender in self.reported:
+            return
+        if masked.dtype != np.uint32 or masked.shape != (self.length,):
+            raise SecAggError(f"a masked input is {self.length} uint32 values")
+        self._sum = masked.copy() if self._sum is None else self._sum + masked
+        self.reported.append(sender)
+
+    def close_collection(self) -> list[int]:
+        self._expect("collect")
+        self.reported.sort()
+        if len(self.reported) < self.parameters.threshold:
+            self._fail()
+        self.phase = "unmask"
+        return self.reported
+
+    # --- phase 4 ---
+    def incoming(self, recipient: int) -> dict[int, bytes]:
+        """The sealed pairs the phones that shared sent `recipient`, by sender."""
+        return {sender: pairs[recipient] for sender, pairs in self.sealed.items() if recipient in pairs}
+
+    def add_reveals(self, revealer: int, shares: dict[int, Share]) -> None:
+        self._expect("unmask")
+        if revealer not in self.reported:
+            raise SecAggError("only phones whose input was counted reveal shares")
+        expected = set(self._neighbours[revealer]) & set(self.shared)
+        if set(shares) != expected:
+            raise SecAggError("a phone reveals one share for each neighbour that shared with it")
+        for owner, share in shares.items():
+            self.revealed.setdefault(owner, {})[revealer] = share
+
+    def unmasked_sum(self) -> np.ndarray:
+        """The sum of the reported inputs, modulo 2**32; fails if some secret has fewer than threshold shares."""
+        self._expect("unmask")
+        threshold, total = self.parameters.threshold, self._sum.copy()
+        reported = set(self.reported)
+        for owner in self.shared:
+            shares = list(self.revealed.get(owner, {}).values())
+            if len(shares) < threshold:
+                self._fail(f"phone {owner}'s secrets have {len(shares)} shares, fewer than {threshold}")
+            seed = combine_shares(shares, threshold)
+            if owner in reported:
+                total -= prg_mask(seed, self.length)
+                continue
+            # A phone that shared but did not report: the masks its reporting neighbours added for it stay in
+            # the sum unless removed, each computed from its rebuilt masking seed and the neighbour's public key.
+            for v in sorted(set(self._neighbours[owner]) & reported):
+                mask = prg_mask(pairwise_seed(seed, self.roster.keys[v].masking, self.round_number), self.length)
+                # Phone v added sign(v, owner) * mask.
+                if pairwise_sign(v, owner) > 0:
+                    total -= mask
+                else:
+                    total += mask
+        self.phase = "done"
+        return total
+
+    def _expect(self, phase: str) -> None:
+        if self.phase != phase:
+            raise SecAggError(f"secure aggregation is in phase {self.phase!r}, not {phase!r}")
+
+    def _fail(self, why: str = "") -> NoReturn:
+        self.phase = "failed"
+        raise SecAggError(f"too few phones remain for secure aggregation of round {self.round_number}"
+                          + (f": {why}" if why else ""))

@@ -1,0 +1,103 @@
+"""A phone's side of secure aggregation for one round (see keyboard_model/secagg.py for the protocol).
+
+The phone sends, in order: its two public keys; its neighbours' shares of its two
+seeds, each sealed for that neighbour; its masked input; and, once the server says
+who reported, one share per neighbour: of the self-mask seed of a neighbour that
+reported, or of the masking seed of one that did not. It refuses to reveal anything
+that would let the server remove both masks of any one phone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from keyboard_model.secagg import (
+    PublicKeys,
+    RoundSecrets,
+    Roster,
+    SecAggError,
+    Share,
+    SharePair,
+    open_shares,
+    pairwise_seed,
+    pairwise_sign,
+    prg_mask,
+    seal_shares,
+    share_cipher_key,
+    split_secret,
+)
+
+
+@dataclass
+class SecAggPhone:
+    round_number: int
+    secrets: RoundSecrets = field(default_factory=RoundSecrets.generate)
+    roster: Roster | None = None
+    index: int | None = None
+    masked: bool = False
+
+    def advertise(self) -> PublicKeys:
+        return self.secrets.public()
+
+    def share(self, roster: Roster) -> dict[int, bytes]:
+        """Sealed share pairs for each neighbour, by the neighbour's cohort index."""
+        own = self.secrets.public()
+        if roster.round_number != self.round_number or roster.keys.count(own) != 1:
+            raise SecAggError("this roster is not for this phone's round, or lists its keys other than once")
+        self.roster, self.index = roster, roster.keys.index(own)
+        mine = roster.neighbours()[self.index]
+        threshold = roster.parameters.threshold
+        self_mask_shares = split_secret(self.secrets.self_mask_seed, threshold, len(mine))
+        masking_shares = split_secret(self.secrets.masking_seed, threshold, len(mine))
+        return {
+            v: seal_shares(self._cipher_key(v), SharePair(b, s), self.round_number, self.index, v)
+            for v, b, s in zip(mine, self_mask_shares, masking_shares)
+        }
+
+    def mask(self, vector: np.ndarray, shared: list[int]) -> np.ndarray:
+        """`vector` (uint32, the encoded input) plus the self mask and the pairwise masks of the neighbours that
+        sent their shares (`shared`, the server's list), modulo 2**32."""
+        roster, u = self._roster(), self.index
+        if u not in shared:
+            raise SecAggError("the server's list of phones that shared leaves this phone out")
+        masked = vector.astype(np.uint32, copy=True)
+        masked += prg_mask(self.secrets.self_mask_seed, len(masked))
+        partners = set(shared) & set(roster.neighbours()[u])
+        for v in sorted(partners):
+            mask = prg_mask(pairwise_seed(self.secrets.masking_seed, roster.keys[v].masking, self.round_number),
+                            len(masked))
+            if pairwise_sign(u, v) > 0:
+                masked += mask
+            else:
+                masked -= mask
+        self.masked = True
+        return masked
+
+    def reveal(self, incoming: dict[int, bytes], shared: list[int], reported: list[int]) -> dict[int, Share]:
+        """For each neighbour that shared with this phone: the share of its self-mask seed if it reported, of its
+        masking seed if it did not. `incoming` holds the sealed pairs the neighbours sent, by sender."""
+        roster, u = self._roster(), self.index
+        if not self.masked or u not in reported:
+            raise SecAggError("a phone reveals shares only after its own masked input was counted")
+        if not set(reported) <= set(shared):
+            raise SecAggError("the server says phones reported that never shared")
+        if len(reported) < roster.parameters.threshold:
+            raise SecAggError(f"only {len(reported)} phones reported; fewer than the threshold "
+                              f"{roster.parameters.threshold}, so no share is revealed")
+        revealed = {}
+        for v in set(roster.neighbours()[u]) & set(shared):
+            if v not in incoming:
+                raise SecAggError(f"the server withheld the shares phone {v} sent")
+            pair = open_shares(self._cipher_key(v), incoming[v], self.round_number, v, u)
+            revealed[v] = pair.self_mask if v in reported else pair.masking
+        return revealed
+
+    def _cipher_key(self, peer: int) -> bytes:
+        return share_cipher_key(self.secrets.cipher_key, self._roster().keys[peer].cipher, self.round_number)
+
+    def _roster(self) -> Roster:
+        if self.roster is None or self.index is None:
+            raise SecAggError("this phone has not received the round's roster")
+        return self.roster

@@ -1,0 +1,192 @@
+"""Secure aggregation's protocol, phones and server in one process: sums, drop-outs at every step, and what
+the server can and cannot see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aggregator.secure_aggregation import SecureAggregation
+from device_sim.secure_aggregation import SecAggPhone
+from keyboard_model.secagg import (
+    RingEncoding,
+    SecAggError,
+    graph_parameters,
+    neighbours,
+)
+
+LENGTH = 5_000
+PHASES = ("advertise", "share", "collect", "unmask")
+
+
+def run_round(cohort: int, drop: dict[str, set[int]] | None = None, seed: int = 0, length: int = LENGTH):
+    """Run one round; phones in `drop[phase]` stop answering from that phase on.
+    Returns (server, phones, inputs as uint32 by phone, the unmasked sum or the error)."""
+    drop = {phase: set(drop.get(phase, ())) if drop else set() for phase in PHASES}
+    gone: set[int] = set()
+    rng = np.random.default_rng(seed)
+    inputs = {k: rng.integers(0, 2**32, length, dtype=np.uint32) for k in range(cohort)}
+    server = SecureAggregation(round_number=7, length=length, graph_seed=seed)
+    phones = {k: SecAggPhone(round_number=7) for k in range(cohort)}
+    device = {k: f"device-{k:03d}" for k in range(cohort)}  # sorted ids, so cohort index == k
+    try:
+        gone |= drop["advertise"]
+        for k, phone in phones.items():
+            if k not in gone:
+                server.advertise(device[k], phone.advertise())
+        roster = server.close_advertising()
+        index = {k: server.index_of(device[k]) for k in phones if k not in gone}
+        gone |= drop["share"]
+        for k in index:
+            if k not in gone:
+                server.add_shares(index[k], phones[k].share(roster))
+        shared = server.close_sharing()
+        gone |= drop["collect"]
+        for k in index:
+            if k not in gone:
+                server.add_masked_input(index[k], phones[k].mask(inputs[k], shared))
+        reported = server.close_collection()
+        gone |= drop["unmask"]
+        for k in index:
+            if k not in gone and index[k] in reported:
+                server.add_reveals(index[k], phones[k].reveal(server.incoming(index[k]), shared, reported))
+        return server, phones, inputs, server.unmasked_sum()
+    except SecAggError as error:
+        return server, phones, inputs, error
+
+
+def plain_sum(inputs: dict[int, np.ndarray], phones: set[int]) -> np.ndarray:
+    total = np.zeros(LENGTH, dtype=np.uint32)
+    for k in phones:
+        total += inputs[k]
+    return total
+
+
+@pytest.mark.parametrize("cohort", [5, 130])
+def test_without_drop_outs_the_unmasked_sum_is_the_plain_sum(cohort):
+    server, _, inputs, total = run_round(cohort)
+    # A complete graph for a few phones (SecAgg), a sparse one for many (SecAgg+).
+    assert (server.parameters.degree < cohort - 1) == (cohort == 130)
+    np.testing.assert_array_equal(total, plain_sum(inputs, set(range(cohort))))
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("cohort", [9, 40, 100])
+def test_a_third_dropping_out_at_any_step_still_gives_the_sum_of_those_that_reported(phase, cohort):
+    dropped = set(range(0, cohort, 3)[: cohort // 3])  # a third, spread over the cohort
+    server, _, inputs, total = run_round(cohort, {phase: dropped}, seed=cohort)
+    assert not isinstance(total, SecAggError), total
+    counted = set(range(cohort)) if phase == "unmask" else set(range(cohort)) - dropped
+    np.testing.assert_array_equal(total, plain_sum(inputs, counted))
+    assert [server.devices[i] for i in server.reported] == [f"device-{k:03d}" for k in sorted(counted)]
+
+
+def test_drop_outs_at_every_step_in_one_round():
+    cohort = 40
+    drop = {"advertise": {0, 1, 2}, "share": {3, 4, 5}, "collect": {6, 7, 8}, "unmask": {9, 10, 11}}
+    server, _, inputs, total = run_round(cohort, drop, seed=3)
+    counted = set(range(cohort)) - set().union(drop["advertise"], drop["share"], drop["collect"])
+    np.testing.assert_array_equal(total, plain_sum(inputs, counted))
+
+
+@pytest.mark.parametrize("phase", ["share", "collect"])
+def test_too_few_phones_fail_the_round_cleanly_and_reveal_nothing(phase):
+    cohort = 9
+    threshold = graph_parameters(cohort).threshold
+    dropped = set(range(cohort - threshold + 1))  # leaves threshold - 1
+    server, phones, _, outcome = run_round(cohort, {phase: dropped})
+    assert isinstance(outcome, SecAggError) and "too few" in str(outcome)
+    assert server.phase == "failed" and server.revealed == {}
+    with pytest.raises(SecAggError):
+        server.unmasked_sum()
+
+
+def test_too_few_revealers_fail_the_round():
+    cohort = 9
+    threshold = graph_parameters(cohort).threshold
+    server, _, _, outcome = run_round(cohort, {"unmask": set(range(cohort - threshold + 1))})
+    assert isinstance(outcome, SecAggError) and server.phase == "failed"
+
+
+def test_a_masked_input_is_statistically_unrelated_to_the_input():
+    length = 200_000
+    server, phones, _, _ = run_round(6, length=length, seed=11)
+    phone = phones[0]
+    x = np.linspace(0, 2**32 - 1, length).astype(np.uint32)  # a strongly patterned input
+    masked = phone.mask(x, server.shared)
+    # Uniform over the ring: each of the 256 top-byte values appears about equally often (chi-square, 255 d.o.f.;
+    # 350 is far in the tail of that distribution, a biased mask lands far beyond it).
+    counts = np.bincount(masked >> 24, minlength=256)
+    expected = length / 256
+    assert ((counts - expected) ** 2 / expected).sum() < 350
+    assert abs(np.corrcoef(masked.astype(np.float64), x.astype(np.float64))[0, 1]) < 0.02
+    # Two very different inputs give uploads with the same (uniform) look: nothing tells them apart.
+    zeros = SecAggPhone(round_number=7, secrets=phone.secrets, roster=phone.roster, index=phone.index).mask(
+        np.zeros(length, dtype=np.uint32), server.shared)
+    assert ((np.bincount(zeros >> 24, minlength=256) - expected) ** 2 / expected).sum() < 350
+
+
+def test_a_phone_reveals_only_one_secret_per_neighbour_and_refuses_inconsistent_requests():
+    server, phones, _, _ = run_round(9, {"collect": {2}}, seed=5)
+    phone = phones[0]
+    incoming = server.incoming(0)
+    reported = [k for k in server.shared if k != 2]
+    revealed = phone.reveal(incoming, server.shared, reported)
+    # For the phone that did not report, its masking-seed share; for the others, their self-mask-seed share.
+    for owner, share in revealed.items():
+        pair = phone_pair(phone, incoming, owner)
+        assert share == (pair.masking if owner == 2 else pair.self_mask)
+    with pytest.raises(SecAggError, match="never shared"):
+        phone.reveal(incoming, [k for k in server.shared if k != 3], reported)
+    with pytest.raises(SecAggError, match="threshold"):
+        phone.reveal(incoming, server.shared, [0] + [k for k in reported if k != 0][: server.parameters.threshold - 2])
+
+
+def phone_pair(phone: SecAggPhone, incoming: dict[int, bytes], sender: int):
+    from keyboard_model.secagg import open_shares  # noqa: PLC0415
+
+    return open_shares(phone._cipher_key(sender), incoming[sender], phone.round_number, sender, phone.index)
+
+
+def test_sealed_shares_cannot_be_altered_or_redirected():
+    server, phones, _, _ = run_round(5, seed=2)
+    incoming = server.incoming(0)
+    sender, sealed = next(iter(incoming.items()))
+    tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    with pytest.raises(SecAggError, match="do not open"):
+        phones[0].reveal({**incoming, sender: tampered}, server.shared, server.reported)
+    # Phone 1's shares for phone 0, handed to phone 1's other neighbour instead, do not open there either.
+    other = next(k for k in server.incoming(1) if k != 0 and k in server.incoming(0))
+    misdirected = {**server.incoming(other), 1: server.incoming(0)[1]}
+    with pytest.raises(SecAggError, match="do not open"):
+        phones[other].reveal(misdirected, server.shared, server.reported)
+
+
+def test_the_graph_is_sparse_for_large_cohorts_symmetric_and_regular():
+    params = graph_parameters(130)
+    assert params.degree < 129 and params.threshold * 3 >= params.degree
+    graph = neighbours(130, params.degree, seed=4)
+    for u, mine in enumerate(graph):
+        assert len(mine) == params.degree and u not in mine
+        assert all(u in graph[v] for v in mine)
+    # Small cohorts: everyone neighbours everyone, and any third may drop out.
+    small = graph_parameters(13)
+    assert small.degree == 12 and small.threshold == 12 - 4
+
+
+def test_fixed_point_sums_do_not_wrap_and_are_unbiased():
+    encoding = RingEncoding(bound=2.0, max_summands=130)
+    rng = np.random.default_rng(0)
+    extreme = [np.full(1_000, 2.0), np.full(1_000, -2.0)]
+    for value in extreme:
+        total = np.zeros(1_000, dtype=np.uint32)
+        for _ in range(130):
+            total += encoding.encode(value, rng)
+        np.testing.assert_allclose(encoding.decode_sum(total), 130 * value, rtol=1e-9)
+    values = rng.uniform(-1, 1, size=(20, 50_000))
+    total = np.zeros(50_000, dtype=np.uint32)
+    for row in values:
+        total += encoding.encode(row, rng)
+    error = encoding.decode_sum(total) - values.sum(axis=0)
+    assert np.abs(error).max() <= 20 / encoding.scale
+    assert abs(error.mean()) < 3 * np.sqrt(20 / 4 / 50_000) / encoding.scale
