@@ -50,6 +50,15 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest L2 norm of an update; larger ones are refused (default: %(default)s)")
     parser.add_argument("--max-eval-positions", type=int, default=DEFAULTS.max_eval_positions,
                         help="most predictions one device's evaluation may claim (default: %(default)s)")
+    privacy = parser.add_argument_group("differential privacy (off unless --noise-multiplier is given)")
+    privacy.add_argument("--noise-multiplier", type=float, default=None,
+                         help="Gaussian noise on each round's sum, as a multiple of --clip-norm")
+    privacy.add_argument("--clip-norm", type=float, default=DEFAULTS.clip_norm,
+                         help="L2 norm phones clip their updates to (default: %(default)s)")
+    privacy.add_argument("--population", type=int, default=None,
+                         help="phones that could take part, for the accountant's sampling rate (default: those enrolled)")
+    privacy.add_argument("--dp-delta", type=float, default=None,
+                         help="delta at which epsilon is reported (default: 1 / population)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the initial model (default: %(default)s)")
     parser.add_argument("--init-model", type=Path, default=None,
                         help="start a new database from this saved model.safetensors (default: a fresh model)")
@@ -68,6 +77,10 @@ def round_settings(args: argparse.Namespace) -> dict:
         max_examples_per_update=args.max_examples,
         max_update_norm=args.max_update_norm,
         max_eval_positions=args.max_eval_positions,
+        noise_multiplier=args.noise_multiplier,
+        clip_norm=args.clip_norm,
+        population=args.population,
+        dp_delta=args.dp_delta,
         seed=args.seed,
         initial_model=args.init_model,
     )

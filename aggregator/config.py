@@ -36,6 +36,15 @@ class AggregatorConfig:
     # Most predictions one evaluation report may claim. Federated recall weights devices by this count, so, like
     # the example count, it is capped. Phones score at most 25 held-out messages of at most 63 predictions each.
     max_eval_positions: int = 2_000
+    # Differential privacy (aggregator/privacy.py): the Gaussian noise on each round's sum is this multiple of
+    # clip_norm. None leaves differential privacy off.
+    noise_multiplier: float | None = None
+    # With differential privacy on, phones clip their updates to this L2 norm (and the server clips again).
+    clip_norm: float = 1.0
+    # Phones that could take part: the accountant's sampling rate is the goal over this. None: the devices enrolled.
+    population: int | None = None
+    # The delta at which epsilon is reported. None: 1 / population.
+    dp_delta: float | None = None
     # Run rounds on a simulator's clock (set through PUT /clock) instead of the wall clock, so that deadlines,
     # durations and pace steering are in simulated time. Only for simulations.
     simulated_clock: bool = False
@@ -57,5 +66,17 @@ class AggregatorConfig:
             raise ValueError(f"min_report_fraction must be in (0, 1], got {self.min_report_fraction}")
         if self.max_examples_per_update < 1 or self.max_eval_positions < 1:
             raise ValueError("max_examples_per_update and max_eval_positions must be at least 1")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be positive, got {self.noise_multiplier}")
+        if not 0 < self.clip_norm <= self.max_update_norm:
+            raise ValueError(f"clip_norm must be positive and at most max_update_norm, got {self.clip_norm}")
+        if self.population is not None and self.population < self.clients_per_round:
+            raise ValueError("population must be at least clients_per_round")
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
         if not self.round_deadline_s > 0 or not self.retry_after_s > 0 or not self.max_update_norm > 0:
             raise ValueError("round_deadline_s, retry_after_s and max_update_norm must be positive")
+
+    @property
+    def differential_privacy(self) -> bool:
+        return self.noise_multiplier is not None

@@ -10,7 +10,9 @@ The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
 - updates for a round that has closed are refused and counted late;
 - devices also score the model they downloaded on their own held-out messages and
   report three counts (federated evaluation); summed, they are the round's quality
-  metrics for the model it started from.
+  metrics for the model it started from;
+- with differential privacy on, devices clip their updates, each counts once, and the
+  sum gets Gaussian noise once before it moves the model (`aggregator/privacy.py`).
 Closing averages the reported deltas (FedAvg and its server optimisers) into a new
 model, which is committed to SQLite together with the optimiser's state and the
 round's counts; on restart the manager resumes from the last committed model.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
+import os
 import random
 import secrets
 import threading
@@ -28,10 +31,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from safetensors.torch import load as load_safetensors
 
 from aggregator.config import AggregatorConfig
 from aggregator.pace import retry_after_s
+from aggregator.privacy import PrivacyEvent, epsilon, noisy_mean
 from aggregator.schemas import EvaluationReport
 from aggregator.storage import Storage
 from aggregator.strategy import UpdateSum, make_strategy
@@ -41,6 +46,7 @@ from keyboard_model.update_codec import decode_update, max_encoded_bytes
 from keyboard_model.weights import (
     Tensors,
     WeightsError,
+    clip_to_norm,
     l2_norm,
     model_from_bytes,
     model_to_bytes,
@@ -96,6 +102,7 @@ class CheckinDecision:
     model_version: int
     upload_token: str | None = None
     retry_after_s: float | None = None
+    clip_norm: float | None = None
 
 
 @dataclass
@@ -163,10 +170,12 @@ class RoundManager:
         if optimizer_state:
             self.strategy.load_state(load_safetensors(optimizer_state))
         self._device_by_token_hash = storage.device_tokens()
+        self._privacy_events = [PrivacyEvent(q, z) for q, z in storage.privacy_events()]
         recent = storage.recent_rounds(RECENT_ROUNDS)
         self._recent_durations = collections.deque(
             (r["duration_s"] for r in recent if r["duration_s"] is not None), maxlen=RECENT_ROUNDS
         )
+        self._epsilon = next((r["epsilon"] for r in reversed(recent) if r["epsilon"] is not None), None)
         next_round = storage.last_round_number() + 1
         # A round that was open when the service stopped is run again from the start.
         storage.discard_selections(next_round)
@@ -229,7 +238,9 @@ class RoundManager:
                 # A selected device downloads the model it is to train.
                 current.bytes_down += len(self.model_bytes)
             if token is not None and not done:
-                return CheckinDecision("train", current.number, self.model_version, upload_token=token)
+                clip_norm = self.config.clip_norm if self.config.differential_privacy else None
+                return CheckinDecision("train", current.number, self.model_version, upload_token=token,
+                                       clip_norm=clip_norm)
             wait = retry_after_s(
                 self.clock() - current.started, self._recent_durations, self.config.retry_after_s, self._rng
             )
@@ -266,11 +277,16 @@ class RoundManager:
         if norm > self.config.max_update_norm:
             raise BadUpdateError(f"the update's L2 norm is {norm:.2f}, above this aggregator's bound of "
                                  f"{self.config.max_update_norm}")
+        weight = float(num_examples)
+        if self.config.differential_privacy:
+            # Phones clip already; clipping what arrived makes the bound hold whatever a device sent. Each phone
+            # counts once: weighting by its claimed example count would let one phone move the sum further.
+            delta, weight = clip_to_norm(delta, self.config.clip_norm), 1.0
         with self._lock:
             device_id = self._authorize(round_number, token)
             if device_id in self.round.reported:
                 return SubmitResult(round_number, len(self.round.reported), duplicate=True)
-            self._sum.add(delta, num_examples)
+            self._sum.add(delta, weight)
             self.storage.set_selection_status(round_number, device_id, "reported")
             self.round.reported.add(device_id)
             self.round.aborted.discard(device_id)
@@ -357,7 +373,7 @@ class RoundManager:
             "eval_hits_at_1": current.eval_hits_at_1, "eval_hits_at_3": current.eval_hits_at_3,
         }
         if reported >= self.min_reports:
-            mean_delta = self._sum.mean()
+            mean_delta = self._private_mean(summary) if self.config.differential_privacy else self._sum.mean()
             new_state = self.strategy.apply(self.global_state, mean_delta)
             new_bytes = model_to_bytes(new_state, self.model_version + 1, self.config.model)
             summary.update(status="closed", new_version=self.model_version + 1, update_norm=l2_norm(mean_delta))
@@ -370,6 +386,21 @@ class RoundManager:
         self.round = self._open_round(current.number + 1)
         self._sum = UpdateSum(self.shapes)
 
+    def _private_mean(self, summary: dict) -> Tensors:
+        """The round's noisy mean; records the release in `summary` with the epsilon spent so far."""
+        config = self.config
+        population = config.population or max(len(self._device_by_token_hash), config.clients_per_round)
+        delta = config.dp_delta or 1.0 / population
+        event = PrivacyEvent(config.clients_per_round / population, config.noise_multiplier)
+        self._privacy_events.append(event)
+        summary.update(dp_noise_multiplier=event.noise_multiplier, dp_sampling_rate=event.sampling_rate,
+                       dp_delta=delta, epsilon=epsilon(self._privacy_events, delta))
+        self._epsilon = summary["epsilon"]
+        # Unpredictable noise: anyone who could replay it could subtract it.
+        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        return noisy_mean(self._sum.total(), config.clip_norm, config.noise_multiplier, config.clients_per_round,
+                          generator)
+
     def snapshot(self) -> dict:
         with self._lock:
             return {
@@ -379,6 +410,7 @@ class RoundManager:
                 "selected": len(self.round.token_by_device), "reported": len(self.round.reported),
                 "aborted": len(self.round.aborted),
                 "deadline_in_s": max(0.0, self.round.deadline - self.clock()),
+                "differential_privacy": self.config.differential_privacy, "epsilon": self._epsilon,
             }
 
 

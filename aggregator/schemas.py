@@ -20,6 +20,9 @@ class CheckinResponse(BaseModel):
     retry_after_s: float | None = Field(
         None, description="Present when action is 'retry': seconds to wait, spread by the server (pace steering)."
     )
+    clip_norm: float | None = Field(
+        None, description="With differential privacy on: the L2 norm the device must clip its update to."
+    )
 
 
 class UploadResponse(BaseModel):
@@ -89,6 +92,10 @@ class RoundSummary(BaseModel):
     eval_positions: int | None = Field(None, description="Next-word predictions those devices scored, summed.")
     eval_hits_at_1: int | None = None
     eval_hits_at_3: int | None = None
+    dp_noise_multiplier: float | None = Field(None, description="Differential privacy: the round's noise multiplier.")
+    dp_sampling_rate: float | None = Field(None, description="The sampling rate the accountant assumed: goal / population.")
+    dp_delta: float | None = None
+    epsilon: float | None = Field(None, description="Privacy spent by every round up to this one, at dp_delta.")
 
     # The quality metrics: the model this round started from (base_version), scored by federated evaluation.
     @computed_field
@@ -112,6 +119,8 @@ class StatusResponse(BaseModel):
     reported: int
     aborted: int
     deadline_in_s: float
+    differential_privacy: bool
+    epsilon: float | None = Field(description="Privacy spent so far (differential privacy on), at the last round's delta.")
     recent_rounds: list[RoundSummary]
 
 

@@ -67,7 +67,8 @@ class Storage:
                 "goal": int, "selected": int, "reported": int, "aborted": int, "dropped": int, "late": int,
                 "examples": int, "bytes_up": int, "bytes_down": int, "base_version": int, "new_version": int,
                 "update_norm": float, "eval_devices": int, "eval_positions": int, "eval_hits_at_1": int,
-                "eval_hits_at_3": int,
+                "eval_hits_at_3": int, "dp_noise_multiplier": float, "dp_sampling_rate": float, "dp_delta": float,
+                "epsilon": float,
             },
             pk="round",
         )
@@ -158,6 +159,13 @@ class Storage:
         with self._lock:
             rows = list(self.db.query("select max(round) as last from rounds"))
         return rows[0]["last"] or 0
+
+    def privacy_events(self) -> list[tuple[float, float]]:
+        """(sampling rate, noise multiplier) of every round that released a differentially private model."""
+        with self._lock:
+            rows = self.db.query("select dp_sampling_rate, dp_noise_multiplier from rounds "
+                                 "where status = 'closed' and dp_noise_multiplier is not null order by round")
+            return [(row["dp_sampling_rate"], row["dp_noise_multiplier"]) for row in rows]
 
     def recent_rounds(self, limit: int) -> list[dict]:
         with self._lock:

@@ -36,6 +36,10 @@ class UpdateSum:
         self.total_weight += weight
         self.count += 1
 
+    def total(self) -> Tensors:
+        """The weighted sum itself (float64); with weights of 1, the plain sum."""
+        return self.weighted_sum
+
     def mean(self) -> Tensors:
         if self.count == 0:
             raise ValueError("no updates to average")

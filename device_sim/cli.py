@@ -124,10 +124,12 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
     if url is not None and args.in_process:
         raise UserFacingError("--in-process runs its own aggregator; it cannot be combined with --aggregator")
     if url is None:
-        # The simulator drives its own aggregator's clock, so that deadlines are simulated time.
+        # The simulator drives its own aggregator's clock, so that deadlines are simulated time; and it knows
+        # how many phones the fleet has, which is the population the privacy accountant samples from.
+        own = {"simulated_clock": True, "population": args.population or args.phones or len(corpus.users())}
         aggregator_config = local_aggregator_config(
             args.out, corpus.tokenizer_path, model=model_config_from_args(args, corpus.manifest["vocab_size"]),
-            **round_settings(args) | {"simulated_clock": True},
+            **round_settings(args) | own,
         )
         if args.in_process:
             client = stack.enter_context(closing(InProcessClient(aggregator_config)))

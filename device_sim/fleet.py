@@ -296,7 +296,8 @@ class Fleet:
                 self._pending.append(_Event(self.clock.tick, interrupted, phone, decision, None))
                 continue
             model = self.client.model()  # the phone downloads the model it was selected to train
-            job = self.pool.submit(phone, model, self.config.train, seed, self.config.update_compression, self.now_s)
+            job = self.pool.submit(phone, model, self.config.train, seed, self.config.update_compression, self.now_s,
+                                   decision.clip_norm)
             self._pending.append(_Event(self.clock.tick, finish, phone, decision, job))
         return vanished
 
@@ -335,10 +336,11 @@ class TrainingPool:
             self.workers, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(tokenizer.to_json(),)
         )
 
-    def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float):
+    def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float,
+               clip_norm: float | None):
         """A future of (LocalWork, wall seconds the phone spent on it)."""
         return self._executor.submit(_train, phone.phone_id, phone.history_path.parent, model, config, seed,
-                                     compression, now_s)
+                                     compression, now_s, clip_norm)
 
     def close(self) -> None:
         self._executor.shutdown(cancel_futures=True)
@@ -356,9 +358,10 @@ def _start_worker(tokenizer_json: str) -> None:
 
 
 def _train(phone_id: str, folder: Path, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
-           now_s: float) -> tuple[LocalWork, float]:
+           now_s: float, clip_norm: float | None) -> tuple[LocalWork, float]:
     started = time.perf_counter()
-    work = Phone(phone_id, folder).local_work(model, _worker_tokenizer, config, seed, compression, now_s)
+    work = Phone(phone_id, folder).local_work(model, _worker_tokenizer, config, seed, compression, now_s,
+                                              clip_norm=clip_norm)
     return work, time.perf_counter() - started
 
 

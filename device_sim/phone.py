@@ -28,7 +28,7 @@ from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, train_local
 from keyboard_model.update_codec import encode_update
-from keyboard_model.weights import Tensors, model_from_bytes
+from keyboard_model.weights import Tensors, clip_to_norm, model_from_bytes
 
 # Held-out messages a phone scores the downloaded model on, at most. Ten phones still score about a thousand
 # predictions a round; scoring 100 messages cost a phone a quarter of its training time, 25 about a tenth; and
@@ -129,9 +129,11 @@ class Phone:
     def local_work(
         self, model_bytes: bytes, tokenizer: KeyboardTokenizer, config: LocalTrainConfig, seed: int,
         compression: str = "int8", now: float | None = None, eval_messages: int = EVAL_MESSAGES,
+        clip_norm: float | None = None,
     ) -> LocalWork:
         """Score the downloaded global model on held-out messages, then fine-tune it on the messages typed by
-        `now`. This is all the work that happens on the phone; nothing here talks to the network."""
+        `now`; with differential privacy on, the aggregator asks for the update clipped to `clip_norm`.
+        This is all the work that happens on the phone; nothing here talks to the network."""
         train_texts, held_out = self.messages(now)
         model, version = model_from_bytes(model_bytes)
         scored = tokenizer.encode_batch(held_out[:eval_messages]) if held_out else []
@@ -139,6 +141,8 @@ class Phone:
         start = {name: t.clone() for name, t in model.state_dict().items()}
         result = train_local(model, tokenizer.encode_batch(train_texts), config, seed=seed)
         delta = {name: t - start[name] for name, t in model.state_dict().items()}
+        if clip_norm is not None:
+            delta = clip_to_norm(delta, clip_norm)
         return LocalWork(update_bytes(delta, result.num_examples, compression, seed), evaluation, result)
 
     def send(self, client: AggregatorClient, round_number: int, upload_token: str, work: LocalWork) -> UploadResponse:
@@ -156,12 +160,13 @@ class Phone:
         config: LocalTrainConfig,
         seed: int,
         compression: str = "int8",
+        clip_norm: float | None = None,
     ) -> LocalRound | None:
         """Download the global model, score and fine-tune it on this phone, send the evaluation and the update.
 
         Returns None when they came too late: the round closed at its deadline meanwhile.
         """
-        work = self.local_work(client.model(), tokenizer, config, seed, compression)
+        work = self.local_work(client.model(), tokenizer, config, seed, compression, clip_norm=clip_norm)
         try:
             answer = self.send(client, round_number, upload_token, work)
         except AggregatorRefusedError as refused:
