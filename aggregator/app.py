@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundManager
-from aggregator.routes import devices, models, status
+from aggregator.routes import devices, models, secagg, status
 from aggregator.routes import rounds as rounds_routes
 from aggregator.storage import Storage
 
@@ -46,7 +46,7 @@ def create_app(config: AggregatorConfig) -> FastAPI:
     app.state.storage = storage
     app.state.rounds = rounds
     app.state.tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
-    for module in (devices, models, rounds_routes, status):
+    for module in (devices, models, rounds_routes, secagg, status):
         app.include_router(module.router)
     return app
 

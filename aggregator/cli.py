@@ -50,6 +50,10 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest L2 norm of an update; larger ones are refused (default: %(default)s)")
     parser.add_argument("--max-eval-positions", type=int, default=DEFAULTS.max_eval_positions,
                         help="most predictions one device's evaluation may claim (default: %(default)s)")
+    parser.add_argument("--secure-aggregation", action="store_true",
+                        help="run secure aggregation: the server learns only each round's sum of updates")
+    parser.add_argument("--secagg-phase", type=float, default=DEFAULTS.secagg_phase_s,
+                        help="seconds each key, share and unmask phase waits for devices (default: %(default)s)")
     privacy = parser.add_argument_group("differential privacy (off unless --noise-multiplier is given)")
     privacy.add_argument("--noise-multiplier", type=float, default=None,
                          help="Gaussian noise on each round's sum, as a multiple of --clip-norm")
@@ -77,6 +81,8 @@ def round_settings(args: argparse.Namespace) -> dict:
         max_examples_per_update=args.max_examples,
         max_update_norm=args.max_update_norm,
         max_eval_positions=args.max_eval_positions,
+        secure_aggregation=args.secure_aggregation,
+        secagg_phase_s=args.secagg_phase,
         noise_multiplier=args.noise_multiplier,
         clip_norm=args.clip_norm,
         population=args.population,

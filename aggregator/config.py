@@ -45,6 +45,11 @@ class AggregatorConfig:
     population: int | None = None
     # The delta at which epsilon is reported. None: 1 / population.
     dp_delta: float | None = None
+    # Secure aggregation (aggregator/secure_round.py): the server learns only the sum of a round's updates.
+    secure_aggregation: bool = False
+    # Its key, share and unmask phases each close when every device has answered, or this many seconds after
+    # they opened.
+    secagg_phase_s: float = 120.0
     # Run rounds on a simulator's clock (set through PUT /clock) instead of the wall clock, so that deadlines,
     # durations and pace steering are in simulated time. Only for simulations.
     simulated_clock: bool = False
@@ -74,8 +79,8 @@ class AggregatorConfig:
             raise ValueError("population must be at least clients_per_round")
         if self.dp_delta is not None and not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
-        if not self.round_deadline_s > 0 or not self.retry_after_s > 0 or not self.max_update_norm > 0:
-            raise ValueError("round_deadline_s, retry_after_s and max_update_norm must be positive")
+        if not min(self.round_deadline_s, self.retry_after_s, self.max_update_norm, self.secagg_phase_s) > 0:
+            raise ValueError("round_deadline_s, retry_after_s, max_update_norm and secagg_phase_s must be positive")
 
     @property
     def differential_privacy(self) -> bool:

@@ -52,6 +52,7 @@ class LocalAggregator:
             *(["--server-lr", str(c.server_learning_rate)] if c.server_learning_rate is not None else []),
             "--max-examples", str(c.max_examples_per_update), "--max-update-norm", str(c.max_update_norm),
             "--max-eval-positions", str(c.max_eval_positions), "--clip-norm", str(c.clip_norm),
+            *(["--secure-aggregation"] if c.secure_aggregation else []), "--secagg-phase", str(c.secagg_phase_s),
             *(["--noise-multiplier", str(c.noise_multiplier)] if c.noise_multiplier is not None else []),
             *(["--population", str(c.population)] if c.population is not None else []),
             *(["--dp-delta", str(c.dp_delta)] if c.dp_delta is not None else []),

@@ -12,7 +12,9 @@ The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
   report three counts (federated evaluation); summed, they are the round's quality
   metrics for the model it started from;
 - with differential privacy on, devices clip their updates, each counts once, and the
-  sum gets Gaussian noise once before it moves the model (`aggregator/privacy.py`).
+  sum gets Gaussian noise once before it moves the model (`aggregator/privacy.py`);
+- with secure aggregation on, the selected devices also run the phases of
+  `aggregator/secure_round.py`, and the server learns only the sum of their updates.
 Closing averages the reported deltas (FedAvg and its server optimisers) into a new
 model, which is committed to SQLite together with the optimiser's state and the
 round's counts; on restart the manager resumes from the last committed model.
@@ -37,11 +39,13 @@ from safetensors.torch import load as load_safetensors
 from aggregator.config import AggregatorConfig
 from aggregator.pace import retry_after_s
 from aggregator.privacy import PrivacyEvent, epsilon, noisy_mean
-from aggregator.schemas import EvaluationReport
+from aggregator.schemas import EvaluationReport, SecAggState
+from aggregator.secure_round import SecureRound
 from aggregator.storage import Storage
 from aggregator.strategy import UpdateSum, make_strategy
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
+from keyboard_model.secagg import PublicKeys, SecAggError, Share
 from keyboard_model.update_codec import decode_update, max_encoded_bytes
 from keyboard_model.weights import (
     Tensors,
@@ -89,6 +93,12 @@ class ClockError(UploadRefusedError):
     status_code = 409
 
 
+class SecAggRefusedError(UploadRefusedError):
+    """A secure-aggregation message that does not fit the round's phase or cohort; the message says why."""
+
+    status_code = 409
+
+
 class BadUpdateError(UploadRefusedError):
     """The update's bytes or example count are not acceptable; the message says why."""
 
@@ -103,6 +113,7 @@ class CheckinDecision:
     upload_token: str | None = None
     retry_after_s: float | None = None
     clip_norm: float | None = None
+    secure_aggregation: bool = False
 
 
 @dataclass
@@ -131,6 +142,9 @@ class OpenRound:
     examples: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    secure: SecureRound | None = None
+    late: set[str] = field(default_factory=set)  # in a secure round: masked inputs that came after collection closed
+    failure: str | None = None
 
 
 def token_hash(token: str) -> str:
@@ -198,7 +212,13 @@ class RoundManager:
 
     def _open_round(self, number: int) -> OpenRound:
         now = self.clock()
-        return OpenRound(number, self.model_version, time.time(), now, now + self.config.round_deadline_s)
+        secure = None
+        if self.config.secure_aggregation:
+            # The graph seed is public (every device gets it with the roster); it only has to differ by round.
+            secure = SecureRound(number, now, self.config, self.shapes, self._rng.randrange(2**63),
+                                 self.selection_target)
+        return OpenRound(number, self.model_version, time.time(), now, now + self.config.round_deadline_s,
+                         secure=secure)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -230,7 +250,9 @@ class RoundManager:
             current = self.round
             done = device_id in current.reported or device_id in current.aborted
             token = current.token_by_device.get(device_id)
-            if token is None and not done and len(current.token_by_device) < self.selection_target:
+            # A secure round's cohort is fixed once its keys are in: no one joins after that.
+            selecting = current.secure is None or current.secure.phase == "advertise"
+            if token is None and not done and selecting and len(current.token_by_device) < self.selection_target:
                 token = secrets.token_urlsafe(24)
                 self.storage.record_selection(current.number, device_id, token_hash(token))
                 current.token_by_device[device_id] = token
@@ -240,7 +262,7 @@ class RoundManager:
             if token is not None and not done:
                 clip_norm = self.config.clip_norm if self.config.differential_privacy else None
                 return CheckinDecision("train", current.number, self.model_version, upload_token=token,
-                                       clip_norm=clip_norm)
+                                       clip_norm=clip_norm, secure_aggregation=current.secure is not None)
             wait = retry_after_s(
                 self.clock() - current.started, self._recent_durations, self.config.retry_after_s, self._rng
             )
@@ -267,6 +289,8 @@ class RoundManager:
             device_id = self._authorize(round_number, token)
             if device_id in self.round.reported:
                 return SubmitResult(round_number, len(self.round.reported), duplicate=True)
+        if self.config.secure_aggregation:
+            return self._submit_masked(round_number, token, data)
         # Parsing and checking the bytes is the expensive part; do it outside the lock.
         try:
             delta, metadata = decode_update(data, self.shapes)
@@ -298,8 +322,99 @@ class RoundManager:
                 self._close_round()
         return SubmitResult(round_number, reported, duplicate=False, round_closed=closed)
 
+    def _submit_masked(self, round_number: int, token: str, data: bytes) -> SubmitResult:
+        """A secure round's upload: a masked input, added to the masked sum. Reaching the goal starts unmasking."""
+        secure = self.round.secure
+        try:
+            masked = secure.decode_masked(data)
+        except WeightsError as error:
+            raise BadUpdateError(str(error)) from error
+        with self._lock:
+            device_id = self._authorize(round_number, token)
+            current = self.round
+            if device_id in current.reported:
+                return SubmitResult(round_number, len(current.reported), duplicate=True)
+            if current.secure.phase != "collect":
+                current.late.add(device_id)
+                raise RoundClosedError(f"round {round_number} no longer collects masked inputs (it is in phase "
+                                       f"{current.secure.phase!r}); this one was not counted")
+            self._secure_step(lambda: current.secure.protocol.add_masked_input(
+                current.secure.protocol.index_of(device_id), masked))
+            self.storage.set_selection_status(round_number, device_id, "reported")
+            current.reported.add(device_id)
+            current.aborted.discard(device_id)
+            current.bytes_up += len(data)
+            reported = len(current.reported)
+            if reported >= self.config.clients_per_round:
+                self._secure_step(lambda: current.secure.close_collection(self.clock(), self.min_reports))
+            closed = self.round is not current
+        return SubmitResult(round_number, reported, duplicate=False, round_closed=closed)
+
+    # --- secure aggregation's own messages (the devices' side is device_sim/secure_aggregation.py) ---
+
+    def secagg_keys(self, round_number: int, token: str, keys: PublicKeys) -> None:
+        with self._lock:
+            device_id, secure = self._secure_device(round_number, token)
+            self._secure_step(lambda: secure.protocol.advertise(device_id, keys))
+            self.round.bytes_up += 64
+
+    def secagg_shares(self, round_number: int, token: str, sealed: dict[int, bytes]) -> None:
+        with self._lock:
+            device_id, secure = self._secure_device(round_number, token)
+            self._secure_step(lambda: secure.protocol.add_shares(secure.protocol.index_of(device_id), sealed))
+            self.round.bytes_up += sum(len(s) for s in sealed.values())
+
+    def secagg_reveal(self, round_number: int, token: str, shares: dict[int, Share]) -> None:
+        with self._lock:
+            device_id, secure = self._secure_device(round_number, token)
+            self.round.bytes_up += sum(len(share.value) + 2 for share in shares.values())
+            self._secure_step(lambda: secure.protocol.add_reveals(secure.protocol.index_of(device_id), shares))
+
+    def secagg_state(self, round_number: int, token: str) -> SecAggState:
+        """The round's secure aggregation as this device may see it (a snapshot, taken under the lock)."""
+        with self._lock:
+            device_id, secure = self._secure_device(round_number, token)
+            protocol = secure.protocol
+            in_cohort = protocol.roster is not None and device_id in protocol.devices
+            return secure.state(protocol.index_of(device_id) if in_cohort else None)
+
+    def _secure_device(self, round_number: int, token: str) -> tuple[str, SecureRound]:
+        device_id = self._authorize(round_number, token)
+        if self.round.secure is None:
+            raise SecAggRefusedError("this aggregator does not run secure aggregation")
+        return device_id, self.round.secure
+
+    def _secure_step(self, step) -> None:
+        """Run one step of the round's secure aggregation and close the phases it completes. A message that does
+        not fit is refused (SecAggRefusedError); a round left with too few devices fails."""
+        secure = self.round.secure
+        phase = secure.phase
+        try:
+            step()
+        except SecAggError as error:
+            if secure.phase != "failed":  # the message, not the round, is at fault
+                raise SecAggRefusedError(str(error)) from error
+            self.round.failure = str(error)
+            self._close_round()
+            raise SecAggRefusedError(str(error)) from error
+        if secure.phase != phase or secure.phase in ("advertise", "share", "unmask"):
+            self._advance_secure()
+
+    def _advance_secure(self) -> None:
+        current, secure = self.round, self.round.secure
+        try:
+            secure.advance(self.clock(), set(current.token_by_device), current.aborted, self.min_reports)
+        except SecAggError as error:
+            current.failure = str(error)
+            self._close_round()
+            return
+        if secure.sum is not None:
+            self._close_round()
+
     def submit_evaluation(self, round_number: int, token: str, report: EvaluationReport) -> tuple[int, bool]:
         """Add a selected device's evaluation counts to the round's; returns (reports so far, duplicate)."""
+        if self.config.secure_aggregation:
+            raise RoundClosedError("with secure aggregation the evaluation counts travel inside the masked input")
         if report.positions > self.config.max_eval_positions:
             raise BadUpdateError(f"an evaluation may score at most {self.config.max_eval_positions} predictions; "
                                  f"this one claims {report.positions}")
@@ -354,39 +469,78 @@ class RoundManager:
         self.tick()
 
     def tick(self) -> None:
-        """Close the round if its deadline has passed (called periodically)."""
+        """Close the round if its deadline has passed, and a secure round's phases whose time is up (called
+        periodically)."""
         with self._lock:
-            if self.clock() >= self.round.deadline:
+            current, secure = self.round, self.round.secure
+            if secure is not None:
+                self._tick_secure()
+            elif self.clock() >= current.deadline:
                 self._close_round()
+
+    def _tick_secure(self) -> None:
+        current, secure = self.round, self.round.secure
+        if self.clock() >= current.deadline and secure.phase in ("advertise", "share", "collect"):
+            # The deadline ends collection with the inputs that came, if they are enough; else the round fails.
+            if secure.phase != "collect":
+                current.failure = f"the deadline passed in phase {secure.phase!r}"
+                self._close_round()
+                return
+            try:
+                secure.close_collection(self.clock(), self.min_reports)
+            except SecAggError as error:
+                current.failure = str(error)
+                self._close_round()
+                return
+        self._advance_secure()
 
     def _close_round(self) -> None:
         current = self.round
         duration = self.clock() - current.started
         selected, reported, aborted = len(current.token_by_device), len(current.reported), len(current.aborted)
+        late = len(current.late)
         summary = {
             "round": current.number, "started_at": current.started_at, "closed_at": time.time(),
             "duration_s": duration, "goal": self.config.clients_per_round, "selected": selected,
-            "reported": reported, "aborted": aborted, "dropped": selected - reported - aborted, "late": 0,
+            "reported": reported, "aborted": aborted, "dropped": selected - reported - aborted - late, "late": late,
             "examples": current.examples, "bytes_up": current.bytes_up, "bytes_down": current.bytes_down,
             "base_version": current.base_version, "new_version": None, "update_norm": None,
             "eval_devices": len(current.evaluated), "eval_positions": current.eval_positions,
             "eval_hits_at_1": current.eval_hits_at_1, "eval_hits_at_3": current.eval_hits_at_3,
         }
-        if reported >= self.min_reports:
-            mean_delta = self._private_mean(summary) if self.config.differential_privacy else self._sum.mean()
+        mean_delta = self._round_mean(summary)
+        if mean_delta is not None:
             new_state = self.strategy.apply(self.global_state, mean_delta)
             new_bytes = model_to_bytes(new_state, self.model_version + 1, self.config.model)
             summary.update(status="closed", new_version=self.model_version + 1, update_norm=l2_norm(mean_delta))
             self.storage.record_round(summary, new_bytes, write_tensors(self.strategy.state()))
             self.model_version, self.model_bytes, self.global_state = self.model_version + 1, new_bytes, new_state
         else:
-            summary["status"] = "failed"
+            summary.update(status="failed", failure=current.failure)
             self.storage.record_round(summary, None, None)
         self._recent_durations.append(duration)
         self.round = self._open_round(current.number + 1)
         self._sum = UpdateSum(self.shapes)
 
-    def _private_mean(self, summary: dict) -> Tensors:
+    def _round_mean(self, summary: dict) -> Tensors | None:
+        """The step the round's updates give, or None if the round failed. Fills in what only the sum tells."""
+        current = self.round
+        if current.secure is None:
+            if len(current.reported) < self.min_reports:
+                current.failure = f"{len(current.reported)} updates arrived; {self.min_reports} needed"
+                return None
+            return self._private_mean(summary, self._sum.total()) if self.config.differential_privacy else self._sum.mean()
+        if current.secure.sum is None:
+            return None
+        total, (positions, hits_1, hits_3) = current.secure.result()
+        summary.update(eval_devices=len(current.reported), eval_positions=positions, eval_hits_at_1=hits_1,
+                       eval_hits_at_3=hits_3)
+        if self.config.differential_privacy:
+            return self._private_mean(summary, total)
+        # Each device counts once: its example count would be one more thing sent in the clear.
+        return {name: (t / len(current.reported)).float() for name, t in total.items()}
+
+    def _private_mean(self, summary: dict, total: Tensors) -> Tensors:
         """The round's noisy mean; records the release in `summary` with the epsilon spent so far."""
         config = self.config
         population = config.population or max(len(self._device_by_token_hash), config.clients_per_round)
@@ -398,8 +552,7 @@ class RoundManager:
         self._epsilon = summary["epsilon"]
         # Unpredictable noise: anyone who could replay it could subtract it.
         generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        return noisy_mean(self._sum.total(), config.clip_norm, config.noise_multiplier, config.clients_per_round,
-                          generator)
+        return noisy_mean(total, config.clip_norm, config.noise_multiplier, config.clients_per_round, generator)
 
     def snapshot(self) -> dict:
         with self._lock:

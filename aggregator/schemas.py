@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import base64
+import binascii
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, computed_field, model_validator
+
+
+def _from_base64(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as error:
+            raise ValueError(f"not base64: {error}") from error
+    return value
+
+
+# Bytes in Python, base64 text in JSON.
+Base64Bytes = Annotated[bytes, BeforeValidator(_from_base64),
+                        PlainSerializer(lambda data: base64.b64encode(data).decode("ascii"), return_type=str)]
 
 
 class EnrolmentResponse(BaseModel):
@@ -23,6 +39,7 @@ class CheckinResponse(BaseModel):
     clip_norm: float | None = Field(
         None, description="With differential privacy on: the L2 norm the device must clip its update to."
     )
+    secure_aggregation: bool = Field(False, description="The round runs secure aggregation: see /rounds/{round}/secagg.")
 
 
 class UploadResponse(BaseModel):
@@ -96,6 +113,7 @@ class RoundSummary(BaseModel):
     dp_sampling_rate: float | None = Field(None, description="The sampling rate the accountant assumed: goal / population.")
     dp_delta: float | None = None
     epsilon: float | None = Field(None, description="Privacy spent by every round up to this one, at dp_delta.")
+    failure: str | None = Field(None, description="Why a failed round failed.")
 
     # The quality metrics: the model this round started from (base_version), scored by federated evaluation.
     @computed_field
@@ -122,6 +140,59 @@ class StatusResponse(BaseModel):
     differential_privacy: bool
     epsilon: float | None = Field(description="Privacy spent so far (differential privacy on), at the last round's delta.")
     recent_rounds: list[RoundSummary]
+
+
+class SecAggKeys(BaseModel):
+    """A device's two public keys for the round (raw X25519, 32 bytes each, base64)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cipher: Base64Bytes
+    masking: Base64Bytes
+
+
+class SecAggShares(BaseModel):
+    """Sealed share pairs, by the cohort index of the neighbour each is for. The server cannot open them."""
+
+    model_config = ConfigDict(extra="forbid")
+    sealed: dict[int, Base64Bytes]
+
+
+class RevealedShare(BaseModel):
+    x: int = Field(ge=1)
+    value: Base64Bytes
+
+
+class SecAggReveal(BaseModel):
+    """One share per neighbour, by the neighbour's cohort index: of its self-mask seed if it reported, of its
+    masking seed if it did not."""
+
+    model_config = ConfigDict(extra="forbid")
+    shares: dict[int, RevealedShare]
+
+
+class SecAggRoster(BaseModel):
+    cipher_keys: list[Base64Bytes]
+    masking_keys: list[Base64Bytes]
+    degree: int
+    threshold: int
+    graph_seed: int
+
+
+class SecAggState(BaseModel):
+    """Where a round's secure aggregation is, as one selected device needs to see it."""
+
+    round: int
+    phase: Literal["advertise", "share", "collect", "unmask", "done", "failed"]
+    index: int | None = Field(None, description="This device's place in the cohort, once the roster is fixed.")
+    roster: SecAggRoster | None = None
+    shared: list[int] | None = Field(None, description="Who sent shares; fixed when the collect phase opens.")
+    reported: list[int] | None = Field(None, description="Whose masked input counts; fixed when unmasking opens.")
+    incoming: dict[int, Base64Bytes] | None = Field(
+        None, description="In the unmask phase, for a device that reported: the sealed pairs its neighbours sent it."
+    )
+    ring_bound: float = Field(description="Clip the update to this L2 norm; it is also each value's bound.")
+    ring_max_summands: int
+    length: int = Field(description="uint32 values in a masked input: the model's parameters, then 3 counts.")
 
 
 class ErrorResponse(BaseModel):

@@ -24,6 +24,7 @@ from typing import NoReturn
 import numpy as np
 
 from keyboard_model.secagg import (
+    SEED_BYTES,
     GraphParameters,
     PublicKeys,
     Roster,
@@ -52,6 +53,7 @@ class SecureAggregation:
     shared: list[int] = field(default_factory=list)
     reported: list[int] = field(default_factory=list)
     revealed: dict[int, dict[int, Share]] = field(default_factory=dict)  # owner -> revealer -> share
+    revealed_by: set[int] = field(default_factory=set)
     _sum: np.ndarray | None = None
     _neighbours: list[list[int]] = field(default_factory=list)
 
@@ -62,11 +64,13 @@ class SecureAggregation:
             raise SecAggError("these public keys were already advertised by another phone")
         self.advertised[device_id] = keys
 
-    def close_advertising(self) -> Roster:
+    def close_advertising(self, minimum: int = 3) -> Roster:
+        """Fix the cohort; fails with fewer than `minimum` phones, and always with fewer than three: in a sum of
+        two, either phone's update is the sum less its own."""
         self._expect("advertise")
         self.devices = sorted(self.advertised)
-        if len(self.devices) < 2:
-            self._fail()
+        if len(self.devices) < max(3, minimum):
+            self._fail(f"{len(self.devices)} phones sent keys")
         self.roster = Roster(self.round_number, [self.advertised[d] for d in self.devices],
                              graph_parameters(len(self.devices), self.dropout), self.graph_seed)
         self._neighbours = self.roster.neighbours()
@@ -90,11 +94,13 @@ class SecureAggregation:
             raise SecAggError("shares must go to exactly the sender's neighbours")
         self.sealed[sender] = dict(sealed)
 
-    def close_sharing(self) -> list[int]:
+    def close_sharing(self, minimum: int = 0) -> list[int]:
+        """Fix who shared; fails with fewer than `minimum` phones, or too few to rebuild anyone's secrets (a phone's
+        secrets need `threshold` shares from phones other than itself)."""
         self._expect("share")
         self.shared = sorted(self.sealed)
-        if len(self.shared) < self.parameters.threshold:
-            self._fail()
+        if len(self.shared) < max(self.parameters.threshold + 1, minimum):
+            self._fail(f"{len(self.shared)} phones shared their seeds")
         self.phase = "collect"
         return self.shared
 
@@ -110,11 +116,13 @@ class SecureAggregation:
         self._sum = masked.copy() if self._sum is None else self._sum + masked
         self.reported.append(sender)
 
-    def close_collection(self) -> list[int]:
+    def close_collection(self, minimum: int = 0) -> list[int]:
+        """Fix who reported; fails, before any share is revealed, with fewer than `minimum` phones or too few to
+        rebuild the reporters' secrets."""
         self._expect("collect")
         self.reported.sort()
-        if len(self.reported) < self.parameters.threshold:
-            self._fail()
+        if len(self.reported) < max(self.parameters.threshold + 1, minimum):
+            self._fail(f"{len(self.reported)} phones sent masked inputs")
         self.phase = "unmask"
         return self.reported
 
@@ -130,8 +138,11 @@ class SecureAggregation:
         expected = set(self._neighbours[revealer]) & set(self.shared)
         if set(shares) != expected:
             raise SecAggError("a phone reveals one share for each neighbour that shared with it")
+        if any(len(share.value) != SEED_BYTES for share in shares.values()):
+            raise SecAggError(f"a share is {SEED_BYTES} bytes")
         for owner, share in shares.items():
             self.revealed.setdefault(owner, {})[revealer] = share
+        self.revealed_by.add(revealer)
 
     def unmasked_sum(self) -> np.ndarray:
         """The sum of the reported inputs, modulo 2**32; fails if some secret has fewer than threshold shares."""

@@ -10,6 +10,10 @@ from aggregator.schemas import (
     EnrolmentResponse,
     EvaluationReport,
     EvaluationResponse,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
+    SecAggState,
     StatusResponse,
     UploadResponse,
 )
@@ -83,6 +87,23 @@ class AggregatorClient:
         )
         return EvaluationResponse.model_validate(response.json())
 
+    def secagg_state(self, round_number: int, upload_token: str) -> SecAggState:
+        response = self._request("GET", f"/rounds/{round_number}/secagg", headers=_bearer(upload_token))
+        return SecAggState.model_validate(response.json())
+
+    def secagg_keys(self, round_number: int, upload_token: str, keys: SecAggKeys) -> None:
+        self._secagg_post(round_number, upload_token, "keys", keys)
+
+    def secagg_shares(self, round_number: int, upload_token: str, shares: SecAggShares) -> None:
+        self._secagg_post(round_number, upload_token, "shares", shares)
+
+    def secagg_reveal(self, round_number: int, upload_token: str, reveal: SecAggReveal) -> None:
+        self._secagg_post(round_number, upload_token, "reveal", reveal)
+
+    def _secagg_post(self, round_number: int, upload_token: str, what: str, body) -> None:
+        self._request("POST", f"/rounds/{round_number}/secagg/{what}", content=body.model_dump_json(),
+                      headers={**_bearer(upload_token), "Content-Type": "application/json"})
+
     def set_clock(self, now_s: float) -> None:
         self._request("PUT", "/clock", json={"now_s": now_s})
 
@@ -94,3 +115,7 @@ class AggregatorClient:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

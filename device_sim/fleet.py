@@ -9,6 +9,10 @@ and due (pace steering told them when to come back) check in. The selected ones:
 - score the model they downloaded on their held-out messages (federated evaluation) and
   send those counts and their update in the order they would finish; those after the
   round closed are late.
+In a round with secure aggregation, a selected phone first sends its keys and, once the
+cohort is fixed, its sealed shares; it trains when the round starts collecting masked
+inputs, and reveals its shares when unmasking starts. A phone that vanishes may then do
+so at any of these steps.
 Phones really train, side by side in one single-threaded worker process per core
 (`TrainingPool`); every request to the aggregator goes through the client, over HTTP
 in service mode or by function call in in-process mode, from this process.
@@ -34,12 +38,13 @@ from pathlib import Path
 
 import torch
 
-from aggregator.schemas import CheckinResponse
+from aggregator.schemas import CheckinResponse, SecAggState
 from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.corpus import PreparedCorpus
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
 from device_sim.history import split_held_out
 from device_sim.phone import LocalWork, Phone
+from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
@@ -176,6 +181,22 @@ class _Event:
     job: Future | None
 
 
+@dataclass
+class _SecureParticipant:
+    """A selected phone in a secure round, between its steps."""
+
+    phone: Phone
+    decision: CheckinResponse
+    part: SecAggPhone
+    selected_tick: int
+    seed: int
+    vanish_at: str | None  # the step at which it loses its network: "share", "train" or "reveal"
+    step: str = "keys"  # what it did last: "keys", "shares", "training" or "uploaded"
+
+
+SECURE_STEPS = ("keys", "share", "train", "reveal")
+
+
 @dataclass(frozen=True)
 class RoundReport:
     round: int
@@ -220,6 +241,7 @@ class Fleet:
         self._rng = random.Random(config.seed)
         self._due_tick: dict[str, float] = {phone.phone_id: 0 for phone in self.phones}
         self._pending: list[_Event] = []
+        self._secure: dict[str, _SecureParticipant] = {}
         self._ids = [phone.phone_id for phone in self.phones]
         # An aggregator on the wall clock (one started without --simulated-clock) is left to it: its deadlines
         # are then real seconds, which a simulation passes through much faster than simulated hours.
@@ -258,6 +280,7 @@ class Fleet:
             eligible_at_start = len(eligible) if eligible_at_start is None else eligible_at_start
             due = [phone for phone in eligible if self._due_tick[phone.phone_id] <= self.clock.tick]
             outcomes += self._check_in(due)
+            outcomes += self._advance_secure()
             checkins += len(due)
         else:
             raise FleetError(
@@ -281,24 +304,82 @@ class Fleet:
             # Until it has reported, a selected phone does not check in again.
             self._due_tick[phone.phone_id] = math.inf
             seed = self._rng.randrange(2**31)
-            if self._rng.random() < self.config.vanish_probability:
-                self._due_tick[phone.phone_id] = self.clock.tick + VANISHED_TICKS
-                vanished.append(
-                    Participation(phone.phone_id, decision.round, "vanished", self.clock.tick, self.clock.tick)
-                )
-                continue
-            typed = len(phone.messages(self.now_s)[0][-self.config.train.max_messages :])
-            minutes = self.config.minutes_per_message * typed * self.clock.profile(phone.phone_id).speed
-            finish = self.clock.tick + max(1, math.ceil(minutes / tick_minutes))
-            window = range(self.clock.tick + 1, finish + 1)
-            interrupted = next((t for t in window if not self.clock.conditions(phone.phone_id, t).eligible), None)
-            if interrupted is not None:
-                self._pending.append(_Event(self.clock.tick, interrupted, phone, decision, None))
-                continue
-            model = self.client.model()  # the phone downloads the model it was selected to train
-            job = self.pool.submit(phone, model, self.config.train, seed, self.config.update_compression, self.now_s,
-                                   decision.clip_norm)
-            self._pending.append(_Event(self.clock.tick, finish, phone, decision, job))
+            vanishes = self._rng.random() < self.config.vanish_probability
+            # A phone of a secure round can vanish at any of its steps; of a plain round, while training.
+            vanish_at = (self._rng.choice(SECURE_STEPS) if decision.secure_aggregation else "keys") if vanishes else None
+            if vanish_at == "keys":
+                vanished.append(self._vanish(phone, decision.round, self.clock.tick))
+            elif decision.secure_aggregation:
+                part = SecAggPhone(decision.round)
+                try:
+                    self.client.secagg_keys(decision.round, decision.upload_token, part.keys_message())
+                except AggregatorRefusedError as refused:
+                    if refused.status_code not in GONE:
+                        raise
+                    continue  # the cohort was fixed (or the round ended) just before its keys came
+                self._secure[phone.phone_id] = _SecureParticipant(phone, decision, part, self.clock.tick, seed,
+                                                                  vanish_at)
+            else:
+                self._start_training(phone, decision, seed, self.clock.tick)
+        return vanished
+
+    def _vanish(self, phone: Phone, round_number: int, selected_tick: int) -> Participation:
+        self._due_tick[phone.phone_id] = self.clock.tick + VANISHED_TICKS
+        self._secure.pop(phone.phone_id, None)
+        return Participation(phone.phone_id, round_number, "vanished", selected_tick, self.clock.tick)
+
+    def _start_training(self, phone: Phone, decision: CheckinResponse, seed: int, selected_tick: int,
+                        secure: tuple[SecAggPhone, SecAggState] | None = None) -> None:
+        """The phone trains for a simulated time that depends on its speed and history, unless its conditions
+        change before it is done: then it aborts at that tick."""
+        tick_minutes = self.config.eligibility.tick_minutes
+        typed = len(phone.messages(self.now_s)[0][-self.config.train.max_messages :])
+        minutes = self.config.minutes_per_message * typed * self.clock.profile(phone.phone_id).speed
+        finish = self.clock.tick + max(1, math.ceil(minutes / tick_minutes))
+        window = range(self.clock.tick + 1, finish + 1)
+        interrupted = next((t for t in window if not self.clock.conditions(phone.phone_id, t).eligible), None)
+        if interrupted is not None:
+            self._pending.append(_Event(selected_tick, interrupted, phone, decision, None))
+            return
+        model = self.client.model()  # the phone downloads the model it was selected to train
+        job = self.pool.submit(phone, model, self.config.train, seed, self.config.update_compression, self.now_s,
+                               decision.clip_norm, secure)
+        self._pending.append(_Event(selected_tick, finish, phone, decision, job))
+
+    def _advance_secure(self) -> list[Participation]:
+        """Let the phones of a secure round take the steps its phases now allow. Returns the ones that vanished."""
+        vanished = []
+        progress = True
+        while progress:  # one step can open the next phase, as the last share does
+            progress = False
+            for phone_id, p in list(self._secure.items()):
+                if p.step == "training":
+                    continue
+                try:
+                    state = self.client.secagg_state(p.decision.round, p.decision.upload_token)
+                except AggregatorRefusedError as refused:
+                    if refused.status_code not in GONE:
+                        raise
+                    del self._secure[phone_id]  # its round is over
+                    continue
+                step = _next_step(p, state)
+                if step is None:
+                    missed_sharing = p.step == "keys" and state.phase not in ("advertise", "share")
+                    if state.phase in ("done", "failed") or missed_sharing:
+                        del self._secure[phone_id]  # nothing left for it to do in this round
+                    continue
+                progress = True
+                if step == p.vanish_at:
+                    vanished.append(self._vanish(p.phone, p.decision.round, p.selected_tick))
+                elif step == "share":
+                    self.client.secagg_shares(p.decision.round, p.decision.upload_token, p.part.shares_message(state))
+                    p.step = "shares"
+                elif step == "train":
+                    self._start_training(p.phone, p.decision, p.seed, p.selected_tick, (p.part, state))
+                    p.step = "training"
+                else:
+                    self.client.secagg_reveal(p.decision.round, p.decision.upload_token, p.part.reveal_message(state))
+                    del self._secure[phone_id]
         return vanished
 
     def _finish(self, event: _Event) -> Participation:
@@ -306,6 +387,7 @@ class Fleet:
         phone, decision, ticks = event.phone, event.decision, (event.selected_tick, event.tick)
         self._due_tick[phone.phone_id] = self.clock.tick + 1
         if event.job is None:
+            self._secure.pop(phone.phone_id, None)
             try:
                 self.client.abort(decision.round, decision.upload_token)
             except AggregatorRefusedError as refused:
@@ -320,6 +402,13 @@ class Fleet:
             if refused.status_code not in GONE:
                 raise
             outcome = "late"
+        participant = self._secure.get(phone.phone_id)
+        if participant is not None:
+            if outcome == "reported":
+                # It reveals its shares when unmasking starts. (Its masking ran in a worker, on a copy.)
+                participant.step, participant.part.masked = "uploaded", True
+            else:
+                del self._secure[phone.phone_id]
         return Participation(phone.phone_id, decision.round, outcome, *ticks, work.result, len(work.upload), seconds)
 
     def close(self) -> None:
@@ -337,10 +426,10 @@ class TrainingPool:
         )
 
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float,
-               clip_norm: float | None):
+               clip_norm: float | None, secure: tuple[SecAggPhone, SecAggState] | None = None):
         """A future of (LocalWork, wall seconds the phone spent on it)."""
         return self._executor.submit(_train, phone.phone_id, phone.history_path.parent, model, config, seed,
-                                     compression, now_s, clip_norm)
+                                     compression, now_s, clip_norm, secure)
 
     def close(self) -> None:
         self._executor.shutdown(cancel_futures=True)
@@ -358,11 +447,23 @@ def _start_worker(tokenizer_json: str) -> None:
 
 
 def _train(phone_id: str, folder: Path, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
-           now_s: float, clip_norm: float | None) -> tuple[LocalWork, float]:
+           now_s: float, clip_norm: float | None,
+           secure: tuple[SecAggPhone, SecAggState] | None) -> tuple[LocalWork, float]:
     started = time.perf_counter()
     work = Phone(phone_id, folder).local_work(model, _worker_tokenizer, config, seed, compression, now_s,
-                                              clip_norm=clip_norm)
+                                              clip_norm=clip_norm, secure=secure)
     return work, time.perf_counter() - started
+
+
+def _next_step(participant: _SecureParticipant, state: SecAggState) -> str | None:
+    """The step a phone of a secure round takes now, if any: share, train or reveal."""
+    if state.phase == "share" and participant.step == "keys":
+        return "share"
+    if state.phase == "collect" and participant.step == "shares":
+        return "train"
+    if state.phase == "unmask" and participant.step == "uploaded" and state.index in (state.reported or []):
+        return "reveal"
+    return None
 
 
 def evaluate_phones(model: CIFGLSTM, tokenizer: KeyboardTokenizer, phones: Sequence[Phone]) -> EvalCounts:

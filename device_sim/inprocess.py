@@ -17,11 +17,16 @@ from aggregator.schemas import (
     EvaluationReport,
     EvaluationResponse,
     RoundSummary,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
+    SecAggState,
     StatusResponse,
     UploadResponse,
 )
 from aggregator.storage import Storage
 from device_sim.client import AggregatorRefusedError
+from keyboard_model.secagg import PublicKeys, Share
 
 
 class InProcessClient:
@@ -42,10 +47,7 @@ class InProcessClient:
         return EnrolmentResponse(device_id=device_id, device_token=device_token)
 
     def checkin(self, device_token: str) -> CheckinResponse:
-        try:
-            device_id = self._rounds.authenticate(device_token)
-        except UploadRefusedError as error:
-            raise AggregatorRefusedError(error.status_code, str(error)) from error
+        device_id = _call(self._rounds.authenticate, device_token)
         return CheckinResponse(**self._rounds.checkin(device_id).__dict__)
 
     def model(self) -> bytes:
@@ -61,30 +63,41 @@ class InProcessClient:
         return self._tokenizer_json
 
     def upload(self, round_number: int, upload_token: str, update: bytes) -> UploadResponse:
-        try:
-            self._rounds.authorize(round_number, upload_token)
-            return UploadResponse(**self._rounds.submit(round_number, upload_token, update).__dict__)
-        except UploadRefusedError as error:
-            raise AggregatorRefusedError(error.status_code, str(error)) from error
+        _call(self._rounds.authorize, round_number, upload_token)
+        return UploadResponse(**_call(self._rounds.submit, round_number, upload_token, update).__dict__)
 
     def report_evaluation(self, round_number: int, upload_token: str, report: EvaluationReport) -> EvaluationResponse:
-        try:
-            evaluations, duplicate = self._rounds.submit_evaluation(round_number, upload_token, report)
-        except UploadRefusedError as error:
-            raise AggregatorRefusedError(error.status_code, str(error)) from error
+        evaluations, duplicate = _call(self._rounds.submit_evaluation, round_number, upload_token, report)
         return EvaluationResponse(round=round_number, evaluations=evaluations, duplicate=duplicate)
 
+    def secagg_state(self, round_number: int, upload_token: str) -> SecAggState:
+        state = _call(self._rounds.secagg_state, round_number, upload_token)
+        # Through JSON and back, as over HTTP, so both modes hand phones equal objects that share nothing.
+        return SecAggState.model_validate_json(state.model_dump_json())
+
+    def secagg_keys(self, round_number: int, upload_token: str, keys: SecAggKeys) -> None:
+        _call(self._rounds.secagg_keys, round_number, upload_token, PublicKeys(keys.cipher, keys.masking))
+
+    def secagg_shares(self, round_number: int, upload_token: str, shares: SecAggShares) -> None:
+        _call(self._rounds.secagg_shares, round_number, upload_token, dict(shares.sealed))
+
+    def secagg_reveal(self, round_number: int, upload_token: str, reveal: SecAggReveal) -> None:
+        revealed = {owner: Share(share.x, share.value) for owner, share in reveal.shares.items()}
+        _call(self._rounds.secagg_reveal, round_number, upload_token, revealed)
+
     def set_clock(self, now_s: float) -> None:
-        try:
-            self._rounds.set_simulated_time(now_s)
-        except UploadRefusedError as error:
-            raise AggregatorRefusedError(error.status_code, str(error)) from error
+        _call(self._rounds.set_simulated_time, now_s)
 
     def abort(self, round_number: int, upload_token: str) -> AbortResponse:
-        try:
-            return AbortResponse(round=round_number, aborted=self._rounds.abort(round_number, upload_token))
-        except UploadRefusedError as error:
-            raise AggregatorRefusedError(error.status_code, str(error)) from error
+        return AbortResponse(round=round_number, aborted=_call(self._rounds.abort, round_number, upload_token))
 
     def close(self) -> None:
         self._storage.close()
+
+
+def _call(method, *args):
+    """Call the round manager, answering a refusal as the HTTP client would."""
+    try:
+        return method(*args)
+    except UploadRefusedError as error:
+        raise AggregatorRefusedError(error.status_code, str(error)) from error

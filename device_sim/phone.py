@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from aggregator.schemas import CheckinResponse, EvaluationReport, UploadResponse
+from aggregator.schemas import CheckinResponse, EvaluationReport, SecAggState, UploadResponse
 from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.history import TypingHistory
+from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
@@ -129,11 +130,13 @@ class Phone:
     def local_work(
         self, model_bytes: bytes, tokenizer: KeyboardTokenizer, config: LocalTrainConfig, seed: int,
         compression: str = "int8", now: float | None = None, eval_messages: int = EVAL_MESSAGES,
-        clip_norm: float | None = None,
+        clip_norm: float | None = None, secure: tuple[SecAggPhone, SecAggState] | None = None,
     ) -> LocalWork:
         """Score the downloaded global model on held-out messages, then fine-tune it on the messages typed by
-        `now`; with differential privacy on, the aggregator asks for the update clipped to `clip_norm`.
-        This is all the work that happens on the phone; nothing here talks to the network."""
+        `now`; with differential privacy on, the aggregator asks for the update clipped to `clip_norm`. In a
+        secure round (`secure`: this phone's part and the round's state) the upload is the masked update with the
+        evaluation counts inside it. This is all the work that happens on the phone; nothing here talks to the
+        network."""
         train_texts, held_out = self.messages(now)
         model, version = model_from_bytes(model_bytes)
         scored = tokenizer.encode_batch(held_out[:eval_messages]) if held_out else []
@@ -143,6 +146,9 @@ class Phone:
         delta = {name: t - start[name] for name, t in model.state_dict().items()}
         if clip_norm is not None:
             delta = clip_to_norm(delta, clip_norm)
+        if secure is not None:
+            part, state = secure
+            return LocalWork(part.masked_upload(delta, evaluation, state, seed), None, result)
         return LocalWork(update_bytes(delta, result.num_examples, compression, seed), evaluation, result)
 
     def send(self, client: AggregatorClient, round_number: int, upload_token: str, work: LocalWork) -> UploadResponse:

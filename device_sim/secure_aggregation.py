@@ -12,9 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from safetensors.numpy import save as save_numpy
 
+from aggregator.schemas import EvaluationReport, RevealedShare, SecAggKeys, SecAggReveal, SecAggShares, SecAggState
 from keyboard_model.secagg import (
+    GraphParameters,
     PublicKeys,
+    RingEncoding,
     RoundSecrets,
     Roster,
     SecAggError,
@@ -28,6 +33,7 @@ from keyboard_model.secagg import (
     share_cipher_key,
     split_secret,
 )
+from keyboard_model.weights import Tensors, clip_to_norm
 
 
 @dataclass
@@ -83,9 +89,9 @@ class SecAggPhone:
             raise SecAggError("a phone reveals shares only after its own masked input was counted")
         if not set(reported) <= set(shared):
             raise SecAggError("the server says phones reported that never shared")
-        if len(reported) < roster.parameters.threshold:
-            raise SecAggError(f"only {len(reported)} phones reported; fewer than the threshold "
-                              f"{roster.parameters.threshold}, so no share is revealed")
+        if len(reported) <= roster.parameters.threshold:
+            raise SecAggError(f"only {len(reported)} phones reported, too few for the threshold "
+                              f"{roster.parameters.threshold}: no share is revealed")
         revealed = {}
         for v in set(roster.neighbours()[u]) & set(shared):
             if v not in incoming:
@@ -101,3 +107,37 @@ class SecAggPhone:
         if self.roster is None or self.index is None:
             raise SecAggError("this phone has not received the round's roster")
         return self.roster
+
+    # --- the same steps, in and out of the aggregator's messages ---
+
+    def keys_message(self) -> SecAggKeys:
+        keys = self.advertise()
+        return SecAggKeys(cipher=keys.cipher, masking=keys.masking)
+
+    def shares_message(self, state: SecAggState) -> SecAggShares:
+        if state.roster is None:
+            raise SecAggError("the round's roster is not fixed yet")
+        roster = Roster(state.round, [PublicKeys(c, m) for c, m in zip(state.roster.cipher_keys,
+                                                                      state.roster.masking_keys)],
+                        GraphParameters(state.roster.degree, state.roster.threshold), state.roster.graph_seed)
+        return SecAggShares(sealed=self.share(roster))
+
+    def masked_upload(self, delta: Tensors, evaluation: EvaluationReport | None, state: SecAggState,
+                      seed: int) -> bytes:
+        """The upload of a secure round: the delta (clipped to the ring's bound, in fixed point) followed by the
+        evaluation counts, masked; one uint32 tensor and nothing else."""
+        if state.shared is None:
+            raise SecAggError("the round has not fixed who shared yet")
+        flat = torch.cat([t.flatten() for t in clip_to_norm(delta, state.ring_bound).values()]).double().numpy()
+        encoding = RingEncoding(state.ring_bound, state.ring_max_summands)
+        counts = [evaluation.positions, evaluation.hits_at_1, evaluation.hits_at_3] if evaluation else [0, 0, 0]
+        vector = np.concatenate([encoding.encode(flat, np.random.default_rng(seed)), np.array(counts, np.uint32)])
+        if len(vector) != state.length:
+            raise SecAggError(f"this phone's model has {len(vector)} values to mask; the round expects {state.length}")
+        return save_numpy({"masked": self.mask(vector, state.shared)})
+
+    def reveal_message(self, state: SecAggState) -> SecAggReveal:
+        if state.reported is None or state.shared is None or state.incoming is None:
+            raise SecAggError("the round is not unmasking this phone's neighbours")
+        revealed = self.reveal(dict(state.incoming), state.shared, state.reported)
+        return SecAggReveal(shares={v: RevealedShare(x=share.x, value=share.value) for v, share in revealed.items()})

@@ -193,12 +193,12 @@ class GraphParameters:
 def graph_parameters(cohort: int, dropout: float = 1 / 3, failure: float = 1e-4) -> GraphParameters:
     """The sparsest graph that survives `dropout` of the cohort (at random) in all but `failure` of rounds.
 
-    In a sparse graph the threshold is a third of the degree: any t of a phone's neighbours rebuild its secrets,
-    so the server would have to collude with that many of them. A phone's secrets are lost when fewer than t of
-    its neighbours remain to the end; with random drop-outs the count of those left is binomial, and the
-    degree is the smallest (even) one for which that happens to any phone with probability at most `failure`.
-    When no sparse graph does, every phone neighbours every other (SecAgg), and the threshold is as high as a
-    `dropout` share of drop-outs, whichever phones they are, still allows: the guarantee is then certain.
+    The threshold is a third of the degree (at least two, where there are two neighbours): to rebuild a phone's
+    secrets the server would have to collude with that many of its neighbours, and they stay recoverable unless
+    more than two thirds of its neighbours drop out. With random drop-outs the count of neighbours left is
+    binomial; the degree is the smallest (even) one for which too few are left, for any phone, with probability
+    at most `failure`. When no sparse graph does, every phone neighbours every other (SecAgg), and then any
+    `dropout` share of the cohort may drop out, whichever phones they are.
     """
     if cohort < 2:
         raise SecAggError("secure aggregation needs at least two phones")
@@ -207,7 +207,7 @@ def graph_parameters(cohort: int, dropout: float = 1 / 3, failure: float = 1e-4)
         if cohort * binom.cdf(threshold - 1, degree, 1 - dropout) <= failure:
             return GraphParameters(degree, threshold)
     degree = cohort - 1
-    return GraphParameters(degree, max(1, degree - math.floor(cohort * dropout)))
+    return GraphParameters(degree, max(min(2, degree), math.ceil(degree / 3)))
 
 
 def neighbours(cohort: int, degree: int, seed: int) -> list[list[int]]:

@@ -165,3 +165,41 @@ def test_in_process_and_service_mode_follow_the_same_trajectory(tmp_path, small_
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     assert any(not torch.equal(a, initial[name]) for name, a in model_a.state_dict().items())
+
+
+def test_secure_rounds_run_through_the_fleet_with_drop_outs_at_every_step_and_match_across_modes(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    def run(client, folder: Path):
+        # Phones vanish at any of the protocol's steps.
+        fleet = Fleet(make_phones(folder, 30), fleet_config(folder, vanish_probability=0.15), client)
+        try:
+            reports = [fleet.run_round() for _ in range(4)]
+        finally:
+            fleet.close()
+        return client.model(), client.status().recent_rounds, reports
+
+    settings = dict(model=small_model_config, clients_per_round=4, simulated_clock=True, round_deadline_s=3600.0,
+                    secure_aggregation=True)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    in_process, summaries, reports = run(
+        InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path, **settings)), tmp_path / "a" / "phones")
+    with LocalAggregator(local_aggregator_config(tmp_path / "b", small_tokenizer_path, **settings)) as service:
+        over_http, summaries_b, _ = run(AggregatorClient(service.url), tmp_path / "b" / "phones")
+
+    # A round with more drop-outs than its graph survives fails, and says why; most close.
+    closed = [s for s in summaries if s.status == "closed"]
+    assert len(closed) >= 3 and all(s.failure for s in summaries if s.status == "failed")
+    assert sum(r.count("vanished") for r in reports) >= 2
+    for summary, report in zip(summaries, reports):
+        if summary.status == "closed":
+            assert summary.reported == len(report.participants) and summary.eval_devices == summary.reported
+            assert summary.eval_positions > 0
+    # Masks cancel exactly and the fixed-point rounding is seeded per phone: both modes reach the same model.
+    (model_a, version_a), (model_b, version_b) = model_from_bytes(in_process), model_from_bytes(over_http)
+    assert version_a == version_b == len(closed)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert [(s.eval_positions, s.eval_hits_at_1) for s in summaries] == [
+        (s.eval_positions, s.eval_hits_at_1) for s in summaries_b]

@@ -1,0 +1,118 @@
+"""Secure aggregation inside a round of the round protocol: when each phase closes, and what the sum holds.
+
+The round protocol (aggregator/rounds.py) still selects devices, counts reports and
+closes the round; with `secure_aggregation` on, a round also runs the four phases of
+`aggregator/secure_aggregation.py`, each closed as soon as every device that should
+answer has, or `secagg_phase_s` after it opened (the collect phase instead ends at the
+goal or the round's deadline, as plain rounds do).
+
+What a device masks is one vector in the ring (`keyboard_model/secagg.py`): its clipped
+model delta in fixed point, then its three evaluation counts as plain integers. The
+unmasked sum is therefore the sum of deltas and the summed counts, and nothing else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_numpy
+
+from aggregator.config import AggregatorConfig
+from aggregator.schemas import SecAggRoster, SecAggState
+from aggregator.secure_aggregation import SecureAggregation
+from keyboard_model.secagg import RingEncoding
+from keyboard_model.weights import Tensors, WeightsError
+
+# The evaluation counts ride at the end of the masked vector: predictions, hits at 1, hits at 3.
+EVAL_FIELDS = 3
+MASKED_TENSOR = "masked"
+
+
+class SecureRound:
+    def __init__(self, number: int, started: float, config: AggregatorConfig, shapes: dict[str, tuple[int, ...]],
+                 graph_seed: int, selection_target: int) -> None:
+        self.shapes = shapes
+        self.numel = sum(int(np.prod(shape)) for shape in shapes.values())
+        self.protocol = SecureAggregation(number, self.numel + EVAL_FIELDS, graph_seed)
+        # Phones clip to the bound the ring is sized for: the privacy clip if there is one, else the norm bound.
+        bound = config.clip_norm if config.differential_privacy else config.max_update_norm
+        self.encoding = RingEncoding(bound, selection_target)
+        self.phase_s = config.secagg_phase_s
+        self.phase_deadline = started + config.secagg_phase_s
+        self.full_since: float | None = None  # when the selection reached its target
+        self.selection_deadline = started + config.round_deadline_s / 2
+        self.selection_target = selection_target
+        self.sum: np.ndarray | None = None
+
+    @property
+    def phase(self) -> str:
+        return self.protocol.phase
+
+    def advance(self, now: float, selected: set[str], aborted: set[str], min_reports: int) -> None:
+        """Close the phases whose work is done or whose time is up. Raises SecAggError if the round must fail."""
+        protocol = self.protocol
+        if protocol.phase == "advertise":
+            # Keys are awaited from the whole selection: once it is full, until all came or the phase's time is up.
+            # A selection that does not fill by half the round's deadline goes on with the keys it has.
+            full = len(selected) >= self.selection_target
+            if full and self.full_since is None:
+                self.full_since, self.phase_deadline = now, now + self.phase_s
+            all_keys = full and set(protocol.advertised) >= selected - aborted
+            if all_keys or (full and now >= self.phase_deadline) or now >= self.selection_deadline:
+                protocol.close_advertising(min_reports)
+                self.phase_deadline = now + self.phase_s
+        if protocol.phase == "share":
+            cohort = {index for index, device in enumerate(protocol.devices) if device not in aborted}
+            if set(protocol.sealed) >= cohort or now >= self.phase_deadline:
+                protocol.close_sharing(min_reports)
+        if protocol.phase == "unmask":
+            if set(protocol.revealed_by) >= set(protocol.reported) or now >= self.phase_deadline:
+                self.sum = protocol.unmasked_sum()
+
+    def close_collection(self, now: float, min_reports: int) -> None:
+        self.protocol.close_collection(min_reports)
+        self.phase_deadline = now + self.phase_s
+
+    def state(self, index: int | None) -> SecAggState:
+        """What the device at cohort `index` (None: not in the cohort, or not fixed yet) may see now."""
+        protocol, phase = self.protocol, self.protocol.phase
+        roster = None
+        if protocol.roster is not None:
+            keys = protocol.roster.keys
+            roster = SecAggRoster(cipher_keys=[k.cipher for k in keys], masking_keys=[k.masking for k in keys],
+                                  degree=protocol.parameters.degree, threshold=protocol.parameters.threshold,
+                                  graph_seed=protocol.graph_seed)
+        unmasking = phase == "unmask" and index in protocol.reported
+        return SecAggState(
+            round=protocol.round_number, phase=phase, index=index, roster=roster,
+            shared=protocol.shared if phase in ("collect", "unmask", "done") else None,
+            reported=protocol.reported if phase in ("unmask", "done") else None,
+            incoming=protocol.incoming(index) if unmasking else None,
+            ring_bound=self.encoding.bound, ring_max_summands=self.encoding.max_summands, length=protocol.length,
+        )
+
+    def decode_masked(self, data: bytes) -> np.ndarray:
+        """A device's masked input from its upload: one uint32 tensor, nothing else. Raises WeightsError."""
+        try:
+            tensors = load_numpy(data)
+        except (SafetensorError, ValueError) as error:
+            raise WeightsError(f"not a safetensors upload: {error}") from error
+        if set(tensors) != {MASKED_TENSOR}:
+            raise WeightsError(f"a masked upload holds exactly one tensor, {MASKED_TENSOR!r}")
+        masked = tensors[MASKED_TENSOR]
+        if masked.dtype != np.uint32 or masked.shape != (self.protocol.length,):
+            raise WeightsError(f"the masked tensor must be {self.protocol.length} uint32 values")
+        return masked
+
+    def result(self) -> tuple[Tensors, tuple[int, int, int]]:
+        """(sum of the reported deltas, float64 by parameter; summed evaluation counts)."""
+        assert self.sum is not None
+        flat = torch.from_numpy(self.encoding.decode_sum(self.sum[: self.numel]))
+        total, offset = {}, 0
+        for name, shape in self.shapes.items():
+            size = int(np.prod(shape))
+            total[name] = flat[offset : offset + size].reshape(shape)
+            offset += size
+        positions, hits_1, hits_3 = (int(v) for v in self.sum[self.numel :])
+        return total, (positions, hits_1, hits_3)

@@ -1,0 +1,140 @@
+"""Secure aggregation's cost: per phone, on the server, in bytes, and on a whole round of 100 phones.
+
+1. The protocol alone, for a cohort of 130 selected phones (a goal of 100 with 1.3 over-selection) and the
+   default model: each phone's time to make its shares, mask its input and reveal its shares, and the server's
+   time to unmask the sum when 30 phones shared but did not report (the late ones of an over-selected round).
+2. Whole rounds: the fleet of `benchmarks/fleet.py` (10,000 phones, in-process, simulated clock, goal 100),
+   with and without secure aggregation; rounds' wall time and bytes up per reporting phone.
+
+    .venv/bin/python benchmarks/secagg.py [--rounds 3] [--skip-fleet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.secure_aggregation import SecureAggregation
+from aggregator.secure_round import EVAL_FIELDS
+from device_sim.corpus import CorpusConfig, prepare
+from device_sim.fleet import Fleet, FleetConfig, provision
+from device_sim.inprocess import InProcessClient
+from device_sim.secure_aggregation import SecAggPhone
+from aggregator.process import local_aggregator_config
+from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.update_codec import max_encoded_bytes
+from keyboard_model.weights import parameter_shapes
+
+COHORT, GOAL = 130, 100
+TARGETS = {"wall time": 2.0, "bytes up": 1.1}
+
+
+def protocol_costs(length: int) -> dict[str, float]:
+    """Seconds per phone for each step, the server's unmasking, and bytes each reporting phone sends."""
+    server = SecureAggregation(round_number=1, length=length, graph_seed=7)
+    phones = [SecAggPhone(round_number=1) for _ in range(COHORT)]
+    for k, phone in enumerate(phones):
+        server.advertise(f"device-{k:03d}", phone.advertise())
+    roster = server.close_advertising()
+    timings: dict[str, list[float]] = {"share": [], "mask": [], "reveal": []}
+    sealed_bytes = []
+    for k, phone in enumerate(phones):
+        started = time.perf_counter()
+        sealed = phone.share(roster)
+        timings["share"].append(time.perf_counter() - started)
+        sealed_bytes.append(sum(map(len, sealed.values())))
+        server.add_shares(k, sealed)
+    shared = server.close_sharing()
+    rng = np.random.default_rng(0)
+    for k, phone in enumerate(phones[:GOAL]):
+        vector = rng.integers(0, 2**32, length, dtype=np.uint32)
+        started = time.perf_counter()
+        masked = phone.mask(vector, shared)
+        timings["mask"].append(time.perf_counter() - started)
+        server.add_masked_input(k, masked)
+    reported = server.close_collection()
+    reveal_bytes = []
+    for k, phone in enumerate(phones[:GOAL]):
+        started = time.perf_counter()
+        shares = phone.reveal(server.incoming(k), shared, reported)
+        timings["reveal"].append(time.perf_counter() - started)
+        reveal_bytes.append(sum(len(s.value) + 2 for s in shares.values()))
+        server.add_reveals(k, shares)
+    started = time.perf_counter()
+    server.unmasked_sum()
+    unmask_s = time.perf_counter() - started
+    return {
+        "degree": roster.parameters.degree, "threshold": roster.parameters.threshold,
+        **{f"{step}_s": statistics.mean(values) for step, values in timings.items()},
+        "unmask_s": unmask_s,
+        "bytes_up": 64 + statistics.mean(sealed_bytes) + 4 * length + statistics.mean(reveal_bytes),
+    }
+
+
+def fleet_rounds(secure: bool, corpus, phones, args) -> tuple[float, float]:
+    """(mean wall seconds per round, bytes up per reporting phone) over `args.rounds` rounds after a warm-up."""
+    workdir = args.out / ("secure" if secure else "plain")
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    config = local_aggregator_config(
+        workdir, corpus.tokenizer_path, model=ModelConfig(vocab_size=corpus.tokenizer().vocab_size),
+        clients_per_round=GOAL, round_deadline_s=3600.0, simulated_clock=True, secure_aggregation=secure,
+    )
+    client = InProcessClient(config)
+    fleet = Fleet(phones, FleetConfig(phones_dir=args.out / "phones", seed=args.seed, vanish_probability=0.0), client)
+    try:
+        fleet.run_round()  # warm-up: workers start, phones enrol
+        started = time.perf_counter()
+        reports = [fleet.run_round() for _ in range(args.rounds)]
+        wall = (time.perf_counter() - started) / args.rounds
+    finally:
+        fleet.close()
+    measured = {report.round for report in reports}
+    summaries = [s for s in client.status().recent_rounds if s.round in measured]
+    failed = [s.round for s in summaries if s.status != "closed"]
+    if failed:
+        print(f"  rounds {failed} failed: {[s.failure for s in summaries if s.status != 'closed']}")
+    return wall, sum(s.bytes_up for s in summaries) / sum(s.reported for s in summaries)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds per mode, after one warm-up")
+    parser.add_argument("--phones", type=int, default=10_000)
+    parser.add_argument("--out", type=Path, default=Path("runs/fleet-benchmark"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-fleet", action="store_true", help="only the protocol's own costs")
+    args = parser.parse_args()
+
+    corpus = prepare(CorpusConfig())
+    shapes = parameter_shapes(build_model(ModelConfig(vocab_size=corpus.tokenizer().vocab_size)).state_dict())
+    length = sum(int(np.prod(s)) for s in shapes.values()) + EVAL_FIELDS
+    costs = protocol_costs(length)
+    int8, float32 = max_encoded_bytes(shapes, "int8"), max_encoded_bytes(shapes, "none")
+    print(f"protocol, cohort {COHORT} (graph degree {costs['degree']}, threshold {costs['threshold']}), goal {GOAL}, "
+          f"{length:,} values per phone:")
+    print(f"  per phone: shares {1000 * costs['share_s']:.0f} ms, masking {1000 * costs['mask_s']:.0f} ms, "
+          f"revealing {1000 * costs['reveal_s']:.0f} ms")
+    print(f"  server: unmasking the sum with {COHORT - GOAL} phones dropped after sharing: {costs['unmask_s']:.2f} s")
+    print(f"  bytes up per reporting phone: {costs['bytes_up'] / 1e6:.2f} MB = {costs['bytes_up'] / float32:.2f}x the "
+          f"float32 update ({float32 / 1e6:.2f} MB), {costs['bytes_up'] / int8:.2f}x the int8 one ({int8 / 1e6:.2f} MB)")
+    if args.skip_fleet:
+        return
+    phones = provision(corpus, args.out / "phones", args.phones, args.seed)
+    plain_wall, plain_bytes = fleet_rounds(False, corpus, phones, args)
+    secure_wall, secure_bytes = fleet_rounds(True, corpus, phones, args)
+    ratio = secure_wall / plain_wall
+    print(f"rounds of {GOAL} phones from {len(phones):,} (in-process, {args.rounds} measured rounds each):")
+    print(f"  plain (int8 updates): {plain_wall:.1f} s per round, {plain_bytes / 1e6:.2f} MB up per reporting phone")
+    print(f"  secure aggregation:   {secure_wall:.1f} s per round, {secure_bytes / 1e6:.2f} MB up per reporting phone")
+    print(f"  wall time {ratio:.2f}x (target <= {TARGETS['wall time']}x: "
+          f"{'met' if ratio <= TARGETS['wall time'] else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Secure aggregation through the real service: rounds with drop-outs at each phase give the mean of what the
+reporting phones sent, and a round with too few phones fails without moving the model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from aggregator.schemas import EvaluationReport, SecAggShares
+from device_sim.client import AggregatorClient, AggregatorRefusedError
+from device_sim.secure_aggregation import SecAggPhone
+from keyboard_model.secagg import RingEncoding, SecAggError
+from keyboard_model.weights import clip_to_norm, model_from_bytes, parameter_shapes
+
+
+class Device:
+    """A selected device of a secure round, driven step by step by the test."""
+
+    def __init__(self, client: AggregatorClient) -> None:
+        self.client = client
+        decision = client.checkin(client.enrol().device_token)
+        assert decision.action == "train" and decision.secure_aggregation
+        self.round, self.token = decision.round, decision.upload_token
+        self.part = SecAggPhone(self.round)
+
+    def state(self):
+        return self.client.secagg_state(self.round, self.token)
+
+    def send_keys(self) -> None:
+        self.client.secagg_keys(self.round, self.token, self.part.keys_message())
+
+    def send_shares(self) -> None:
+        self.client.secagg_shares(self.round, self.token, self.part.shares_message(self.state()))
+
+    def upload(self, delta, evaluation: EvaluationReport, seed: int):
+        data = self.part.masked_upload(delta, evaluation, self.state(), seed)
+        return self.client.upload(self.round, self.token, data)
+
+    def reveal(self) -> None:
+        self.client.secagg_reveal(self.round, self.token, self.part.reveal_message(self.state()))
+
+
+def wait_for_phase(device: Device, phase: str, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    while (state := device.state()).phase != phase:
+        assert time.monotonic() < deadline, f"still in phase {state.phase}, waiting for {phase}"
+        time.sleep(0.1)
+    return state
+
+
+def random_delta(shapes, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: 0.05 * torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+def start_secure(start_aggregator, small_tokenizer_path, small_model_config, **settings):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, secure_aggregation=True,
+                                  server_optimizer="fedavg", secagg_phase_s=1.0, round_deadline_s=60.0, **settings)
+    client = AggregatorClient(aggregator.url)
+    model, _ = model_from_bytes(client.model())
+    return client, model.state_dict()
+
+
+def test_drop_outs_before_sharing_before_uploading_and_late_still_give_the_mean_of_the_reports(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    client, before = start_secure(start_aggregator, small_tokenizer_path, small_model_config,
+                                  clients_per_round=5, over_selection=1.6)
+    devices = [Device(client) for _ in range(8)]
+    no_keys, no_shares, no_upload, *reporters = devices
+    for device in devices[1:]:
+        device.send_keys()
+    # The key phase closes when its time is up: one selected device never sent keys.
+    assert wait_for_phase(no_shares, "share").roster.degree == 6  # seven in the cohort, all neighbours
+    # A device that sent no keys is not in the cohort: its phone sees that, and the server refuses its shares.
+    with pytest.raises(SecAggError, match="lists its keys"):
+        no_keys.send_shares()
+    with pytest.raises(AggregatorRefusedError) as refused:
+        client.secagg_shares(no_keys.round, no_keys.token, SecAggShares(sealed={1: bytes(60)}))
+    assert refused.value.status_code == 409 and "cohort" in refused.value.detail
+    for device in [no_upload, *reporters]:
+        device.send_shares()
+    state = wait_for_phase(no_upload, "collect")
+    assert len(state.shared) == 6 and state.ring_bound == 20.0
+
+    shapes = parameter_shapes(before)
+    deltas = [random_delta(shapes, seed) for seed in range(5)]
+    evaluations = [EvaluationReport(model_version=0, positions=100 + k, hits_at_1=k, hits_at_3=2 * k) for k in range(5)]
+    answers = [d.upload(delta, e, seed) for seed, (d, delta, e) in enumerate(zip(reporters, deltas, evaluations))]
+    assert [a.round_closed for a in answers] == [False] * 5  # the round closes after unmasking
+    assert wait_for_phase(reporters[0], "unmask").reported is not None
+    with pytest.raises(AggregatorRefusedError) as late:
+        no_upload.upload(deltas[0], evaluations[0], seed=9)
+    assert late.value.status_code == 409
+    for device in reporters:
+        device.reveal()
+
+    status = client.status()
+    (summary,) = status.recent_rounds
+    assert (summary.status, summary.reported, summary.new_version) == ("closed", 5, 1)
+    assert (summary.eval_devices, summary.eval_positions, summary.eval_hits_at_1) == (5, 510, 10)
+    after, _ = model_from_bytes(client.model())
+    # The server learnt the mean of the five updates, each in the ring to within one step of its fixed point.
+    step = 1 / RingEncoding(20.0, 8).scale
+    for name in before:
+        mean = sum(clip_to_norm(d, 20.0)[name] for d in deltas) / 5
+        torch.testing.assert_close(after.state_dict()[name], before[name] + mean, rtol=0, atol=2 * step + 1e-6)
+
+
+def test_devices_dropping_out_while_unmasking_leave_enough_shares(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    client, before = start_secure(start_aggregator, small_tokenizer_path, small_model_config,
+                                  clients_per_round=6, over_selection=1.0)
+    devices = [Device(client) for _ in range(6)]
+    for device in devices:
+        device.send_keys()
+    wait_for_phase(devices[0], "share")
+    for device in devices:
+        device.send_shares()
+    wait_for_phase(devices[0], "collect")
+    shapes = parameter_shapes(before)
+    deltas = [random_delta(shapes, 10 + k) for k in range(6)]
+    for k, device in enumerate(devices):
+        device.upload(deltas[k], None, seed=k)
+    for device in devices[:4]:  # a third never reveal
+        device.reveal()
+    deadline = time.monotonic() + 20
+    while not client.status().recent_rounds:
+        assert time.monotonic() < deadline, "the round never closed"
+        time.sleep(0.1)
+    (summary,) = client.status().recent_rounds
+    assert summary.status == "closed" and summary.eval_positions == 0
+    after, _ = model_from_bytes(client.model())
+    step = 1 / RingEncoding(20.0, 6).scale
+    for name in before:
+        mean = sum(d[name] for d in deltas) / 6
+        torch.testing.assert_close(after.state_dict()[name], before[name] + mean, rtol=0, atol=2 * step + 1e-6)
+
+
+def test_too_few_devices_sharing_fails_the_round_before_anything_is_revealed_and_keeps_the_model(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    client, before = start_secure(start_aggregator, small_tokenizer_path, small_model_config,
+                                  clients_per_round=4, over_selection=1.0)
+    devices = [Device(client) for _ in range(4)]
+    for device in devices:
+        device.send_keys()
+    wait_for_phase(devices[0], "share")
+    for device in devices[:2]:  # two of four: fewer than a secret's threshold plus one
+        device.send_shares()
+    deadline = time.monotonic() + 20
+    while not client.status().recent_rounds:
+        assert time.monotonic() < deadline, "the round never failed"
+        time.sleep(0.1)
+    (summary,) = client.status().recent_rounds
+    assert summary.status == "failed" and "shared their seeds" in summary.failure
+    assert summary.new_version is None and client.status().model_version == 0
+    with pytest.raises(AggregatorRefusedError) as refused:
+        devices[0].state()
+    assert refused.value.status_code == 409  # the round is over: there is nothing to unmask
