@@ -18,16 +18,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from aggregator.process import local_aggregator_config
 from aggregator.secure_aggregation import SecureAggregation
 from aggregator.secure_round import EVAL_FIELDS
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import Fleet, FleetConfig, provision
 from device_sim.inprocess import InProcessClient
+from device_sim.phone import update_bytes
 from device_sim.secure_aggregation import SecAggPhone
-from aggregator.process import local_aggregator_config
 from keyboard_model.model import ModelConfig, build_model
-from keyboard_model.update_codec import max_encoded_bytes
 from keyboard_model.weights import parameter_shapes
 
 COHORT, GOAL = 130, 100
@@ -115,7 +116,8 @@ def main() -> None:
     shapes = parameter_shapes(build_model(ModelConfig(vocab_size=corpus.tokenizer().vocab_size)).state_dict())
     length = sum(int(np.prod(s)) for s in shapes.values()) + EVAL_FIELDS
     costs = protocol_costs(length)
-    int8, float32 = max_encoded_bytes(shapes, "int8"), max_encoded_bytes(shapes, "none")
+    zeros = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    int8, float32 = len(update_bytes(zeros, 1, "int8")), len(update_bytes(zeros, 1, "none"))
     print(f"protocol, cohort {COHORT} (graph degree {costs['degree']}, threshold {costs['threshold']}), goal {GOAL}, "
           f"{length:,} values per phone:")
     print(f"  per phone: shares {1000 * costs['share_s']:.0f} ms, masking {1000 * costs['mask_s']:.0f} ms, "
