@@ -334,6 +334,8 @@ class RoundManager:
             current = self.round
             if device_id in current.reported:
                 return SubmitResult(round_number, len(current.reported), duplicate=True)
+            if current.secure.phase in ("advertise", "share"):
+                raise SecAggRefusedError(f"round {round_number} does not collect masked inputs yet")
             if current.secure.phase != "collect":
                 current.late.add(device_id)
                 raise RoundClosedError(f"round {round_number} no longer collects masked inputs (it is in phase "
@@ -345,8 +347,13 @@ class RoundManager:
             current.aborted.discard(device_id)
             current.bytes_up += len(data)
             reported = len(current.reported)
-            if reported >= self.config.clients_per_round:
-                self._secure_step(lambda: current.secure.close_collection(self.clock(), self.min_reports))
+            # At the goal, unless a tiny cohort's reporters could not yet rebuild each other's self masks.
+            if reported >= max(self.config.clients_per_round, current.secure.protocol.parameters.threshold + 1):
+                try:
+                    current.secure.close_collection(self.clock(), self.min_reports)
+                except SecAggError as error:  # this upload counted; the round fails without it mattering
+                    current.failure = str(error)
+                    self._close_round()
             closed = self.round is not current
         return SubmitResult(round_number, reported, duplicate=False, round_closed=closed)
 

@@ -161,3 +161,61 @@ def test_too_few_devices_sharing_fails_the_round_before_anything_is_revealed_and
     with pytest.raises(AggregatorRefusedError) as refused:
         devices[0].state()
     assert refused.value.status_code == 409  # the round is over: there is nothing to unmask
+
+
+def test_with_differential_privacy_the_unmasked_sum_gets_its_noise_exactly_once(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    client, before = start_secure(start_aggregator, small_tokenizer_path, small_model_config, clients_per_round=4,
+                                  over_selection=1.0, noise_multiplier=0.2, clip_norm=0.5, population=40)
+    devices = [Device(client) for _ in range(4)]
+    for device in devices:
+        device.send_keys()
+    assert wait_for_phase(devices[0], "share").ring_bound == 0.5  # phones clip to the privacy bound
+    for device in devices:
+        device.send_shares()
+    wait_for_phase(devices[0], "collect")
+    shapes = parameter_shapes(before)
+    deltas = [random_delta(shapes, 20 + k) for k in range(4)]  # norms well above 0.5: clipped on the phone
+    for k, device in enumerate(devices):
+        device.upload(deltas[k], None, seed=k)
+    for device in devices:
+        device.reveal()
+    deadline = time.monotonic() + 20
+    while not client.status().recent_rounds:
+        assert time.monotonic() < deadline, "the round never closed"
+        time.sleep(0.1)
+    (summary,) = client.status().recent_rounds
+    assert summary.epsilon is not None and summary.dp_noise_multiplier == 0.2
+    after, _ = model_from_bytes(client.model())
+    mean = {n: sum(clip_to_norm(d, 0.5)[n] for d in deltas) / 4 for n in shapes}
+    residual = torch.cat([(after.state_dict()[n] - before[n] - mean[n]).flatten() for n in before])
+    # Noise of z * clip on the sum, divided by the goal: once, not once per phone (which would double it).
+    assert residual.std().item() == pytest.approx(0.2 * 0.5 / 4, rel=0.1)
+
+
+def test_a_tiny_cohort_collects_past_its_goal_until_the_reporters_can_unmask_each_other(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    # Goal 2, three selected: each reporter's self mask needs two shares from the others, so two reports are not
+    # enough to unmask; the round keeps collecting until the third.
+    client, before = start_secure(start_aggregator, small_tokenizer_path, small_model_config, clients_per_round=2,
+                                  over_selection=1.5)
+    devices = [Device(client) for _ in range(3)]
+    for device in devices:
+        device.send_keys()
+    assert wait_for_phase(devices[0], "share").roster.threshold == 2
+    for device in devices:
+        device.send_shares()
+    wait_for_phase(devices[0], "collect")
+    shapes = parameter_shapes(before)
+    deltas = [random_delta(shapes, 30 + k) for k in range(3)]
+    devices[0].upload(deltas[0], None, seed=0)
+    devices[1].upload(deltas[1], None, seed=1)
+    assert devices[0].state().phase == "collect"
+    devices[2].upload(deltas[2], None, seed=2)
+    assert devices[0].state().phase == "unmask"
+    for device in devices:
+        device.reveal()
+    (summary,) = client.status().recent_rounds
+    assert (summary.status, summary.reported) == ("closed", 3)
