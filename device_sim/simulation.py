@@ -194,6 +194,6 @@ def _log_round(
 
 
 def _json_number(value):
-    """JSON has no NaN: an undefined metric is written as null."""
-    return None if isinstance(value, float) and math.isnan(value) else value
+    """JSON has no NaN or infinity: an undefined or unbounded metric is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 

@@ -56,7 +56,11 @@ class EvalCounts:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
+        if not self.tokens:
+            return float("nan")
+        # A model wrecked by noise can have a mean loss past what exp() can hold.
+        mean = self.nll_sum / self.tokens
+        return math.exp(mean) if mean < 700 else math.inf
 
     def metrics(self) -> dict[str, float]:
         return {"recall_at_1": self.recall_at_1, "recall_at_3": self.recall_at_3, "perplexity": self.perplexity}

@@ -1,8 +1,10 @@
 import math
 
+import pytest
 import torch
 
 from keyboard_model.evaluate import (
+    EvalCounts,
     evaluate_fixed_suggestions,
     most_frequent_words,
     recall_positions,
@@ -65,3 +67,9 @@ def test_evaluate_batches_and_pads_without_changing_the_counts(small_tokenizer, 
         one_by_one.hits_at_1, one_by_one.hits_at_3, one_by_one.positions, one_by_one.tokens)
     assert batched.tokens == sum(len(m) - 1 for m in messages)
     assert math.isclose(batched.nll_sum, one_by_one.nll_sum, rel_tol=1e-5)
+
+
+def test_perplexity_of_a_wrecked_model_is_infinite_not_an_error():
+    # A model that noise has wrecked can average a loss past what exp() holds; the run must go on.
+    assert EvalCounts(nll_sum=5_000.0, tokens=2).perplexity == float("inf")
+    assert EvalCounts(nll_sum=2.0, tokens=2).perplexity == pytest.approx(math.e)
