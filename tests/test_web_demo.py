@@ -166,7 +166,8 @@ def test_suggests_words_from_the_aggregators_model(aggregator: LocalAggregator, 
         info = demo.wait_for_model()
         assert f"demo: open {demo.url}" in demo.output()
         expected, version = aggregator_suggester(aggregator, tokenizer)
-        assert info == {"model_version": version, "aggregator": aggregator.url, "error": None, "refresh_seconds": 0.3}
+        assert info == {"model_version": version, "aggregator": aggregator.url, "error": None, "refresh_seconds": 0.3,
+                        "differential_privacy": False, "epsilon": None, "dp_delta": None}
         assert version == httpx.get(f"{aggregator.url}/status").json()["model_version"]
 
         for text in ["", "to be ", "To be, or not to be, that is the question. "]:
@@ -301,3 +302,28 @@ def test_command_line_help_and_bad_options(capsys: pytest.CaptureFixture[str]) -
 
     assert main(["--refresh-seconds", "0"]) == 2
     assert "refresh_seconds must be positive" in capsys.readouterr().err
+
+
+def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differential_privacy(
+    tmp_path: Path, tokenizer: KeyboardTokenizer
+) -> None:
+    tokenizer_path = tmp_path / "tokenizer.json"
+    tokenizer.save(tokenizer_path)
+    model = ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=16, hidden_dim=32, projection_dim=16)
+    config = local_aggregator_config(tmp_path, tokenizer_path, clients_per_round=1, model=model,
+                                     max_update_norm=1_000.0, noise_multiplier=1.0, population=50)
+    with LocalAggregator(config) as aggregator, DemoServer(aggregator.url) as demo, \
+            chromium(tmp_path / "chromium-profile") as browser:
+        demo.wait_for_model(version=0)
+        assert demo.model_info()["differential_privacy"] and demo.model_info()["epsilon"] is None
+        publish_new_version(aggregator)
+        spent = httpx.get(f"{aggregator.url}/status", timeout=5).json()["epsilon"]
+        assert spent > 0
+        info = demo.wait_for_model(version=1)
+        assert (info["epsilon"], info["dp_delta"]) == (spent, 1 / 50)
+        browser.get(demo.url)
+        badge = WebDriverWait(browser, 10).until(
+            lambda b: (e := b.find_element(By.ID, "privacy")).is_displayed() and e.text.startswith("ε") and e)
+        symbol, shown, at, delta_symbol, delta = badge.text.split()
+        assert (symbol, at, delta_symbol, delta) == ("ε", "at", "δ", "2.0e-2")
+        assert float(shown) == pytest.approx(spent, rel=5e-3)  # three significant digits

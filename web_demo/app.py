@@ -49,9 +49,11 @@ def suggest(
 @router.get("/api/model", response_model=ModelInfo)
 def model_info(source: ModelSource = Depends(get_model_source)) -> ModelInfo:
     model, error = source.state()
+    privacy = source.privacy()
     return ModelInfo(
         model_version=None if model is None else model.version, aggregator=source.url, error=error,
-        refresh_seconds=source.refresh_seconds,
+        refresh_seconds=source.refresh_seconds, differential_privacy=privacy is not None,
+        epsilon=privacy.epsilon if privacy else None, dp_delta=privacy.delta if privacy else None,
     )
 
 

@@ -29,6 +29,14 @@ class LoadedModel:
     version: int
 
 
+@dataclass(frozen=True)
+class PrivacySpent:
+    """The aggregator's differential privacy so far: epsilon at delta (None before its first private round)."""
+
+    epsilon: float | None
+    delta: float | None
+
+
 class ModelSource:
     """Thread-safe holder of the latest model; use as a context manager to run the poller."""
 
@@ -39,6 +47,7 @@ class ModelSource:
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._error: str | None = None
+        self._privacy: PrivacySpent | None = None
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="model-refresh", daemon=True)
 
@@ -47,6 +56,11 @@ class ModelSource:
         with self._lock:
             return self._model, self._error
 
+    def privacy(self) -> PrivacySpent | None:
+        """None when the aggregator runs without differential privacy (or has not been reached)."""
+        with self._lock:
+            return self._privacy
+
     def refresh(self) -> None:
         """Load the aggregator's model if its version is not the one loaded; record why not if that fails."""
         loaded, previous_error = self.state()
@@ -54,6 +68,10 @@ class ModelSource:
             status = StatusResponse.model_validate_json(self._get("/status").content)
             if loaded is None or loaded.version != status.model_version:
                 self._load()
+            deltas = [r.dp_delta for r in status.recent_rounds if r.dp_delta is not None]
+            with self._lock:
+                self._privacy = (PrivacySpent(status.epsilon, deltas[-1] if deltas else None)
+                                 if status.differential_privacy else None)
             error = None
         except httpx.TransportError as e:
             error = f"the aggregator at {self.url} is not reachable: {str(e) or type(e).__name__}"

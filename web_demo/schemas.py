@@ -15,6 +15,9 @@ class ModelInfo(BaseModel):
     aggregator: str = Field(description="URL of the aggregator the model comes from.")
     error: str | None = Field(description="Why the last refresh failed; null when it succeeded.")
     refresh_seconds: float = Field(description="How often the demo asks the aggregator for a newer model.")
+    differential_privacy: bool = Field(False, description="The aggregator trains with differential privacy.")
+    epsilon: float | None = Field(None, description="Privacy spent so far, at dp_delta; null before the first round.")
+    dp_delta: float | None = None
 
 
 class ErrorResponse(BaseModel):

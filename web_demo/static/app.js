@@ -14,6 +14,7 @@ const message = document.getElementById("message");
 const strip = document.getElementById("suggestions");
 const buttons = [...strip.querySelectorAll("button")];
 const badge = document.getElementById("model-version");
+const privacyBadge = document.getElementById("privacy");
 const statusLine = document.getElementById("status");
 const aggregatorLabel = document.getElementById("aggregator");
 
@@ -95,6 +96,14 @@ function describeModelState(info) {
   return "";
 }
 
+function showPrivacy(info) {
+  privacyBadge.hidden = !info.differential_privacy;
+  if (!info.differential_privacy) return;
+  privacyBadge.textContent = info.epsilon === null
+    ? "ε 0 so far"
+    : `ε ${info.epsilon.toPrecision(3)} at δ ${info.dp_delta.toExponential(1)}`;
+}
+
 // The page learns of new model versions by asking the demo as often as the demo asks the aggregator.
 async function pollModel() {
   const [status, info] = await getJson("api/model");
@@ -102,6 +111,7 @@ async function pollModel() {
     pollMs = info.refresh_seconds * 1000;
     aggregatorLabel.textContent = info.aggregator;
     showVersion(info.model_version);
+    showPrivacy(info);
     showStatus(describeModelState(info));
     const changed = info.model_version !== knownVersion;
     knownVersion = info.model_version;
