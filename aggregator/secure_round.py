@@ -2,9 +2,13 @@
 
 The round protocol (aggregator/rounds.py) still selects devices, counts reports and
 closes the round; with `secure_aggregation` on, a round also runs the four phases of
-`aggregator/secure_aggregation.py`, each closed as soon as every device that should
-answer has, or `secagg_phase_s` after it opened (the collect phase instead ends at the
-goal or the round's deadline, as plain rounds do).
+`aggregator/secure_aggregation.py`:
+- advertise ends once the selection is full and every selected device has sent keys, or
+  `secagg_phase_s` after it filled; a selection that has not filled by half the round's
+  deadline goes on with the keys it has;
+- share and unmask end when every device that should answer has, or `secagg_phase_s`
+  after they opened;
+- collect ends at the goal or the round's deadline, as a plain round does.
 
 What a device masks is one vector in the ring (`keyboard_model/secagg.py`): its clipped
 model delta in fixed point, then its three evaluation counts as plain integers. The
