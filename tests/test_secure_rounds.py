@@ -50,6 +50,25 @@ def wait_for_phase(device: Device, phase: str, timeout_s: float = 20.0):
     return state
 
 
+def until_collecting(devices: list[Device]):
+    """All `devices` send keys and shares; returns the state once the round collects masked inputs."""
+    for device in devices:
+        device.send_keys()
+    wait_for_phase(devices[0], "share")
+    for device in devices:
+        device.send_shares()
+    return wait_for_phase(devices[0], "collect")
+
+
+def finished_round(client: AggregatorClient, timeout_s: float = 20.0):
+    """The summary of the aggregator's first round, once it has closed or failed."""
+    deadline = time.monotonic() + timeout_s
+    while not client.status().recent_rounds:
+        assert time.monotonic() < deadline, "the round never ended"
+        time.sleep(0.1)
+    return client.status().recent_rounds[0]
+
+
 def random_delta(shapes, seed: int):
     generator = torch.Generator().manual_seed(seed)
     return {name: 0.05 * torch.randn(shape, generator=generator) for name, shape in shapes.items()}
@@ -115,23 +134,14 @@ def test_devices_dropping_out_while_unmasking_leave_enough_shares(
     client, before = start_secure(start_aggregator, small_tokenizer_path, small_model_config,
                                   clients_per_round=6, over_selection=1.0)
     devices = [Device(client) for _ in range(6)]
-    for device in devices:
-        device.send_keys()
-    wait_for_phase(devices[0], "share")
-    for device in devices:
-        device.send_shares()
-    wait_for_phase(devices[0], "collect")
+    until_collecting(devices)
     shapes = parameter_shapes(before)
     deltas = [random_delta(shapes, 10 + k) for k in range(6)]
     for k, device in enumerate(devices):
         device.upload(deltas[k], None, seed=k)
     for device in devices[:4]:  # a third never reveal
         device.reveal()
-    deadline = time.monotonic() + 20
-    while not client.status().recent_rounds:
-        assert time.monotonic() < deadline, "the round never closed"
-        time.sleep(0.1)
-    (summary,) = client.status().recent_rounds
+    summary = finished_round(client)
     assert summary.status == "closed" and summary.eval_positions == 0
     after, _ = model_from_bytes(client.model())
     step = 1 / RingEncoding(20.0, 6).scale
@@ -151,11 +161,7 @@ def test_too_few_devices_sharing_fails_the_round_before_anything_is_revealed_and
     wait_for_phase(devices[0], "share")
     for device in devices[:2]:  # two of four: fewer than a secret's threshold plus one
         device.send_shares()
-    deadline = time.monotonic() + 20
-    while not client.status().recent_rounds:
-        assert time.monotonic() < deadline, "the round never failed"
-        time.sleep(0.1)
-    (summary,) = client.status().recent_rounds
+    summary = finished_round(client)
     assert summary.status == "failed" and "shared their seeds" in summary.failure
     assert summary.new_version is None and client.status().model_version == 0
     with pytest.raises(AggregatorRefusedError) as refused:
@@ -169,23 +175,14 @@ def test_with_differential_privacy_the_unmasked_sum_gets_its_noise_exactly_once(
     client, before = start_secure(start_aggregator, small_tokenizer_path, small_model_config, clients_per_round=4,
                                   over_selection=1.0, noise_multiplier=0.2, clip_norm=0.5, population=40)
     devices = [Device(client) for _ in range(4)]
-    for device in devices:
-        device.send_keys()
-    assert wait_for_phase(devices[0], "share").ring_bound == 0.5  # phones clip to the privacy bound
-    for device in devices:
-        device.send_shares()
-    wait_for_phase(devices[0], "collect")
+    assert until_collecting(devices).ring_bound == 0.5  # phones clip to the privacy bound
     shapes = parameter_shapes(before)
     deltas = [random_delta(shapes, 20 + k) for k in range(4)]  # norms well above 0.5: clipped on the phone
     for k, device in enumerate(devices):
         device.upload(deltas[k], None, seed=k)
     for device in devices:
         device.reveal()
-    deadline = time.monotonic() + 20
-    while not client.status().recent_rounds:
-        assert time.monotonic() < deadline, "the round never closed"
-        time.sleep(0.1)
-    (summary,) = client.status().recent_rounds
+    summary = finished_round(client)
     assert summary.epsilon is not None and summary.dp_noise_multiplier == 0.2
     after, _ = model_from_bytes(client.model())
     mean = {n: sum(clip_to_norm(d, 0.5)[n] for d in deltas) / 4 for n in shapes}
@@ -202,12 +199,7 @@ def test_a_tiny_cohort_collects_past_its_goal_until_the_reporters_can_unmask_eac
     client, before = start_secure(start_aggregator, small_tokenizer_path, small_model_config, clients_per_round=2,
                                   over_selection=1.5)
     devices = [Device(client) for _ in range(3)]
-    for device in devices:
-        device.send_keys()
-    assert wait_for_phase(devices[0], "share").roster.threshold == 2
-    for device in devices:
-        device.send_shares()
-    wait_for_phase(devices[0], "collect")
+    assert until_collecting(devices).roster.threshold == 2
     shapes = parameter_shapes(before)
     deltas = [random_delta(shapes, 30 + k) for k in range(3)]
     devices[0].upload(deltas[0], None, seed=0)
