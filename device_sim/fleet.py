@@ -305,8 +305,11 @@ class Fleet:
             self._due_tick[phone.phone_id] = math.inf
             seed = self._rng.randrange(2**31)
             vanishes = self._rng.random() < self.config.vanish_probability
-            # A phone of a secure round can vanish at any of its steps; of a plain round, while training.
-            vanish_at = (self._rng.choice(SECURE_STEPS) if decision.secure_aggregation else "keys") if vanishes else None
+            # A phone of a secure round can vanish at any of its steps; of a plain round, as soon as it is selected
+            # (it never uploads, just as if it vanished while training).
+            vanish_at = None
+            if vanishes:
+                vanish_at = self._rng.choice(SECURE_STEPS) if decision.secure_aggregation else "keys"
             if vanish_at == "keys":
                 vanished.append(self._vanish(phone, decision.round, self.clock.tick))
             elif decision.secure_aggregation:
@@ -324,6 +327,8 @@ class Fleet:
         return vanished
 
     def _vanish(self, phone: Phone, round_number: int, selected_tick: int) -> Participation:
+        """The phone loses its network. One that vanishes while unmasking has already been counted as reported;
+        it appears a second time, as vanished."""
         self._due_tick[phone.phone_id] = self.clock.tick + VANISHED_TICKS
         self._secure.pop(phone.phone_id, None)
         return Participation(phone.phone_id, round_number, "vanished", selected_tick, self.clock.tick)

@@ -54,7 +54,7 @@ class LocalWork:
     """A phone's work in a round: the two things it sends, and how training went (which stays on the phone)."""
 
     upload: bytes
-    evaluation: EvaluationReport | None  # None: no held-out message to score
+    evaluation: EvaluationReport | None  # None: no held-out message to score, or a secure round (counts are masked)
     result: TrainResult
 
 
