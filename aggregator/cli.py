@@ -54,6 +54,9 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run secure aggregation: the server learns only each round's sum of updates")
     parser.add_argument("--secagg-phase", type=float, default=DEFAULTS.secagg_phase_s,
                         help="seconds each key, share and unmask phase waits for devices (default: %(default)s)")
+    parser.add_argument("--secagg-ring-bits", type=int, choices=(8, 16, 32), default=DEFAULTS.secagg_ring_bits,
+                        help="masked updates are integers modulo 2**bits; 8 is the size of an int8 update "
+                             "(default: %(default)s)")
     privacy = parser.add_argument_group("differential privacy (off unless --noise-multiplier is given)")
     privacy.add_argument("--noise-multiplier", type=float, default=None,
                          help="Gaussian noise on each round's sum, as a multiple of --clip-norm")
@@ -83,6 +86,7 @@ def round_settings(args: argparse.Namespace) -> dict:
         max_eval_positions=args.max_eval_positions,
         secure_aggregation=args.secure_aggregation,
         secagg_phase_s=args.secagg_phase,
+        secagg_ring_bits=args.secagg_ring_bits,
         noise_multiplier=args.noise_multiplier,
         clip_norm=args.clip_norm,
         population=args.population,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyboard_model.model import ModelConfig
+from keyboard_model.secagg import RING_WIDTHS
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class AggregatorConfig:
     # Its key, share and unmask phases each close when every device has answered, or this many seconds after
     # they opened.
     secagg_phase_s: float = 120.0
+    # The ring a masked update lives in, 2**bits (8, 16 or 32). 8 makes a masked upload the size of a plain int8
+    # update; wider rings round less (benchmarks/secagg.py measures both).
+    secagg_ring_bits: int = 8
     # Run rounds on a simulator's clock (set through PUT /clock) instead of the wall clock, so that deadlines,
     # durations and pace steering are in simulated time. Only for simulations.
     simulated_clock: bool = False
@@ -79,6 +83,8 @@ class AggregatorConfig:
             raise ValueError("population must be at least clients_per_round")
         if self.dp_delta is not None and not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.secagg_ring_bits not in RING_WIDTHS:
+            raise ValueError(f"secagg_ring_bits must be one of {RING_WIDTHS}, got {self.secagg_ring_bits}")
         if not min(self.round_deadline_s, self.retry_after_s, self.max_update_norm, self.secagg_phase_s) > 0:
             raise ValueError("round_deadline_s, retry_after_s, max_update_norm and secagg_phase_s must be positive")
 

@@ -178,6 +178,16 @@ class SecAggRoster(BaseModel):
     graph_seed: int
 
 
+class SecAggEncoding(BaseModel):
+    """How a device puts its update into the ring (keyboard_model/secagg.py's RingEncoding)."""
+
+    bits: Literal[8, 16, 32] = Field(description="The update is masked modulo 2**bits; the 3 counts modulo 2**32.")
+    bound: float = Field(description="Clip the update to this L2 norm.")
+    max_summands: int
+    length: int = Field(description="The model's parameters, in order.")
+    rotation_seed: int
+
+
 class SecAggState(BaseModel):
     """Where a round's secure aggregation is, as one selected device needs to see it."""
 
@@ -190,9 +200,7 @@ class SecAggState(BaseModel):
     incoming: dict[int, Base64Bytes] | None = Field(
         None, description="In the unmask phase, for a device that reported: the sealed pairs its neighbours sent it."
     )
-    ring_bound: float = Field(description="Clip the update to this L2 norm; it is also each value's bound.")
-    ring_max_summands: int
-    length: int = Field(description="uint32 values in a masked input: the model's parameters, then 3 counts.")
+    encoding: SecAggEncoding
 
 
 class ErrorResponse(BaseModel):

@@ -6,7 +6,7 @@ at its deadline; whoever has not answered by then has dropped out:
    and its neighbour graph (the roster);
 2. share: phones send sealed share pairs for their neighbours, which the server only
    stores and forwards (it cannot open them);
-3. collect: phones that shared send masked inputs, summed modulo 2**32 as they come;
+3. collect: phones that shared send masked inputs, summed in their rings as they come;
 4. unmask: phones whose input was counted reveal one share per neighbour; the server
    rebuilds the self-mask seeds of the phones that reported and the masking seeds of
    those that shared but did not, and removes their masks from the sum.
@@ -21,15 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-import numpy as np
 
 from keyboard_model.secagg import (
     SEED_BYTES,
     GraphParameters,
+    Layout,
+    Masked,
     PublicKeys,
     Roster,
     SecAggError,
     Share,
+    add_mask,
     combine_shares,
     graph_parameters,
     pairwise_seed,
@@ -41,7 +43,7 @@ from keyboard_model.secagg import (
 @dataclass
 class SecureAggregation:
     round_number: int
-    length: int  # uint32 elements of every masked input
+    layout: Layout  # of every masked input
     graph_seed: int
     # Drop-outs the graph is built to survive, as a share of the cohort.
     dropout: float = 1 / 3
@@ -54,7 +56,7 @@ class SecureAggregation:
     reported: list[int] = field(default_factory=list)
     revealed: dict[int, dict[int, Share]] = field(default_factory=dict)  # owner -> revealer -> share
     revealed_by: set[int] = field(default_factory=set)
-    _sum: np.ndarray | None = None
+    _sum: Masked | None = None
     _neighbours: list[list[int]] = field(default_factory=list)
 
     # --- phase 1 ---
@@ -105,15 +107,16 @@ class SecureAggregation:
         return self.shared
 
     # --- phase 3 ---
-    def add_masked_input(self, sender: int, masked: np.ndarray) -> None:
+    def add_masked_input(self, sender: int, masked: Masked) -> None:
         self._expect("collect")
         if sender not in self.sealed:
             raise SecAggError("only phones that shared their seeds may send a masked input")
         if sender in self.reported:
             return
-        if masked.dtype != np.uint32 or masked.shape != (self.length,):
-            raise SecAggError(f"a masked input is {self.length} uint32 values")
-        self._sum = masked.copy() if self._sum is None else self._sum + masked
+        self.layout.check(masked)
+        if self._sum is None:
+            self._sum = self.layout.zeros()
+        add_mask(self._sum, masked, +1)
         self.reported.append(sender)
 
     def close_collection(self, minimum: int = 0) -> list[int]:
@@ -144,10 +147,11 @@ class SecureAggregation:
             self.revealed.setdefault(owner, {})[revealer] = share
         self.revealed_by.add(revealer)
 
-    def unmasked_sum(self) -> np.ndarray:
-        """The sum of the reported inputs, modulo 2**32; fails if some secret has fewer than threshold shares."""
+    def unmasked_sum(self) -> Masked:
+        """The sum of the reported inputs, in each array's ring; fails if some secret has fewer than threshold
+        shares."""
         self._expect("unmask")
-        threshold, total = self.parameters.threshold, self._sum.copy()
+        threshold, total = self.parameters.threshold, {name: values.copy() for name, values in self._sum.items()}
         reported = set(self.reported)
         for owner in self.shared:
             shares = list(self.revealed.get(owner, {}).values())
@@ -155,17 +159,13 @@ class SecureAggregation:
                 self._fail(f"phone {owner}'s secrets have {len(shares)} shares, fewer than {threshold}")
             seed = combine_shares(shares, threshold)
             if owner in reported:
-                total -= prg_mask(seed, self.length)
+                add_mask(total, prg_mask(seed, self.layout), -1)
                 continue
             # A phone that shared but did not report: the masks its reporting neighbours added for it stay in
             # the sum unless removed, each computed from its rebuilt masking seed and the neighbour's public key.
             for v in sorted(set(self._neighbours[owner]) & reported):
-                mask = prg_mask(pairwise_seed(seed, self.roster.keys[v].masking, self.round_number), self.length)
-                # Phone v added sign(v, owner) * mask.
-                if pairwise_sign(v, owner) > 0:
-                    total -= mask
-                else:
-                    total += mask
+                mask = prg_mask(pairwise_seed(seed, self.roster.keys[v].masking, self.round_number), self.layout)
+                add_mask(total, mask, -pairwise_sign(v, owner))  # phone v added sign(v, owner) * mask
         self.phase = "done"
         return total
 

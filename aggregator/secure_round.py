@@ -10,9 +10,10 @@ closes the round; with `secure_aggregation` on, a round also runs the four phase
   after they opened;
 - collect ends at the goal or the round's deadline, as a plain round does.
 
-What a device masks is one vector in the ring (`keyboard_model/secagg.py`): its clipped
-model delta in fixed point, then its three evaluation counts as plain integers. The
-unmasked sum is therefore the sum of deltas and the summed counts, and nothing else.
+What a device masks (`keyboard_model/secagg.py`) is two arrays: "update", its clipped model
+delta rotated and in fixed point modulo 2**secagg_ring_bits, and "counts", its three
+evaluation counts modulo 2**32. The unmasked sum is therefore the sum of deltas and the
+summed counts, and nothing else.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_numpy
 
 from aggregator.config import AggregatorConfig
-from aggregator.schemas import SecAggRoster, SecAggState
+from aggregator.schemas import SecAggEncoding, SecAggRoster, SecAggState
 from aggregator.secure_aggregation import SecureAggregation
-from keyboard_model.secagg import RingEncoding
+from keyboard_model.secagg import Layout, Masked, RingEncoding, SecAggError
 from keyboard_model.weights import Tensors, WeightsError
 
-# The evaluation counts ride at the end of the masked vector: predictions, hits at 1, hits at 3.
-EVAL_FIELDS = 3
-MASKED_TENSOR = "masked"
+
+
+def masked_layout(encoding: RingEncoding) -> Layout:
+    """A device's masked input: its encoded update, then its evaluation counts (predictions, hits at 1, hits at 3)."""
+    return Layout((("update", encoding.dtype, encoding.size), ("counts", "uint32", 3)))
 
 
 class SecureRound:
@@ -38,16 +41,16 @@ class SecureRound:
                  graph_seed: int, selection_target: int) -> None:
         self.shapes = shapes
         self.numel = sum(int(np.prod(shape)) for shape in shapes.values())
-        self.protocol = SecureAggregation(number, self.numel + EVAL_FIELDS, graph_seed)
         # Phones clip to the bound the ring is sized for: the privacy clip if there is one, else the norm bound.
         bound = config.clip_norm if config.differential_privacy else config.max_update_norm
-        self.encoding = RingEncoding(bound, selection_target)
+        self.encoding = RingEncoding(config.secagg_ring_bits, bound, selection_target, self.numel, graph_seed)
+        self.protocol = SecureAggregation(number, masked_layout(self.encoding), graph_seed)
         self.phase_s = config.secagg_phase_s
         self.phase_deadline = started + config.secagg_phase_s
         self.full_since: float | None = None  # when the selection reached its target
         self.selection_deadline = started + config.round_deadline_s / 2
         self.selection_target = selection_target
-        self.sum: np.ndarray | None = None
+        self.sum: Masked | None = None
 
     @property
     def phase(self) -> str:
@@ -93,30 +96,28 @@ class SecureRound:
             shared=protocol.shared if phase in ("collect", "unmask", "done") else None,
             reported=protocol.reported if phase in ("unmask", "done") else None,
             incoming=protocol.incoming(index) if unmasking else None,
-            ring_bound=self.encoding.bound, ring_max_summands=self.encoding.max_summands, length=protocol.length,
+            encoding=SecAggEncoding(bits=self.encoding.bits, bound=self.encoding.bound,
+                                    max_summands=self.encoding.max_summands, length=self.encoding.length,
+                                    rotation_seed=self.encoding.rotation_seed),
         )
 
-    def decode_masked(self, data: bytes) -> np.ndarray:
-        """A device's masked input from its upload: one uint32 tensor, nothing else. Raises WeightsError."""
+    def decode_masked(self, data: bytes) -> Masked:
+        """A device's masked input from its upload: the round's layout, nothing else. Raises WeightsError."""
         try:
-            tensors = load_numpy(data)
-        except (SafetensorError, ValueError) as error:
-            raise WeightsError(f"not a safetensors upload: {error}") from error
-        if set(tensors) != {MASKED_TENSOR}:
-            raise WeightsError(f"a masked upload holds exactly one tensor, {MASKED_TENSOR!r}")
-        masked = tensors[MASKED_TENSOR]
-        if masked.dtype != np.uint32 or masked.shape != (self.protocol.length,):
-            raise WeightsError(f"the masked tensor must be {self.protocol.length} uint32 values")
+            masked = load_numpy(data)
+            self.protocol.layout.check(masked)
+        except (SafetensorError, ValueError, SecAggError) as error:
+            raise WeightsError(f"not a masked upload of this round: {error}") from error
         return masked
 
     def result(self) -> tuple[Tensors, tuple[int, int, int]]:
         """(sum of the reported deltas, float64 by parameter; summed evaluation counts)."""
         assert self.sum is not None
-        flat = torch.from_numpy(self.encoding.decode_sum(self.sum[: self.numel]))
+        flat = torch.from_numpy(self.encoding.decode_sum(self.sum["update"]))
         total, offset = {}, 0
         for name, shape in self.shapes.items():
             size = int(np.prod(shape))
             total[name] = flat[offset : offset + size].reshape(shape)
             offset += size
-        positions, hits_1, hits_3 = (int(v) for v in self.sum[self.numel :])
+        positions, hits_1, hits_3 = (int(v) for v in self.sum["counts"])
         return total, (positions, hits_1, hits_3)

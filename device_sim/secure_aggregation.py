@@ -18,6 +18,8 @@ from safetensors.numpy import save as save_numpy
 from aggregator.schemas import EvaluationReport, RevealedShare, SecAggKeys, SecAggReveal, SecAggShares, SecAggState
 from keyboard_model.secagg import (
     GraphParameters,
+    Layout,
+    Masked,
     PublicKeys,
     RingEncoding,
     RoundSecrets,
@@ -25,6 +27,7 @@ from keyboard_model.secagg import (
     SecAggError,
     Share,
     SharePair,
+    add_mask,
     open_shares,
     pairwise_seed,
     pairwise_sign,
@@ -62,22 +65,18 @@ class SecAggPhone:
             for v, b, s in zip(mine, self_mask_shares, masking_shares)
         }
 
-    def mask(self, vector: np.ndarray, shared: list[int]) -> np.ndarray:
-        """`vector` (uint32, the encoded input) plus the self mask and the pairwise masks of the neighbours that
-        sent their shares (`shared`, the server's list), modulo 2**32."""
+    def mask(self, inputs: Masked, shared: list[int]) -> Masked:
+        """`inputs` (the encoded arrays) plus the self mask and the pairwise masks of the neighbours that sent their
+        shares (`shared`, the server's list), in each array's ring."""
         roster, u = self._roster(), self.index
         if u not in shared:
             raise SecAggError("the server's list of phones that shared leaves this phone out")
-        masked = vector.astype(np.uint32, copy=True)
-        masked += prg_mask(self.secrets.self_mask_seed, len(masked))
-        partners = set(shared) & set(roster.neighbours()[u])
-        for v in sorted(partners):
-            mask = prg_mask(pairwise_seed(self.secrets.masking_seed, roster.keys[v].masking, self.round_number),
-                            len(masked))
-            if pairwise_sign(u, v) > 0:
-                masked += mask
-            else:
-                masked -= mask
+        layout = Layout(tuple((name, values.dtype.name, len(values)) for name, values in inputs.items()))
+        masked = {name: values.copy() for name, values in inputs.items()}
+        add_mask(masked, prg_mask(self.secrets.self_mask_seed, layout), +1)
+        for v in sorted(set(shared) & set(roster.neighbours()[u])):
+            seed = pairwise_seed(self.secrets.masking_seed, roster.keys[v].masking, self.round_number)
+            add_mask(masked, prg_mask(seed, layout), pairwise_sign(u, v))
         self.masked = True
         return masked
 
@@ -124,17 +123,17 @@ class SecAggPhone:
 
     def masked_upload(self, delta: Tensors, evaluation: EvaluationReport | None, state: SecAggState,
                       seed: int) -> bytes:
-        """The upload of a secure round: the delta (clipped to the ring's bound, in fixed point) followed by the
-        evaluation counts, masked; one uint32 tensor and nothing else."""
+        """The upload of a secure round, masked: the delta (clipped to the encoding's bound, rotated, in the ring) and
+        the evaluation counts (uint32), and nothing else."""
         if state.shared is None:
             raise SecAggError("the round has not fixed who shared yet")
-        flat = torch.cat([t.flatten() for t in clip_to_norm(delta, state.ring_bound).values()]).double().numpy()
-        encoding = RingEncoding(state.ring_bound, state.ring_max_summands)
+        encoding = RingEncoding(**state.encoding.model_dump())
+        flat = torch.cat([t.flatten() for t in clip_to_norm(delta, encoding.bound).values()]).double().numpy()
+        if len(flat) != encoding.length:
+            raise SecAggError(f"this phone's model has {len(flat)} values; the round expects {encoding.length}")
         counts = [evaluation.positions, evaluation.hits_at_1, evaluation.hits_at_3] if evaluation else [0, 0, 0]
-        vector = np.concatenate([encoding.encode(flat, np.random.default_rng(seed)), np.array(counts, np.uint32)])
-        if len(vector) != state.length:
-            raise SecAggError(f"this phone's model has {len(vector)} values to mask; the round expects {state.length}")
-        return save_numpy({"masked": self.mask(vector, state.shared)})
+        inputs = {"update": encoding.encode(flat, np.random.default_rng(seed)), "counts": np.array(counts, np.uint32)}
+        return save_numpy(self.mask(inputs, state.shared))
 
     def reveal_message(self, state: SecAggState) -> SecAggReveal:
         if state.reported is None or state.shared is None or state.incoming is None:

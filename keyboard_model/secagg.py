@@ -8,8 +8,8 @@ from `pycryptodome`. What is ours is how they are put together:
 - Each phone has two key pairs per round: one to agree on keys that encrypt the secret
   shares it sends its neighbours, one whose agreements seed the pairwise masks. The
   private masking key is derived from a 16-byte seed, so that seed is what is shared.
-- A phone's masked input is `x + PRG(b) + sum over neighbours v of ±PRG(s_uv)` in the
-  ring of integers modulo 2**32 (numpy's uint32 arithmetic wraps exactly there). `b` is
+- A phone's masked input is `x + PRG(b) + sum over neighbours v of ±PRG(s_uv)` in a
+  ring of integers modulo 2**bits (numpy's unsigned arithmetic wraps exactly there). `b` is
   the phone's own random seed; `s_uv` comes from X25519 between u's and v's masking keys,
   so u adds what v subtracts, and the pairwise masks cancel in the sum.
 - `b` and the masking seed are each split into Shamir shares, one per neighbour, with
@@ -18,12 +18,14 @@ from `pycryptodome`. What is ours is how they are put together:
   share of the masking seed if it did not, never both: the server can then remove the
   self masks of the phones that reported and the pairwise masks of the ones that did not.
 
-Real numbers enter the ring in fixed point (`RingEncoding`), with a scale chosen so that
-the sum of every selected phone's largest possible value cannot wrap around.
+Model deltas enter the ring rotated and in fixed point (`RingEncoding`), with a scale
+chosen so that the sum of every selected phone's largest possible delta does not wrap
+around; an 8-bit ring makes a masked upload the size of a plain int8 one.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -36,10 +38,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from scipy.fft import dct, idct, next_fast_len
 from scipy.stats import binom
 
 SEED_BYTES = 16  # AES-128 keys and Shamir secrets (pycryptodome shares 16-byte secrets)
-RING_BITS = 32
+RING_WIDTHS = (8, 16, 32)
+# Values of a round's sum expected to wrap around the ring when every phone sends the largest delta, all alike.
+WRAP_BUDGET = 0.01
 NONCE_BYTES = 12
 
 
@@ -110,10 +115,52 @@ def share_cipher_key(own_cipher_key: bytes, peer_cipher_public: bytes, round_num
 # --- masks ----------------------------------------------------------------------------------------------------
 
 
-def prg_mask(seed: bytes, length: int) -> np.ndarray:
-    """`length` pseudo-random uint32 values: the AES-128-CTR keystream of `seed`. Each seed masks one vector once."""
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(encryptor.update(bytes(4 * length)), dtype=np.uint32)
+# A masked input: named arrays of unsigned integers, each in the ring of its width (numpy's unsigned arithmetic
+# wraps at 2**bits), so that adding masks and summing inputs are plain numpy additions.
+Masked = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What every masked input of a round holds: (name, unsigned numpy type, length) for each array, in the order
+    one keystream masks them."""
+
+    arrays: tuple[tuple[str, str, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(np.dtype(dtype).itemsize * length for _, dtype, length in self.arrays)
+
+    def zeros(self) -> Masked:
+        return {name: np.zeros(length, dtype) for name, dtype, length in self.arrays}
+
+    def check(self, masked: Masked) -> None:
+        """Raises SecAggError unless `masked` holds exactly this layout's arrays."""
+        if set(masked) != {name for name, _, _ in self.arrays}:
+            raise SecAggError(f"a masked input holds exactly the arrays {[name for name, _, _ in self.arrays]}")
+        for name, dtype, length in self.arrays:
+            if masked[name].dtype != np.dtype(dtype) or masked[name].shape != (length,):
+                raise SecAggError(f"{name!r} of a masked input is {length} {dtype} values")
+
+
+def prg_mask(seed: bytes, layout: Layout) -> Masked:
+    """Pseudo-random arrays in `layout`: the AES-128-CTR keystream of `seed`, cut in order. Each seed masks one
+    input once."""
+    stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(layout.nbytes))
+    mask, offset = {}, 0
+    for name, dtype, length in layout.arrays:
+        mask[name] = np.frombuffer(stream, dtype=dtype, count=length, offset=offset)
+        offset += np.dtype(dtype).itemsize * length
+    return mask
+
+
+def add_mask(total: Masked, mask: Masked, sign: int) -> None:
+    """total += sign * mask, in each array's ring."""
+    for name, values in mask.items():
+        if sign > 0:
+            total[name] += values
+        else:
+            total[name] -= values
 
 
 def pairwise_sign(own_index: int, peer_index: int) -> int:
@@ -246,24 +293,58 @@ class Roster:
 
 @dataclass(frozen=True)
 class RingEncoding:
-    """Real values in [-bound, bound] as integers modulo 2**32, for sums of at most `max_summands` of them.
+    """A model delta of `length` values (L2 norm at most `bound`) as `size` integers modulo 2**bits, for sums of at
+    most `max_summands` deltas. As in Kairouz et al. 2021 (the distributed discrete Gaussian):
 
-    The scale is the largest for which `max_summands * bound * scale` stays below 2**31, so a sum read as a signed
-    32-bit integer never wraps. Rounding is stochastic and unbiased, so the decoded sum is unbiased too.
+    - Every phone rotates its delta by the same random orthogonal map, random signs then the orthonormal DCT
+      (scipy). Each rotated value of a sum S is then sub-Gaussian with variance at most 2 |S|^2 / length, however
+      the sum was spread over the parameters, because no DCT entry exceeds sqrt(2 / length). The delta is padded
+      with zeros to `size`, the next length scipy's FFT is fast for (for the default model, 1.2% longer and 12
+      times faster).
+    - The scale is the largest for which, even for `max_summands` deltas at the bound all pointing the same way,
+      the expected number of the sum's values that leave the signed range is at most WRAP_BUDGET. A single
+      phone's values may wrap: only the sum must not.
+    - Rounding is stochastic and unbiased, so the decoded sum is too. Each summand adds rounding noise of
+      variance at most 1 / (4 scale^2) per value; rotating back leaves its size unchanged.
     """
 
+    bits: int
     bound: float
     max_summands: int
+    length: int
+    rotation_seed: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in RING_WIDTHS:
+            raise SecAggError(f"the ring is 2**8, 2**16 or 2**32, not 2**{self.bits}")
+
+    @functools.cached_property
+    def size(self) -> int:
+        return next_fast_len(self.length, real=True)
+
+    @property
+    def dtype(self) -> str:
+        return f"uint{self.bits}"
 
     @property
     def scale(self) -> float:
-        return math.floor((2 ** (RING_BITS - 1) - 1) / (self.max_summands * self.bound))
+        # Sub-Gaussian tail: P(|value| > k sigma) <= 2 exp(-k^2 / 2), over `length` values.
+        k = math.sqrt(2 * math.log(2 * self.size / WRAP_BUDGET))
+        sigma = math.sqrt(2 / self.size) * self.max_summands * self.bound
+        return (2 ** (self.bits - 1) - 1) / (k * sigma)
 
-    def encode(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        scaled = np.clip(values.astype(np.float64), -self.bound, self.bound) * self.scale
+    @functools.cached_property
+    def _signs(self) -> np.ndarray:
+        return np.random.default_rng(self.rotation_seed).choice(np.array([-1.0, 1.0]), self.size)
+
+    def encode(self, delta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        padded = np.zeros(self.size)
+        padded[: self.length] = delta
+        scaled = dct(padded * self._signs, norm="ortho") * self.scale
         floor = np.floor(scaled)
-        rounded = floor + (rng.random(scaled.shape) < scaled - floor)
-        return rounded.astype(np.int64).astype(np.uint32)
+        rounded = (floor + (rng.random(scaled.shape) < scaled - floor)).astype(np.int64)
+        return np.mod(rounded, 2**self.bits).astype(self.dtype)
 
     def decode_sum(self, total: np.ndarray) -> np.ndarray:
-        return total.view(np.int32).astype(np.float64) / self.scale
+        signed = total.view(f"int{self.bits}").astype(np.float64) / self.scale
+        return (idct(signed, norm="ortho") * self._signs)[: self.length]

@@ -9,24 +9,30 @@ import pytest
 from aggregator.secure_aggregation import SecureAggregation
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.secagg import (
+    Layout,
+    Masked,
     RingEncoding,
     SecAggError,
+    add_mask,
     graph_parameters,
     neighbours,
 )
 
 LENGTH = 5_000
+# A secure round's two rings: the update in bytes, the counts in 32-bit words.
+LAYOUT = Layout((("update", "uint8", LENGTH), ("counts", "uint32", 3)))
 PHASES = ("advertise", "share", "collect", "unmask")
 
 
-def run_round(cohort: int, drop: dict[str, set[int]] | None = None, seed: int = 0, length: int = LENGTH):
+def run_round(cohort: int, drop: dict[str, set[int]] | None = None, seed: int = 0, layout: Layout = LAYOUT):
     """Run one round; phones in `drop[phase]` stop answering from that phase on.
-    Returns (server, phones, inputs as uint32 by phone, the unmasked sum or the error)."""
+    Returns (server, phones, inputs by phone, the unmasked sum or the error)."""
     drop = {phase: set(drop.get(phase, ())) if drop else set() for phase in PHASES}
     gone: set[int] = set()
     rng = np.random.default_rng(seed)
-    inputs = {k: rng.integers(0, 2**32, length, dtype=np.uint32) for k in range(cohort)}
-    server = SecureAggregation(round_number=7, length=length, graph_seed=seed)
+    inputs = {k: {name: rng.integers(0, np.iinfo(dtype).max, length, dtype=dtype, endpoint=True)
+                  for name, dtype, length in layout.arrays} for k in range(cohort)}
+    server = SecureAggregation(round_number=7, layout=layout, graph_seed=seed)
     phones = {k: SecAggPhone(round_number=7) for k in range(cohort)}
     device = {k: f"device-{k:03d}" for k in range(cohort)}  # sorted ids, so cohort index == k
     try:
@@ -55,11 +61,17 @@ def run_round(cohort: int, drop: dict[str, set[int]] | None = None, seed: int = 
         return server, phones, inputs, error
 
 
-def plain_sum(inputs: dict[int, np.ndarray], phones: set[int]) -> np.ndarray:
-    total = np.zeros(LENGTH, dtype=np.uint32)
+def plain_sum(inputs: dict[int, Masked], phones: set[int]) -> Masked:
+    total = LAYOUT.zeros()
     for k in phones:
-        total += inputs[k]
+        add_mask(total, inputs[k], +1)
     return total
+
+
+def assert_equal(total: Masked, expected: Masked) -> None:
+    assert set(total) == set(expected)
+    for name in total:
+        np.testing.assert_array_equal(total[name], expected[name])
 
 
 @pytest.mark.parametrize("cohort", [5, 130])
@@ -67,7 +79,7 @@ def test_without_drop_outs_the_unmasked_sum_is_the_plain_sum(cohort):
     server, _, inputs, total = run_round(cohort)
     # A complete graph for a few phones (SecAgg), a sparse one for many (SecAgg+).
     assert (server.parameters.degree < cohort - 1) == (cohort == 130)
-    np.testing.assert_array_equal(total, plain_sum(inputs, set(range(cohort))))
+    assert_equal(total, plain_sum(inputs, set(range(cohort))))
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -77,7 +89,7 @@ def test_a_third_dropping_out_at_any_step_still_gives_the_sum_of_those_that_repo
     server, _, inputs, total = run_round(cohort, {phase: dropped}, seed=cohort)
     assert not isinstance(total, SecAggError), total
     counted = set(range(cohort)) if phase == "unmask" else set(range(cohort)) - dropped
-    np.testing.assert_array_equal(total, plain_sum(inputs, counted))
+    assert_equal(total, plain_sum(inputs, counted))
     assert [server.devices[i] for i in server.reported] == [f"device-{k:03d}" for k in sorted(counted)]
 
 
@@ -86,7 +98,7 @@ def test_drop_outs_at_every_step_in_one_round():
     drop = {"advertise": {0, 1, 2}, "share": {3, 4, 5}, "collect": {6, 7, 8}, "unmask": {9, 10, 11}}
     server, _, inputs, total = run_round(cohort, drop, seed=3)
     counted = set(range(cohort)) - set().union(drop["advertise"], drop["share"], drop["collect"])
-    np.testing.assert_array_equal(total, plain_sum(inputs, counted))
+    assert_equal(total, plain_sum(inputs, counted))
 
 
 @pytest.mark.parametrize("phase", ["share", "collect"])
@@ -110,20 +122,23 @@ def test_too_few_revealers_fail_the_round():
 
 def test_a_masked_input_is_statistically_unrelated_to_the_input():
     length = 200_000
-    server, phones, _, _ = run_round(6, length=length, seed=11)
+    layout = Layout((("update", "uint8", length),))
+    server, phones, _, _ = run_round(6, layout=layout, seed=11)
     phone = phones[0]
-    x = np.linspace(0, 2**32 - 1, length).astype(np.uint32)  # a strongly patterned input
+    x = {"update": (np.arange(length) // 1_000).astype(np.uint8)}  # a strongly patterned input
+
+    def chi_square(masked: Masked) -> float:
+        counts = np.bincount(masked["update"], minlength=256)
+        return ((counts - length / 256) ** 2 / (length / 256)).sum()
+
+    # Uniform over the ring: each of the 256 values appears about equally often (chi-square, 255 d.o.f.; 350 is far
+    # in the tail of that distribution, a biased mask lands far beyond it).
     masked = phone.mask(x, server.shared)
-    # Uniform over the ring: each of the 256 top-byte values appears about equally often (chi-square, 255 d.o.f.;
-    # 350 is far in the tail of that distribution, a biased mask lands far beyond it).
-    counts = np.bincount(masked >> 24, minlength=256)
-    expected = length / 256
-    assert ((counts - expected) ** 2 / expected).sum() < 350
-    assert abs(np.corrcoef(masked.astype(np.float64), x.astype(np.float64))[0, 1]) < 0.02
+    assert chi_square(masked) < 350
+    assert abs(np.corrcoef(masked["update"].astype(np.float64), x["update"].astype(np.float64))[0, 1]) < 0.02
     # Two very different inputs give uploads with the same (uniform) look: nothing tells them apart.
-    zeros = SecAggPhone(round_number=7, secrets=phone.secrets, roster=phone.roster, index=phone.index).mask(
-        np.zeros(length, dtype=np.uint32), server.shared)
-    assert ((np.bincount(zeros >> 24, minlength=256) - expected) ** 2 / expected).sum() < 350
+    again = SecAggPhone(round_number=7, secrets=phone.secrets, roster=phone.roster, index=phone.index)
+    assert chi_square(again.mask(layout.zeros(), server.shared)) < 350
 
 
 def test_a_phone_reveals_only_one_secret_per_neighbour_and_refuses_inconsistent_requests():
@@ -174,19 +189,39 @@ def test_the_graph_is_sparse_for_large_cohorts_symmetric_and_regular():
     assert small.degree == 12 and small.threshold == 4
 
 
-def test_fixed_point_sums_do_not_wrap_and_are_unbiased():
-    encoding = RingEncoding(bound=2.0, max_summands=130)
+def ring_sum(encoding: RingEncoding, deltas: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """What unmasking yields for these deltas: their encodings summed in the ring, decoded."""
+    rng = np.random.default_rng(seed)
+    total = np.zeros(encoding.size, encoding.dtype)
+    for delta in deltas:
+        total += encoding.encode(delta, rng)
+    return encoding.decode_sum(total)
+
+
+def test_the_largest_sum_the_ring_is_sized_for_does_not_wrap_in_the_narrowest_ring():
+    length, summands = 20_000, 100
+    encoding = RingEncoding(bits=8, bound=1.0, max_summands=summands, length=length, rotation_seed=3)
+    # Every phone at the bound, all alike: once spread evenly, once all on one parameter (without the rotation,
+    # that value alone would wrap the ring many times over).
+    for delta in (np.full(length, 1 / np.sqrt(length)), np.eye(1, length, 17)[0]):
+        error = ring_sum(encoding, [delta] * summands) - summands * delta
+        # Rounding alone: a sum of 100 roundings per value, each of variance at most 1/4 step^2.
+        assert np.linalg.norm(error) <= 1.1 * np.sqrt(summands * length / 4) / encoding.scale
+        assert np.abs(error).max() < 6 * np.sqrt(summands / 4) / encoding.scale
+
+
+def test_ring_sums_are_unbiased_and_wider_rings_round_less():
+    length, summands = 20_000, 20
     rng = np.random.default_rng(0)
-    extreme = [np.full(1_000, 2.0), np.full(1_000, -2.0)]
-    for value in extreme:
-        total = np.zeros(1_000, dtype=np.uint32)
-        for _ in range(130):
-            total += encoding.encode(value, rng)
-        np.testing.assert_allclose(encoding.decode_sum(total), 130 * value, rtol=1e-9)
-    values = rng.uniform(-1, 1, size=(20, 50_000))
-    total = np.zeros(50_000, dtype=np.uint32)
-    for row in values:
-        total += encoding.encode(row, rng)
-    error = encoding.decode_sum(total) - values.sum(axis=0)
-    assert np.abs(error).max() <= 20 / encoding.scale
-    assert abs(error.mean()) < 3 * np.sqrt(20 / 4 / 50_000) / encoding.scale
+    deltas = [rng.normal(size=length) / np.sqrt(length) * rng.uniform(0.1, 1) for _ in range(summands)]
+    truth = np.sum(deltas, axis=0)
+    errors = {}
+    for bits in (8, 16, 32):
+        encoding = RingEncoding(bits=bits, bound=1.0, max_summands=130, length=length, rotation_seed=5)
+        errors[bits] = ring_sum(encoding, deltas, seed=bits) - truth
+        step_noise = np.sqrt(summands / 4) / encoding.scale
+        assert errors[bits].std() <= 1.05 * step_noise
+        assert abs(errors[bits].mean()) < 4 * step_noise / np.sqrt(length)
+    assert errors[8].std() > 100 * errors[16].std() and errors[16].std() > 1_000 * errors[32].std()
+    with pytest.raises(SecAggError, match="2\\*\\*12"):
+        RingEncoding(bits=12, bound=1.0, max_summands=2, length=10, rotation_seed=0)
