@@ -144,6 +144,8 @@ class OpenRound:
     bytes_down: int = 0
     secure: SecureRound | None = None
     late: set[str] = field(default_factory=set)  # in a secure round: masked inputs that came after collection closed
+    # Devices that asked to train while the round was open: a device asks only when it is eligible.
+    checked_in: set[str] = field(default_factory=set)
     failure: str | None = None
 
 
@@ -248,6 +250,7 @@ class RoundManager:
     def checkin(self, device_id: str) -> CheckinDecision:
         with self._lock:
             current = self.round
+            current.checked_in.add(device_id)
             done = device_id in current.reported or device_id in current.aborted
             token = current.token_by_device.get(device_id)
             # A secure round's cohort is fixed once its keys are in: no one joins after that.
@@ -514,6 +517,7 @@ class RoundManager:
             "base_version": current.base_version, "new_version": None, "update_norm": None,
             "eval_devices": len(current.evaluated), "eval_positions": current.eval_positions,
             "eval_hits_at_1": current.eval_hits_at_1, "eval_hits_at_3": current.eval_hits_at_3,
+            "checked_in": len(current.checked_in), "clock_started_s": current.started,
         }
         mean_delta = self._round_mean(summary)
         if mean_delta is not None:

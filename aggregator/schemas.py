@@ -114,6 +114,12 @@ class RoundSummary(BaseModel):
     dp_delta: float | None = None
     epsilon: float | None = Field(None, description="Privacy spent by every round up to this one, at dp_delta.")
     failure: str | None = Field(None, description="Why a failed round failed.")
+    checked_in: int | None = Field(
+        None, description="Devices that asked to train while the round was open (devices ask only when eligible)."
+    )
+    clock_started_s: float | None = Field(
+        None, description="When the round opened on the aggregator's clock (simulated seconds with a simulated clock)."
+    )
 
     # The quality metrics: the model this round started from (base_version), scored by federated evaluation.
     @computed_field

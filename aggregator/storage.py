@@ -68,7 +68,7 @@ class Storage:
                 "examples": int, "bytes_up": int, "bytes_down": int, "base_version": int, "new_version": int,
                 "update_norm": float, "eval_devices": int, "eval_positions": int, "eval_hits_at_1": int,
                 "eval_hits_at_3": int, "dp_noise_multiplier": float, "dp_sampling_rate": float, "dp_delta": float,
-                "epsilon": float, "failure": str,
+                "epsilon": float, "failure": str, "checked_in": int, "clock_started_s": float,
             },
             pk="round",
         )

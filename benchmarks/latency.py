@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from device_sim.corpus import CorpusConfig, prepare
-from device_sim.history import split_held_out
 from keyboard_model.model import ModelConfig, build_model
 from keyboard_model.suggest import Suggester
 from keyboard_model.weights import model_from_bytes
@@ -42,7 +41,7 @@ def main() -> None:
         source = f"{args.model} (version {version})"
     else:
         model, source = build_model(ModelConfig(vocab_size=tokenizer.vocab_size)), "an untrained default-size model"
-    held_out = [text for messages in corpus.users().values() for text in split_held_out([m.text for m in messages])[1]]
+    held_out = corpus.held_out_texts()
     random.Random(0).shuffle(held_out)
 
     suggester = Suggester(model, tokenizer)

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from device_sim.history import split_held_out
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
 
@@ -126,6 +127,10 @@ class PreparedCorpus:
         for message in _read_jsonl(self.path / "messages.jsonl"):
             by_user[message.user].append(message)
         return dict(by_user)
+
+    def held_out_texts(self) -> list[str]:
+        """Every phone's held-out messages (its newest fifth, never trained on), phone by phone."""
+        return [text for messages in self.users().values() for text in split_held_out([m.text for m in messages])[1]]
 
     def proxy_lines(self) -> list[str]:
         return (self.path / "proxy.txt").read_text(encoding="utf-8").splitlines()

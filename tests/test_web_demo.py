@@ -19,20 +19,26 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from aggregator.process import LocalAggregator, free_port, local_aggregator_config
+from device_sim.client import AggregatorClient
+from device_sim.fleet import Fleet
 from device_sim.phone import update_bytes
 from keyboard_model.model import ModelConfig
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import SPECIAL_TOKENS, KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes, parameter_shapes
+from tests.conftest import SMALL_TEXT
+from tests.test_fleet import fleet_config, make_phones
 from web_demo.cli import main
 
 pytestmark = pytest.mark.timeout(120)
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshots" / "keyboard.png"
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+SCREENSHOT = SCREENSHOTS / "keyboard.png"
 LINES = [
     "To be, or not to be, that is the question.",
     "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune.",
@@ -237,13 +243,28 @@ def chromium(profile: Path) -> Iterator[webdriver.Chrome]:
 
 
 def shown_words(browser: webdriver.Chrome) -> list[str] | None:
-    """The strip's words once it has its answer for the current text (None while it waits)."""
+    """The strip's words, best first, once it has its answer for the current text (None while it waits)."""
     busy, words = browser.execute_script(
         "const strip = document.getElementById('suggestions');"
         "return [strip.getAttribute('aria-busy'), [...strip.querySelectorAll('button')]"
-        "  .filter(b => !b.disabled).map(b => b.textContent)];"
+        "  .filter(b => !b.disabled).sort((a, b) => a.dataset.rank - b.dataset.rank).map(b => b.textContent)];"
     )
     return words if busy == "false" else None
+
+
+def button_of_rank(browser: webdriver.Chrome, rank: int):
+    return browser.find_element(By.CSS_SELECTOR, f'#suggestions button[data-rank="{rank}"]')
+
+
+def assert_gboard_layout(browser: webdriver.Chrome) -> None:
+    """Three buttons in one row across the text box: the second best left, the best in the middle, the third right;
+    and nothing wider than the window."""
+    second, best, third = (button_of_rank(browser, rank).rect for rank in (1, 0, 2))
+    box = browser.find_element(By.ID, "message").rect
+    assert second["y"] == best["y"] == third["y"]
+    assert box["x"] <= second["x"] < best["x"] < third["x"]
+    assert third["x"] + third["width"] <= box["x"] + box["width"] + 1  # sub-pixel layout
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
 
 
 def test_typing_and_tapping_suggestions_in_a_browser(
@@ -272,8 +293,9 @@ def test_typing_and_tapping_suggestions_in_a_browser(
         words = wait.until(lambda b: (w := shown_words(b)) and len(w) == 3 and w)
         assert words == demo.suggest(typed).json()["suggestions"]
         assert browser.find_element(By.ID, "model-version").text == "model v0"
+        assert_gboard_layout(browser)
 
-        browser.find_elements(By.CSS_SELECTOR, "#suggestions button")[1].click()
+        button_of_rank(browser, 1).click()
         assert box.get_attribute("value") == typed + words[1] + " "
 
         # Inside a word the strip completes it, and a tap replaces what was typed of it.
@@ -281,8 +303,15 @@ def test_typing_and_tapping_suggestions_in_a_browser(
         box.send_keys("Th")
         completions = wait.until(lambda b: (w := shown_words(b)) and w[0].startswith("th") and w)
         assert all(word.startswith("th") for word in completions) and len(completions) == 3
-        browser.find_elements(By.CSS_SELECTOR, "#suggestions button")[0].click()
+        button_of_rank(browser, 0).click()
         assert box.get_attribute("value") == before + completions[0].capitalize() + " "
+
+        # Tab takes the best word, the one in the middle.
+        before = box.get_attribute("value")
+        best = wait.until(lambda b: (w := shown_words(b)) and len(w) == 3 and w)[0]
+        box.send_keys(Keys.TAB)
+        assert box.get_attribute("value") == before + best + " "
+        assert browser.switch_to.active_element == box
 
         box.send_keys("and ")
         wait.until(lambda b: (w := shown_words(b)) and len(w) == 3)
@@ -290,6 +319,10 @@ def test_typing_and_tapping_suggestions_in_a_browser(
         ActionChains(browser).move_to_element(box).perform()  # no hover highlight in the picture
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(SCREENSHOT))
+        # The same strip on a small phone and on a desktop screen.
+        for width, height in ((360, 640), (1280, 800)):
+            browser.set_window_size(width, height)
+            assert_gboard_layout(browser)
 
 
 def test_command_line_help_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -327,3 +360,92 @@ def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differ
         symbol, shown, at, delta_symbol, delta = badge.text.split()
         assert (symbol, at, delta_symbol, delta) == ("ε", "at", "δ", "2.0e-2")
         assert float(shown) == pytest.approx(spent, rel=5e-3)  # three significant digits
+        # The dashboard plots the budget spent by round (it has no such chart without differential privacy).
+        browser.get(f"{demo.url}/dashboard")
+        epsilon = WebDriverWait(browser, 10).until(lambda b: b.execute_script(
+            "const chart = document.getElementById('chart-epsilon');"
+            "return chart.offsetParent !== null && chart.data ? [chart.data[0].x, chart.data[0].y] : null;"))
+        assert epsilon == [[1], [pytest.approx(spent)]]
+
+
+def dashboard_state(browser: webdriver.Chrome) -> dict:
+    return browser.execute_script(
+        "const traces = id => (document.getElementById(id).data || []).map(t => ({name: t.name, x: t.x, y: t.y}));"
+        "return {state: document.getElementById('state').hidden ? '' : document.getElementById('state').textContent,"
+        "  charts: !document.getElementById('charts').hidden,"
+        "  recall: traces('chart-recall'), participants: traces('chart-participants'),"
+        "  eligible: traces('chart-eligible'), bytes: traces('chart-bytes')};"
+    )
+
+
+def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_path: Path) -> None:
+    tokenizer_path = tmp_path / "tokenizer.json"
+    KeyboardTokenizer.train(SMALL_TEXT, vocab_size=200).save(tokenizer_path)
+    model = ModelConfig(vocab_size=KeyboardTokenizer.from_file(tokenizer_path).vocab_size, embedding_dim=8,
+                        hidden_dim=16, projection_dim=8)
+    config = local_aggregator_config(tmp_path, tokenizer_path, model=model, clients_per_round=3, simulated_clock=True,
+                                     round_deadline_s=3600.0)
+    with LocalAggregator(config) as aggregator, DemoServer(aggregator.url) as demo, \
+            chromium(tmp_path / "chromium-profile") as browser:
+        browser.set_window_size(1100, 1400)
+        browser.get(f"{demo.url}/dashboard")
+        wait = WebDriverWait(browser, 20)
+        # Before any round: the empty state, no charts.
+        wait.until(lambda b: "No rounds yet" in dashboard_state(b)["state"])
+        assert not dashboard_state(browser)["charts"]
+
+        fleet = Fleet(make_phones(tmp_path / "phones", 12), fleet_config(tmp_path / "phones"),
+                      AggregatorClient(aggregator.url))
+        try:
+            reports = [fleet.run_round() for _ in range(3)]
+        finally:
+            fleet.close()
+        rounds = AggregatorClient(aggregator.url).status().recent_rounds
+        assert len(rounds) == 3
+
+        # The charts fill in while the page stays open, with the aggregator's own figures.
+        shown = wait.until(lambda b: (d := dashboard_state(b))["charts"] and len(d["participants"][0]["x"]) == 3 and d)
+        by_round = {r.round: r for r in rounds}
+        assert shown["state"] == ""
+        assert not browser.find_element(By.ID, "privacy-figure").is_displayed()  # no differential privacy here
+        recall = {t["name"]: dict(zip(t["x"], t["y"])) for t in shown["recall"]}
+        for number, summary in by_round.items():
+            assert recall["top-1"][number] == pytest.approx(100 * summary.recall_at_1)
+            assert recall["top-3"][number] == pytest.approx(100 * summary.recall_at_3)
+        bars = {t["name"]: dict(zip(t["x"], t["y"])) for t in shown["participants"]}
+        assert {n: bars["reported"][n] for n in by_round} == {n: r.reported for n, r in by_round.items()}
+        assert {n: bars["dropped"][n] for n in by_round} == {n: r.dropped for n, r in by_round.items()}
+        assert sorted(shown["eligible"][0]["y"]) == sorted(r.checked_in for r in rounds)
+        assert all(r.checked_in >= r.selected > 0 for r in rounds)
+        assert sum(len(report.participants) for report in reports) == sum(r.reported for r in rounds)
+        up = {t["name"]: dict(zip(t["x"], t["y"])) for t in shown["bytes"]}["up"]
+        assert {n: up[n] for n in by_round} == pytest.approx({n: r.bytes_up / 1e6 for n, r in by_round.items()})
+
+        # A click on round 2's bar shows its details.
+        browser.execute_script(
+            "const chart = document.getElementById('chart-participants');"
+            "chart.emit('plotly_click', {points: [{x: 2, data: chart.data[0]}]});"
+        )
+        details = browser.find_element(By.ID, "round-details")
+        wait.until(lambda b: details.is_displayed())
+        field = {e.get_attribute("data-field"): e.text for e in details.find_elements(By.CSS_SELECTOR, "[data-field]")}
+        second = by_round[2]
+        assert field == {
+            "round": "2", "status": second.status, "selected": str(second.selected), "reported": str(second.reported),
+            "dropped": str(second.dropped), "aborted": str(second.aborted), "late": str(second.late),
+            "duration": f"{second.duration_s:.1f} s", "failure": "none",
+        }
+        assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+        assert browser.save_screenshot(str(SCREENSHOTS / "dashboard.png"))
+
+        # The aggregator goes away: the dashboard keeps the last rounds and says why they do not change.
+        aggregator.stop()
+        wait.until(lambda b: "not reachable" in dashboard_state(b)["state"])
+        assert dashboard_state(browser)["charts"]
+
+
+def test_the_dashboard_says_when_the_aggregator_was_never_reached(tmp_path: Path) -> None:
+    with DemoServer(f"http://127.0.0.1:{free_port()}") as demo, chromium(tmp_path / "chromium-profile") as browser:
+        browser.get(f"{demo.url}/dashboard")
+        WebDriverWait(browser, 20).until(lambda b: "not reachable" in dashboard_state(b)["state"])
+        assert not dashboard_state(browser)["charts"]

@@ -1,9 +1,11 @@
-"""The web demo's FastAPI application: the keyboard page and the suggestions behind it."""
+"""The web demo's FastAPI application: the keyboard page and the suggestions behind it, and the training
+dashboard and the aggregator status behind it."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -12,9 +14,10 @@ from fastapi.staticfiles import StaticFiles
 
 from web_demo.config import DemoConfig
 from web_demo.model_source import ModelSource
-from web_demo.schemas import ErrorResponse, ModelInfo, SuggestResponse
+from web_demo.schemas import ErrorResponse, ModelInfo, SuggestResponse, TrainingResponse
 
 STATIC = Path(__file__).parent / "static"
+PLOTLY_JS = files("plotly") / "package_data" / "plotly.min.js"
 # The page sends the sentence being typed, at most this much of it, which keeps the query
 # string well inside uvicorn's limit and the suggester's remembered state short.
 MAX_TEXT_CHARS = 1000
@@ -29,6 +32,23 @@ def get_model_source(request: Request) -> ModelSource:
 @router.get("/", include_in_schema=False)
 def index() -> FileResponse:
     return FileResponse(STATIC / "index.html")
+
+
+@router.get("/dashboard", include_in_schema=False)
+def dashboard() -> FileResponse:
+    return FileResponse(STATIC / "dashboard.html")
+
+
+@router.get("/vendor/plotly.min.js", include_in_schema=False)
+def plotly_js() -> FileResponse:
+    return FileResponse(PLOTLY_JS, media_type="text/javascript")
+
+
+@router.get("/api/training", response_model=TrainingResponse)
+def training(source: ModelSource = Depends(get_model_source)) -> TrainingResponse:
+    _, error = source.state()
+    return TrainingResponse(aggregator=source.url, error=error, refresh_seconds=source.refresh_seconds,
+                            status=source.training())
 
 
 @router.get(

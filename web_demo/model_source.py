@@ -1,7 +1,8 @@
 """The aggregator's latest global model, kept current by a background thread.
 
-A refresh asks the aggregator for its model version and downloads the model (with
-its tokenizer) only when that version differs from the one loaded. The new model is
+A refresh asks the aggregator for its status (model version and recent rounds, kept
+for the dashboard) and downloads the model (with its tokenizer) only when that version
+differs from the one loaded. The new model is
 built completely before it replaces the old one, so a request always sees one whole
 model; when the aggregator cannot be reached the last good model keeps serving and
 the reason is kept for the page to show.
@@ -21,6 +22,8 @@ from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes
 
 logger = logging.getLogger(__name__)
+# The most the aggregator's /status gives: the dashboard plots this many rounds back.
+DASHBOARD_ROUNDS = 1000
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class ModelSource:
         self._model: LoadedModel | None = None
         self._error: str | None = None
         self._privacy: PrivacySpent | None = None
+        self._status: StatusResponse | None = None
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="model-refresh", daemon=True)
 
@@ -61,15 +65,22 @@ class ModelSource:
         with self._lock:
             return self._privacy
 
+    def training(self) -> StatusResponse | None:
+        """The aggregator's last status, with up to DASHBOARD_ROUNDS recent rounds (None before the first)."""
+        with self._lock:
+            return self._status
+
     def refresh(self) -> None:
         """Load the aggregator's model if its version is not the one loaded; record why not if that fails."""
         loaded, previous_error = self.state()
         try:
-            status = StatusResponse.model_validate_json(self._get("/status").content)
+            status = StatusResponse.model_validate_json(
+                self._get("/status", params={"recent": DASHBOARD_ROUNDS}).content)
             if loaded is None or loaded.version != status.model_version:
                 self._load()
             deltas = [r.dp_delta for r in status.recent_rounds if r.dp_delta is not None]
             with self._lock:
+                self._status = status
                 self._privacy = (PrivacySpent(status.epsilon, deltas[-1] if deltas else None)
                                  if status.differential_privacy else None)
             error = None
@@ -101,8 +112,8 @@ class ModelSource:
             self._model = loaded
         logger.info("model version %d loaded from %s", version, self.url)
 
-    def _get(self, path: str) -> httpx.Response:
-        response = self._client.get(path)
+    def _get(self, path: str, params: dict | None = None) -> httpx.Response:
+        response = self._client.get(path, params=params)
         response.raise_for_status()
         return response
 

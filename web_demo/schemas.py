@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from aggregator.schemas import StatusResponse
+
 
 class SuggestResponse(BaseModel):
     suggestions: list[str] = Field(description="Up to three words, best first.")
@@ -18,6 +20,13 @@ class ModelInfo(BaseModel):
     differential_privacy: bool = Field(False, description="The aggregator trains with differential privacy.")
     epsilon: float | None = Field(None, description="Privacy spent so far, at dp_delta; null before the first round.")
     dp_delta: float | None = None
+
+
+class TrainingResponse(BaseModel):
+    aggregator: str = Field(description="URL of the aggregator being watched.")
+    error: str | None = Field(description="Why the last refresh failed; null when it succeeded.")
+    refresh_seconds: float
+    status: StatusResponse | None = Field(description="The aggregator's last status; null until it has answered.")
 
 
 class ErrorResponse(BaseModel):

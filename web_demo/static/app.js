@@ -9,6 +9,8 @@ const CONTEXT_CHARS = 1000;
 const PARTIAL_WORD = /[\p{L}\p{N}_]+(?:'[\p{L}\p{N}_]+)*$/u;
 const REST_OF_WORD = /^[\p{L}\p{N}_']+/u;
 const SERVER_DOWN = "The demo server is not answering. Is it still running?";
+// Which button shows the best, second and third word: Gboard's order, best in the middle.
+const SLOT_OF_RANK = [1, 0, 2];
 
 const message = document.getElementById("message");
 const strip = document.getElementById("suggestions");
@@ -34,9 +36,11 @@ async function getJson(url) {
 }
 
 function showWords(words, note) {
-  buttons.forEach((button, i) => {
-    button.textContent = words[i] ?? "";
-    button.disabled = !words[i];
+  SLOT_OF_RANK.forEach((slot, rank) => {
+    const button = buttons[slot];
+    button.textContent = words[rank] ?? "";
+    button.disabled = !words[rank];
+    button.dataset.rank = rank;
   });
   strip.setAttribute("aria-busy", "false");
   if (note) strip.dataset.note = note;
@@ -138,6 +142,14 @@ function insert(word) {
 }
 
 message.addEventListener("input", () => updateSuggestions());
+// Tab takes the middle (best) suggestion; with none on screen it moves focus as usual.
+message.addEventListener("keydown", (event) => {
+  const best = buttons[SLOT_OF_RANK[0]];
+  if (event.key !== "Tab" || event.shiftKey || event.altKey || event.ctrlKey || event.metaKey) return;
+  if (best.disabled) return;
+  event.preventDefault();
+  insert(best.textContent);
+});
 document.addEventListener("selectionchange", () => {
   if (document.activeElement === message) updateSuggestions();
 });
