@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
+from aggregator.config import AggregatorConfig
 from aggregator.process import LocalAggregator, free_port, local_aggregator_config
 from device_sim.client import AggregatorClient
 from device_sim.fleet import Fleet
@@ -64,12 +66,15 @@ def wait_for(condition: Callable[[], T], timeout_s: float, failure: Callable[[],
 class DemoServer:
     """`python -m web_demo` as a child process on a free loopback port, stopped on exit."""
 
-    def __init__(self, aggregator_url: str, refresh_seconds: float = 0.3) -> None:
+    def __init__(self, aggregator_url: str, refresh_seconds: float = 0.3, phone_dir: Path | None = None) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
+        # The browser phone's folder: never the repository's runs/.
+        self.phone_dir = phone_dir or Path(tempfile.mkdtemp(prefix="browser-phone-"))
         self.command = [
             sys.executable, "-m", "web_demo", "--aggregator", aggregator_url,
             "--port", str(port), "--refresh-seconds", str(refresh_seconds),
+            "--phone-dir", str(self.phone_dir), "--phone-check-in", "0.5",
         ]
         self._log = tempfile.TemporaryFile()
         self.process: subprocess.Popen | None = None
@@ -126,14 +131,18 @@ def tokenizer() -> KeyboardTokenizer:
     return KeyboardTokenizer.train(LINES, vocab_size=200)
 
 
-@pytest.fixture
-def aggregator(tmp_path: Path, tokenizer: KeyboardTokenizer) -> Iterator[LocalAggregator]:
+def small_aggregator_config(tmp_path: Path, tokenizer: KeyboardTokenizer, **settings) -> AggregatorConfig:
+    """An aggregator of a small model on `tokenizer`, in `tmp_path`, closing a round at each update."""
     tokenizer_path = tmp_path / "tokenizer.json"
     tokenizer.save(tokenizer_path)
     model = ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=16, hidden_dim=32, projection_dim=16)
+    return local_aggregator_config(tmp_path, tokenizer_path, clients_per_round=1, model=model, **settings)
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path, tokenizer: KeyboardTokenizer) -> Iterator[LocalAggregator]:
     # publish_new_version uploads a deliberately large delta, beyond the default norm bound.
-    config = local_aggregator_config(tmp_path, tokenizer_path, clients_per_round=1, model=model, max_update_norm=1_000.0)
-    with LocalAggregator(config) as running:
+    with LocalAggregator(small_aggregator_config(tmp_path, tokenizer, max_update_norm=1_000.0)) as running:
         yield running
 
 
@@ -340,10 +349,7 @@ def test_command_line_help_and_bad_options(capsys: pytest.CaptureFixture[str]) -
 def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differential_privacy(
     tmp_path: Path, tokenizer: KeyboardTokenizer
 ) -> None:
-    tokenizer_path = tmp_path / "tokenizer.json"
-    tokenizer.save(tokenizer_path)
-    model = ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=16, hidden_dim=32, projection_dim=16)
-    config = local_aggregator_config(tmp_path, tokenizer_path, clients_per_round=1, model=model,
+    config = small_aggregator_config(tmp_path, tokenizer,
                                      max_update_norm=1_000.0, noise_multiplier=1.0, population=50)
     with LocalAggregator(config) as aggregator, DemoServer(aggregator.url) as demo, \
             chromium(tmp_path / "chromium-profile") as browser:
@@ -449,3 +455,57 @@ def test_the_dashboard_says_when_the_aggregator_was_never_reached(tmp_path: Path
         browser.get(f"{demo.url}/dashboard")
         WebDriverWait(browser, 20).until(lambda b: "not reachable" in dashboard_state(b)["state"])
         assert not dashboard_state(browser)["charts"]
+
+
+def test_this_browser_is_a_phone_keeps_sent_text_only_in_its_own_sqlite_file_and_joins_rounds(
+    tmp_path: Path, tokenizer: KeyboardTokenizer
+) -> None:
+    config = small_aggregator_config(tmp_path, tokenizer)
+    phone_dir = tmp_path / "browser-phone"
+    secret = "my bank pin is 4711 and my cat is called Wittgenstein"
+    with LocalAggregator(config) as aggregator, DemoServer(aggregator.url, phone_dir=phone_dir) as demo, \
+            chromium(tmp_path / "chromium-profile") as browser:
+        demo.wait_for_model(version=0)
+        browser.set_window_size(480, 1000)  # room for the whole page in the screenshot
+        browser.get(demo.url)
+        box = browser.find_element(By.ID, "message")
+        wait = WebDriverWait(browser, 20)
+        switch = browser.find_element(By.ID, "phone-enabled")
+        assert not switch.is_selected() and not browser.find_element(By.ID, "send").is_displayed()
+        assert "never sent to the aggregator" in browser.find_element(By.CSS_SELECTOR, ".phone-switch .note").text
+
+        # Switched off, nothing is kept: the API refuses and no history file appears.
+        refused = httpx.post(f"{demo.url}/api/phone/messages", json={"text": secret}, timeout=5)
+        assert refused.status_code == 409 and not (phone_dir / "history.sqlite").exists()
+
+        switch.click()
+        send = wait.until(lambda b: (e := b.find_element(By.ID, "send")).is_displayed() and e)
+        sent = [secret, *LINES]
+        for text in sent:
+            box.send_keys(text)
+            send.click()
+            wait.until(lambda b: box.get_attribute("value") == "")
+        history = sqlite3.connect(phone_dir / "history.sqlite")
+        assert [row[0] for row in history.execute("select text from messages order by id")] == sent
+        history.close()
+        status = browser.find_element(By.ID, "phone-status")
+        assert f"{len(sent)} messages" in status.text and "not eligible" in status.text
+
+        # Charging, idle and on Wi-Fi, the phone joins a round (a goal of one: its update closes it).
+        for condition in ("phone-charging", "phone-idle", "phone-wifi"):
+            browser.find_element(By.ID, condition).click()
+        wait.until(lambda b: "Joined " in status.text)
+        summary = {r.round: r for r in AggregatorClient(aggregator.url).status().recent_rounds}[1]
+        assert (summary.status, summary.reported, summary.new_version) == ("closed", 1, 1)
+        assert summary.eval_positions > 0  # it scored the model on its own held-out messages
+        assert httpx.get(f"{demo.url}/api/phone", timeout=5).json()["eligible"] is True
+        box.send_keys("to be or not to ")
+        wait.until(lambda b: (w := shown_words(b)) and len(w) == 3)
+        assert browser.save_screenshot(str(SCREENSHOTS / "browser-phone.png"))
+
+        # The words stayed on this machine: the aggregator's database (every update and evaluation it received,
+        # every model it made) holds none of them.
+        aggregator.stop()
+        stored = b"".join(path.read_bytes() for path in tmp_path.glob("aggregator.sqlite*"))
+        for word in ("4711", "Wittgenstein", "bank", "temperate"):
+            assert word.encode() not in stored

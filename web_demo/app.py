@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from web_demo.browser_phone import BrowserPhone, NewMessage, PhoneSettings, PhoneState, PhoneSwitchedOffError
 from web_demo.config import DemoConfig
 from web_demo.model_source import ModelSource
 from web_demo.schemas import ErrorResponse, ModelInfo, SuggestResponse, TrainingResponse
@@ -27,6 +28,10 @@ router = APIRouter()
 
 def get_model_source(request: Request) -> ModelSource:
     return request.app.state.model_source
+
+
+def get_phone(request: Request) -> BrowserPhone:
+    return request.app.state.phone
 
 
 @router.get("/", include_in_schema=False)
@@ -49,6 +54,29 @@ def training(source: ModelSource = Depends(get_model_source)) -> TrainingRespons
     _, error = source.state()
     return TrainingResponse(aggregator=source.url, error=error, refresh_seconds=source.refresh_seconds,
                             status=source.training())
+
+
+@router.get("/api/phone", response_model=PhoneState)
+def phone_state(phone: BrowserPhone = Depends(get_phone)) -> PhoneState:
+    return phone.state()
+
+
+@router.put("/api/phone", response_model=PhoneState)
+def configure_phone(settings: PhoneSettings, phone: BrowserPhone = Depends(get_phone)) -> PhoneState:
+    """Switch "this browser is a phone" on or off, and set its charging, idle and Wi-Fi conditions."""
+    return phone.configure(settings)
+
+
+@router.post(
+    "/api/phone/messages", response_model=PhoneState, status_code=201,
+    responses={409: {"model": ErrorResponse, "description": "The switch is off: nothing is kept"}},
+)
+def send_message(message: NewMessage, phone: BrowserPhone = Depends(get_phone)) -> PhoneState:
+    """A message the person sent: appended to this phone's history on this machine, never sent to the aggregator."""
+    try:
+        return phone.add_message(message)
+    except PhoneSwitchedOffError as error:
+        raise HTTPException(409, str(error)) from error
 
 
 @router.get(
@@ -80,8 +108,9 @@ def model_info(source: ModelSource = Depends(get_model_source)) -> ModelInfo:
 def create_app(config: DemoConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        with ModelSource(config.aggregator_url, config.refresh_seconds) as source:
-            app.state.model_source = source
+        with ModelSource(config.aggregator_url, config.refresh_seconds) as source, \
+                BrowserPhone(config.phone_dir, config.aggregator_url, config.phone_check_in_s) as phone:
+            app.state.model_source, app.state.phone = source, phone
             yield
 
     app = FastAPI(

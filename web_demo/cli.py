@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import uvicorn
 
@@ -21,11 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULTS.port, help="port to serve the page on (default: %(default)s)")
     parser.add_argument("--refresh-seconds", type=float, default=DEFAULTS.refresh_seconds, metavar="SECONDS",
                         help="how often to check the aggregator for a newer model version (default: %(default)s)")
+    parser.add_argument("--phone-dir", type=Path, default=DEFAULTS.phone_dir,
+                        help="where 'this browser is a phone' keeps its typing history (default: %(default)s)")
+    parser.add_argument("--phone-check-in", type=float, default=DEFAULTS.phone_check_in_s, metavar="SECONDS",
+                        help="how often that phone asks the aggregator to train while eligible (default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     return DemoConfig(aggregator_url=args.aggregator, host=args.host, port=args.port,
-                      refresh_seconds=args.refresh_seconds)
+                      refresh_seconds=args.refresh_seconds, phone_dir=args.phone_dir,
+                      phone_check_in_s=args.phone_check_in)
 
 
 def run(args: argparse.Namespace) -> int:

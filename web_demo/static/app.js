@@ -157,4 +157,64 @@ buttons.forEach((button) => {
   button.addEventListener("mousedown", (event) => event.preventDefault()); // keep the caret in the text box
   button.addEventListener("click", () => insert(button.textContent));
 });
+// "This browser is a phone": the switch, the conditions, and sending a message into the phone's history.
+const phoneInputs = {
+  enabled: document.getElementById("phone-enabled"),
+  charging: document.getElementById("phone-charging"),
+  idle: document.getElementById("phone-idle"),
+  wifi: document.getElementById("phone-wifi"),
+};
+const phonePanel = document.getElementById("phone-panel");
+const phoneStatus = document.getElementById("phone-status");
+const sendButton = document.getElementById("send");
+
+function showPhone(state) {
+  for (const [name, input] of Object.entries(phoneInputs)) input.checked = state[name];
+  phonePanel.hidden = !state.enabled;
+  document.getElementById("phone-path").textContent = state.history_path;
+  const joined = state.rounds_joined;
+  const rounds = joined.length
+    ? ` Joined ${joined.length} round${joined.length === 1 ? "" : "s"}, the latest round ${joined[joined.length - 1]}.` : "";
+  phoneStatus.textContent = `${state.messages} message${state.messages === 1 ? "" : "s"} in its history; ` +
+    `${state.eligible ? "eligible" : "not eligible"}. Last: ${state.activity}.${rounds}`;
+}
+
+async function phoneRequest(method, url, body) {
+  try {
+    const response = await fetch(url, {
+      method, headers: { "Content-Type": "application/json" }, body: body && JSON.stringify(body),
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (response.ok) showPhone(answer);
+    else phoneStatus.textContent = typeof answer.detail === "string" ? answer.detail : `The demo server answered ${response.status}.`;
+    return response.ok;
+  } catch {
+    phoneStatus.textContent = SERVER_DOWN;
+    return false;
+  }
+}
+
+function configurePhone() {
+  const settings = Object.fromEntries(Object.entries(phoneInputs).map(([name, input]) => [name, input.checked]));
+  phoneRequest("PUT", "api/phone", settings);
+}
+
+async function sendMessage() {
+  const text = message.value.trim();
+  if (!text) return;
+  if (await phoneRequest("POST", "api/phone/messages", { text })) {
+    message.value = "";
+    message.focus();
+    updateSuggestions();
+  }
+}
+
+async function pollPhone() {
+  await phoneRequest("GET", "api/phone");
+  setTimeout(pollPhone, phoneInputs.enabled.checked ? 2000 : 10000);
+}
+
+Object.values(phoneInputs).forEach((input) => input.addEventListener("change", configurePhone));
+sendButton.addEventListener("click", sendMessage);
 pollModel();
+pollPhone();

@@ -1,0 +1,188 @@
+""""This browser is a phone": the person typing on the page becomes one more phone of the fleet.
+
+The machine that serves the page plays the phone. What the person sends with the
+switch on is appended to this phone's own `history.sqlite` (device_sim's TypingHistory,
+in `DemoConfig.phone_dir`); the page sets the phone's charging, idle and Wi-Fi
+conditions. While the switch is on and the phone is eligible, a worker thread checks in
+with the aggregator like a simulated phone and, when selected, trains on that history
+and sends what any phone sends (device_sim/phone.py): the model update and three
+evaluation counts. The history itself never leaves this machine.
+
+The switch and the conditions are kept in `phone.json` beside the history, so a
+restarted demo comes back as it was left; the switch starts off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from device_sim.client import AggregatorClient
+from device_sim.eligibility import DeviceConditions
+from device_sim.history import TypingHistory
+from device_sim.phone import Phone
+from keyboard_model.files import write_atomically
+from keyboard_model.tokenizer import KeyboardTokenizer
+from keyboard_model.train import LocalTrainConfig
+
+logger = logging.getLogger(__name__)
+MAX_MESSAGE_CHARS = 1000
+
+
+class PhoneSettings(BaseModel):
+    """What the page controls: the opt-in switch and the conditions a phone trains under."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(False, description="This browser is a phone: what the person sends is kept as its history.")
+    charging: bool = False
+    idle: bool = False
+    wifi: bool = Field(False, description="On an unmetered network.")
+
+
+class PhoneState(PhoneSettings):
+    eligible: bool = Field(description="Switched on, charging, idle and on Wi-Fi: the phone asks to train.")
+    messages: int = Field(description="Messages in this phone's history.")
+    history_path: str = Field(description="The SQLite file on the machine serving the page that holds them.")
+    activity: str = Field(description="What the phone did last, in words.")
+    rounds_joined: list[int] = Field(description="Rounds this phone sent an update to.")
+
+
+class NewMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+
+
+class PhoneSwitchedOffError(Exception):
+    pass
+
+
+class BrowserPhone:
+    """The phone folder, its settings, and the worker that trains when eligible. Use as a context manager."""
+
+    def __init__(self, folder: Path, aggregator_url: str, check_in_s: float,
+                 train: LocalTrainConfig | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.phone = Phone("browser-phone", folder)
+        self.settings_path = folder / "phone.json"
+        self.check_in_s = check_in_s
+        self.train = train or LocalTrainConfig()
+        self._client = AggregatorClient(aggregator_url, timeout_s=30.0)
+        self._lock = threading.Lock()
+        self._settings = self._load_settings()
+        self._activity = "switched off" if not self._settings.enabled else "waiting to be eligible"
+        self._rounds: list[int] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="browser-phone", daemon=True)
+
+    def _load_settings(self) -> PhoneSettings:
+        if not self.settings_path.exists():
+            return PhoneSettings()
+        try:
+            return PhoneSettings.model_validate_json(self.settings_path.read_text())
+        except ValueError:
+            logger.warning("ignoring unreadable %s: the phone starts switched off", self.settings_path)
+            return PhoneSettings()
+
+    def _conditions(self) -> DeviceConditions:
+        s = self._settings
+        return DeviceConditions(idle=s.idle, charging=s.charging, unmetered=s.wifi)
+
+    def state(self) -> PhoneState:
+        with self._lock:
+            settings, activity, rounds = self._settings, self._activity, list(self._rounds)
+        count = 0
+        if self.phone.history_path.exists():
+            history = TypingHistory(self.phone.history_path)
+            try:
+                count = len(history)
+            finally:
+                history.close()
+        return PhoneState(**settings.model_dump(), eligible=settings.enabled and self._conditions().eligible,
+                          messages=count, history_path=str(self.phone.history_path.resolve()), activity=activity,
+                          rounds_joined=rounds)
+
+    def configure(self, settings: PhoneSettings) -> PhoneState:
+        with self._lock:
+            self._settings = settings
+            write_atomically(self.settings_path, settings.model_dump_json().encode())
+            if not settings.enabled:
+                self._activity = "switched off"
+            elif not self._conditions().eligible:
+                self._activity = "waiting to be charging, idle and on Wi-Fi"
+        self._wake.set()
+        return self.state()
+
+    def add_message(self, message: NewMessage) -> PhoneState:
+        """Append a sent message to the history; refused while the switch is off (nothing is kept then)."""
+        with self._lock:
+            if not self._settings.enabled:
+                raise PhoneSwitchedOffError("this browser is not a phone: switch it on to keep what you send")
+            history = TypingHistory(self.phone.history_path)
+            try:
+                history.add([(time.time(), message.text)])
+            finally:
+                history.close()
+        self._wake.set()
+        return self.state()
+
+    def _note(self, activity: str) -> None:
+        with self._lock:
+            self._activity = activity
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            wait = self.check_in_s
+            with self._lock:
+                eligible = self._settings.enabled and self._conditions().eligible
+            if eligible:
+                try:
+                    wait = self._step()
+                except Exception as error:  # the worker must outlive a down aggregator or a bad answer
+                    logger.warning("the browser phone's check-in failed: %s", error)
+                    self._note(f"could not reach the aggregator: {error}")
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _step(self) -> float:
+        """One check-in, and the round's work if selected. Returns seconds until the next check-in."""
+        if not self.phone.history_path.exists() or not self.phone.can_train():
+            self._note("eligible, but the history is too short to train on: send a few messages (a fifth is kept "
+                       "aside to score the model)")
+            return self.check_in_s
+        decision = self.phone.check_in(self._client)
+        if decision.action != "train":
+            self._note(f"eligible; the aggregator said to come back in {decision.retry_after_s:.0f} s")
+            return max(decision.retry_after_s or 0.0, 1.0)
+        if decision.secure_aggregation:
+            # The secure protocol's steps are driven by the simulator's fleet; this phone sits such rounds out.
+            self._client.abort(decision.round, decision.upload_token)
+            self._note(f"sat out round {decision.round}: it uses secure aggregation, which this phone does not run")
+            return self.check_in_s
+        self._note(f"training for round {decision.round} on {self.state().messages} messages")
+        tokenizer = KeyboardTokenizer.from_json(self._client.tokenizer_json())
+        local = self.phone.train_round(self._client, decision.round, decision.upload_token, tokenizer, self.train,
+                                       seed=time.time_ns() % 2**31, clip_norm=decision.clip_norm)
+        if local is None:
+            self._note(f"round {decision.round} closed before this phone's update arrived")
+        else:
+            with self._lock:
+                self._rounds.append(decision.round)
+            self._note(f"sent round {decision.round} a {local.update_size_bytes / 1e6:.2f} MB model update, "
+                       f"trained on {local.result.num_examples} examples")
+        return self.check_in_s
+
+    def __enter__(self) -> BrowserPhone:
+        self._worker.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._worker.join()
+        self._client.close()
+
