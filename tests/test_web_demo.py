@@ -477,6 +477,10 @@ def test_this_browser_is_a_phone_keeps_sent_text_only_in_its_own_sqlite_file_and
         # Switched off, nothing is kept: the API refuses and no history file appears.
         refused = httpx.post(f"{demo.url}/api/phone/messages", json={"text": secret}, timeout=5)
         assert refused.status_code == 409 and not (phone_dir / "history.sqlite").exists()
+        # Settings and messages are checked: no unknown field, no empty or overlong message.
+        assert httpx.put(f"{demo.url}/api/phone", json={"enabled": True, "gps": True}, timeout=5).status_code == 422
+        for bad in ({"text": ""}, {"text": "x" * 1001}, {"text": "hi", "to": "aggregator"}):
+            assert httpx.post(f"{demo.url}/api/phone/messages", json=bad, timeout=5).status_code == 422
 
         switch.click()
         send = wait.until(lambda b: (e := b.find_element(By.ID, "send")).is_displayed() and e)

@@ -114,6 +114,8 @@ class BrowserPhone:
                 self._activity = "switched off"
             elif not self._conditions().eligible:
                 self._activity = "waiting to be charging, idle and on Wi-Fi"
+            else:
+                self._activity = "eligible: checking in with the aggregator"
         self._wake.set()
         return self.state()
 

@@ -2,10 +2,9 @@
 
 A refresh asks the aggregator for its status (model version and recent rounds, kept
 for the dashboard) and downloads the model (with its tokenizer) only when that version
-differs from the one loaded. The new model is
-built completely before it replaces the old one, so a request always sees one whole
-model; when the aggregator cannot be reached the last good model keeps serving and
-the reason is kept for the page to show.
+differs from the one loaded. The new model is built completely before it replaces the
+old one, so a request always sees one whole model; when the aggregator cannot be
+reached the last good model keeps serving and the reason is kept for the page to show.
 """
 
 from __future__ import annotations

@@ -31,13 +31,15 @@ function layout(title, yTitle, extra = {}) {
   };
 }
 
-const series = (field, scale = 1) => rounds.map((r) => (r[field] === null ? null : r[field] * scale));
+// Rounds recorded by an older aggregator lack some fields: gaps, not zeros.
+const series = (field, scale = 1) => rounds.map((r) => (r[field] == null ? null : r[field] * scale));
 const roundNumbers = () => rounds.map((r) => r.round);
 
-// The hour of the (simulated) day a round opened at, on the aggregator's clock.
-function hourOfDay(r) {
-  const seconds = r.clock_started_s ?? r.started_at;
-  return ((seconds / 3600) % 24 + 24) % 24;
+// The hour (UTC) of the day a round opened at: on the simulated clock when there is one; the wall clock's
+// started_at otherwise (clock_started_s then counts from an arbitrary start).
+function hourOfDay(r, clock) {
+  const seconds = clock === "simulated" ? r.clock_started_s : r.started_at;
+  return seconds == null ? null : ((seconds / 3600) % 24 + 24) % 24;
 }
 
 function draw(status) {
@@ -55,7 +57,8 @@ function draw(status) {
     bar("late", series("late"), "#9aa0a6"),
   ], layout("Participants and drop-outs by round", "phones", { barmode: "stack" }), PLOT_CONFIG);
   Plotly.react("chart-eligible", [{
-    type: "scatter", mode: "markers", name: "eligible", x: rounds.map(hourOfDay), y: series("checked_in"),
+    type: "scatter", mode: "markers", name: "eligible", x: rounds.map((r) => hourOfDay(r, status.clock)),
+    y: series("checked_in"),
     customdata: x, hovertemplate: "round %{customdata}: %{y} phones at %{x:.1f} h<extra></extra>",
   }], layout(`Eligible phones by hour of the ${status.clock === "simulated" ? "simulated " : ""}day`, "phones",
     { xaxis: { title: { text: "hour (UTC)" }, range: [0, 24], dtick: 3 } }), PLOT_CONFIG);
