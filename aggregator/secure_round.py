@@ -26,14 +26,9 @@ from safetensors.numpy import load as load_numpy
 from aggregator.config import AggregatorConfig
 from aggregator.schemas import SecAggEncoding, SecAggRoster, SecAggState
 from aggregator.secure_aggregation import SecureAggregation
-from keyboard_model.secagg import Layout, Masked, RingEncoding, SecAggError
+from keyboard_model.secagg import Masked, RingEncoding, SecAggError, masked_layout
 from keyboard_model.weights import Tensors, WeightsError
 
-
-
-def masked_layout(encoding: RingEncoding) -> Layout:
-    """A device's masked input: its encoded update, then its evaluation counts (predictions, hits at 1, hits at 3)."""
-    return Layout((("update", encoding.dtype, encoding.size), ("counts", "uint32", 3)))
 
 
 class SecureRound:
@@ -106,7 +101,7 @@ class SecureRound:
         try:
             masked = load_numpy(data)
             self.protocol.layout.check(masked)
-        except (SafetensorError, ValueError, SecAggError) as error:
+        except (SafetensorError, ValueError, KeyError, TypeError, SecAggError) as error:  # KeyError: unknown dtypes
             raise WeightsError(f"not a masked upload of this round: {error}") from error
         return masked
 

@@ -22,14 +22,13 @@ import torch
 
 from aggregator.process import local_aggregator_config
 from aggregator.secure_aggregation import SecureAggregation
-from aggregator.secure_round import masked_layout
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import Fleet, FleetConfig, provision
 from device_sim.inprocess import InProcessClient
 from device_sim.phone import update_bytes
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.model import ModelConfig, build_model
-from keyboard_model.secagg import Layout, RingEncoding
+from keyboard_model.secagg import Layout, RingEncoding, masked_layout
 from keyboard_model.weights import parameter_shapes
 
 COHORT, GOAL = 130, 100
@@ -57,7 +56,7 @@ def protocol_costs(layout: Layout) -> dict[str, float]:
         inputs = {name: rng.integers(0, np.iinfo(dtype).max, size, dtype, endpoint=True)
                   for name, dtype, size in layout.arrays}
         started = time.perf_counter()
-        masked = phone.mask(inputs, shared)
+        masked = phone.mask(inputs, shared, layout)
         timings["mask"].append(time.perf_counter() - started)
         server.add_masked_input(k, masked)
     reported = server.close_collection()

@@ -34,6 +34,7 @@ from keyboard_model.secagg import (
     prg_mask,
     seal_shares,
     share_cipher_key,
+    masked_layout,
     split_secret,
 )
 from keyboard_model.weights import Tensors, clip_to_norm
@@ -65,13 +66,13 @@ class SecAggPhone:
             for v, b, s in zip(mine, self_mask_shares, masking_shares)
         }
 
-    def mask(self, inputs: Masked, shared: list[int]) -> Masked:
-        """`inputs` (the encoded arrays) plus the self mask and the pairwise masks of the neighbours that sent their
-        shares (`shared`, the server's list), in each array's ring."""
+    def mask(self, inputs: Masked, shared: list[int], layout: Layout) -> Masked:
+        """`inputs` (the encoded arrays, in the round's `layout`) plus the self mask and the pairwise masks of the
+        neighbours that sent their shares (`shared`, the server's list), in each array's ring."""
         roster, u = self._roster(), self.index
         if u not in shared:
             raise SecAggError("the server's list of phones that shared leaves this phone out")
-        layout = Layout(tuple((name, values.dtype.name, len(values)) for name, values in inputs.items()))
+        layout.check(inputs)
         masked = {name: values.copy() for name, values in inputs.items()}
         add_mask(masked, prg_mask(self.secrets.self_mask_seed, layout), +1)
         for v in sorted(set(shared) & set(roster.neighbours()[u])):
@@ -133,7 +134,7 @@ class SecAggPhone:
             raise SecAggError(f"this phone's model has {len(flat)} values; the round expects {encoding.length}")
         counts = [evaluation.positions, evaluation.hits_at_1, evaluation.hits_at_3] if evaluation else [0, 0, 0]
         inputs = {"update": encoding.encode(flat, np.random.default_rng(seed)), "counts": np.array(counts, np.uint32)}
-        return save_numpy(self.mask(inputs, state.shared))
+        return save_numpy(self.mask(inputs, state.shared, masked_layout(encoding)))
 
     def reveal_message(self, state: SecAggState) -> SecAggReveal:
         if state.reported is None or state.shared is None or state.incoming is None:

@@ -297,8 +297,8 @@ class RingEncoding:
     most `max_summands` deltas. As in Kairouz et al. 2021 (the distributed discrete Gaussian):
 
     - Every phone rotates its delta by the same random orthogonal map, random signs then the orthonormal DCT
-      (scipy). Each rotated value of a sum S is then sub-Gaussian with variance at most 2 |S|^2 / length, however
-      the sum was spread over the parameters, because no DCT entry exceeds sqrt(2 / length). The delta is padded
+      (scipy). Each rotated value of a sum S is then sub-Gaussian with variance at most 2 |S|^2 / size, however
+      the sum was spread over the parameters, because no DCT entry exceeds sqrt(2 / size). The delta is padded
       with zeros to `size`, the next length scipy's FFT is fast for (for the default model, 1.2% longer and 12
       times faster).
     - The scale is the largest for which, even for `max_summands` deltas at the bound all pointing the same way,
@@ -328,14 +328,19 @@ class RingEncoding:
 
     @property
     def scale(self) -> float:
-        # Sub-Gaussian tail: P(|value| > k sigma) <= 2 exp(-k^2 / 2), over `length` values.
+        # Sub-Gaussian tail: P(|value| > k sigma) <= 2 exp(-k^2 / 2), over `size` values.
         k = math.sqrt(2 * math.log(2 * self.size / WRAP_BUDGET))
         sigma = math.sqrt(2 / self.size) * self.max_summands * self.bound
         return (2 ** (self.bits - 1) - 1) / (k * sigma)
 
     @functools.cached_property
     def _signs(self) -> np.ndarray:
-        return np.random.default_rng(self.rotation_seed).choice(np.array([-1.0, 1.0]), self.size)
+        # From AES-CTR, not numpy's generators, whose streams may change between numpy versions: a phone and the
+        # server must draw the same signs.
+        key = self.rotation_seed.to_bytes(SEED_BYTES, "big")
+        stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(-(-self.size // 8)))
+        bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8))[: self.size]
+        return 1.0 - 2.0 * bits
 
     def encode(self, delta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         padded = np.zeros(self.size)
@@ -348,3 +353,9 @@ class RingEncoding:
     def decode_sum(self, total: np.ndarray) -> np.ndarray:
         signed = total.view(f"int{self.bits}").astype(np.float64) / self.scale
         return (idct(signed, norm="ortho") * self._signs)[: self.length]
+
+
+def masked_layout(encoding: RingEncoding) -> Layout:
+    """A secure round's masked input: the encoded update, then the evaluation counts (predictions, hits at 1, hits
+    at 3), which stay exact modulo 2**32. Phones and the server both build it here, so their masks line up."""
+    return Layout((("update", encoding.dtype, encoding.size), ("counts", "uint32", 3)))

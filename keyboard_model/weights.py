@@ -36,7 +36,7 @@ def read_tensors(
     try:
         tensors = load_safetensors(data)
         metadata = read_metadata(data)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError, AttributeError) as error:
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, AttributeError, KeyError, TypeError) as error:
         raise WeightsError(f"not a safetensors file: {error}") from error
     missing = sorted(expected_shapes.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected_shapes.keys())

@@ -50,7 +50,7 @@ def run_round(cohort: int, drop: dict[str, set[int]] | None = None, seed: int = 
         gone |= drop["collect"]
         for k in index:
             if k not in gone:
-                server.add_masked_input(index[k], phones[k].mask(inputs[k], shared))
+                server.add_masked_input(index[k], phones[k].mask(inputs[k], shared, layout))
         reported = server.close_collection()
         gone |= drop["unmask"]
         for k in index:
@@ -133,12 +133,12 @@ def test_a_masked_input_is_statistically_unrelated_to_the_input():
 
     # Uniform over the ring: each of the 256 values appears about equally often (chi-square, 255 d.o.f.; 350 is far
     # in the tail of that distribution, a biased mask lands far beyond it).
-    masked = phone.mask(x, server.shared)
+    masked = phone.mask(x, server.shared, layout)
     assert chi_square(masked) < 350
     assert abs(np.corrcoef(masked["update"].astype(np.float64), x["update"].astype(np.float64))[0, 1]) < 0.02
     # Two very different inputs give uploads with the same (uniform) look: nothing tells them apart.
     again = SecAggPhone(round_number=7, secrets=phone.secrets, roster=phone.roster, index=phone.index)
-    assert chi_square(again.mask(layout.zeros(), server.shared)) < 350
+    assert chi_square(again.mask(layout.zeros(), server.shared, layout)) < 350
 
 
 def test_a_phone_reveals_only_one_secret_per_neighbour_and_refuses_inconsistent_requests():

@@ -9,7 +9,8 @@ and sends what any phone sends (device_sim/phone.py): the model update and three
 evaluation counts. The history itself never leaves this machine.
 
 The switch and the conditions are kept in `phone.json` beside the history, so a
-restarted demo comes back as it was left; the switch starts off.
+restarted demo comes back as it was left; a new phone starts switched off. Switching
+off stops the phone at once: an update being computed is not sent.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from device_sim.client import AggregatorClient
+from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.eligibility import DeviceConditions
 from device_sim.history import TypingHistory
 from device_sim.phone import Phone
@@ -134,7 +135,8 @@ class BrowserPhone:
 
     def _note(self, activity: str) -> None:
         with self._lock:
-            self._activity = activity
+            if self._settings.enabled:  # switched off, the page keeps saying so
+                self._activity = activity
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -167,15 +169,24 @@ class BrowserPhone:
             return self.check_in_s
         self._note(f"training for round {decision.round} on {self.state().messages} messages")
         tokenizer = KeyboardTokenizer.from_json(self._client.tokenizer_json())
-        local = self.phone.train_round(self._client, decision.round, decision.upload_token, tokenizer, self.train,
-                                       seed=time.time_ns() % 2**31, clip_norm=decision.clip_norm)
-        if local is None:
+        work = self.phone.local_work(self._client.model(), tokenizer, self.train, seed=time.time_ns() % 2**31,
+                                     clip_norm=decision.clip_norm)
+        with self._lock:
+            switched_off = not self._settings.enabled
+        if switched_off:  # while training: nothing leaves
+            self._client.abort(decision.round, decision.upload_token)
+            return self.check_in_s
+        try:
+            self.phone.send(self._client, decision.round, decision.upload_token, work)
+        except AggregatorRefusedError as refused:
+            if refused.status_code != 409:
+                raise
             self._note(f"round {decision.round} closed before this phone's update arrived")
-        else:
-            with self._lock:
-                self._rounds.append(decision.round)
-            self._note(f"sent round {decision.round} a {local.update_size_bytes / 1e6:.2f} MB model update, "
-                       f"trained on {local.result.num_examples} examples")
+            return self.check_in_s
+        with self._lock:
+            self._rounds.append(decision.round)
+        self._note(f"sent round {decision.round} a {len(work.upload) / 1e6:.2f} MB model update, "
+                   f"trained on {work.result.num_examples} examples")
         return self.check_in_s
 
     def __enter__(self) -> BrowserPhone:

@@ -146,9 +146,11 @@ message.addEventListener("input", () => updateSuggestions());
 message.addEventListener("keydown", (event) => {
   const best = buttons[SLOT_OF_RANK[0]];
   if (event.key !== "Tab" || event.shiftKey || event.altKey || event.ctrlKey || event.metaKey) return;
-  if (best.disabled) return;
+  // While the strip waits for words for the new text, Tab waits too rather than leaving the text box.
+  const waiting = strip.getAttribute("aria-busy") === "true" && best.textContent;
+  if (best.disabled && !waiting) return;
   event.preventDefault();
-  insert(best.textContent);
+  if (!best.disabled) insert(best.textContent);
 });
 document.addEventListener("selectionchange", () => {
   if (document.activeElement === message) updateSuggestions();
@@ -168,8 +170,14 @@ const phonePanel = document.getElementById("phone-panel");
 const phoneStatus = document.getElementById("phone-status");
 const sendButton = document.getElementById("send");
 
+// Each change the person makes counts up; an answer to a GET that left before the latest change is stale.
+let phoneChanges = 0;
+
 function showPhone(state) {
-  for (const [name, input] of Object.entries(phoneInputs)) input.checked = state[name];
+  for (const [name, input] of Object.entries(phoneInputs)) {
+    input.checked = state[name];
+    input.disabled = false; // enabled once the phone's saved settings are on screen
+  }
   phonePanel.hidden = !state.enabled;
   document.getElementById("phone-path").textContent = state.history_path;
   const joined = state.rounds_joined;
@@ -180,11 +188,13 @@ function showPhone(state) {
 }
 
 async function phoneRequest(method, url, body) {
+  const changes = method === "GET" ? phoneChanges : ++phoneChanges;
   try {
     const response = await fetch(url, {
       method, headers: { "Content-Type": "application/json" }, body: body && JSON.stringify(body),
     });
     const answer = await response.json().catch(() => ({}));
+    if (changes !== phoneChanges) return response.ok;
     if (response.ok) showPhone(answer);
     else phoneStatus.textContent = typeof answer.detail === "string" ? answer.detail : `The demo server answered ${response.status}.`;
     return response.ok;
@@ -202,7 +212,7 @@ function configurePhone() {
 async function sendMessage() {
   const text = message.value.trim();
   if (!text) return;
-  if (await phoneRequest("POST", "api/phone/messages", { text })) {
+  if (await phoneRequest("POST", "api/phone/messages", { text }) && message.value.trim() === text) {
     message.value = "";
     message.focus();
     updateSuggestions();
