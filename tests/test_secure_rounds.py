@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save
 
 from aggregator.schemas import EvaluationReport, SecAggShares
 from device_sim.client import AggregatorClient, AggregatorRefusedError
@@ -219,3 +220,17 @@ def test_a_tiny_cohort_collects_past_its_goal_until_the_reporters_can_unmask_eac
         device.reveal()
     (summary,) = client.status().recent_rounds
     assert (summary.status, summary.reported) == ("closed", 3)
+
+
+def test_a_masked_upload_in_a_type_numpy_cannot_read_is_refused_not_a_server_error(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    client, _ = start_secure(start_aggregator, small_tokenizer_path, small_model_config, clients_per_round=3,
+                             over_selection=1.0)
+    devices = [Device(client) for _ in range(3)]
+    state = until_collecting(devices)
+    size = RingEncoding(**state.encoding.model_dump()).size
+    bfloat16 = save({"update": torch.zeros(size, dtype=torch.bfloat16), "counts": torch.zeros(3, dtype=torch.int32)})
+    with pytest.raises(AggregatorRefusedError) as refused:
+        client.upload(devices[0].round, devices[0].token, bfloat16)
+    assert refused.value.status_code == 422 and "not a masked upload" in refused.value.detail
