@@ -23,8 +23,8 @@ function layout(title, yTitle, extra = {}) {
   return {
     title: { text: title, font: { size: 14 } },
     margin: { l: 48, r: 12, t: 36, b: 40 },
-    // The x axis is the round unless said otherwise; whole rounds only.
-    xaxis: { tickformat: "d" },
+    // The x axis is the round unless said otherwise: whole rounds only, each one ticked while there are few.
+    xaxis: { tickformat: "d", ...(rounds.length <= 12 ? { dtick: 1 } : {}) },
     yaxis: { title: { text: yTitle }, rangemode: "tozero" },
     legend: { orientation: "h", y: -0.15 },
     ...extra,
