@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-
 from keyboard_model.secagg import (
     SEED_BYTES,
     GraphParameters,

@@ -30,7 +30,6 @@ from keyboard_model.secagg import Masked, RingEncoding, SecAggError, masked_layo
 from keyboard_model.weights import Tensors, WeightsError
 
 
-
 class SecureRound:
     def __init__(self, number: int, started: float, config: AggregatorConfig, shapes: dict[str, tuple[int, ...]],
                  graph_seed: int, selection_target: int) -> None:
