@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     # keeps them from fighting over the cores (measured: more updates per second).
     torch.set_num_threads(1)
     print(f"aggregator: serving on http://{config.host}:{config.port} with database {config.db_path}", flush=True)
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+    from aggregator.serving import serve  # noqa: PLC0415
+    serve(create_app(config), config.host, config.port)
     return 0
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -66,15 +66,16 @@ def wait_for(condition: Callable[[], T], timeout_s: float, failure: Callable[[],
 class DemoServer:
     """`python -m web_demo` as a child process on a free loopback port, stopped on exit."""
 
-    def __init__(self, aggregator_url: str, refresh_seconds: float = 0.3, phone_dir: Path | None = None) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, aggregator_url: str, refresh_seconds: float = 0.3, phone_dir: Path | None = None,
+                 options: Sequence[str] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         # The browser phone's folder: never the repository's runs/.
         self.phone_dir = phone_dir or Path(tempfile.mkdtemp(prefix="browser-phone-"))
         self.command = [
             sys.executable, "-m", "web_demo", "--aggregator", aggregator_url,
-            "--port", str(port), "--refresh-seconds", str(refresh_seconds),
-            "--phone-dir", str(self.phone_dir), "--phone-check-in", "0.5",
+            "--port", str(self.port), "--refresh-seconds", str(refresh_seconds),
+            "--phone-dir", str(self.phone_dir), "--phone-check-in", "0.5", *options,
         ]
         self._log = tempfile.TemporaryFile()
         self.process: subprocess.Popen | None = None

@@ -6,8 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-import uvicorn
-
+from aggregator.serving import serve as serve_app
 from keyboard_model.commands import run_command
 from web_demo.app import create_app
 from web_demo.config import DemoConfig
@@ -48,7 +47,7 @@ def serve(config: DemoConfig) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     print(f"demo: open http://{config.host}:{config.port} (model from {config.aggregator_url})", flush=True)
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+    serve_app(create_app(config), config.host, config.port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,183 @@
+"""A client that never finishes sending its request does not hold a connection for long (aggregator/serving.py)."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from aggregator.process import free_port
+from aggregator.serving import HEADER_TIMEOUT_S, uvicorn_options
+from keyboard_model.model import ModelConfig
+from tests.test_web_demo import DemoServer
+
+pytestmark = pytest.mark.timeout(120)
+
+# Requests that stop part way: nothing at all, half a request line, headers without the blank line that ends them,
+# and a body that stops 990 bytes short of its Content-Length.
+STALLED = [
+    b"",
+    b"GET /sta",
+    b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+    b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n0123456789",
+]
+# Time allowed for the server to act on a deadline once it has passed (a loaded CI machine is slow).
+SLACK_S = 3.0
+
+
+async def echo(scope: dict, receive: Callable, send: Callable) -> None:
+    """Answers with the body it read."""
+    body, more = b"", True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        body, more = body + message.get("body", b""), message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextmanager
+def serving(**limits: float) -> Iterator[int]:
+    """`echo` served in a thread on a loopback port (yielded) with these deadlines, as both command lines serve."""
+    config = uvicorn.Config(echo, host="127.0.0.1", port=free_port(), lifespan="off", log_level="error",
+                            **uvicorn_options(**limits))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield config.port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def open_stalled(port: int, request: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(request)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, deadline: float) -> bytes | None:
+    """What the server sends until it closes the connection; None if it is still open at `deadline`."""
+    received = b""
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return None
+        except ConnectionResetError:  # closed with bytes of ours unread
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    return None
+
+
+def test_two_hundred_stalled_requests_are_answered_408_and_closed_while_others_are_served() -> None:
+    with serving(header_timeout_s=1.0, body_timeout_s=1.0) as port, ExitStack() as sockets:
+        opened = time.monotonic()
+        stalled = [sockets.enter_context(open_stalled(port, STALLED[i % len(STALLED)])) for i in range(200)]
+        # Meanwhile, well inside the deadlines, a whole request is answered.
+        answer = httpx.post(f"http://127.0.0.1:{port}/echo", content=b"hello", timeout=5)
+        assert (answer.status_code, answer.content) == (200, b"hello")
+        assert time.monotonic() - opened < 1.0, "too slow to tell the stalled requests from the deadline"
+
+        for i, sock in enumerate(stalled):
+            received = read_until_closed(sock, opened + 1.0 + SLACK_S)
+            assert received is not None, f"connection {i} ({STALLED[i % len(STALLED)]!r}) is still open"
+            assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), received
+            assert received.endswith(b"did not arrive within 1 s"), received
+        assert time.monotonic() - opened >= 1.0  # not closed before its time
+
+
+def test_a_body_dripped_in_slower_than_the_deadline_is_cut_off() -> None:
+    """The body deadline is for the whole body, not between bytes: a trickle cannot keep it open."""
+    with serving(header_timeout_s=1.0, body_timeout_s=1.0) as port, \
+            open_stalled(port, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n") as sock:
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 1.0 + SLACK_S and not select.select([sock], [], [], 0.1)[0]:
+                sock.sendall(b"x")
+        except OSError:  # the server closed between two bytes
+            pass
+        assert read_until_closed(sock, time.monotonic() + 0.5) is not None, "the server still takes a byte every 0.1 s"
+        assert 1.0 <= time.monotonic() - started < 1.0 + SLACK_S
+
+
+def test_slow_but_timely_requests_are_served_and_each_request_gets_its_own_deadline() -> None:
+    with serving(header_timeout_s=1.0, body_timeout_s=1.0) as port, open_stalled(port, b"") as sock:
+        sock.settimeout(5)
+        # Three requests on one kept-alive connection, each sent in pieces over 0.6 s: 1.8 s in all, longer than
+        # either deadline, but none of them late.
+        for number in range(3):
+            body = f"request {number}".encode()
+            pieces = [b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                      b"Content-Length: %d\r\n\r\n" % len(body), body[:4], body[4:]]
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(0.2)
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(body), answer
+
+
+def test_headers_larger_than_the_limit_are_refused_long_before_their_deadline() -> None:
+    with serving(header_timeout_s=60.0, body_timeout_s=60.0, max_header_bytes=16 * 1024) as port, \
+            open_stalled(port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n") as sock:
+        started = time.monotonic()
+        try:
+            for _ in range(100):  # 100 kB of headers, never ending
+                sock.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
+        except OSError:  # the server closed while we were still sending
+            pass
+        received = read_until_closed(sock, started + SLACK_S)
+        assert received is not None, "the server is still reading headers"
+        # The 431 is lost when the server's close resets the connection before we read it.
+        assert received == b"" or received.startswith(b"HTTP/1.1 431 "), received
+
+
+def test_body_bytes_that_arrive_with_headers_do_not_count_towards_their_limit() -> None:
+    body = b"b" * 100_000
+    upload = b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    second = b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    with serving(header_timeout_s=5.0, body_timeout_s=5.0, max_header_bytes=16 * 1024) as port, \
+            open_stalled(port, upload + second[:30]) as sock:
+        # The server read the upload and the start of a second, pipelined request together: the upload's body is
+        # not the second request's headers.
+        time.sleep(0.3)
+        sock.sendall(second[30:])
+        received = read_until_closed(sock, time.monotonic() + 5)
+        assert received is not None and received.count(b"HTTP/1.1 200 OK\r\n") == 2, (received or b"")[:200]
+        assert body in received and received.endswith(b"ok")
+
+
+def test_the_aggregator_and_the_demo_close_stalled_connections(
+    start_aggregator: Callable, small_tokenizer_path: Path, small_model_config: ModelConfig,
+) -> None:
+    """Both command lines serve with the deadlines, at their defaults."""
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config)
+    with DemoServer(aggregator.url) as demo, ExitStack() as sockets:
+        ports = [aggregator.config.port, demo.port]
+        opened = time.monotonic()
+        stalled = [sockets.enter_context(open_stalled(port, request)) for port in ports for request in STALLED[:3]]
+        assert httpx.get(f"{aggregator.url}/status", timeout=5).status_code == 200
+        assert httpx.get(f"{demo.url}/api/model", timeout=5).status_code == 200
+
+        for sock in stalled:
+            received = read_until_closed(sock, opened + HEADER_TIMEOUT_S + SLACK_S)
+            assert received is not None, f"still open after {HEADER_TIMEOUT_S + SLACK_S} s"
+            assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), received
