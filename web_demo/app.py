@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from web_demo.browser_phone import BrowserPhone, NewMessage, PhoneSettings, PhoneState, PhoneSwitchedOffError
 from web_demo.config import DemoConfig
@@ -120,4 +121,7 @@ def create_app(config: DemoConfig) -> FastAPI:
     )
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # A page on another site whose name is made to resolve to this machine (DNS rebinding) reaches the demo with
+    # that site's name in the Host header.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=config.host_patterns(), www_redirect=False)
     return app

@@ -25,12 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where 'this browser is a phone' keeps its typing history (default: %(default)s)")
     parser.add_argument("--phone-check-in", type=float, default=DEFAULTS.phone_check_in_s, metavar="SECONDS",
                         help="how often that phone asks the aggregator to train while eligible (default: %(default)s)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME", dest="allowed_hosts",
+                        help="a host name (or *.domain, or IP address) the page may be opened by, besides --host, "
+                             "localhost, 127.0.0.1 and ::1; requests naming any other host are refused. Repeatable; "
+                             "give the machine's name or address when serving on 0.0.0.0 to other machines")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     return DemoConfig(aggregator_url=args.aggregator, host=args.host, port=args.port,
                       refresh_seconds=args.refresh_seconds, phone_dir=args.phone_dir,
-                      phone_check_in_s=args.phone_check_in)
+                      phone_check_in_s=args.phone_check_in, allowed_hosts=tuple(args.allowed_hosts))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# A DNS name, or a pattern of them like *.example.com, as TrustedHostMiddleware takes them.
+HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*", re.IGNORECASE)
+
+
+def host_pattern(name: str) -> str:
+    """`name` as TrustedHostMiddleware compares it with the host of a Host header: lower case, an IPv6 address
+    in brackets as browsers write it. A ValueError if `name` is not a host name, *.domain pattern or IP address."""
+    try:
+        address = ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        if HOST_NAME.fullmatch(name) is None:
+            raise ValueError(f"a host is a name or IP address without a scheme or port, got {name!r}") from None
+        return name.lower()
+    return f"[{address}]" if address.version == 6 else str(address)
 
 
 @dataclass(frozen=True)
@@ -18,6 +35,9 @@ class DemoConfig:
     # it checks in with the aggregator while eligible.
     phone_dir: Path = field(default_factory=lambda: Path("runs") / "browser-phone")
     phone_check_in_s: float = 10.0
+    # Host names the page answers to besides the one it binds to, localhost, 127.0.0.1 and [::1]: any other Host
+    # header is refused, which keeps a DNS-rebinding page from reading or writing this phone's history.
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.aggregator_url.startswith(("http://", "https://")):
@@ -26,3 +46,8 @@ class DemoConfig:
             raise ValueError(f"phone_check_in_s must be positive, got {self.phone_check_in_s}")
         if not self.refresh_seconds > 0:
             raise ValueError(f"refresh_seconds must be positive, got {self.refresh_seconds}")
+        self.host_patterns()
+
+    def host_patterns(self) -> list[str]:
+        """The hosts of the Host headers the page answers (with any port or none)."""
+        return sorted({host_pattern(name) for name in ("localhost", "127.0.0.1", "::1", self.host, *self.allowed_hosts)})
