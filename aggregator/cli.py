@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 import uvicorn
 
 from aggregator.app import create_app
-from aggregator.config import AggregatorConfig
+from aggregator.config import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV, AggregatorConfig
 from aggregator.strategy import STRATEGIES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.commands import run_command
@@ -66,6 +67,20 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                          help="phones that could take part, for the accountant's sampling rate (default: those enrolled)")
     privacy.add_argument("--dp-delta", type=float, default=None,
                          help="delta at which epsilon is reported (default: 1 / population)")
+    admission = parser.add_argument_group(
+        "admission", f"Credentials come from the environment, never the command line: {OPERATOR_TOKEN_ENV} (the "
+                     f"operator's token, which PUT /clock needs) and {ENROLMENT_SECRET_ENV} (the secret devices "
+                     "outside the trusted networks must show to enrol).")
+    admission.add_argument("--selection-window", type=float, default=DEFAULTS.selection_window_s,
+                           help="seconds of check-ins drawn from at random when selecting; 0 takes devices first "
+                                "come, first served (default: %(default)s)")
+    admission.add_argument("--trusted-network", action="append", default=None, metavar="CIDR",
+                           help="client addresses that enrol without the secret and without rate limits; repeat for "
+                                f"more, or 'none' (default: {' '.join(DEFAULTS.trusted_networks)})")
+    admission.add_argument("--enrolments-per-minute", type=int, default=DEFAULTS.enrolments_per_minute,
+                           help="enrolments per client address outside the trusted networks (default: %(default)s)")
+    admission.add_argument("--checkins-per-minute", type=int, default=DEFAULTS.checkins_per_minute,
+                           help="check-ins per client address outside the trusted networks (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the initial model (default: %(default)s)")
     parser.add_argument("--init-model", type=Path, default=None,
                         help="start a new database from this saved model.safetensors (default: a fresh model)")
@@ -93,6 +108,12 @@ def round_settings(args: argparse.Namespace) -> dict:
         dp_delta=args.dp_delta,
         seed=args.seed,
         initial_model=args.init_model,
+        selection_window_s=args.selection_window,
+        trusted_networks=tuple(n for n in args.trusted_network or DEFAULTS.trusted_networks if n != "none"),
+        enrolments_per_minute=args.enrolments_per_minute,
+        checkins_per_minute=args.checkins_per_minute,
+        operator_token=os.environ.get(OPERATOR_TOKEN_ENV) or None,
+        enrolment_secret=os.environ.get(ENROLMENT_SECRET_ENV) or None,
     )
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RING_WIDTHS
+
+# Credentials travel in the environment: a command line is visible to every user of the machine.
+OPERATOR_TOKEN_ENV = "FEDKB_OPERATOR_TOKEN"
+ENROLMENT_SECRET_ENV = "FEDKB_ENROLMENT_SECRET"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,22 @@ class AggregatorConfig:
     simulated_clock: bool = False
     # The shortest wait pace steering gives a device it turns away (see aggregator/pace.py).
     retry_after_s: float = 5.0
+    # Devices that check in within this many seconds of each other are drawn from at random, not taken in order of
+    # arrival (aggregator/selection.py). 0 takes them first come, first served.
+    selection_window_s: float = 10.0
+    # The operator's credential (a bearer token) for PUT /clock; the simulator that starts the aggregator holds it.
+    # None: nobody may set the clock.
+    operator_token: str | None = field(default=None, repr=False)
+    # Enrolment from outside `trusted_networks` must present this secret (aggregator/attestation.py). None: it is
+    # refused.
+    enrolment_secret: str | None = field(default=None, repr=False)
+    # Client addresses that enrol without attestation and without rate limits: the simulator's own machine.
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Per client address outside `trusted_networks` (aggregator/rate_limits.py).
+    enrolments_per_minute: int = 30
+    checkins_per_minute: int = 120
+    # Largest JSON request body; the largest honest one (a secure round's sealed shares) is a few kilobytes.
+    max_json_bytes: int = 64 * 1024
     seed: int = 0
     # Start from this saved model (e.g. one trained on the server's proxy data) instead of a
     # fresh one; used only when the database is new.
@@ -87,6 +108,16 @@ class AggregatorConfig:
             raise ValueError(f"secagg_ring_bits must be one of {RING_WIDTHS}, got {self.secagg_ring_bits}")
         if not min(self.round_deadline_s, self.retry_after_s, self.max_update_norm, self.secagg_phase_s) > 0:
             raise ValueError("round_deadline_s, retry_after_s, max_update_norm and secagg_phase_s must be positive")
+        if not 0 <= self.selection_window_s < self.round_deadline_s:
+            raise ValueError(f"selection_window_s must be at least 0 and shorter than the round's deadline, "
+                             f"got {self.selection_window_s}")
+        for network in self.trusted_networks:
+            try:
+                ipaddress.ip_network(network)
+            except ValueError as error:
+                raise ValueError(f"trusted network {network!r} is not an address range like 10.0.0.0/8: {error}") from error
+        if min(self.enrolments_per_minute, self.checkins_per_minute, self.max_json_bytes) < 1:
+            raise ValueError("enrolments_per_minute, checkins_per_minute and max_json_bytes must be at least 1")
 
     @property
     def differential_privacy(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from aggregator.config import AggregatorConfig
+from aggregator.config import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV, AggregatorConfig
 
 
 def _stop_with_parent() -> None:
@@ -59,14 +60,23 @@ class LocalAggregator:
             *(["--dp-delta", str(c.dp_delta)] if c.dp_delta is not None else []),
             "--seed", str(c.seed), *(["--init-model", str(c.initial_model)] if c.initial_model else []),
             "--embedding-dim", str(c.model.embedding_dim), "--hidden-dim", str(c.model.hidden_dim),
+            "--selection-window", str(c.selection_window_s), "--enrolments-per-minute", str(c.enrolments_per_minute),
+            "--checkins-per-minute", str(c.checkins_per_minute),
+            *(arg for network in c.trusted_networks or ["none"] for arg in ("--trusted-network", network)),
         ]
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: the credentials go here, not on its command line, which any user can read."""
+        credentials = {OPERATOR_TOKEN_ENV: self.config.operator_token, ENROLMENT_SECRET_ENV: self.config.enrolment_secret}
+        inherited = {k: v for k, v in os.environ.items() if k not in credentials}
+        return {**inherited, "PYTHONUNBUFFERED": "1", **{k: v for k, v in credentials.items() if v is not None}}
 
     def __enter__(self) -> LocalAggregator:
         # Its own process group, so a Ctrl-C in the terminal reaches the parent only and
         # the parent decides how the child stops.
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_stop_with_parent,
+            start_new_session=True, env=self.environment(), preexec_fn=_stop_with_parent,
         )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
@@ -102,6 +112,8 @@ class LocalAggregator:
 
 
 def local_aggregator_config(workdir: Path, tokenizer_path: Path, **overrides) -> AggregatorConfig:
-    """A config for a fresh aggregator on a free loopback port, its database in `workdir`."""
+    """A config for a fresh aggregator on a free loopback port, its database in `workdir`, with a new operator
+    token for whoever starts it (unless one is given)."""
+    operator_token = overrides.pop("operator_token", None) or secrets.token_urlsafe(32)
     return AggregatorConfig(db_path=workdir / "aggregator.sqlite", tokenizer_path=tokenizer_path,
-                            port=free_port(), **overrides)
+                            port=free_port(), operator_token=operator_token, **overrides)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import math
 import os
 import random
@@ -41,6 +42,7 @@ from aggregator.pace import retry_after_s
 from aggregator.privacy import PrivacyEvent, epsilon, noisy_mean
 from aggregator.schemas import EvaluationReport, SecAggState
 from aggregator.secure_round import SecureRound
+from aggregator.selection import SelectionWindow
 from aggregator.storage import Storage
 from aggregator.strategy import UpdateSum, make_strategy
 from keyboard_model.errors import UserFacingError
@@ -58,6 +60,8 @@ from keyboard_model.weights import (
     read_tensors,
     write_tensors,
 )
+
+logger = logging.getLogger(__name__)
 
 # Round durations that pace steering looks back on.
 RECENT_ROUNDS = 20
@@ -131,6 +135,7 @@ class OpenRound:
     started_at: float  # wall clock, for the record
     started: float  # the manager's clock, for durations and the deadline
     deadline: float
+    selection: SelectionWindow
     device_by_token: dict[str, str] = field(default_factory=dict)
     token_by_device: dict[str, str] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
@@ -182,9 +187,9 @@ class RoundManager:
                 "use the sizes and tokenizer it was created with, or another --db"
             ) from error
         # Our own bytes from our own database, written by `_close_round`; not device input.
-        optimizer_state = storage.optimizer_state(self.model_version)
-        if optimizer_state:
-            self.strategy.load_state(load_safetensors(optimizer_state))
+        saved_state = storage.optimizer_state(self.model_version)
+        self.optimizer_state = (load_safetensors(saved_state) if saved_state
+                                else self.strategy.init(self.global_state))
         self._device_by_token_hash = storage.device_tokens()
         self._privacy_events = [PrivacyEvent(q, z) for q, z in storage.privacy_events()]
         recent = storage.recent_rounds(RECENT_ROUNDS)
@@ -220,6 +225,7 @@ class RoundManager:
             secure = SecureRound(number, now, self.config, self.shapes, self._rng.randrange(2**63),
                                  self.selection_target)
         return OpenRound(number, self.model_version, time.time(), now, now + self.config.round_deadline_s,
+                         SelectionWindow(self.config.selection_window_s, now + self.config.selection_window_s),
                          secure=secure)
 
     @property
@@ -252,24 +258,44 @@ class RoundManager:
             current = self.round
             current.checked_in.add(device_id)
             done = device_id in current.reported or device_id in current.aborted
+            if device_id not in current.token_by_device and not done and self._selecting():
+                current.selection.offer(device_id)
+                self._draw()
             token = current.token_by_device.get(device_id)
-            # A secure round's cohort is fixed once its keys are in: no one joins after that.
-            selecting = current.secure is None or current.secure.phase == "advertise"
-            if token is None and not done and selecting and len(current.token_by_device) < self.selection_target:
-                token = secrets.token_urlsafe(24)
-                self.storage.record_selection(current.number, device_id, token_hash(token))
-                current.token_by_device[device_id] = token
-                current.device_by_token[token] = device_id
-                # A selected device downloads the model it is to train.
-                current.bytes_down += len(self.model_bytes)
             if token is not None and not done:
                 clip_norm = self.config.clip_norm if self.config.differential_privacy else None
                 return CheckinDecision("train", current.number, self.model_version, upload_token=token,
                                        clip_norm=clip_norm, secure_aggregation=current.secure is not None)
-            wait = retry_after_s(
-                self.clock() - current.started, self._recent_durations, self.config.retry_after_s, self._rng
-            )
+            if device_id in current.selection.candidates:
+                # Come back once the draw it is a candidate in has been made.
+                wait = max(current.selection.ends - self.clock(), 0.0) + 0.001
+            else:
+                wait = retry_after_s(
+                    self.clock() - current.started, self._recent_durations, self.config.retry_after_s, self._rng
+                )
             return CheckinDecision("retry", current.number, self.model_version, retry_after_s=round(wait, 3))
+
+    def _selecting(self) -> bool:
+        # A secure round's cohort is fixed once its keys are in: no one joins after that.
+        current = self.round
+        open_cohort = current.secure is None or current.secure.phase == "advertise"
+        return open_cohort and len(current.token_by_device) < self.selection_target
+
+    def _draw(self) -> None:
+        """Select, at random, among the candidates of a selection window that has closed (aggregator/selection.py)."""
+        current, now = self.round, self.clock()
+        if not current.selection.due(now):
+            return
+        if not self._selecting():
+            current.selection.candidates.clear()
+            return
+        for device_id in current.selection.draw(self.selection_target - len(current.token_by_device), now, self._rng):
+            token = secrets.token_urlsafe(24)
+            self.storage.record_selection(current.number, device_id, token_hash(token))
+            current.token_by_device[device_id] = token
+            current.device_by_token[token] = device_id
+            # A selected device downloads the model it is to train.
+            current.bytes_down += len(self.model_bytes)
 
     @property
     def selection_target(self) -> int:
@@ -352,11 +378,8 @@ class RoundManager:
             reported = len(current.reported)
             # At the goal, unless a tiny cohort's reporters could not yet rebuild each other's self masks.
             if reported >= max(self.config.clients_per_round, current.secure.protocol.parameters.threshold + 1):
-                try:
-                    current.secure.close_collection(self.clock(), self.min_reports)
-                except SecAggError as error:  # this upload counted; the round fails without it mattering
-                    current.failure = str(error)
-                    self._close_round()
+                # This upload counted whether or not the round then fails.
+                self._secure_transition(lambda: current.secure.close_collection(self.clock(), self.min_reports))
             closed = self.round is not current
         return SubmitResult(round_number, reported, duplicate=False, round_closed=closed)
 
@@ -412,14 +435,22 @@ class RoundManager:
 
     def _advance_secure(self) -> None:
         current, secure = self.round, self.round.secure
+        if self._secure_transition(lambda: secure.advance(self.clock(), set(current.token_by_device),
+                                                          current.aborted, self.min_reports)) and secure.sum is not None:
+            self._close_round()
+
+    def _secure_transition(self, transition) -> bool:
+        """Close a phase of the round's secure aggregation. If that fails, whatever the cause, the round fails
+        and is closed (returns False): an error here must not leave the round stuck in a phase."""
         try:
-            secure.advance(self.clock(), set(current.token_by_device), current.aborted, self.min_reports)
-        except SecAggError as error:
-            current.failure = str(error)
+            transition()
+        except Exception as error:
+            if not isinstance(error, SecAggError):
+                logger.exception("secure aggregation of round %d failed", self.round.number)
+            self.round.failure = str(error)
             self._close_round()
-            return
-        if secure.sum is not None:
-            self._close_round()
+            return False
+        return True
 
     def submit_evaluation(self, round_number: int, token: str, report: EvaluationReport) -> tuple[int, bool]:
         """Add a selected device's evaluation counts to the round's; returns (reports so far, duplicate)."""
@@ -479,13 +510,13 @@ class RoundManager:
         self.tick()
 
     def tick(self) -> None:
-        """Close the round if its deadline has passed, and a secure round's phases whose time is up (called
-        periodically)."""
+        """Draw the selection window that has closed, and close the round if its deadline has passed, or a secure
+        round's phases whose time is up (called periodically)."""
         with self._lock:
-            current, secure = self.round, self.round.secure
-            if secure is not None:
+            self._draw()
+            if self.round.secure is not None:
                 self._tick_secure()
-            elif self.clock() >= current.deadline:
+            elif self.clock() >= self.round.deadline:
                 self._close_round()
 
     def _tick_secure(self) -> None:
@@ -496,15 +527,17 @@ class RoundManager:
                 current.failure = f"the deadline passed in phase {secure.phase!r}"
                 self._close_round()
                 return
-            try:
-                secure.close_collection(self.clock(), self.min_reports)
-            except SecAggError as error:
-                current.failure = str(error)
-                self._close_round()
+            if not self._secure_transition(lambda: secure.close_collection(self.clock(), self.min_reports)):
                 return
         self._advance_secure()
+        if self.round is current and self.clock() >= current.deadline + self.config.secagg_phase_s:
+            # Unmasking had its phase's time after the deadline; nothing may keep a round open past that.
+            current.failure = f"the round was still in phase {secure.phase!r} past its deadline"
+            self._close_round()
 
     def _close_round(self) -> None:
+        """Record the open round, closed with a new model or failed, and open the next one. Whatever goes wrong
+        here, the round ends: a round left open would have every device retrying until the service restarted."""
         current = self.round
         duration = self.clock() - current.started
         selected, reported, aborted = len(current.token_by_device), len(current.reported), len(current.aborted)
@@ -519,19 +552,38 @@ class RoundManager:
             "eval_hits_at_1": current.eval_hits_at_1, "eval_hits_at_3": current.eval_hits_at_3,
             "checked_in": len(current.checked_in), "clock_started_s": current.started,
         }
+        try:
+            self._commit(dict(summary))
+        except Exception as error:
+            # Nothing of the round was committed and the model and optimiser state are as they were.
+            logger.exception("closing round %d failed; it is recorded as failed", current.number)
+            try:
+                self.storage.record_round({**summary, "status": "failed", "failure": f"closing failed: {error!r}"},
+                                          None, None)
+            except Exception:
+                logger.exception("recording round %d as failed failed too", current.number)
+        finally:
+            self._recent_durations.append(duration)
+            self.round = self._open_round(current.number + 1)
+            self._sum = UpdateSum(self.shapes)
+
+    def _commit(self, summary: dict) -> None:
+        """Commit the round: with the model and optimiser state its updates give, or as failed. The manager moves
+        on to the new model, state and privacy spent only once they are committed."""
         mean_delta = self._round_mean(summary)
-        if mean_delta is not None:
-            new_state = self.strategy.apply(self.global_state, mean_delta)
-            new_bytes = model_to_bytes(new_state, self.model_version + 1, self.config.model)
-            summary.update(status="closed", new_version=self.model_version + 1, update_norm=l2_norm(mean_delta))
-            self.storage.record_round(summary, new_bytes, write_tensors(self.strategy.state()))
-            self.model_version, self.model_bytes, self.global_state = self.model_version + 1, new_bytes, new_state
-        else:
-            summary.update(status="failed", failure=current.failure)
+        if mean_delta is None:
+            summary.update(status="failed", failure=self.round.failure)
             self.storage.record_round(summary, None, None)
-        self._recent_durations.append(duration)
-        self.round = self._open_round(current.number + 1)
-        self._sum = UpdateSum(self.shapes)
+            return
+        new_state, optimizer_state = self.strategy.apply(self.global_state, self.optimizer_state, mean_delta)
+        new_bytes = model_to_bytes(new_state, self.model_version + 1, self.config.model)
+        summary.update(status="closed", new_version=self.model_version + 1, update_norm=l2_norm(mean_delta))
+        self.storage.record_round(summary, new_bytes, write_tensors(optimizer_state))
+        self.model_version, self.model_bytes, self.global_state = self.model_version + 1, new_bytes, new_state
+        self.optimizer_state = optimizer_state
+        if summary.get("epsilon") is not None:
+            self._privacy_events.append(PrivacyEvent(summary["dp_sampling_rate"], summary["dp_noise_multiplier"]))
+            self._epsilon = summary["epsilon"]
 
     def _round_mean(self, summary: dict) -> Tensors | None:
         """The step the round's updates give, or None if the round failed. Fills in what only the sum tells."""
@@ -552,15 +604,14 @@ class RoundManager:
         return {name: (t / len(current.reported)).float() for name, t in total.items()}
 
     def _private_mean(self, summary: dict, total: Tensors) -> Tensors:
-        """The round's noisy mean; records the release in `summary` with the epsilon spent so far."""
+        """The round's noisy mean; records the release in `summary` with the epsilon spent so far, this round
+        included."""
         config = self.config
         population = config.population or max(len(self._device_by_token_hash), config.clients_per_round)
         delta = config.dp_delta or 1.0 / population
         event = PrivacyEvent(config.clients_per_round / population, config.noise_multiplier)
-        self._privacy_events.append(event)
         summary.update(dp_noise_multiplier=event.noise_multiplier, dp_sampling_rate=event.sampling_rate,
-                       dp_delta=delta, epsilon=epsilon(self._privacy_events, delta))
-        self._epsilon = summary["epsilon"]
+                       dp_delta=delta, epsilon=epsilon([*self._privacy_events, event], delta))
         # Unpredictable noise: anyone who could replay it could subtract it.
         generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
         return noisy_mean(total, config.clip_norm, config.noise_multiplier, config.clients_per_round, generator)

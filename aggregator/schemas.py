@@ -6,7 +6,16 @@ import base64
 import binascii
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, computed_field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    computed_field,
+    model_validator,
+)
 
 
 def _from_base64(value: object) -> object:
@@ -20,7 +29,8 @@ def _from_base64(value: object) -> object:
 
 # Bytes in Python, base64 text in JSON.
 Base64Bytes = Annotated[bytes, BeforeValidator(_from_base64),
-                        PlainSerializer(lambda data: base64.b64encode(data).decode("ascii"), return_type=str)]
+                        PlainSerializer(lambda data: base64.b64encode(data).decode("ascii"), return_type=str),
+                        WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
 
 
 class EnrolmentResponse(BaseModel):
@@ -56,7 +66,9 @@ class EvaluationReport(BaseModel):
     # Anything else a device sends is refused, not ignored: nothing rides along with the counts.
     model_config = ConfigDict(extra="forbid")
 
-    model_version: int = Field(ge=0, description="The global model version scored: the one this round trains.")
+    model_version: int = Field(ge=0, le=2**63 - 1,
+                               description="The global model version scored: the one this round trains.")
+    # At most the aggregator's --max-eval-positions, which its OpenAPI document states.
     positions: int = Field(ge=1, description="Next-word predictions scored (word targets in the held-out messages).")
     hits_at_1: int = Field(ge=0, description="Predictions whose target was the top suggestion.")
     hits_at_3: int = Field(ge=0, description="Predictions whose target was among the three suggestions.")
@@ -74,8 +86,16 @@ class EvaluationResponse(BaseModel):
     duplicate: bool = Field(description="True when this device had already reported; it was not counted again.")
 
 
+# Simulated time stays below a few centuries: a deadline added to it must still be a different number.
+MAX_SIMULATED_S = 1e10
+
+
 class ClockUpdate(BaseModel):
-    now_s: float = Field(ge=0, description="Simulated seconds since the simulation started.")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    # Strict: JSON false or "5" is not a time.
+    now_s: float = Field(ge=0, le=MAX_SIMULATED_S, strict=True,
+                         description="Simulated seconds since the simulation started.")
 
 
 class AbortResponse(BaseModel):
@@ -148,23 +168,35 @@ class StatusResponse(BaseModel):
     recent_rounds: list[RoundSummary]
 
 
+# Raw X25519 public keys, 32 bytes: 44 characters of base64.
+PublicKey = Annotated[Base64Bytes, Field(min_length=32, max_length=32),
+                      WithJsonSchema({"type": "string", "contentEncoding": "base64", "minLength": 44, "maxLength": 44})]
+# A cohort index, as a JSON object's key: a string of digits.
+CohortIndex = Annotated[int, Field(ge=0, le=65_535)]
+COHORT_INDEX_KEYS = {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,5}$"}}
+
+
 class SecAggKeys(BaseModel):
     """A device's two public keys for the round (raw X25519, 32 bytes each, base64)."""
 
     model_config = ConfigDict(extra="forbid")
-    cipher: Base64Bytes
-    masking: Base64Bytes
+    cipher: PublicKey
+    masking: PublicKey
 
 
 class SecAggShares(BaseModel):
     """Sealed share pairs, by the cohort index of the neighbour each is for. The server cannot open them."""
 
     model_config = ConfigDict(extra="forbid")
-    sealed: dict[int, Base64Bytes]
+    sealed: Annotated[dict[CohortIndex, Base64Bytes],
+                      WithJsonSchema({**COHORT_INDEX_KEYS, "additionalProperties": {"type": "string",
+                                                                                    "contentEncoding": "base64"}})]
 
 
 class RevealedShare(BaseModel):
-    x: int = Field(ge=1)
+    model_config = ConfigDict(extra="forbid")
+    # Its owner's Shamir point for this neighbour: 1 to the owner's number of neighbours (two bytes on the wire).
+    x: int = Field(ge=1, le=65_535)
     value: Base64Bytes
 
 
@@ -173,7 +205,9 @@ class SecAggReveal(BaseModel):
     masking seed if it did not."""
 
     model_config = ConfigDict(extra="forbid")
-    shares: dict[int, RevealedShare]
+    shares: Annotated[dict[CohortIndex, RevealedShare],
+                      WithJsonSchema({**COHORT_INDEX_KEYS,
+                                      "additionalProperties": {"$ref": "#/components/schemas/RevealedShare"}})]
 
 
 class SecAggRoster(BaseModel):
@@ -209,5 +243,15 @@ class SecAggState(BaseModel):
     encoding: SecAggEncoding
 
 
+class FieldError(BaseModel):
+    """One reason a request's parameters or body did not validate (FastAPI's format, without the input)."""
+
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
 class ErrorResponse(BaseModel):
-    detail: str
+    detail: str | list[FieldError] = Field(
+        description="Why the request was refused: a sentence, or for a malformed request one entry per field."
+    )

@@ -13,7 +13,9 @@ at its deadline; whoever has not answered by then has dropped out:
 The server never holds an unmasked individual input: it sees masked inputs, sealed
 shares, and for each phone either its self-mask seed or its masking seed, never both.
 If fewer phones than the threshold remain at any phase, the round fails, and no share
-has been revealed.
+has been revealed. A revealed share must sit at the point its owner gave that revealer,
+and the shares of each seed must agree (`_rebuild`), so a malicious member of the cohort
+can make a round fail but not freeze the aggregator or slip a wrong seed into the sum.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from keyboard_model.secagg import (
     add_mask,
     combine_shares,
     graph_parameters,
+    masking_key,
     pairwise_seed,
     pairwise_sign,
     prg_mask,
+    public_bytes,
 )
 
 
@@ -134,29 +138,37 @@ class SecureAggregation:
         return {sender: pairs[recipient] for sender, pairs in self.sealed.items() if recipient in pairs}
 
     def add_reveals(self, revealer: int, shares: dict[int, Share]) -> None:
+        """Take one phone's revealed shares, once. Each must be the share its owner gave this revealer: the point
+        `x` is fixed by the graph (the owner numbered its neighbours in order from 1), so a share moved to another
+        point, or two shares at one point, are refused here rather than poisoning a reconstruction later."""
         self._expect("unmask")
         if revealer not in self.reported:
             raise SecAggError("only phones whose input was counted reveal shares")
         expected = set(self._neighbours[revealer]) & set(self.shared)
         if set(shares) != expected:
             raise SecAggError("a phone reveals one share for each neighbour that shared with it")
-        if any(len(share.value) != SEED_BYTES for share in shares.values()):
-            raise SecAggError(f"a share is {SEED_BYTES} bytes")
+        if revealer in self.revealed_by:
+            if any(self.revealed[owner][revealer] != share for owner, share in shares.items()):
+                raise SecAggError("this phone has already revealed other shares")
+            return
+        for owner, share in shares.items():
+            point = self._neighbours[owner].index(revealer) + 1
+            if share.x != point:
+                raise SecAggError(f"phone {revealer} holds share {point} of phone {owner}'s seeds, not {share.x}")
+            if len(share.value) != SEED_BYTES:
+                raise SecAggError(f"a share is {SEED_BYTES} bytes")
         for owner, share in shares.items():
             self.revealed.setdefault(owner, {})[revealer] = share
         self.revealed_by.add(revealer)
 
     def unmasked_sum(self) -> Masked:
         """The sum of the reported inputs, in each array's ring; fails if some secret has fewer than threshold
-        shares."""
+        shares, or its shares do not agree."""
         self._expect("unmask")
-        threshold, total = self.parameters.threshold, {name: values.copy() for name, values in self._sum.items()}
+        total = {name: values.copy() for name, values in self._sum.items()}
         reported = set(self.reported)
         for owner in self.shared:
-            shares = list(self.revealed.get(owner, {}).values())
-            if len(shares) < threshold:
-                self._fail(f"phone {owner}'s secrets have {len(shares)} shares, fewer than {threshold}")
-            seed = combine_shares(shares, threshold)
+            seed = self._rebuild(owner)
             if owner in reported:
                 add_mask(total, prg_mask(seed, self.layout), -1)
                 continue
@@ -167,6 +179,26 @@ class SecureAggregation:
                 add_mask(total, mask, -pairwise_sign(v, owner))  # phone v added sign(v, owner) * mask
         self.phase = "done"
         return total
+
+    def _rebuild(self, owner: int) -> bytes:
+        """The seed `owner`'s revealed shares rebuild, checked: a masking seed must give the public key the owner
+        advertised; with more shares than the threshold, two different sets of them must give the same seed. A
+        revealer that sent a wrong share then fails the round instead of silently corrupting its sum."""
+        threshold = self.parameters.threshold
+        shares = sorted(self.revealed.get(owner, {}).values(), key=lambda share: share.x)
+        if len(shares) < threshold:
+            self._fail(f"phone {owner}'s secrets have {len(shares)} shares, fewer than {threshold}")
+        try:
+            seed = combine_shares(shares[:threshold], threshold)
+            if owner in self.reported:
+                agrees = len(shares) == threshold or combine_shares(shares[-threshold:], threshold) == seed
+            else:
+                agrees = public_bytes(masking_key(seed)) == self.roster.keys[owner].masking
+        except SecAggError:
+            agrees = False
+        if not agrees:
+            self._fail(f"the shares revealed for phone {owner} do not agree: some revealer sent a wrong one")
+        return seed
 
     def _expect(self, phase: str) -> None:
         if self.phase != phase:

@@ -57,7 +57,8 @@ def run_mode(mode: str, corpus, phones, args) -> ModeResult:
     )
     with ExitStack() as stack:
         if mode == "service":
-            client = AggregatorClient(stack.enter_context(LocalAggregator(config)).url)
+            client = AggregatorClient(stack.enter_context(LocalAggregator(config)).url,
+                                      operator_token=config.operator_token)
         else:
             client = InProcessClient(config)
         fleet = Fleet(phones, FleetConfig(phones_dir=args.out / "phones", seed=args.seed), client)

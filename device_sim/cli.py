@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from contextlib import ExitStack, closing
 from pathlib import Path
 
 from aggregator.cli import add_round_arguments, round_settings
+from aggregator.config import OPERATOR_TOKEN_ENV
 from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim.client import AggregatorClient
 from device_sim.comparison import ComparisonConfig, comparison_table, markdown_table
@@ -136,7 +138,10 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
             return run_simulation(corpus, config, client, show_progress=not args.no_progress), client.url
         url = stack.enter_context(LocalAggregator(aggregator_config)).url
         print(f"started an aggregator at {url} (database {aggregator_config.db_path})", flush=True)
-    client = stack.enter_context(closing(AggregatorClient(url)))
+        operator_token = aggregator_config.operator_token
+    else:  # another's aggregator: its clock is ours to set only if its operator gave us the token
+        operator_token = os.environ.get(OPERATOR_TOKEN_ENV) or None
+    client = stack.enter_context(closing(AggregatorClient(url, operator_token=operator_token)))
     summary = run_simulation(corpus, config, client, show_progress=not args.no_progress)
     return summary, url
 

@@ -34,9 +34,12 @@ class AggregatorRefusedError(UserFacingError):
 
 
 class AggregatorClient:
-    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+    """`operator_token`: the credential of whoever started the aggregator, which setting its clock needs."""
+
+    def __init__(self, url: str, timeout_s: float = 60.0, operator_token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self._operator_token = operator_token
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -105,7 +108,10 @@ class AggregatorClient:
                       headers={**_bearer(upload_token), "Content-Type": "application/json"})
 
     def set_clock(self, now_s: float) -> None:
-        self._request("PUT", "/clock", json={"now_s": now_s})
+        if self._operator_token is None:
+            raise AggregatorRefusedError(401, "setting the aggregator's clock needs the operator's token "
+                                              "(FEDKB_OPERATOR_TOKEN)")
+        self._request("PUT", "/clock", json={"now_s": now_s}, headers=_bearer(self._operator_token))
 
     def abort(self, round_number: int, upload_token: str) -> AbortResponse:
         response = self._request(

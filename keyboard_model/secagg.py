@@ -186,7 +186,10 @@ def combine_shares(shares: list[Share], threshold: int) -> bytes:
     distinct = list({share.x: share for share in shares}.values())
     if len(distinct) < threshold:
         raise SecAggError(f"{len(distinct)} distinct shares cannot rebuild a secret shared with threshold {threshold}")
-    return Shamir.combine([(share.x, share.value) for share in distinct[:threshold]])
+    try:
+        return Shamir.combine([(share.x, share.value) for share in distinct[:threshold]])
+    except ValueError as error:  # e.g. points that coincide in the field: "Inversion of zero"
+        raise SecAggError(f"the shares do not rebuild a secret: {error}") from error
 
 
 @dataclass(frozen=True)

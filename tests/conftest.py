@@ -56,6 +56,9 @@ def start_aggregator(tmp_path: Path) -> Iterator[Callable[..., LocalAggregator]]
         def start(tokenizer_path: Path, model: ModelConfig, **overrides) -> LocalAggregator:
             workdir = tmp_path / f"aggregator-{next(numbers)}"
             workdir.mkdir()
+            # Tests of the round's mechanics have a device selected at its first check-in; tests of selection
+            # itself give a window (tests/test_hostile_clients.py).
+            overrides.setdefault("selection_window_s", 0.0)
             config = local_aggregator_config(workdir, tokenizer_path, model=model, **overrides)
             return stack.enter_context(LocalAggregator(config))
 

@@ -155,7 +155,8 @@ def test_in_process_and_service_mode_follow_the_same_trajectory(tmp_path, small_
     in_process, quality_a = run(InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path, **settings)),
                      tmp_path / "a" / "phones")
     with LocalAggregator(local_aggregator_config(tmp_path / "b", small_tokenizer_path, **settings)) as service:
-        over_http, quality_b = run(AggregatorClient(service.url), tmp_path / "b" / "phones")
+        over_http, quality_b = run(AggregatorClient(service.url, operator_token=service.config.operator_token),
+                                  tmp_path / "b" / "phones")
     assert quality_a == quality_b and len(quality_a) == 3
 
     (model_a, version_a), (model_b, version_b) = model_from_bytes(in_process), model_from_bytes(over_http)
@@ -186,7 +187,8 @@ def test_secure_rounds_run_through_the_fleet_with_drop_outs_at_every_step_and_ma
     in_process, summaries, reports = run(
         InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path, **settings)), tmp_path / "a" / "phones")
     with LocalAggregator(local_aggregator_config(tmp_path / "b", small_tokenizer_path, **settings)) as service:
-        over_http, summaries_b, _ = run(AggregatorClient(service.url), tmp_path / "b" / "phones")
+        over_http, summaries_b, _ = run(AggregatorClient(service.url, operator_token=service.config.operator_token),
+                                  tmp_path / "b" / "phones")
 
     # A round with more drop-outs than its graph survives fails, and says why; most close.
     closed = [s for s in summaries if s.status == "closed"]

@@ -72,7 +72,7 @@ def test_the_service_clips_adds_calibrated_noise_once_and_accounts_for_every_rou
     tmp_path, small_tokenizer_path, small_model_config
 ):
     settings = dict(model=small_model_config, clients_per_round=4, over_selection=1.0, server_optimizer="fedavg",
-                    noise_multiplier=0.2, clip_norm=0.5, population=40)
+                    noise_multiplier=0.2, clip_norm=0.5, population=40, selection_window_s=0.0)
     config = local_aggregator_config(tmp_path, small_tokenizer_path, **settings)
 
     def run_round(client: AggregatorClient, value: float) -> tuple[dict, dict, dict]:

@@ -34,7 +34,7 @@ def test_checkin_needs_an_enrolled_device_and_tokens_are_stored_hashed(
     start_aggregator, small_tokenizer_path, small_model_config
 ):
     aggregator = start_aggregator(small_tokenizer_path, small_model_config)
-    client = AggregatorClient(aggregator.url)
+    client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
     assert httpx.post(f"{aggregator.url}/checkin", timeout=10).status_code == 401
     with pytest.raises(AggregatorRefusedError) as refused:
         client.checkin("a-token-nobody-issued")
@@ -54,7 +54,7 @@ def test_over_selection_absorbs_drop_outs_and_counts_aborted_late_and_dropped(
     # Goal 3, six selected. One aborts, three report (the round closes), one uploads too late, one vanishes.
     aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, over_selection=2.0,
                                   round_deadline_s=60.0)
-    client = AggregatorClient(aggregator.url)
+    client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
     decisions = [client.checkin(client.enrol().device_token) for _ in range(7)]
     assert [d.action for d in decisions] == ["train"] * 6 + ["retry"]
     assert client.status().selected == 6 and client.status().selection_target == 6
@@ -86,7 +86,7 @@ def test_the_deadline_closes_a_round_whose_selected_devices_vanished(
 ):
     aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=4, over_selection=1.5,
                                   min_report_fraction=0.5, round_deadline_s=2.0)
-    client = AggregatorClient(aggregator.url)
+    client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
     decisions = [client.checkin(client.enrol().device_token) for _ in range(6)]
     update = constant_update(client, 0.01, 5)
     for decision in decisions[:2]:
@@ -105,7 +105,7 @@ def test_pace_steering_spreads_the_devices_it_turns_away(start_aggregator, small
     assert retry_after_s(100.0, [10.0], 1.0, rng) >= 1.0  # an overdue round still waits the floor
 
     aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=1, over_selection=1.0)
-    client = AggregatorClient(aggregator.url)
+    client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
     client.checkin(client.enrol().device_token)
     turned_away = [client.checkin(client.enrol().device_token) for _ in range(20)]
     assert {d.action for d in turned_away} == {"retry"}
@@ -124,7 +124,7 @@ def test_sigkill_mid_round_loses_no_committed_round_and_the_redone_round_gives_t
         workdir.mkdir()
         # FedAvgM: its momentum must survive the crash too, or the redone round would differ.
         return local_aggregator_config(workdir, small_tokenizer_path, model=small_model_config, clients_per_round=2,
-                                       over_selection=1.0, server_optimizer="fedavgm")
+                                       over_selection=1.0, server_optimizer="fedavgm", selection_window_s=0.0)
 
     def run_round(client: AggregatorClient, tokens: list[str], values: list[float]) -> None:
         for token, value, examples in zip(tokens, values, (3, 7)):
@@ -134,7 +134,7 @@ def test_sigkill_mid_round_loses_no_committed_round_and_the_redone_round_gives_t
 
     # Without a crash.
     with LocalAggregator(config("reference")) as aggregator:
-        client = AggregatorClient(aggregator.url)
+        client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
         tokens = [client.enrol().device_token for _ in range(2)]
         run_round(client, tokens, [0.01, -0.02])
         run_round(client, tokens, [0.03, 0.01])
@@ -142,7 +142,7 @@ def test_sigkill_mid_round_loses_no_committed_round_and_the_redone_round_gives_t
 
     crashing = config("crashing")
     aggregator = LocalAggregator(crashing).__enter__()
-    client = AggregatorClient(aggregator.url)
+    client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
     tokens = [client.enrol().device_token for _ in range(2)]
     run_round(client, tokens, [0.01, -0.02])
     first = client.checkin(tokens[0])
@@ -181,7 +181,7 @@ def test_sigkill_mid_round_loses_no_committed_round_and_the_redone_round_gives_t
 def test_on_a_simulated_clock_the_deadline_is_simulated_time(start_aggregator, small_tokenizer_path, small_model_config):
     aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, over_selection=1.0,
                                   min_report_fraction=0.5, round_deadline_s=600.0, simulated_clock=True)
-    client = AggregatorClient(aggregator.url)
+    client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
     assert client.status().clock == "simulated"
     first, _ = (client.checkin(client.enrol().device_token) for _ in range(2))
     client.upload(first.round, first.upload_token, constant_update(client, 0.01, 5))
@@ -197,7 +197,8 @@ def test_on_a_simulated_clock_the_deadline_is_simulated_time(start_aggregator, s
 
 
 def test_a_wall_clock_aggregator_refuses_to_have_its_clock_set(start_aggregator, small_tokenizer_path, small_model_config):
-    client = AggregatorClient(start_aggregator(small_tokenizer_path, small_model_config).url)
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config)
+    client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
     assert client.status().clock == "wall"
     with pytest.raises(AggregatorRefusedError) as refused:
         client.set_clock(100.0)
@@ -209,7 +210,7 @@ def test_evaluation_reports_are_checked_counted_once_and_summed_into_the_rounds_
 ):
     aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, over_selection=1.0,
                                   max_eval_positions=500)
-    client = AggregatorClient(aggregator.url)
+    client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
     first, second = (client.checkin(client.enrol().device_token) for _ in range(2))
 
     def post(decision, body: dict, token: str | None = "same") -> httpx.Response:

@@ -2,98 +2,69 @@
 
 An update's body is safetensors bytes: one tensor per model parameter (int8 with a
 scale per row, or float32) and the example count in the header metadata. They are
-parsed by safetensors, never unpickled. An evaluation is three counts, as JSON.
+parsed by safetensors, never unpickled. An evaluation is three counts, as JSON. The
+upload token is checked before any body is read.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, Request
 
-from aggregator.dependencies import get_bearer_token, get_rounds
-from aggregator.rounds import RoundManager, UploadRefusedError
-from aggregator.schemas import AbortResponse, ErrorResponse, EvaluationReport, EvaluationResponse, UploadResponse
+from aggregator.dependencies import PathInteger, get_rounds, get_upload_token
+from aggregator.request_body import documented, json_body, read_limited
+from aggregator.rounds import RoundManager
+from aggregator.routes.responses import MALFORMED, TOO_LARGE, UNAUTHORIZED, call_manager, refusals
+from aggregator.schemas import AbortResponse, EvaluationReport, EvaluationResponse, UploadResponse
 
 router = APIRouter(tags=["rounds"])
+CLOSED = "The round is closed, or not in a phase that takes this; the detail says why. It was not counted"
+
+UPDATE_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {
+    "type": "string", "format": "binary",
+    "description": "safetensors: one tensor per model parameter (int8 with a float32 scale per row, or float32), "
+                   "metadata num_examples and compression; in a secure round the masked arrays 'update' and "
+                   "'counts' instead",
+}}}}}
 
 
 @router.post(
-    "/rounds/{round_number}/updates",
-    response_model=UploadResponse,
-    responses={
-        401: {"model": ErrorResponse, "description": "Missing or unknown upload token"},
-        409: {"model": ErrorResponse, "description": "The round is closed; the update was late and not counted"},
-        413: {"model": ErrorResponse, "description": "Body too large"},
-        422: {"model": ErrorResponse, "description": "Not a valid update for this model"},
-    },
+    "/rounds/{round_number}/updates", response_model=UploadResponse, operation_id="upload_update",
+    openapi_extra=UPDATE_BODY,
+    responses=refusals(status_401=UNAUTHORIZED, status_409=CLOSED, status_413=TOO_LARGE,
+                       status_422="Not a valid update for this model, or malformed parameters"),
 )
 async def upload_update(
-    round_number: int,
-    request: Request,
-    token: str = Depends(get_bearer_token),
+    round_number: PathInteger, request: Request, token: str = Depends(get_upload_token),
     rounds: RoundManager = Depends(get_rounds),
 ) -> UploadResponse:
     """The body is the update; the bearer token is the upload token this device got at check-in."""
-    try:
-        # The token first: a body is read only for a device selected in this round. Like the
-        # submit below, it may wait on the round lock while a round closes, so off the event loop.
-        await run_in_threadpool(rounds.authorize, round_number, token)
-        body = await _read_limited(request, rounds.max_upload_bytes)
-        # Checking and summing the tensors is CPU work; keep it off the event loop.
-        result = await run_in_threadpool(rounds.submit, round_number, token, body)
-    except UploadRefusedError as error:
-        raise HTTPException(error.status_code, str(error)) from error
+    body = await read_limited(request, rounds.max_upload_bytes)
+    # Checking and summing the tensors is CPU work; keep it off the event loop.
+    result = await call_manager(rounds.submit, round_number, token, body)
     return UploadResponse(**result.__dict__)
 
 
 @router.post(
-    "/rounds/{round_number}/evaluations",
-    response_model=EvaluationResponse,
-    responses={
-        401: {"model": ErrorResponse, "description": "Missing or unknown upload token"},
-        409: {"model": ErrorResponse, "description": "The round is closed; the evaluation was not counted"},
-        422: {"model": ErrorResponse, "description": "Counts out of range, or for another model version"},
-    },
+    "/rounds/{round_number}/evaluations", response_model=EvaluationResponse, operation_id="report_evaluation",
+    openapi_extra=documented(EvaluationReport),
+    responses=refusals(status_401=UNAUTHORIZED, status_409=CLOSED, status_413=TOO_LARGE,
+                       status_422="Counts out of range, for another model version, or malformed"),
 )
 async def report_evaluation(
-    round_number: int,
-    report: EvaluationReport,
-    token: str = Depends(get_bearer_token),
-    rounds: RoundManager = Depends(get_rounds),
+    round_number: PathInteger, token: str = Depends(get_upload_token),
+    report: EvaluationReport = Depends(json_body(EvaluationReport)), rounds: RoundManager = Depends(get_rounds),
 ) -> EvaluationResponse:
     """Federated evaluation: how the model this device downloaded scored on its own held-out messages."""
-    try:
-        evaluations, duplicate = await run_in_threadpool(rounds.submit_evaluation, round_number, token, report)
-    except UploadRefusedError as error:
-        raise HTTPException(error.status_code, str(error)) from error
+    evaluations, duplicate = await call_manager(rounds.submit_evaluation, round_number, token, report)
     return EvaluationResponse(round=round_number, evaluations=evaluations, duplicate=duplicate)
 
 
 @router.post(
-    "/rounds/{round_number}/abort",
-    response_model=AbortResponse,
-    responses={401: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+    "/rounds/{round_number}/abort", response_model=AbortResponse, operation_id="abort",
+    responses=refusals(status_401=UNAUTHORIZED, status_409=CLOSED, status_422=MALFORMED),
 )
 async def abort(
-    round_number: int, token: str = Depends(get_bearer_token), rounds: RoundManager = Depends(get_rounds)
+    round_number: PathInteger, token: str = Depends(get_upload_token), rounds: RoundManager = Depends(get_rounds)
 ) -> AbortResponse:
     """A selected device says it stopped training (its conditions changed) and will not report."""
-    try:
-        aborted = await run_in_threadpool(rounds.abort, round_number, token)
-    except UploadRefusedError as error:
-        raise HTTPException(error.status_code, str(error)) from error
-    return AbortResponse(round=round_number, aborted=aborted)
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """Read the body, refusing it as soon as it grows past `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"an update may be at most {limit} bytes; this one declares {declared}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"an update may be at most {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return AbortResponse(round=round_number, aborted=await call_manager(rounds.abort, round_number, token))

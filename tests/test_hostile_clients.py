@@ -1,0 +1,290 @@
+"""A hostile client cannot stall, crash or steer the aggregator: each test here is an attack that worked once."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from aggregator.config import AggregatorConfig
+from aggregator.rounds import RoundManager
+from aggregator.schemas import RevealedShare, SecAggReveal
+from aggregator.storage import Storage
+from device_sim.client import AggregatorClient, AggregatorRefusedError
+from device_sim.inprocess import InProcessClient
+from keyboard_model.update_codec import encode_update
+from keyboard_model.weights import model_from_bytes, parameter_shapes
+from tests.test_secure_rounds import (
+    Device,
+    assert_mean_within_rounding,
+    finished_round,
+    random_delta,
+    until_collecting,
+    wait_for_phase,
+)
+
+
+def raw_request(url: str, head: str, body: bytes = b"", timeout_s: float = 5.0) -> str:
+    """Send a request's head and (part of) its body on a raw socket; the status line and body of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
+        connection.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) == 0:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode(errors="replace")
+
+
+# --- secure aggregation: a member of the cohort reveals bad shares ------------------------------------------------
+
+
+def secure_client(tmp_path: Path, small_tokenizer_path: Path, small_model_config, devices: int) -> InProcessClient:
+    config = AggregatorConfig(
+        db_path=tmp_path / "aggregator.sqlite", tokenizer_path=small_tokenizer_path, model=small_model_config,
+        clients_per_round=devices, over_selection=1.0, secure_aggregation=True, server_optimizer="fedavg",
+        secagg_phase_s=1.0, round_deadline_s=60.0, selection_window_s=0.0, secagg_ring_bits=16,
+    )
+    return InProcessClient(config)
+
+
+def unmasking_round(client: InProcessClient, devices: int):
+    """A secure round of `devices` devices that all reported; returns them, their deltas and the round's state."""
+    before, _ = model_from_bytes(client.model())
+    members = [Device(client) for _ in range(devices)]
+    state = until_collecting(members)
+    deltas = [random_delta(parameter_shapes(before.state_dict()), seed) for seed in range(devices)]
+    for seed, (device, delta) in enumerate(zip(members, deltas)):
+        device.upload(delta, None, seed)
+    wait_for_phase(members[0], "unmask")
+    return members, deltas, state, before.state_dict()
+
+
+def test_a_share_moved_to_another_point_is_refused_and_the_round_still_unmasks(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    client = secure_client(tmp_path, small_tokenizer_path, small_model_config, devices=5)
+    (attacker, *honest), deltas, state, before = unmasking_round(client, 5)
+    genuine = attacker.part.reveal_message(attacker.state())
+    owner, share = next(iter(genuine.shares.items()))
+    # Another revealer's point of the same owner, and the last point two bytes can hold.
+    for x in (share.x % 4 + 1, 65_535):
+        forged = SecAggReveal(shares={**genuine.shares, owner: RevealedShare(x=x, value=share.value)})
+        with pytest.raises(AggregatorRefusedError) as refused:
+            client.secagg_reveal(attacker.round, attacker.token, forged)
+        assert refused.value.status_code == 409 and "holds share" in refused.value.detail
+    for device in honest:
+        device.reveal()
+    # The attacker's shares were refused, so it counts as not having revealed: at the unmask phase's end the
+    # others' shares suffice.
+    assert finished_round(client).status == "closed"
+    after, _ = model_from_bytes(client.model())
+    assert_mean_within_rounding(after.state_dict(), before, {n: sum(d[n] for d in deltas) / 5 for n in before},
+                                state, reporters=5)
+
+
+def test_a_wrong_share_value_fails_the_round_cleanly_and_the_next_round_opens(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    client = secure_client(tmp_path, small_tokenizer_path, small_model_config, devices=5)
+    (attacker, *honest), _, _, _ = unmasking_round(client, 5)
+    genuine = attacker.part.reveal_message(attacker.state())
+    lies = {owner: RevealedShare(x=share.x, value=bytes(16)) for owner, share in genuine.shares.items()}
+    client.secagg_reveal(attacker.round, attacker.token, SecAggReveal(shares=lies))
+    for device in honest:
+        device.reveal()
+    (summary,) = client.status().recent_rounds
+    assert summary.status == "failed" and "do not agree" in summary.failure
+    assert client.status().model_version == 0
+    # The aggregator is not stuck: the next round selects and trains.
+    assert client.status().round == 2 and Device(client).round == 2
+
+
+def test_an_error_while_unmasking_ends_the_round_at_its_deadline(
+    tmp_path, small_tokenizer_path, small_model_config, monkeypatch
+):
+    client = secure_client(tmp_path, small_tokenizer_path, small_model_config, devices=4)
+    members, _, _, _ = unmasking_round(client, 4)
+
+    def broken(self):
+        raise RuntimeError("a fault nobody foresaw")
+
+    monkeypatch.setattr("aggregator.secure_aggregation.SecureAggregation.unmasked_sum", broken)
+    for device in members[:3]:
+        device.reveal()
+    time.sleep(1.1)  # the unmask phase's time is up: it unmasks with the reveals it has, and fails
+    status = client.status()
+    assert status.round == 2 and status.recent_rounds[0].status == "failed"
+    assert "nobody foresaw" in status.recent_rounds[0].failure
+
+
+# --- the server optimiser's step is committed with the model, or not at all ------------------------------------
+
+
+def test_a_failed_commit_leaves_the_model_and_the_momentum_as_they_were(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    def manager(name: str) -> RoundManager:
+        config = AggregatorConfig(db_path=tmp_path / name / "db.sqlite", tokenizer_path=small_tokenizer_path,
+                                  model=small_model_config, clients_per_round=2, over_selection=1.0,
+                                  server_optimizer="fedavgm", selection_window_s=0.0)
+        return RoundManager(config, Storage(config.db_path))
+
+    def run_round(rounds: RoundManager, devices: list[str], scale: float) -> None:
+        for k, device in enumerate(devices):
+            decision = rounds.checkin(device)
+            delta = {name: torch.full(shape, scale * (k + 1)) for name, shape in rounds.shapes.items()}
+            rounds.submit(decision.round, decision.upload_token, encode_update(delta, 5, "none"))
+
+    reference = manager("reference")
+    devices = [reference.authenticate(reference.enrol()[1]) for _ in range(2)]
+    run_round(reference, devices, 0.01)
+    run_round(reference, devices, -0.02)
+
+    flaky = manager("flaky")
+    devices = [flaky.authenticate(flaky.enrol()[1]) for _ in range(2)]
+    record_round, failures = flaky.storage.record_round, []
+
+    def fail_once(summary, weights, optimizer_state):
+        if weights is not None and not failures:
+            failures.append(summary["round"])
+            raise OSError("disk full")
+        record_round(summary, weights, optimizer_state)
+
+    flaky.storage.record_round = fail_once
+    run_round(flaky, devices, 0.01)  # its commit fails: recorded as failed, nothing of it kept
+    assert failures == [1] and flaky.model_version == 0 and flaky.round.number == 2
+    assert flaky.storage.recent_rounds(1)[0]["status"] == "failed"
+    run_round(flaky, devices, 0.01)
+    run_round(flaky, devices, -0.02)
+    # The same two steps as the reference: the failed close applied no momentum.
+    torch.testing.assert_close(flaky.global_state, reference.global_state, rtol=0, atol=0)
+
+
+# --- selection: Sybils polling fast do not hold the slots ------------------------------------------------------
+
+
+def test_devices_polling_fast_hold_no_more_slots_than_their_share(tmp_path, small_tokenizer_path, small_model_config):
+    config = AggregatorConfig(db_path=tmp_path / "db.sqlite", tokenizer_path=small_tokenizer_path,
+                              model=small_model_config, clients_per_round=3, over_selection=1.3,
+                              round_deadline_s=600.0, selection_window_s=10.0, simulated_clock=True)
+    rounds = RoundManager(config, Storage(config.db_path))
+    sybils = [rounds.authenticate(rounds.enrol()[1]) for _ in range(4)]
+    honest = [rounds.authenticate(rounds.enrol()[1]) for _ in range(10)]
+    slots = {"sybil": 0, "honest": 0}
+    for _ in range(20):
+        started = rounds.clock()
+        for poll in range(50):  # the Sybils ask first and keep asking...
+            for device in sybils:
+                rounds.checkin(device)
+        for k, device in enumerate(honest):  # ...the honest devices ask once, later in the window
+            rounds.set_simulated_time(started + 1 + 0.5 * k)
+            rounds.checkin(device)
+        rounds.set_simulated_time(started + config.selection_window_s + 1)  # the window closes: the draw
+        for kind, devices in (("sybil", sybils), ("honest", honest)):
+            slots[kind] += sum(rounds.checkin(device).action == "train" for device in devices)
+        rounds.set_simulated_time(started + config.round_deadline_s + 20)  # nobody reports: the round fails
+    assert slots["sybil"] + slots["honest"] == 20 * rounds.selection_target
+    # Ten of fourteen candidates are honest: they hold about 10/14 of the slots (first come, first served, none).
+    assert slots["honest"] > 2 * slots["sybil"]
+
+
+def test_enrolment_outside_the_trusted_networks_needs_the_secret_and_is_rate_limited(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    # Loopback untrusted, so that this test's own requests count as a stranger's.
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, trusted_networks=(),
+                                  enrolment_secret="open sesame", enrolments_per_minute=3, checkins_per_minute=5)
+    url = aggregator.url
+    assert httpx.post(f"{url}/devices").status_code == 403
+    assert httpx.post(f"{url}/devices", headers={"X-Enrolment-Secret": "open sesam"}).status_code == 403
+    enrolled = httpx.post(f"{url}/devices", headers={"X-Enrolment-Secret": "open sesame"})
+    assert enrolled.status_code == 201
+    # Three enrolments a minute from one address, the refused ones included: the secret cannot be guessed fast.
+    limited = httpx.post(f"{url}/devices", headers={"X-Enrolment-Secret": "open sesame"})
+    assert limited.status_code == 429 and limited.headers["Retry-After"]
+    token = {"Authorization": f"Bearer {enrolled.json()['device_token']}"}
+    answers = [httpx.post(f"{url}/checkin", headers=token).status_code for _ in range(7)]
+    assert answers == [200] * 5 + [429] * 2
+
+
+# --- the HTTP surface: bodies, credentials, literals, numbers -----------------------------------------------------
+
+
+@pytest.fixture
+def service(start_aggregator, small_tokenizer_path, small_model_config):
+    """A simulated-clock aggregator, an enrolled and selected device, and its upload token."""
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, simulated_clock=True,
+                                  clients_per_round=2, over_selection=1.0)
+    client = AggregatorClient(aggregator.url)
+    decision = client.checkin(client.enrol().device_token)
+    return aggregator, decision
+
+
+def test_a_json_body_is_read_only_after_its_credential_and_never_past_its_limit(service):
+    aggregator, decision = service
+    operator = aggregator.config.operator_token
+    huge = "Content-Type: application/json\nContent-Length: 120000000\n"
+    # No credential: refused at once, without waiting for 120 MB that never come.
+    answer = raw_request(aggregator.url, f"PUT /clock HTTP/1.1\nHost: localhost\n{huge}", b'{"now_s": ')
+    assert answer.startswith("HTTP/1.1 401")
+    answer = raw_request(aggregator.url, f"POST /rounds/{decision.round}/evaluations HTTP/1.1\nHost: localhost\n"
+                                         f"Authorization: Bearer not-a-token\n{huge}", b"{")
+    assert answer.startswith("HTTP/1.1 401")
+    # With it, refused for its size, declared or streamed.
+    answer = raw_request(aggregator.url, f"PUT /clock HTTP/1.1\nHost: localhost\nAuthorization: Bearer {operator}\n"
+                                         f"{huge}", b"{")
+    assert answer.startswith("HTTP/1.1 413")
+
+    def chunks():
+        yield b'{"now_s": 1, "padding": "'
+        for _ in range(100):
+            yield b"x" * 1024
+
+    streamed = httpx.put(f"{aggregator.url}/clock", content=chunks(), headers={"Authorization": f"Bearer {operator}"})
+    assert streamed.status_code == 413
+
+
+def test_only_the_operator_sets_the_clock_and_only_to_a_finite_time(service):
+    aggregator, _ = service
+    url, operator = f"{aggregator.url}/clock", {"Authorization": f"Bearer {aggregator.config.operator_token}"}
+    assert httpx.put(url, json={"now_s": 10}).status_code == 401
+    assert httpx.put(url, json={"now_s": 10}, headers={"Authorization": "Bearer guess"}).status_code == 401
+    for literal in ("1e308", "Infinity", "NaN", "false", '"5"', "-1"):
+        answer = httpx.put(url, content=f'{{"now_s": {literal}}}', headers=operator)
+        assert answer.status_code == 422, literal
+        assert isinstance(answer.json()["detail"], list)
+    assert httpx.put(url, json={"now_s": 10}, headers=operator).status_code == 204
+    assert AggregatorClient(aggregator.url).status().recent_rounds == []  # no round failed on the way
+
+
+def test_literals_json_cannot_echo_are_refused_with_422(service):
+    aggregator, decision = service
+    bodies = {"evaluations": '{"model_version": 0, "positions": %s, "hits_at_1": 0, "hits_at_3": 0}',
+              "secagg/keys": '{"cipher": %s, "masking": %s}', "secagg/shares": '{"sealed": {"0": %s}}',
+              "secagg/reveal": '{"shares": {"0": {"x": %s, "value": "AA=="}}}'}
+    for route, body in bodies.items():
+        for literal in ("NaN", "Infinity", "-Infinity", '"\\ud800"'):
+            answer = httpx.post(f"{aggregator.url}/rounds/{decision.round}/{route}",
+                                content=body.replace("%s", literal).encode(),
+                                headers={"Authorization": f"Bearer {decision.upload_token}",
+                                         "Content-Type": "application/json"})
+            assert answer.status_code == 422, (route, literal)
+            assert all({"type", "loc", "msg"} == set(item) for item in answer.json()["detail"])
+
+
+def test_numbers_outside_64_bits_are_refused_not_a_server_error(service):
+    aggregator, decision = service
+    assert httpx.get(f"{aggregator.url}/models/9223372036854775808").status_code == 422
+    assert httpx.get(f"{aggregator.url}/models/-1").status_code == 422
+    reveal = {"shares": {"0": {"x": 2**128 + 1, "value": "AAAAAAAAAAAAAAAAAAAAAA=="}}}
+    answer = httpx.post(f"{aggregator.url}/rounds/{decision.round}/secagg/reveal", content=json.dumps(reveal),
+                        headers={"Authorization": f"Bearer {decision.upload_token}"})
+    assert answer.status_code == 422
