@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import subprocess
@@ -34,6 +35,7 @@ from keyboard_model.tokenizer import SPECIAL_TOKENS, KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.conftest import SMALL_TEXT
 from tests.test_fleet import fleet_config, make_phones
+from web_demo.app import MAX_BODY_BYTES
 from web_demo.cli import main
 
 pytestmark = pytest.mark.timeout(120)
@@ -333,6 +335,44 @@ def test_typing_and_tapping_suggestions_in_a_browser(
         for width, height in ((360, 640), (1280, 800)):
             browser.set_window_size(width, height)
             assert_gboard_layout(browser)
+
+
+# JSON that Python's json module reads but a JSON response cannot hold: it echoed them into the 422's body, which
+# then failed to serialise (a 500, or a dropped connection).
+UNWRITABLE_JSON = [
+    b'{"text": NaN}', b'{"text": Infinity}', b'{"text": -Infinity}', b"NaN", b'{"text": "hi", "to": [NaN]}',
+    b'{"text": 1e999}', b'{"text": "\\ud800"}', b'{"\\udc00": "hi"}', b'{"text": "a\\ud800b"}',
+]
+
+
+def test_the_phone_api_answers_unwritable_json_with_422_and_oversized_bodies_with_413(tmp_path: Path) -> None:
+    with DemoServer(f"http://127.0.0.1:{free_port()}", phone_dir=tmp_path / "phone") as demo, \
+            httpx.Client(base_url=demo.url, timeout=5) as client:
+        assert client.put("/api/phone", json={"enabled": True}).json()["enabled"] is True
+        json_type = {"content-type": "application/json"}
+        for body in UNWRITABLE_JSON:
+            for method, path in (("POST", "/api/phone/messages"), ("PUT", "/api/phone")):
+                response = client.request(method, path, content=body, headers=json_type)
+                assert response.status_code == 422, (method, path, body, response.text)
+                detail = response.json()["detail"]
+                assert detail and all(set(error) == {"loc", "msg", "type"} for error in detail), detail
+        # Checks still say where and why, but do not quote what the person typed.
+        overlong = client.post("/api/phone/messages", json={"text": "secret " * 200})
+        assert overlong.status_code == 422 and "secret" not in overlong.text
+        assert overlong.json()["detail"] == [{"loc": ["body", "text"], "type": "string_too_long",
+                                              "msg": "String should have at most 1000 characters"}]
+        assert client.get("/api/phone").json()["messages"] == 0  # and nothing was kept
+
+        # The longest message the page can send, written as JSON escapes, fits the body limit; one byte more does not.
+        longest = json.dumps({"text": "\N{GRINNING FACE}" * 1000}).encode()
+        assert client.post("/api/phone/messages", content=longest, headers=json_type).status_code == 201
+        padded = longest[:-1] + b" " * (MAX_BODY_BYTES - len(longest) + 1) + b"}"
+        assert client.post("/api/phone/messages", content=padded, headers=json_type).status_code == 413
+        # Without a Content-Length (chunked), the limit is on the bytes that arrive.
+        chunks = iter([b'{"text": "', b"a" * MAX_BODY_BYTES, b'"}'])
+        assert client.post("/api/phone/messages", content=chunks, headers=json_type).status_code == 413
+        assert client.put("/api/phone", content=b" " * 10**6, headers=json_type).status_code == 413
+        assert client.get("/api/phone").json()["messages"] == 1
 
 
 def test_command_line_help_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:

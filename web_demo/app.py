@@ -3,13 +3,18 @@ dashboard and the aggregator status behind it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+import pydantic_core
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -23,8 +28,45 @@ PLOTLY_JS = files("plotly") / "package_data" / "plotly.min.js"
 # The page sends the sentence being typed, at most this much of it, which keeps the query
 # string well inside uvicorn's limit and the suggester's remembered state short.
 MAX_TEXT_CHARS = 1000
+# The largest body the page sends is a message of MAX_MESSAGE_CHARS characters, at most 12 bytes each when
+# written as JSON escapes (a surrogate pair), and the whole app refuses anything larger with 413.
+MAX_BODY_BYTES = 16 * 1024
 
-router = APIRouter()
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body is read as JSON is written: Python's json module also takes NaN, Infinity and
+    -Infinity, and lone surrogates like "\\ud800", none of which a response (or SQLite) can hold."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = pydantic_core.from_json(body, allow_inf_nan=False)
+            except ValueError as error:
+                # FastAPI answers a JSONDecodeError with a 422 of type json_invalid. The parser gives the place as
+                # a line and column in its message, not as the offset the error wants, hence offset 0.
+                raise json.JSONDecodeError(str(error), body.decode(errors="replace"), 0) from error
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_json_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_json_handler
+
+
+async def validation_failed(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, less what each error quotes of the request: a number that overflows to infinity (1e999)
+    cannot be written back as JSON, and what a person typed has no business in an error message."""
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 def get_model_source(request: Request) -> ModelSource:
@@ -118,6 +160,8 @@ def create_app(config: DemoConfig) -> FastAPI:
         title="fedkeyboard web demo",
         description="A keyboard suggestion strip driven by the aggregator's latest global model.",
         lifespan=lifespan,
+        max_body_size=MAX_BODY_BYTES,
+        exception_handlers={RequestValidationError: validation_failed},
     )
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
