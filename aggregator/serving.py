@@ -126,7 +126,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
 def uvicorn_options(*, header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
                     max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
-    """Keyword arguments of `uvicorn.run` and `uvicorn.Config` that put the two request deadlines on every connection."""
+    """Keyword arguments of `uvicorn.run` and `uvicorn.Config` that put the deadlines and the header cap on every
+    connection."""
     if not (header_timeout_s > 0 and body_timeout_s > 0 and max_header_bytes > 0):
         raise ValueError(f"timeouts and max_header_bytes must be positive, got {header_timeout_s}, {body_timeout_s} "
                          f"and {max_header_bytes}")

@@ -53,7 +53,9 @@ def test_allowed_host_adds_names_and_patterns() -> None:
             refused_everywhere(demo, host)
 
 
-def test_an_allowed_host_with_a_port_or_scheme_is_refused_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_allowed_host_with_a_port_or_scheme_is_refused_on_the_command_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     for bad in ("localhost:8700", "http://keyboard.example", "*"):
         assert main(["--allowed-host", bad]) == 2
         assert f"a host is a name or IP address without a scheme or port, got {bad!r}" in capsys.readouterr().err

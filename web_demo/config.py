@@ -50,4 +50,5 @@ class DemoConfig:
 
     def host_patterns(self) -> list[str]:
         """The hosts of the Host headers the page answers (with any port or none)."""
-        return sorted({host_pattern(name) for name in ("localhost", "127.0.0.1", "::1", self.host, *self.allowed_hosts)})
+        names = ("localhost", "127.0.0.1", "::1", self.host, *self.allowed_hosts)
+        return sorted({host_pattern(name) for name in names})
