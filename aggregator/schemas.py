@@ -173,7 +173,7 @@ PublicKey = Annotated[Base64Bytes, Field(min_length=32, max_length=32),
                       WithJsonSchema({"type": "string", "contentEncoding": "base64", "minLength": 44, "maxLength": 44})]
 # A cohort index, as a JSON object's key: a string of digits.
 CohortIndex = Annotated[int, Field(ge=0, le=65_535)]
-COHORT_INDEX_KEYS = {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,5}$"}}
+COHORT_INDEX_KEYS = {"propertyNames": {"pattern": "^[0-9]{1,5}$"}}
 
 
 class SecAggKeys(BaseModel):
@@ -188,9 +188,7 @@ class SecAggShares(BaseModel):
     """Sealed share pairs, by the cohort index of the neighbour each is for. The server cannot open them."""
 
     model_config = ConfigDict(extra="forbid")
-    sealed: Annotated[dict[CohortIndex, Base64Bytes],
-                      WithJsonSchema({**COHORT_INDEX_KEYS, "additionalProperties": {"type": "string",
-                                                                                    "contentEncoding": "base64"}})]
+    sealed: dict[CohortIndex, Base64Bytes] = Field(json_schema_extra=COHORT_INDEX_KEYS)
 
 
 class RevealedShare(BaseModel):
@@ -205,9 +203,7 @@ class SecAggReveal(BaseModel):
     masking seed if it did not."""
 
     model_config = ConfigDict(extra="forbid")
-    shares: Annotated[dict[CohortIndex, RevealedShare],
-                      WithJsonSchema({**COHORT_INDEX_KEYS,
-                                      "additionalProperties": {"$ref": "#/components/schemas/RevealedShare"}})]
+    shares: dict[CohortIndex, RevealedShare] = Field(json_schema_extra=COHORT_INDEX_KEYS)
 
 
 class SecAggRoster(BaseModel):
