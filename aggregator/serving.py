@@ -137,8 +137,6 @@ def uvicorn_options(*, header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_
     return {"http": protocol, "ws": "none"}
 
 
-def serve(app: Any, host: str, port: int, *, header_timeout_s: float = HEADER_TIMEOUT_S,
-          body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+def serve(app: Any, host: str, port: int) -> None:
     """Serve `app` on `host`:`port` until SIGINT or SIGTERM, closing connections whose request comes too slowly."""
-    uvicorn.run(app, host=host, port=port, log_level="warning",
-                **uvicorn_options(header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s))
+    uvicorn.run(app, host=host, port=port, log_level="warning", **uvicorn_options())
