@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import torch
-import uvicorn
 
 from aggregator.app import create_app
 from aggregator.config import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV, AggregatorConfig
+from aggregator.serving import serve
 from aggregator.strategy import STRATEGIES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.commands import run_command
@@ -138,7 +138,6 @@ def run(args: argparse.Namespace) -> int:
     # keeps them from fighting over the cores (measured: more updates per second).
     torch.set_num_threads(1)
     print(f"aggregator: serving on http://{config.host}:{config.port} with database {config.db_path}", flush=True)
-    from aggregator.serving import serve  # noqa: PLC0415
     serve(create_app(config), config.host, config.port)
     return 0
 

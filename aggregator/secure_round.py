@@ -60,7 +60,8 @@ class SecureRound:
             if full and self.full_since is None:
                 self.full_since, self.phase_deadline = now, now + self.phase_s
             all_keys = full and set(protocol.advertised) >= selected - aborted
-            if all_keys or (full and now >= self.phase_deadline) or now >= self.selection_deadline:
+            # A selection that filled gets its phase's time for keys, even when it filled at the selection deadline.
+            if all_keys or (full and now >= self.phase_deadline) or (not full and now >= self.selection_deadline):
                 protocol.close_advertising(min_reports)
                 self.phase_deadline = now + self.phase_s
         if protocol.phase == "share":

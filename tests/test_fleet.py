@@ -67,8 +67,9 @@ class Tap:
 def test_a_phone_whose_conditions_change_while_training_aborts_and_uploads_nothing(
     tmp_path, small_tokenizer_path, small_model_config
 ):
+    # On the wall clock, which the fleet's ticks outrun: no selection window, or no round would fill in time.
     aggregator = InProcessClient(local_aggregator_config(
-        tmp_path, small_tokenizer_path, model=small_model_config, clients_per_round=4))
+        tmp_path, small_tokenizer_path, model=small_model_config, clients_per_round=4, selection_window_s=0.0))
     tap = Tap(aggregator)
     # Slow phones: training takes hours of simulated time, so many are interrupted.
     config = fleet_config(tmp_path / "phones", minutes_per_message=12.0, vanish_probability=0.0)
@@ -106,7 +107,7 @@ def test_the_rounds_quality_metrics_are_the_sum_of_what_its_phones_measured_on_t
     tmp_path, small_tokenizer_path, small_tokenizer, small_model_config
 ):
     aggregator = InProcessClient(local_aggregator_config(
-        tmp_path, small_tokenizer_path, model=small_model_config, clients_per_round=3))
+        tmp_path, small_tokenizer_path, model=small_model_config, clients_per_round=3, selection_window_s=0.0))
     tap = Tap(aggregator)
     phones = make_phones(tmp_path / "phones", 12)
     fleet = Fleet(phones, fleet_config(tmp_path / "phones", vanish_probability=0.0), tap)
