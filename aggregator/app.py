@@ -17,7 +17,7 @@ from aggregator.request_body import body_schemas, validation_error
 from aggregator.rounds import RoundManager
 from aggregator.routes import devices, models, secagg, status
 from aggregator.routes import rounds as rounds_routes
-from aggregator.schemas import ClockUpdate, EvaluationReport, SecAggKeys, SecAggReveal, SecAggShares
+from aggregator.api.schemas import ClockUpdate, EvaluationReport, SecAggKeys, SecAggReveal, SecAggShares
 from aggregator.storage import Storage
 
 logger = logging.getLogger(__name__)

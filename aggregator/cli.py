@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 
 from aggregator.app import create_app
-from aggregator.config import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV, AggregatorConfig
-from aggregator.serving import serve
+from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
+from aggregator.config import AggregatorConfig
+from keyboard_model.serving import serve
 from aggregator.strategy import STRATEGIES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.commands import run_command
+from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
 
 DEFAULTS = AggregatorConfig(db_path=Path("aggregator.sqlite"), tokenizer_path=Path("tokenizer.json"))
@@ -22,7 +24,8 @@ DEFAULTS = AggregatorConfig(db_path=Path("aggregator.sqlite"), tokenizer_path=Pa
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", type=Path, default=DEFAULTS.db_path, help="SQLite database for rounds and models (default: %(default)s)")
     parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer.json of a prepared corpus (default: the default corpus's, prepared if needed)")
+                        help="tokenizer.json of a prepared corpus (`fedkb aggregator`: default, the default corpus's, "
+                             "prepared if needed)")
     parser.add_argument("--host", default=DEFAULTS.host, help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULTS.port, help="port to listen on (default: %(default)s)")
     add_round_arguments(parser)
@@ -130,10 +133,10 @@ def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> Aggregat
 
 
 def run(args: argparse.Namespace) -> int:
-    from device_sim.corpus import CorpusConfig, prepare  # noqa: PLC0415  (only for the default tokenizer)
-
-    tokenizer_path = args.tokenizer or prepare(CorpusConfig()).tokenizer_path
-    config = config_from_args(args, tokenizer_path)
+    if args.tokenizer is None:
+        raise UserFacingError("give the corpus's tokenizer with --tokenizer (`fedkb aggregator` prepares the default "
+                              "corpus's when none is given)")
+    config = config_from_args(args, args.tokenizer)
     # Uploads are checked and summed on several request threads at once; one torch thread each
     # keeps them from fighting over the cores (measured: more updates per second).
     torch.set_num_threads(1)

@@ -9,10 +9,6 @@ from pathlib import Path
 from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RING_WIDTHS
 
-# Credentials travel in the environment: a command line is visible to every user of the machine.
-OPERATOR_TOKEN_ENV = "FEDKB_OPERATOR_TOKEN"
-ENROLMENT_SECRET_ENV = "FEDKB_ENROLMENT_SECRET"
-
 
 @dataclass(frozen=True)
 class AggregatorConfig:

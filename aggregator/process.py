@@ -15,7 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from aggregator.config import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV, AggregatorConfig
+from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
+from aggregator.config import AggregatorConfig
 
 
 def _stop_with_parent() -> None:

@@ -40,7 +40,7 @@ from safetensors.torch import load as load_safetensors
 from aggregator.config import AggregatorConfig
 from aggregator.pace import retry_after_s
 from aggregator.privacy import PrivacyEvent, epsilon, noisy_mean
-from aggregator.schemas import EvaluationReport, SecAggState
+from aggregator.api.schemas import EvaluationReport, SecAggState
 from aggregator.secure_round import SecureRound
 from aggregator.selection import SelectionWindow
 from aggregator.storage import Storage

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_numpy
 
 from aggregator.config import AggregatorConfig
-from aggregator.schemas import SecAggEncoding, SecAggRoster, SecAggState
+from aggregator.api.schemas import SecAggEncoding, SecAggRoster, SecAggState
 from aggregator.secure_aggregation import SecureAggregation
 from keyboard_model.secagg import Masked, RingEncoding, SecAggError, masked_layout
 from keyboard_model.weights import Tensors, WeightsError

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.process import LocalAggregator, local_aggregator_config
-from device_sim.client import AggregatorClient
+from aggregator.api.client import AggregatorClient
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import Fleet, FleetConfig, provision
-from device_sim.inprocess import InProcessClient
+from aggregator.inprocess import InProcessClient
 from keyboard_model.model import ModelConfig
 
 TARGETS = {"in-process": 0.15, "service": 0.30}

@@ -24,7 +24,7 @@ from aggregator.process import local_aggregator_config
 from aggregator.secure_aggregation import SecureAggregation
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import Fleet, FleetConfig, provision
-from device_sim.inprocess import InProcessClient
+from aggregator.inprocess import InProcessClient
 from device_sim.phone import update_bytes
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.model import ModelConfig, build_model

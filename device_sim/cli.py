@@ -1,24 +1,24 @@
-"""`fedkb data`, `fedkb simulate` and `fedkb eval` (also `python -m device_sim ...`)."""
+"""`fedkb data`, `fedkb eval` and the phones' side of `fedkb simulate` (also `python -m device_sim ...`).
+
+On its own, `python -m device_sim simulate` drives a fleet against a running aggregator
+(`--aggregator URL`); `fedkb simulate` (fedkb/composition.py) can also start one, or run
+the aggregator in process."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from contextlib import ExitStack, closing
+from contextlib import closing
 from pathlib import Path
 
-from aggregator.cli import add_round_arguments, round_settings
-from aggregator.config import OPERATOR_TOKEN_ENV
-from aggregator.process import LocalAggregator, local_aggregator_config
-from device_sim.client import AggregatorClient
+from aggregator.api.client import AggregatorClient
+from aggregator.api.protocol import OPERATOR_TOKEN_ENV, Aggregator
 from device_sim.comparison import ComparisonConfig, comparison_table, markdown_table
 from device_sim.corpus import CorpusConfig, PreparedCorpus, default_data_dir, prepare
 from device_sim.eligibility import EligibilityConfig
 from device_sim.fleet import FleetConfig, evaluate_phones, provisioned_phones
-from device_sim.inprocess import InProcessClient
 from device_sim.simulation import SimulationConfig, SimulationSummary, run_simulation
-from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.commands import main_for
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
@@ -74,15 +74,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="how phones encode their updates (default: %(default)s)")
 
 
-def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--aggregator", default=None,
-                        help="URL of a running aggregator (default: start one on loopback for this run)")
+def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a simulation run needs besides its aggregator: the fleet, its training and its corpus."""
     parser.add_argument("--out", type=Path, default=Path("runs/simulate"),
                         help="folder for phones, metrics.jsonl and the final model (default: %(default)s)")
     parser.add_argument("--phones", type=int, default=None, help="phones to provision (default: one per corpus user)")
     parser.add_argument("--rounds", type=int, default=10, help="federated rounds to run (default: %(default)s)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="call the aggregator's round code directly instead of over HTTP (faster research runs)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting rounds after this many seconds")
     parser.add_argument("--eval-phones", type=int, default=FLEET_DEFAULTS.eval_phones,
                         help="phones whose held-out messages score each round (default: %(default)s)")
@@ -98,11 +95,6 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_corpus_arguments(parser)
     add_training_arguments(parser)
-    group = parser.add_argument_group("rounds, when the simulation starts its own aggregator (on simulated time)")
-    add_round_arguments(group)
-    # Simulated seconds: an hour, six ticks, lets slow phones at the edge of the night report.
-    parser.set_defaults(round_deadline=3600.0)
-    add_model_arguments(parser)
 
 
 def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
@@ -119,37 +111,24 @@ def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
     return SimulationConfig(out_dir=args.out, rounds=args.rounds, fleet=fleet, time_budget_s=args.time_budget)
 
 
-def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack) -> tuple[SimulationSummary, str]:
-    """Run the simulation against `--aggregator`, a local one kept open on `stack`, or in process."""
-    config = simulation_config_from_args(args)
-    url = args.aggregator
-    if url is not None and args.in_process:
-        raise UserFacingError("--in-process runs its own aggregator; it cannot be combined with --aggregator")
-    if url is None:
-        # The simulator drives its own aggregator's clock, so that deadlines are simulated time; and it knows
-        # how many phones the fleet has, which is the population the privacy accountant samples from.
-        own = {"simulated_clock": True, "population": args.population or args.phones or len(corpus.users())}
-        aggregator_config = local_aggregator_config(
-            args.out, corpus.tokenizer_path, model=model_config_from_args(args, corpus.manifest["vocab_size"]),
-            **round_settings(args) | own,
-        )
-        if args.in_process:
-            client = stack.enter_context(closing(InProcessClient(aggregator_config)))
-            return run_simulation(corpus, config, client, show_progress=not args.no_progress), client.url
-        url = stack.enter_context(LocalAggregator(aggregator_config)).url
-        print(f"started an aggregator at {url} (database {aggregator_config.db_path})", flush=True)
-        operator_token = aggregator_config.operator_token
-    else:  # another's aggregator: its clock is ours to set only if its operator gave us the token
-        operator_token = os.environ.get(OPERATOR_TOKEN_ENV) or None
-    client = stack.enter_context(closing(AggregatorClient(url, operator_token=operator_token)))
-    summary = run_simulation(corpus, config, client, show_progress=not args.no_progress)
-    return summary, url
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aggregator", required=True, help="URL of a running aggregator")
+    add_fleet_arguments(parser)
+
+
+def simulate_with(args: argparse.Namespace, corpus: PreparedCorpus, client: Aggregator) -> SimulationSummary:
+    return run_simulation(corpus, simulation_config_from_args(args), client, show_progress=not args.no_progress)
+
+
+def remote_client(url: str) -> AggregatorClient:
+    """A client of another's aggregator: its clock is ours to set only if its operator gave us the token."""
+    return AggregatorClient(url, operator_token=os.environ.get(OPERATOR_TOKEN_ENV) or None)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     corpus = prepare(corpus_config_from_args(args))
-    with ExitStack() as stack:
-        summary, _ = simulate(args, corpus, stack)
+    with closing(remote_client(args.aggregator)) as client:
+        summary = simulate_with(args, corpus, client)
     print_summary(summary, args.out)
     return 0
 

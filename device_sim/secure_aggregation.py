@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_numpy
 
-from aggregator.schemas import EvaluationReport, RevealedShare, SecAggKeys, SecAggReveal, SecAggShares, SecAggState
+from aggregator.api.schemas import EvaluationReport, RevealedShare, SecAggKeys, SecAggReveal, SecAggShares, SecAggState
 from keyboard_model.secagg import (
     GraphParameters,
     Layout,

@@ -10,16 +10,15 @@
 
 from __future__ import annotations
 
-from aggregator import cli as aggregator_cli
 from device_sim import cli as device_cli
-from fedkb import up
+from fedkb import composition, up
 from keyboard_model.commands import main_for
 from web_demo import cli as demo_cli
 
 COMMANDS = (
     device_cli.DATA_COMMAND,
-    ("aggregator", aggregator_cli.add_arguments, aggregator_cli.run, "run the aggregation service"),
-    device_cli.SIMULATE_COMMAND,
+    composition.AGGREGATOR_COMMAND,
+    composition.SIMULATE_COMMAND,
     device_cli.EVAL_COMMAND,
     ("demo", demo_cli.add_arguments, demo_cli.run, "serve the browser keyboard"),
     ("up", up.add_arguments, up.run, "prepare data, start the aggregator, train with a simulated fleet, serve the demo"),

@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from device_sim import cli as device_cli
+from fedkb import composition
 from device_sim.corpus import prepare
 from keyboard_model.errors import UserFacingError
 from web_demo.cli import serve
@@ -22,7 +23,7 @@ DEMO_DEFAULTS = DemoConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    device_cli.add_simulate_arguments(parser)
+    composition.add_simulate_arguments(parser)
     # Defaults tuned so the run takes about ten minutes on two cores.
     parser.set_defaults(out=Path("runs/up"), rounds=1_000, time_budget=540.0, clients_per_round=10)
     parser.add_argument("--demo-host", default=DEMO_DEFAULTS.host, help="address of the web demo (default: %(default)s)")
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserFacingError("the demo needs the aggregator service: use --in-process only with --no-demo")
     corpus = prepare(device_cli.corpus_config_from_args(args))
     with ExitStack() as stack:
-        summary, aggregator_url = device_cli.simulate(args, corpus, stack)
+        summary, aggregator_url = composition.simulate(args, corpus, stack)
         device_cli.print_summary(summary, args.out)
         if args.no_demo:
             return 0

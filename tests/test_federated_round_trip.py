@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from device_sim.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from device_sim.phone import Phone, update_bytes
 from keyboard_model.evaluate import evaluate
 from keyboard_model.model import build_model

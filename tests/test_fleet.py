@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from aggregator.schemas import EvaluationReport
+from aggregator.api.schemas import EvaluationReport
 from aggregator.process import LocalAggregator, local_aggregator_config
-from device_sim.client import AggregatorClient
+from aggregator.api.client import AggregatorClient
 from device_sim.fleet import Fleet, FleetConfig, typing_times
-from device_sim.inprocess import InProcessClient
+from aggregator.inprocess import InProcessClient
 from device_sim.phone import EVAL_MESSAGES, Phone
 from keyboard_model.evaluate import evaluate
 from keyboard_model.train import LocalTrainConfig

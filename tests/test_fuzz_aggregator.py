@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 from schemathesis.generation.stateful import run_state_machine_as_test
 
-from device_sim.client import AggregatorClient
+from aggregator.api.client import AggregatorClient
 
 # Bounded: this runs in every CI run.
 EXAMPLES_PER_OPERATION = 30

@@ -13,10 +13,10 @@ import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundManager
-from aggregator.schemas import RevealedShare, SecAggReveal
+from aggregator.api.schemas import RevealedShare, SecAggReveal
 from aggregator.storage import Storage
-from device_sim.client import AggregatorClient, AggregatorRefusedError
-from device_sim.inprocess import InProcessClient
+from aggregator.api.client import AggregatorClient, AggregatorRefusedError
+from aggregator.inprocess import InProcessClient
 from keyboard_model.update_codec import encode_update
 from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.test_secure_rounds import (

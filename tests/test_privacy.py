@@ -8,7 +8,7 @@ import torch
 
 from aggregator.privacy import PrivacyEvent, epsilon, noisy_mean
 from aggregator.process import LocalAggregator, local_aggregator_config
-from device_sim.client import AggregatorClient
+from aggregator.api.client import AggregatorClient
 from device_sim.phone import Phone, update_bytes
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.update_codec import decode_update

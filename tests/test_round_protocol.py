@@ -12,7 +12,7 @@ import torch
 
 from aggregator.pace import retry_after_s
 from aggregator.process import LocalAggregator
-from device_sim.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from device_sim.phone import update_bytes
 from keyboard_model.weights import model_from_bytes, parameter_shapes
 

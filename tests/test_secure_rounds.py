@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from aggregator.schemas import EvaluationReport, SecAggShares
-from device_sim.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.schemas import EvaluationReport, SecAggShares
+from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.secagg import RingEncoding, SecAggError
 from keyboard_model.weights import clip_to_norm, model_from_bytes, parameter_shapes

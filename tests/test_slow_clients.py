@@ -1,4 +1,4 @@
-"""A client that never finishes sending its request does not hold a connection for long (aggregator/serving.py)."""
+"""A client that never finishes sending its request does not hold a connection for long (keyboard_model/serving.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from aggregator.process import free_port
-from aggregator.serving import HEADER_TIMEOUT_S, uvicorn_options
+from keyboard_model.serving import HEADER_TIMEOUT_S, uvicorn_options
 from keyboard_model.model import ModelConfig
 from tests.test_web_demo import DemoServer
 

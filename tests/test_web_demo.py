@@ -26,7 +26,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from aggregator.config import AggregatorConfig
 from aggregator.process import LocalAggregator, free_port, local_aggregator_config
-from device_sim.client import AggregatorClient
+from aggregator.api.client import AggregatorClient
 from device_sim.fleet import Fleet
 from device_sim.phone import update_bytes
 from keyboard_model.model import ModelConfig
@@ -139,6 +139,8 @@ def small_aggregator_config(tmp_path: Path, tokenizer: KeyboardTokenizer, **sett
     tokenizer_path = tmp_path / "tokenizer.json"
     tokenizer.save(tokenizer_path)
     model = ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=16, hidden_dim=32, projection_dim=16)
+    # The browser phone is selected at its first check-in: these tests are about the page, not selection.
+    settings.setdefault("selection_window_s", 0.0)
     return local_aggregator_config(tmp_path, tokenizer_path, clients_per_round=1, model=model, **settings)
 
 
@@ -442,7 +444,7 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
         assert not dashboard_state(browser)["charts"]
 
         fleet = Fleet(make_phones(tmp_path / "phones", 12), fleet_config(tmp_path / "phones"),
-                      AggregatorClient(aggregator.url))
+                      AggregatorClient(aggregator.url, operator_token=config.operator_token))
         try:
             reports = [fleet.run_round() for _ in range(3)]
         finally:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from device_sim.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from device_sim.eligibility import DeviceConditions
 from device_sim.history import TypingHistory
 from device_sim.phone import Phone

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from aggregator.serving import serve as serve_app
+from keyboard_model.serving import serve as serve_app
 from keyboard_model.commands import run_command
 from web_demo.app import create_app
 from web_demo.config import DemoConfig

@@ -13,9 +13,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
-import httpx
-
-from aggregator.schemas import StatusResponse
+from aggregator.api.client import AggregatorClient, AggregatorRefusedError, AggregatorUnavailableError
+from aggregator.api.schemas import StatusResponse
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes
@@ -45,7 +44,7 @@ class ModelSource:
     def __init__(self, aggregator_url: str, refresh_seconds: float, timeout_s: float = 10.0) -> None:
         self.url = aggregator_url.rstrip("/")
         self.refresh_seconds = refresh_seconds
-        self._client = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self._client = AggregatorClient(self.url, timeout_s=timeout_s)
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._error: str | None = None
@@ -73,8 +72,7 @@ class ModelSource:
         """Load the aggregator's model if its version is not the one loaded; record why not if that fails."""
         loaded, previous_error = self.state()
         try:
-            status = StatusResponse.model_validate_json(
-                self._get("/status", params={"recent": DASHBOARD_ROUNDS}).content)
+            status = self._client.status(recent=DASHBOARD_ROUNDS)
             if loaded is None or loaded.version != status.model_version:
                 self._load()
             deltas = [r.dp_delta for r in status.recent_rounds if r.dp_delta is not None]
@@ -83,10 +81,11 @@ class ModelSource:
                 self._privacy = (PrivacySpent(status.epsilon, deltas[-1] if deltas else None)
                                  if status.differential_privacy else None)
             error = None
-        except httpx.TransportError as e:
-            error = f"the aggregator at {self.url} is not reachable: {str(e) or type(e).__name__}"
-        except httpx.HTTPStatusError as e:
-            error = f"the aggregator at {self.url} answered {e.response.status_code} to GET {e.request.url.path}"
+        except AggregatorUnavailableError as e:
+            cause = e.__cause__
+            error = f"the aggregator at {self.url} is not reachable: {str(cause) or type(cause).__name__}"
+        except AggregatorRefusedError as e:
+            error = f"the aggregator at {self.url} answered {e.status_code}: {e.detail}"
         except ValueError as e:  # bad JSON, unreadable weights, a tokenizer that does not fit the model
             error = f"the aggregator at {self.url} sent something the demo cannot use: {e}"
         except Exception as e:
@@ -100,21 +99,16 @@ class ModelSource:
 
     def _load(self) -> None:
         # The tokenizer comes with every new model: a restarted aggregator may serve another corpus.
-        tokenizer_json = self._get("/tokenizer").text
+        tokenizer_json = self._client.tokenizer_json()
         try:
             tokenizer = KeyboardTokenizer.from_json(tokenizer_json)
         except Exception as e:  # the tokenizers library raises a bare Exception for malformed JSON
             raise ValueError(f"unreadable tokenizer: {e}") from e
-        model, version = model_from_bytes(self._get("/model").content)
+        model, version = model_from_bytes(self._client.model())
         loaded = LoadedModel(Suggester(model, tokenizer), version)
         with self._lock:
             self._model = loaded
         logger.info("model version %d loaded from %s", version, self.url)
-
-    def _get(self, path: str, params: dict | None = None) -> httpx.Response:
-        response = self._client.get(path, params=params)
-        response.raise_for_status()
-        return response
 
     def _poll(self) -> None:
         while True:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from aggregator.schemas import StatusResponse
+from aggregator.api.schemas import StatusResponse
 
 
 class SuggestResponse(BaseModel):

@@ -8,7 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 from aggregator.dependencies import admitted, attested, get_device_id, get_rounds
 from aggregator.rounds import RoundManager
 from aggregator.routes.responses import UNAUTHORIZED, refusals
-from aggregator.schemas import CheckinResponse, EnrolmentResponse
+from aggregator.api.schemas import CheckinResponse, EnrolmentResponse
 
 router = APIRouter(tags=["devices"])
 

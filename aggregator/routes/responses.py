@@ -7,7 +7,7 @@ from fastapi import HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from aggregator.rounds import UploadRefusedError
-from aggregator.schemas import ErrorResponse
+from aggregator.api.schemas import ErrorResponse
 
 
 def refusals(**descriptions: str) -> dict[int | str, dict]:

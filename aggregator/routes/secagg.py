@@ -10,7 +10,7 @@ from aggregator.dependencies import PathInteger, get_rounds, get_upload_token
 from aggregator.request_body import documented, json_body
 from aggregator.rounds import RoundManager
 from aggregator.routes.responses import MALFORMED, TOO_LARGE, UNAUTHORIZED, call_manager, refusals
-from aggregator.schemas import SecAggKeys, SecAggReveal, SecAggShares, SecAggState
+from aggregator.api.schemas import SecAggKeys, SecAggReveal, SecAggShares, SecAggState
 from keyboard_model.secagg import PublicKeys, Share
 
 router = APIRouter(tags=["secure aggregation"])

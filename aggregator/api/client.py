@@ -1,10 +1,10 @@
-"""A phone's HTTP client for the aggregator: check in, fetch the model, upload an update."""
+"""The HTTP client for the aggregator: what phones, the fleet and the web demo use to reach it."""
 
 from __future__ import annotations
 
 import httpx
 
-from aggregator.schemas import (
+from aggregator.api.schemas import (
     AbortResponse,
     CheckinResponse,
     EnrolmentResponse,
@@ -57,8 +57,8 @@ class AggregatorClient:
             raise AggregatorRefusedError(response.status_code, str(detail))
         return response
 
-    def status(self) -> StatusResponse:
-        return StatusResponse.model_validate(self._request("GET", "/status").json())
+    def status(self, recent: int = 20) -> StatusResponse:
+        return StatusResponse.model_validate(self._request("GET", "/status", params={"recent": recent}).json())
 
     def enrol(self) -> EnrolmentResponse:
         return EnrolmentResponse.model_validate(self._request("POST", "/devices").json())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundManager, UploadRefusedError
-from aggregator.schemas import (
+from aggregator.api.schemas import (
     AbortResponse,
     CheckinResponse,
     EnrolmentResponse,
@@ -25,7 +25,7 @@ from aggregator.schemas import (
     UploadResponse,
 )
 from aggregator.storage import Storage
-from device_sim.client import AggregatorRefusedError
+from aggregator.api.client import AggregatorRefusedError
 from keyboard_model.secagg import PublicKeys, Share
 
 
@@ -36,11 +36,11 @@ class InProcessClient:
         self._rounds = RoundManager(config, self._storage)
         self._tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
 
-    def status(self) -> StatusResponse:
+    def status(self, recent: int = 20) -> StatusResponse:
         # No timer thread here: deadlines are checked whenever the fleet looks.
         self._rounds.tick()
-        recent = [RoundSummary(**row) for row in self._storage.recent_rounds(20)]
-        return StatusResponse(**self._rounds.snapshot(), recent_rounds=recent)
+        rounds = [RoundSummary(**row) for row in self._storage.recent_rounds(recent)]
+        return StatusResponse(**self._rounds.snapshot(), recent_rounds=rounds)
 
     def enrol(self) -> EnrolmentResponse:
         device_id, device_token = self._rounds.enrol()

@@ -1,0 +1,61 @@
+"""What a phone, the fleet or the web demo may ask of an aggregator, however it is reached."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from aggregator.api.schemas import (
+    AbortResponse,
+    CheckinResponse,
+    EnrolmentResponse,
+    EvaluationReport,
+    EvaluationResponse,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
+    SecAggState,
+    StatusResponse,
+    UploadResponse,
+)
+
+# Credentials travel in the environment, never on a command line, which every user of the machine can read: the
+# operator's token (it alone may set a simulated clock) and the secret that enrols devices from untrusted networks.
+OPERATOR_TOKEN_ENV = "FEDKB_OPERATOR_TOKEN"
+ENROLMENT_SECRET_ENV = "FEDKB_ENROLMENT_SECRET"
+
+
+class Aggregator(Protocol):
+    """An aggregator's answers; a refusal raises `AggregatorRefusedError` with the HTTP status it stands for."""
+
+    url: str
+
+    def status(self, recent: int = 20) -> StatusResponse: ...
+
+    def enrol(self) -> EnrolmentResponse: ...
+
+    def checkin(self, device_token: str) -> CheckinResponse: ...
+
+    def model(self) -> bytes: ...
+
+    def model_version(self, version: int) -> bytes: ...
+
+    def tokenizer_json(self) -> str: ...
+
+    def upload(self, round_number: int, upload_token: str, update: bytes) -> UploadResponse: ...
+
+    def report_evaluation(self, round_number: int, upload_token: str,
+                          report: EvaluationReport) -> EvaluationResponse: ...
+
+    def secagg_state(self, round_number: int, upload_token: str) -> SecAggState: ...
+
+    def secagg_keys(self, round_number: int, upload_token: str, keys: SecAggKeys) -> None: ...
+
+    def secagg_shares(self, round_number: int, upload_token: str, shares: SecAggShares) -> None: ...
+
+    def secagg_reveal(self, round_number: int, upload_token: str, reveal: SecAggReveal) -> None: ...
+
+    def set_clock(self, now_s: float) -> None: ...
+
+    def abort(self, round_number: int, upload_token: str) -> AbortResponse: ...
+
+    def close(self) -> None: ...
