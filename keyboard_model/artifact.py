@@ -1,10 +1,9 @@
 """The on-device artifact: an int8 model, its tokenizer and a manifest in one small zip file.
 
 Every weight matrix (the tied embedding/output matrix, the input and recurrent gate
-weights, the projection) is stored as int8 with one float32 scale per row: symmetric
-quantisation, row r of W is `q[r] * scale[r]` with `scale[r] = max|W[r]| / 127`. Per-row
-scales keep a rare word's small embedding from being rounded away by a frequent word's
-large one. Biases are few and stay float32. Loading dequantises to a float32 model, so
+weights, the projection) is stored as int8 with one float32 scale per row, rounded to
+the nearest step (`keyboard_model/int8.py`, the quantiser updates use too). Biases are
+few and stay float32. Loading dequantises to a float32 model, so
 inference needs no int8 kernels; what the phone downloads and stores is the int8 file.
 """
 
@@ -18,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from keyboard_model import int8
 from keyboard_model.files import write_atomically
+from keyboard_model.int8 import SCALE_SUFFIX
 from keyboard_model.model import CIFGLSTM, ModelConfig
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import Tensors, WeightsError, read_tensors, write_tensors
 
 FORMAT = "fedkeyboard-int8-v1"
-SCALE_SUFFIX = ".scale"
 
 
 @dataclass(frozen=True)
@@ -35,28 +35,20 @@ class Artifact:
 
 
 def quantize(state: Tensors) -> Tensors:
-    """int8 per-row copies of every matrix (with `<name>.scale`), other tensors as they are."""
+    """int8 per-row copies of every matrix (with `<name>.scale`), rounded to the nearest step; other tensors as
+    they are."""
     out: Tensors = {}
     for name, tensor in state.items():
         if tensor.dim() != 2:
             out[name] = tensor.float()
             continue
-        scale = tensor.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        out[name] = torch.round(tensor / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        out[name + SCALE_SUFFIX] = scale.float()
+        out[name], out[name + SCALE_SUFFIX] = int8.quantize(tensor)
     return out
 
 
 def dequantize(stored: Tensors) -> Tensors:
-    state: Tensors = {}
-    for name, tensor in stored.items():
-        if name.endswith(SCALE_SUFFIX):
-            continue
-        if tensor.dtype == torch.int8:
-            state[name] = tensor.float() * stored[name + SCALE_SUFFIX][:, None]
-        else:
-            state[name] = tensor
-    return state
+    return {name: int8.dequantize(tensor, stored[name + SCALE_SUFFIX]) if tensor.dtype == torch.int8 else tensor
+            for name, tensor in stored.items() if not name.endswith(SCALE_SUFFIX)}
 
 
 def export(model: CIFGLSTM, tokenizer: KeyboardTokenizer, path: Path, version: int) -> dict:

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from keyboard_model import int8
+from keyboard_model.artifact import quantize
 from keyboard_model.model import CIFGLSTM, ModelConfig
 from keyboard_model.update_codec import decode_update, encode_update, max_encoded_bytes
 from keyboard_model.weights import WeightsError, parameter_shapes, read_tensors, write_tensors
@@ -140,3 +142,15 @@ def test_garbage_is_refused():
 def test_unknown_scheme_is_refused_when_encoding():
     with pytest.raises(ValueError, match="unknown compression"):
         encode_update(small_delta(), 1, compression="int4")
+
+
+def test_the_artifact_and_the_update_codec_quantise_alike():
+    # One quantiser: the artifact's nearest rounding and an update's stochastic rounding land on adjacent steps of
+    # the same per-row grid.
+    generator = torch.Generator().manual_seed(3)
+    matrix = torch.randn(5, 7, generator=generator)
+    nearest = quantize({"w": matrix})
+    stochastic, scale = int8.quantize(matrix, torch.Generator().manual_seed(4), stochastic=True)
+    torch.testing.assert_close(nearest["w.scale"], scale)
+    assert (stochastic.int() - nearest["w"].int()).abs().max() <= 1
+    assert (int8.dequantize(nearest["w"], scale) - matrix).abs().max() <= scale.max() / 2 + 1e-6
