@@ -13,7 +13,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from aggregator.admission import AdmissionError, EnrolmentAttestation, RateLimits
 from aggregator.config import AggregatorConfig
-from aggregator.rounds import RoundManager, UnauthorizedError, UploadRefusedError
+from aggregator.refusals import UnauthorizedError, UploadRefusedError
+from aggregator.rounds import RoundManager
 from aggregator.storage import Storage
 
 bearer = HTTPBearer(auto_error=False, description="A device token from enrolment, an upload token from check-in, "

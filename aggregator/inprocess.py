@@ -9,7 +9,8 @@ gone. Use it for fast research runs; use service mode to exercise the real servi
 from __future__ import annotations
 
 from aggregator.config import AggregatorConfig
-from aggregator.rounds import RoundManager, UploadRefusedError
+from aggregator.refusals import UploadRefusedError
+from aggregator.rounds import RoundManager
 from aggregator.api.schemas import (
     AbortResponse,
     CheckinResponse,

@@ -17,8 +17,9 @@ deployment with uniform sampling would report, not a proof about the simulation.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import dp_accounting
@@ -54,3 +55,34 @@ def noisy_mean(total: Tensors, clip_norm: float, noise_multiplier: float, denomi
         name: ((t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype)) / denominator).float()
         for name, t in total.items()
     }
+
+
+class PrivacyLedger:
+    """The privacy a run has spent: every round that released a differentially private model, from the database
+    at start and one more at each commit."""
+
+    def __init__(self, clip_norm: float, noise_multiplier: float, goal: int, population: Callable[[], int],
+                 delta: float | None, past: Iterable[PrivacyEvent]) -> None:
+        self.clip_norm = clip_norm
+        self._noise_multiplier = noise_multiplier
+        self._goal = goal
+        # Counted when a round releases: devices may still enrol while it runs.
+        self._population = population
+        self._delta = delta
+        self._events = list(past)
+
+    def release(self, total: Tensors) -> tuple[Tensors, dict[str, float]]:
+        """The noisy mean of a sum of clipped updates, and the record of the release: its noise, the sampling rate
+        the accountant assumed, delta, and the epsilon spent by every round up to this one."""
+        population = max(self._population(), self._goal)
+        event = PrivacyEvent(self._goal / population, self._noise_multiplier)
+        delta = self._delta or 1.0 / population
+        record = {"dp_noise_multiplier": event.noise_multiplier, "dp_sampling_rate": event.sampling_rate,
+                  "dp_delta": delta, "epsilon": epsilon([*self._events, event], delta)}
+        # Unpredictable noise: anyone who could replay it could subtract it.
+        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        return noisy_mean(total, self.clip_norm, self._noise_multiplier, self._goal, generator), record
+
+    def spent(self, record: dict[str, float]) -> None:
+        """A release was committed: count it."""
+        self._events.append(PrivacyEvent(record["dp_sampling_rate"], record["dp_noise_multiplier"]))

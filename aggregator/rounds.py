@@ -23,10 +23,8 @@ round's counts; on restart the manager resumes from the last committed model.
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import math
-import os
 import random
 import secrets
 import threading
@@ -34,17 +32,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from safetensors.torch import load as load_safetensors
 
-from aggregator.config import AggregatorConfig
-from aggregator.pace import retry_after_s
-from aggregator.privacy import PrivacyEvent, epsilon, noisy_mean
+from aggregator.aggregation import PrivateMean, Release, SecureSum, WeightedMean
 from aggregator.api.schemas import EvaluationReport, SecAggState
+from aggregator.config import AggregatorConfig
+from aggregator.devices import Devices, token_hash
+from aggregator.pace import retry_after_s
+from aggregator.privacy import PrivacyEvent, PrivacyLedger
+from aggregator.refusals import (
+    BadUpdateError,
+    ClockError,
+    RoundClosedError,
+    SecAggRefusedError,
+    TooLargeError,
+    UnauthorizedError,
+)
 from aggregator.secure_round import SecureRound
 from aggregator.selection import SelectionWindow
 from aggregator.storage import Storage
-from aggregator.strategy import UpdateSum, make_strategy
+from aggregator.strategy import make_strategy
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
 from keyboard_model.secagg import PublicKeys, SecAggError, Share
@@ -52,7 +59,6 @@ from keyboard_model.update_codec import decode_update, max_encoded_bytes
 from keyboard_model.weights import (
     Tensors,
     WeightsError,
-    clip_to_norm,
     l2_norm,
     model_from_bytes,
     model_to_bytes,
@@ -65,48 +71,6 @@ logger = logging.getLogger(__name__)
 
 # Round durations that pace steering looks back on.
 RECENT_ROUNDS = 20
-
-
-class UploadRefusedError(Exception):
-    """An upload the aggregator will not count; `status_code` is its HTTP answer."""
-
-    status_code = 400
-
-
-class UnauthorizedError(UploadRefusedError):
-    """The device or upload token is not one this aggregator issued (for this round)."""
-
-    status_code = 401
-
-
-class RoundClosedError(UploadRefusedError):
-    """The update is for a round that is no longer open."""
-
-    status_code = 409
-
-
-class TooLargeError(UploadRefusedError):
-    """The update is larger than any valid update of this model."""
-
-    status_code = 413
-
-
-class ClockError(UploadRefusedError):
-    """The aggregator's clock cannot be set: it runs on the wall clock, or the time would go backwards."""
-
-    status_code = 409
-
-
-class SecAggRefusedError(UploadRefusedError):
-    """A secure-aggregation message that does not fit the round's phase or cohort; the message says why."""
-
-    status_code = 409
-
-
-class BadUpdateError(UploadRefusedError):
-    """The update's bytes or example count are not acceptable; the message says why."""
-
-    status_code = 422
 
 
 @dataclass
@@ -136,6 +100,7 @@ class OpenRound:
     started: float  # the manager's clock, for durations and the deadline
     deadline: float
     selection: SelectionWindow
+    aggregation: WeightedMean | PrivateMean | SecureSum
     device_by_token: dict[str, str] = field(default_factory=dict)
     token_by_device: dict[str, str] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
@@ -152,10 +117,6 @@ class OpenRound:
     # Devices that asked to train while the round was open: a device asks only when it is eligible.
     checked_in: set[str] = field(default_factory=set)
     failure: str | None = None
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class RoundManager:
@@ -190,8 +151,14 @@ class RoundManager:
         saved_state = storage.optimizer_state(self.model_version)
         self.optimizer_state = (load_safetensors(saved_state) if saved_state
                                 else self.strategy.init(self.global_state))
-        self._device_by_token_hash = storage.device_tokens()
-        self._privacy_events = [PrivacyEvent(q, z) for q, z in storage.privacy_events()]
+        self.devices = Devices(storage)
+        self.privacy = None
+        if config.differential_privacy:
+            self.privacy = PrivacyLedger(
+                config.clip_norm, config.noise_multiplier, config.clients_per_round,
+                # Phones that could take part: the accountant's sampling rate is the goal over this.
+                lambda: config.population or len(self.devices), config.dp_delta,
+                [PrivacyEvent(q, z) for q, z in storage.privacy_events()])
         recent = storage.recent_rounds(RECENT_ROUNDS)
         self._recent_durations = collections.deque(
             (r["duration_s"] for r in recent if r["duration_s"] is not None), maxlen=RECENT_ROUNDS
@@ -201,7 +168,6 @@ class RoundManager:
         # A round that was open when the service stopped is run again from the start.
         storage.discard_selections(next_round)
         self.round = self._open_round(next_round)
-        self._sum = UpdateSum(self.shapes)
 
     def _initial_state(self) -> Tensors:
         if self.config.initial_model is None:
@@ -224,9 +190,15 @@ class RoundManager:
             # The graph seed is public (every device gets it with the roster); it only has to differ by round.
             secure = SecureRound(number, now, self.config, self.shapes, self._rng.randrange(2**63),
                                  self.selection_target)
+        if secure is not None:
+            aggregation = SecureSum(secure, self.privacy)
+        elif self.privacy is not None:
+            aggregation = PrivateMean(self.shapes, self.privacy)
+        else:
+            aggregation = WeightedMean(self.shapes)
         return OpenRound(number, self.model_version, time.time(), now, now + self.config.round_deadline_s,
                          SelectionWindow(self.config.selection_window_s, now + self.config.selection_window_s),
-                         secure=secure)
+                         aggregation, secure=secure)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -239,19 +211,11 @@ class RoundManager:
 
     def enrol(self) -> tuple[str, str]:
         """A new device: its id and the secret token it must show at every check-in."""
-        device_id, token = f"device-{secrets.token_hex(8)}", secrets.token_urlsafe(32)
-        with self._lock:
-            self.storage.enrol_device(device_id, token_hash(token))
-            self._device_by_token_hash[token_hash(token)] = device_id
-        return device_id, token
+        return self.devices.enrol()
 
     def authenticate(self, device_token: str) -> str:
         """The enrolled device this token belongs to."""
-        with self._lock:
-            device_id = self._device_by_token_hash.get(token_hash(device_token))
-        if device_id is None:
-            raise UnauthorizedError("unknown device token: enrol first (POST /devices)")
-        return device_id
+        return self.devices.authenticate(device_token)
 
     def checkin(self, device_id: str) -> CheckinDecision:
         with self._lock:
@@ -330,16 +294,11 @@ class RoundManager:
         if norm > self.config.max_update_norm:
             raise BadUpdateError(f"the update's L2 norm is {norm:.2f}, above this aggregator's bound of "
                                  f"{self.config.max_update_norm}")
-        weight = float(num_examples)
-        if self.config.differential_privacy:
-            # Phones clip already; clipping what arrived makes the bound hold whatever a device sent. Each phone
-            # counts once: weighting by its claimed example count would let one phone move the sum further.
-            delta, weight = clip_to_norm(delta, self.config.clip_norm), 1.0
         with self._lock:
             device_id = self._authorize(round_number, token)
             if device_id in self.round.reported:
                 return SubmitResult(round_number, len(self.round.reported), duplicate=True)
-            self._sum.add(delta, weight)
+            self.round.aggregation.add(delta, num_examples)
             self.storage.set_selection_status(round_number, device_id, "reported")
             self.round.reported.add(device_id)
             self.round.aborted.discard(device_id)
@@ -565,56 +524,35 @@ class RoundManager:
         finally:
             self._recent_durations.append(duration)
             self.round = self._open_round(current.number + 1)
-            self._sum = UpdateSum(self.shapes)
 
     def _commit(self, summary: dict) -> None:
         """Commit the round: with the model and optimiser state its updates give, or as failed. The manager moves
         on to the new model, state and privacy spent only once they are committed."""
-        mean_delta = self._round_mean(summary)
-        if mean_delta is None:
+        release = self._release()
+        if release is None:
             summary.update(status="failed", failure=self.round.failure)
             self.storage.record_round(summary, None, None)
             return
-        new_state, optimizer_state = self.strategy.apply(self.global_state, self.optimizer_state, mean_delta)
+        new_state, optimizer_state = self.strategy.apply(self.global_state, self.optimizer_state, release.mean_delta)
         new_bytes = model_to_bytes(new_state, self.model_version + 1, self.config.model)
-        summary.update(status="closed", new_version=self.model_version + 1, update_norm=l2_norm(mean_delta))
+        summary.update(release.record, status="closed", new_version=self.model_version + 1,
+                       update_norm=l2_norm(release.mean_delta))
         self.storage.record_round(summary, new_bytes, write_tensors(optimizer_state))
         self.model_version, self.model_bytes, self.global_state = self.model_version + 1, new_bytes, new_state
         self.optimizer_state = optimizer_state
-        if summary.get("epsilon") is not None:
-            self._privacy_events.append(PrivacyEvent(summary["dp_sampling_rate"], summary["dp_noise_multiplier"]))
-            self._epsilon = summary["epsilon"]
+        if self.privacy is not None:
+            self.privacy.spent(release.record)
+            self._epsilon = release.record["epsilon"]
 
-    def _round_mean(self, summary: dict) -> Tensors | None:
-        """The step the round's updates give, or None if the round failed. Fills in what only the sum tells."""
+    def _release(self) -> Release | None:
+        """What the round's aggregation rule releases, or None if the round failed."""
         current = self.round
-        if current.secure is None:
-            if len(current.reported) < self.min_reports:
-                current.failure = f"{len(current.reported)} updates arrived; {self.min_reports} needed"
-                return None
-            return self._private_mean(summary, self._sum.total()) if self.config.differential_privacy else self._sum.mean()
-        if current.secure.sum is None:
+        if current.secure is not None:
+            return None if current.secure.sum is None else current.aggregation.release(len(current.reported))
+        if len(current.reported) < self.min_reports:
+            current.failure = f"{len(current.reported)} updates arrived; {self.min_reports} needed"
             return None
-        total, (positions, hits_1, hits_3) = current.secure.result()
-        summary.update(eval_devices=len(current.reported), eval_positions=positions, eval_hits_at_1=hits_1,
-                       eval_hits_at_3=hits_3)
-        if self.config.differential_privacy:
-            return self._private_mean(summary, total)
-        # Each device counts once: its example count would be one more thing sent in the clear.
-        return {name: (t / len(current.reported)).float() for name, t in total.items()}
-
-    def _private_mean(self, summary: dict, total: Tensors) -> Tensors:
-        """The round's noisy mean; records the release in `summary` with the epsilon spent so far, this round
-        included."""
-        config = self.config
-        population = config.population or max(len(self._device_by_token_hash), config.clients_per_round)
-        delta = config.dp_delta or 1.0 / population
-        event = PrivacyEvent(config.clients_per_round / population, config.noise_multiplier)
-        summary.update(dp_noise_multiplier=event.noise_multiplier, dp_sampling_rate=event.sampling_rate,
-                       dp_delta=delta, epsilon=epsilon([*self._privacy_events, event], delta))
-        # Unpredictable noise: anyone who could replay it could subtract it.
-        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        return noisy_mean(total, config.clip_norm, config.noise_multiplier, config.clients_per_round, generator)
+        return current.aggregation.release(len(current.reported))
 
     def snapshot(self) -> dict:
         with self._lock:

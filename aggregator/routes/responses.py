@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import HTTPException
 from fastapi.concurrency import run_in_threadpool
 
-from aggregator.rounds import UploadRefusedError
+from aggregator.refusals import UploadRefusedError
 from aggregator.api.schemas import ErrorResponse
 
 

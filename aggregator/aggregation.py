@@ -1,0 +1,79 @@
+"""Aggregation: how one round's reports become the step the global model takes, one class per rule.
+
+- `WeightedMean` (FedAvg, McMahan et al. 2017): each update weighted by the examples it
+  trained on.
+- `PrivateMean` (DP-FedAvg, `aggregator/privacy.py`): each update clipped and counted
+  once, Gaussian noise added to the sum once, divided by the round's goal.
+- `SecureSum` (`aggregator/secure_round.py`): the server sees only the unmasked sum of a
+  secure round, in which each device counts once; with differential privacy that sum is
+  released as `PrivateMean` releases its own.
+Sums run as updates arrive, so memory does not grow with the round. A rule's `release`
+gives the mean delta and what the round's record says of it; the round manager decides
+whether enough devices reported, and the server optimiser (`aggregator/strategy.py`)
+turns the mean into a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aggregator.privacy import PrivacyLedger
+from aggregator.secure_round import SecureRound
+from aggregator.strategy import UpdateSum
+from keyboard_model.weights import Tensors, clip_to_norm
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Release:
+    mean_delta: Tensors
+    # Fields of the round's record that only the aggregate tells (privacy spent, summed evaluation counts).
+    record: dict[str, float | int] = field(default_factory=dict)
+
+
+class Aggregation(Protocol):
+    def release(self, reported: int) -> Release:
+        """The round's mean delta from the `reported` devices whose updates it holds."""
+
+
+class WeightedMean:
+    def __init__(self, shapes: Shapes) -> None:
+        self._sum = UpdateSum(shapes)
+
+    def add(self, delta: Tensors, num_examples: int) -> None:
+        self._sum.add(delta, float(num_examples))
+
+    def release(self, reported: int) -> Release:
+        return Release(self._sum.mean())
+
+
+class PrivateMean:
+    def __init__(self, shapes: Shapes, ledger: PrivacyLedger) -> None:
+        self._sum = UpdateSum(shapes)
+        self._ledger = ledger
+
+    def add(self, delta: Tensors, num_examples: int) -> None:
+        # Phones clip already; clipping what arrived makes the bound hold whatever a device sent. Each phone counts
+        # once: weighting by its claimed example count would let one phone move the sum further.
+        self._sum.add(clip_to_norm(delta, self._ledger.clip_norm), 1.0)
+
+    def release(self, reported: int) -> Release:
+        return Release(*self._ledger.release(self._sum.total()))
+
+
+class SecureSum:
+    def __init__(self, secure: SecureRound, ledger: PrivacyLedger | None) -> None:
+        self._secure = secure
+        self._ledger = ledger
+
+    def release(self, reported: int) -> Release:
+        total, (positions, hits_1, hits_3) = self._secure.result()
+        evaluation = {"eval_devices": reported, "eval_positions": positions, "eval_hits_at_1": hits_1,
+                      "eval_hits_at_3": hits_3}
+        if self._ledger is not None:
+            mean_delta, privacy = self._ledger.release(total)
+            return Release(mean_delta, {**privacy, **evaluation})
+        # Each device counts once: its example count would be one more thing sent in the clear.
+        return Release({name: (t / reported).float() for name, t in total.items()}, evaluation)
