@@ -18,7 +18,7 @@ from aggregator.rounds import RoundManager
 from aggregator.routes import devices, models, secagg, status
 from aggregator.routes import rounds as rounds_routes
 from aggregator.api.schemas import ClockUpdate, EvaluationReport, SecAggKeys, SecAggReveal, SecAggShares
-from aggregator.storage import Storage
+from aggregator.storage import open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ JSON_BODIES = [ClockUpdate, EvaluationReport, SecAggKeys, SecAggShares, SecAggRe
 def create_app(config: AggregatorConfig, attestation: EnrolmentAttestation | None = None) -> FastAPI:
     """The service, its database opened and its model loaded (so bad configuration fails here, clearly).
     `attestation` decides who may enrol (default: the trusted networks, or the enrolment secret)."""
-    storage = Storage(config.db_path)
+    storage = open_storage(config.db_path)
     rounds = RoundManager(config, storage)
 
     @asynccontextmanager

@@ -25,7 +25,7 @@ from aggregator.api.schemas import (
     StatusResponse,
     UploadResponse,
 )
-from aggregator.storage import Storage
+from aggregator.storage import open_storage
 from aggregator.api.client import AggregatorRefusedError
 from keyboard_model.secagg import PublicKeys, Share
 
@@ -33,7 +33,7 @@ from keyboard_model.secagg import PublicKeys, Share
 class InProcessClient:
     def __init__(self, config: AggregatorConfig) -> None:
         self.url = f"in-process aggregator ({config.db_path})"
-        self._storage = Storage(config.db_path)
+        self._storage = open_storage(config.db_path)
         self._rounds = RoundManager(config, self._storage)
         self._tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
 

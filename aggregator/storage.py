@@ -1,177 +1,59 @@
-"""The aggregator's one SQLite database: devices, global model versions, rounds, selections.
+"""Storage: what the aggregator keeps across restarts, as an interface, and the store a configuration opens.
 
-A new global model, the server optimiser's state that goes with it and the round
-that produced them are written in one transaction, so after a crash either all are
-there or none is. Selections and reports are committed as they happen; those of a
-round that was still open at a crash are discarded on restart and the round is run
-again from the last committed model.
-
-Device tokens are stored only as SHA-256 hashes: a copy of the database does not let
-anyone act as a device.
+Rounds, devices and routes use only `Storage`; `SqliteStorage` (aggregator/sqlite_storage.py)
+is the one implementation. Another (PostgreSQL, say) implements these methods with the
+same guarantees and is chosen in `open_storage`, and nothing else changes. The
+guarantee every implementation keeps: `record_round` writes a round, and the model and
+optimiser state it produced, atomically, so after a crash either all are there or none.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
-import sqlite_utils
-
-from keyboard_model.errors import UserFacingError
+from aggregator.sqlite_storage import SqliteStorage
 
 
-class Storage:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection shared by the server's worker threads, serialised by `_lock`. In
-        # autocommit mode; `_transaction` groups the writes that must land together.
-        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        self.db = sqlite_utils.Database(self._connection)
-        try:
-            self.db.enable_wal()
-            # With WAL, NORMAL still survives a crash of the process (SIGKILL); only a power cut can lose
-            # the last commits. FULL would wait for the disk at every upload's commit.
-            self._connection.execute("PRAGMA synchronous=NORMAL")
-            self._create_tables()
-        except sqlite3.DatabaseError as error:
-            self._connection.close()
-            raise UserFacingError(f"{path} is not a usable aggregator database: {error}") from error
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        with self._lock:
-            self._connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._connection.execute("ROLLBACK")
-                raise
-            self._connection.execute("COMMIT")
-
-    def _create_tables(self) -> None:
-        self._table("devices", {"device_id": str, "token_sha256": str, "enrolled_at": float}, pk="device_id")
-        self._table(
-            "models",
-            {"version": int, "round": int, "created_at": float, "weights": bytes, "optimizer_state": bytes},
-            pk="version",
-        )
-        self._table(
-            "rounds",
-            {
-                "round": int, "status": str, "started_at": float, "closed_at": float, "duration_s": float,
-                "goal": int, "selected": int, "reported": int, "aborted": int, "dropped": int, "late": int,
-                "examples": int, "bytes_up": int, "bytes_down": int, "base_version": int, "new_version": int,
-                "update_norm": float, "eval_devices": int, "eval_positions": int, "eval_hits_at_1": int,
-                "eval_hits_at_3": int, "dp_noise_multiplier": float, "dp_sampling_rate": float, "dp_delta": float,
-                "epsilon": float, "failure": str, "checked_in": int, "clock_started_s": float,
-            },
-            pk="round",
-        )
-        # status: selected, then reported, aborted or (after the round closed) late.
-        self._table(
-            "selections",
-            {"round": int, "device_id": str, "token_sha256": str, "status": str, "ts": float},
-            pk=("round", "device_id"),
-        )
-        self.db["selections"].create_index(["token_sha256"], unique=True, if_not_exists=True)
-
-    def _table(self, name: str, columns: dict[str, type], pk: str | tuple[str, ...]) -> None:
-        """Create a table, or add the columns a database made by an older version lacks."""
-        table = self.db[name]
-        table.create(columns, pk=pk, if_not_exists=True)
-        for column, kind in columns.items():
-            if column not in table.columns_dict:
-                table.add_column(column, kind)
-
+class Storage(Protocol):
     def latest_model(self) -> tuple[int, bytes] | None:
-        with self._lock:
-            rows = list(self.db.query("select version, weights from models order by version desc limit 1"))
-        return (rows[0]["version"], rows[0]["weights"]) if rows else None
+        """(version, safetensors bytes) of the newest global model, or None in a new store."""
 
-    def model(self, version: int) -> bytes | None:
-        with self._lock:
-            rows = list(self.db.query("select weights from models where version = ?", [version]))
-        return rows[0]["weights"] if rows else None
+    def model(self, version: int) -> bytes | None: ...
 
     def optimizer_state(self, version: int) -> bytes | None:
-        with self._lock:
-            rows = list(self.db.query("select optimizer_state from models where version = ?", [version]))
-        return rows[0]["optimizer_state"] if rows else None
+        """The server optimiser's state committed with that model version."""
 
-    def save_initial_model(self, weights: bytes) -> None:
-        with self._transaction():
-            self.db["models"].insert({"version": 0, "round": 0, "created_at": time.time(), "weights": weights})
+    def save_initial_model(self, weights: bytes) -> None: ...
 
     def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None) -> None:
-        """Store a finished round, and the model and optimiser state it produced if it succeeded, atomically."""
-        with self._transaction():
-            if new_weights is not None:
-                self.db["models"].insert(
-                    {"version": summary["new_version"], "round": summary["round"],
-                     "created_at": summary["closed_at"], "weights": new_weights, "optimizer_state": optimizer_state}
-                )
-            self.db["rounds"].upsert(summary, pk="round")
+        """A finished round, with the model and optimiser state it produced if it succeeded, atomically."""
 
-    def enrol_device(self, device_id: str, token_sha256: str) -> None:
-        with self._transaction():
-            self.db["devices"].insert({"device_id": device_id, "token_sha256": token_sha256, "enrolled_at": time.time()})
+    def enrol_device(self, device_id: str, token_sha256: str) -> None: ...
 
     def device_tokens(self) -> dict[str, str]:
         """Every enrolled device, as token hash -> device id."""
-        with self._lock:
-            return {row["token_sha256"]: row["device_id"] for row in self.db["devices"].rows}
 
-    def record_selection(self, round_number: int, device_id: str, token_sha256: str) -> None:
-        with self._transaction():
-            self.db["selections"].insert(
-                {"round": round_number, "device_id": device_id, "token_sha256": token_sha256,
-                 "status": "selected", "ts": time.time()}
-            )
+    def record_selection(self, round_number: int, device_id: str, token_sha256: str) -> None: ...
 
-    def set_selection_status(self, round_number: int, device_id: str, status: str) -> None:
-        with self._transaction():
-            self.db["selections"].update((round_number, device_id), {"status": status, "ts": time.time()})
+    def set_selection_status(self, round_number: int, device_id: str, status: str) -> None: ...
 
-    def selection_for_token(self, token_sha256: str) -> dict | None:
-        with self._lock:
-            rows = list(self.db.query("select * from selections where token_sha256 = ?", [token_sha256]))
-        return rows[0] if rows else None
+    def selection_for_token(self, token_sha256: str) -> dict | None: ...
 
-    def record_late(self, round_number: int, device_id: str) -> None:
-        """A selected device of a closed round uploaded after all: count it late, not dropped."""
-        with self._transaction():
-            self.db["selections"].update((round_number, device_id), {"status": "late", "ts": time.time()})
-            self._connection.execute(
-                "update rounds set late = late + 1, dropped = dropped - 1 where round = ?", [round_number]
-            )
+    def record_late(self, round_number: int, device_id: str) -> None: ...
 
     def discard_selections(self, round_number: int) -> None:
-        """Forget the selections of a round that was open at a crash: it is run again."""
-        with self._transaction():
-            self._connection.execute("delete from selections where round >= ?", [round_number])
+        """Forget the selections of this round and later ones: a round open at a crash is run again."""
 
-    def last_round_number(self) -> int:
-        with self._lock:
-            rows = list(self.db.query("select max(round) as last from rounds"))
-        return rows[0]["last"] or 0
+    def last_round_number(self) -> int: ...
 
     def privacy_events(self) -> list[tuple[float, float]]:
         """(sampling rate, noise multiplier) of every round that released a differentially private model."""
-        with self._lock:
-            rows = self.db.query("select dp_sampling_rate, dp_noise_multiplier from rounds "
-                                 "where status = 'closed' and dp_noise_multiplier is not null order by round")
-            return [(row["dp_sampling_rate"], row["dp_noise_multiplier"]) for row in rows]
 
-    def recent_rounds(self, limit: int) -> list[dict]:
-        with self._lock:
-            rows = self.db.query("select * from rounds order by round desc limit ?", [limit])
-            return list(reversed(list(rows)))
+    def recent_rounds(self, limit: int) -> list[dict]: ...
 
-    def close(self) -> None:
-        with self._lock:
-            self._connection.close()
+    def close(self) -> None: ...
+
+
+def open_storage(path: Path) -> Storage:
+    return SqliteStorage(path)

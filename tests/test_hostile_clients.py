@@ -14,7 +14,7 @@ import torch
 from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundManager
 from aggregator.api.schemas import RevealedShare, SecAggReveal
-from aggregator.storage import Storage
+from aggregator.storage import open_storage
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from aggregator.inprocess import InProcessClient
 from keyboard_model.update_codec import encode_update
@@ -135,7 +135,7 @@ def test_a_failed_commit_leaves_the_model_and_the_momentum_as_they_were(
         config = AggregatorConfig(db_path=tmp_path / name / "db.sqlite", tokenizer_path=small_tokenizer_path,
                                   model=small_model_config, clients_per_round=2, over_selection=1.0,
                                   server_optimizer="fedavgm", selection_window_s=0.0)
-        return RoundManager(config, Storage(config.db_path))
+        return RoundManager(config, open_storage(config.db_path))
 
     def run_round(rounds: RoundManager, devices: list[str], scale: float) -> None:
         for k, device in enumerate(devices):
@@ -175,7 +175,7 @@ def test_devices_polling_fast_hold_no_more_slots_than_their_share(tmp_path, smal
     config = AggregatorConfig(db_path=tmp_path / "db.sqlite", tokenizer_path=small_tokenizer_path,
                               model=small_model_config, clients_per_round=3, over_selection=1.3,
                               round_deadline_s=600.0, selection_window_s=10.0, simulated_clock=True)
-    rounds = RoundManager(config, Storage(config.db_path))
+    rounds = RoundManager(config, open_storage(config.db_path))
     sybils = [rounds.authenticate(rounds.enrol()[1]) for _ in range(4)]
     honest = [rounds.authenticate(rounds.enrol()[1]) for _ in range(10)]
     slots = {"sybil": 0, "honest": 0}

@@ -2,7 +2,7 @@ import sqlite3
 
 import pytest
 
-from aggregator.storage import Storage
+from aggregator.sqlite_storage import SqliteStorage
 from keyboard_model.errors import UserFacingError
 
 
@@ -14,7 +14,7 @@ def summary(round_number: int, **changes) -> dict:
 
 
 def test_a_round_and_its_model_land_together_or_not_at_all(tmp_path):
-    storage = Storage(tmp_path / "a.sqlite")
+    storage = SqliteStorage(tmp_path / "a.sqlite")
     storage.save_initial_model(b"v0")
     storage.record_round(summary(1), b"v1", b"momentum1")
     with pytest.raises(sqlite3.Error):
@@ -24,7 +24,7 @@ def test_a_round_and_its_model_land_together_or_not_at_all(tmp_path):
     assert storage.last_round_number() == 1
     storage.close()
 
-    reopened = Storage(tmp_path / "a.sqlite")
+    reopened = SqliteStorage(tmp_path / "a.sqlite")
     assert reopened.latest_model() == (1, b"v1") and reopened.model(2) is None
     assert reopened.optimizer_state(1) == b"momentum1"
     reopened.record_round(summary(2), b"v2", b"momentum2")  # the failed attempt left nothing in the way
@@ -36,7 +36,7 @@ def test_a_database_of_an_older_version_gets_the_new_columns(tmp_path):
     with sqlite3.connect(path) as db:
         db.execute("create table models (version integer primary key, round integer, created_at float, weights blob)")
         db.execute("insert into models values (0, 0, 1.0, x'00')")
-    storage = Storage(path)
+    storage = SqliteStorage(path)
     assert storage.latest_model() == (0, b"\x00") and storage.optimizer_state(0) is None
     storage.record_round(summary(1), b"v1", b"state")
     assert storage.optimizer_state(1) == b"state"
@@ -46,4 +46,4 @@ def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path):
     path = tmp_path / "not.sqlite"
     path.write_bytes(b"hello, I am a text file" * 100)
     with pytest.raises(UserFacingError, match="not a usable aggregator database"):
-        Storage(path)
+        SqliteStorage(path)
