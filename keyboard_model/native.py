@@ -1,15 +1,17 @@
-"""The compiled CIFG kernel (`cifg_kernel.cpp`): built once per machine, then loaded from a cache.
+"""The compiled CIFG kernel (`cifg_kernel.cpp`): built once per environment, then loaded from a cache.
 
 Built with the machine's C++ compiler against the installed torch, into
-$FEDKB_BUILD_DIR or ~/.cache/fedkeyboard/build; torch rebuilds it when the source
-changes. Training falls back to the Python walk in model.py (same results; the walk
-about a quarter slower, a training step about a tenth) when no compiler is available,
-and says so once.
+$FEDKB_BUILD_DIR or a folder of ~/.cache/fedkeyboard/build named for everything the
+build depends on (`build_dir`). Training falls back to the Python walk in model.py
+(same results; the walk about a quarter slower, a training step about a tenth) when
+no compiler is available, and says so once.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import sys
 import warnings
@@ -20,14 +22,31 @@ import torch
 from torch.utils import cpp_extension
 
 _NAME = "fedkeyboard_cifg"
+_SOURCE = Path(__file__).with_name("cifg_kernel.cpp")
+_CFLAGS = ("-O3",)
 
 
 def build_dir() -> Path:
+    """$FEDKB_BUILD_DIR, or a cache folder of its own for each set of inputs the build depends on.
+
+    torch's build writes the source's path, the include paths of this torch and Python, the
+    compiler and its flags into the folder's ninja file, and rebuilds when any of them differs
+    from the last build there. A folder named for the torch version alone was therefore shared by
+    every environment with that version (another clone's .venv): each rebuilt it for itself in
+    turn, and a run that met a rebuild paid 45 to 113 s in its first round. The name now hashes
+    all of them, and the source's bytes.
+    """
     configured = os.environ.get("FEDKB_BUILD_DIR")
     if configured:
         return Path(configured)
+    inputs = [
+        hashlib.sha256(_SOURCE.read_bytes()).hexdigest(), str(_SOURCE.resolve()),
+        torch.__version__, str(Path(torch.__file__).resolve().parent),
+        sys.version, sys.prefix, os.environ.get("CXX", "c++"), *_CFLAGS,
+    ]
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "fedkeyboard" / "build" / f"torch-{torch.__version__}"
+    return cache / "fedkeyboard" / "build" / f"torch-{torch.__version__}-{key}"
 
 
 @functools.cache
@@ -36,13 +55,14 @@ def cifg_kernel() -> ModuleType | None:
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     if not any(folder.glob(f"{_NAME}*.so")):
-        print("building the C++ CIFG training kernel, once for this machine (about 20 s)...", file=sys.stderr, flush=True)
+        print("building the C++ CIFG training kernel, once for this environment (about 20 s)...",
+              file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(
             name=_NAME,
-            sources=[str(Path(__file__).with_name("cifg_kernel.cpp"))],
+            sources=[str(_SOURCE)],
             build_directory=str(folder),
-            extra_cflags=["-O3"],
+            extra_cflags=list(_CFLAGS),
         )
     except (OSError, RuntimeError, ImportError) as error:
         warnings.warn(f"training uses the slower Python CIFG walk: the C++ kernel did not build ({error})", stacklevel=2)
