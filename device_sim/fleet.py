@@ -8,7 +8,8 @@ and due (pace steering told them when to come back) check in. The selected ones:
   conditions change during that time aborts and tells the aggregator so;
 - score the model they downloaded on their held-out messages (federated evaluation) and
   send those counts and their update in the order they would finish; those after the
-  round closed are late.
+  round closed are late. A phone whose local training diverged sends neither and aborts
+  (device_sim/phone.py).
 In a round with secure aggregation, a selected phone first sends its keys and, once the
 cohort is fixed, its sealed shares; it trains when the round starts collecting masked
 inputs, and reveals its shares when unmasking starts. A phone that vanishes may then do
@@ -38,9 +39,8 @@ from pathlib import Path
 
 import torch
 
-from aggregator.api.schemas import CheckinResponse, SecAggState
-from aggregator.api.client import AggregatorRefusedError
-from aggregator.api.protocol import Aggregator
+from aggregator.schemas import CheckinResponse, SecAggState
+from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.corpus import PreparedCorpus
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
 from device_sim.history import split_held_out
@@ -162,7 +162,7 @@ class Participation:
 
     phone_id: str
     round: int  # the round it was selected for
-    outcome: str  # "reported", "late", "aborted" or "vanished"
+    outcome: str  # "reported", "late", "aborted", "diverged" (training blew up; it aborted) or "vanished"
     # Simulated ticks: when it was selected, and when it uploaded or aborted (or vanished).
     selected_tick: int
     done_tick: int
@@ -230,7 +230,7 @@ class RoundReport:
 class Fleet:
     """Phones, their simulated conditions, and the aggregator they talk to."""
 
-    def __init__(self, phones: Sequence[Phone], config: FleetConfig, client: Aggregator) -> None:
+    def __init__(self, phones: Sequence[Phone], config: FleetConfig, client: AggregatorClient) -> None:
         # A phone with nothing to train on never checks in: selected, it would hold a place it cannot fill.
         self.phones = [phone for phone in phones if phone.can_train()]
         if not self.phones:
@@ -389,7 +389,8 @@ class Fleet:
         return vanished
 
     def _finish(self, event: _Event) -> Participation:
-        """A selected phone's training ends: it uploads, or, if its conditions changed, says it aborted."""
+        """A selected phone's training ends: it uploads, or, if its conditions changed or its training diverged,
+        says it aborted."""
         phone, decision, ticks = event.phone, event.decision, (event.selected_tick, event.tick)
         self._due_tick[phone.phone_id] = self.clock.tick + 1
         if event.job is None:
@@ -401,13 +402,14 @@ class Fleet:
                     raise
             return Participation(phone.phone_id, decision.round, "aborted", *ticks)
         work, seconds = event.job.result()
-        outcome = "reported"
+        outcome = "reported" if work.upload is not None else "diverged"
         try:
             phone.send(self.client, decision.round, decision.upload_token, work)
         except AggregatorRefusedError as refused:
             if refused.status_code not in GONE:
                 raise
-            outcome = "late"
+            if outcome == "reported":
+                outcome = "late"
         participant = self._secure.get(phone.phone_id)
         if participant is not None:
             if outcome == "reported":
@@ -415,7 +417,8 @@ class Fleet:
                 participant.step, participant.part.masked = "uploaded", True
             else:
                 del self._secure[phone.phone_id]
-        return Participation(phone.phone_id, decision.round, outcome, *ticks, work.result, len(work.upload), seconds)
+        return Participation(phone.phone_id, decision.round, outcome, *ticks, work.result, len(work.upload or b""),
+                             seconds)
 
     def close(self) -> None:
         self.pool.close()

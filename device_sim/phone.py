@@ -7,6 +7,10 @@ What leaves the phone in a round is built here, and is two things:
   downloaded model it scored on its held-out messages (at most EVAL_MESSAGES of them),
   and how many were right at top-1 and top-3.
 Nothing else: no text, no token ids, no word counts, no training loss.
+A phone whose local training diverged (`keyboard_model.train.train_local` says when)
+sends neither: it tells the aggregator it aborted the round, as a phone whose
+conditions changed does, so that no blown-up delta reaches the average and the round
+does not wait for it.
 """
 
 from __future__ import annotations
@@ -14,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from aggregator.api.schemas import CheckinResponse, EvaluationReport, SecAggState, UploadResponse
-from aggregator.api.client import AggregatorRefusedError
-from aggregator.api.protocol import Aggregator
+from aggregator.schemas import CheckinResponse, EvaluationReport, SecAggState, UploadResponse
+from device_sim.client import AggregatorClient, AggregatorRefusedError
 from device_sim.history import TypingHistory
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.errors import UserFacingError
@@ -54,7 +57,7 @@ class LocalRound:
 class LocalWork:
     """A phone's work in a round: the two things it sends, and how training went (which stays on the phone)."""
 
-    upload: bytes
+    upload: bytes | None  # None: training diverged, and the phone sends only an abort
     evaluation: EvaluationReport | None  # None: no held-out message to score, or a secure round (counts are masked)
     result: TrainResult
 
@@ -78,7 +81,7 @@ class Phone:
         self.credentials_path = folder / "device.json"
         self._device_token: str | None = None
 
-    def check_in(self, client: Aggregator) -> CheckinResponse:
+    def check_in(self, client: AggregatorClient) -> CheckinResponse:
         """Ask the aggregator whether to train now, enrolling first if it does not know this phone."""
         try:
             return client.checkin(self._token(client))
@@ -88,7 +91,7 @@ class Phone:
         # An aggregator with a new database has never seen us: enrol again.
         return client.checkin(self._enrol(client))
 
-    def _token(self, client: Aggregator) -> str:
+    def _token(self, client: AggregatorClient) -> str:
         if self._device_token is None:
             if self.credentials_path.exists():
                 self._device_token = json.loads(self.credentials_path.read_text())["device_token"]
@@ -96,7 +99,7 @@ class Phone:
                 self._enrol(client)
         return self._device_token
 
-    def _enrol(self, client: Aggregator) -> str:
+    def _enrol(self, client: AggregatorClient) -> str:
         enrolment = client.enrol()
         write_atomically(self.credentials_path, enrolment.model_dump_json().encode())
         self._device_token = enrolment.device_token
@@ -136,31 +139,45 @@ class Phone:
         """Score the downloaded global model on held-out messages, then fine-tune it on the messages typed by
         `now`; with differential privacy on, the aggregator asks for the update clipped to `clip_norm`. In a
         secure round (`secure`: this phone's part and the round's state) the upload is the masked update with the
-        evaluation counts inside it. This is all the work that happens on the phone; nothing here talks to the
-        network."""
+        evaluation counts inside it. If training diverged, or the delta holds any value that is not finite, there
+        is no upload and no evaluation: nothing of the round is encoded. This is all the work that happens on the
+        phone; nothing here talks to the network."""
         train_texts, held_out = self.messages(now)
         model, version = model_from_bytes(model_bytes)
         scored = tokenizer.encode_batch(held_out[:eval_messages]) if held_out else []
         evaluation = evaluation_report(version, evaluate(model, tokenizer, scored))
         start = {name: t.clone() for name, t in model.state_dict().items()}
         result = train_local(model, tokenizer.encode_batch(train_texts), config, seed=seed)
+        if result.divergence is not None:
+            return LocalWork(None, None, result)
         delta = {name: t - start[name] for name, t in model.state_dict().items()}
         if clip_norm is not None:
             delta = clip_to_norm(delta, clip_norm)
+        # train_local's checks should leave no such delta; this keeps one from ever being encoded if they miss.
+        if not all(torch.isfinite(t).all() for t in delta.values()):
+            return LocalWork(None, None, replace(result, divergence="the update holds values that are not finite"))
         if secure is not None:
             part, state = secure
             return LocalWork(part.masked_upload(delta, evaluation, state, seed), None, result)
         return LocalWork(update_bytes(delta, result.num_examples, compression, seed), evaluation, result)
 
-    def send(self, client: Aggregator, round_number: int, upload_token: str, work: LocalWork) -> UploadResponse:
-        """Report the evaluation, then upload the update. The evaluation goes first: the update may close the round."""
+    def send(
+        self, client: AggregatorClient, round_number: int, upload_token: str, work: LocalWork
+    ) -> UploadResponse | None:
+        """Report the evaluation, then upload the update. The evaluation goes first: the update may close the round.
+
+        If training diverged, tell the aggregator this phone aborted the round instead, and return None.
+        """
+        if work.upload is None:
+            client.abort(round_number, upload_token)
+            return None
         if work.evaluation is not None:
             client.report_evaluation(round_number, upload_token, work.evaluation)
         return client.upload(round_number, upload_token, work.upload)
 
     def train_round(
         self,
-        client: Aggregator,
+        client: AggregatorClient,
         round_number: int,
         upload_token: str,
         tokenizer: KeyboardTokenizer,
@@ -171,7 +188,8 @@ class Phone:
     ) -> LocalRound | None:
         """Download the global model, score and fine-tune it on this phone, send the evaluation and the update.
 
-        Returns None when they came too late: the round closed at its deadline meanwhile.
+        Returns None when they came too late (the round closed at its deadline meanwhile), or when training
+        diverged and the phone aborted the round.
         """
         work = self.local_work(client.model(), tokenizer, config, seed, compression, clip_norm=clip_norm)
         try:
@@ -180,6 +198,8 @@ class Phone:
             if refused.status_code == 409:  # a real phone just drops a late update
                 return None
             raise
+        if answer is None:
+            return None
         return LocalRound(self.phone_id, round_number, work.result, len(work.upload), answer.round_closed)
 
     def held_out(self, tokenizer: KeyboardTokenizer) -> list[list[int]]:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from aggregator.api.schemas import RoundSummary
-from aggregator.api.protocol import Aggregator
+from aggregator.schemas import RoundSummary
+from device_sim.client import AggregatorClient
 from device_sim.corpus import PreparedCorpus
 from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision
 from keyboard_model.evaluate import EvalCounts, evaluate, evaluate_fixed_suggestions, most_frequent_words
@@ -59,7 +59,7 @@ class SimulationSummary:
 
 
 def run_simulation(
-    corpus: PreparedCorpus, config: SimulationConfig, client: Aggregator, show_progress: bool = True
+    corpus: PreparedCorpus, config: SimulationConfig, client: AggregatorClient, show_progress: bool = True
 ) -> SimulationSummary:
     started = time.monotonic()
     fleet_config = config.fleet_config()
@@ -99,6 +99,9 @@ def run_simulation(
                 break
             round_started = time.monotonic()
             report = fleet.run_round()
+            if report.count("diverged"):
+                progress.write(f"round {report.round}: local training diverged on {report.count('diverged')} "
+                               "phone(s), which aborted instead of uploading; a smaller --lr may help")
             version, counts = score_current_model()
             rounds_completed += 1
             server_view = next(r for r in client.status().recent_rounds if r.round == report.round)
@@ -168,6 +171,8 @@ def _log_round(
         # The fleet's own view: phones eligible when the round began, and selected phones that vanished.
         "eligible": report.eligible_at_start if report else 0,
         "vanished": report.count("vanished") if report else 0,
+        # Selected phones whose local training diverged: they aborted instead of uploading.
+        "diverged": report.count("diverged") if report else 0,
         "sim_day": report.day if report else 0,
         "sim_hour_utc": round(report.hour_utc, 2) if report else 0,
         **{name: getattr(server_view, name) if server_view else 0 for name in SERVER_COUNTS},
