@@ -25,14 +25,17 @@ the aggregator, and they cross-check the federated evaluation.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
 import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -430,36 +433,80 @@ class TrainingPool:
 
     def __init__(self, tokenizer: KeyboardTokenizer, workers: int | None) -> None:
         self.workers = workers or os.cpu_count() or 1
-        self._executor = ProcessPoolExecutor(
-            self.workers, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(tokenizer.to_json(),)
-        )
+        # The tokenizer goes with each job rather than to each worker as it starts: start arguments larger than a
+        # pipe's buffer held submit for the seconds the new worker spent importing torch, deaf to Ctrl-C.
+        self._tokenizer_json = tokenizer.to_json()
+        self._executor = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=_start_worker)
 
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float,
-               clip_norm: float | None, secure: tuple[SecAggPhone, SecAggState] | None = None):
+               clip_norm: float | None, secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future:
         """A future of (LocalWork, wall seconds the phone spent on it)."""
-        return self._executor.submit(_train, phone.phone_id, phone.history_path.parent, model, config, seed,
-                                     compression, now_s, clip_norm, secure)
+        # The executor starts a worker here when it has fewer than it may. Cut short by Ctrl-C between starting
+        # one and recording it, it would never stop that worker, which outlives the simulator: it holds an end of
+        # the job queue itself, so it never sees the queue close.
+        with _ctrl_c_held():
+            return self._executor.submit(_train, self._tokenizer_json, phone.phone_id, phone.history_path.parent,
+                                         model, config, seed, compression, now_s, clip_norm, secure)
 
     def close(self) -> None:
-        self._executor.shutdown(cancel_futures=True)
+        """Stop now: drop the phones still queued and end the ones training, whose work nobody will read.
+
+        `shutdown(cancel_futures=True)` alone cancels only what no worker has taken yet; it still waits for the
+        phones in training and for those already handed to the workers' queue, several per worker, which took
+        from seconds to a minute after Ctrl-C or the last round. (Python 3.14's `kill_workers` does the same.)
+        """
+        # shutdown() forgets the processes, so they are taken first.
+        workers = list((self._executor._processes or {}).values())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        # A worker only reads its phone's history and computes: killed, it leaves nothing half-written.
+        for worker in workers:
+            worker.kill()
+        for worker in workers:
+            worker.join()
 
 
-_worker_tokenizer: KeyboardTokenizer | None = None
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block ends, here and in the processes started inside it.
+
+    Here, one that comes meanwhile is sent again as the block ends. A process started inside starts with SIGINT
+    blocked, a mask it keeps across exec, so the seconds it spends importing torch cannot end in a traceback; it
+    ignores SIGINT once started (`_start_worker`). multiprocessing starts its resource tracker the same way.
+    """
+    held = []
+    # Python runs signal handlers, and so raises KeyboardInterrupt, in the main thread only.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.signal(signal.SIGINT, lambda *_: held.append(True)) if in_main_thread else None
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if in_main_thread:
+            signal.signal(signal.SIGINT, handler)
+            if held:
+                signal.raise_signal(signal.SIGINT)
 
 
-def _start_worker(tokenizer_json: str) -> None:
-    global _worker_tokenizer
-    # Ctrl-C reaches the whole process group; the simulator stops its workers itself.
+def _start_worker() -> None:
+    # Ctrl-C reaches the whole process group; the simulator stops its workers itself. The worker started with
+    # SIGINT blocked (_ctrl_c_held): one that came meanwhile is dropped as the block lifts.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     torch.set_num_threads(1)
-    _worker_tokenizer = KeyboardTokenizer.from_json(tokenizer_json)
 
 
-def _train(phone_id: str, folder: Path, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
-           now_s: float, clip_norm: float | None,
+@functools.lru_cache(maxsize=1)
+def _tokenizer(tokenizer_json: str) -> KeyboardTokenizer:
+    """Parsed once per worker (every job brings the same one)."""
+    return KeyboardTokenizer.from_json(tokenizer_json)
+
+
+def _train(tokenizer_json: str, phone_id: str, folder: Path, model: bytes, config: LocalTrainConfig, seed: int,
+           compression: str, now_s: float, clip_norm: float | None,
            secure: tuple[SecAggPhone, SecAggState] | None) -> tuple[LocalWork, float]:
     started = time.perf_counter()
-    work = Phone(phone_id, folder).local_work(model, _worker_tokenizer, config, seed, compression, now_s,
+    work = Phone(phone_id, folder).local_work(model, _tokenizer(tokenizer_json), config, seed, compression, now_s,
                                               clip_norm=clip_norm, secure=secure)
     return work, time.perf_counter() - started
 
