@@ -42,8 +42,9 @@ from pathlib import Path
 
 import torch
 
-from aggregator.schemas import CheckinResponse, SecAggState
-from device_sim.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.schemas import CheckinResponse, SecAggState
+from aggregator.api.client import AggregatorRefusedError
+from aggregator.api.protocol import Aggregator
 from device_sim.corpus import PreparedCorpus
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
 from device_sim.history import split_held_out
@@ -233,7 +234,7 @@ class RoundReport:
 class Fleet:
     """Phones, their simulated conditions, and the aggregator they talk to."""
 
-    def __init__(self, phones: Sequence[Phone], config: FleetConfig, client: AggregatorClient) -> None:
+    def __init__(self, phones: Sequence[Phone], config: FleetConfig, client: Aggregator) -> None:
         # A phone with nothing to train on never checks in: selected, it would hold a place it cannot fill.
         self.phones = [phone for phone in phones if phone.can_train()]
         if not self.phones:

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from aggregator.schemas import CheckinResponse, EvaluationReport, SecAggState, UploadResponse
-from device_sim.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.schemas import CheckinResponse, EvaluationReport, SecAggState, UploadResponse
+from aggregator.api.client import AggregatorRefusedError
+from aggregator.api.protocol import Aggregator
 from device_sim.history import TypingHistory
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.errors import UserFacingError
@@ -81,7 +82,7 @@ class Phone:
         self.credentials_path = folder / "device.json"
         self._device_token: str | None = None
 
-    def check_in(self, client: AggregatorClient) -> CheckinResponse:
+    def check_in(self, client: Aggregator) -> CheckinResponse:
         """Ask the aggregator whether to train now, enrolling first if it does not know this phone."""
         try:
             return client.checkin(self._token(client))
@@ -91,7 +92,7 @@ class Phone:
         # An aggregator with a new database has never seen us: enrol again.
         return client.checkin(self._enrol(client))
 
-    def _token(self, client: AggregatorClient) -> str:
+    def _token(self, client: Aggregator) -> str:
         if self._device_token is None:
             if self.credentials_path.exists():
                 self._device_token = json.loads(self.credentials_path.read_text())["device_token"]
@@ -99,7 +100,7 @@ class Phone:
                 self._enrol(client)
         return self._device_token
 
-    def _enrol(self, client: AggregatorClient) -> str:
+    def _enrol(self, client: Aggregator) -> str:
         enrolment = client.enrol()
         write_atomically(self.credentials_path, enrolment.model_dump_json().encode())
         self._device_token = enrolment.device_token
@@ -162,7 +163,7 @@ class Phone:
         return LocalWork(update_bytes(delta, result.num_examples, compression, seed), evaluation, result)
 
     def send(
-        self, client: AggregatorClient, round_number: int, upload_token: str, work: LocalWork
+        self, client: Aggregator, round_number: int, upload_token: str, work: LocalWork
     ) -> UploadResponse | None:
         """Report the evaluation, then upload the update. The evaluation goes first: the update may close the round.
 
@@ -177,7 +178,7 @@ class Phone:
 
     def train_round(
         self,
-        client: AggregatorClient,
+        client: Aggregator,
         round_number: int,
         upload_token: str,
         tokenizer: KeyboardTokenizer,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from aggregator.schemas import RoundSummary
-from device_sim.client import AggregatorClient
+from aggregator.api.schemas import RoundSummary
+from aggregator.api.protocol import Aggregator
 from device_sim.corpus import PreparedCorpus
 from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision
 from keyboard_model.evaluate import EvalCounts, evaluate, evaluate_fixed_suggestions, most_frequent_words
@@ -59,7 +59,7 @@ class SimulationSummary:
 
 
 def run_simulation(
-    corpus: PreparedCorpus, config: SimulationConfig, client: AggregatorClient, show_progress: bool = True
+    corpus: PreparedCorpus, config: SimulationConfig, client: Aggregator, show_progress: bool = True
 ) -> SimulationSummary:
     started = time.monotonic()
     fleet_config = config.fleet_config()
