@@ -177,11 +177,14 @@ class BrowserPhone:
             self._client.abort(decision.round, decision.upload_token)
             return self.check_in_s
         try:
-            self.phone.send(self._client, decision.round, decision.upload_token, work)
+            sent = self.phone.send(self._client, decision.round, decision.upload_token, work)
         except AggregatorRefusedError as refused:
             if refused.status_code != 409:
                 raise
             self._note(f"round {decision.round} closed before this phone's update arrived")
+            return self.check_in_s
+        if sent is None:  # the phone aborted the round: nothing was sent
+            self._note(f"sat out round {decision.round}: training diverged ({work.result.divergence}); nothing was sent")
             return self.check_in_s
         with self._lock:
             self._rounds.append(decision.round)
