@@ -1,7 +1,7 @@
 """The on-device artifact: an int8 model, its tokenizer and a manifest in one small zip file.
 
-Every weight matrix (the tied embedding/output matrix, the input and recurrent gate
-weights, the projection) is stored as int8 with one float32 scale per row, rounded to
+Every weight matrix (the tied embedding/output matrix and every other 2-D weight of
+the architecture the manifest names) is stored as int8 with one float32 scale per row, rounded to
 the nearest step (`keyboard_model/int8.py`, the quantiser updates use too). Biases are
 few and stay float32. Loading dequantises to a float32 model, so
 inference needs no int8 kernels; what the phone downloads and stores is the int8 file.
@@ -20,7 +20,7 @@ import torch
 from keyboard_model import int8
 from keyboard_model.files import write_atomically
 from keyboard_model.int8 import SCALE_SUFFIX
-from keyboard_model.model import CIFGLSTM, ModelConfig
+from keyboard_model.architecture import DEFAULT_ARCHITECTURE, NextWordModel, config_from_dict, new_model
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import Tensors, WeightsError, read_tensors, write_tensors
 
@@ -29,7 +29,7 @@ FORMAT = "fedkeyboard-int8-v1"
 
 @dataclass(frozen=True)
 class Artifact:
-    model: CIFGLSTM
+    model: NextWordModel
     tokenizer: KeyboardTokenizer
     manifest: dict
 
@@ -51,12 +51,13 @@ def dequantize(stored: Tensors) -> Tensors:
             for name, tensor in stored.items() if not name.endswith(SCALE_SUFFIX)}
 
 
-def export(model: CIFGLSTM, tokenizer: KeyboardTokenizer, path: Path, version: int) -> dict:
+def export(model: NextWordModel, tokenizer: KeyboardTokenizer, path: Path, version: int) -> dict:
     """Write the artifact; returns its manifest."""
     stored = quantize(model.state_dict())
     manifest = {
         "format": FORMAT,
         "model_version": version,
+        "architecture": model.config.architecture,
         "model_config": model.config.to_dict(),
         "int8_tensors": sorted(n for n, t in stored.items() if t.dtype == torch.int8),
     }
@@ -79,10 +80,10 @@ def load(path: Path) -> Artifact:
             weights = archive.read("weights.safetensors")
         if manifest.get("format") != FORMAT:
             raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
-        config = ModelConfig(**manifest["model_config"])
+        config = config_from_dict(manifest.get("architecture", DEFAULT_ARCHITECTURE), manifest["model_config"])
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as error:
         raise WeightsError(f"{path} is not a fedkeyboard artifact: {error}") from error
-    model = CIFGLSTM(config)
+    model = new_model(config)
     expected = quantize(model.state_dict())
     stored, _ = read_tensors(
         weights, {n: tuple(t.shape) for n, t in expected.items()}, {n: t.dtype for n, t in expected.items()}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from keyboard_model.model import CIFGLSTM
+from keyboard_model.architecture import NextWordModel
 from keyboard_model.tokenizer import PAD_ID, UNK_ID, KeyboardTokenizer
 
 # Tokens of a message that are scored; longer messages are cut here, for every keyboard alike.
@@ -103,7 +103,7 @@ def score_predictions(
 
 @torch.no_grad()
 def evaluate(
-    model: CIFGLSTM,
+    model: NextWordModel,
     tokenizer: KeyboardTokenizer,
     messages: Sequence[Sequence[int]],
     batch_size: int = 128,
@@ -118,11 +118,11 @@ def evaluate(
         chunk = ordered[start : start + batch_size]
         width = len(chunk[-1])
         rows = torch.tensor([m + [PAD_ID] * (width - len(m)) for m in chunk], dtype=torch.long)
-        projected, _ = model.hidden_states(rows[:, :-1])
+        features = model.features(rows[:, :-1])
         targets = rows[:, 1:]
         # Scores over the vocabulary are the costliest part; none are made for padding.
         scored = targets != PAD_ID
-        total += score_predictions(model.output_logits(projected[scored]), targets[scored], is_recall_target, can_suggest)
+        total += score_predictions(model.output_logits(features[scored]), targets[scored], is_recall_target, can_suggest)
     return total
 
 

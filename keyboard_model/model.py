@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from keyboard_model.native import cifg_kernel
 
+if TYPE_CHECKING:
+    from keyboard_model.architecture import ArchitectureConfig, NextWordModel
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Sizes of the network. The defaults are Gboard's."""
+    """Sizes of the CIFG network. The defaults are Gboard's."""
+
+    architecture: ClassVar[str] = "cifg"
 
     vocab_size: int = 10_000
     embedding_dim: int = 96
@@ -91,6 +97,15 @@ class CIFGLSTM(nn.Module):
             outputs, h_all, c_all, *_ = CIFGRecurrence.run(gate_inputs, *state, *weights)
             h, c = h_all[-1], c_all[-1]
         return outputs, (h, c)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Projected outputs (batch, time, projection) for `tokens` (batch, time), from the initial state."""
+        return self.hidden_states(tokens)[0]
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Projected output (batch, projection) after one more token per row, `tokens` (batch,), and the state."""
+        outputs, state = self.hidden_states(tokens[:, None], state)
+        return outputs[:, 0], state
 
     def output_logits(self, projected: torch.Tensor) -> torch.Tensor:
         """Scores over the vocabulary: the projected output read against the (tied) embeddings."""
@@ -241,12 +256,15 @@ class CompiledCIFGRecurrence(torch.autograd.Function):
         )
 
 
-def build_model(config: ModelConfig, seed: int = 0) -> CIFGLSTM:
-    """A freshly initialised model; the same seed gives the same weights."""
+def build_model(config: ArchitectureConfig, seed: int = 0) -> NextWordModel:
+    """A freshly initialised model of `config`'s architecture; the same seed gives the same weights."""
+    # Imported here: the registry imports this module for the CIFG.
+    from keyboard_model.architecture import new_model  # noqa: PLC0415
+
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return CIFGLSTM(config)
+        return new_model(config)
     finally:
         torch.random.set_rng_state(generator_state)
 

@@ -4,8 +4,8 @@ After a space (or at the start) it predicts the next word; inside a word it rank
 vocabulary words that begin with what has been typed of it. Only real words are
 offered: never <unk>, sentence markers or lone punctuation.
 
-A `Suggester` follows one text box. It keeps the recurrent state after every token of
-the text typed so far, so a keystroke costs at most one model step: typing inside a
+A `Suggester` follows one text box. It keeps the model's incremental state (the CIFG's
+recurrent state, the Transformer's key/value cache) after every token of the text typed so far, so a keystroke costs at most one model step: typing inside a
 word reuses the scores it already has, finishing a word feeds that one word, and
 deleting goes back to a state it kept.
 """
@@ -18,14 +18,14 @@ import threading
 import torch
 
 from keyboard_model.evaluate import suggestion_mask
-from keyboard_model.model import CIFGLSTM, State
+from keyboard_model.architecture import ModelState, NextWordModel
 from keyboard_model.tokenizer import BOS_ID, KeyboardTokenizer
 
 SUGGESTIONS = 3
 
 
 class Suggester:
-    def __init__(self, model: CIFGLSTM, tokenizer: KeyboardTokenizer) -> None:
+    def __init__(self, model: NextWordModel, tokenizer: KeyboardTokenizer) -> None:
         if model.config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"model has {model.config.vocab_size} words, tokenizer {tokenizer.vocab_size}")
         self.model = model.eval()
@@ -38,9 +38,9 @@ class Suggester:
         # One text box at a time: requests from several threads take turns.
         self._lock = threading.Lock()
         self._context: list[int] = []
-        # _states[i] is the state after <s> + _context[:i]. Scores (the costly output layer)
-        # are computed only for the end of the text, and kept while the context stays the same.
-        self._states: list[State] = []
+        # _steps[i] is the model's (output, state) after <s> + _context[:i]. Scores (the costly output
+        # layer) are computed only for the end of the text, and kept while the context stays the same.
+        self._steps: list[tuple[torch.Tensor, ModelState]] = []
         self._scores: torch.Tensor | None = None
         self._feed_from(self.model.initial_state(1), [BOS_ID])
 
@@ -80,20 +80,20 @@ class Suggester:
                 break
             common += 1
         if common < len(self._context) or common < len(ids):
-            del self._context[common:], self._states[common + 1 :]
-            self._feed_from(self._states[-1], ids[common:])
+            del self._context[common:], self._steps[common + 1 :]
+            self._feed_from(self._steps[-1][1], ids[common:])
             self._context.extend(ids[common:])
             self._scores = None
         if self._scores is None:
-            self._scores = self._log_probabilities(self._states[-1])
+            self._scores = self._log_probabilities(self._steps[-1][0])
         return self._scores
 
     @torch.inference_mode()
-    def _feed_from(self, state: State, ids: list[int]) -> None:
+    def _feed_from(self, state: ModelState, ids: list[int]) -> None:
         for token in ids:
-            _, state = self.model.hidden_states(torch.tensor([[token]]), state)
-            self._states.append(state)
+            output, state = self.model.step(torch.tensor([token]), state)
+            self._steps.append((output, state))
 
     @torch.inference_mode()
-    def _log_probabilities(self, state: State) -> torch.Tensor:
-        return torch.log_softmax(self.model.output_logits(state[0])[0], dim=-1)
+    def _log_probabilities(self, output: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.model.output_logits(output)[0], dim=-1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from keyboard_model.errors import UserFacingError
-from keyboard_model.model import CIFGLSTM
+from keyboard_model.architecture import NextWordModel
 from keyboard_model.tokenizer import PAD_ID
 
 
@@ -69,13 +69,13 @@ def pack_sequences(messages: Sequence[Sequence[int]], sequence_length: int) -> t
     return torch.tensor(rows, dtype=torch.long)
 
 
-def language_model_loss(model: CIFGLSTM, rows: torch.Tensor) -> torch.Tensor:
+def language_model_loss(model: NextWordModel, rows: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the non-padding targets of `rows`."""
     return model.loss(rows[:, :-1], rows[:, 1:], ignore_index=PAD_ID)
 
 
 def train_local(
-    model: CIFGLSTM, messages: Sequence[Sequence[int]], config: LocalTrainConfig, seed: int = 0
+    model: NextWordModel, messages: Sequence[Sequence[int]], config: LocalTrainConfig, seed: int = 0
 ) -> TrainResult:
     """Train `model` in place on encoded messages; returns the mean loss over all steps.
 
@@ -126,7 +126,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def train_centrally(
-    model: CIFGLSTM,
+    model: NextWordModel,
     messages: Sequence[Sequence[int]],
     config: LocalTrainConfig,
     epochs: int,

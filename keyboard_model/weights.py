@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from keyboard_model.model import CIFGLSTM, ModelConfig
+from keyboard_model.architecture import DEFAULT_ARCHITECTURE, ArchitectureConfig, NextWordModel, config_from_dict, new_model
 
 Tensors = dict[str, torch.Tensor]
 
@@ -67,20 +67,21 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return metadata
 
 
-def model_to_bytes(state: Tensors, version: int, config: ModelConfig) -> bytes:
-    """A global model as it is served and saved: weights plus its version and sizes."""
-    return write_tensors(state, {"version": str(version), "model_config": json.dumps(config.to_dict())})
+def model_to_bytes(state: Tensors, version: int, config: ArchitectureConfig) -> bytes:
+    """A global model as it is served and saved: weights plus its version, architecture and sizes."""
+    return write_tensors(state, {"version": str(version), "architecture": config.architecture,
+                                 "model_config": json.dumps(config.to_dict())})
 
 
-def model_from_bytes(data: bytes) -> tuple[CIFGLSTM, int]:
-    """Rebuild a served or saved model; returns it with its version."""
+def model_from_bytes(data: bytes) -> tuple[NextWordModel, int]:
+    """Rebuild a served or saved model of the architecture it records; returns it with its version."""
     try:
         metadata = read_metadata(data)
-        config = ModelConfig(**json.loads(metadata["model_config"]))
+        config = config_from_dict(metadata.get("architecture", DEFAULT_ARCHITECTURE), json.loads(metadata["model_config"]))
         version = int(metadata["version"])
     except (ValueError, KeyError, TypeError) as error:
         raise WeightsError(f"not a fedkeyboard model file: {error!r}") from error
-    model = CIFGLSTM(config)
+    model = new_model(config)
     state, _ = read_tensors(data, parameter_shapes(model.state_dict()))
     model.load_state_dict(state)
     return model, version

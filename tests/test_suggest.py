@@ -69,13 +69,13 @@ def test_incremental_state_matches_a_full_pass_while_typing_and_deleting(small_t
     model = build_model(small_model_config, seed=2)
     s = Suggester(copy.deepcopy(model), small_tokenizer)
     steps = []
-    step = s.model.hidden_states
+    step = s.model.step
 
-    def counting_step(tokens, state=None):
-        steps.append(tokens.shape[1])
+    def counting_step(tokens, state):
+        steps.append(len(tokens))
         return step(tokens, state)
 
-    s.model.hidden_states = counting_step
+    s.model.step = counting_step
     target = " ".join(SMALL_TEXT)
     rng = random.Random(0)
     text, fed = "", 0
