@@ -70,7 +70,7 @@ def run_mode(mode: str, corpus, phones, args) -> ModeResult:
         measured = {report.round for report in reports}
         summaries = [s for s in client.status().recent_rounds if s.round in measured]
         return ModeResult(
-            mode, args.rounds, wall, sum(r.training_s for r in reports), fleet.pool.workers,
+            mode, args.rounds, wall, sum(r.training_s for r in reports), fleet.executor.workers,
             sum(len(r.participants) for r in reports), sum(s.bytes_up for s in summaries),
             sum(s.bytes_down for s in summaries), sum(r.checkins for r in reports) / args.rounds,
         )

@@ -14,9 +14,10 @@ In a round with secure aggregation, a selected phone first sends its keys and, o
 cohort is fixed, its sealed shares; it trains when the round starts collecting masked
 inputs, and reveals its shares when unmasking starts. A phone that vanishes may then do
 so at any of these steps.
-Phones really train, side by side in one single-threaded worker process per core
-(`TrainingPool`); every request to the aggregator goes through the client, over HTTP
-in service mode or by function call in in-process mode, from this process.
+Phones really train, on the executor the fleet is given (`device_sim/executor.py`; by
+default one single-threaded worker process per core); every request to the aggregator
+goes through the client, over HTTP in service mode or by function call in in-process
+mode, from this process.
 
 The simulator also plays the researcher: it can read every phone's held-out messages
 to score a model centrally, which no real deployment could; those scores never go to
@@ -25,22 +26,15 @@ the aggregator, and they cross-check the federated evaluation.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import os
 import random
-import signal
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
-import torch
 
 from aggregator.api.schemas import CheckinResponse, SecAggState
 from aggregator.api.client import AggregatorRefusedError
@@ -48,7 +42,8 @@ from aggregator.api.protocol import Aggregator
 from device_sim.corpus import PreparedCorpus
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
 from device_sim.history import split_held_out
-from device_sim.phone import LocalWork, Phone
+from device_sim.executor import LocalProcessPool, TrainingExecutor
+from device_sim.phone import Phone
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
@@ -234,7 +229,9 @@ class RoundReport:
 class Fleet:
     """Phones, their simulated conditions, and the aggregator they talk to."""
 
-    def __init__(self, phones: Sequence[Phone], config: FleetConfig, client: Aggregator) -> None:
+    def __init__(self, phones: Sequence[Phone], config: FleetConfig, client: Aggregator,
+                 executor: TrainingExecutor | None = None) -> None:
+        """`executor` runs the phones' local work (default: a local process pool of `config.workers`)."""
         # A phone with nothing to train on never checks in: selected, it would hold a place it cannot fill.
         self.phones = [phone for phone in phones if phone.can_train()]
         if not self.phones:
@@ -251,7 +248,7 @@ class Fleet:
         # An aggregator on the wall clock (one started without --simulated-clock) is left to it: its deadlines
         # are then real seconds, which a simulation passes through much faster than simulated hours.
         self._drives_clock = client.status().clock == "simulated"
-        self.pool = TrainingPool(self.tokenizer, config.workers)
+        self.executor = executor or LocalProcessPool(self.tokenizer, config.workers)
 
     @property
     def now_s(self) -> float:
@@ -352,7 +349,7 @@ class Fleet:
             self._pending.append(_Event(selected_tick, interrupted, phone, decision, None))
             return
         model = self.client.model()  # the phone downloads the model it was selected to train
-        job = self.pool.submit(phone, model, self.config.train, seed, self.config.update_compression, self.now_s,
+        job = self.executor.submit(phone, model, self.config.train, seed, self.config.update_compression, self.now_s,
                                decision.clip_norm, secure)
         self._pending.append(_Event(selected_tick, finish, phone, decision, job))
 
@@ -425,91 +422,7 @@ class Fleet:
                              seconds)
 
     def close(self) -> None:
-        self.pool.close()
-
-
-class TrainingPool:
-    """Phones' local training in worker processes, one thread each, side by side (see benchmarks/train_speed.py:
-    two phones on one thread each train faster than one phone on two threads)."""
-
-    def __init__(self, tokenizer: KeyboardTokenizer, workers: int | None) -> None:
-        self.workers = workers or os.cpu_count() or 1
-        # The tokenizer goes with each job rather than to each worker as it starts: start arguments larger than a
-        # pipe's buffer held submit for the seconds the new worker spent importing torch, deaf to Ctrl-C.
-        self._tokenizer_json = tokenizer.to_json()
-        self._executor = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=_start_worker)
-
-    def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float,
-               clip_norm: float | None, secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future:
-        """A future of (LocalWork, wall seconds the phone spent on it)."""
-        # The executor starts a worker here when it has fewer than it may. Cut short by Ctrl-C between starting
-        # one and recording it, it would never stop that worker, which outlives the simulator: it holds an end of
-        # the job queue itself, so it never sees the queue close.
-        with _ctrl_c_held():
-            return self._executor.submit(_train, self._tokenizer_json, phone.phone_id, phone.history_path.parent,
-                                         model, config, seed, compression, now_s, clip_norm, secure)
-
-    def close(self) -> None:
-        """Stop now: drop the phones still queued and end the ones training, whose work nobody will read.
-
-        `shutdown(cancel_futures=True)` alone cancels only what no worker has taken yet; it still waits for the
-        phones in training and for those already handed to the workers' queue, several per worker, which took
-        from seconds to a minute after Ctrl-C or the last round. (Python 3.14's `kill_workers` does the same.)
-        """
-        # shutdown() forgets the processes, so they are taken first.
-        workers = list((self._executor._processes or {}).values())
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        # A worker only reads its phone's history and computes: killed, it leaves nothing half-written.
-        for worker in workers:
-            worker.kill()
-        for worker in workers:
-            worker.join()
-
-
-@contextmanager
-def _ctrl_c_held() -> Iterator[None]:
-    """Hold back Ctrl-C (SIGINT) until the block ends, here and in the processes started inside it.
-
-    Here, one that comes meanwhile is sent again as the block ends. A process started inside starts with SIGINT
-    blocked, a mask it keeps across exec, so the seconds it spends importing torch cannot end in a traceback; it
-    ignores SIGINT once started (`_start_worker`). multiprocessing starts its resource tracker the same way.
-    """
-    held = []
-    # Python runs signal handlers, and so raises KeyboardInterrupt, in the main thread only.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    handler = signal.signal(signal.SIGINT, lambda *_: held.append(True)) if in_main_thread else None
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        if in_main_thread:
-            signal.signal(signal.SIGINT, handler)
-            if held:
-                signal.raise_signal(signal.SIGINT)
-
-
-def _start_worker() -> None:
-    # Ctrl-C reaches the whole process group; the simulator stops its workers itself. The worker started with
-    # SIGINT blocked (_ctrl_c_held): one that came meanwhile is dropped as the block lifts.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    torch.set_num_threads(1)
-
-
-@functools.lru_cache(maxsize=1)
-def _tokenizer(tokenizer_json: str) -> KeyboardTokenizer:
-    """Parsed once per worker (every job brings the same one)."""
-    return KeyboardTokenizer.from_json(tokenizer_json)
-
-
-def _train(tokenizer_json: str, phone_id: str, folder: Path, model: bytes, config: LocalTrainConfig, seed: int,
-           compression: str, now_s: float, clip_norm: float | None,
-           secure: tuple[SecAggPhone, SecAggState] | None) -> tuple[LocalWork, float]:
-    started = time.perf_counter()
-    work = Phone(phone_id, folder).local_work(model, _tokenizer(tokenizer_json), config, seed, compression, now_s,
-                                              clip_norm=clip_norm, secure=secure)
-    return work, time.perf_counter() - started
+        self.executor.close()
 
 
 def _next_step(participant: _SecureParticipant, state: SecAggState) -> str | None:
