@@ -2,11 +2,13 @@
 
 The table (n-gram, server CIFG, federated CIFG, centralised oracle) is
 `device_sim.comparison`, also `fedkb eval --table`; see there for what each row is.
-This adds the int8 on-device artifact of the federated model as a fifth row, checks
-the issue's targets and draws federated recall per round (from the run's
-metrics.jsonl) with the other rows as horizontal lines.
+This adds the int8 on-device artifact of the federated model as a row, and its size,
+checks the issue's targets and draws federated recall per round (from the run's
+metrics.jsonl) with the other rows as horizontal lines. `--beside-run` adds another
+federated run on the same phones (e.g. `fedkb simulate --architecture transformer`),
+with its own server, oracle and int8 rows, to the table.
 
-    .venv/bin/python benchmarks/quality.py --federated-run runs/up [--out runs/quality]
+    .venv/bin/python benchmarks/quality.py --federated-run runs/up [--beside-run runs/tr] [--out runs/quality]
 
 The trained server and oracle models are cached in --out and reused.
 """
@@ -21,12 +23,15 @@ from device_sim.comparison import ComparisonConfig, TableRow, comparison_table, 
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import provisioned_phones
 from keyboard_model import artifact
+from keyboard_model.architecture import NextWordModel
+from keyboard_model.architecture import architecture as architecture_of
 from keyboard_model.evaluate import evaluate
 from keyboard_model.files import write_atomically
 from keyboard_model.weights import model_from_bytes
 
 
 def plot(metrics_path: Path, rows: list[TableRow], png: Path) -> None:
+    """Federated recall per round, `rows` (n-gram, server, federated, oracle) as horizontal lines."""
     import matplotlib  # noqa: PLC0415  (only the benchmark draws)
 
     matplotlib.use("Agg")
@@ -35,7 +40,7 @@ def plot(metrics_path: Path, rows: list[TableRow], png: Path) -> None:
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     figure, axis = plt.subplots(figsize=(8, 4.5), dpi=120)
     axis.plot([m["round"] for m in lines], [100 * m["recall_at_1"] for m in lines],
-              label="federated CIFG (32-phone sample each round)")
+              label=f"{rows[2].model} (32-phone sample each round)")
     ngram, server, _, oracle = rows
     for other, style in ((ngram, ":"), (server, "--"), (oracle, "-.")):
         axis.axhline(100 * other.counts.recall_at_1, linestyle=style, color="grey", label=other.model)
@@ -52,6 +57,8 @@ def plot(metrics_path: Path, rows: list[TableRow], png: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--federated-run", type=Path, default=Path("runs/up"))
+    parser.add_argument("--beside-run", type=Path, action="append", default=[],
+                        help="another federated run on the same phones, shown beside (may be repeated)")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--server-epochs", type=int, default=ComparisonConfig(Path()).server_epochs)
     parser.add_argument("--oracle-epochs", type=int, default=ComparisonConfig(Path()).oracle_epochs)
@@ -62,25 +69,35 @@ def main() -> None:
     tokenizer = corpus.tokenizer()
     phones = provisioned_phones(args.federated_run / "phones")
     federated, version = model_from_bytes((args.federated_run / "model.safetensors").read_bytes())
+    beside = [model_from_bytes((run / "model.safetensors").read_bytes()) for run in args.beside_run]
     config = ComparisonConfig(args.out, server_epochs=args.server_epochs, oracle_epochs=args.oracle_epochs)
-    rows = comparison_table(federated, tokenizer, phones, corpus.proxy_lines(), config)
+    rows = comparison_table(federated, tokenizer, phones, corpus.proxy_lines(), config,
+                            beside=[model for model, _ in beside])
+
+    held_out = [m for phone in phones for m in phone.held_out(tokenizer)]
+
+    def int8_row(model: NextWordModel, model_version: int, path: Path) -> TableRow:
+        artifact.export(model, tokenizer, path, model_version)
+        label = architecture_of(model.config.architecture).label
+        print(f"int8 artifact of the federated {label}: {path} {path.stat().st_size:,} bytes")
+        return TableRow(f"federated {label}, int8 artifact", evaluate(artifact.load(path).model, tokenizer, held_out))
 
     on_device = args.out / "keyboard.fkb"
-    artifact.export(federated, tokenizer, on_device, version)
-    held_out = [m for phone in phones for m in phone.held_out(tokenizer)]
-    int8 = TableRow("federated CIFG, int8 artifact", evaluate(artifact.load(on_device).model, tokenizer, held_out))
+    int8_rows = [int8_row(federated, version, on_device)]
+    int8_rows += [int8_row(model, v, args.out / f"beside-{n}.fkb") for n, (model, v) in enumerate(beside)]
+    int8 = int8_rows[0]
 
     print(f"\nfederated model: version {version} of {args.federated_run}\n")
-    print(markdown_table([*rows, int8]))
-    ngram, server, fed, oracle = (r.counts.recall_at_1 for r in rows)
+    print(markdown_table([*rows, *int8_rows]))
+    ngram, server, fed, oracle = (r.counts.recall_at_1 for r in rows[:4])
     print(f"\nfederated / n-gram top-1: {fed / ngram:.3f} (target >= 1.2); federated > server: {fed > server}; "
           f"federated / oracle: {fed / oracle:.3f} (target >= 0.95)")
     int8_top1 = int8.counts.recall_at_1
     print(f"int8 artifact: {on_device.stat().st_size:,} bytes (target <= 1.6 MB); top-1 {int8_top1:.4f} "
           f"vs float {fed:.4f}: relative change {abs(int8_top1 - fed) / fed:.2%} (target <= 1%)")
-    table = [r.to_dict() for r in [*rows, int8]]
+    table = [r.to_dict() for r in [*rows, *int8_rows]]
     write_atomically(args.out / "quality.json", json.dumps({"model_version": version, "rows": table}, indent=2).encode())
-    plot(args.federated_run / "metrics.jsonl", rows, args.out / "recall_per_round.png")
+    plot(args.federated_run / "metrics.jsonl", rows[:4], args.out / "recall_per_round.png")
     print(f"table: {args.out / 'quality.json'}; plot: {args.out / 'recall_per_round.png'}")
 
 

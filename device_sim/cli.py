@@ -154,10 +154,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     table = parser.add_argument_group("the comparison table (--table)")
     table.add_argument("--table", action="store_true",
                        help="compare with an n-gram, a server-trained and a centrally trained (oracle) model")
+    table.add_argument("--beside", type=Path, action="append", default=[], metavar="MODEL",
+                       help="another federated run's model.safetensors (e.g. the other --architecture, run on the same "
+                            "phones), shown with its own server and oracle rows; may be repeated")
     table.add_argument("--baselines-dir", type=Path, default=None,
                        help="cache of the trained baselines (default: a baselines folder beside the model)")
     table.add_argument("--server-epochs", type=int, default=COMPARISON_DEFAULTS.server_epochs,
-                       help="passes over the proxy split for the server CIFG (default: %(default)s)")
+                       help="passes over the proxy split for the server model (default: %(default)s)")
     table.add_argument("--oracle-epochs", type=int, default=COMPARISON_DEFAULTS.oracle_epochs,
                        help="passes over the pooled phone messages for the oracle (default: %(default)s)")
     add_corpus_arguments(parser)
@@ -166,7 +169,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     tokenizer_path = args.tokenizer or args.model.parent / "tokenizer.json"
     phones_dir = args.phones_dir or args.model.parent / "phones"
-    for path in (args.model, tokenizer_path, phones_dir / "fleet.json"):
+    for path in (args.model, tokenizer_path, phones_dir / "fleet.json", *args.beside):
         if not path.exists():
             raise UserFacingError(f"{path} does not exist (run `fedkb simulate` first, or pass its path)")
     model, version = model_from_bytes(args.model.read_bytes())
@@ -178,7 +181,8 @@ def run_eval(args: argparse.Namespace) -> int:
             server_epochs=args.server_epochs, oracle_epochs=args.oracle_epochs,
         )
         proxy_lines = prepare(corpus_config_from_args(args)).proxy_lines()
-        print(markdown_table(comparison_table(model, tokenizer, phones, proxy_lines, config)))
+        beside = [model_from_bytes(path.read_bytes())[0] for path in args.beside]
+        print(markdown_table(comparison_table(model, tokenizer, phones, proxy_lines, config, beside=beside)))
         return 0
     counts = evaluate_phones(model, tokenizer, phones)
     print(json.dumps({"model_version": version, "phones": len(phones), "positions": counts.positions,

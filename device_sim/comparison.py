@@ -1,4 +1,4 @@
-"""Gboard's comparison table (Hard et al. 2018) on our own fleet: n-gram, server CIFG, federated, oracle.
+"""Gboard's comparison table (Hard et al. 2018) on our own fleet: n-gram, server model, federated, oracle.
 
 Every row is scored on the same positions: the held-out messages (each phone's newest
 20%, never trained on) of every phone of the fleet, counted as `keyboard_model.evaluate`
@@ -8,6 +8,8 @@ describes.
 3. federated CIFG: the model a federated run produced.
 4. centralised oracle: the same network trained centrally on all phones' training
    messages pooled, the privacy-free upper bound.
+Rows 2-4 are named after the federated model's architecture, and repeat for each
+federated model shown beside it (e.g. a Transformer run on the same phones).
 The two central baselines start from the same initialisation as a federated run
 (`build_model(config, seed=0)`) and train with the phones' optimiser, but for several
 passes with a decaying learning rate, so they converge. They are cached by content.
@@ -22,9 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from device_sim.phone import Phone
+from keyboard_model.architecture import NextWordModel, architecture
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
-from keyboard_model.model import CIFGLSTM, build_model
+from keyboard_model.model import build_model
 from keyboard_model.ngram import KneserNeyTrigram
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, train_centrally
@@ -55,14 +58,15 @@ class TableRow:
 
 
 def comparison_table(
-    federated: CIFGLSTM,
+    federated: NextWordModel,
     tokenizer: KeyboardTokenizer,
     phones: Sequence[Phone],
     proxy_lines: Sequence[str],
     config: ComparisonConfig,
     log: Callable[[str], None] = print,
+    beside: Sequence[NextWordModel] = (),
 ) -> list[TableRow]:
-    """The four rows, in the paper's order."""
+    """The four rows, in the paper's order; then server, federated and oracle rows for each model `beside`."""
     train_texts, held_out_texts = [], []
     for phone in phones:
         train, held_out = phone.messages()
@@ -73,17 +77,19 @@ def comparison_table(
     log(f"scoring on {len(held_out):,} held-out messages of {len(phones)} phones; "
         f"{len(proxy):,} proxy lines, {len(train_texts):,} phone training messages")
 
-    def baseline(name: str, messages: list[list[int]], epochs: int) -> CIFGLSTM:
-        return _trained_centrally(name, federated, messages, epochs, config, log)
-
-    server = baseline("server", proxy, config.server_epochs)
-    oracle = baseline("oracle", tokenizer.encode_batch(train_texts), config.oracle_epochs)
-    return [
-        TableRow("n-gram (KN trigram, proxy)", KneserNeyTrigram(proxy, tokenizer.vocab_size).evaluate(tokenizer, held_out)),
-        TableRow("server CIFG (proxy)", evaluate(server, tokenizer, held_out)),
-        TableRow("federated CIFG", evaluate(federated, tokenizer, held_out)),
-        TableRow("centralised oracle", evaluate(oracle, tokenizer, held_out)),
-    ]
+    pooled = tokenizer.encode_batch(train_texts)
+    rows = [TableRow("n-gram (KN trigram, proxy)",
+                     KneserNeyTrigram(proxy, tokenizer.vocab_size).evaluate(tokenizer, held_out))]
+    for model in (federated, *beside):
+        label = architecture(model.config.architecture).label
+        server = _trained_centrally("server", model, proxy, config.server_epochs, config, log)
+        oracle = _trained_centrally("oracle", model, pooled, config.oracle_epochs, config, log)
+        rows += [
+            TableRow(f"server {label} (proxy)", evaluate(server, tokenizer, held_out)),
+            TableRow(f"federated {label}", evaluate(model, tokenizer, held_out)),
+            TableRow(f"centralised oracle ({label})", evaluate(oracle, tokenizer, held_out)),
+        ]
+    return rows
 
 
 def markdown_table(rows: Sequence[TableRow]) -> str:
@@ -96,12 +102,12 @@ def markdown_table(rows: Sequence[TableRow]) -> str:
 
 def _trained_centrally(
     name: str,
-    like: CIFGLSTM,
+    like: NextWordModel,
     messages: list[list[int]],
     epochs: int,
     config: ComparisonConfig,
     log: Callable[[str], None],
-) -> CIFGLSTM:
+) -> NextWordModel:
     """`like`'s network trained from seed 0 on pooled `messages`; reused from the cache when the same."""
     key = hashlib.sha256(
         json.dumps([name, epochs, like.config.to_dict(), asdict(config.train), messages]).encode()

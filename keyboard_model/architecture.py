@@ -67,13 +67,14 @@ class NextWordModel(Protocol):
 
 @dataclass(frozen=True)
 class Architecture:
+    label: str  # its name in tables
     config_class: type[ArchitectureConfig]
     model_class: type[NextWordModel]
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "cifg": Architecture(ModelConfig, CIFGLSTM),
-    "transformer": Architecture(TransformerConfig, CausalTransformer),
+    "cifg": Architecture("CIFG", ModelConfig, CIFGLSTM),
+    "transformer": Architecture("Transformer", TransformerConfig, CausalTransformer),
 }
 
 

@@ -74,7 +74,7 @@ def test_eval_table_compares_the_run_with_baselines_trained_on_the_same_corpus(t
     assert table.returncode == 0, table.stderr
     rows = [line.split(" | ") for line in table.stdout.splitlines() if line.startswith("| ")][2:]
     assert [row[0] for row in rows] == ["| n-gram (KN trigram, proxy)", "| server CIFG (proxy)", "| federated CIFG",
-                                        "| centralised oracle"]
+                                        "| centralised oracle (CIFG)"]
     assert rows[2][1] == f"{100 * json.loads(scored.stdout)['recall_at_1']:.2f}%"
     assert len(list((out / "baselines").glob("*.safetensors"))) == 2
 

@@ -8,6 +8,8 @@ from device_sim.comparison import ComparisonConfig, comparison_table, markdown_t
 from device_sim.phone import Phone
 from keyboard_model.evaluate import evaluate
 from keyboard_model.model import build_model
+from keyboard_model.transformer import TransformerConfig
+from keyboard_model.weights import model_from_bytes
 from tests.conftest import SMALL_TEXT
 
 
@@ -47,3 +49,23 @@ def test_every_row_is_scored_on_the_phones_held_out_messages_and_baselines_are_c
 
     table = markdown_table(rows).splitlines()
     assert table[0] == "| model | top-1 recall | top-3 recall | perplexity |" and len(table) == 6
+
+
+def test_a_model_of_another_architecture_is_shown_beside_with_its_own_baselines(tmp_path: Path, small_tokenizer,
+                                                                               small_model_config):
+    phones = make_phones(tmp_path / "phones")
+    cifg = build_model(small_model_config, seed=7)
+    transformer = build_model(TransformerConfig(vocab_size=small_tokenizer.vocab_size, embedding_dim=8, layers=1,
+                                                heads=2, context=6), seed=7)
+    config = ComparisonConfig(tmp_path / "baselines", server_epochs=1, oracle_epochs=1)
+
+    rows = comparison_table(cifg, small_tokenizer, phones, SMALL_TEXT[:3], config, log=lambda _: None,
+                            beside=[transformer])
+
+    assert [row.model for row in rows[4:]] == ["server Transformer (proxy)", "federated Transformer",
+                                               "centralised oracle (Transformer)"]
+    held_out = [m for phone in phones for m in phone.held_out(small_tokenizer)]
+    assert rows[5].counts == evaluate(transformer, small_tokenizer, held_out)
+    cached = [model_from_bytes(path.read_bytes())[0] for path in (tmp_path / "baselines").glob("*.safetensors")]
+    assert sorted(type(model).__name__ for model in cached) == ["CIFGLSTM", "CIFGLSTM", "CausalTransformer",
+                                                               "CausalTransformer"]
