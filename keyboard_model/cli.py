@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from keyboard_model import artifact
+from keyboard_model.architecture import NextWordModel
 from keyboard_model.commands import main_for
 from keyboard_model.errors import UserFacingError
-from keyboard_model.model import CIFGLSTM
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes
@@ -27,7 +27,7 @@ def add_suggest_arguments(parser: argparse.ArgumentParser) -> None:
                         help="texts to complete; with none, each line of standard input is one text")
 
 
-def load_saved(args: argparse.Namespace) -> tuple[CIFGLSTM, int, KeyboardTokenizer]:
+def load_saved(args: argparse.Namespace) -> tuple[NextWordModel, int, KeyboardTokenizer]:
     """The model of --model and the tokenizer of --tokenizer (default: beside the model)."""
     tokenizer_path = args.tokenizer or args.model.parent / "tokenizer.json"
     for path in (args.model, tokenizer_path):
