@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
-from keyboard_model.architecture import ARCHITECTURES, DEFAULT_ARCHITECTURE, ArchitectureConfig
+from keyboard_model.architecture import ARCHITECTURES, DEFAULT_ARCHITECTURE, ArchitectureConfig, architecture
 from keyboard_model.model import ModelConfig
-from keyboard_model.transformer import TransformerConfig
 
 DEFAULT = ModelConfig()
 
@@ -24,9 +24,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ArchitectureConfig:
-    if args.architecture == "transformer":
-        return TransformerConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim)
-    return ModelConfig(
-        vocab_size=vocab_size, embedding_dim=args.embedding_dim, hidden_dim=args.hidden_dim,
-        projection_dim=args.embedding_dim,
-    )
+    """The chosen architecture's config, with those of the command line's sizes that it has."""
+    config_class = architecture(args.architecture).config_class
+    # The projection is as wide as the embedding: tying reads it against the embedding matrix.
+    sizes = {"vocab_size": vocab_size, "embedding_dim": args.embedding_dim, "hidden_dim": args.hidden_dim,
+             "projection_dim": args.embedding_dim}
+    accepted = {field.name for field in fields(config_class)}
+    return config_class(**{name: value for name, value in sizes.items() if name in accepted})
