@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keyboard_model.architecture import ArchitectureConfig
 from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RING_WIDTHS
 
@@ -15,7 +16,8 @@ class AggregatorConfig:
     db_path: Path
     # The public tokenizer, served to phones and the web demo with the model.
     tokenizer_path: Path
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The global model's architecture and sizes (default: the CIFG-LSTM of Hard et al. 2018).
+    model: ArchitectureConfig = field(default_factory=ModelConfig)
     # The goal: a round closes as soon as this many updates have arrived.
     clients_per_round: int = 10
     # Devices selected per round, as a multiple of the goal: some drop out or abort (Bonawitz et al. 2019 use 1.3).

@@ -32,6 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The sizes `add_model_arguments` sets, as the architectures that have them name them (vocabulary: the tokenizer's).
+MODEL_SIZE_OPTIONS = {"embedding_dim": "--embedding-dim", "hidden_dim": "--hidden-dim"}
+
+
 class LocalAggregator:
     """A `python -m aggregator` child process, stopped cleanly when the context exits."""
 
@@ -60,7 +64,9 @@ class LocalAggregator:
             *(["--population", str(c.population)] if c.population is not None else []),
             *(["--dp-delta", str(c.dp_delta)] if c.dp_delta is not None else []),
             "--seed", str(c.seed), *(["--init-model", str(c.initial_model)] if c.initial_model else []),
-            "--embedding-dim", str(c.model.embedding_dim), "--hidden-dim", str(c.model.hidden_dim),
+            "--architecture", c.model.architecture,
+            *(arg for size, option in MODEL_SIZE_OPTIONS.items() if hasattr(c.model, size)
+              for arg in (option, str(getattr(c.model, size)))),
             "--selection-window", str(c.selection_window_s), "--enrolments-per-minute", str(c.enrolments_per_minute),
             "--checkins-per-minute", str(c.checkins_per_minute),
             *(arg for network in c.trusted_networks or ["none"] for arg in ("--trusted-network", network)),

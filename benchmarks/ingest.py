@@ -26,7 +26,7 @@ import torch
 
 from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim.corpus import CorpusConfig, prepare
-from device_sim.phone import update_bytes
+from device_sim.session import update_bytes
 from keyboard_model.model import ModelConfig, build_model
 
 TARGET_PER_S = 100

@@ -25,7 +25,7 @@ from aggregator.secure_aggregation import SecureAggregation
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import Fleet, FleetConfig, provision
 from aggregator.inprocess import InProcessClient
-from device_sim.phone import update_bytes
+from device_sim.session import update_bytes
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.model import ModelConfig, build_model
 from keyboard_model.secagg import Layout, RingEncoding, masked_layout

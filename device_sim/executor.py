@@ -26,7 +26,8 @@ from typing import Protocol
 import torch
 
 from aggregator.api.schemas import SecAggState
-from device_sim.phone import LocalWork, Phone
+from device_sim.phone import Phone
+from device_sim.session import LocalWork
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig

@@ -48,7 +48,7 @@ from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
-from keyboard_model.model import CIFGLSTM
+from keyboard_model.architecture import NextWordModel
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult
 
@@ -436,7 +436,7 @@ def _next_step(participant: _SecureParticipant, state: SecAggState) -> str | Non
     return None
 
 
-def evaluate_phones(model: CIFGLSTM, tokenizer: KeyboardTokenizer, phones: Sequence[Phone]) -> EvalCounts:
+def evaluate_phones(model: NextWordModel, tokenizer: KeyboardTokenizer, phones: Sequence[Phone]) -> EvalCounts:
     """Score a model on the held-out messages of `phones` (the researcher's view)."""
     held_out = [message for phone in phones for message in phone.held_out(tokenizer)]
     return evaluate(model, tokenizer, held_out)

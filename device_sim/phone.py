@@ -1,11 +1,12 @@
 """A simulated phone: its own typing history, and one round of on-device work.
 
-What leaves the phone in a round is built here, and is two things:
-- the update (`update_bytes`): the model delta, int8 with one scale per row by default
-  (see keyboard_model/update_codec.py), and the number of messages trained on;
-- the evaluation (`evaluation_report`): how many next-word predictions of the
-  downloaded model it scored on its held-out messages (at most EVAL_MESSAGES of them),
-  and how many were right at top-1 and top-3.
+What leaves the phone in a round is built by its round session (device_sim/session.py),
+and is two things:
+- the update: the model delta, int8 with one scale per row by default (see
+  keyboard_model/update_codec.py), and the number of messages trained on;
+- the evaluation: how many next-word predictions of the downloaded model it scored on
+  its held-out messages (at most EVAL_MESSAGES of them), and how many were right at
+  top-1 and top-3.
 Nothing else: no text, no token ids, no word counts, no training loss.
 A phone whose local training diverged (`keyboard_model.train.train_local` says when)
 sends neither: it tells the aggregator it aborted the round, as a phone whose
@@ -18,23 +19,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from aggregator.api.schemas import CheckinResponse, EvaluationReport, SecAggState, UploadResponse
 from aggregator.api.client import AggregatorRefusedError
 from aggregator.api.protocol import Aggregator
+from aggregator.api.schemas import CheckinResponse, SecAggState, UploadResponse
 from device_sim.history import TypingHistory
 from device_sim.secure_aggregation import SecAggPhone
+from device_sim.session import LocalWork, RoundInput, clipped, encoded, evaluated, guarded, local_work, masked
 from keyboard_model.errors import UserFacingError
-from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
-from keyboard_model.train import LocalTrainConfig, TrainResult, train_local
-from keyboard_model.update_codec import encode_update
-from keyboard_model.weights import Tensors, clip_to_norm, model_from_bytes
+from keyboard_model.train import LocalTrainConfig, TrainResult
+from keyboard_model.weights import model_from_bytes
 
 # Held-out messages a phone scores the downloaded model on, at most. Ten phones still score about a thousand
 # predictions a round; scoring 100 messages cost a phone a quarter of its training time, 25 about a tenth; and
@@ -54,22 +52,8 @@ class LocalRound:
     closed_round: bool
 
 
-@dataclass(frozen=True)
-class LocalWork:
-    """A phone's work in a round: the two things it sends, and how training went (which stays on the phone)."""
-
-    upload: bytes | None  # None: training diverged, and the phone sends only an abort
-    evaluation: EvaluationReport | None  # None: no held-out message to score, or a secure round (counts are masked)
-    result: TrainResult
-
-
 class PhoneError(UserFacingError):
     """A phone folder is missing or damaged."""
-
-
-def update_bytes(delta: Tensors, num_examples: int, compression: str = "int8", seed: int = 0) -> bytes:
-    """The upload: model delta and example count, nothing more. `seed` drives int8's stochastic rounding."""
-    return encode_update(delta, num_examples, compression, torch.Generator().manual_seed(seed))
 
 
 class Phone:
@@ -142,25 +126,12 @@ class Phone:
         secure round (`secure`: this phone's part and the round's state) the upload is the masked update with the
         evaluation counts inside it. If training diverged, or the delta holds any value that is not finite, there
         is no upload and no evaluation: nothing of the round is encoded. This is all the work that happens on the
-        phone; nothing here talks to the network."""
+        phone (device_sim/session.py); nothing here talks to the network."""
         train_texts, held_out = self.messages(now)
         model, version = model_from_bytes(model_bytes)
-        scored = tokenizer.encode_batch(held_out[:eval_messages]) if held_out else []
-        evaluation = evaluation_report(version, evaluate(model, tokenizer, scored))
-        start = {name: t.clone() for name, t in model.state_dict().items()}
-        result = train_local(model, tokenizer.encode_batch(train_texts), config, seed=seed)
-        if result.divergence is not None:
-            return LocalWork(None, None, result)
-        delta = {name: t - start[name] for name, t in model.state_dict().items()}
-        if clip_norm is not None:
-            delta = clip_to_norm(delta, clip_norm)
-        # train_local's checks should leave no such delta; this keeps one from ever being encoded if they miss.
-        if not all(torch.isfinite(t).all() for t in delta.values()):
-            return LocalWork(None, None, replace(result, divergence="the update holds values that are not finite"))
-        if secure is not None:
-            part, state = secure
-            return LocalWork(part.masked_upload(delta, evaluation, state, seed), None, result)
-        return LocalWork(update_bytes(delta, result.num_examples, compression, seed), evaluation, result)
+        mods = [masked(*secure) if secure is not None else encoded(compression), guarded, evaluated(eval_messages),
+                *([clipped(clip_norm)] if clip_norm is not None else [])]
+        return local_work(RoundInput(model, version, tokenizer, train_texts, held_out, config, seed), mods)
 
     def send(
         self, client: Aggregator, round_number: int, upload_token: str, work: LocalWork
@@ -207,12 +178,3 @@ class Phone:
         """Encoded held-out messages, for evaluation on the phone."""
         held_out = self.messages()[1]
         return tokenizer.encode_batch(held_out) if held_out else []
-
-
-def evaluation_report(model_version: int, counts: EvalCounts) -> EvaluationReport | None:
-    """The evaluation a phone sends: recall counts only (not the loss, which says more about the text)."""
-    if counts.positions == 0:
-        return None
-    return EvaluationReport(
-        model_version=model_version, positions=counts.positions, hits_at_1=counts.hits_at_1, hits_at_3=counts.hits_at_3
-    )

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aggregator.process import local_aggregator_config
-from device_sim import phone as phone_module
+from device_sim import session as session_module
 from device_sim.fleet import Fleet
 from aggregator.inprocess import InProcessClient
 from device_sim.phone import Phone
@@ -63,7 +63,7 @@ def test_a_phone_whose_training_diverges_encodes_no_update_and_no_evaluation(
     tmp_path, small_tokenizer, small_model_config, monkeypatch
 ):
     encoded = []
-    monkeypatch.setattr(phone_module, "encode_update", lambda *args: encoded.append(args) or b"")
+    monkeypatch.setattr(session_module, "encode_update", lambda *args: encoded.append(args) or b"")
     phone = make_phones(tmp_path, 1)[0]
 
     model = model_to_bytes(build_model(small_model_config).state_dict(), 0, small_model_config)
@@ -84,8 +84,8 @@ def test_a_delta_that_is_not_finite_is_never_encoded_even_if_training_missed_it(
         return result
 
     encoded = []
-    monkeypatch.setattr(phone_module, "train_local", training_that_leaves_an_infinity)
-    monkeypatch.setattr(phone_module, "encode_update", lambda *args: encoded.append(args) or b"")
+    monkeypatch.setattr(session_module, "train_local", training_that_leaves_an_infinity)
+    monkeypatch.setattr(session_module, "encode_update", lambda *args: encoded.append(args) or b"")
     phone: Phone = make_phones(tmp_path, 1)[0]
     model = model_to_bytes(build_model(small_model_config).state_dict(), 0, small_model_config)
 

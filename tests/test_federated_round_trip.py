@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
-from device_sim.phone import Phone, update_bytes
+from device_sim.phone import Phone
+from device_sim.session import update_bytes
 from keyboard_model.evaluate import evaluate
 from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig

@@ -9,7 +9,8 @@ import torch
 from aggregator.privacy import PrivacyEvent, epsilon, noisy_mean
 from aggregator.process import LocalAggregator, local_aggregator_config
 from aggregator.api.client import AggregatorClient
-from device_sim.phone import Phone, update_bytes
+from device_sim.phone import Phone
+from device_sim.session import update_bytes
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.update_codec import decode_update
 from keyboard_model.weights import clip_to_norm, l2_norm, model_from_bytes, parameter_shapes

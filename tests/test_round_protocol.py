@@ -13,7 +13,7 @@ import torch
 from aggregator.pace import retry_after_s
 from aggregator.process import LocalAggregator
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
-from device_sim.phone import update_bytes
+from device_sim.session import update_bytes
 from keyboard_model.weights import model_from_bytes, parameter_shapes
 
 

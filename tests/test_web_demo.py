@@ -28,7 +28,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.process import LocalAggregator, free_port, local_aggregator_config
 from aggregator.api.client import AggregatorClient
 from device_sim.fleet import Fleet
-from device_sim.phone import update_bytes
+from device_sim.session import update_bytes
 from keyboard_model.model import ModelConfig
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import SPECIAL_TOKENS, KeyboardTokenizer

@@ -1,0 +1,150 @@
+"""A phone's local work in a round, as training wrapped by mods.
+
+Local training (`train`) returns only a delta. Everything optional around it is a mod
+that wraps the next step, as Flower's client mods wrap `call_next`, so training never
+sees privacy or encoding, and each mod can be tested, added or left out on its own:
+- `evaluated`: scores the downloaded model on held-out messages before training
+  (federated evaluation: three counts, no words);
+- `guarded`: drops a delta whose training diverged or that holds non-finite values, so
+  the phone aborts instead of uploading it;
+- `clipped`: clips the delta to the norm the aggregator asked for (differential privacy);
+- `encoded`: the plain upload, int8 with stochastic rounding (or float32);
+- `masked`: a secure round's upload, the delta and the counts masked together.
+`local_work` composes them, outermost first. Every phone runs this, the simulated
+fleet's and "this browser is a phone" alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from aggregator.api.schemas import EvaluationReport, SecAggState
+from device_sim.secure_aggregation import SecAggPhone
+from keyboard_model.evaluate import EvalCounts, evaluate
+from keyboard_model.architecture import NextWordModel
+from keyboard_model.tokenizer import KeyboardTokenizer
+from keyboard_model.train import LocalTrainConfig, TrainResult, train_local
+from keyboard_model.update_codec import encode_update
+from keyboard_model.weights import Tensors, clip_to_norm
+
+
+@dataclass(frozen=True)
+class RoundInput:
+    """What the phone has for the round: the downloaded model (trained in place), its version, and its messages."""
+
+    model: NextWordModel
+    model_version: int
+    tokenizer: KeyboardTokenizer
+    train_texts: list[str]
+    held_out: list[str]
+    config: LocalTrainConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """What a step gives the one around it; at the end, what the phone sends and how training went (which stays on
+    the phone)."""
+
+    result: TrainResult
+    delta: Tensors | None = None  # None: dropped (training diverged); the phone sends only an abort
+    evaluation: EvaluationReport | None = None  # None: nothing scored, or a secure round (the counts are masked)
+    upload: bytes | None = None
+
+
+Step = Callable[[RoundInput], LocalWork]
+Mod = Callable[[RoundInput, Step], LocalWork]
+
+
+def train(round_input: RoundInput) -> LocalWork:
+    """Fine-tune the downloaded model on the phone's messages; the delta is how far it moved."""
+    model = round_input.model
+    start = {name: t.clone() for name, t in model.state_dict().items()}
+    result = train_local(model, round_input.tokenizer.encode_batch(round_input.train_texts), round_input.config,
+                         seed=round_input.seed)
+    return LocalWork(result, {name: t - start[name] for name, t in model.state_dict().items()})
+
+
+def evaluated(messages: int) -> Mod:
+    """Score the downloaded model on up to `messages` held-out messages, before training changes it."""
+
+    def mod(round_input: RoundInput, call_next: Step) -> LocalWork:
+        scored = round_input.tokenizer.encode_batch(round_input.held_out[:messages]) if round_input.held_out else []
+        report = evaluation_report(round_input.model_version, evaluate(round_input.model, round_input.tokenizer,
+                                                                       scored))
+        return replace(call_next(round_input), evaluation=report)
+
+    return mod
+
+
+def guarded(round_input: RoundInput, call_next: Step) -> LocalWork:
+    """No delta from training that diverged (`train_local` says when) or that holds values that are not finite:
+    train_local's checks should leave none of the latter; this keeps one from ever being encoded if they miss."""
+    work = call_next(round_input)
+    if work.result.divergence is not None:
+        return replace(work, delta=None, evaluation=None)
+    if not all(torch.isfinite(t).all() for t in work.delta.values()):
+        return replace(work, delta=None, evaluation=None,
+                       result=replace(work.result, divergence="the update holds values that are not finite"))
+    return work
+
+
+def clipped(norm: float) -> Mod:
+    def mod(round_input: RoundInput, call_next: Step) -> LocalWork:
+        work = call_next(round_input)
+        return work if work.delta is None else replace(work, delta=clip_to_norm(work.delta, norm))
+
+    return mod
+
+
+def encoded(compression: str) -> Mod:
+    def mod(round_input: RoundInput, call_next: Step) -> LocalWork:
+        work = call_next(round_input)
+        if work.delta is None:
+            return work
+        return replace(work, upload=update_bytes(work.delta, work.result.num_examples, compression, round_input.seed))
+
+    return mod
+
+
+def update_bytes(delta: Tensors, num_examples: int, compression: str = "int8", seed: int = 0) -> bytes:
+    """The plain upload: model delta and example count, nothing more. `seed` drives int8's stochastic rounding."""
+    return encode_update(delta, num_examples, compression, torch.Generator().manual_seed(seed))
+
+
+def masked(part: SecAggPhone, state: SecAggState) -> Mod:
+    """A secure round's upload: the delta and the evaluation counts in one masked vector; the counts travel only
+    there."""
+
+    def mod(round_input: RoundInput, call_next: Step) -> LocalWork:
+        work = call_next(round_input)
+        if work.delta is None:
+            return work
+        upload = part.masked_upload(work.delta, work.evaluation, state, round_input.seed)
+        return replace(work, upload=upload, evaluation=None)
+
+    return mod
+
+
+def local_work(round_input: RoundInput, mods: Sequence[Mod]) -> LocalWork:
+    """Training wrapped by `mods`, the first outermost."""
+    step: Step = train
+    for mod in reversed(mods):
+        step = _wrap(mod, step)
+    return step(round_input)
+
+
+def _wrap(mod: Mod, call_next: Step) -> Step:
+    return lambda round_input: mod(round_input, call_next)
+
+
+def evaluation_report(model_version: int, counts: EvalCounts) -> EvaluationReport | None:
+    """The evaluation a phone sends: recall counts only (not the loss, which says more about the text)."""
+    if counts.positions == 0:
+        return None
+    return EvaluationReport(
+        model_version=model_version, positions=counts.positions, hits_at_1=counts.hits_at_1, hits_at_3=counts.hits_at_3
+    )
