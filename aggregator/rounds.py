@@ -223,7 +223,7 @@ class RoundManager:
             current.checked_in.add(device_id)
             done = device_id in current.reported or device_id in current.aborted
             if device_id not in current.token_by_device and not done and self._selecting():
-                current.selection.offer(device_id)
+                current.selection.offer(device_id, self.clock())
                 self._draw()
             token = current.token_by_device.get(device_id)
             if token is not None and not done:

@@ -23,7 +23,11 @@ class SelectionWindow:
     # In order of first check-in (a dict keeps it), so that a seeded draw is repeatable.
     candidates: dict[str, None] = field(default_factory=dict)
 
-    def offer(self, device_id: str) -> None:
+    def offer(self, device_id: str, now: float) -> None:
+        if now >= self.ends and not self.candidates:
+            # Nobody asked while the last window was open: a new one opens with this device, rather than this
+            # device being drawn alone, which would hand a slot to whoever polls first after a quiet spell.
+            self.ends = now + self.window_s
         self.candidates.setdefault(device_id)
 
     def due(self, now: float) -> bool:

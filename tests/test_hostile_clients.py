@@ -196,6 +196,22 @@ def test_devices_polling_fast_hold_no_more_slots_than_their_share(tmp_path, smal
     assert slots["honest"] > 2 * slots["sybil"]
 
 
+def test_the_first_device_after_a_quiet_spell_is_not_selected_alone(tmp_path, small_tokenizer_path,
+                                                                     small_model_config):
+    config = AggregatorConfig(db_path=tmp_path / "db.sqlite", tokenizer_path=small_tokenizer_path,
+                              model=small_model_config, clients_per_round=1, over_selection=1.0,
+                              round_deadline_s=600.0, selection_window_s=10.0, simulated_clock=True)
+    rounds = RoundManager(config, open_storage(config.db_path))
+    quick, other = (rounds.authenticate(rounds.enrol()[1]) for _ in range(2))
+    rounds.set_simulated_time(100.0)  # the round's first window closed long ago, with nobody in it
+    first = rounds.checkin(quick)
+    assert first.action == "retry" and first.retry_after_s == pytest.approx(10.0, abs=0.01)
+    rounds.set_simulated_time(105.0)
+    assert rounds.checkin(other).action == "retry"  # a candidate of the same window
+    rounds.set_simulated_time(111.0)
+    assert sum(rounds.checkin(device).action == "train" for device in (quick, other)) == 1
+
+
 def test_enrolment_outside_the_trusted_networks_needs_the_secret_and_is_rate_limited(
     start_aggregator, small_tokenizer_path, small_model_config
 ):
