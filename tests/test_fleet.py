@@ -174,7 +174,7 @@ def test_secure_rounds_run_through_the_fleet_with_drop_outs_at_every_step_and_ma
 ):
     def run(client, folder: Path):
         # Phones vanish at any of the protocol's steps.
-        fleet = Fleet(make_phones(folder, 30), fleet_config(folder, vanish_probability=0.15), client)
+        fleet = Fleet(make_phones(folder, 30), fleet_config(folder, vanish_probability=0.2), client)
         try:
             reports = [fleet.run_round() for _ in range(4)]
         finally:
