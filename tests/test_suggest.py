@@ -1,5 +1,6 @@
 import copy
 import random
+from collections.abc import Iterator
 
 import torch
 
@@ -65,6 +66,19 @@ def test_next_words_are_the_models_top_words_after_the_whole_message(small_token
     assert len(seen) > 1  # the context, not just word frequency, decides
 
 
+def typed_with_deletions(target: str, keystrokes: int, seed: int = 0) -> Iterator[str]:
+    """The text box after each keystroke of someone typing `target`, sometimes deleting a few characters, sometimes
+    typing something else."""
+    rng = random.Random(seed)
+    text = ""
+    for _ in range(keystrokes):
+        if text and rng.random() < 0.15:
+            text = text[: -rng.randint(1, min(6, len(text)))]  # backspace a few characters
+        else:
+            text = target[: len(text) + 1] if target.startswith(text) else text + rng.choice("ab ,")
+        yield text
+
+
 def test_incremental_state_matches_a_full_pass_while_typing_and_deleting(small_tokenizer, small_model_config):
     model = build_model(small_model_config, seed=2)
     s = Suggester(copy.deepcopy(model), small_tokenizer)
@@ -76,14 +90,8 @@ def test_incremental_state_matches_a_full_pass_while_typing_and_deleting(small_t
         return step(tokens, state)
 
     s.model.step = counting_step
-    target = " ".join(SMALL_TEXT)
-    rng = random.Random(0)
-    text, fed = "", 0
-    for _ in range(400):
-        if text and rng.random() < 0.15:
-            text = text[: -rng.randint(1, min(6, len(text)))]  # backspace a few characters
-        else:
-            text = target[: len(text) + 1] if target.startswith(text) else text + rng.choice("ab ,")
+    fed = 0
+    for text in typed_with_deletions(" ".join(SMALL_TEXT), keystrokes=400):
         steps.clear()
         pieces, _ = s.split_context(text)
         incremental = s.next_word_scores(pieces)

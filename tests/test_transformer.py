@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import random
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from keyboard_model.train import LocalTrainConfig, language_model_loss, pack_seq
 from keyboard_model.transformer import CausalTransformer, TransformerConfig
 from keyboard_model.weights import WeightsError, model_from_bytes, model_to_bytes, write_tensors
 from tests.conftest import SMALL_TEXT
+from tests.test_suggest import typed_with_deletions
 
 # A window of 6 tokens, so that short test texts already slide it.
 CONTEXT = 6
@@ -74,14 +74,8 @@ def test_stepping_through_the_cache_equals_the_full_pass_past_the_window(config)
 def test_the_suggester_walks_the_cache_and_matches_a_full_pass(small_tokenizer, config):
     model = strong(build_model(config, seed=2))
     s = Suggester(model, small_tokenizer)
-    target = " ".join(SMALL_TEXT)
-    rng = random.Random(0)
-    text, longest = "", 0
-    for _ in range(300):
-        if text and rng.random() < 0.15:
-            text = text[: -rng.randint(1, min(6, len(text)))]  # backspace a few characters
-        else:
-            text = target[: len(text) + 1] if target.startswith(text) else text + rng.choice("ab ,")
+    longest = 0
+    for text in typed_with_deletions(" ".join(SMALL_TEXT), keystrokes=300):
         pieces, _ = s.split_context(text)
         incremental = s.next_word_scores(pieces)
         ids = [BOS_ID, *small_tokenizer.ids_of(pieces)]
