@@ -15,9 +15,11 @@ The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
   sum gets Gaussian noise once before it moves the model (`aggregator/privacy.py`);
 - with secure aggregation on, the selected devices also run the phases of
   `aggregator/secure_round.py`, and the server learns only the sum of their updates.
-Closing averages the reported deltas (FedAvg and its server optimisers) into a new
-model, which is committed to SQLite together with the optimiser's state and the
-round's counts; on restart the manager resumes from the last committed model.
+Closing averages the reported deltas (one aggregation rule per kind of round,
+`aggregator/aggregation.py`) and steps the global model with the server optimiser
+(`aggregator/global_model.py`), committed to storage together with the optimiser's
+state and the round's counts; on restart the manager resumes from the last committed
+model.
 """
 
 from __future__ import annotations
@@ -32,12 +34,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from safetensors.torch import load as load_safetensors
-
 from aggregator.aggregation import PrivateMean, Release, SecureSum, WeightedMean
 from aggregator.api.schemas import EvaluationReport, SecAggState
 from aggregator.config import AggregatorConfig
 from aggregator.devices import Devices, token_hash
+from aggregator.global_model import GlobalModel
 from aggregator.pace import retry_after_s
 from aggregator.privacy import PrivacyEvent, PrivacyLedger
 from aggregator.refusals import (
@@ -51,21 +52,9 @@ from aggregator.refusals import (
 from aggregator.secure_round import SecureRound
 from aggregator.selection import SelectionWindow
 from aggregator.storage import Storage
-from aggregator.strategy import make_strategy
-from keyboard_model.errors import UserFacingError
-from keyboard_model.model import build_model
-from keyboard_model.secagg import PublicKeys, SecAggError, Share
+from keyboard_model.secagg import PublicKeys, Share
 from keyboard_model.update_codec import decode_update, max_encoded_bytes
-from keyboard_model.weights import (
-    Tensors,
-    WeightsError,
-    l2_norm,
-    model_from_bytes,
-    model_to_bytes,
-    parameter_shapes,
-    read_tensors,
-    write_tensors,
-)
+from keyboard_model.weights import WeightsError, l2_norm
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +102,6 @@ class OpenRound:
     bytes_up: int = 0
     bytes_down: int = 0
     secure: SecureRound | None = None
-    late: set[str] = field(default_factory=set)  # in a secure round: masked inputs that came after collection closed
     # Devices that asked to train while the round was open: a device asks only when it is eligible.
     checked_in: set[str] = field(default_factory=set)
     failure: str | None = None
@@ -129,28 +117,11 @@ class RoundManager:
         self.storage = storage
         self._simulated_now = 0.0
         self.clock = (lambda: self._simulated_now) if config.simulated_clock else clock
-        self.strategy = make_strategy(config.server_optimizer, config.server_learning_rate)
         self._lock = threading.Lock()
         # Seeded, so that a simulation on a simulated clock gets the same pace-steering waits, and so the same
         # trajectory, in in-process and service mode; the jitter spreads check-ins whatever its seed.
         self._rng = random.Random(config.seed)
-        latest = storage.latest_model()
-        if latest is None:
-            storage.save_initial_model(model_to_bytes(self._initial_state(), 0, config.model))
-            latest = storage.latest_model()
-        self.model_version, self.model_bytes = latest
-        self.shapes = parameter_shapes(build_model(config.model).state_dict())
-        try:
-            self.global_state, _ = read_tensors(self.model_bytes, self.shapes)
-        except WeightsError as error:
-            raise UserFacingError(
-                f"the database {config.db_path} holds a model that does not fit this configuration ({error}); "
-                "use the sizes and tokenizer it was created with, or another --db"
-            ) from error
-        # Our own bytes from our own database, written by `_close_round`; not device input.
-        saved_state = storage.optimizer_state(self.model_version)
-        self.optimizer_state = (load_safetensors(saved_state) if saved_state
-                                else self.strategy.init(self.global_state))
+        self.model = GlobalModel(config, storage)
         self.devices = Devices(storage)
         self.privacy = None
         if config.differential_privacy:
@@ -169,45 +140,31 @@ class RoundManager:
         storage.discard_selections(next_round)
         self.round = self._open_round(next_round)
 
-    def _initial_state(self) -> Tensors:
-        if self.config.initial_model is None:
-            return build_model(self.config.model, seed=self.config.seed).state_dict()
-        try:
-            model, _ = model_from_bytes(self.config.initial_model.read_bytes())
-        except (OSError, WeightsError) as error:
-            raise UserFacingError(f"cannot start from {self.config.initial_model}: {error}") from error
-        if model.config != self.config.model:
-            raise UserFacingError(
-                f"{self.config.initial_model} has sizes {model.config}, but this aggregator is set up for "
-                f"{self.config.model}"
-            )
-        return model.state_dict()
-
     def _open_round(self, number: int) -> OpenRound:
         now = self.clock()
         secure = None
         if self.config.secure_aggregation:
             # The graph seed is public (every device gets it with the roster); it only has to differ by round.
-            secure = SecureRound(number, now, self.config, self.shapes, self._rng.randrange(2**63),
-                                 self.selection_target)
+            secure = SecureRound(number, now, self.config, self.model.shapes, self._rng.randrange(2**63),
+                                 self.selection_target, self.min_reports)
         if secure is not None:
             aggregation = SecureSum(secure, self.privacy)
         elif self.privacy is not None:
-            aggregation = PrivateMean(self.shapes, self.privacy)
+            aggregation = PrivateMean(self.model.shapes, self.privacy)
         else:
-            aggregation = WeightedMean(self.shapes)
-        return OpenRound(number, self.model_version, time.time(), now, now + self.config.round_deadline_s,
+            aggregation = WeightedMean(self.model.shapes)
+        return OpenRound(number, self.model.version, time.time(), now, now + self.config.round_deadline_s,
                          SelectionWindow(self.config.selection_window_s, now + self.config.selection_window_s),
                          aggregation, secure=secure)
 
     @property
     def max_upload_bytes(self) -> int:
         """The largest honest update: an uncompressed (float32) one."""
-        return max_encoded_bytes(self.shapes, "none")
+        return max_encoded_bytes(self.model.shapes, "none")
 
     def current_model(self) -> tuple[int, bytes]:
         with self._lock:
-            return self.model_version, self.model_bytes
+            return self.model.version, self.model.bytes
 
     def enrol(self) -> tuple[str, str]:
         """A new device: its id and the secret token it must show at every check-in."""
@@ -228,7 +185,7 @@ class RoundManager:
             token = current.token_by_device.get(device_id)
             if token is not None and not done:
                 clip_norm = self.config.clip_norm if self.config.differential_privacy else None
-                return CheckinDecision("train", current.number, self.model_version, upload_token=token,
+                return CheckinDecision("train", current.number, self.model.version, upload_token=token,
                                        clip_norm=clip_norm, secure_aggregation=current.secure is not None)
             if device_id in current.selection.candidates:
                 # Come back once the draw it is a candidate in has been made.
@@ -237,7 +194,7 @@ class RoundManager:
                 wait = retry_after_s(
                     self.clock() - current.started, self._recent_durations, self.config.retry_after_s, self._rng
                 )
-            return CheckinDecision("retry", current.number, self.model_version, retry_after_s=round(wait, 3))
+            return CheckinDecision("retry", current.number, self.model.version, retry_after_s=round(wait, 3))
 
     def _selecting(self) -> bool:
         # A secure round's cohort is fixed once its keys are in: no one joins after that.
@@ -259,7 +216,7 @@ class RoundManager:
             current.token_by_device[device_id] = token
             current.device_by_token[token] = device_id
             # A selected device downloads the model it is to train.
-            current.bytes_down += len(self.model_bytes)
+            current.bytes_down += len(self.model.bytes)
 
     @property
     def selection_target(self) -> int:
@@ -286,7 +243,7 @@ class RoundManager:
             return self._submit_masked(round_number, token, data)
         # Parsing and checking the bytes is the expensive part; do it outside the lock.
         try:
-            delta, metadata = decode_update(data, self.shapes)
+            delta, metadata = decode_update(data, self.model.shapes)
         except WeightsError as error:
             raise BadUpdateError(str(error)) from error
         num_examples = _parse_example_count(metadata, self.config.max_examples_per_update)
@@ -312,104 +269,55 @@ class RoundManager:
 
     def _submit_masked(self, round_number: int, token: str, data: bytes) -> SubmitResult:
         """A secure round's upload: a masked input, added to the masked sum. Reaching the goal starts unmasking."""
-        secure = self.round.secure
-        try:
-            masked = secure.decode_masked(data)
-        except WeightsError as error:
-            raise BadUpdateError(str(error)) from error
+        masked = self.round.secure.decode_masked(data)  # outside the lock: the layout is the same every round
         with self._lock:
             device_id = self._authorize(round_number, token)
             current = self.round
             if device_id in current.reported:
                 return SubmitResult(round_number, len(current.reported), duplicate=True)
-            if current.secure.phase in ("advertise", "share"):
-                raise SecAggRefusedError(f"round {round_number} does not collect masked inputs yet")
-            if current.secure.phase != "collect":
-                current.late.add(device_id)
-                raise RoundClosedError(f"round {round_number} no longer collects masked inputs (it is in phase "
-                                       f"{current.secure.phase!r}); this one was not counted")
-            self._secure_step(lambda: current.secure.protocol.add_masked_input(
-                current.secure.protocol.index_of(device_id), masked))
+            over = current.secure.masked_input(device_id, masked, self.clock(), len(current.reported) + 1)
+            # This upload counted whether or not the round then fails.
             self.storage.set_selection_status(round_number, device_id, "reported")
             current.reported.add(device_id)
             current.aborted.discard(device_id)
             current.bytes_up += len(data)
-            reported = len(current.reported)
-            # At the goal, unless a tiny cohort's reporters could not yet rebuild each other's self masks.
-            if reported >= max(self.config.clients_per_round, current.secure.protocol.parameters.threshold + 1):
-                # This upload counted whether or not the round then fails.
-                self._secure_transition(lambda: current.secure.close_collection(self.clock(), self.min_reports))
-            closed = self.round is not current
-        return SubmitResult(round_number, reported, duplicate=False, round_closed=closed)
+            if over:
+                self._close_round()
+            return SubmitResult(round_number, len(current.reported), duplicate=False, round_closed=over)
 
-    # --- secure aggregation's own messages (the devices' side is device_sim/secure_aggregation.py) ---
+    # --- secure aggregation's own messages, handled by the round's SecureRound (aggregator/secure_round.py) ---
 
     def secagg_keys(self, round_number: int, token: str, keys: PublicKeys) -> None:
-        with self._lock:
-            device_id, secure = self._secure_device(round_number, token)
-            self._secure_step(lambda: secure.protocol.advertise(device_id, keys))
-            self.round.bytes_up += 64
+        self._secure_message(round_number, token, 64, lambda secure, device_id, cohort: secure.keys(
+            device_id, keys, self.clock(), *cohort))
 
     def secagg_shares(self, round_number: int, token: str, sealed: dict[int, bytes]) -> None:
-        with self._lock:
-            device_id, secure = self._secure_device(round_number, token)
-            self._secure_step(lambda: secure.protocol.add_shares(secure.protocol.index_of(device_id), sealed))
-            self.round.bytes_up += sum(len(s) for s in sealed.values())
+        self._secure_message(round_number, token, sum(len(s) for s in sealed.values()),
+                             lambda secure, device_id, cohort: secure.shares(device_id, sealed, self.clock(), *cohort))
 
     def secagg_reveal(self, round_number: int, token: str, shares: dict[int, Share]) -> None:
-        with self._lock:
-            device_id, secure = self._secure_device(round_number, token)
-            self.round.bytes_up += sum(len(share.value) + 2 for share in shares.values())
-            self._secure_step(lambda: secure.protocol.add_reveals(secure.protocol.index_of(device_id), shares))
+        self._secure_message(round_number, token, sum(len(share.value) + 2 for share in shares.values()),
+                             lambda secure, device_id, cohort: secure.reveal(device_id, shares, self.clock(), *cohort))
 
     def secagg_state(self, round_number: int, token: str) -> SecAggState:
         """The round's secure aggregation as this device may see it (a snapshot, taken under the lock)."""
         with self._lock:
             device_id, secure = self._secure_device(round_number, token)
-            protocol = secure.protocol
-            in_cohort = protocol.roster is not None and device_id in protocol.devices
-            return secure.state(protocol.index_of(device_id) if in_cohort else None)
+            return secure.state_for(device_id)
+
+    def _secure_message(self, round_number: int, token: str, size: int, receive) -> None:
+        """Hand one device's message to the round's SecureRound; close the round if that ended it."""
+        with self._lock:
+            device_id, secure = self._secure_device(round_number, token)
+            self.round.bytes_up += size
+            if receive(secure, device_id, (set(self.round.token_by_device), self.round.aborted)):
+                self._close_round()
 
     def _secure_device(self, round_number: int, token: str) -> tuple[str, SecureRound]:
         device_id = self._authorize(round_number, token)
         if self.round.secure is None:
             raise SecAggRefusedError("this aggregator does not run secure aggregation")
         return device_id, self.round.secure
-
-    def _secure_step(self, step) -> None:
-        """Run one step of the round's secure aggregation and close the phases it completes. A message that does
-        not fit is refused (SecAggRefusedError); a round left with too few devices fails."""
-        secure = self.round.secure
-        phase = secure.phase
-        try:
-            step()
-        except SecAggError as error:
-            if secure.phase != "failed":  # the message, not the round, is at fault
-                raise SecAggRefusedError(str(error)) from error
-            self.round.failure = str(error)
-            self._close_round()
-            raise SecAggRefusedError(str(error)) from error
-        if secure.phase != phase or secure.phase in ("advertise", "share", "unmask"):
-            self._advance_secure()
-
-    def _advance_secure(self) -> None:
-        current, secure = self.round, self.round.secure
-        if self._secure_transition(lambda: secure.advance(self.clock(), set(current.token_by_device),
-                                                          current.aborted, self.min_reports)) and secure.sum is not None:
-            self._close_round()
-
-    def _secure_transition(self, transition) -> bool:
-        """Close a phase of the round's secure aggregation. If that fails, whatever the cause, the round fails
-        and is closed (returns False): an error here must not leave the round stuck in a phase."""
-        try:
-            transition()
-        except Exception as error:
-            if not isinstance(error, SecAggError):
-                logger.exception("secure aggregation of round %d failed", self.round.number)
-            self.round.failure = str(error)
-            self._close_round()
-            return False
-        return True
 
     def submit_evaluation(self, round_number: int, token: str, report: EvaluationReport) -> tuple[int, bool]:
         """Add a selected device's evaluation counts to the round's; returns (reports so far, duplicate)."""
@@ -473,26 +381,12 @@ class RoundManager:
         round's phases whose time is up (called periodically)."""
         with self._lock:
             self._draw()
-            if self.round.secure is not None:
-                self._tick_secure()
-            elif self.clock() >= self.round.deadline:
+            current = self.round
+            if current.secure is not None:
+                if current.secure.tick(self.clock(), set(current.token_by_device), current.aborted):
+                    self._close_round()
+            elif self.clock() >= current.deadline:
                 self._close_round()
-
-    def _tick_secure(self) -> None:
-        current, secure = self.round, self.round.secure
-        if self.clock() >= current.deadline and secure.phase in ("advertise", "share", "collect"):
-            # The deadline ends collection with the inputs that came, if they are enough; else the round fails.
-            if secure.phase != "collect":
-                current.failure = f"the deadline passed in phase {secure.phase!r}"
-                self._close_round()
-                return
-            if not self._secure_transition(lambda: secure.close_collection(self.clock(), self.min_reports)):
-                return
-        self._advance_secure()
-        if self.round is current and self.clock() >= current.deadline + self.config.secagg_phase_s:
-            # Unmasking had its phase's time after the deadline; nothing may keep a round open past that.
-            current.failure = f"the round was still in phase {secure.phase!r} past its deadline"
-            self._close_round()
 
     def _close_round(self) -> None:
         """Record the open round, closed with a new model or failed, and open the next one. Whatever goes wrong
@@ -500,7 +394,7 @@ class RoundManager:
         current = self.round
         duration = self.clock() - current.started
         selected, reported, aborted = len(current.token_by_device), len(current.reported), len(current.aborted)
-        late = len(current.late)
+        late = len(current.secure.late) if current.secure is not None else 0
         summary = {
             "round": current.number, "started_at": current.started_at, "closed_at": time.time(),
             "duration_s": duration, "goal": self.config.clients_per_round, "selected": selected,
@@ -533,13 +427,7 @@ class RoundManager:
             summary.update(status="failed", failure=self.round.failure)
             self.storage.record_round(summary, None, None)
             return
-        new_state, optimizer_state = self.strategy.apply(self.global_state, self.optimizer_state, release.mean_delta)
-        new_bytes = model_to_bytes(new_state, self.model_version + 1, self.config.model)
-        summary.update(release.record, status="closed", new_version=self.model_version + 1,
-                       update_norm=l2_norm(release.mean_delta))
-        self.storage.record_round(summary, new_bytes, write_tensors(optimizer_state))
-        self.model_version, self.model_bytes, self.global_state = self.model_version + 1, new_bytes, new_state
-        self.optimizer_state = optimizer_state
+        self.model.commit_step(release.mean_delta, {**summary, **release.record, "status": "closed"})
         if self.privacy is not None:
             self.privacy.spent(release.record)
             self._epsilon = release.record["epsilon"]
@@ -548,6 +436,7 @@ class RoundManager:
         """What the round's aggregation rule releases, or None if the round failed."""
         current = self.round
         if current.secure is not None:
+            current.failure = current.secure.failure
             return None if current.secure.sum is None else current.aggregation.release(len(current.reported))
         if len(current.reported) < self.min_reports:
             current.failure = f"{len(current.reported)} updates arrived; {self.min_reports} needed"
@@ -557,7 +446,7 @@ class RoundManager:
     def snapshot(self) -> dict:
         with self._lock:
             return {
-                "round": self.round.number, "model_version": self.model_version,
+                "round": self.round.number, "model_version": self.model.version,
                 "clock": "simulated" if self.config.simulated_clock else "wall",
                 "goal": self.config.clients_per_round, "selection_target": self.selection_target,
                 "selected": len(self.round.token_by_device), "reported": len(self.round.reported),

@@ -1,14 +1,20 @@
-"""Secure aggregation inside a round of the round protocol: when each phase closes, and what the sum holds.
+"""Secure aggregation inside a round of the round protocol: the devices' messages, when each phase closes, and
+what the sum holds.
 
-The round protocol (aggregator/rounds.py) still selects devices, counts reports and
-closes the round; with `secure_aggregation` on, a round also runs the four phases of
-`aggregator/secure_aggregation.py`:
+The round protocol (aggregator/rounds.py) still selects devices, authenticates them,
+counts reports and closes the round; with `secure_aggregation` on, it hands each
+device's secure-aggregation message to the round's `SecureRound`, which runs the four
+phases of `aggregator/secure_aggregation.py`:
 - advertise ends once the selection is full and every selected device has sent keys, or
   `secagg_phase_s` after it filled; a selection that has not filled by half the round's
   deadline goes on with the keys it has;
 - share and unmask end when every device that should answer has, or `secagg_phase_s`
   after they opened;
 - collect ends at the goal or the round's deadline, as a plain round does.
+Every message and every tick says whether the round is over: its sum is ready, or it
+failed (`failure` says why). A message that does not fit the protocol is refused
+(`SecAggRefusedError`) and leaves the round as it was; any error while closing a phase,
+whatever its cause, fails the round instead of leaving it stuck in a phase.
 
 What a device masks (`keyboard_model/secagg.py`) is two arrays: "update", its clipped model
 delta rotated and in fixed point modulo 2**secagg_ring_bits, and "counts", its three
@@ -18,21 +24,27 @@ summed counts, and nothing else.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_numpy
 
-from aggregator.config import AggregatorConfig
 from aggregator.api.schemas import SecAggEncoding, SecAggRoster, SecAggState
+from aggregator.config import AggregatorConfig
+from aggregator.refusals import BadUpdateError, RoundClosedError, SecAggRefusedError
 from aggregator.secure_aggregation import SecureAggregation
-from keyboard_model.secagg import Masked, RingEncoding, SecAggError, masked_layout
-from keyboard_model.weights import Tensors, WeightsError
+from keyboard_model.secagg import Masked, PublicKeys, RingEncoding, SecAggError, Share, masked_layout
+from keyboard_model.weights import Tensors
+
+logger = logging.getLogger(__name__)
 
 
 class SecureRound:
     def __init__(self, number: int, started: float, config: AggregatorConfig, shapes: dict[str, tuple[int, ...]],
-                 graph_seed: int, selection_target: int) -> None:
+                 graph_seed: int, selection_target: int, min_reports: int) -> None:
         self.shapes = shapes
         self.numel = sum(int(np.prod(shape)) for shape in shapes.values())
         # Phones clip to the bound the ring is sized for: the privacy clip if there is one, else the norm bound.
@@ -41,16 +53,93 @@ class SecureRound:
         self.protocol = SecureAggregation(number, masked_layout(self.encoding), graph_seed)
         self.phase_s = config.secagg_phase_s
         self.phase_deadline = started + config.secagg_phase_s
+        self.deadline = started + config.round_deadline_s
         self.full_since: float | None = None  # when the selection reached its target
         self.selection_deadline = started + config.round_deadline_s / 2
         self.selection_target = selection_target
+        self.goal = config.clients_per_round
+        self.min_reports = min_reports
         self.sum: Masked | None = None
+        self.failure: str | None = None
+        self.late: set[str] = set()  # devices whose masked input came after collection closed
 
     @property
     def phase(self) -> str:
         return self.protocol.phase
 
-    def advance(self, now: float, selected: set[str], aborted: set[str], min_reports: int) -> None:
+    @property
+    def over(self) -> bool:
+        """The sum is ready, or the round failed: either way the round manager closes it."""
+        return self.sum is not None or self.failure is not None
+
+    # --- the devices' messages; `selected` and `aborted` are the round's device ids, for closing phases ---
+
+    def keys(self, device_id: str, keys: PublicKeys, now: float, selected: set[str], aborted: set[str]) -> bool:
+        return self._receive(lambda: self.protocol.advertise(device_id, keys), now, selected, aborted)
+
+    def shares(self, device_id: str, sealed: dict[int, bytes], now: float, selected: set[str],
+               aborted: set[str]) -> bool:
+        return self._receive(lambda: self.protocol.add_shares(self.protocol.index_of(device_id), sealed),
+                             now, selected, aborted)
+
+    def reveal(self, device_id: str, shares: dict[int, Share], now: float, selected: set[str],
+               aborted: set[str]) -> bool:
+        return self._receive(lambda: self.protocol.add_reveals(self.protocol.index_of(device_id), shares),
+                             now, selected, aborted)
+
+    def masked_input(self, device_id: str, masked: Masked, now: float, reported: int) -> bool:
+        """Add a device's masked input (`decode_masked`) to the sum; `reported` counts the round's reports with this
+        one. At the goal collection closes and unmasking starts."""
+        if self.phase in ("advertise", "share"):
+            raise SecAggRefusedError(f"round {self.protocol.round_number} does not collect masked inputs yet")
+        if self.phase != "collect":
+            self.late.add(device_id)
+            raise RoundClosedError(f"round {self.protocol.round_number} no longer collects masked inputs (it is in "
+                                   f"phase {self.phase!r}); this one was not counted")
+        try:
+            self.protocol.add_masked_input(self.protocol.index_of(device_id), masked)
+        except SecAggError as error:
+            raise SecAggRefusedError(str(error)) from error
+        # At the goal, unless a tiny cohort's reporters could not yet rebuild each other's self masks.
+        if reported >= max(self.goal, self.protocol.parameters.threshold + 1):
+            self._transition(lambda: self._close_collection(now))
+        return self.over
+
+    def tick(self, now: float, selected: set[str], aborted: set[str]) -> bool:
+        """Close the phases whose time is up, and fail a round that would outlive its deadline."""
+        if now >= self.deadline and self.phase in ("advertise", "share", "collect"):
+            # The deadline ends collection with the inputs that came, if they are enough; else the round fails.
+            if self.phase != "collect":
+                self.failure = f"the deadline passed in phase {self.phase!r}"
+                return True
+            if not self._transition(lambda: self._close_collection(now)):
+                return True
+        self._transition(lambda: self._advance(now, selected, aborted))
+        if not self.over and now >= self.deadline + self.phase_s:
+            # Unmasking had its phase's time after the deadline; nothing may keep a round open past that.
+            self.failure = f"the round was still in phase {self.phase!r} past its deadline"
+        return self.over
+
+    def _receive(self, message: Callable[[], None], now: float, selected: set[str], aborted: set[str]) -> bool:
+        try:
+            message()
+        except SecAggError as error:  # the message, not the round, is at fault
+            raise SecAggRefusedError(str(error)) from error
+        self._transition(lambda: self._advance(now, selected, aborted))
+        return self.over
+
+    def _transition(self, transition: Callable[[], None]) -> bool:
+        """Close a phase. If that fails, whatever the cause, the round fails (returns False)."""
+        try:
+            transition()
+        except Exception as error:
+            if not isinstance(error, SecAggError):
+                logger.exception("secure aggregation of round %d failed", self.protocol.round_number)
+            self.failure = str(error)
+            return False
+        return True
+
+    def _advance(self, now: float, selected: set[str], aborted: set[str]) -> None:
         """Close the phases whose work is done or whose time is up. Raises SecAggError if the round must fail."""
         protocol = self.protocol
         if protocol.phase == "advertise":
@@ -62,19 +151,25 @@ class SecureRound:
             all_keys = full and set(protocol.advertised) >= selected - aborted
             # A selection that filled gets its phase's time for keys, even when it filled at the selection deadline.
             if all_keys or (full and now >= self.phase_deadline) or (not full and now >= self.selection_deadline):
-                protocol.close_advertising(min_reports)
+                protocol.close_advertising(self.min_reports)
                 self.phase_deadline = now + self.phase_s
         if protocol.phase == "share":
             cohort = {index for index, device in enumerate(protocol.devices) if device not in aborted}
             if set(protocol.sealed) >= cohort or now >= self.phase_deadline:
-                protocol.close_sharing(min_reports)
+                protocol.close_sharing(self.min_reports)
         if protocol.phase == "unmask":
             if set(protocol.revealed_by) >= set(protocol.reported) or now >= self.phase_deadline:
                 self.sum = protocol.unmasked_sum()
 
-    def close_collection(self, now: float, min_reports: int) -> None:
-        self.protocol.close_collection(min_reports)
+    def _close_collection(self, now: float) -> None:
+        self.protocol.close_collection(self.min_reports)
         self.phase_deadline = now + self.phase_s
+
+    def state_for(self, device_id: str) -> SecAggState:
+        """The round's secure aggregation as this device may see it."""
+        protocol = self.protocol
+        in_cohort = protocol.roster is not None and device_id in protocol.devices
+        return self.state(protocol.index_of(device_id) if in_cohort else None)
 
     def state(self, index: int | None) -> SecAggState:
         """What the device at cohort `index` (None: not in the cohort, or not fixed yet) may see now."""
@@ -97,12 +192,12 @@ class SecureRound:
         )
 
     def decode_masked(self, data: bytes) -> Masked:
-        """A device's masked input from its upload: the round's layout, nothing else. Raises WeightsError."""
+        """A device's masked input from its upload: the round's layout, nothing else."""
         try:
             masked = load_numpy(data)
             self.protocol.layout.check(masked)
         except (SafetensorError, ValueError, KeyError, TypeError, SecAggError) as error:  # KeyError: unknown dtypes
-            raise WeightsError(f"not a masked upload of this round: {error}") from error
+            raise BadUpdateError(f"not a masked upload of this round: {error}") from error
         return masked
 
     def result(self) -> tuple[Tensors, tuple[int, int, int]]:

@@ -140,7 +140,7 @@ def test_a_failed_commit_leaves_the_model_and_the_momentum_as_they_were(
     def run_round(rounds: RoundManager, devices: list[str], scale: float) -> None:
         for k, device in enumerate(devices):
             decision = rounds.checkin(device)
-            delta = {name: torch.full(shape, scale * (k + 1)) for name, shape in rounds.shapes.items()}
+            delta = {name: torch.full(shape, scale * (k + 1)) for name, shape in rounds.model.shapes.items()}
             rounds.submit(decision.round, decision.upload_token, encode_update(delta, 5, "none"))
 
     reference = manager("reference")
@@ -160,12 +160,12 @@ def test_a_failed_commit_leaves_the_model_and_the_momentum_as_they_were(
 
     flaky.storage.record_round = fail_once
     run_round(flaky, devices, 0.01)  # its commit fails: recorded as failed, nothing of it kept
-    assert failures == [1] and flaky.model_version == 0 and flaky.round.number == 2
+    assert failures == [1] and flaky.model.version == 0 and flaky.round.number == 2
     assert flaky.storage.recent_rounds(1)[0]["status"] == "failed"
     run_round(flaky, devices, 0.01)
     run_round(flaky, devices, -0.02)
     # The same two steps as the reference: the failed close applied no momentum.
-    torch.testing.assert_close(flaky.global_state, reference.global_state, rtol=0, atol=0)
+    torch.testing.assert_close(flaky.model.state, reference.model.state, rtol=0, atol=0)
 
 
 # --- selection: Sybils polling fast do not hold the slots ------------------------------------------------------

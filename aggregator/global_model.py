@@ -1,0 +1,75 @@
+"""The global model the rounds train, with its server optimiser's state.
+
+It is made on the first start (from `initial_model`, or a fresh one from the seed) and
+read back from storage on every later one; a round that closes with a mean delta steps
+it with the server optimiser (`aggregator/strategy.py`, a pure step), and the new model,
+the optimiser's state and the round's record are committed together. It moves on only
+once they are: a commit that fails leaves model and state as they were.
+"""
+
+from __future__ import annotations
+
+from safetensors.torch import load as load_safetensors
+
+from aggregator.config import AggregatorConfig
+from aggregator.storage import Storage
+from aggregator.strategy import make_strategy
+from keyboard_model.errors import UserFacingError
+from keyboard_model.model import build_model
+from keyboard_model.weights import (
+    Tensors,
+    WeightsError,
+    l2_norm,
+    model_from_bytes,
+    model_to_bytes,
+    parameter_shapes,
+    read_tensors,
+    write_tensors,
+)
+
+
+class GlobalModel:
+    def __init__(self, config: AggregatorConfig, storage: Storage) -> None:
+        self.config = config
+        self.storage = storage
+        self.strategy = make_strategy(config.server_optimizer, config.server_learning_rate)
+        latest = storage.latest_model()
+        if latest is None:
+            storage.save_initial_model(model_to_bytes(self._initial_state(), 0, config.model))
+            latest = storage.latest_model()
+        self.version, self.bytes = latest
+        self.shapes = parameter_shapes(build_model(config.model).state_dict())
+        try:
+            self.state, _ = read_tensors(self.bytes, self.shapes)
+        except WeightsError as error:
+            raise UserFacingError(
+                f"the database {config.db_path} holds a model that does not fit this configuration ({error}); "
+                "use the sizes and tokenizer it was created with, or another --db"
+            ) from error
+        # Our own bytes from our own database, written by `commit_step`; not device input.
+        saved_state = storage.optimizer_state(self.version)
+        self.optimizer_state = load_safetensors(saved_state) if saved_state else self.strategy.init(self.state)
+
+    def _initial_state(self) -> Tensors:
+        if self.config.initial_model is None:
+            return build_model(self.config.model, seed=self.config.seed).state_dict()
+        try:
+            model, _ = model_from_bytes(self.config.initial_model.read_bytes())
+        except (OSError, WeightsError) as error:
+            raise UserFacingError(f"cannot start from {self.config.initial_model}: {error}") from error
+        if model.config != self.config.model:
+            raise UserFacingError(
+                f"{self.config.initial_model} has sizes {model.config}, but this aggregator is set up for "
+                f"{self.config.model}"
+            )
+        return model.state_dict()
+
+    def commit_step(self, mean_delta: Tensors, record: dict) -> None:
+        """Step the model by a round's mean delta and commit the new model, the optimiser's state and the round's
+        `record` (completed here with the new version and the step's norm) together."""
+        new_state, optimizer_state = self.strategy.apply(self.state, self.optimizer_state, mean_delta)
+        new_bytes = model_to_bytes(new_state, self.version + 1, self.config.model)
+        record.update(new_version=self.version + 1, update_norm=l2_norm(mean_delta))
+        self.storage.record_round(record, new_bytes, write_tensors(optimizer_state))
+        self.version, self.bytes, self.state, self.optimizer_state = (self.version + 1, new_bytes, new_state,
+                                                                      optimizer_state)
