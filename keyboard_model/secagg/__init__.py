@@ -1,0 +1,48 @@
+"""Secure aggregation's building blocks, shared by phones and the aggregator, one module each: `keys`, `masks`,
+`shares`, `graph` and `ring`.
+
+The protocol is Bonawitz et al. 2017 ("Practical Secure Aggregation") on the sparse
+neighbour graph of SecAgg+ (Bell et al. 2020). Every primitive comes from a maintained
+library: X25519, HKDF, AES-CTR and AES-GCM from `cryptography`, Shamir secret sharing
+from `pycryptodome`. What is ours is how they are put together:
+
+- Each phone has two key pairs per round: one to agree on keys that encrypt the secret
+  shares it sends its neighbours, one whose agreements seed the pairwise masks. The
+  private masking key is derived from a 16-byte seed, so that seed is what is shared.
+- A phone's masked input is `x + PRG(b) + sum over neighbours v of ±PRG(s_uv)` in a
+  ring of integers modulo 2**bits (numpy's unsigned arithmetic wraps exactly there). `b` is
+  the phone's own random seed; `s_uv` comes from X25519 between u's and v's masking keys,
+  so u adds what v subtracts, and the pairwise masks cancel in the sum.
+- `b` and the masking seed are each split into Shamir shares, one per neighbour, with
+  threshold t. After the masked inputs are in, each surviving neighbour reveals, for
+  each of its neighbours, the share of `b` if that neighbour sent its input and the
+  share of the masking seed if it did not, never both: the server can then remove the
+  self masks of the phones that reported and the pairwise masks of the ones that did not.
+
+Model deltas enter the ring rotated and in fixed point (`RingEncoding`), with a scale
+chosen so that the sum of every selected phone's largest possible delta does not wrap
+around; an 8-bit ring makes a masked upload the size of a plain int8 one.
+"""
+
+
+from keyboard_model.secagg.errors import SecAggError
+from keyboard_model.secagg.graph import GraphParameters, Roster, graph_parameters, neighbours
+from keyboard_model.secagg.keys import (
+    SEED_BYTES,
+    PublicKeys,
+    RoundSecrets,
+    masking_key,
+    pairwise_seed,
+    public_bytes,
+    share_cipher_key,
+)
+from keyboard_model.secagg.masks import Layout, Masked, add_mask, pairwise_sign, prg_mask
+from keyboard_model.secagg.ring import RING_WIDTHS, RingEncoding, masked_layout
+from keyboard_model.secagg.shares import Share, SharePair, combine_shares, open_shares, seal_shares, split_secret
+
+__all__ = [
+    "RING_WIDTHS", "SEED_BYTES", "GraphParameters", "Layout", "Masked", "PublicKeys", "RingEncoding", "Roster", "RoundSecrets",
+    "SecAggError", "Share", "SharePair", "add_mask", "combine_shares", "graph_parameters", "masked_layout",
+    "masking_key", "neighbours", "open_shares", "pairwise_seed", "pairwise_sign", "prg_mask", "public_bytes",
+    "seal_shares", "share_cipher_key", "split_secret",
+]
