@@ -36,15 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from aggregator.api.schemas import CheckinResponse, SecAggState
-from aggregator.api.client import AggregatorRefusedError
 from aggregator.api.protocol import Aggregator
 from device_sim.corpus import PreparedCorpus
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
 from device_sim.history import split_held_out
 from device_sim.executor import LocalProcessPool, TrainingExecutor
+from device_sim.participation import SECURE_STEPS, Participant
 from device_sim.phone import Phone
-from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
@@ -55,9 +53,6 @@ from keyboard_model.train import LocalTrainConfig, TrainResult
 FLEET_MANIFEST = "fleet.json"
 # A phone that lost its network checks in again this many ticks later.
 VANISHED_TICKS = 36
-# Answers that mean a phone's round is over: closed (409), or forgotten by an aggregator that restarted (401).
-# A real phone drops its update then, and so does the simulated one.
-GONE = (401, 409)
 
 
 class FleetError(UserFacingError):
@@ -171,30 +166,22 @@ class Participation:
 
 
 @dataclass
-class _Event:
-    """A selected phone's next step: at simulated `tick`, upload the result of `job`, or abort if it has none."""
+class _Selected:
+    """A selected phone between its steps (device_sim/participation.py), as the simulator sees it."""
 
+    participant: Participant
     selected_tick: int
-    tick: int
-    phone: Phone
-    decision: CheckinResponse
-    job: Future | None
+    seed: int
+    vanish_at: str | None  # the step at which it loses its network, if it does
 
 
 @dataclass
-class _SecureParticipant:
-    """A selected phone in a secure round, between its steps."""
+class _Event:
+    """A selected phone's training ends at simulated `tick`: it sends the result of `job`, or aborts if it has none."""
 
-    phone: Phone
-    decision: CheckinResponse
-    part: SecAggPhone
-    selected_tick: int
-    seed: int
-    vanish_at: str | None  # the step at which it loses its network: "share", "train" or "reveal"
-    step: str = "keys"  # what it did last: "keys", "shares", "training" or "uploaded"
-
-
-SECURE_STEPS = ("keys", "share", "train", "reveal")
+    tick: int
+    selected: _Selected
+    job: Future | None
 
 
 @dataclass(frozen=True)
@@ -243,7 +230,7 @@ class Fleet:
         self._rng = random.Random(config.seed)
         self._due_tick: dict[str, float] = {phone.phone_id: 0 for phone in self.phones}
         self._pending: list[_Event] = []
-        self._secure: dict[str, _SecureParticipant] = {}
+        self._selected: dict[str, _Selected] = {}
         self._ids = [phone.phone_id for phone in self.phones]
         # An aggregator on the wall clock (one started without --simulated-clock) is left to it: its deadlines
         # are then real seconds, which a simulation passes through much faster than simulated hours.
@@ -281,8 +268,8 @@ class Fleet:
             eligible = [phone for phone, ok in zip(self.phones, self.clock.eligible(self._ids)) if ok]
             eligible_at_start = len(eligible) if eligible_at_start is None else eligible_at_start
             due = [phone for phone in eligible if self._due_tick[phone.phone_id] <= self.clock.tick]
-            outcomes += self._check_in(due)
-            outcomes += self._advance_secure()
+            self._check_in(due)
+            outcomes += self._advance()
             checkins += len(due)
         else:
             raise FleetError(
@@ -292,9 +279,8 @@ class Fleet:
         return RoundReport(round_number, outcomes, self.clock.tick - started_tick + 1, eligible_at_start or 0,
                            self.clock.day(started_tick), self.clock.hour_utc(started_tick), training_s, checkins)
 
-    def _check_in(self, due: list[Phone]) -> list[Participation]:
-        """Let these phones check in; the selected ones start training. Returns the ones that vanished."""
-        vanished = []
+    def _check_in(self, due: list[Phone]) -> None:
+        """Let these phones check in; the selected ones take their first step in `_advance`."""
         self._rng.shuffle(due)
         tick_minutes = self.config.eligibility.tick_minutes
         for phone in due:
@@ -307,38 +293,49 @@ class Fleet:
             self._due_tick[phone.phone_id] = math.inf
             seed = self._rng.randrange(2**31)
             vanishes = self._rng.random() < self.config.vanish_probability
-            # A phone of a secure round can vanish at any of its steps; of a plain round, as soon as it is selected
-            # (it never uploads, just as if it vanished while training).
+            # A phone of a secure round can vanish at any of its steps; of a plain round, before it trains (it never
+            # uploads, just as if it vanished while training).
             vanish_at = None
             if vanishes:
-                vanish_at = self._rng.choice(SECURE_STEPS) if decision.secure_aggregation else "keys"
-            if vanish_at == "keys":
-                vanished.append(self._vanish(phone, decision.round, self.clock.tick))
-            elif decision.secure_aggregation:
-                part = SecAggPhone(decision.round)
-                try:
-                    self.client.secagg_keys(decision.round, decision.upload_token, part.keys_message())
-                except AggregatorRefusedError as refused:
-                    if refused.status_code not in GONE:
-                        raise
-                    continue  # the cohort was fixed (or the round ended) just before its keys came
-                self._secure[phone.phone_id] = _SecureParticipant(phone, decision, part, self.clock.tick, seed,
-                                                                  vanish_at)
-            else:
-                self._start_training(phone, decision, seed, self.clock.tick)
+                vanish_at = self._rng.choice(SECURE_STEPS) if decision.secure_aggregation else "train"
+            self._selected[phone.phone_id] = _Selected(Participant(phone, self.client, decision), self.clock.tick,
+                                                       seed, vanish_at)
+
+    def _advance(self) -> list[Participation]:
+        """Let the selected phones take the steps their rounds now allow. Returns the ones that vanished."""
+        vanished = []
+        progress = True
+        while progress:  # one step can open the next phase, as the last share does
+            progress = False
+            for phone_id, selected in list(self._selected.items()):
+                step = selected.participant.next_step()
+                if step == "over":
+                    del self._selected[phone_id]  # nothing left for it to do in this round
+                if step in (None, "over"):
+                    continue
+                progress = True
+                if step == selected.vanish_at:
+                    vanished.append(self._vanish(selected))
+                elif step == "train":
+                    self._start_training(selected)
+                else:
+                    selected.participant.take(step)
         return vanished
 
-    def _vanish(self, phone: Phone, round_number: int, selected_tick: int) -> Participation:
+    def _vanish(self, selected: _Selected) -> Participation:
         """The phone loses its network. One that vanishes while unmasking has already been counted as reported;
         it appears a second time, as vanished."""
-        self._due_tick[phone.phone_id] = self.clock.tick + VANISHED_TICKS
-        self._secure.pop(phone.phone_id, None)
-        return Participation(phone.phone_id, round_number, "vanished", selected_tick, self.clock.tick)
+        phone_id = selected.participant.phone.phone_id
+        self._due_tick[phone_id] = self.clock.tick + VANISHED_TICKS
+        del self._selected[phone_id]
+        return Participation(phone_id, selected.participant.round, "vanished", selected.selected_tick,
+                             self.clock.tick)
 
-    def _start_training(self, phone: Phone, decision: CheckinResponse, seed: int, selected_tick: int,
-                        secure: tuple[SecAggPhone, SecAggState] | None = None) -> None:
+    def _start_training(self, selected: _Selected) -> None:
         """The phone trains for a simulated time that depends on its speed and history, unless its conditions
         change before it is done: then it aborts at that tick."""
+        participant, phone = selected.participant, selected.participant.phone
+        secure = participant.training()
         tick_minutes = self.config.eligibility.tick_minutes
         typed = len(phone.messages(self.now_s)[0][-self.config.train.max_messages :])
         minutes = self.config.minutes_per_message * typed * self.clock.profile(phone.phone_id).speed
@@ -346,94 +343,29 @@ class Fleet:
         window = range(self.clock.tick + 1, finish + 1)
         interrupted = next((t for t in window if not self.clock.conditions(phone.phone_id, t).eligible), None)
         if interrupted is not None:
-            self._pending.append(_Event(selected_tick, interrupted, phone, decision, None))
+            self._pending.append(_Event(interrupted, selected, None))
             return
         model = self.client.model()  # the phone downloads the model it was selected to train
-        job = self.executor.submit(phone, model, self.config.train, seed, self.config.update_compression, self.now_s,
-                               decision.clip_norm, secure)
-        self._pending.append(_Event(selected_tick, finish, phone, decision, job))
-
-    def _advance_secure(self) -> list[Participation]:
-        """Let the phones of a secure round take the steps its phases now allow. Returns the ones that vanished."""
-        vanished = []
-        progress = True
-        while progress:  # one step can open the next phase, as the last share does
-            progress = False
-            for phone_id, p in list(self._secure.items()):
-                if p.step == "training":
-                    continue
-                try:
-                    state = self.client.secagg_state(p.decision.round, p.decision.upload_token)
-                except AggregatorRefusedError as refused:
-                    if refused.status_code not in GONE:
-                        raise
-                    del self._secure[phone_id]  # its round is over
-                    continue
-                step = _next_step(p, state)
-                if step is None:
-                    missed_sharing = p.step == "keys" and state.phase not in ("advertise", "share")
-                    if state.phase in ("done", "failed") or missed_sharing:
-                        del self._secure[phone_id]  # nothing left for it to do in this round
-                    continue
-                progress = True
-                if step == p.vanish_at:
-                    vanished.append(self._vanish(p.phone, p.decision.round, p.selected_tick))
-                elif step == "share":
-                    self.client.secagg_shares(p.decision.round, p.decision.upload_token, p.part.shares_message(state))
-                    p.step = "shares"
-                elif step == "train":
-                    self._start_training(p.phone, p.decision, p.seed, p.selected_tick, (p.part, state))
-                    p.step = "training"
-                else:
-                    self.client.secagg_reveal(p.decision.round, p.decision.upload_token, p.part.reveal_message(state))
-                    del self._secure[phone_id]
-        return vanished
+        job = self.executor.submit(phone, model, self.config.train, selected.seed, self.config.update_compression,
+                                   self.now_s, participant.decision.clip_norm, secure)
+        self._pending.append(_Event(finish, selected, job))
 
     def _finish(self, event: _Event) -> Participation:
         """A selected phone's training ends: it uploads, or, if its conditions changed or its training diverged,
         says it aborted."""
-        phone, decision, ticks = event.phone, event.decision, (event.selected_tick, event.tick)
-        self._due_tick[phone.phone_id] = self.clock.tick + 1
+        participant = event.selected.participant
+        ticks = (event.selected.selected_tick, event.tick)
+        self._due_tick[participant.phone.phone_id] = self.clock.tick + 1
         if event.job is None:
-            self._secure.pop(phone.phone_id, None)
-            try:
-                self.client.abort(decision.round, decision.upload_token)
-            except AggregatorRefusedError as refused:
-                if refused.status_code not in GONE:  # its round is over: nothing to say
-                    raise
-            return Participation(phone.phone_id, decision.round, "aborted", *ticks)
+            participant.abort()
+            return Participation(participant.phone.phone_id, participant.round, "aborted", *ticks)
         work, seconds = event.job.result()
-        outcome = "reported" if work.upload is not None else "diverged"
-        try:
-            phone.send(self.client, decision.round, decision.upload_token, work)
-        except AggregatorRefusedError as refused:
-            if refused.status_code not in GONE:
-                raise
-            if outcome == "reported":
-                outcome = "late"
-        participant = self._secure.get(phone.phone_id)
-        if participant is not None:
-            if outcome == "reported":
-                # It reveals its shares when unmasking starts. (Its masking ran in a worker, on a copy.)
-                participant.step, participant.part.masked = "uploaded", True
-            else:
-                del self._secure[phone.phone_id]
-        return Participation(phone.phone_id, decision.round, outcome, *ticks, work.result, len(work.upload or b""),
-                             seconds)
+        outcome = participant.send(work)
+        return Participation(participant.phone.phone_id, participant.round, outcome, *ticks, work.result,
+                             len(work.upload or b""), seconds)
 
     def close(self) -> None:
         self.executor.close()
-
-
-def _next_step(participant: _SecureParticipant, state: SecAggState) -> str | None:
-    """The step a phone of a secure round takes now, if any: share, train or reveal."""
-    if state.phase == "share" and participant.step == "keys":
-        return "share"
-    if state.phase == "collect" and participant.step == "shares":
-        return "train"
-    if state.phase == "unmask" and participant.step == "uploaded" and state.index in (state.reported or []):
-        return "reveal"
-    return None
 
 
 def evaluate_phones(model: NextWordModel, tokenizer: KeyboardTokenizer, phones: Sequence[Phone]) -> EvalCounts:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.api.client import AggregatorRefusedError
@@ -31,25 +30,13 @@ from device_sim.session import LocalWork, RoundInput, clipped, encoded, evaluate
 from keyboard_model.errors import UserFacingError
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
-from keyboard_model.train import LocalTrainConfig, TrainResult
+from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import model_from_bytes
 
 # Held-out messages a phone scores the downloaded model on, at most. Ten phones still score about a thousand
 # predictions a round; scoring 100 messages cost a phone a quarter of its training time, 25 about a tenth; and
 # a small count says little about how much the person types.
 EVAL_MESSAGES = 25
-
-
-@dataclass(frozen=True)
-class LocalRound:
-    """What the phone did in a round, seen from the simulator (only the update was uploaded)."""
-
-    phone_id: str
-    round: int
-    result: TrainResult
-    update_size_bytes: int
-    # This phone's update was the one that completed the round.
-    closed_round: bool
 
 
 class PhoneError(UserFacingError):
@@ -146,33 +133,6 @@ class Phone:
         if work.evaluation is not None:
             client.report_evaluation(round_number, upload_token, work.evaluation)
         return client.upload(round_number, upload_token, work.upload)
-
-    def train_round(
-        self,
-        client: Aggregator,
-        round_number: int,
-        upload_token: str,
-        tokenizer: KeyboardTokenizer,
-        config: LocalTrainConfig,
-        seed: int,
-        compression: str = "int8",
-        clip_norm: float | None = None,
-    ) -> LocalRound | None:
-        """Download the global model, score and fine-tune it on this phone, send the evaluation and the update.
-
-        Returns None when they came too late (the round closed at its deadline meanwhile), or when training
-        diverged and the phone aborted the round.
-        """
-        work = self.local_work(client.model(), tokenizer, config, seed, compression, clip_norm=clip_norm)
-        try:
-            answer = self.send(client, round_number, upload_token, work)
-        except AggregatorRefusedError as refused:
-            if refused.status_code == 409:  # a real phone just drops a late update
-                return None
-            raise
-        if answer is None:
-            return None
-        return LocalRound(self.phone_id, round_number, work.result, len(work.upload), answer.round_closed)
 
     def held_out(self, tokenizer: KeyboardTokenizer) -> list[list[int]]:
         """Encoded held-out messages, for evaluation on the phone."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
+from device_sim.participation import Participant
 from device_sim.phone import Phone
 from device_sim.session import update_bytes
 from keyboard_model.evaluate import evaluate
@@ -39,6 +40,12 @@ def make_phone(folder: Path, name: str, texts: list[str]) -> Phone:
     return Phone.create(name, folder / name, [(float(i), text) for i, text in enumerate(texts)])
 
 
+def take_part(phone: Phone, client: AggregatorClient, decision, tokenizer, train: LocalTrainConfig, seed: int) -> None:
+    """The selected phone's steps in its round, as every phone takes them (device_sim/participation.py)."""
+    Participant(phone, client, decision).run(
+        lambda secure: phone.local_work(client.model(), tokenizer, train, seed, secure=secure), lambda _: True)
+
+
 def state_of(client: AggregatorClient) -> tuple[dict[str, torch.Tensor], int]:
     model, version = model_from_bytes(client.model())
     return model.state_dict(), version
@@ -62,7 +69,7 @@ def test_three_phones_two_rounds_give_the_example_weighted_mean(
         for seed, phone in enumerate(phones):
             decision = phone.check_in(client)
             assert decision.action == "train" and decision.round == expected_round
-            phone.train_round(client, decision.round, decision.upload_token, small_tokenizer, train, seed=seed)
+            take_part(phone, client, decision, small_tokenizer, train, seed)
         after, new_version = state_of(client)
         assert new_version == version + 1
         shapes = parameter_shapes(before)
@@ -90,7 +97,7 @@ def test_a_phone_sends_only_parameter_tensors_an_example_count_and_three_recall_
     client = RecordingClient(aggregator.url)
     phone = make_phone(tmp_path, "phone-0", SMALL_TEXT * 5)
     decision = phone.check_in(client)
-    phone.train_round(client, decision.round, decision.upload_token, small_tokenizer, LocalTrainConfig(), seed=0)
+    take_part(phone, client, decision, small_tokenizer, LocalTrainConfig(), seed=0)
     assert [(method, path) for method, path, _ in client.sent] == [
         ("POST", "/devices"), ("POST", "/checkin"), ("GET", "/model"),
         ("POST", "/rounds/1/evaluations"), ("POST", "/rounds/1/updates"),

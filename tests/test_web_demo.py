@@ -10,7 +10,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,10 +29,13 @@ from aggregator.config import AggregatorConfig
 from aggregator.process import LocalAggregator, free_port, local_aggregator_config
 from aggregator.api.client import AggregatorClient
 from device_sim.fleet import Fleet
+from device_sim.participation import Participant
+from device_sim.phone import Phone
 from device_sim.session import update_bytes
 from keyboard_model.model import ModelConfig
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import SPECIAL_TOKENS, KeyboardTokenizer
+from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.conftest import SMALL_TEXT
 from tests.test_fleet import fleet_config, make_phones
@@ -141,7 +145,8 @@ def small_aggregator_config(tmp_path: Path, tokenizer: KeyboardTokenizer, **sett
     model = ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=16, hidden_dim=32, projection_dim=16)
     # The browser phone is selected at its first check-in: these tests are about the page, not selection.
     settings.setdefault("selection_window_s", 0.0)
-    return local_aggregator_config(tmp_path, tokenizer_path, clients_per_round=1, model=model, **settings)
+    settings.setdefault("clients_per_round", 1)
+    return local_aggregator_config(tmp_path, tokenizer_path, model=model, **settings)
 
 
 @pytest.fixture
@@ -556,3 +561,51 @@ def test_this_browser_is_a_phone_keeps_sent_text_only_in_its_own_sqlite_file_and
         stored = b"".join(path.read_bytes() for path in tmp_path.glob("aggregator.sqlite*"))
         for word in ("4711", "Wittgenstein", "bank", "temperate"):
             assert word.encode() not in stored
+
+
+def simulated_phone_takes_part(phone: Phone, url: str, tokenizer: KeyboardTokenizer, seed: int) -> str | None:
+    """A simulated phone checks in until it is selected, then takes its round's steps as every phone does."""
+    with closing(AggregatorClient(url, timeout_s=30.0)) as client:
+        for _ in range(200):
+            decision = phone.check_in(client)
+            if decision.action == "train":
+                return Participant(phone, client, decision).run(
+                    lambda secure: phone.local_work(client.model(), tokenizer, LocalTrainConfig(), seed, secure=secure),
+                    lambda seconds: time.sleep(seconds) is None)
+            time.sleep(0.2)
+    return None
+
+
+def test_this_browser_is_a_phone_joins_a_secure_round_beside_simulated_phones(
+    tmp_path: Path, tokenizer: KeyboardTokenizer
+) -> None:
+    # A cohort of three (secure aggregation's smallest): the browser phone and two simulated phones.
+    config = small_aggregator_config(tmp_path, tokenizer, clients_per_round=3, over_selection=1.0,
+                                     secure_aggregation=True)
+    others = [Phone.create(f"phone-{i}", tmp_path / f"phone-{i}", [(float(t), text) for t, text in enumerate(LINES)])
+              for i in range(2)]
+    with LocalAggregator(config) as aggregator, \
+            DemoServer(aggregator.url, phone_dir=tmp_path / "browser-phone") as demo, \
+            chromium(tmp_path / "chromium-profile") as browser, ThreadPoolExecutor(2) as pool:
+        demo.wait_for_model(version=0)
+        outcomes = [pool.submit(simulated_phone_takes_part, phone, aggregator.url, tokenizer, seed)
+                    for seed, phone in enumerate(others)]
+        browser.get(demo.url)
+        wait = WebDriverWait(browser, 60)
+        browser.find_element(By.ID, "phone-enabled").click()
+        send, box = wait.until(lambda b: (e := b.find_element(By.ID, "send")).is_displayed() and e), \
+            browser.find_element(By.ID, "message")
+        for text in LINES:
+            box.send_keys(text)
+            send.click()
+            wait.until(lambda b: box.get_attribute("value") == "")
+        for condition in ("phone-charging", "phone-idle", "phone-wifi"):
+            browser.find_element(By.ID, condition).click()
+        status = browser.find_element(By.ID, "phone-status")
+        wait.until(lambda b: "Joined 1 round" in status.text)
+        assert "sent secure round 1 a masked" in status.text
+        assert [outcome.result(timeout=60) for outcome in outcomes] == ["reported", "reported"]
+        summary = {r.round: r for r in AggregatorClient(aggregator.url).status().recent_rounds}[1]
+        assert (summary.status, summary.reported, summary.new_version) == ("closed", 3, 1)
+        # The three phones' evaluation counts travelled inside their masked inputs; only the sum was seen.
+        assert summary.eval_devices == 3 and summary.eval_positions > 0

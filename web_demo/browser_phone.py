@@ -4,9 +4,11 @@ The machine that serves the page plays the phone. What the person sends with the
 switch on is appended to this phone's own `history.sqlite` (device_sim's TypingHistory,
 in `DemoConfig.phone_dir`); the page sets the phone's charging, idle and Wi-Fi
 conditions. While the switch is on and the phone is eligible, a worker thread checks in
-with the aggregator like a simulated phone and, when selected, trains on that history
-and sends what any phone sends (device_sim/phone.py): the model update and three
-evaluation counts. The history itself never leaves this machine.
+with the aggregator like a simulated phone and, when selected, takes the same steps as
+every phone (device_sim/participation.py), in plain and in secure rounds: it trains on
+that history and sends what any phone sends (device_sim/phone.py), the model update
+and three evaluation counts, masked together in a secure round. The history itself
+never leaves this machine.
 
 The switch and the conditions are kept in `phone.json` beside the history, so a
 restarted demo comes back as it was left; a new phone starts switched off. Switching
@@ -22,10 +24,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.api.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.client import AggregatorClient
+from aggregator.api.schemas import CheckinResponse, SecAggState
 from device_sim.eligibility import DeviceConditions
 from device_sim.history import TypingHistory
+from device_sim.participation import Participant
 from device_sim.phone import Phone
+from device_sim.secure_aggregation import SecAggPhone
+from device_sim.session import LocalWork
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
@@ -162,35 +168,37 @@ class BrowserPhone:
         if decision.action != "train":
             self._note(f"eligible; the aggregator said to come back in {decision.retry_after_s:.0f} s")
             return max(decision.retry_after_s or 0.0, 1.0)
-        if decision.secure_aggregation:
-            # The secure protocol's steps are driven by the simulator's fleet; this phone sits such rounds out.
-            self._client.abort(decision.round, decision.upload_token)
-            self._note(f"sat out round {decision.round}: it uses secure aggregation, which this phone does not run")
-            return self.check_in_s
+        kind = "secure round" if decision.secure_aggregation else "round"
+        self._note(f"selected for {kind} {decision.round}")
+        participant = Participant(self.phone, self._client, decision)
+        outcome = participant.run(lambda secure: self._train(decision, secure), self._keep_going)
+        work = participant.work
+        if outcome == "reported":
+            with self._lock:
+                self._rounds.append(decision.round)
+            masked = "a masked" if decision.secure_aggregation else "a"
+            self._note(f"sent {kind} {decision.round} {masked} {len(work.upload) / 1e6:.2f} MB model update, "
+                       f"trained on {work.result.num_examples} examples")
+        elif outcome == "late":
+            self._note(f"round {decision.round} closed before this phone's update arrived")
+        elif outcome == "diverged":  # the phone aborted the round: nothing was sent
+            self._note(f"sat out round {decision.round}: training diverged ({work.result.divergence}); nothing was sent")
+        elif outcome is None:
+            self._note(f"{kind} {decision.round} went on without this phone")
+        return self.check_in_s
+
+    def _train(self, decision: CheckinResponse, secure: tuple[SecAggPhone, SecAggState] | None) -> LocalWork:
         self._note(f"training for round {decision.round} on {self.state().messages} messages")
         tokenizer = KeyboardTokenizer.from_json(self._client.tokenizer_json())
-        work = self.phone.local_work(self._client.model(), tokenizer, self.train, seed=time.time_ns() % 2**31,
-                                     clip_norm=decision.clip_norm)
+        return self.phone.local_work(self._client.model(), tokenizer, self.train, seed=time.time_ns() % 2**31,
+                                     clip_norm=decision.clip_norm, secure=secure)
+
+    def _keep_going(self, seconds: float) -> bool:
+        """Wait `seconds` between a secure round's steps; False once the phone is switched off or stopped."""
+        if seconds:
+            self._stop.wait(seconds)
         with self._lock:
-            switched_off = not self._settings.enabled
-        if switched_off:  # while training: nothing leaves
-            self._client.abort(decision.round, decision.upload_token)
-            return self.check_in_s
-        try:
-            sent = self.phone.send(self._client, decision.round, decision.upload_token, work)
-        except AggregatorRefusedError as refused:
-            if refused.status_code != 409:
-                raise
-            self._note(f"round {decision.round} closed before this phone's update arrived")
-            return self.check_in_s
-        if sent is None:  # the phone aborted the round: nothing was sent
-            self._note(f"sat out round {decision.round}: training diverged ({work.result.divergence}); nothing was sent")
-            return self.check_in_s
-        with self._lock:
-            self._rounds.append(decision.round)
-        self._note(f"sent round {decision.round} a {len(work.upload) / 1e6:.2f} MB model update, "
-                   f"trained on {work.result.num_examples} examples")
-        return self.check_in_s
+            return self._settings.enabled and not self._stop.is_set()
 
     def __enter__(self) -> BrowserPhone:
         self._worker.start()
