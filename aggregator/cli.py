@@ -17,6 +17,7 @@ from keyboard_model.cli_options import add_model_arguments, model_config_from_ar
 from keyboard_model.commands import run_command
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
+from keyboard_model.weights import MODEL_ENCODINGS
 
 DEFAULTS = AggregatorConfig(db_path=Path("aggregator.sqlite"), tokenizer_path=Path("tokenizer.json"))
 
@@ -54,6 +55,9 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest L2 norm of an update; larger ones are refused (default: %(default)s)")
     parser.add_argument("--max-eval-positions", type=int, default=DEFAULTS.max_eval_positions,
                         help="most predictions one device's evaluation may claim (default: %(default)s)")
+    parser.add_argument("--download", choices=MODEL_ENCODINGS, default=DEFAULTS.download_encoding,
+                        help="how selected phones download the model: int8 is about a quarter of float32's bytes "
+                             "(default: %(default)s)")
     parser.add_argument("--secure-aggregation", action="store_true",
                         help="run secure aggregation: the server learns only each round's sum of updates")
     parser.add_argument("--secagg-phase", type=float, default=DEFAULTS.secagg_phase_s,
@@ -102,6 +106,7 @@ def round_settings(args: argparse.Namespace) -> dict:
         max_examples_per_update=args.max_examples,
         max_update_norm=args.max_update_norm,
         max_eval_positions=args.max_eval_positions,
+        download_encoding=args.download,
         secure_aggregation=args.secure_aggregation,
         secagg_phase_s=args.secagg_phase,
         secagg_ring_bits=args.secagg_ring_bits,

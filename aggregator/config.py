@@ -9,6 +9,7 @@ from pathlib import Path
 from keyboard_model.architecture import ArchitectureConfig
 from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RING_WIDTHS
+from keyboard_model.weights import MODEL_ENCODINGS
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class AggregatorConfig:
     population: int | None = None
     # The delta at which epsilon is reported. None: 1 / population.
     dp_delta: float | None = None
+    # How selected phones download the model: "int8" (a quarter of the bytes, `keyboard_model/int8.py`) or
+    # "float32". The aggregator keeps and steps its model in float32 either way.
+    download_encoding: str = "float32"
     # Secure aggregation (aggregator/secure_round.py): the server learns only the sum of a round's updates.
     secure_aggregation: bool = False
     # Its key, share and unmask phases each close when every device has answered, or this many seconds after
@@ -102,6 +106,8 @@ class AggregatorConfig:
             raise ValueError("population must be at least clients_per_round")
         if self.dp_delta is not None and not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.download_encoding not in MODEL_ENCODINGS:
+            raise ValueError(f"download_encoding must be one of {MODEL_ENCODINGS}, got {self.download_encoding!r}")
         if self.secagg_ring_bits not in RING_WIDTHS:
             raise ValueError(f"secagg_ring_bits must be one of {RING_WIDTHS}, got {self.secagg_ring_bits}")
         if not min(self.round_deadline_s, self.retry_after_s, self.max_update_norm, self.secagg_phase_s) > 0:

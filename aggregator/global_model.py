@@ -49,6 +49,15 @@ class GlobalModel:
         # Our own bytes from our own database, written by `commit_step`; not device input.
         saved_state = storage.optimizer_state(self.version)
         self.optimizer_state = load_safetensors(saved_state) if saved_state else self.strategy.init(self.state)
+        self._int8: tuple[int, bytes] | None = None  # (version, bytes): made once per version, on first download
+
+    def encoded(self, encoding: str) -> bytes:
+        """The current model as phones download it: the stored float32 bytes, or int8."""
+        if encoding == "float32":
+            return self.bytes
+        if self._int8 is None or self._int8[0] != self.version:
+            self._int8 = (self.version, model_to_bytes(self.state, self.version, self.config.model, encoding))
+        return self._int8[1]
 
     def _initial_state(self) -> Tensors:
         if self.config.initial_model is None:

@@ -51,8 +51,8 @@ class InProcessClient:
         device_id = _call(self._rounds.authenticate, device_token)
         return CheckinResponse(**self._rounds.checkin(device_id).__dict__)
 
-    def model(self) -> bytes:
-        return self._rounds.current_model()[1]
+    def model(self, encoding: str = "float32") -> bytes:
+        return self._rounds.current_model(encoding)[1]
 
     def model_version(self, version: int) -> bytes:
         data = self._storage.model(version)

@@ -59,7 +59,7 @@ class LocalAggregator:
             "--max-examples", str(c.max_examples_per_update), "--max-update-norm", str(c.max_update_norm),
             "--max-eval-positions", str(c.max_eval_positions), "--clip-norm", str(c.clip_norm),
             *(["--secure-aggregation"] if c.secure_aggregation else []), "--secagg-phase", str(c.secagg_phase_s),
-            "--secagg-ring-bits", str(c.secagg_ring_bits),
+            "--secagg-ring-bits", str(c.secagg_ring_bits), "--download", c.download_encoding,
             *(["--noise-multiplier", str(c.noise_multiplier)] if c.noise_multiplier is not None else []),
             *(["--population", str(c.population)] if c.population is not None else []),
             *(["--dp-delta", str(c.dp_delta)] if c.dp_delta is not None else []),

@@ -71,6 +71,7 @@ class CheckinDecision:
     retry_after_s: float | None = None
     clip_norm: float | None = None
     secure_aggregation: bool = False
+    model_encoding: str = "float32"
 
 
 @dataclass
@@ -162,9 +163,9 @@ class RoundManager:
         """The largest honest update: an uncompressed (float32) one."""
         return max_encoded_bytes(self.model.shapes, "none")
 
-    def current_model(self) -> tuple[int, bytes]:
+    def current_model(self, encoding: str = "float32") -> tuple[int, bytes]:
         with self._lock:
-            return self.model.version, self.model.bytes
+            return self.model.version, self.model.encoded(encoding)
 
     def enrol(self) -> tuple[str, str]:
         """A new device: its id and the secret token it must show at every check-in."""
@@ -186,7 +187,8 @@ class RoundManager:
             if token is not None and not done:
                 clip_norm = self.config.clip_norm if self.config.differential_privacy else None
                 return CheckinDecision("train", current.number, self.model.version, upload_token=token,
-                                       clip_norm=clip_norm, secure_aggregation=current.secure is not None)
+                                       clip_norm=clip_norm, secure_aggregation=current.secure is not None,
+                                       model_encoding=self.config.download_encoding)
             if device_id in current.selection.candidates:
                 # Come back once the draw it is a candidate in has been made.
                 wait = max(current.selection.ends - self.clock(), 0.0) + 0.001
@@ -216,7 +218,7 @@ class RoundManager:
             current.token_by_device[device_id] = token
             current.device_by_token[token] = device_id
             # A selected device downloads the model it is to train.
-            current.bytes_down += len(self.model.bytes)
+            current.bytes_down += len(self.model.encoded(self.config.download_encoding))
 
     @property
     def selection_target(self) -> int:

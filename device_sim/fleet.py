@@ -345,7 +345,8 @@ class Fleet:
         if interrupted is not None:
             self._pending.append(_Event(interrupted, selected, None))
             return
-        model = self.client.model()  # the phone downloads the model it was selected to train
+        # The phone downloads the model it was selected to train, as the aggregator said (int8 or float32).
+        model = self.client.model(participant.decision.model_encoding)
         job = self.executor.submit(phone, model, self.config.train, selected.seed, self.config.update_compression,
                                    self.now_s, participant.decision.clip_norm, secure)
         self._pending.append(_Event(finish, selected, job))

@@ -19,7 +19,6 @@ import torch
 
 from keyboard_model import int8
 from keyboard_model.files import write_atomically
-from keyboard_model.int8 import SCALE_SUFFIX
 from keyboard_model.architecture import DEFAULT_ARCHITECTURE, NextWordModel, config_from_dict, new_model
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import Tensors, WeightsError, read_tensors, write_tensors
@@ -34,26 +33,9 @@ class Artifact:
     manifest: dict
 
 
-def quantize(state: Tensors) -> Tensors:
-    """int8 per-row copies of every matrix (with `<name>.scale`), rounded to the nearest step; other tensors as
-    they are."""
-    out: Tensors = {}
-    for name, tensor in state.items():
-        if tensor.dim() != 2:
-            out[name] = tensor.float()
-            continue
-        out[name], out[name + SCALE_SUFFIX] = int8.quantize(tensor)
-    return out
-
-
-def dequantize(stored: Tensors) -> Tensors:
-    return {name: int8.dequantize(tensor, stored[name + SCALE_SUFFIX]) if tensor.dtype == torch.int8 else tensor
-            for name, tensor in stored.items() if not name.endswith(SCALE_SUFFIX)}
-
-
 def export(model: NextWordModel, tokenizer: KeyboardTokenizer, path: Path, version: int) -> dict:
     """Write the artifact; returns its manifest."""
-    stored = quantize(model.state_dict())
+    stored = int8.quantize_state(model.state_dict())
     manifest = {
         "format": FORMAT,
         "model_version": version,
@@ -84,9 +66,10 @@ def load(path: Path) -> Artifact:
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as error:
         raise WeightsError(f"{path} is not a fedkeyboard artifact: {error}") from error
     model = new_model(config)
-    expected = quantize(model.state_dict())
-    stored, _ = read_tensors(
-        weights, {n: tuple(t.shape) for n, t in expected.items()}, {n: t.dtype for n, t in expected.items()}
-    )
-    model.load_state_dict(dequantize(stored))
+    stored, _ = read_tensors(weights, *int8.quantized_layout(model.state_dict()))
+    try:
+        state = int8.dequantize_state(stored)
+    except ValueError as error:
+        raise WeightsError(f"{path} is not a fedkeyboard artifact: {error}") from error
+    model.load_state_dict(state)
     return Artifact(model.eval(), tokenizer, manifest)

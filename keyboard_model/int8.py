@@ -4,8 +4,8 @@ Row r of a tensor (a slice along its first dimension; a 1-D tensor is one row) i
 stored as int8 values `q[r]` in [-127, 127] and `scale[r] = max|row r| / 127`, and
 decodes as `q[r] * scale[r]`. Per-row scales keep a rare word's small embedding from
 being rounded away by a frequent word's large one. Two roundings:
-- to the nearest step, for a model that is used as it is (the on-device artifact, a
-  downloaded model);
+- to the nearest step, for a model that is used as it is (the on-device artifact, the
+  global model as phones download it: `quantize_state`);
 - stochastic, up with probability equal to the fractional part, for updates that are
   averaged: every decoded value then equals the true one in expectation, so the mean
   of many is unbiased (Konečný et al. 2016; Suresh et al. 2017).
@@ -17,6 +17,10 @@ import torch
 
 LEVELS = 127  # symmetric, so -128 is never produced and is refused when decoding
 SCALE_SUFFIX = ".scale"
+# A finite scale near the float32 limit times 127 would overflow to infinity.
+MAX_SCALE = torch.finfo(torch.float32).max / LEVELS
+
+Tensors = dict[str, torch.Tensor]
 
 
 def row_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -42,3 +46,44 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(row_shape(tuple(tensor.shape)) + (-1,))
+
+
+def dequantize_checked(name: str, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dequantize int8 values that came from elsewhere, refusing what no honest quantiser writes: negative scales,
+    scales so large the values overflow, and -128. Raises ValueError naming the tensor."""
+    if (scale < 0).any():
+        raise ValueError(f"{name}{SCALE_SUFFIX} holds negative scales")
+    # Bounding the (few) scales spares a pass over the (many) decoded values.
+    if (scale > MAX_SCALE).any():
+        raise ValueError(f"{name} decodes to infinite values: a scale above {MAX_SCALE:.3g}")
+    if (values < -LEVELS).any():
+        raise ValueError(f"{name} holds values outside [-{LEVELS}, {LEVELS}]")
+    return dequantize(values, scale)
+
+
+def quantize_state(state: Tensors) -> Tensors:
+    """A model's weights to use as they are: int8 per-row copies of every matrix (with `<name>.scale`), rounded to
+    the nearest step; other tensors (biases, few) as float32."""
+    out: Tensors = {}
+    for name, tensor in state.items():
+        if tensor.dim() != 2:
+            out[name] = tensor.float()
+            continue
+        out[name], out[name + SCALE_SUFFIX] = quantize(tensor)
+    return out
+
+
+def quantized_layout(state: Tensors) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    """(shape, dtype) of every tensor `quantize_state(state)` holds, to check received bytes against."""
+    shapes, dtypes = {}, {}
+    for name, tensor in state.items():
+        shapes[name], dtypes[name] = tuple(tensor.shape), torch.int8 if tensor.dim() == 2 else torch.float32
+        if tensor.dim() == 2:
+            shapes[name + SCALE_SUFFIX], dtypes[name + SCALE_SUFFIX] = row_shape(tuple(tensor.shape)), torch.float32
+    return shapes, dtypes
+
+
+def dequantize_state(stored: Tensors) -> Tensors:
+    """The float32 weights of `quantize_state`'s output, checked (`dequantize_checked`)."""
+    return {name: dequantize_checked(name, tensor, stored[name + SCALE_SUFFIX]) if tensor.dtype == torch.int8
+            else tensor for name, tensor in stored.items() if not name.endswith(SCALE_SUFFIX)}

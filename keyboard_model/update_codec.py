@@ -21,11 +21,10 @@ import math
 import torch
 
 from keyboard_model import int8
-from keyboard_model.int8 import LEVELS, SCALE_SUFFIX
+from keyboard_model.int8 import SCALE_SUFFIX
 from keyboard_model.weights import Tensors, WeightsError, read_metadata, read_tensors, write_tensors
 
 SCHEMES = ("int8", "none")
-MAX_SCALE = torch.finfo(torch.float32).max / LEVELS
 # Room for the JSON header, as the aggregator has always allowed for float32 uploads.
 HEADER_ALLOWANCE = 64 * 1024
 
@@ -73,18 +72,10 @@ def decode_update(data: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[Tens
         expected_shapes[name + SCALE_SUFFIX] = int8.row_shape(shape)
     stored, metadata = read_tensors(data, expected_shapes, expected_dtypes)
 
-    delta: Tensors = {}
-    for name, shape in shapes.items():
-        quantised, scale = stored[name], stored[name + SCALE_SUFFIX]
-        if (scale < 0).any():
-            raise WeightsError(f"{name}{SCALE_SUFFIX} holds negative scales")
-        # A finite scale near the float32 limit times 127 would overflow to infinity; bounding the
-        # (few) scales spares a pass over the (many) decoded values.
-        if (scale > MAX_SCALE).any():
-            raise WeightsError(f"{name} decodes to infinite values: a scale above {MAX_SCALE:.3g}")
-        if (quantised < -LEVELS).any():
-            raise WeightsError(f"{name} holds values outside [-{LEVELS}, {LEVELS}]")
-        delta[name] = int8.dequantize(quantised, scale)
+    try:
+        delta = {name: int8.dequantize_checked(name, stored[name], stored[name + SCALE_SUFFIX]) for name in shapes}
+    except ValueError as error:
+        raise WeightsError(str(error)) from error
     return delta, metadata
 
 

@@ -4,7 +4,7 @@ import zipfile
 import pytest
 import torch
 
-from keyboard_model import artifact
+from keyboard_model import artifact, int8
 from keyboard_model.model import ModelConfig, build_model
 from keyboard_model.suggest import Suggester
 from keyboard_model.weights import WeightsError
@@ -13,10 +13,10 @@ from tests.conftest import SMALL_TEXT
 
 def test_quantisation_is_per_row_int8_within_half_a_step():
     weight = torch.tensor([[1.0, -0.5, 0.25], [0.001, 0.002, -0.003]])
-    stored = artifact.quantize({"w": weight, "b": torch.tensor([0.1, 0.2])})
+    stored = int8.quantize_state({"w": weight, "b": torch.tensor([0.1, 0.2])})
     assert stored["w"].dtype == torch.int8 and stored["b"].dtype == torch.float32
     assert stored["w"].abs().amax(dim=1).tolist() == [127, 127]  # each row uses its own full range
-    restored = artifact.dequantize(stored)
+    restored = int8.dequantize_state(stored)
     assert torch.all((restored["w"] - weight).abs() <= stored["w.scale"][:, None] / 2 + 1e-9)
     assert torch.equal(restored["b"], torch.tensor([0.1, 0.2]))
 

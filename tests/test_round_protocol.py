@@ -14,7 +14,7 @@ from aggregator.pace import retry_after_s
 from aggregator.process import LocalAggregator
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from device_sim.session import update_bytes
-from keyboard_model.weights import model_from_bytes, parameter_shapes
+from keyboard_model.weights import model_from_bytes, parameter_shapes, read_metadata
 
 
 def constant_update(client: AggregatorClient, value: float, examples: int) -> bytes:
@@ -248,3 +248,31 @@ def test_evaluation_reports_are_checked_counted_once_and_summed_into_the_rounds_
     assert summary.recall_at_1 == pytest.approx(35 / 300) and summary.recall_at_3 == pytest.approx(75 / 300)
     raw = httpx.get(f"{aggregator.url}/status", timeout=10).json()["recent_rounds"][0]
     assert raw["recall_at_1"] == pytest.approx(35 / 300)
+
+
+def test_phones_told_to_download_int8_get_an_int8_model_and_the_round_counts_its_bytes(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, over_selection=1.0,
+                                  download_encoding="int8")
+    client = AggregatorClient(aggregator.url)
+    decisions = [client.checkin(client.enrol().device_token) for _ in range(2)]
+    assert [d.model_encoding for d in decisions] == ["int8", "int8"]
+    float32, quantised = client.model(), client.model("int8")
+    # int8 (test_weights.py checks the size on rows of real width; this model's rows are 8 wide).
+    assert read_metadata(quantised)["encoding"] == "int8" and len(quantised) < len(float32)
+    # The download rebuilds the server's model to within half an int8 step per row.
+    served, version = model_from_bytes(float32)
+    downloaded, downloaded_version = model_from_bytes(quantised)
+    assert downloaded_version == version == 0
+    for name, tensor in served.state_dict().items():
+        steps = tensor.abs().amax(dim=1, keepdim=True) / 127 if tensor.dim() == 2 else 0
+        assert ((downloaded.state_dict()[name] - tensor).abs() <= steps * 0.5001).all(), name
+    update = constant_update(client, 0.01, 5)
+    for decision in decisions:
+        client.upload(decision.round, decision.upload_token, update)
+    (summary,) = client.status().recent_rounds
+    assert summary.status == "closed" and summary.bytes_down == 2 * len(quantised)
+    # The next version is served as int8 too; an unknown encoding is refused before anything is made.
+    assert model_from_bytes(client.model("int8"))[1] == 1
+    assert httpx.get(f"{aggregator.url}/model", params={"encoding": "int4"}, timeout=5).status_code == 422

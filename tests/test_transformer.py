@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from keyboard_model import artifact
+from keyboard_model import artifact, int8
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.model import CIFGLSTM, ModelConfig, build_model
 from keyboard_model.suggest import Suggester
@@ -130,7 +130,7 @@ def test_the_int8_artifact_round_trips(tmp_path, small_tokenizer, config):
     assert manifest["architecture"] == loaded.manifest["architecture"] == "transformer"
     assert isinstance(loaded.model, CausalTransformer) and loaded.model.config == config
     assert "blocks.0.attention.qkv.weight" in manifest["int8_tensors"]
-    stored = artifact.quantize(model.state_dict())
+    stored = int8.quantize_state(model.state_dict())
     for name, original in model.state_dict().items():  # each weight within half an int8 step of its own
         step = stored[name + ".scale"][:, None] if name in manifest["int8_tensors"] else 0
         assert torch.all((loaded.model.state_dict()[name] - original).abs() <= step / 2 + 1e-6), name

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from keyboard_model import int8
-from keyboard_model.artifact import quantize
+from keyboard_model.int8 import quantize_state as quantize
 from keyboard_model.model import CIFGLSTM, ModelConfig
 from keyboard_model.update_codec import decode_update, encode_update, max_encoded_bytes
 from keyboard_model.weights import WeightsError, parameter_shapes, read_tensors, write_tensors

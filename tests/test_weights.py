@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 
 from keyboard_model.model import ModelConfig, build_model
 from keyboard_model.weights import (
@@ -10,6 +11,7 @@ from keyboard_model.weights import (
     model_from_bytes,
     model_to_bytes,
     parameter_shapes,
+    read_metadata,
     read_tensors,
     write_tensors,
 )
@@ -70,3 +72,50 @@ def test_model_bytes_rebuild_the_same_model():
     assert parameter_shapes(rebuilt.state_dict()) == parameter_shapes(model.state_dict())
     for name, tensor in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[name], tensor)
+
+
+def int8_model_bytes(config: ModelConfig, **changes) -> bytes:
+    """An int8 model download, with some stored tensors replaced (to play a tampered or broken one)."""
+    data = model_to_bytes(build_model(config, seed=5).state_dict(), 3, config, "int8")
+    stored, metadata = load_safetensors(data), read_metadata(data)
+    return write_tensors({**stored, **changes}, metadata)
+
+
+def test_an_int8_download_is_under_30_percent_of_float32_and_within_half_a_step_of_each_weight():
+    # Rows of 64 or more, as in real models (the default's are 96 and 670): each row's scale costs 4 bytes.
+    config = ModelConfig(vocab_size=200, embedding_dim=64, hidden_dim=64, projection_dim=64)
+    state = build_model(config, seed=5).state_dict()
+    float32, quantised = model_to_bytes(state, 3, config), model_to_bytes(state, 3, config, "int8")
+    assert len(quantised) <= 0.30 * len(float32)
+    rebuilt, version = model_from_bytes(quantised)
+    assert version == 3 and rebuilt.config == config
+    for name, tensor in state.items():
+        restored = rebuilt.state_dict()[name]
+        if tensor.dim() != 2:  # biases travel as float32
+            assert torch.equal(restored, tensor)
+            continue
+        half_step = tensor.abs().amax(dim=1, keepdim=True) / 127 / 2
+        assert ((restored - tensor).abs() <= half_step * 1.001).all(), name
+        assert not torch.equal(restored, tensor)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"embedding.weight": torch.full((200, 16), -128, dtype=torch.int8)}, "outside"),
+    ({"embedding.weight.scale": torch.full((200,), -1.0)}, "negative"),
+    ({"embedding.weight.scale": torch.full((200,), 3e38)}, "infinite"),
+    ({"embedding.weight": torch.zeros(200, 16)}, "dtype"),
+])
+def test_a_tampered_int8_download_is_refused_like_an_upload(change, message):
+    config = ModelConfig(vocab_size=200, embedding_dim=16, hidden_dim=32, projection_dim=16)
+    assert "embedding.weight" in build_model(config).state_dict()
+    with pytest.raises(WeightsError, match=message):
+        model_from_bytes(int8_model_bytes(config, **change))
+
+
+def test_an_unknown_model_encoding_is_refused():
+    config = ModelConfig(vocab_size=30, embedding_dim=4, hidden_dim=5, projection_dim=4)
+    state = build_model(config).state_dict()
+    with pytest.raises(ValueError, match="unknown model encoding"):
+        model_to_bytes(state, 0, config, "int4")
+    with pytest.raises(WeightsError, match="unknown model encoding"):
+        model_from_bytes(write_tensors(state, {**read_metadata(model_to_bytes(state, 0, config)), "encoding": "int4"}))

@@ -190,7 +190,8 @@ class BrowserPhone:
     def _train(self, decision: CheckinResponse, secure: tuple[SecAggPhone, SecAggState] | None) -> LocalWork:
         self._note(f"training for round {decision.round} on {self.state().messages} messages")
         tokenizer = KeyboardTokenizer.from_json(self._client.tokenizer_json())
-        return self.phone.local_work(self._client.model(), tokenizer, self.train, seed=time.time_ns() % 2**31,
+        model = self._client.model(decision.model_encoding)
+        return self.phone.local_work(model, tokenizer, self.train, seed=time.time_ns() % 2**31,
                                      clip_norm=decision.clip_norm, secure=secure)
 
     def _keep_going(self, seconds: float) -> bool:

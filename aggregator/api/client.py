@@ -67,8 +67,8 @@ class AggregatorClient:
         response = self._request("POST", "/checkin", headers={"Authorization": f"Bearer {device_token}"})
         return CheckinResponse.model_validate(response.json())
 
-    def model(self) -> bytes:
-        return self._request("GET", "/model").content
+    def model(self, encoding: str = "float32") -> bytes:
+        return self._request("GET", "/model", params={"encoding": encoding}).content
 
     def model_version(self, version: int) -> bytes:
         return self._request("GET", f"/models/{version}").content

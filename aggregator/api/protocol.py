@@ -35,7 +35,8 @@ class Aggregator(Protocol):
 
     def checkin(self, device_token: str) -> CheckinResponse: ...
 
-    def model(self) -> bytes: ...
+    def model(self, encoding: str = "float32") -> bytes:
+        """The current model, as "float32" or "int8" (the smaller download a check-in may ask for)."""
 
     def model_version(self, version: int) -> bytes: ...
 

@@ -50,6 +50,9 @@ class CheckinResponse(BaseModel):
         None, description="With differential privacy on: the L2 norm the device must clip its update to."
     )
     secure_aggregation: bool = Field(False, description="The round runs secure aggregation: see /rounds/{round}/secagg.")
+    model_encoding: Literal["float32", "int8"] = Field(
+        "float32", description="Present when action is 'train': download the model as GET /model?encoding=this."
+    )
 
 
 class UploadResponse(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Depends, HTTPException, Response
 
 from aggregator.dependencies import PathInteger, get_rounds, get_storage, get_tokenizer_json
@@ -16,8 +18,10 @@ SAFETENSORS = "application/octet-stream"
 
 @router.get("/model", response_class=Response, operation_id="current_model",
             responses={200: {"content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}})
-def current_model(rounds: RoundManager = Depends(get_rounds)) -> Response:
-    version, data = rounds.current_model()
+def current_model(encoding: Literal["float32", "int8"] = "float32",
+                  rounds: RoundManager = Depends(get_rounds)) -> Response:
+    """The current global model; `encoding=int8` is the smaller download a check-in may ask for."""
+    version, data = rounds.current_model(encoding)
     return Response(data, media_type=SAFETENSORS, headers={"X-Model-Version": str(version)})
 
 
