@@ -21,7 +21,8 @@ from typing import Protocol
 from aggregator.privacy import PrivacyLedger
 from aggregator.secure_round import SecureRound
 from aggregator.strategy import UpdateSum
-from keyboard_model.weights import Tensors, clip_to_norm
+from keyboard_model.norms import clip_to_norm
+from keyboard_model.weights import Tensors
 
 Shapes = dict[str, tuple[int, ...]]
 

@@ -16,10 +16,10 @@ from aggregator.storage import Storage
 from aggregator.strategy import make_strategy
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
+from keyboard_model.norms import l2_norm
 from keyboard_model.weights import (
     Tensors,
     WeightsError,
-    l2_norm,
     model_from_bytes,
     model_to_bytes,
     parameter_shapes,

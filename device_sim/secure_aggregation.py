@@ -37,7 +37,8 @@ from keyboard_model.secagg import (
     share_cipher_key,
     split_secret,
 )
-from keyboard_model.weights import Tensors, clip_to_norm
+from keyboard_model.norms import clip_to_norm
+from keyboard_model.weights import Tensors
 
 
 @dataclass

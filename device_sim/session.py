@@ -28,7 +28,8 @@ from keyboard_model.architecture import NextWordModel
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, train_local
 from keyboard_model.update_codec import encode_update
-from keyboard_model.weights import Tensors, clip_to_norm
+from keyboard_model.norms import clip_to_norm
+from keyboard_model.weights import Tensors
 
 
 @dataclass(frozen=True)

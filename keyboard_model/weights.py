@@ -9,7 +9,6 @@ anyone uses them.
 from __future__ import annotations
 
 import json
-import math
 
 import torch
 from safetensors import SafetensorError
@@ -107,17 +106,3 @@ def model_from_bytes(data: bytes) -> tuple[NextWordModel, int]:
 
 def parameter_shapes(state: Tensors) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in state.items()}
-
-
-def l2_norm(tensors: Tensors) -> float:
-    # Each tensor's norm in its own precision (float32 is ample for comparing with a bound); the squares are
-    # summed in Python floats, i.e. float64.
-    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors.values()))
-
-
-def clip_to_norm(tensors: Tensors, bound: float) -> Tensors:
-    """`tensors` scaled down, as one vector, to an L2 norm of at most `bound` (unchanged if already within it)."""
-    norm = l2_norm(tensors)
-    if norm <= bound:
-        return tensors
-    return {name: t * (bound / norm) for name, t in tensors.items()}

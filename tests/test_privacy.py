@@ -13,7 +13,8 @@ from device_sim.phone import Phone
 from device_sim.session import update_bytes
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.update_codec import decode_update
-from keyboard_model.weights import clip_to_norm, l2_norm, model_from_bytes, parameter_shapes
+from keyboard_model.norms import clip_to_norm, l2_norm
+from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.conftest import SMALL_TEXT
 
 

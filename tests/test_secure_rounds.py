@@ -14,7 +14,8 @@ from aggregator.api.schemas import EvaluationReport, SecAggShares
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.secagg import RingEncoding, SecAggError
-from keyboard_model.weights import clip_to_norm, model_from_bytes, parameter_shapes
+from keyboard_model.norms import clip_to_norm
+from keyboard_model.weights import model_from_bytes, parameter_shapes
 
 
 class Device:

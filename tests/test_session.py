@@ -20,7 +20,8 @@ from keyboard_model.evaluate import evaluate
 from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig, TrainResult
 from keyboard_model.update_codec import decode_update
-from keyboard_model.weights import l2_norm, parameter_shapes
+from keyboard_model.norms import l2_norm
+from keyboard_model.weights import parameter_shapes
 from tests.conftest import SMALL_TEXT
 
 
