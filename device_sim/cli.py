@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 from contextlib import closing
+from functools import partial
 from pathlib import Path
 
 from aggregator.api.client import AggregatorClient
@@ -17,8 +18,10 @@ from aggregator.api.protocol import OPERATOR_TOKEN_ENV, Aggregator
 from device_sim.comparison import ComparisonConfig, comparison_table, markdown_table
 from device_sim.corpus import CorpusConfig, PreparedCorpus, default_data_dir, prepare
 from device_sim.eligibility import EligibilityConfig
+from device_sim.executor import EXECUTORS, ExecutorFactory, executor_name, make_executor
 from device_sim.fleet import FleetConfig, evaluate_phones, provisioned_phones
 from device_sim.simulation import SimulationConfig, SimulationSummary, run_simulation
+from device_sim.vectorised import DEFAULT_PHONES_PER_PASS, check_device
 from keyboard_model.commands import main_for
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
@@ -92,6 +95,15 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                        help="simulated days over which the second half of each history is typed (default: %(default)s)")
     group.add_argument("--workers", type=int, default=None,
                        help="processes training phones side by side, one thread each (default: one per core)")
+    group.add_argument("--executor", choices=EXECUTORS, default=None,
+                       help="where phones train: local, one process per core, each phone on its own; or vectorised, "
+                            "the phones selected by then in batched passes in this process (default: local on cpu, "
+                            "measured the faster on 2 cores by benchmarks/scale.py; vectorised on cuda)")
+    group.add_argument("--device", type=vectorised_device, default="cpu", metavar="{cpu,cuda}",
+                       help="cpu or cuda: where phones train (cuda: with the vectorised executor; default: %(default)s)")
+    group.add_argument("--phones-per-pass", type=int, default=None,
+                       help="most phones --executor vectorised trains in one batched pass "
+                            f"(default: {DEFAULT_PHONES_PER_PASS['cpu']} on cpu, {DEFAULT_PHONES_PER_PASS['cuda']} on cuda)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_corpus_arguments(parser)
     add_training_arguments(parser)
@@ -117,7 +129,27 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def simulate_with(args: argparse.Namespace, corpus: PreparedCorpus, client: Aggregator) -> SimulationSummary:
-    return run_simulation(corpus, simulation_config_from_args(args), client, show_progress=not args.no_progress)
+    return run_simulation(corpus, simulation_config_from_args(args), client, show_progress=not args.no_progress,
+                          executor=executor_from_args(args))
+
+
+def vectorised_device(name: str) -> str:
+    """`--device`'s value, refused where it is parsed if this machine cannot train there."""
+    try:
+        check_device(name)
+    except UserFacingError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
+def executor_from_args(args: argparse.Namespace) -> ExecutorFactory:
+    """What builds the training executor that `--executor`, `--device`, `--workers` and `--phones-per-pass` ask for;
+    options that do not go together are refused here, before any phone is provisioned."""
+    name = executor_name(args.executor, args.device)
+    if args.phones_per_pass is not None and (name != "vectorised" or args.phones_per_pass < 1):
+        raise UserFacingError("--phones-per-pass takes a positive number, with --executor vectorised")
+    return partial(make_executor, name, workers=args.workers, device=args.device,
+                   phones_per_pass=args.phones_per_pass)
 
 
 def remote_client(url: str) -> AggregatorClient:

@@ -5,8 +5,9 @@ clip, encode; `Phone.local_work`) to a `TrainingExecutor` and collects the resul
 the phone's simulated training time is up. `LocalProcessPool` runs it in one
 single-threaded worker process per core (see benchmarks/train_speed.py: two phones on
 one thread each train faster than one phone on two threads). Another executor (a Ray
-cluster, a vectorised cohort on a GPU) implements `submit` and `close` and is passed to
-the fleet; nothing else changes.
+cluster, a vectorised cohort: device_sim/vectorised.py) implements `submit` and `close` and
+is passed to the fleet; nothing else changes. `make_executor` builds one by the name
+`--executor` gives.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from multiprocessing import get_context
@@ -29,6 +30,8 @@ from aggregator.api.schemas import SecAggState
 from device_sim.phone import Phone
 from device_sim.session import LocalWork
 from device_sim.secure_aggregation import SecAggPhone
+from device_sim.vectorised import VectorisedCohort
+from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
 
@@ -78,6 +81,36 @@ class LocalProcessPool:
             worker.kill()
         for worker in workers:
             worker.join()
+
+
+# What --executor chooses from, and each device's default. On the CPU the local pool: on 2 cores it outran the
+# vectorised cohort at 10 and 100 phones a round (benchmarks/scale.py, on a machine busy with other jobs: 2.3
+# phone-updates/s against 1.9 with the cohort on one thread, 0.6 on two), because each of its workers trains a phone
+# with the C++ CIFG walk and the fused output loss on one thread, while batching phones adds no arithmetic
+# intensity on a CPU (a phone's largest products, 320 x 96 by 96 x vocabulary, are already big) and one process on
+# two threads loses most when other processes want the cores. On CUDA the vectorised cohort: the pool has no GPU path.
+EXECUTORS = ("local", "vectorised")
+DEFAULT_EXECUTOR = {"cpu": "local", "cuda": "vectorised"}
+ExecutorFactory = Callable[[KeyboardTokenizer], TrainingExecutor]
+
+
+def executor_name(name: str | None, device: str) -> str:
+    """The executor to use on `device`: `name`, or the device's default when None; refuses a pair that cannot be."""
+    name = name or DEFAULT_EXECUTOR[device]
+    if name not in EXECUTORS:
+        raise UserFacingError(f"unknown --executor {name!r}; known: {', '.join(EXECUTORS)}")
+    if name == "local" and device != "cpu":
+        raise UserFacingError(f"--device {device} needs --executor vectorised: the local pool trains on the CPU")
+    return name
+
+
+def make_executor(name: str | None, tokenizer: KeyboardTokenizer, workers: int | None = None, device: str = "cpu",
+                  phones_per_pass: int | None = None) -> TrainingExecutor:
+    """The executor `--executor NAME` asks for (None: the device's default): the local process pool (`workers`
+    processes, CPU only), or the vectorised cohort on `device`."""
+    if executor_name(name, device) == "local":
+        return LocalProcessPool(tokenizer, workers)
+    return VectorisedCohort(tokenizer, device, phones_per_pass)
 
 
 @contextmanager

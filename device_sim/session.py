@@ -130,9 +130,18 @@ def masked(part: SecAggPhone, state: SecAggState) -> Mod:
     return mod
 
 
-def local_work(round_input: RoundInput, mods: Sequence[Mod]) -> LocalWork:
-    """Training wrapped by `mods`, the first outermost."""
-    step: Step = train
+def phone_mods(compression: str, eval_messages: int, clip_norm: float | None,
+               secure: tuple[SecAggPhone, SecAggState] | None) -> list[Mod]:
+    """A phone's mods, outermost first: the upload (masked in a secure round), the guard, federated evaluation,
+    and clipping when the aggregator asked for it."""
+    return [masked(*secure) if secure is not None else encoded(compression), guarded, evaluated(eval_messages),
+            *([clipped(clip_norm)] if clip_norm is not None else [])]
+
+
+def local_work(round_input: RoundInput, mods: Sequence[Mod], train_step: Step = train) -> LocalWork:
+    """`train_step` (by default `train`) wrapped by `mods`, the first outermost. An executor that trained many phones
+    at once (device_sim/vectorised.py) passes a step that returns the phone's precomputed training."""
+    step: Step = train_step
     for mod in reversed(mods):
         step = _wrap(mod, step)
     return step(round_input)

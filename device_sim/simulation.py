@@ -25,9 +25,11 @@ from tqdm import tqdm
 from aggregator.api.schemas import RoundSummary
 from aggregator.api.protocol import Aggregator
 from device_sim.corpus import PreparedCorpus
+from device_sim.executor import ExecutorFactory
 from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision
 from keyboard_model.evaluate import EvalCounts, evaluate, evaluate_fixed_suggestions, most_frequent_words
 from keyboard_model.files import write_atomically
+from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes
 
 
@@ -59,14 +61,17 @@ class SimulationSummary:
 
 
 def run_simulation(
-    corpus: PreparedCorpus, config: SimulationConfig, client: Aggregator, show_progress: bool = True
+    corpus: PreparedCorpus, config: SimulationConfig, client: Aggregator, show_progress: bool = True,
+    executor: ExecutorFactory | None = None,
 ) -> SimulationSummary:
+    """`executor` makes the phones' training executor from the run's tokenizer (default: the fleet's process pool)."""
     started = time.monotonic()
     fleet_config = config.fleet_config()
     config.out_dir.mkdir(parents=True, exist_ok=True)
     phones = provision(corpus, fleet_config.phones_dir, fleet_config.num_phones, fleet_config.seed,
                        fleet_config.typing_days)
-    fleet = Fleet(phones, fleet_config, client)
+    chosen = None if executor is None else executor(KeyboardTokenizer.from_json(client.tokenizer_json()))
+    fleet = Fleet(phones, fleet_config, client, chosen)
     tokenizer = fleet.tokenizer
     write_atomically(config.out_dir / "tokenizer.json", tokenizer.to_json().encode("utf-8"))
 

@@ -41,6 +41,7 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
     """Run the simulation against `--aggregator`, a local one kept open on `stack`, or in process."""
     if args.aggregator is not None and args.in_process:
         raise UserFacingError("--in-process runs its own aggregator; it cannot be combined with --aggregator")
+    device_cli.executor_from_args(args)  # refuses --executor, --device and --phones-per-pass that do not go together
     if args.aggregator is not None:
         client = stack.enter_context(closing(device_cli.remote_client(args.aggregator)))
         return device_cli.simulate_with(args, corpus, client), args.aggregator

@@ -90,35 +90,59 @@ def train_local(
     2 ln(10,000) = 18.4; at learning rate 10 most phones rose by hundreds of nats. The recheck is one forward
     pass over one batch, about 1% of a phone's training time (measured over 40 phones).
     """
-    messages = messages[-config.max_messages :]
-    rows = pack_sequences(messages, config.sequence_length)
-    if not (rows[:, 1:] != PAD_ID).any():
+    messages, rows = training_rows(messages, config)
+    if rows is None:
         return TrainResult(float("nan"), 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
-    generator = torch.Generator().manual_seed(seed)
     model.train()
     losses: list[float] = []
-    first_batch = None
-    for _ in range(config.epochs):
-        for batch in torch.randperm(len(rows), generator=generator).split(config.batch_size):
-            if first_batch is None:
-                first_batch = rows[batch]
-            loss = language_model_loss(model, rows[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm).item()
-            losses.append(loss.item())
-            if not (math.isfinite(losses[-1]) and math.isfinite(gradient_norm)):
-                why = f"step {len(losses)} had loss {losses[-1]:.4g} and gradient norm {gradient_norm:.4g}"
-                return TrainResult(_mean(losses), len(messages), why)
-            optimizer.step()
+    batches = batch_order(len(rows), config, seed)
+    for batch in batches:
+        loss = language_model_loss(model, rows[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm).item()
+        losses.append(loss.item())
+        why = step_divergence(len(losses), losses[-1], gradient_norm)
+        if why is not None:
+            return TrainResult(_mean(losses), len(messages), why)
+        optimizer.step()
     with torch.no_grad():
-        after = language_model_loss(model, first_batch).item()
+        after = language_model_loss(model, rows[batches[0]]).item()
+    return TrainResult(_mean(losses), len(messages), final_divergence(losses[0], after, model.config.vocab_size))
+
+
+def training_rows(
+    messages: Sequence[Sequence[int]], config: LocalTrainConfig
+) -> tuple[Sequence[Sequence[int]], torch.Tensor | None]:
+    """(the messages a phone trains on this round, their packed rows), or None for rows if no row has a target."""
+    messages = messages[-config.max_messages :]
+    rows = pack_sequences(messages, config.sequence_length)
+    return messages, (rows if (rows[:, 1:] != PAD_ID).any() else None)
+
+
+def batch_order(num_rows: int, config: LocalTrainConfig, seed: int) -> list[torch.Tensor]:
+    """The row indices of every SGD step, in order: a fresh permutation per epoch from a generator seeded with
+    `seed`, cut into batches (the last of each epoch may be smaller)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [batch for _ in range(config.epochs)
+            for batch in torch.randperm(num_rows, generator=generator).split(config.batch_size)]
+
+
+def step_divergence(step: int, loss: float, gradient_norm: float) -> str | None:
+    """Why training must stop before step `step` (counted from 1) moves the model, or None if it may go on."""
+    if math.isfinite(loss) and math.isfinite(gradient_norm):
+        return None
+    return f"step {step} had loss {loss:.4g} and gradient norm {gradient_norm:.4g}"
+
+
+def final_divergence(first_loss: float, after: float, vocab_size: int) -> str | None:
+    """Why the trained model counts as diverged, given the first step's loss and the trained model's loss on that
+    step's batch (`after`), or None."""
     # Written so that NaN fails it too.
-    if not after <= losses[0] + DIVERGED_LOSS_RISE * math.log(model.config.vocab_size):
-        return TrainResult(_mean(losses), len(messages),
-                           f"the loss on its first batch went from {losses[0]:.4g} to {after:.4g}")
-    return TrainResult(_mean(losses), len(messages))
+    if after <= first_loss + DIVERGED_LOSS_RISE * math.log(vocab_size):
+        return None
+    return f"the loss on its first batch went from {first_loss:.4g} to {after:.4g}"
 
 
 def _mean(values: Sequence[float]) -> float:

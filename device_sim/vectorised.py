@@ -1,0 +1,385 @@
+"""The vectorised cohort executor: many phones' local SGD in batched passes, on the CPU or a GPU.
+
+`train_cohort` trains P phones from the same downloaded model at once. Their weights are
+stacked (P copies), and each SGD step is one batched pass: the network's features for each
+phone's own batch through its own weights (`torch.func.vmap` over the phones), the tied
+output layer and loss for all phones in one fused function (`CohortOutputLoss`), one
+backward pass (phones share no weights, so each gets only its own gradient), then per phone
+the gradient norm, clipping at `max_grad_norm` and the SGD update. A phone's batches are
+exactly those `train_local` draws for its seed (`keyboard_model.train.batch_order`), and
+its divergence is judged by the same rule (`step_divergence`, `final_divergence`), so each
+phone ends where its own training ends, within float tolerance (tests/test_vectorised.py).
+
+Phones have different numbers of batches (ragged histories). They are sorted by step
+count, so at step s the phones with a batch left are a prefix of the stack, and only that
+prefix is computed: a phone whose batches are used up takes no further step and its
+weights are not touched; it is never given extra steps. A phone whose step had a loss or
+gradient norm that is not finite is masked from then on (its update is zero), as
+`train_local` stops there. Within a step, a phone's short batch (the last of an epoch) is
+filled with rows of PAD, which the loss ignores, so they add nothing to its gradient.
+
+`VectorisedCohort` puts this behind the executor seam (device_sim/executor.py). Its futures
+are lazy: `submit` only queues a phone, and the first `result()` asked for trains every
+phone queued by then in batched passes; then each phone's mods (evaluation, guard,
+clipping, encoding or masking: device_sim/session.py) run one phone at a time, as on a
+phone. The CIFG's recurrence is written here with plain operations, because vmap cannot
+batch the model's own hand-written autograd Functions (its Python walk writes into
+preallocated buffers; its C++ kernel is opaque); the Transformer runs its own `features`.
+
+On the CPU the local process pool stays the default (device_sim/executor.py says why, from
+benchmarks/scale.py); this executor is for GPUs, and runs and is tested on the CPU as well.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+from aggregator.api.schemas import SecAggState
+from device_sim.phone import EVAL_MESSAGES, Phone
+from device_sim.secure_aggregation import SecAggPhone
+from device_sim.session import LocalWork, RoundInput, local_work, phone_mods
+from keyboard_model.architecture import NextWordModel
+from keyboard_model.errors import UserFacingError
+from keyboard_model.tokenizer import PAD_ID, KeyboardTokenizer
+from keyboard_model.train import (
+    LocalTrainConfig,
+    TrainResult,
+    batch_order,
+    final_divergence,
+    step_divergence,
+    training_rows,
+)
+from keyboard_model.weights import Tensors, model_from_bytes
+
+DEVICES = ("cpu", "cuda")
+# Phones trained together in one pass when not told otherwise. A pass holds, per phone, a copy of the weights and
+# one of their gradients (5.3 MB each for the default model) and the output layer's scores for every position of its
+# batch (16 x 20 x vocabulary floats, 11.6 MB at the default vocabulary): about 0.7 GB for 32 phones, 12 GB for 512.
+DEFAULT_PHONES_PER_PASS = {"cpu": 32, "cuda": 512}
+
+# (model, one phone's weights, its tokens (batch, time)) -> its features (batch, time, width)
+Features = Callable[[NextWordModel, Tensors, torch.Tensor], torch.Tensor]
+
+
+class PhoneTrained(NamedTuple):
+    """One phone's training in a cohort: what `train_local` would have returned, the delta, and its SGD steps."""
+
+    result: TrainResult
+    delta: Tensors
+    steps: int
+
+
+def check_device(device: str) -> None:
+    """Raise a UserFacingError if the vectorised executor cannot train on `device` here."""
+    if device not in DEVICES:
+        raise UserFacingError(f"unknown device {device!r} for the vectorised executor; known: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserFacingError("this torch sees no CUDA device (is it the CPU build?); train on the CPU, --device cpu")
+
+
+def train_cohort(model: NextWordModel, phones: Sequence[tuple[Sequence[Sequence[int]], int]],
+                 config: LocalTrainConfig, device: str = "cpu",
+                 phones_per_pass: int | None = None) -> list[PhoneTrained]:
+    """Train each phone, given as (its encoded messages, its seed), from `model` as `train_local` would, in batched
+    passes of at most `phones_per_pass` phones on `device`. `model` itself is not changed; deltas are on the CPU."""
+    check_device(device)
+    features = _features_function(model)
+    per_pass = phones_per_pass or DEFAULT_PHONES_PER_PASS[device]
+    if per_pass < 1:
+        raise ValueError(f"phones_per_pass must be at least 1, got {per_pass}")
+    start = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    if set(start) != {name for name, _ in model.named_parameters()}:
+        raise UserFacingError("the vectorised executor trains models whose state is all parameters (no buffers)")
+    plans = []
+    for index, (messages, seed) in enumerate(phones):
+        messages, rows = training_rows(messages, config)
+        plans.append(_Plan(index, len(messages), rows, [] if rows is None else batch_order(len(rows), config, seed)))
+    done: dict[int, PhoneTrained] = {}
+    for plan in plans:
+        if plan.rows is None:  # nothing to train on: train_local returns at once and the model does not move
+            done[plan.index] = PhoneTrained(TrainResult(float("nan"), 0), _zeros(start), 0)
+    # Longest first, so that at every step the phones with a batch left are a prefix of the stack.
+    trainable = sorted((plan for plan in plans if plan.rows is not None), key=lambda plan: -len(plan.batches))
+    for first in range(0, len(trainable), per_pass):
+        cohort = trainable[first : first + per_pass]
+        for plan, trained in zip(cohort, _train_pass(model, features, start, cohort, config, torch.device(device))):
+            done[plan.index] = trained
+    return [done[index] for index in range(len(plans))]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    index: int  # the phone's place in train_cohort's arguments
+    examples: int  # messages trained on
+    rows: torch.Tensor | None
+    batches: list[torch.Tensor]  # row indices of each step, as train_local takes them
+
+
+def _train_pass(model: NextWordModel, features: Features, start: Tensors, plans: list[_Plan],
+                config: LocalTrainConfig, device: torch.device) -> list[PhoneTrained]:
+    """One batched pass over `plans`, sorted by step count, longest first."""
+    phones, most_steps = len(plans), len(plans[0].batches)
+    steps = [len(plan.batches) for plan in plans]
+    # Every phone's batches in one tensor, (phone, step, row, token): rows of PAD fill short batches and the steps
+    # after a phone's last, which are never computed.
+    batches = torch.full((phones, most_steps, config.batch_size, config.sequence_length + 1), PAD_ID, dtype=torch.long)
+    for p, plan in enumerate(plans):
+        for s, batch in enumerate(plan.batches):
+            batches[p, s, : len(batch)] = plan.rows[batch]
+    batches = batches.to(device)
+    weights = {name: t.to(device).expand(phones, *t.shape).clone() for name, t in start.items()}
+    losses = torch.full((phones, most_steps), float("nan"), device=device)
+    norms = torch.full_like(losses, float("nan"))
+    moving = torch.ones(phones, dtype=torch.bool, device=device)
+    with _quiet_batching_fallbacks():
+        for s in range(most_steps):
+            k = sum(n > s for n in steps)  # the prefix with a batch left, known without a host-device sync
+            # Leaves that share the prefix's storage: the step's backward fills their .grad, phone by phone.
+            leaves = {name: w[:k].detach().requires_grad_() for name, w in weights.items()}
+            step_losses = cohort_loss(model, features, leaves, batches[:k, s])
+            step_losses.sum().backward()  # phones share no weights, so each gets only its own loss's gradient
+            grads = {name: leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                     for name, leaf in leaves.items()}
+            with torch.no_grad():
+                losses[:k, s] = step_losses
+                # As clip_grad_norm_: the norm of the per-tensor norms, and its clipping coefficient.
+                norms[:k, s] = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
+                coefficient = (config.max_grad_norm / (norms[:k, s] + 1e-6)).clamp(max=1.0)
+                # train_local stops a phone at a step whose loss or gradient norm is not finite, before it moves.
+                moving[:k] &= losses[:k, s].isfinite() & norms[:k, s].isfinite()
+                for name, w in weights.items():
+                    shape = (k,) + (1,) * (w.dim() - 1)
+                    update = torch.where(moving[:k].view(shape), grads[name] * coefficient.view(shape), 0.0)
+                    w[:k].sub_(update, alpha=config.learning_rate)
+        with torch.no_grad():  # the trained model's loss on its first batch, for the final divergence check
+            after = cohort_loss(model, features, weights, batches[:, 0]).tolist()
+    losses, norms = losses.tolist(), norms.tolist()
+    start = {name: t.to(device) for name, t in start.items()}
+    trained = []
+    for p, plan in enumerate(plans):
+        # The steps the phone took: all of its batches, or up to the one that stopped it, whose loss counts in the
+        # mean as in train_local.
+        why = None
+        for s in range(steps[p]):
+            why = step_divergence(s + 1, losses[p][s], norms[p][s])
+            if why is not None:
+                break
+        taken = losses[p][: s + 1]
+        if why is None:
+            why = final_divergence(taken[0], after[p], model.config.vocab_size)
+        result = TrainResult(sum(taken) / len(taken), plan.examples, why)
+        delta = {name: (weights[name][p] - start[name]).cpu() for name in start}
+        trained.append(PhoneTrained(result, delta, len(taken)))
+    return trained
+
+
+def cohort_loss(model: NextWordModel, features: Features, weights: Tensors, rows: torch.Tensor) -> torch.Tensor:
+    """Each phone's mean next-token cross-entropy, (phones,), over the non-PAD targets of its `rows` (phones, batch,
+    tokens), with its own `weights` (each stacked over phones): `language_model_loss` for every phone at once."""
+    outputs = vmap(partial(features, model))(weights, rows[:, :, :-1])
+    return CohortOutputLoss.apply(outputs.flatten(1, 2), weights["embedding.weight"], weights["output_bias"],
+                                  rows[:, :, 1:].flatten(1))
+
+
+class CohortOutputLoss(torch.autograd.Function):
+    """Each phone's mean cross-entropy of the tied output layer, for features (phones, positions, width) and
+    targets (phones, positions), PAD targets skipped: the models' `TiedOutputCrossEntropy` with a phone dimension.
+
+    The scores over the vocabulary are the largest tensors of a step; as there, they are made once and turned into
+    their own gradient in place. Through vmap the same loss took three times as long (measured on the CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, features, embedding, bias, targets):
+        keep = targets != PAD_ID
+        counts = keep.sum(1)
+        log_probs = torch.baddbmm(bias[:, None], features, embedding.transpose(1, 2))
+        torch.log_softmax(log_probs, dim=2, out=log_probs)
+        picked = log_probs.gather(2, targets[..., None])[..., 0]
+        ctx.save_for_backward(features, embedding, log_probs, targets, keep, counts)
+        return -torch.where(keep, picked, 0.0).sum(1) / counts
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_loss):
+        features, embedding, log_probs, targets, keep, counts = ctx.saved_tensors
+        d_scores = log_probs.exp_()
+        d_scores.scatter_add_(2, targets[..., None], torch.full_like(d_scores[..., :1], -1.0))
+        d_scores.mul_((keep * (d_loss / counts)[:, None])[..., None])
+        return (torch.bmm(d_scores, embedding), torch.bmm(d_scores.transpose(1, 2), features), d_scores.sum(1),
+                None)
+
+
+def _cifg_features(model: NextWordModel, params: Tensors, tokens: torch.Tensor) -> torch.Tensor:
+    """The CIFG's projected outputs (batch, time, projection) in plain operations that vmap and autograd can batch
+    (the model's own walk, `CIFGRecurrence`, has the same equations)."""
+    hidden = model.config.hidden_dim
+    projection = params["projection.weight"]
+    gate_inputs = F.linear(F.embedding(tokens, params["embedding.weight"]), params["input_weights.weight"],
+                           params["input_weights.bias"])
+    h = gate_inputs.new_zeros(tokens.shape[0], projection.shape[0])
+    c = gate_inputs.new_zeros(tokens.shape[0], hidden)
+    outputs = []
+    # unbind, not indexing per step: the backward of `gate_inputs[:, t]` fills a whole zero tensor of every step's
+    # shape and adds the twenty of them up (measured: a third of the CPU time of a pass).
+    for gate_input in gate_inputs.unbind(1):
+        pre = gate_input + F.linear(h, params["recurrent_weights.weight"])
+        i, o = torch.sigmoid(pre[:, : 2 * hidden]).split(hidden, dim=1)
+        c = c + i * (torch.tanh(pre[:, 2 * hidden :]) - c)  # (1 - i) c + i g: the coupled gates
+        h = F.linear(o * torch.tanh(c), projection)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1)
+
+
+class _Features(torch.nn.Module):
+    """A model's `features` as a module's forward, so that functional_call runs it with other weights."""
+
+    def __init__(self, model: NextWordModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.features(tokens)
+
+
+def _module_features(model: NextWordModel, params: Tensors, tokens: torch.Tensor) -> torch.Tensor:
+    """A model whose `features` are plain operations (the Transformer), run with `params` in place of its own."""
+    return functional_call(_Features(model), {f"model.{name}": t for name, t in params.items()}, (tokens,))
+
+
+# Architectures this executor trains, by the name their config records. Both tie their output layer to
+# `embedding.weight`, with `output_bias`, as CohortOutputLoss reads them.
+FEATURES: dict[str, Features] = {"cifg": _cifg_features, "transformer": _module_features}
+
+
+def _features_function(model: NextWordModel) -> Features:
+    name = model.config.architecture
+    if name not in FEATURES:
+        raise UserFacingError(f"the vectorised executor trains {' and '.join(FEATURES)} models, not {name!r}; "
+                              "use --executor local")
+    return FEATURES[name]
+
+
+@contextmanager
+def _quiet_batching_fallbacks() -> Iterator[None]:
+    """vmap has no batching rule for the CPU's fused attention kernel and loops over phones there, with a warning
+    per call; the result is the same, and benchmarks/scale.py measures what it costs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+        yield
+
+
+def _zeros(tensors: Tensors) -> Tensors:
+    return {name: torch.zeros_like(t) for name, t in tensors.items()}
+
+
+@dataclass
+class _Job:
+    phone: Phone
+    model: bytes
+    config: LocalTrainConfig
+    seed: int
+    compression: str
+    now_s: float
+    clip_norm: float | None
+    secure: tuple[SecAggPhone, SecAggState] | None
+    future: Future
+
+
+class _Queued(Future):
+    """A phone's future that, asked for its result, first trains every phone queued with its executor."""
+
+    def __init__(self, cohort: VectorisedCohort) -> None:
+        super().__init__()
+        self._cohort = cohort
+
+    def result(self, timeout: float | None = None) -> tuple[LocalWork, float]:
+        if not self.done():
+            self._cohort.run_queued()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.done():
+            self._cohort.run_queued()
+        return super().exception(timeout)
+
+
+class VectorisedCohort:
+    """A `TrainingExecutor` that trains the phones queued by the time a result is asked for in batched passes, in
+    this process, on `device` ("cpu" or "cuda")."""
+
+    def __init__(self, tokenizer: KeyboardTokenizer, device: str = "cpu", phones_per_pass: int | None = None,
+                 eval_messages: int = EVAL_MESSAGES) -> None:
+        check_device(device)
+        self.tokenizer = tokenizer
+        self.device = device
+        self.phones_per_pass = phones_per_pass
+        self.eval_messages = eval_messages
+        self._queue: list[_Job] = []
+
+    def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
+               now_s: float, clip_norm: float | None,
+               secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future[tuple[LocalWork, float]]:
+        """A lazy future of (the phone's LocalWork, wall seconds spent on it: its share of the batched pass, by SGD
+        steps, and its own mods)."""
+        future = _Queued(self)
+        self._queue.append(_Job(phone, model, config, seed, compression, now_s, clip_norm, secure, future))
+        return future
+
+    def run_queued(self) -> None:
+        """Train every queued phone: those that downloaded the same model with the same settings together."""
+        jobs, self._queue = [job for job in self._queue if not job.future.cancelled()], []
+        groups: dict[tuple[bytes, LocalTrainConfig], list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault((job.model, job.config), []).append(job)
+        for (model_bytes, config), group in groups.items():
+            try:
+                self._run_group(model_bytes, config, group)
+            except Exception as error:  # noqa: BLE001 -- each phone's future carries it to whoever asks
+                for job in group:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+
+    def _run_group(self, model_bytes: bytes, config: LocalTrainConfig, jobs: list[_Job]) -> None:
+        # One downloaded model serves every phone of the group: training works on stacked copies, and the mods
+        # only score it, so none of them changes it.
+        model, version = model_from_bytes(model_bytes)
+        inputs: list[tuple[_Job, RoundInput]] = []
+        for job in jobs:
+            try:
+                train_texts, held_out = job.phone.messages(job.now_s)
+            except Exception as error:  # noqa: BLE001 -- a damaged phone fails alone, as in the process pool
+                job.future.set_exception(error)
+                continue
+            inputs.append((job, RoundInput(model, version, self.tokenizer, train_texts, held_out, config, job.seed)))
+        started = time.perf_counter()
+        trained = train_cohort(model, [(self.tokenizer.encode_batch(given.train_texts), job.seed)
+                                       for job, given in inputs], config, self.device, self.phones_per_pass)
+        pass_s = time.perf_counter() - started
+        all_steps = sum(t.steps for t in trained) or 1
+        for (job, given), phone in zip(inputs, trained):
+            started = time.perf_counter()
+            try:
+                work = local_work(given, phone_mods(job.compression, self.eval_messages, job.clip_norm, job.secure),
+                                  train_step=lambda _, phone=phone: LocalWork(phone.result, phone.delta))
+            except Exception as error:  # noqa: BLE001 -- one phone's failure is that phone's
+                job.future.set_exception(error)
+                continue
+            job.future.set_result((work, pass_s * phone.steps / all_steps + time.perf_counter() - started))
+
+    def close(self) -> None:
+        """Drop the phones still queued: their futures are cancelled."""
+        for job in self._queue:
+            job.future.cancel()
+        self._queue = []
