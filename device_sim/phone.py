@@ -26,7 +26,7 @@ from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import CheckinResponse, SecAggState, UploadResponse
 from device_sim.history import TypingHistory
 from device_sim.secure_aggregation import SecAggPhone
-from device_sim.session import LocalWork, RoundInput, clipped, encoded, evaluated, guarded, local_work, masked
+from device_sim.session import LocalWork, RoundInput, local_work, phone_mods
 from keyboard_model.errors import UserFacingError
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
@@ -116,9 +116,8 @@ class Phone:
         phone (device_sim/session.py); nothing here talks to the network."""
         train_texts, held_out = self.messages(now)
         model, version = model_from_bytes(model_bytes)
-        mods = [masked(*secure) if secure is not None else encoded(compression), guarded, evaluated(eval_messages),
-                *([clipped(clip_norm)] if clip_norm is not None else [])]
-        return local_work(RoundInput(model, version, tokenizer, train_texts, held_out, config, seed), mods)
+        return local_work(RoundInput(model, version, tokenizer, train_texts, held_out, config, seed),
+                          phone_mods(compression, eval_messages, clip_norm, secure))
 
     def send(
         self, client: Aggregator, round_number: int, upload_token: str, work: LocalWork
