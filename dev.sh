@@ -20,7 +20,8 @@ setup() {
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
     # The CPU build of torch first, pinned: an unpinned torch pulls a several-GB CUDA build.
     .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+    # [ray]: the Ray executor's test starts a two-node Ray cluster on this machine.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench,ray]'
     rm -f .venv/.installed-*
     touch "$stamp"
   fi

@@ -96,9 +96,13 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, default=None,
                        help="processes training phones side by side, one thread each (default: one per core)")
     group.add_argument("--executor", choices=EXECUTORS, default=None,
-                       help="where phones train: local, one process per core, each phone on its own; or vectorised, "
-                            "the phones selected by then in batched passes in this process (default: local on cpu, "
+                       help="where phones train: local, one process per core, each phone on its own; vectorised, "
+                            "the phones selected by then in batched passes in this process; or ray, each phone on "
+                            "a node of a Ray cluster that holds its history (default: local on cpu, "
                             "measured the faster on 2 cores by benchmarks/scale.py; vectorised on cuda)")
+    group.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                       help="with --executor ray: the cluster's head, as `ray start --head` prints it "
+                            "(default: the Ray that `ray start` runs on this machine, else one started for the run)")
     group.add_argument("--device", type=vectorised_device, default="cpu", metavar="{cpu,cuda}",
                        help="cpu or cuda: where phones train (cuda: with the vectorised executor; default: %(default)s)")
     group.add_argument("--phones-per-pass", type=int, default=None,
@@ -143,13 +147,15 @@ def vectorised_device(name: str) -> str:
 
 
 def executor_from_args(args: argparse.Namespace) -> ExecutorFactory:
-    """What builds the training executor that `--executor`, `--device`, `--workers` and `--phones-per-pass` ask for;
-    options that do not go together are refused here, before any phone is provisioned."""
+    """What builds the training executor that `--executor`, `--device`, `--workers`, `--phones-per-pass` and
+    `--ray-address` ask for; options that do not go together are refused here, before any phone is provisioned."""
     name = executor_name(args.executor, args.device)
     if args.phones_per_pass is not None and (name != "vectorised" or args.phones_per_pass < 1):
         raise UserFacingError("--phones-per-pass takes a positive number, with --executor vectorised")
+    if args.ray_address is not None and name != "ray":
+        raise UserFacingError("--ray-address goes with --executor ray")
     return partial(make_executor, name, workers=args.workers, device=args.device,
-                   phones_per_pass=args.phones_per_pass)
+                   phones_per_pass=args.phones_per_pass, ray_address=args.ray_address)
 
 
 def remote_client(url: str) -> AggregatorClient:

@@ -89,7 +89,8 @@ class LocalProcessPool:
 # with the C++ CIFG walk and the fused output loss on one thread, while batching phones adds no arithmetic
 # intensity on a CPU (a phone's largest products, 320 x 96 by 96 x vocabulary, are already big) and one process on
 # two threads loses most when other processes want the cores. On CUDA the vectorised cohort: the pool has no GPU path.
-EXECUTORS = ("local", "vectorised")
+# Ray (device_sim/ray_executor.py) only when asked for: it spreads phones over a cluster's CPUs.
+EXECUTORS = ("local", "vectorised", "ray")
 DEFAULT_EXECUTOR = {"cpu": "local", "cuda": "vectorised"}
 ExecutorFactory = Callable[[KeyboardTokenizer], TrainingExecutor]
 
@@ -99,17 +100,25 @@ def executor_name(name: str | None, device: str) -> str:
     name = name or DEFAULT_EXECUTOR[device]
     if name not in EXECUTORS:
         raise UserFacingError(f"unknown --executor {name!r}; known: {', '.join(EXECUTORS)}")
-    if name == "local" and device != "cpu":
-        raise UserFacingError(f"--device {device} needs --executor vectorised: the local pool trains on the CPU")
+    if name in ("local", "ray") and device != "cpu":
+        raise UserFacingError(f"--device {device} needs --executor vectorised: the {name} executor trains on the CPU")
     return name
 
 
 def make_executor(name: str | None, tokenizer: KeyboardTokenizer, workers: int | None = None, device: str = "cpu",
-                  phones_per_pass: int | None = None) -> TrainingExecutor:
+                  phones_per_pass: int | None = None, ray_address: str | None = None) -> TrainingExecutor:
     """The executor `--executor NAME` asks for (None: the device's default): the local process pool (`workers`
-    processes, CPU only), or the vectorised cohort on `device`."""
-    if executor_name(name, device) == "local":
+    processes, CPU only), the vectorised cohort on `device`, or the Ray cluster at `ray_address` (None: the one on
+    this machine)."""
+    name = executor_name(name, device)
+    if name == "local":
         return LocalProcessPool(tokenizer, workers)
+    if name == "ray":
+        try:  # Ray is an optional extra: only this executor needs it
+            from device_sim.ray_executor import RayExecutor
+        except ImportError as error:
+            raise UserFacingError(f"--executor ray needs Ray ({error}): pip install -e '.[ray]'") from None
+        return RayExecutor(tokenizer, ray_address)
     return VectorisedCohort(tokenizer, device, phones_per_pass)
 
 

@@ -1,0 +1,97 @@
+"""The Ray executor on a real two-node Ray cluster on this machine: the local pool's model, with phones on both nodes."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+try:
+    import ray
+    from ray.cluster_utils import Cluster
+except ImportError:
+    pytest.fail("Ray is missing: run `bash dev.sh test`, which installs the project's [ray] extra", pytrace=False)
+
+from aggregator.process import free_port
+from device_sim import cli as device_cli
+from device_sim.executor import LocalProcessPool
+from device_sim.ray_executor import RayExecutor
+from keyboard_model.errors import UserFacingError
+from keyboard_model.model import build_model
+from tests.test_vectorised import run_fleet
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[Cluster]:
+    """A head and a worker node with one CPU each, both on this machine: each trains one phone at a time. (Ray gives
+    them the machine's own address rather than 127.0.0.1, which it keeps for single-node Rays; the traffic stays on
+    this machine either way.)"""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+class Recorded(RayExecutor):
+    """Keeps, as it closes, which phone folders each node held (as the nodes list them)."""
+
+    def close(self) -> None:
+        self.placed = self.phones_by_node()
+        super().close()
+
+
+def test_the_same_seeds_give_the_local_pools_model_with_phones_on_both_nodes(
+    two_nodes, tmp_path, small_tokenizer_path, small_tokenizer, small_model_config
+):
+    settings = dict(rounds=3, phones=10, per_round=4)
+    on_ray = Recorded(small_tokenizer, two_nodes.address)
+    model, reports = run_fleet(tmp_path / "ray", small_tokenizer_path, small_model_config, on_ray, **settings)
+    local, expected = run_fleet(tmp_path / "local", small_tokenizer_path, small_model_config,
+                                LocalProcessPool(small_tokenizer, 2), **settings)
+
+    # The same phones took part in the same rounds with the same outcomes and the same training...
+    assert [len(report.participants) for report in reports] == [len(report.participants) for report in expected]
+    assert all(report.participants for report in reports)
+    for report, same in zip(reports, expected):
+        assert [(p.phone_id, p.outcome, p.result and p.result.num_examples) for p in report.participations] == [
+            (p.phone_id, p.outcome, p.result and p.result.num_examples) for p in same.participations]
+        for p, q in zip(report.participations, same.participations):
+            if p.result is not None:  # None: aborted before it trained
+                assert math.isclose(p.result.mean_loss, q.result.mean_loss, rel_tol=1e-6), p.phone_id
+    # ...and ended at the same model, which moved: an untrained model on both sides would pass for the wrong reason.
+    initial = build_model(small_model_config).state_dict()
+    for name, tensor in local.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    assert any(not torch.equal(tensor, initial[name]) for name, tensor in model.state_dict().items())
+
+    # Both nodes held phones, each phone on one node only, and every phone that trained had its history on a node
+    # (the job checks that it runs on its phone's node).
+    nodes = {node.node_id for node in two_nodes.list_all_nodes()}
+    assert set(on_ray.placed) == nodes and len(nodes) == 2
+    held = [folder.name for folders in on_ray.placed.values() for folder in folders]
+    assert all(on_ray.placed.values()) and len(held) == len(set(held))
+    assert {p.phone_id for report in reports for p in report.participations if p.result is not None} <= set(held)
+    # Closed, the executor removed the copies it made on the nodes.
+    assert not any(folder.exists() for folders in on_ray.placed.values() for folder in folders)
+
+
+def test_ray_address_goes_with_the_ray_executor_only_and_a_head_that_does_not_answer_is_refused(small_tokenizer):
+    parser = argparse.ArgumentParser()
+    device_cli.add_fleet_arguments(parser)
+    # Nobody listens there: refused in seconds, where ray.init would retry for many minutes.
+    unanswered = parser.parse_args(["--executor", "ray", "--ray-address", f"127.0.0.1:{free_port()}"])
+    with pytest.raises(UserFacingError, match="cannot reach the Ray head"):
+        device_cli.executor_from_args(unanswered)(small_tokenizer)
+    assert not ray.is_initialized()
+    with pytest.raises(UserFacingError, match="--ray-address"):
+        device_cli.executor_from_args(parser.parse_args(["--ray-address", "10.0.0.1:6379"]))
+    with pytest.raises(UserFacingError, match="--device cuda"):
+        args = parser.parse_args(["--executor", "ray"])
+        args.device = "cuda"
+        device_cli.executor_from_args(args)
