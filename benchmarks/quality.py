@@ -6,7 +6,9 @@ This adds the int8 on-device artifact of the federated model as a row, and its s
 checks the issue's targets and draws federated recall per round (from the run's
 metrics.jsonl) with the other rows as horizontal lines. `--beside-run` adds another
 federated run on the same phones (e.g. `fedkb simulate --architecture transformer`),
-with its own server, oracle and int8 rows, to the table.
+with its own server, oracle and int8 rows, to the table. For every federated model it also
+prints what it costs on the phone beside its recall: keystroke latency through the
+suggester (`benchmarks/latency.py`'s measurement, one thread) and the int8 artifact's size.
 
     .venv/bin/python benchmarks/quality.py --federated-run runs/up [--beside-run runs/tr] [--out runs/quality]
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from device_sim.comparison import ComparisonConfig, TableRow, comparison_table, markdown_table
@@ -28,6 +31,32 @@ from keyboard_model.architecture import architecture as architecture_of
 from keyboard_model.evaluate import evaluate
 from keyboard_model.files import write_atomically
 from keyboard_model.weights import model_from_bytes
+from latency import KeystrokeLatency, keystroke_latency, typed_messages  # benchmarks/latency.py, beside this file
+
+
+@dataclass(frozen=True)
+class OnPhone:
+    """A federated model as the phone runs it: its int8 artifact (size, and recall as a table row), and the
+    keystroke latency of its suggester."""
+
+    int8: TableRow
+    artifact_bytes: int
+    latency: KeystrokeLatency
+
+    def to_dict(self) -> dict:
+        return {"model": self.int8.model, "artifact_bytes": self.artifact_bytes, "latency": asdict(self.latency)}
+
+
+def on_phone_table(federated_rows: list[TableRow], on_phone: list[OnPhone]) -> str:
+    """Each federated model's recall (float, and its int8 artifact's top-1) beside its cost on the phone."""
+    lines = ["| model | top-1 recall | top-3 recall | int8 top-1 | keystroke p50 | keystroke p99 | p99 in CPU time "
+             "| int8 artifact |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row, phone in zip(federated_rows, on_phone, strict=True):
+        c, size, latency = row.counts, phone.artifact_bytes, phone.latency
+        lines.append(f"| {row.model} | {100 * c.recall_at_1:.2f}% | {100 * c.recall_at_3:.2f}% "
+                     f"| {100 * phone.int8.counts.recall_at_1:.2f}% | {latency.p50_ms:.3f} ms | {latency.p99_ms:.3f} ms "
+                     f"| {latency.cpu_p99_ms:.3f} ms | {size:,} bytes ({size / 1e6:.2f} MB) |")
+    return "\n".join(lines)
 
 
 def plot(metrics_path: Path, rows: list[TableRow], png: Path) -> None:
@@ -75,28 +104,35 @@ def main() -> None:
                             beside=[model for model, _ in beside])
 
     held_out = [m for phone in phones for m in phone.held_out(tokenizer)]
+    typed = typed_messages(corpus)
 
-    def int8_row(model: NextWordModel, model_version: int, path: Path) -> TableRow:
+    def on_the_phone(model: NextWordModel, model_version: int, path: Path) -> OnPhone:
         artifact.export(model, tokenizer, path, model_version)
         label = architecture_of(model.config.architecture).label
         print(f"int8 artifact of the federated {label}: {path} {path.stat().st_size:,} bytes")
-        return TableRow(f"federated {label}, int8 artifact", evaluate(artifact.load(path).model, tokenizer, held_out))
+        int8 = TableRow(f"federated {label}, int8 artifact", evaluate(artifact.load(path).model, tokenizer, held_out))
+        return OnPhone(int8, path.stat().st_size, keystroke_latency(model, tokenizer, typed))
 
     on_device = args.out / "keyboard.fkb"
-    int8_rows = [int8_row(federated, version, on_device)]
-    int8_rows += [int8_row(model, v, args.out / f"beside-{n}.fkb") for n, (model, v) in enumerate(beside)]
+    on_phone = [on_the_phone(federated, version, on_device)]
+    on_phone += [on_the_phone(model, v, args.out / f"beside-{n}.fkb") for n, (model, v) in enumerate(beside)]
+    int8_rows = [phone.int8 for phone in on_phone]
     int8 = int8_rows[0]
 
     print(f"\nfederated model: version {version} of {args.federated_run}\n")
     print(markdown_table([*rows, *int8_rows]))
+    # rows are n-gram, then server, federated and oracle for each federated model.
+    print(f"\non the phone: latency over the same {on_phone[0].latency.keystrokes:,} held-out keystrokes, one thread\n")
+    print(on_phone_table(rows[2::3], on_phone))
     ngram, server, fed, oracle = (r.counts.recall_at_1 for r in rows[:4])
     print(f"\nfederated / n-gram top-1: {fed / ngram:.3f} (target >= 1.2); federated > server: {fed > server}; "
           f"federated / oracle: {fed / oracle:.3f} (target >= 0.95)")
     int8_top1 = int8.counts.recall_at_1
     print(f"int8 artifact: {on_device.stat().st_size:,} bytes (target <= 1.6 MB); top-1 {int8_top1:.4f} "
           f"vs float {fed:.4f}: relative change {abs(int8_top1 - fed) / fed:.2%} (target <= 1%)")
-    table = [r.to_dict() for r in [*rows, *int8_rows]]
-    write_atomically(args.out / "quality.json", json.dumps({"model_version": version, "rows": table}, indent=2).encode())
+    table = {"model_version": version, "rows": [r.to_dict() for r in [*rows, *int8_rows]],
+             "on_phone": [phone.to_dict() for phone in on_phone]}
+    write_atomically(args.out / "quality.json", json.dumps(table, indent=2).encode())
     plot(args.federated_run / "metrics.jsonl", rows[:4], args.out / "recall_per_round.png")
     print(f"table: {args.out / 'quality.json'}; plot: {args.out / 'recall_per_round.png'}")
 

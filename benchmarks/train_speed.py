@@ -1,6 +1,7 @@
-"""Local-training speed of the CIFG-LSTM against what the machine's matrix multiply can do.
+"""Local-training speed of a phone's model against what the machine's matrix multiply can do.
 
-Trains the default-size model with the phones' settings (SGD, batch 16, rows of 20
+Trains the default-size model of each `--architecture` (the CIFG-LSTM by default; repeat
+the option to measure several) with the phones' settings (SGD, batch 16, rows of 20
 tokens) on real phone messages of the default corpus, and prints tokens per second
 and the share of the machine's measured fp32 matrix-multiply FLOP/s (all cores, one
 1024 x 1024 product) that training reaches. A training token costs three forward
@@ -14,7 +15,15 @@ Two layouts are measured:
   (16 rows by 96) are too small to keep two cores busy, so phones side by side beat
   one phone split across cores. The target (40% of the matmul peak) is for this one.
 
-    .venv/bin/python benchmarks/train_speed.py [--seconds 20] [--workers N]
+Then the cost of one phone-update: a selected phone's whole local work (`Phone.local_work`:
+load the downloaded model, score it on up to 25 held-out messages, one epoch of SGD over
+its newest 400 training messages, encode the int8 update) from the initial model, on one
+thread, for `--phone-updates` phones provisioned as the fleet does. With several
+architectures each phone runs them in turn, one after the other, so load from anything
+else on the machine falls on all of them alike.
+
+    .venv/bin/python benchmarks/train_speed.py [--seconds 20] [--workers N] [--phone-updates 40]
+        [--architecture cifg --architecture transformer]
 """
 
 from __future__ import annotations
@@ -22,13 +31,20 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from device_sim.corpus import CorpusConfig, prepare
-from keyboard_model.model import ModelConfig, build_model
+from device_sim.fleet import provision
+from keyboard_model.architecture import ARCHITECTURES, DEFAULT_ARCHITECTURE, ArchitectureConfig, architecture
+from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig, language_model_loss, pack_sequences
+from keyboard_model.transformer import TransformerConfig
+from keyboard_model.weights import model_to_bytes
 
 TARGET_SHARE = 0.40
 
@@ -44,23 +60,35 @@ def matmul_flops_per_second(size: int = 1024, seconds: float = 3.0) -> float:
     return 2 * size**3 * count / (time.perf_counter() - started)
 
 
-def training_flops_per_token(config: ModelConfig) -> int:
-    e, h, p, v = config.embedding_dim, config.hidden_dim, config.projection_dim, config.vocab_size
-    forward = 2 * (e * 3 * h + p * 3 * h + h * p + p * v)
+def training_flops_per_token(config: ArchitectureConfig) -> int:
+    """Matrix FLOPs of one training token: three forward passes' worth."""
+    if isinstance(config, TransformerConfig):
+        e, t, v = config.embedding_dim, config.context, config.vocab_size
+        # Per layer: query/key/value and output projections (4 e^2), the MLP (8 e^2); attention scores and the
+        # weighted sum over the (t + 1) / 2 positions a token sees on average in a row of t.
+        forward = 2 * (config.layers * (12 * e * e + e * (t + 1)) + e * v)
+    else:
+        e, h, p, v = config.embedding_dim, config.hidden_dim, config.projection_dim, config.vocab_size
+        forward = 2 * (e * 3 * h + p * 3 * h + h * p + p * v)
     return 3 * forward
 
 
-def training_rows(worker: int, workers: int) -> tuple[torch.Tensor, ModelConfig]:
-    """Packed rows of real phone messages (each worker its own phones), and the default model's config."""
+def default_config(name: str, vocab_size: int) -> ArchitectureConfig:
+    return architecture(name).config_class(vocab_size=vocab_size)
+
+
+def training_rows(worker: int, name: str) -> tuple[torch.Tensor, ArchitectureConfig]:
+    """Packed rows of real phone messages (each worker its own phones), and the default `name` model's config."""
     corpus = prepare(CorpusConfig(), log=lambda _: None)
     tokenizer = corpus.tokenizer()
     users = list(corpus.users().values())[worker * 50 : (worker + 1) * 50]
     rows = pack_sequences(tokenizer.encode_batch([m.text for user in users for m in user]), LocalTrainConfig.sequence_length)
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(worker))]
-    return rows, ModelConfig(vocab_size=tokenizer.vocab_size)
+    return rows, default_config(name, tokenizer.vocab_size)
 
 
-def tokens_per_second(rows: torch.Tensor, model_config: ModelConfig, seconds: float, start_together=None) -> float:
+def tokens_per_second(rows: torch.Tensor, model_config: ArchitectureConfig, seconds: float,
+                      start_together=None) -> float:
     """Train for `seconds` after a short warm-up (and after every worker is ready, when given a barrier)."""
     config = LocalTrainConfig()
     model = build_model(model_config)
@@ -83,18 +111,18 @@ def tokens_per_second(rows: torch.Tensor, model_config: ModelConfig, seconds: fl
     return tokens / (time.perf_counter() - started)
 
 
-def _one_thread_worker(worker: int, workers: int, seconds: float, barrier, results) -> None:
+def _one_thread_worker(worker: int, name: str, seconds: float, barrier, results) -> None:
     torch.set_num_threads(1)
-    rows, model_config = training_rows(worker, workers)
+    rows, model_config = training_rows(worker, name)
     results.put(tokens_per_second(rows, model_config, seconds, barrier))
 
 
-def phones_side_by_side(workers: int, seconds: float) -> list[float]:
+def phones_side_by_side(name: str, workers: int, seconds: float) -> list[float]:
     """Tokens per second of each of `workers` processes training at the same time, one thread each."""
     spawn = multiprocessing.get_context("spawn")
     barrier, results = spawn.Barrier(workers), spawn.Queue()
     processes = [
-        spawn.Process(target=_one_thread_worker, args=(w, workers, seconds, barrier, results)) for w in range(workers)
+        spawn.Process(target=_one_thread_worker, args=(w, name, seconds, barrier, results)) for w in range(workers)
     ]
     for process in processes:
         process.start()
@@ -104,28 +132,64 @@ def phones_side_by_side(workers: int, seconds: float) -> list[float]:
     return speeds
 
 
+def seconds_per_phone_update(names: list[str], phones: int) -> dict[str, list[float]]:
+    """Wall seconds of each of `phones` phones' local work for one round (`Phone.local_work`: load the model, score
+    it on held-out messages, train, encode the int8 update), one thread, from each architecture's initial model.
+    The phones are provisioned as the fleet does (seed 0) and hold their whole history."""
+    corpus = prepare(CorpusConfig(), log=lambda _: None)
+    tokenizer = corpus.tokenizer()
+    initial = {}
+    for name in names:
+        config = default_config(name, tokenizer.vocab_size)
+        initial[name] = model_to_bytes(build_model(config).state_dict(), 0, config)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            for seed, phone in enumerate(provision(corpus, Path(folder), phones, seed=0, log=lambda _: None)):
+                for name in names:
+                    started = time.perf_counter()
+                    phone.local_work(initial[name], tokenizer, LocalTrainConfig(), seed)
+                    seconds[name].append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads_before)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="phones training side by side")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), action="append",
+                        help=f"the model to train; repeat for several (default: {DEFAULT_ARCHITECTURE})")
+    parser.add_argument("--phone-updates", type=int, default=40, help="phones whose one update is timed")
     args = parser.parse_args()
+    names = args.architecture or [DEFAULT_ARCHITECTURE]
 
-    rows, model_config = training_rows(0, 1)
-    per_token = training_flops_per_token(model_config)
     peak = matmul_flops_per_second()
     print(f"machine: {torch.get_num_threads()} threads, fp32 matmul {peak / 1e9:.1f} GFLOP/s (1024x1024)")
-    print(f"model: {model_config}; {per_token / 1e6:.2f} MFLOP per training token")
+    for name in names:
+        rows, model_config = training_rows(0, name)
+        per_token = training_flops_per_token(model_config)
+        print(f"\nmodel: {model_config}; {per_token / 1e6:.2f} MFLOP per training token")
 
-    def report(label: str, speed: float) -> float:
-        share = speed * per_token / peak
-        print(f"{label}: {speed:,.0f} tokens/s = {speed * per_token / 1e9:.1f} GFLOP/s = {share:.0%} of matmul peak")
-        return share
+        def report(label: str, speed: float) -> float:
+            share = speed * per_token / peak
+            print(f"{label}: {speed:,.0f} tokens/s = {speed * per_token / 1e9:.1f} GFLOP/s = {share:.0%} of matmul peak")
+            return share
 
-    report(f"one phone on {torch.get_num_threads()} threads", tokens_per_second(rows, model_config, args.seconds))
-    speeds = phones_side_by_side(args.workers, args.seconds)
-    each = ", ".join(f"{s:,.0f}" for s in speeds)
-    share = report(f"{args.workers} phones side by side, one thread each ({each})", sum(speeds))
-    print(f"target: >= {TARGET_SHARE:.0%} -> {'met' if share >= TARGET_SHARE else 'NOT met'}")
+        report(f"one phone on {torch.get_num_threads()} threads", tokens_per_second(rows, model_config, args.seconds))
+        speeds = phones_side_by_side(name, args.workers, args.seconds)
+        each = ", ".join(f"{s:,.0f}" for s in speeds)
+        share = report(f"{args.workers} phones side by side, one thread each ({each})", sum(speeds))
+        print(f"target: >= {TARGET_SHARE:.0%} -> {'met' if share >= TARGET_SHARE else 'NOT met'}")
+
+    if args.phone_updates > 0:
+        print(f"\none phone-update (Phone.local_work, one thread), {args.phone_updates} phones, in turn:")
+        for name, seconds in seconds_per_phone_update(names, args.phone_updates).items():
+            print(f"  {architecture(name).label}: mean {statistics.fmean(seconds):.3f} s, "
+                  f"median {statistics.median(seconds):.3f} s, max {max(seconds):.3f} s per phone-update")
 
 
 if __name__ == "__main__":
