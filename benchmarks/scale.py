@@ -17,7 +17,7 @@ so they agree to float rounding). The cohorts run interleaved, executor after ex
 that load from elsewhere on the machine falls on each alike.
 
     .venv/bin/python benchmarks/scale.py [--sizes 10 100] [--with-1000] [--repeats 2]
-        [--phones-per-pass N] [--vectorised-threads 1 2] [--out /tmp/fedkb-scale]
+        [--phones-per-pass N] [--vectorised-threads 1 2] [--with-ray] [--plot FILE.png] [--out /tmp/fedkb-scale]
 
 Runs on the CPU, and on CUDA as well when torch sees a GPU (the vectorised executor only: the
 local pool trains on the CPU); it says so when there is none.
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--phones-per-pass", type=int, default=None, help="the vectorised executor's passes")
     parser.add_argument("--vectorised-threads", type=int, nargs="+", default=[os.cpu_count() or 1],
                         help="torch threads of the vectorised executor on the CPU, each measured (default: one per core)")
+    parser.add_argument("--with-ray", action="store_true", help="also the Ray executor (a Ray on this machine)")
+    parser.add_argument("--plot", type=Path, default=None, help="draw phone-updates/s against cohort size into this PNG")
     parser.add_argument("--out", type=Path, default=Path("/tmp/fedkb-scale"), help="where the phones are provisioned")
     args = parser.parse_args()
     sizes = sorted(set(args.sizes + ([1000] if args.with_1000 else [])))
@@ -127,6 +129,8 @@ def main() -> None:
     setups += [Setup("vectorised", "cpu", threads, vectorised) for threads in args.vectorised_threads]
     if cuda:
         setups.append(Setup("vectorised", "cuda", None, partial(vectorised, device="cuda")))
+    if args.with_ray:
+        setups.append(Setup("ray", "cpu", None, partial(make_executor, "ray", tokenizer)))
     peak = matmul_flops_per_second()
     per_token = training_flops_per_token(model_config)
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} on {torch.get_num_threads()} threads, "
@@ -166,6 +170,32 @@ def main() -> None:
         print(f"{size} phones: the executors' per-phone mean losses differ by at most {gap:.2e}")
     if not cuda:
         print("CUDA: none here, so no GPU figures.")
+    if args.plot is not None:
+        plot(results, setups, sizes, args.plot)
+
+
+def plot(results: list[Measured], setups: list[Setup], sizes: list[int], png: Path) -> None:
+    """Best phone-updates/s of each executor against phones a round, on log-log axes."""
+    import matplotlib  # noqa: PLC0415  (only the plot needs it)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for setup in setups:
+        best = [max(r.updates_per_s for r in results if (r.setup, r.phones) == (setup, size)) for size in sizes]
+        axes.plot(sizes, best, "o-", label=f"{setup.executor} on {setup.label}")
+    axes.set_xscale("log")
+    axes.set_xticks(sizes, [f"{size:,}" for size in sizes])
+    axes.minorticks_off()
+    axes.set_xlabel("phones a round")
+    axes.set_ylabel("phone-updates per second (best of repeats)")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend()
+    figure.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png)
+    print(f"wrote {png}")
 
 
 @contextmanager
