@@ -53,8 +53,8 @@ from aggregator.secure_round import SecureRound
 from aggregator.selection import SelectionWindow
 from aggregator.storage import Storage
 from keyboard_model.secagg import PublicKeys, Share
-from keyboard_model.update_codec import decode_update, max_encoded_bytes
 from keyboard_model.norms import l2_norm
+from keyboard_model.update_codec import decode_update, max_encoded_bytes
 from keyboard_model.weights import WeightsError
 
 logger = logging.getLogger(__name__)
