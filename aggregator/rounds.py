@@ -39,7 +39,7 @@ from aggregator.api.schemas import EvaluationReport, SecAggState
 from aggregator.config import AggregatorConfig
 from aggregator.devices import Devices, token_hash
 from aggregator.global_model import GlobalModel
-from aggregator.pace import retry_after_s
+from aggregator.pace import next_spread, retry_after_s
 from aggregator.privacy import PrivacyEvent, PrivacyLedger
 from aggregator.refusals import (
     BadUpdateError,
@@ -136,6 +136,8 @@ class RoundManager:
         self._recent_durations = collections.deque(
             (r["duration_s"] for r in recent if r["duration_s"] is not None), maxlen=RECENT_ROUNDS
         )
+        # Rounds over which turned-away devices are sent back (aggregator/pace.py); it adapts within a few rounds.
+        self._spread_rounds = 1.0
         self._epsilon = next((r["epsilon"] for r in reversed(recent) if r["epsilon"] is not None), None)
         next_round = storage.last_round_number() + 1
         # A round that was open when the service stopped is run again from the start.
@@ -194,9 +196,8 @@ class RoundManager:
                 # Come back once the draw it is a candidate in has been made.
                 wait = max(current.selection.ends - self.clock(), 0.0) + 0.001
             else:
-                wait = retry_after_s(
-                    self.clock() - current.started, self._recent_durations, self.config.retry_after_s, self._rng
-                )
+                wait = retry_after_s(self.clock() - current.started, self._recent_durations,
+                                     self.config.retry_after_s, self._rng, self._spread_rounds)
             return CheckinDecision("retry", current.number, self.model.version, retry_after_s=round(wait, 3))
 
     def _selecting(self) -> bool:
@@ -420,6 +421,7 @@ class RoundManager:
                 logger.exception("recording round %d as failed failed too", current.number)
         finally:
             self._recent_durations.append(duration)
+            self._spread_rounds = next_spread(self._spread_rounds, len(current.checked_in), self.selection_target)
             self.round = self._open_round(current.number + 1)
 
     def _commit(self, summary: dict) -> None:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from aggregator.pace import retry_after_s
+from aggregator.pace import CHECKINS_PER_SLOT, next_spread, retry_after_s
 from aggregator.process import LocalAggregator
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from device_sim.session import update_bytes
@@ -112,6 +112,46 @@ def test_pace_steering_spreads_the_devices_it_turns_away(start_aggregator, small
     waits = [d.retry_after_s for d in turned_away]
     assert min(waits) >= aggregator.config.retry_after_s
     assert len(set(waits)) > 15  # not one moment for everybody: no thundering herd
+
+
+def test_pace_steering_spreads_a_large_population_over_as_many_rounds_as_it_needs():
+    # A population that holds still: a round sees population / spread of it. The spread settles where a round sees
+    # about CHECKINS_PER_SLOT check-ins per slot, and never below one round.
+    population, slots, spread = 10_000, 50, 1.0
+    for _ in range(20):
+        spread = next_spread(spread, int(population / spread), slots)
+    assert population / spread == pytest.approx(CHECKINS_PER_SLOT * slots, rel=0.05)
+    for _ in range(20):
+        spread = next_spread(spread, 20, slots)  # the population shrank to fewer devices than a round wants
+    assert spread == 1.0
+    rng = random.Random(0)
+    waits = [retry_after_s(0.0, [10.0], 1.0, rng, spread_rounds=5.0) for _ in range(1_000)]
+    assert min(waits) >= 10.0 and max(waits) <= 60.0 and max(waits) > 50.0
+
+
+def test_a_busy_round_sends_the_devices_it_turns_away_further_out(tmp_path, small_tokenizer_path, small_model_config):
+    from aggregator.inprocess import InProcessClient
+    from aggregator.process import local_aggregator_config
+
+    client = InProcessClient(local_aggregator_config(
+        tmp_path, small_tokenizer_path, model=small_model_config, clients_per_round=1, over_selection=1.0,
+        simulated_clock=True, selection_window_s=0.0))
+    devices = [client.enrol().device_token for _ in range(60)]
+    clock = [0.0]
+
+    def turned_away_waits() -> list[float]:
+        decisions = [client.checkin(token) for token in devices]
+        chosen = next(d for d in decisions if d.action == "train")
+        clock[0] += 100.0  # the round lasts 100 simulated seconds
+        client.set_clock(clock[0])
+        client.upload(chosen.round, chosen.upload_token, constant_update(client, 0.01, 5))
+        return [d.retry_after_s for d in decisions if d.action == "retry"]
+
+    turned_away_waits()
+    # After a round of 100 s that 60 devices asked to join for one slot, the next round spreads them over several
+    # rounds' lengths: with one round's, no wait could pass 200 s (the rest of the round, plus one more).
+    waits = turned_away_waits()
+    assert len(waits) == 59 and max(waits) > 250.0
 
 
 def test_sigkill_mid_round_loses_no_committed_round_and_the_redone_round_gives_the_same_model(
