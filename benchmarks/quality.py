@@ -66,7 +66,8 @@ def plot(metrics_path: Path, rows: list[TableRow], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    # Rounds a run did not score centrally (`--eval-every`) have no recall of their own.
+    lines = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["recall_at_1"] is not None]
     figure, axis = plt.subplots(figsize=(8, 4.5), dpi=120)
     axis.plot([m["round"] for m in lines], [100 * m["recall_at_1"] for m in lines],
               label=f"{rows[2].model} (32-phone sample each round)")

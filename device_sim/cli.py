@@ -32,6 +32,7 @@ from keyboard_model.weights import model_from_bytes
 TRAIN_DEFAULTS = LocalTrainConfig()
 FLEET_DEFAULTS = FleetConfig(phones_dir=Path("phones"))
 COMPARISON_DEFAULTS = ComparisonConfig(baselines_dir=Path("baselines"))
+SIMULATION_DEFAULTS = SimulationConfig(out_dir=Path("runs/simulate"))
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +86,14 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="federated rounds to run (default: %(default)s)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting rounds after this many seconds")
     parser.add_argument("--eval-phones", type=int, default=FLEET_DEFAULTS.eval_phones,
-                        help="phones whose held-out messages score each round (default: %(default)s)")
+                        help="phones whose held-out messages score the model centrally (default: %(default)s)")
+    parser.add_argument("--eval-every", type=positive_int, default=SIMULATION_DEFAULTS.eval_every, metavar="N",
+                        help="score the model on the --eval-phones sample after every N rounds; the phones' own "
+                             "(federated) score comes every round (default: %(default)s)")
+    parser.add_argument("--lr-steps", type=lr_step, nargs="+", default=[], metavar="FRACTION:LR",
+                        help="from this fraction of the run (of --time-budget if given, else of --rounds) on, phones "
+                             "train at this local learning rate, e.g. --lr-steps 0.7:0.3 0.85:0.1 (default: --lr "
+                             "throughout)")
     group = parser.add_argument_group("the simulated fleet")
     group.add_argument("--minutes-per-message", type=float, default=FLEET_DEFAULTS.minutes_per_message,
                        help="simulated training time per message of a phone of average speed (default: %(default)s)")
@@ -124,7 +132,8 @@ def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
         update_compression=args.update_compression, minutes_per_message=args.minutes_per_message,
         vanish_probability=args.vanish_probability, typing_days=args.typing_days, workers=args.workers,
     )
-    return SimulationConfig(out_dir=args.out, rounds=args.rounds, fleet=fleet, time_budget_s=args.time_budget)
+    return SimulationConfig(out_dir=args.out, rounds=args.rounds, fleet=fleet, time_budget_s=args.time_budget,
+                            eval_every=args.eval_every, lr_steps=tuple(args.lr_steps))
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +144,24 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 def simulate_with(args: argparse.Namespace, corpus: PreparedCorpus, client: Aggregator) -> SimulationSummary:
     return run_simulation(corpus, simulation_config_from_args(args), client, show_progress=not args.no_progress,
                           executor=executor_from_args(args))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def lr_step(text: str) -> tuple[float, float]:
+    """`--lr-steps`' FRACTION:LR, checked where it is parsed."""
+    try:
+        fraction, rate = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FRACTION:LR such as 0.7:0.3, got {text!r}") from None
+    if not 0.0 <= fraction < 1.0 or not rate > 0:
+        raise argparse.ArgumentTypeError(f"the fraction must be in [0, 1) and the rate positive, got {text!r}")
+    return fraction, rate
 
 
 def vectorised_device(name: str) -> str:

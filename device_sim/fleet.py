@@ -30,9 +30,11 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -198,6 +200,9 @@ class RoundReport:
     training_s: float
     # Check-ins the aggregator answered while the round was open.
     checkins: int
+    # Where this process's wall time went while the round was open (the simulator waits on one thing at a time, so
+    # this is the round's critical path): seconds by activity (ACTIVITIES), the rest under "other".
+    wall_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def participants(self) -> list[Participation]:
@@ -211,6 +216,13 @@ class RoundReport:
     def train_loss(self) -> float:
         losses = [p.result.mean_loss for p in self.participants]
         return sum(losses) / len(losses) if losses else float("nan")
+
+
+# What a round's wall time is spent on: checking phones in; downloading the model; waiting for the phones' local work
+# (evaluation and training, masking in a secure round); uploads, with the aggregator's decoding and summing of
+# each; a secure round's other steps (keys, sealed shares, revealed shares); and the aggregator's clock ticks, in
+# which it closes phases and rounds (unmasking the sum, stepping the model) when their deadlines pass.
+ACTIVITIES = ("check-ins", "downloads", "training", "uploads", "secure steps", "clock ticks")
 
 
 class Fleet:
@@ -232,6 +244,8 @@ class Fleet:
         self._pending: list[_Event] = []
         self._selected: dict[str, _Selected] = {}
         self._ids = [phone.phone_id for phone in self.phones]
+        self._train = config.train  # what phones selected in the open round train with
+        self._wall: Counter[str] = Counter()  # the open round's wall seconds by activity
         # An aggregator on the wall clock (one started without --simulated-clock) is left to it: its deadlines
         # are then real seconds, which a simulation passes through much faster than simulated hours.
         self._drives_clock = client.status().clock == "simulated"
@@ -242,21 +256,26 @@ class Fleet:
         """Simulated seconds since the simulation started."""
         return self.clock.tick * self.config.eligibility.tick_minutes * 60.0
 
-    def run_round(self) -> RoundReport:
-        """Advance simulated time, tick by tick, until the open round closes.
+    def run_round(self, learning_rate: float | None = None) -> RoundReport:
+        """Advance simulated time, tick by tick, until the open round closes; phones selected now train at
+        `learning_rate` (default: the fleet's).
 
         At each tick, first the phones whose training has finished by now upload (or
         say they aborted), in the order they finished; then the eligible phones that
         are due check in, and the selected ones start training. A phone still training
         when its round closes uploads later and is told it is late.
         """
+        round_started, self._wall = time.perf_counter(), Counter()
         round_number, started_tick = self.client.status().round, self.clock.tick + 1
+        self._train = self.config.train if learning_rate is None else replace(self.config.train,
+                                                                              learning_rate=learning_rate)
         outcomes: list[Participation] = []
         eligible_at_start, training_s, checkins = None, 0.0, 0
         for _ in range(self.config.max_ticks_per_round):
             self.clock.advance()
             if self._drives_clock:  # the aggregator's deadlines and pace steering follow simulated time
-                self.client.set_clock(self.now_s)
+                with self._timed("clock ticks"):
+                    self.client.set_clock(self.now_s)
             due_now = sorted((e for e in self._pending if e.tick <= self.clock.tick), key=lambda e: e.tick)
             self._pending = [e for e in self._pending if e.tick > self.clock.tick]
             for event in due_now:
@@ -276,15 +295,27 @@ class Fleet:
                 f"round {round_number} did not close within {self.config.max_ticks_per_round} simulated ticks: "
                 f"too few eligible phones for the aggregator's goal of {self.client.status().goal} updates"
             )
+        wall = dict(self._wall)
+        wall["other"] = time.perf_counter() - round_started - sum(wall.values())
         return RoundReport(round_number, outcomes, self.clock.tick - started_tick + 1, eligible_at_start or 0,
-                           self.clock.day(started_tick), self.clock.hour_utc(started_tick), training_s, checkins)
+                           self.clock.day(started_tick), self.clock.hour_utc(started_tick), training_s, checkins,
+                           wall)
+
+    @contextmanager
+    def _timed(self, activity: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._wall[activity] += time.perf_counter() - started
 
     def _check_in(self, due: list[Phone]) -> None:
         """Let these phones check in; the selected ones take their first step in `_advance`."""
         self._rng.shuffle(due)
         tick_minutes = self.config.eligibility.tick_minutes
         for phone in due:
-            decision = phone.check_in(self.client)
+            with self._timed("check-ins"):
+                decision = phone.check_in(self.client)
             if decision.action != "train":
                 wait_ticks = math.ceil(decision.retry_after_s / 60.0 / tick_minutes)
                 self._due_tick[phone.phone_id] = self.clock.tick + max(1, wait_ticks)
@@ -319,7 +350,8 @@ class Fleet:
                 elif step == "train":
                     self._start_training(selected)
                 else:
-                    selected.participant.take(step)
+                    with self._timed("secure steps"):
+                        selected.participant.take(step)
         return vanished
 
     def _vanish(self, selected: _Selected) -> Participation:
@@ -337,7 +369,7 @@ class Fleet:
         participant, phone = selected.participant, selected.participant.phone
         secure = participant.training()
         tick_minutes = self.config.eligibility.tick_minutes
-        typed = len(phone.messages(self.now_s)[0][-self.config.train.max_messages :])
+        typed = len(phone.messages(self.now_s)[0][-self._train.max_messages :])
         minutes = self.config.minutes_per_message * typed * self.clock.profile(phone.phone_id).speed
         finish = self.clock.tick + max(1, math.ceil(minutes / tick_minutes))
         window = range(self.clock.tick + 1, finish + 1)
@@ -346,8 +378,9 @@ class Fleet:
             self._pending.append(_Event(interrupted, selected, None))
             return
         # The phone downloads the model it was selected to train, as the aggregator said (int8 or float32).
-        model = self.client.model(participant.decision.model_encoding)
-        job = self.executor.submit(phone, model, self.config.train, selected.seed, self.config.update_compression,
+        with self._timed("downloads"):
+            model = self.client.model(participant.decision.model_encoding)
+        job = self.executor.submit(phone, model, self._train, selected.seed, self.config.update_compression,
                                    self.now_s, participant.decision.clip_norm, secure)
         self._pending.append(_Event(finish, selected, job))
 
@@ -360,8 +393,10 @@ class Fleet:
         if event.job is None:
             participant.abort()
             return Participation(participant.phone.phone_id, participant.round, "aborted", *ticks)
-        work, seconds = event.job.result()
-        outcome = participant.send(work)
+        with self._timed("training"):
+            work, seconds = event.job.result()
+        with self._timed("uploads"):
+            outcome = participant.send(work)
         return Participation(participant.phone.phone_id, participant.round, outcome, *ticks, work.result,
                              len(work.upload or b""), seconds)
 

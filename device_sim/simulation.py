@@ -40,6 +40,23 @@ class SimulationConfig:
     fleet: FleetConfig | None = None
     # Stop after this many seconds even if rounds remain (None: run all rounds).
     time_budget_s: float | None = None
+    # Score the model centrally on the eval sample after every this many rounds (the phones' own, federated score
+    # comes every round); scoring holds up the next round, so long runs may want it less often.
+    eval_every: int = 1
+    # (fraction of the run, local learning rate): from that fraction of the time budget, or of the rounds when
+    # there is no budget, on, phones train at that rate. Empty: the fleet's rate throughout.
+    lr_steps: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
+        if any(not 0.0 <= at < 1.0 or not lr > 0 for at, lr in self.lr_steps):
+            raise ValueError(f"each learning-rate step needs a fraction in [0, 1) and a positive rate: {self.lr_steps}")
+
+    def learning_rate(self, fraction_done: float) -> float | None:
+        """The local learning rate a run this far along trains at, or None for the fleet's own."""
+        reached = [lr for at, lr in sorted(self.lr_steps) if at <= fraction_done]
+        return reached[-1] if reached else None
 
     def fleet_config(self) -> FleetConfig:
         return self.fleet or FleetConfig(phones_dir=self.out_dir / "phones")
@@ -78,13 +95,13 @@ def run_simulation(
     eval_sample = random.Random(fleet_config.seed).sample(phones, min(fleet_config.eval_phones, len(phones)))
     eval_messages = [m for phone in eval_sample for m in phone.held_out(tokenizer)]
 
-    def score_current_model() -> tuple[int, EvalCounts]:
+    def save_current_model(score: bool) -> tuple[int, EvalCounts | None]:
         data = client.model()
         model, version = model_from_bytes(data)
         write_atomically(config.out_dir / "model.safetensors", data)
-        return version, evaluate(model, tokenizer, eval_messages)
+        return version, evaluate(model, tokenizer, eval_messages) if score else None
 
-    version, initial_sample = score_current_model()
+    version, initial_sample = save_current_model(score=True)
     metrics_path = config.out_dir / "metrics.jsonl"
     resuming = _keep_whole_lines(metrics_path)
     if resuming:
@@ -97,25 +114,32 @@ def run_simulation(
         _progress_bar(config, show_progress) as progress,
     ):
         if not resuming:
-            _log_round(metrics, 0, version, None, None, initial_sample, 0.0)
-        for _ in range(config.rounds):
-            if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
+            _log_round(metrics, 0, version, None, None, initial_sample, 0.0, None)
+        for index in range(config.rounds):
+            elapsed = time.monotonic() - started
+            if config.time_budget_s is not None and elapsed > config.time_budget_s:
                 progress.write(f"time budget of {config.time_budget_s:.0f} s reached; stopping")
                 break
             round_started = time.monotonic()
-            report = fleet.run_round()
+            fraction_done = elapsed / config.time_budget_s if config.time_budget_s else index / config.rounds
+            learning_rate = config.learning_rate(fraction_done) or fleet.config.train.learning_rate
+            report = fleet.run_round(learning_rate)
             if report.count("diverged"):
                 progress.write(f"round {report.round}: local training diverged on {report.count('diverged')} "
                                "phone(s), which aborted instead of uploading; a smaller --lr may help")
-            version, counts = score_current_model()
             rounds_completed += 1
+            last = index == config.rounds - 1
+            version, counts = save_current_model(score=rounds_completed % config.eval_every == 0 or last)
             server_view = next(r for r in client.status().recent_rounds if r.round == report.round)
             line = _log_round(
-                metrics, report.round, version, report, server_view, counts, time.monotonic() - round_started
+                metrics, report.round, version, report, server_view, counts, time.monotonic() - round_started,
+                learning_rate,
             )
+            # Between central scores, the bar shows the phones' own score of the model the round started from.
+            top1 = line["recall_at_1"] if counts is not None else line["fed_recall_at_1"]
             progress.set_postfix(
-                round=report.round, participants=len(report.participants),
-                loss=f"{line['train_loss']:.3f}", top1=f"{counts.recall_at_1:.3f}",
+                round=report.round, participants=len(report.participants), loss=f"{line['train_loss']:.3f}",
+                top1="-" if top1 is None else f"{top1:.3f}",
             )
             progress.update(1 if config.time_budget_s is None else time.monotonic() - started - progress.n)
 
@@ -165,7 +189,7 @@ SERVER_COUNTS = ("selected", "reported", "aborted", "dropped", "late", "bytes_up
 
 def _log_round(
     metrics_file, round_number: int, version: int, report: RoundReport | None, server_view: RoundSummary | None,
-    counts: EvalCounts, duration_s: float,
+    counts: EvalCounts | None, duration_s: float, learning_rate: float | None,
 ) -> dict:
     line = {
         "round": round_number,
@@ -175,6 +199,8 @@ def _log_round(
         "participants": len(report.participants) if report else 0,
         # The fleet's own view: phones eligible when the round began, and selected phones that vanished.
         "eligible": report.eligible_at_start if report else 0,
+        # Check-ins the fleet made while the round was open (pace steering spreads them out).
+        "checkins": report.checkins if report else 0,
         "vanished": report.count("vanished") if report else 0,
         # Selected phones whose local training diverged: they aborted instead of uploading.
         "diverged": report.count("diverged") if report else 0,
@@ -183,9 +209,10 @@ def _log_round(
         **{name: getattr(server_view, name) if server_view else 0 for name in SERVER_COUNTS},
         "examples": sum(p.result.num_examples for p in report.participants) if report else 0,
         "train_loss": report.train_loss if report else None,
-        # The researcher's central score of the model this round produced (model_version)...
-        **counts.metrics(),
-        "eval_positions": counts.positions,
+        "local_learning_rate": learning_rate,
+        # The researcher's central score of the model this round produced (model_version), when scored...
+        **(counts.metrics() if counts is not None else dict.fromkeys(EvalCounts().metrics())),
+        "eval_positions": counts.positions if counts is not None else 0,
         # ...and the aggregator's federated one of the model the round started from: the phones' own counts.
         "fed_eval_model_version": server_view.base_version if server_view else None,
         "fed_eval_devices": server_view.eval_devices if server_view else 0,
@@ -194,6 +221,8 @@ def _log_round(
         "fed_recall_at_3": server_view.recall_at_3 if server_view else None,
         "sim_ticks": report.ticks if report else 0,
         "training_s": round(report.training_s, 3) if report else 0.0,
+        # This process's wall time in the round by activity (device_sim/fleet.py's ACTIVITIES).
+        "wall_s_by_activity": {k: round(v, 3) for k, v in report.wall_s.items()} if report else {},
         # The round as the aggregator timed it, and the whole iteration including scoring the model.
         "round_duration_s": round(server_view.duration_s, 3) if server_view and server_view.duration_s else None,
         "duration_s": round(duration_s, 3),

@@ -25,7 +25,8 @@ DEMO_DEFAULTS = DemoConfig()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     composition.add_simulate_arguments(parser)
     # Defaults tuned so the run takes about ten minutes on two cores.
-    parser.set_defaults(out=Path("runs/up"), rounds=1_000, time_budget=540.0, clients_per_round=10)
+    # The central score every ten rounds: scoring holds up the next round, and the phones score every round anyway.
+    parser.set_defaults(out=Path("runs/up"), rounds=1_000, time_budget=540.0, clients_per_round=10, eval_every=10)
     parser.add_argument("--demo-host", default=DEMO_DEFAULTS.host, help="address of the web demo (default: %(default)s)")
     parser.add_argument("--demo-port", type=int, default=DEMO_DEFAULTS.port, help="port of the web demo (default: %(default)s)")
     parser.add_argument("--no-demo", action="store_true", help="stop after training instead of serving the demo")

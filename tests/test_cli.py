@@ -32,14 +32,18 @@ def fedkb(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path: Path, shakespeare):
     out = tmp_path / "run"
     result = fedkb("simulate", "--phones", "20", "--clients-per-round", "5", "--rounds", "3", "--out", str(out),
-                   "--no-progress")
+                   "--no-progress", "--eval-every", "2", "--lr-steps", "0.5:0.25")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2, 3]
     for line in lines[1:]:
         assert line["participants"] == 5
         assert line["train_loss"] > 0
-        assert 0 <= line["recall_at_1"] <= line["recall_at_3"] <= 1
+        assert 0 <= line["fed_recall_at_1"] <= line["fed_recall_at_3"] <= 1
+    # The central score after every second round and after the last; the local rate steps down half-way.
+    assert [line["recall_at_1"] is None for line in lines] == [False, True, False, False]
+    assert all(0 <= line["recall_at_1"] <= line["recall_at_3"] <= 1 for line in lines if line["recall_at_1"] is not None)
+    assert [line["local_learning_rate"] for line in lines] == [None, 1.0, 1.0, 0.25]
     assert lines[-1]["model_version"] == 3
     assert len(list((out / "phones").glob("phone-*/history.sqlite"))) == 20
     summary = json.loads((out / "summary.json").read_text())
@@ -99,6 +103,8 @@ def test_every_command_explains_its_options():
          "broken.jsonl:1"),
         (["eval", "--model", "{tmp}/nothing.safetensors"], "nothing.safetensors does not exist"),
         (["simulate", "--phones", "0", "--out", "{tmp}/x", "--no-progress"], "num_phones must be at least 1"),
+        (["simulate", "--lr-steps", "1.5:0.1", "--out", "{tmp}/x"], "argument --lr-steps: the fraction must be in"),
+        (["simulate", "--eval-every", "0", "--out", "{tmp}/x"], "argument --eval-every: must be at least 1"),
     ],
 )
 def test_bad_input_gets_a_clear_message_not_a_traceback(tmp_path: Path, shakespeare, args, message):

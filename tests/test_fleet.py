@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -10,10 +11,12 @@ import torch
 from aggregator.api.schemas import EvaluationReport
 from aggregator.process import LocalAggregator, local_aggregator_config
 from aggregator.api.client import AggregatorClient
-from device_sim.fleet import Fleet, FleetConfig, typing_times
+from device_sim.executor import LocalProcessPool
+from device_sim.fleet import ACTIVITIES, Fleet, FleetConfig, typing_times
 from aggregator.inprocess import InProcessClient
 from device_sim.phone import EVAL_MESSAGES, Phone
 from keyboard_model.evaluate import evaluate
+from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import model_from_bytes
 from tests.conftest import SMALL_TEXT
@@ -206,3 +209,44 @@ def test_secure_rounds_run_through_the_fleet_with_drop_outs_at_every_step_and_ma
         torch.testing.assert_close(a, b, msg=name)
     assert [(s.eval_positions, s.eval_hits_at_1) for s in summaries] == [
         (s.eval_positions, s.eval_hits_at_1) for s in summaries_b]
+
+
+class RecordingExecutor:
+    """The fleet's executor, keeping the training config each phone was sent with."""
+
+    def __init__(self, executor) -> None:
+        self.executor = executor
+        self.configs: list[LocalTrainConfig] = []
+
+    def submit(self, phone, model, config, *args, **kwargs):
+        self.configs.append(config)
+        return self.executor.submit(phone, model, config, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.executor, name)
+
+
+def test_a_round_trains_at_the_rate_it_is_given_and_says_where_its_time_went(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    client = InProcessClient(local_aggregator_config(tmp_path, small_tokenizer_path, model=small_model_config,
+                                                     clients_per_round=3, simulated_clock=True,
+                                                     round_deadline_s=3600.0))
+    config = fleet_config(tmp_path / "phones", workers=1)
+    recording = RecordingExecutor(LocalProcessPool(KeyboardTokenizer.from_json(client.tokenizer_json()), 1))
+    fleet = Fleet(make_phones(tmp_path / "phones", 8), config, client, recording)
+    try:
+        stepped = fleet.run_round(learning_rate=0.25)
+        started = len(recording.configs)
+        default = fleet.run_round()
+    finally:
+        fleet.close()
+    assert started >= 1 and {c.learning_rate for c in recording.configs[:started]} == {0.25}
+    assert len(recording.configs) > started
+    # Phones selected in the next round train at the fleet's own rate again; nothing else of the config changes.
+    assert {c.learning_rate for c in recording.configs[started:]} == {config.train.learning_rate}
+    assert {replace(c, learning_rate=1.0) for c in recording.configs} == {replace(config.train, learning_rate=1.0)}
+    for report in (stepped, default):
+        assert set(report.wall_s) <= {*ACTIVITIES, "other"}
+        assert all(seconds >= 0 for seconds in report.wall_s.values())
+        assert report.wall_s["check-ins"] > 0 and report.wall_s["uploads"] > 0 and report.wall_s["training"] > 0
