@@ -457,18 +457,27 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
         rounds = AggregatorClient(aggregator.url).status().recent_rounds
         assert len(rounds) == 3
 
-        # The charts fill in while the page stays open, with the aggregator's own figures.
-        shown = wait.until(lambda b: (d := dashboard_state(b))["charts"] and len(d["participants"][0]["x"]) == 3 and d)
+        # The charts fill in while the page stays open, with the aggregator's own figures. A phone that uploads
+        # after its round closed turns a drop-out into a late one, so the page may first draw a round's counts as
+        # they were at its close; it must come round to the record as it stands.
         by_round = {r.round: r for r in rounds}
+
+        def participants(state: dict) -> dict:
+            return {t["name"]: dict(zip(t["x"], t["y"])) for t in state["participants"]}
+
+        def shows_the_record(state: dict) -> bool:
+            bars = participants(state)
+            return all(bars[name].get(n) == getattr(r, name) for name in ("reported", "dropped")
+                       for n, r in by_round.items())
+
+        shown = wait.until(lambda b: (d := dashboard_state(b))["charts"] and len(d["participants"][0]["x"]) == 3
+                           and shows_the_record(d) and d)
         assert shown["state"] == ""
         assert not browser.find_element(By.ID, "privacy-figure").is_displayed()  # no differential privacy here
         recall = {t["name"]: dict(zip(t["x"], t["y"])) for t in shown["recall"]}
         for number, summary in by_round.items():
             assert recall["top-1"][number] == pytest.approx(100 * summary.recall_at_1)
             assert recall["top-3"][number] == pytest.approx(100 * summary.recall_at_3)
-        bars = {t["name"]: dict(zip(t["x"], t["y"])) for t in shown["participants"]}
-        assert {n: bars["reported"][n] for n in by_round} == {n: r.reported for n, r in by_round.items()}
-        assert {n: bars["dropped"][n] for n in by_round} == {n: r.dropped for n, r in by_round.items()}
         assert sorted(shown["eligible"][0]["y"]) == sorted(r.checked_in for r in rounds)
         assert all(r.checked_in >= r.selected > 0 for r in rounds)
         assert sum(len(report.participants) for report in reports) == sum(r.reported for r in rounds)
