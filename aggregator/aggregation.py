@@ -9,7 +9,7 @@
   released as `PrivateMean` releases its own.
 Sums run as updates arrive, so memory does not grow with the round. A rule's `release`
 gives the mean delta and what the round's record says of it; the round manager decides
-whether enough devices reported, and the server optimiser (`aggregator/strategy.py`)
+whether enough devices reported, and the server optimiser (`aggregator/strategies/`)
 turns the mean into a step.
 """
 
@@ -18,13 +18,41 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from aggregator.privacy import PrivacyLedger
 from aggregator.secure_round import SecureRound
-from aggregator.strategy import UpdateSum
 from keyboard_model.norms import clip_to_norm
 from keyboard_model.weights import Tensors
 
 Shapes = dict[str, tuple[int, ...]]
+
+
+class UpdateSum:
+    """Running weighted sum of model deltas."""
+
+    def __init__(self, shapes: Shapes) -> None:
+        # float64 so that summing hundreds of updates loses nothing to rounding.
+        self.weighted_sum = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, delta: Tensors, weight: float) -> None:
+        if not weight > 0:
+            raise ValueError(f"an update's weight must be positive, got {weight}")
+        for name, total in self.weighted_sum.items():
+            total.add_(delta[name], alpha=weight)  # promoted to float64 element by element, without a copy
+        self.total_weight += weight
+        self.count += 1
+
+    def total(self) -> Tensors:
+        """The weighted sum itself (float64); with weights of 1, the plain sum."""
+        return self.weighted_sum
+
+    def mean(self) -> Tensors:
+        if self.count == 0:
+            raise ValueError("no updates to average")
+        return {name: (total / self.total_weight).float() for name, total in self.weighted_sum.items()}
 
 
 @dataclass(frozen=True)

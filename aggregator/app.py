@@ -31,7 +31,7 @@ JSON_BODIES = [ClockUpdate, EvaluationReport, SecAggKeys, SecAggShares, SecAggRe
 def create_app(config: AggregatorConfig, attestation: EnrolmentAttestation | None = None) -> FastAPI:
     """The service, its database opened and its model loaded (so bad configuration fails here, clearly).
     `attestation` decides who may enrol (default: the trusted networks, or the enrolment secret)."""
-    storage = open_storage(config.db_path)
+    storage = open_storage(config.db_path, config.keep_models, config.keep_every)
     rounds = RoundManager(config, storage)
 
     @asynccontextmanager

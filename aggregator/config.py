@@ -27,9 +27,9 @@ class AggregatorConfig:
     round_deadline_s: float = 300.0
     # ...with the updates it has if they are at least this fraction of the goal; if not, it is recorded as failed.
     min_report_fraction: float = 0.5
-    # fedavg, fedavgm (server momentum) or fedadam; see aggregator/strategy.py.
+    # A name in aggregator.strategies.STRATEGIES: fedavg, fedavgm (server momentum), fedadam, fedyogi or fedadagrad.
     server_optimizer: str = "fedavgm"
-    # None: the optimiser's own default (FedAvg 1.0, FedAvgM 0.5, FedAdam 0.01).
+    # None: the optimiser's own default (FedAvg 1.0, FedAvgM 0.5, FedAdam and FedYogi 0.01, FedAdagrad 0.03).
     server_learning_rate: float | None = None
     # Most examples one update may claim. Weighting trusts this count, so it is capped: a
     # device cannot outweigh more than this many honest examples. Phones train on at most
@@ -86,6 +86,13 @@ class AggregatorConfig:
     # Start from this saved model (e.g. one trained on the server's proxy data) instead of a
     # fresh one; used only when the database is new.
     initial_model: Path | None = None
+    # Model versions the database keeps, each with its optimiser state (10 MB a version for the default model with
+    # FedAvgM): the newest `keep_models`, version 0 (the start a simulation's summary compares with) and, if
+    # `keep_every` is positive, every version that is a multiple of it. Resuming needs only the newest, and phones
+    # download only the current model; `GET /models/{version}` answers 404 for a version no longer kept. 0 keeps
+    # every version.
+    keep_models: int = 5
+    keep_every: int = 0
     host: str = "127.0.0.1"
     port: int = 8600
 
@@ -122,6 +129,9 @@ class AggregatorConfig:
                 raise ValueError(f"trusted network {network!r} is not an address range like 10.0.0.0/8: {error}") from error
         if min(self.enrolments_per_minute, self.checkins_per_minute, self.max_json_bytes) < 1:
             raise ValueError("enrolments_per_minute, checkins_per_minute and max_json_bytes must be at least 1")
+        if self.keep_models < 0 or self.keep_every < 0:
+            raise ValueError(f"keep_models and keep_every must be 0 or more, got {self.keep_models} and "
+                             f"{self.keep_every}")
 
     @property
     def differential_privacy(self) -> bool:

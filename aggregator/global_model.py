@@ -2,7 +2,7 @@
 
 It is made on the first start (from `initial_model`, or a fresh one from the seed) and
 read back from storage on every later one; a round that closes with a mean delta steps
-it with the server optimiser (`aggregator/strategy.py`, a pure step), and the new model,
+it with the server optimiser (`aggregator/strategies/`, a pure step), and the new model,
 the optimiser's state and the round's record are committed together. It moves on only
 once they are: a commit that fails leaves model and state as they were.
 """
@@ -13,7 +13,7 @@ from safetensors.torch import load as load_safetensors
 
 from aggregator.config import AggregatorConfig
 from aggregator.storage import Storage
-from aggregator.strategy import make_strategy
+from aggregator.strategies import make_strategy
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
 from keyboard_model.norms import l2_norm

@@ -33,7 +33,7 @@ from keyboard_model.secagg import PublicKeys, Share
 class InProcessClient:
     def __init__(self, config: AggregatorConfig) -> None:
         self.url = f"in-process aggregator ({config.db_path})"
-        self._storage = open_storage(config.db_path)
+        self._storage = open_storage(config.db_path, config.keep_models, config.keep_every)
         self._rounds = RoundManager(config, self._storage)
         self._tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
 

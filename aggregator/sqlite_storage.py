@@ -6,6 +6,11 @@ there or none is. Selections and reports are committed as they happen; those of 
 round that was still open at a crash are discarded on restart and the round is run
 again from the last committed model.
 
+Model versions are kept as `keep_models` and `keep_every` say (`AggregatorConfig`): the
+versions no longer kept are deleted in the transaction that commits a new one. SQLite puts
+their pages on its free list and writes the next versions into them, so the file stops
+growing once it holds the kept versions (it does not shrink; `VACUUM` would rewrite it).
+
 Device tokens are stored only as SHA-256 hashes: a copy of the database does not let
 anyone act as a device.
 """
@@ -25,7 +30,12 @@ from keyboard_model.errors import UserFacingError
 
 
 class SqliteStorage:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep_models: int = 0, keep_every: int = 0) -> None:
+        """`keep_models`: the newest model versions to keep, besides version 0 and every `keep_every`-th
+        version (when `keep_every` is positive); 0 keeps every version."""
+        if keep_models < 0 or keep_every < 0:
+            raise ValueError(f"keep_models and keep_every must be 0 or more, got {keep_models} and {keep_every}")
+        self._keep_models, self._keep_every = keep_models, keep_every
         path.parent.mkdir(parents=True, exist_ok=True)
         # One connection shared by the server's worker threads, serialised by `_lock`. In
         # autocommit mode; `_transaction` groups the writes that must land together.
@@ -111,11 +121,21 @@ class SqliteStorage:
         """Store a finished round, and the model and optimiser state it produced if it succeeded, atomically."""
         with self._transaction():
             if new_weights is not None:
+                self._drop_models_before(summary["new_version"])
                 self.db["models"].insert(
                     {"version": summary["new_version"], "round": summary["round"],
                      "created_at": summary["closed_at"], "weights": new_weights, "optimizer_state": optimizer_state}
                 )
             self.db["rounds"].upsert(summary, pk="round")
+
+    def _drop_models_before(self, new_version: int) -> None:
+        """Delete the versions not kept once `new_version` is in: before inserting it, so that it can take their
+        pages."""
+        if not self._keep_models:
+            return
+        every = "" if not self._keep_every else f" and version % {self._keep_every} != 0"
+        self._connection.execute(f"delete from models where version > 0 and version <= ?{every}",
+                                 [new_version - self._keep_models])
 
     def enrol_device(self, device_id: str, token_sha256: str) -> None:
         with self._transaction():

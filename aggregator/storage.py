@@ -27,7 +27,8 @@ class Storage(Protocol):
     def save_initial_model(self, weights: bytes) -> None: ...
 
     def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None) -> None:
-        """A finished round, with the model and optimiser state it produced if it succeeded, atomically."""
+        """A finished round, with the model and optimiser state it produced if it succeeded, atomically; in the
+        same transaction, the model versions no longer kept are deleted."""
 
     def enrol_device(self, device_id: str, token_sha256: str) -> None: ...
 
@@ -55,5 +56,7 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
-def open_storage(path: Path) -> Storage:
-    return SqliteStorage(path)
+def open_storage(path: Path, keep_models: int = 0, keep_every: int = 0) -> Storage:
+    """The store at `path`, keeping the newest `keep_models` model versions, version 0 and every `keep_every`-th
+    (0: every version)."""
+    return SqliteStorage(path, keep_models, keep_every)

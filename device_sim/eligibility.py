@@ -18,7 +18,11 @@ scale"). The simulator reproduces that:
 
 All randomness is a counter-based hash of (seed, phone, tick, condition), so a
 phone's conditions at any tick are computed directly, without simulating the
-ticks before it, and never depend on which other phones exist.
+ticks before it, and never depend on which other phones exist. The hash is
+splitmix64's, vectorised over every phone and tick in one numpy pass: numpy's
+counter-based Philox would give the same property, but takes one generator
+object per phone key, and making 10,000 of them took 230 ms where this whole
+tick of 10,000 phones took 14 (measured together, on two busy cores).
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
+from scipy.special import ndtri
 
 MINUTES_PER_DAY = 24 * 60
 
@@ -53,7 +57,6 @@ DEFAULT_TIME_ZONES: tuple[tuple[float, float], ...] = (
 # The three conditions, in the order of DeviceConditions' fields and of every array axis below.
 CONDITIONS = ("idle", "charging", "unmetered")
 
-_STANDARD_NORMAL = NormalDist()
 # splitmix64's increment and finaliser constants: a cheap, well-mixed 64-bit hash, vectorised by numpy.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -62,7 +65,7 @@ _MIX_2 = np.uint64(0x94D049BB133111EB)
 # (quantiles at bin midpoints, rescaled to unit variance). One 64-bit hash per (phone, tick) thus gives the
 # noise of all three conditions, with no transcendental function per draw: 10,000 phones take milliseconds.
 _NOISE_BITS = 16
-_NOISE_TABLE = np.array([_STANDARD_NORMAL.inv_cdf((i + 0.5) / 2**_NOISE_BITS) for i in range(2**_NOISE_BITS)])
+_NOISE_TABLE = ndtri((np.arange(2**_NOISE_BITS) + 0.5) / 2**_NOISE_BITS)
 _NOISE_TABLE /= _NOISE_TABLE.std()
 # Where each condition's 16 bits sit in the hash, and the mask that cuts them out.
 _CONDITION_SHIFTS = np.array([48, 32, 16], dtype=np.uint64)[:, None]
@@ -306,21 +309,11 @@ def _zone_quantiles(config: EligibilityConfig, minute_of_day: float) -> np.ndarr
     It is the standard normal quantile of the local hour's probability, so the condition
     holds with that probability at every tick. Cached: it only depends on the time of day.
     """
-    quantiles = np.array([
-        [_quantile(p) for p in config.probabilities((minute_of_day / 60.0 + offset) % 24.0)]
-        for offset, _ in config.time_zones
-    ]).T
+    # ndtri gives -inf and inf for the certain cases, 0 and 1: never and always.
+    quantiles = ndtri(np.array([config.probabilities((minute_of_day / 60.0 + offset) % 24.0)
+                                for offset, _ in config.time_zones]).T)
     quantiles.flags.writeable = False
     return quantiles
-
-
-def _quantile(p: float) -> float:
-    """Standard normal quantile, with the certain cases as infinities."""
-    if p <= 0.0:
-        return -math.inf
-    if p >= 1.0:
-        return math.inf
-    return _STANDARD_NORMAL.inv_cdf(p)
 
 
 def _splitmix64(state: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ stacked (P copies), and each SGD step is one batched pass: the network's feature
 phone's own batch through its own weights (`torch.func.vmap` over the phones), the tied
 output layer and loss for all phones in one fused function (`CohortOutputLoss`), one
 backward pass (phones share no weights, so each gets only its own gradient), then per phone
-the gradient norm, clipping at `max_grad_norm` and the SGD update. A phone's batches are
+the gradient norm, clipping at `max_grad_norm` and the SGD update (with FedProx's proximal
+term when `proximal_mu` > 0, as `train_local` adds it). A phone's batches are
 exactly those `train_local` draws for its seed (`keyboard_model.train.batch_order`), and
 its divergence is judged by the same rule (`step_divergence`, `final_divergence`), so each
 phone ends where its own training ends, within float tolerance (tests/test_vectorised.py).
@@ -138,7 +139,8 @@ def _train_pass(model: NextWordModel, features: Features, start: Tensors, plans:
         for s, batch in enumerate(plan.batches):
             batches[p, s, : len(batch)] = plan.rows[batch]
     batches = batches.to(device)
-    weights = {name: t.to(device).expand(phones, *t.shape).clone() for name, t in start.items()}
+    start = {name: t.to(device) for name, t in start.items()}
+    weights = {name: t.expand(phones, *t.shape).clone() for name, t in start.items()}
     losses = torch.full((phones, most_steps), float("nan"), device=device)
     norms = torch.full_like(losses, float("nan"))
     moving = torch.ones(phones, dtype=torch.bool, device=device)
@@ -160,12 +162,14 @@ def _train_pass(model: NextWordModel, features: Features, start: Tensors, plans:
                 moving[:k] &= losses[:k, s].isfinite() & norms[:k, s].isfinite()
                 for name, w in weights.items():
                     shape = (k,) + (1,) * (w.dim() - 1)
-                    update = torch.where(moving[:k].view(shape), grads[name] * coefficient.view(shape), 0.0)
+                    step = grads[name] * coefficient.view(shape)
+                    if config.proximal_mu > 0:  # FedProx's pull towards the downloaded model, unclipped as there
+                        step += config.proximal_mu * (w[:k] - start[name])
+                    update = torch.where(moving[:k].view(shape), step, 0.0)
                     w[:k].sub_(update, alpha=config.learning_rate)
         with torch.no_grad():  # the trained model's loss on its first batch, for the final divergence check
             after = cohort_loss(model, features, weights, batches[:, 0]).tolist()
     losses, norms = losses.tolist(), norms.tolist()
-    start = {name: t.to(device) for name, t in start.items()}
     trained = []
     for p, plan in enumerate(plans):
         # The steps the phone took: all of its batches, or up to the one that stopped it, whose loss counts in the

@@ -9,6 +9,8 @@ being rounded away by a frequent word's large one. Two roundings:
 - stochastic, up with probability equal to the fractional part, for updates that are
   averaged: every decoded value then equals the true one in expectation, so the mean
   of many is unbiased (Konečný et al. 2016; Suresh et al. 2017).
+Written here rather than with `torch.quantize_per_channel`, which rounds only to the
+nearest step (and to [-128, 127]): updates need the stochastic rounding.
 """
 
 from __future__ import annotations

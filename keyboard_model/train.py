@@ -1,6 +1,9 @@
 """One phone's local training: a few epochs of plain SGD over its own messages.
 
-`train_centrally` reuses it for the server-side baselines that pool messages in one place.
+With `proximal_mu` > 0 it is FedProx's local step (Li et al. 2020): the phone minimises its loss plus
+mu/2 * ||w - w_global||^2, which keeps a phone with unusual data or many steps from drifting far from
+the model it downloaded. `train_centrally` reuses it for the server-side baselines that pool messages
+in one place.
 """
 
 from __future__ import annotations
@@ -28,12 +31,16 @@ class LocalTrainConfig:
     max_grad_norm: float = 5.0
     # Newest messages a phone trains on in one round; older ones wait for later rounds.
     max_messages: int = 400
+    # FedProx's mu: the weight of the proximal term mu/2 * ||w - w_global||^2. 0 is plain SGD (FedAvg's).
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.sequence_length < 1 or self.max_messages < 1:
             raise ValueError(f"epochs, batch_size, sequence_length and max_messages must be positive: {self}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive: {self}")
+        if not self.proximal_mu >= 0:
+            raise ValueError(f"proximal_mu must be 0 or more: {self}")
 
 
 # How far a phone's loss on its first batch may rise over its training, in multiples of ln(vocabulary size), before
@@ -75,9 +82,16 @@ def language_model_loss(model: NextWordModel, rows: torch.Tensor) -> torch.Tenso
 
 
 def train_local(
-    model: NextWordModel, messages: Sequence[Sequence[int]], config: LocalTrainConfig, seed: int = 0
+    model: NextWordModel, messages: Sequence[Sequence[int]], config: LocalTrainConfig, seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
-    """Train `model` in place on encoded messages; returns the mean loss over all steps.
+    """Train `model` in place on encoded messages; returns the mean loss over all steps. `optimizer` steps the
+    model if given (central training passes one whose rate a schedule sets), else SGD at the config's rate.
+
+    Each step clips the loss's gradient to `max_grad_norm`, then adds FedProx's proximal gradient
+    mu * (w - w_global), w_global being the model as it was given: only the loss's own gradient is clipped,
+    so the pull back towards the global model is never scaled down with it. The losses reported and
+    judged below are the language model's alone, without the proximal term.
 
     Training has diverged, and the result's `divergence` says how, when
     - a step's loss or gradient norm is not finite: training stops there, before that step moves the model; or
@@ -93,7 +107,9 @@ def train_local(
     messages, rows = training_rows(messages, config)
     if rows is None:
         return TrainResult(float("nan"), 0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    parameters = list(model.parameters())
+    anchor = [p.detach().clone() for p in parameters] if config.proximal_mu > 0 else None
     model.train()
     losses: list[float] = []
     batches = batch_order(len(rows), config, seed)
@@ -101,11 +117,16 @@ def train_local(
         loss = language_model_loss(model, rows[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm).item()
+        gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()
         losses.append(loss.item())
         why = step_divergence(len(losses), losses[-1], gradient_norm)
         if why is not None:
             return TrainResult(_mean(losses), len(messages), why)
+        if anchor is not None:
+            with torch.no_grad():
+                for p, start in zip(parameters, anchor):
+                    if p.grad is not None:
+                        p.grad.add_(p - start, alpha=config.proximal_mu)
         optimizer.step()
     with torch.no_grad():
         after = language_model_loss(model, rows[batches[0]]).item()
@@ -156,7 +177,8 @@ def train_centrally(
     epochs: int,
     after_epoch: Callable[[int, TrainResult], None] = lambda epoch, result: None,
 ) -> None:
-    """Train on pooled messages for `epochs` passes, the learning rate decayed on a cosine per epoch.
+    """Train on pooled messages for `epochs` passes, the learning rate decayed on a cosine per epoch (from the
+    config's rate in the first to near 0 in the last, `CosineAnnealingLR`).
 
     The decay is what lets a central baseline converge instead of hovering at SGD's noise
     floor, so it is a fair upper bound for federated training (phones use a constant rate).
@@ -165,10 +187,13 @@ def train_centrally(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    # No FedProx term: pooled training has no global model to stay near.
+    epoch_config = replace(config, epochs=1, max_messages=max(1, len(messages)), proximal_mu=0.0)
     for epoch in range(epochs):
-        rate = config.learning_rate * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        epoch_config = replace(config, epochs=1, learning_rate=rate, max_messages=max(1, len(messages)))
-        result = train_local(model, messages, epoch_config, seed=epoch)
+        result = train_local(model, messages, epoch_config, seed=epoch, optimizer=optimizer)
+        schedule.step()
         after_epoch(epoch, result)
         if result.divergence is not None:
             raise TrainingDivergedError(

@@ -27,7 +27,20 @@ class WeightsError(ValueError):
 
 
 def write_tensors(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
-    return save_safetensors({name: t.detach().contiguous() for name, t in tensors.items()}, metadata=metadata)
+    """safetensors bytes of `tensors` and `metadata`, the same bytes for the same tensors and metadata.
+
+    safetensors orders the tensors itself (by dtype, then name), but writes the metadata in its Rust hash map's
+    order, which changes from call to call; so the metadata goes into the header here, keys sorted, and
+    identical models are identical files.
+    """
+    data = save_safetensors({name: t.detach().contiguous() for name, t in tensors.items()})
+    if not metadata:
+        return data
+    length = _header_length(data)
+    header = {"__metadata__": dict(sorted(metadata.items())), **json.loads(data[8 : 8 + length])}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # as safetensors pads it: the tensors' bytes stay 8-byte aligned
+    return len(encoded).to_bytes(8, "little") + encoded + data[8 + length :]
 
 
 def read_tensors(
@@ -57,15 +70,20 @@ def read_tensors(
 def read_metadata(data: bytes) -> dict[str, str]:
     """The free-form header of a safetensors file, which safetensors.torch.load drops.
 
-    The format is an 8-byte little-endian length followed by that many bytes of JSON.
+    Read here because safetensors reads it only from a file (`safe_open(...).metadata()`), and models and
+    updates arrive as bytes. The format is an 8-byte little-endian length followed by that many bytes of JSON.
     """
-    header_length = int.from_bytes(data[:8], "little")
-    if header_length > len(data) - 8:
-        raise ValueError("header length runs past the end of the data")
-    metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+    metadata = json.loads(data[8 : 8 + _header_length(data)]).get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("metadata must map strings to strings")
     return metadata
+
+
+def _header_length(data: bytes) -> int:
+    header_length = int.from_bytes(data[:8], "little")
+    if header_length > len(data) - 8:
+        raise ValueError("header length runs past the end of the data")
+    return header_length
 
 
 def model_to_bytes(state: Tensors, version: int, config: ArchitectureConfig, encoding: str = "float32") -> bytes:

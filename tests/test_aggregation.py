@@ -3,9 +3,10 @@ that counts a release only once it is committed."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from aggregator.aggregation import PrivateMean, WeightedMean
+from aggregator.aggregation import PrivateMean, UpdateSum, WeightedMean
 from aggregator.privacy import PrivacyEvent, PrivacyLedger, epsilon
 
 
@@ -32,3 +33,22 @@ def test_the_private_mean_clips_counts_each_device_once_and_divides_by_the_goal(
     assert after.record["epsilon"] > release.record["epsilon"]
     one_round = PrivacyEvent(release.record["dp_sampling_rate"], release.record["dp_noise_multiplier"])
     assert after.record["epsilon"] == epsilon([one_round, one_round], 0.01)
+
+
+def test_the_running_sum_equals_the_batch_mean():
+    generator = torch.Generator().manual_seed(0)
+    deltas = [{"a": torch.randn(3, 2, generator=generator), "b": torch.randn(5, generator=generator)} for _ in range(7)]
+    weights = [5, 1, 9, 2, 2, 40, 3]
+    total = UpdateSum({"a": (3, 2), "b": (5,)})
+    for delta, weight in zip(deltas, weights):
+        total.add(delta, weight)
+    expected = sum(w * d["a"].double() for d, w in zip(deltas, weights)) / sum(weights)
+    torch.testing.assert_close(total.mean()["a"], expected.float())
+    assert total.count == 7 and total.total_weight == sum(weights)
+
+
+def test_empty_or_unweighted_updates_are_refused():
+    with pytest.raises(ValueError):
+        UpdateSum({"w": (1,)}).mean()
+    with pytest.raises(ValueError):
+        UpdateSum({"w": (1,)}).add({"w": torch.zeros(1)}, 0)

@@ -1,4 +1,6 @@
+import argparse
 import sqlite3
+from contextlib import ExitStack, closing
 
 import pytest
 
@@ -47,3 +49,54 @@ def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path):
     path.write_bytes(b"hello, I am a text file" * 100)
     with pytest.raises(UserFacingError, match="not a usable aggregator database"):
         SqliteStorage(path)
+
+
+def stored_versions_and_pages(path) -> tuple[list[int], int]:
+    """The model versions in the database and its size in pages, as another connection sees them (WAL included)."""
+    with closing(sqlite3.connect(path)) as db:
+        versions = [row[0] for row in db.execute("select version from models order by version")]
+        return versions, db.execute("pragma page_count").fetchone()[0]
+
+
+def test_only_the_newest_models_version_0_and_the_marked_ones_are_kept_and_the_file_stops_growing(tmp_path):
+    blob = bytes(range(256)) * 1200  # 300 KB, as weights and again as optimiser state: overflow pages, like a model
+    runs = {"all": (0, 0), "last 3": (3, 0), "last 3 and every 4th": (3, 4)}
+    pages: dict[str, list[int]] = {}
+    for name, (keep_models, keep_every) in runs.items():
+        path = tmp_path / f"{name}.sqlite"
+        storage = SqliteStorage(path, keep_models=keep_models, keep_every=keep_every)
+        storage.save_initial_model(b"v0")
+        pages[name] = []
+        for round_number in range(1, 9):
+            storage.record_round(summary(round_number), blob + bytes([round_number]), blob)
+            pages[name].append(stored_versions_and_pages(path)[1])
+        versions, _ = stored_versions_and_pages(path)
+        runs[name] = versions
+        assert storage.latest_model() == (8, blob + bytes([8])) and storage.optimizer_state(8) == blob
+        assert storage.last_round_number() == 8  # rounds are never deleted, only models
+        storage.close()
+    assert runs == {"all": list(range(9)), "last 3": [0, 6, 7, 8], "last 3 and every 4th": [0, 4, 6, 7, 8]}
+    one_version = 2 * len(blob) // 4096  # pages
+    # Keeping everything grows by a version a round; keeping the last three stops growing once three are there:
+    # the deleted versions' pages are reused (SQLite's free list), not added to the file.
+    assert pages["all"][7] - pages["all"][3] > 3.5 * one_version
+    assert pages["last 3"][7] - pages["last 3"][3] < 0.1 * one_version
+    assert pages["last 3"][7] < 5 * one_version
+
+
+def test_a_negative_number_of_models_to_keep_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep_models"):
+        SqliteStorage(tmp_path / "a.sqlite", keep_models=-1)
+
+
+def test_the_child_aggregator_is_told_what_to_keep(tmp_path, small_tokenizer_path):
+    from aggregator.cli import add_arguments, round_settings
+    from aggregator.process import LocalAggregator, local_aggregator_config
+
+    config = local_aggregator_config(tmp_path, small_tokenizer_path, keep_models=3, keep_every=100)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with ExitStack() as stack:
+        aggregator = stack.push(LocalAggregator(config))  # never started: only its command line is needed
+        settings = round_settings(parser.parse_args(aggregator.command(listen_fd=3)[3:]))
+    assert (settings["keep_models"], settings["keep_every"]) == (3, 100)

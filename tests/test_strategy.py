@@ -1,25 +1,31 @@
+"""Server optimisers: each step against numbers worked out by hand from its paper's formulas, and their state
+across a restart."""
+
+import math
+
 import pytest
 import torch
 
-from aggregator.strategy import STRATEGIES, FedAdam, FedAvg, FedAvgM, UpdateSum, make_strategy, weighted_mean
+from aggregator.config import AggregatorConfig
+from aggregator.global_model import GlobalModel
+from aggregator.storage import open_storage
+from aggregator.strategies import STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, make_strategy
+
+# Two rounds' mean deltas of a two-weight model starting at (0, 1). The second round's first coordinate is small
+# next to the first round's, so a second moment that tracks it must move down; its second coordinate is large.
+START = (0.0, 1.0)
+DELTAS = ((0.2, -0.1), (0.01, 0.3))
 
 
-def test_weighted_mean_weights_by_example_count():
-    deltas = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}]
-    mean = weighted_mean(deltas, [3, 1])
-    torch.testing.assert_close(mean["w"], torch.tensor([0.75, 1.0]))
-
-
-def test_streaming_sum_equals_the_batch_mean():
-    generator = torch.Generator().manual_seed(0)
-    deltas = [{"a": torch.randn(3, 2, generator=generator), "b": torch.randn(5, generator=generator)} for _ in range(7)]
-    weights = [5, 1, 9, 2, 2, 40, 3]
-    total = UpdateSum({"a": (3, 2), "b": (5,)})
-    for delta, weight in zip(deltas, weights):
-        total.add(delta, weight)
-    expected = sum(w * d["a"].double() for d, w in zip(deltas, weights)) / sum(weights)
-    torch.testing.assert_close(total.mean()["a"], expected.float())
-    assert total.count == 7 and total.total_weight == sum(weights)
+def two_steps(strategy) -> tuple[list[float], list[float]]:
+    """The weights after each of the two rounds, in float64 so that the hand-computed values compare tightly."""
+    w = {"w": torch.tensor(START, dtype=torch.float64)}
+    state = strategy.init(w)
+    after = []
+    for delta in DELTAS:
+        w, state = strategy.apply(w, state, {"w": torch.tensor(delta, dtype=torch.float64)})
+        after.append(w["w"].tolist())
+    return after[0], after[1]
 
 
 def test_fedavg_applies_the_mean_delta_scaled_by_the_server_learning_rate():
@@ -28,15 +34,6 @@ def test_fedavg_applies_the_mean_delta_scaled_by_the_server_learning_rate():
     new, state = strategy.apply(w, strategy.init(w), {"w": torch.tensor([2.0])})
     torch.testing.assert_close(new["w"], torch.tensor([2.0]))
     assert state == {}
-
-
-def test_empty_or_unweighted_updates_are_refused():
-    with pytest.raises(ValueError):
-        UpdateSum({"w": (1,)}).mean()
-    with pytest.raises(ValueError):
-        UpdateSum({"w": (1,)}).add({"w": torch.zeros(1)}, 0)
-    with pytest.raises(ValueError):
-        weighted_mean([], [])
 
 
 def test_fedavgm_accumulates_nesterov_momentum():
@@ -50,22 +47,48 @@ def test_fedavgm_accumulates_nesterov_momentum():
     torch.testing.assert_close(w["w"], torch.tensor([1.9 + 2.71]))
 
 
-def test_fedadam_steps_by_the_normalised_mean_delta():
-    strategy = FedAdam(server_learning_rate=0.1, beta1=0.9, beta2=0.99, epsilon=1e-3)
-    w = {"w": torch.tensor([0.0, 0.0])}
-    w, state = strategy.apply(w, strategy.init(w), {"w": torch.tensor([2.0, -0.5])})
-    # m = 0.1 * delta, v = 0.01 * delta^2: the step is 0.1 * 0.1 d / (0.1 |d| + 0.001).
-    expected = 0.1 * torch.tensor([0.2 / (0.2 + 1e-3), -0.05 / (0.05 + 1e-3)])
-    torch.testing.assert_close(w["w"], expected)
-    second, _ = strategy.apply(w, state, {"w": torch.tensor([2.0, -0.5])})
-    m = 0.9 * 0.2 + 0.1 * 2.0
-    v = 0.99 * 0.04 + 0.01 * 4.0
-    torch.testing.assert_close(second["w"][0], w["w"][0] + 0.1 * m / (v**0.5 + 1e-3))
+@pytest.mark.parametrize("strategy, second_v", [
+    # Adam: v = 0.99 v + 0.01 Δ² = 0.99 (4e-4, 1e-4) + 0.01 (1e-4, 0.09).
+    (FedAdam(server_learning_rate=0.1, beta1=0.9, beta2=0.99, epsilon=1e-3), (3.97e-4, 9.99e-4)),
+    # Yogi: v = v - 0.01 Δ² sign(v - Δ²). First coordinate: v = 4e-4 > Δ² = 1e-4, so it moves down by 0.01 * 1e-4,
+    # less than Adam's; second: v = 1e-4 < Δ² = 0.09, so it moves up by 0.01 * 0.09.
+    (FedYogi(server_learning_rate=0.1, beta1=0.9, beta2=0.99, epsilon=1e-3), (3.99e-4, 1.0e-3)),
+], ids=["fedadam", "fedyogi"])
+def test_fedadam_and_fedyogi_follow_algorithm_2(strategy, second_v):
+    first, second = two_steps(strategy)
+    # Round 1, the same for both from zero: m = 0.1 Δ = (0.02, -0.01); v = 0.01 Δ² = (4e-4, 1e-4),
+    # √v = (0.02, 0.01).
+    w1 = (0.0 + 0.1 * 0.02 / (0.02 + 1e-3), 1.0 + 0.1 * -0.01 / (0.01 + 1e-3))
+    assert first == pytest.approx(w1, rel=1e-12)
+    # Round 2: m = 0.9 (0.02, -0.01) + 0.1 (0.01, 0.3) = (0.019, 0.021).
+    w2 = (w1[0] + 0.1 * 0.019 / (math.sqrt(second_v[0]) + 1e-3), w1[1] + 0.1 * 0.021 / (math.sqrt(second_v[1]) + 1e-3))
+    assert second == pytest.approx(w2, rel=1e-12)
 
 
-def test_strategies_are_chosen_by_name():
+def test_fedadagrad_follows_algorithm_2():
+    first, second = two_steps(FedAdagrad(server_learning_rate=0.1, beta1=0.5, epsilon=1e-3))
+    # Round 1: m = 0.5 Δ = (0.1, -0.05); v = Δ² = (0.04, 0.01), √v = (0.2, 0.1).
+    w1 = (0.0 + 0.1 * 0.1 / (0.2 + 1e-3), 1.0 + 0.1 * -0.05 / (0.1 + 1e-3))
+    assert first == pytest.approx(w1, rel=1e-12)
+    # Round 2: m = 0.5 (0.1, -0.05) + 0.5 (0.01, 0.3) = (0.055, 0.125); v = (0.04 + 1e-4, 0.01 + 0.09).
+    w2 = (w1[0] + 0.1 * 0.055 / (math.sqrt(0.0401) + 1e-3), w1[1] + 0.1 * 0.125 / (math.sqrt(0.1) + 1e-3))
+    assert second == pytest.approx(w2, rel=1e-12)
+
+
+def test_fedadagrad_has_no_momentum_by_default():
+    # As Reddi et al. ran it: each step is the round's own delta, normalised by the root of all squared deltas.
+    first, second = two_steps(FedAdagrad(server_learning_rate=0.1, epsilon=1e-3))
+    w1 = (0.0 + 0.1 * 0.2 / (0.2 + 1e-3), 1.0 + 0.1 * -0.1 / (0.1 + 1e-3))
+    assert first == pytest.approx(w1, rel=1e-12)
+    w2 = (w1[0] + 0.1 * 0.01 / (math.sqrt(0.0401) + 1e-3), w1[1] + 0.1 * 0.3 / (math.sqrt(0.1) + 1e-3))
+    assert second == pytest.approx(w2, rel=1e-12)
+
+
+def test_strategies_are_chosen_by_name_with_their_own_default_rates():
     assert isinstance(make_strategy("fedadam", 0.02), FedAdam)
     assert make_strategy("fedavgm", 0.5).server_learning_rate == 0.5
+    assert isinstance(make_strategy("fedyogi"), FedYogi) and isinstance(make_strategy("fedadagrad"), FedAdagrad)
+    assert make_strategy("fedyogi").server_learning_rate == FedYogi().server_learning_rate
     with pytest.raises(ValueError, match="fedavg"):
         make_strategy("sgd", 1.0)
 
@@ -82,3 +105,39 @@ def test_a_step_changes_neither_the_weights_nor_the_state_it_is_given(name):
     torch.testing.assert_close(w, w_before)
     torch.testing.assert_close(first, again)
     torch.testing.assert_close(first_state, again_state)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_the_optimiser_state_survives_a_restart_and_the_next_step_is_the_same(
+    tmp_path, small_tokenizer_path, small_model_config, name
+):
+    config = AggregatorConfig(db_path=tmp_path / "a.sqlite", tokenizer_path=small_tokenizer_path,
+                              model=small_model_config, server_optimizer=name)
+    generator = torch.Generator().manual_seed(0)
+
+    def delta(like) -> dict:
+        return {n: 0.01 * torch.randn(t.shape, generator=generator) for n, t in like.items()}
+
+    def record(round_number: int) -> dict:
+        return {"round": round_number, "status": "closed", "started_at": 0.0, "closed_at": 1.0}
+
+    storage = open_storage(config.db_path)
+    running = GlobalModel(config, storage)
+    running.commit_step(delta(running.state), record(1))
+    state_after_one = {k: v.clone() for k, v in running.optimizer_state.items()}
+    second = delta(running.state)
+    running.commit_step(second, record(2))
+    storage.close()
+
+    restarted_storage = open_storage(config.db_path)
+    restarted = GlobalModel(config, restarted_storage)
+    assert restarted.version == 2
+    assert set(restarted.optimizer_state) == set(running.strategy.init(running.state))
+    assert all(torch.equal(restarted.optimizer_state[k], v) for k, v in running.optimizer_state.items())
+    if name != "fedavg":  # the state moved: a restart that lost it would start the moments again from zero
+        assert any(not torch.equal(state_after_one[k], v) for k, v in restarted.optimizer_state.items())
+    third = delta(running.state)
+    expected, _ = running.strategy.apply(running.state, running.optimizer_state, third)
+    restarted.commit_step(third, record(3))
+    assert all(torch.equal(restarted.state[k], v) for k, v in expected.items())
+    restarted_storage.close()

@@ -1,8 +1,18 @@
+from dataclasses import replace
+
+import pytest
 import torch
 
 from keyboard_model.model import ModelConfig, build_model
 from keyboard_model.tokenizer import PAD_ID
-from keyboard_model.train import LocalTrainConfig, language_model_loss, pack_sequences, train_local
+from keyboard_model.train import (
+    LocalTrainConfig,
+    batch_order,
+    language_model_loss,
+    pack_sequences,
+    train_local,
+    training_rows,
+)
 
 
 def test_pack_sequences_makes_every_token_but_the_first_a_target_once():
@@ -43,3 +53,58 @@ def test_same_seed_same_result(small_tokenizer, small_model_config):
     train_local(a, messages, LocalTrainConfig(batch_size=2), seed=4)
     train_local(b, messages, LocalTrainConfig(batch_size=2), seed=4)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def two_step_phone(small_tokenizer, small_model_config):
+    """A model and messages that make exactly two SGD steps of one row each."""
+    messages = small_tokenizer.encode_batch(["to be or not to be that is the question", "the winter of our discontent"])
+    config = LocalTrainConfig(batch_size=1, sequence_length=10, learning_rate=1.0)
+    _, rows = training_rows(messages, config)
+    assert len(rows) == 2
+    return build_model(small_model_config, seed=3), messages, config, rows
+
+
+def test_without_a_proximal_term_a_phone_takes_plain_clipped_sgd_steps(small_tokenizer, small_model_config):
+    model, messages, config, rows = two_step_phone(small_tokenizer, small_model_config)
+    by_hand = build_model(small_model_config)
+    by_hand.load_state_dict(model.state_dict())
+    train_local(model, messages, replace(config, proximal_mu=0.0), seed=5)
+    for batch in batch_order(len(rows), config, seed=5):
+        by_hand.zero_grad()
+        language_model_loss(by_hand, rows[batch]).backward()
+        torch.nn.utils.clip_grad_norm_(by_hand.parameters(), config.max_grad_norm)
+        with torch.no_grad():
+            for p in by_hand.parameters():
+                p -= config.learning_rate * p.grad
+    for (name, trained), expected in zip(model.state_dict().items(), by_hand.state_dict().values()):
+        torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_proximal_term_pulls_each_step_towards_the_downloaded_model(small_tokenizer, small_model_config):
+    model, messages, config, rows = two_step_phone(small_tokenizer, small_model_config)
+    mu = 0.5
+    start = {name: t.clone() for name, t in model.state_dict().items()}
+    plain, proximal = build_model(small_model_config), build_model(small_model_config)
+    plain.load_state_dict(start)
+    proximal.load_state_dict(start)
+    train_local(plain, messages, config, seed=5)
+    train_local(proximal, messages, replace(config, proximal_mu=mu), seed=5)
+
+    # The first step starts at the downloaded model, where the proximal term has no gradient: it is the plain step.
+    first = build_model(small_model_config)
+    first.load_state_dict(start)
+    language_model_loss(first, rows[batch_order(len(rows), config, seed=5)[0]]).backward()
+    torch.nn.utils.clip_grad_norm_(first.parameters(), config.max_grad_norm)
+    after_first = {name: p.detach() - config.learning_rate * p.grad for name, p in first.named_parameters()}
+    # The second starts there, so it is the plain second step minus lr * mu * (w - w_global).
+    for name, p in proximal.named_parameters():
+        moved = after_first[name] - start[name]
+        expected = plain.state_dict()[name] - config.learning_rate * mu * moved
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7, msg=name)
+    pull = sum(float((after_first[n] - start[n]).norm()) for n in start)
+    assert pull > 0.01  # the first step moved the model, so the term above is not zero
+
+
+def test_a_negative_proximal_mu_is_refused():
+    with pytest.raises(ValueError, match="proximal_mu"):
+        LocalTrainConfig(proximal_mu=-0.1)

@@ -9,6 +9,7 @@ step) and far below what a wrong batch, a missed step or another phone's gradien
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from concurrent.futures import Future
 from pathlib import Path
@@ -82,6 +83,20 @@ def test_ragged_phones_each_end_where_their_own_training_ends(small_tokenizer, s
     assert all(d.abs().max() > 1e-3 for d in moved)
     assert not close(moved[0], moved[1])
     assert all(not d.any() for d in trained[-1].delta.values())  # nothing to train on: no step, no change
+
+
+def test_a_fedprox_cohort_matches_its_phones_own_proximal_training(small_tokenizer, small_model_config):
+    model = build_model(small_model_config, seed=1)
+    phones = ragged_phones(small_tokenizer)[1:4]
+    proximal = dataclasses.replace(CONFIG, proximal_mu=0.5)
+    trained = train_cohort(model, [(small_tokenizer.encode_batch(texts), seed) for texts, seed in phones], proximal)
+    for (texts, seed), together in zip(phones, trained):
+        alone = sequential(model, small_tokenizer, texts, seed, proximal)
+        plain = sequential(model, small_tokenizer, texts, seed, CONFIG)
+        for name in alone.delta:
+            assert close(together.delta[name], alone.delta[name]), name
+        # The term did something: without it the phone ends elsewhere.
+        assert not close(alone.delta["embedding.weight"], plain.delta["embedding.weight"])
 
 
 def test_a_transformer_cohort_matches_its_phones_own_training(small_tokenizer):

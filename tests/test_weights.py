@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 
 from keyboard_model.model import ModelConfig, build_model
@@ -119,3 +120,22 @@ def test_an_unknown_model_encoding_is_refused():
         model_to_bytes(state, 0, config, "int4")
     with pytest.raises(WeightsError, match="unknown model encoding"):
         model_from_bytes(write_tensors(state, {**read_metadata(model_to_bytes(state, 0, config)), "encoding": "int4"}))
+
+
+def test_identical_models_are_identical_files_whatever_order_their_metadata_was_built_in(tmp_path):
+    config = ModelConfig(vocab_size=30, embedding_dim=4, hidden_dim=5, projection_dim=4)
+    state = build_model(config, seed=5).state_dict()
+    metadata = {"version": "7", "architecture": "cifg", "model_config": '{"a": 1}', "encoding": "int8", "n": "3"}
+    built = [metadata, dict(reversed(metadata.items())), dict(sorted(metadata.items()))]
+    # safetensors' own writer put these keys in a different order from call to call (its Rust hash map's), so
+    # fifteen writes of one model gave several different files.
+    files = {write_tensors(dict(reversed(state.items())) if i % 2 else state, built[i % 3]) for i in range(15)}
+    assert len(files) == 1
+    data = files.pop()
+    read, header = read_tensors(data, parameter_shapes(state))
+    assert header == metadata and all(torch.equal(read[name], t) for name, t in state.items())
+    # A valid safetensors file as the library itself reads it.
+    (tmp_path / "model.safetensors").write_bytes(data)
+    with safe_open(tmp_path / "model.safetensors", "pt") as opened:
+        assert opened.metadata() == metadata
+    assert len(data[8 : 8 + int.from_bytes(data[:8], "little")]) % 8 == 0  # the tensors stay 8-byte aligned
