@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sqlite3
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,6 +26,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
+from starlette.testclient import TestClient
 
 from aggregator.config import AggregatorConfig
 from aggregator.process import LocalAggregator, free_port, local_aggregator_config
@@ -39,8 +42,10 @@ from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.conftest import SMALL_TEXT
 from tests.test_fleet import fleet_config, make_phones
-from web_demo.app import MAX_BODY_BYTES
-from web_demo.cli import main
+from web_demo.app import MAX_BODY_BYTES, create_app
+from web_demo import casing
+from web_demo.cli import add_arguments, config_from_args, main
+from web_demo.config import DemoConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -186,6 +191,29 @@ def assert_suggestible(words: list[str], tokenizer: KeyboardTokenizer) -> None:
         assert word in tokenizer.token_to_id and WORD.fullmatch(word) and word not in SPECIAL_TOKENS, words
 
 
+@pytest.mark.parametrize(("text", "words", "shown"), [
+    # The first word of a sentence: at the start, after ., ! or ? and a space, on a new line.
+    ("", ["the", "i", "and"], ["The", "I", "And"]),
+    ("To be. ", ["the", "what"], ["The", "What"]),
+    ("Who? ", ["i'm"], ["I'm"]),
+    ("Stop!\n", ["now"], ["Now"]),
+    ("a line\n", ["then"], ["Then"]),
+    # Elsewhere only "i" and its contractions are capitalised; a stop with no space after it ends no sentence.
+    ("shall ", ["i", "we", "i'll", "it"], ["I", "we", "I'll", "it"]),
+    ("it costs 3.", ["the"], ["the"]),
+    # A completion follows what was typed of the word: a capital, caps lock, small letters, a curly apostrophe.
+    ("Good Mor", ["morrow", "more"], ["Morrow", "More"]),
+    ("MOR", ["morrow"], ["MORROW"]),
+    ("good mor", ["morrow"], ["morrow"]),
+    ("To be. th", ["the"], ["the"]),
+    ("i", ["i'm", "in", "it"], ["I'm", "in", "it"]),
+    ("I", ["i'm", "in"], ["I'm", "In"]),
+    ("O\u2019e", ["o'er"], ["O'er"]),
+])
+def test_suggestions_are_cased_as_a_keyboard_shows_them(text: str, words: list[str], shown: list[str]) -> None:
+    assert casing.shown_words(text, words) == shown
+
+
 def test_suggests_words_from_the_aggregators_model(aggregator: LocalAggregator, tokenizer: KeyboardTokenizer) -> None:
     with DemoServer(aggregator.url) as demo:
         info = demo.wait_for_model()
@@ -200,14 +228,19 @@ def test_suggests_words_from_the_aggregators_model(aggregator: LocalAggregator, 
             assert response.status_code == 200, response.text
             body = response.json()
             assert len(body["suggestions"]) == 3, body
-            assert_suggestible(body["suggestions"], tokenizer)
-            assert body == {"suggestions": expected.suggest(text), "model_version": version}
+            assert_suggestible([word.lower() for word in body["suggestions"]], tokenizer)
+            assert body == {"suggestions": casing.shown_words(text, expected.suggest(text)), "model_version": version}
+        # The first word of a sentence is capitalised.
+        for text in ["", "To be, or not to be, that is the question. "]:
+            assert all(word[0].isupper() for word in demo.suggest(text).json()["suggestions"])
 
         th_words = {word for word in tokenizer.token_to_id if word.startswith("th")}
         assert len(th_words) > 3  # so the test can tell a ranking from "all of them"
         completions = demo.suggest("to be or not to be, th").json()["suggestions"]
         assert len(completions) == 3 and set(completions) <= th_words, completions
         assert_suggestible(completions, tokenizer)
+        # A completion follows the case of what was typed of the word.
+        assert demo.suggest("to be or not to be, Th").json()["suggestions"] == [w.capitalize() for w in completions]
         assert demo.suggest("compare thee to a summer's da").json()["suggestions"] == ["day"]
         assert demo.suggest("to be qx").json()["suggestions"] == []
 
@@ -238,7 +271,7 @@ def test_picks_up_a_newly_published_model(aggregator: LocalAggregator, tokenizer
         expected, _ = aggregator_suggester(aggregator, tokenizer)
         new = [demo.suggest(text).json() for text in texts]
         assert all(body["model_version"] == new_version for body in new)
-        assert [body["suggestions"] for body in new] == [expected.suggest(text) for text in texts]
+        assert [body["suggestions"] for body in new] == [casing.shown_words(t, expected.suggest(t)) for t in texts]
         assert [body["suggestions"] for body in new] != old, "the new model should suggest differently"
 
 
@@ -294,6 +327,9 @@ def test_typing_and_tapping_suggestions_in_a_browser(
         browser.get(demo.url)
         box = browser.find_element(By.ID, "message")
         wait = WebDriverWait(browser, 10)
+        # An empty box is the start of a sentence: its words are capitalised.
+        first = wait.until(lambda b: (w := shown_words(b)) and len(w) == 3 and w)
+        assert first == demo.suggest("").json()["suggestions"] and all(word[0].isupper() for word in first)
 
         # The answer for "to be " arrives last, after the answers for the longer text typed
         # since: the strip must not show it.
@@ -320,10 +356,10 @@ def test_typing_and_tapping_suggestions_in_a_browser(
         # Inside a word the strip completes it, and a tap replaces what was typed of it.
         before = box.get_attribute("value")
         box.send_keys("Th")
-        completions = wait.until(lambda b: (w := shown_words(b)) and w[0].startswith("th") and w)
-        assert all(word.startswith("th") for word in completions) and len(completions) == 3
+        completions = wait.until(lambda b: (w := shown_words(b)) and w[0].startswith("Th") and w)
+        assert all(word.startswith("Th") for word in completions) and len(completions) == 3
         button_of_rank(browser, 0).click()
-        assert box.get_attribute("value") == before + completions[0].capitalize() + " "
+        assert box.get_attribute("value") == before + completions[0] + " "
 
         # Tab takes the best word, the one in the middle.
         before = box.get_attribute("value")
@@ -332,12 +368,17 @@ def test_typing_and_tapping_suggestions_in_a_browser(
         assert box.get_attribute("value") == before + best + " "
         assert browser.switch_to.active_element == box
 
-        box.send_keys("and ")
-        wait.until(lambda b: (w := shown_words(b)) and len(w) == 3)
+        # After a full stop a new sentence starts: capitalised words again, which a tap inserts as shown.
+        box.send_keys("and so. ")
+        words = wait.until(lambda b: (w := shown_words(b)) and len(w) == 3 and w[0][0].isupper() and w)
+        assert words == first
         assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
         ActionChains(browser).move_to_element(box).perform()  # no hover highlight in the picture
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(SCREENSHOT))
+        before = box.get_attribute("value")
+        button_of_rank(browser, 0).click()
+        assert box.get_attribute("value") == before + first[0] + " "
         # The same strip on a small phone and on a desktop screen.
         for width, height in ((360, 640), (1280, 800)):
             browser.set_window_size(width, height)
@@ -394,6 +435,91 @@ def test_command_line_help_and_bad_options(capsys: pytest.CaptureFixture[str]) -
     assert "refresh_seconds must be positive" in capsys.readouterr().err
 
 
+def demo_client(**settings) -> TestClient:
+    """The demo's app in this process, its aggregator nowhere: for what does not need a model."""
+    config = DemoConfig(aggregator_url=f"http://127.0.0.1:{free_port()}", **settings)
+    return TestClient(create_app(config), base_url="http://127.0.0.1")
+
+
+NO_RUN = {"finished": False, "rounds": [], "n_gram": None, "oracle": None}
+ROUND_FIELDS = dict.fromkeys(("model_version", "train_loss", "recall_at_1", "recall_at_3", "eligible", "sim_hour_utc"))
+
+
+def test_the_run_endpoint_reads_what_it_can_of_the_run_folder(tmp_path: Path) -> None:
+    with demo_client(phone_dir=tmp_path / "phone") as client:
+        assert client.get("/api/run").json() == {"run_dir": None, **NO_RUN}
+
+    run = tmp_path / "run"
+    with demo_client(run_dir=run, phone_dir=tmp_path / "phone") as client:
+        def read() -> dict:
+            response = client.get("/api/run")
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        # A folder the simulation has not made yet.
+        assert read() == {"run_dir": str(run), **NO_RUN}
+        run.mkdir()
+        (run / "metrics.jsonl").write_bytes(b"\n".join([
+            b'{"round": 0, "model_version": 0, "train_loss": null, "recall_at_1": 0.0625, "recall_at_3": 0.125, '
+            b'"eligible": 0, "sim_hour_utc": 0, "perplexity": 900.5}',
+            b'{"round": 1, "model_version": 1, "train_loss": 6.5, "recall_at_1": null, "eligible": 40}',
+            b"not JSON", b"[1, 2]", b"\xff\xfe", b'{"round": "2", "train_loss": 5.0}', b'{"model_version": 2}',
+            # Not finite: null, as JSON has it.
+            b'{"round": 2, "model_version": 2, "train_loss": NaN, "recall_at_1": Infinity, "sim_hour_utc": 1e999}',
+            # A run restarted into the same folder: a round's last line counts.
+            b'{"round": 1, "model_version": 1, "train_loss": 6.25, "eligible": 41, "sim_hour_utc": 0.5}',
+            # Still being written.
+            b'{"round": 3, "model_version": 3, "train_loss": 5',
+        ]))
+        rounds = [{**ROUND_FIELDS, "round": 0, "model_version": 0, "recall_at_1": 0.0625, "recall_at_3": 0.125,
+                   "eligible": 0, "sim_hour_utc": 0.0},
+                  {**ROUND_FIELDS, "round": 1, "model_version": 1, "train_loss": 6.25, "eligible": 41,
+                   "sim_hour_utc": 0.5},
+                  {**ROUND_FIELDS, "round": 2, "model_version": 2}]
+        assert read() == {"run_dir": str(run), **NO_RUN, "rounds": rounds}
+
+        n_gram = {"model": "n-gram: KN trigram", "recall_at_1": 0.09, "recall_at_3": 0.18}
+        oracle = {"model": "centralised oracle: all phones pooled", "recall_at_1": 0.125, "recall_at_3": 0.25}
+        rows = [{"model": "n-gram, unreadable", "recall_at_1": "high"}, {**n_gram, "perplexity": 228.0, "positions": 9},
+                {"model": "server CIFG", "recall_at_1": 0.1, "recall_at_3": 0.2},
+                {"model": "federated CIFG", "recall_at_1": 0.12, "recall_at_3": 0.22}, oracle,
+                {**oracle, "model": "centralised oracle, a second row"}]
+        (run / "table.json").write_text(json.dumps({"rows": rows}))
+        (run / "summary.json").write_text("{}")
+        assert read() == {"run_dir": str(run), "finished": True, "rounds": rounds, "n_gram": n_gram, "oracle": oracle}
+
+        # An unreadable table and an unreadable metrics file leave the rest.
+        for table in ('{"rows": ', '{"rows": 5}', "[]", "[" * 100_000):
+            (run / "table.json").write_text(table)
+            assert read() == {"run_dir": str(run), "finished": True, "rounds": rounds, "n_gram": None, "oracle": None}
+        (run / "metrics.jsonl").unlink()
+        (run / "metrics.jsonl").mkdir()
+        (run / "summary.json").unlink()  # the run started again
+        assert read() == {"run_dir": str(run), **NO_RUN}
+
+
+def test_the_browser_phone_keeps_its_history_in_the_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def config(*argv: str) -> DemoConfig:
+        return config_from_args(parser.parse_args(argv))
+
+    run = tmp_path / "run"
+    assert (config().run_dir, config().phone_dir) == (None, Path("runs") / "browser-phone")
+    assert (config("--run", str(run)).run_dir, config("--run", str(run)).phone_dir) == (run, run / "browser-phone")
+    assert config("--run", str(run), "--phone-dir", str(tmp_path / "mine")).phone_dir == tmp_path / "mine"
+    with demo_client(run_dir=run) as client:  # as `fedkb up --out RUN` makes it
+        history = client.get("/api/phone").json()["history_path"]
+        assert history == str(run.resolve() / "browser-phone" / "history.sqlite")
+
+    (tmp_path / "a-file").write_text("")
+    assert main(["--run", str(tmp_path / "a-file")]) == 2
+    assert "run_dir must be a run's folder" in capsys.readouterr().err
+
+
 def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differential_privacy(
     tmp_path: Path, tokenizer: KeyboardTokenizer
 ) -> None:
@@ -420,16 +546,42 @@ def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differ
             "const chart = document.getElementById('chart-epsilon');"
             "return chart.offsetParent !== null && chart.data ? [chart.data[0].x, chart.data[0].y] : null;"))
         assert epsilon == [[1], [pytest.approx(spent)]]
+        # A round on the wall clock is drawn at the hour (UTC) it opened at.
+        opened = AggregatorClient(aggregator.url).status().recent_rounds[0].started_at
+        hours = browser.execute_script("return document.getElementById('chart-asking').data[0].x")
+        assert hours == [pytest.approx(hour_of_day(opened))]
+        assert asking_title(browser) == "Phones asking to train by hour (UTC)"
 
 
 def dashboard_state(browser: webdriver.Chrome) -> dict:
     return browser.execute_script(
         "const traces = id => (document.getElementById(id).data || []).map(t => ({name: t.name, x: t.x, y: t.y}));"
-        "return {state: document.getElementById('state').hidden ? '' : document.getElementById('state').textContent,"
-        "  charts: !document.getElementById('charts').hidden,"
-        "  recall: traces('chart-recall'), participants: traces('chart-participants'),"
-        "  eligible: traces('chart-eligible'), bytes: traces('chart-bytes')};"
+        "const text = id => document.getElementById(id).hidden ? '' : document.getElementById(id).textContent;"
+        "return {state: text('state'), summary: text('summary'), charts: !document.getElementById('charts').hidden,"
+        "  loss_shown: !document.getElementById('loss-figure').hidden,"
+        "  recall: traces('chart-recall'), loss: traces('chart-loss'), participants: traces('chart-participants'),"
+        "  asking: traces('chart-asking'), bytes: traces('chart-bytes')};"
     )
+
+
+def by_name(traces: list[dict]) -> dict[str, dict]:
+    """Each trace's points as {x: y}."""
+    return {t["name"]: dict(zip(t["x"], t["y"])) for t in traces}
+
+
+def hour_of_day(seconds: float) -> float:
+    return seconds / 3600 % 24
+
+
+def asking_title(browser: webdriver.Chrome) -> str:
+    return browser.execute_script("return document.getElementById('chart-asking').layout.title.text")
+
+
+def assert_points(trace: dict, expected: list[tuple[float, int]]) -> None:
+    """The trace's points, in any order, are `expected` (x to within rounding)."""
+    shown, expected = sorted(zip(trace["x"], trace["y"])), sorted(expected)
+    assert [y for _, y in shown] == [y for _, y in expected]
+    assert [x for x, _ in shown] == pytest.approx([x for x, _ in expected])
 
 
 def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_path: Path) -> None:
@@ -439,7 +591,9 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
                         hidden_dim=16, projection_dim=8)
     config = local_aggregator_config(tmp_path, tokenizer_path, model=model, clients_per_round=3, simulated_clock=True,
                                      round_deadline_s=3600.0)
-    with LocalAggregator(config) as aggregator, DemoServer(aggregator.url) as demo, \
+    run = tmp_path / "run"
+    run.mkdir()
+    with LocalAggregator(config) as aggregator, DemoServer(aggregator.url, options=["--run", str(run)]) as demo, \
             chromium(tmp_path / "chromium-profile") as browser:
         browser.set_window_size(1100, 1400)
         browser.get(f"{demo.url}/dashboard")
@@ -447,6 +601,7 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
         # Before any round: the empty state, no charts.
         wait.until(lambda b: "No rounds yet" in dashboard_state(b)["state"])
         assert not dashboard_state(browser)["charts"]
+        assert dashboard_state(browser)["summary"] == "Round 1 is open: no phone has joined it yet."
 
         fleet = Fleet(make_phones(tmp_path / "phones", 12), fleet_config(tmp_path / "phones"),
                       AggregatorClient(aggregator.url, operator_token=config.operator_token))
@@ -456,33 +611,67 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
             fleet.close()
         rounds = AggregatorClient(aggregator.url).status().recent_rounds
         assert len(rounds) == 3
+        by_round = {r.round: r for r in rounds}
+        # The run's own record of its rounds, as the simulation writes it: it scored the initial and the last model
+        # centrally, and knows how many phones were eligible.
+        central = {0: (0.0625, 0.125), 3: (0.25, 0.5)}
+        (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in [
+            {"round": 0, "model_version": 0, "train_loss": None, "eligible": 0, "sim_hour_utc": 0,
+             "recall_at_1": central[0][0], "recall_at_3": central[0][1]},
+            *({"round": report.round, "model_version": by_round[report.round].new_version,
+               "train_loss": report.train_loss, "eligible": report.eligible_at_start, "sim_hour_utc": report.hour_utc,
+               "recall_at_1": central.get(report.round, (None, None))[0],
+               "recall_at_3": central.get(report.round, (None, None))[1]} for report in reports),
+        ]))
 
         # The charts fill in while the page stays open, with the aggregator's own figures. A phone that uploads
         # after its round closed turns a drop-out into a late one, so the page may first draw a round's counts as
         # they were at its close; it must come round to the record as it stands.
-        by_round = {r.round: r for r in rounds}
-
-        def participants(state: dict) -> dict:
-            return {t["name"]: dict(zip(t["x"], t["y"])) for t in state["participants"]}
-
         def shows_the_record(state: dict) -> bool:
-            bars = participants(state)
+            bars = by_name(state["participants"])
             return all(bars[name].get(n) == getattr(r, name) for name in ("reported", "dropped")
                        for n, r in by_round.items())
 
         shown = wait.until(lambda b: (d := dashboard_state(b))["charts"] and len(d["participants"][0]["x"]) == 3
-                           and shows_the_record(d) and d)
+                           and shows_the_record(d) and d["loss_shown"] and d)
         assert shown["state"] == ""
+        # Training goes on as far as the page can tell: the aggregator's round 4 is open.
+        assert shown["summary"].startswith("Round 4 is open: ")
         assert not browser.find_element(By.ID, "privacy-figure").is_displayed()  # no differential privacy here
-        recall = {t["name"]: dict(zip(t["x"], t["y"])) for t in shown["recall"]}
+        recall = by_name(shown["recall"])
         for number, summary in by_round.items():
-            assert recall["top-1"][number] == pytest.approx(100 * summary.recall_at_1)
-            assert recall["top-3"][number] == pytest.approx(100 * summary.recall_at_3)
-        assert sorted(shown["eligible"][0]["y"]) == sorted(r.checked_in for r in rounds)
+            assert recall["top-1 on phones"][number] == pytest.approx(100 * summary.recall_at_1)
+            assert recall["top-3 on phones"][number] == pytest.approx(100 * summary.recall_at_3)
+        # The central score of a round's model is drawn at the round that starts from that model.
+        assert recall["top-1 central"] == pytest.approx({1: 6.25, 4: 25.0})
+        assert recall["top-3 central"] == pytest.approx({1: 12.5, 4: 50.0})
+        assert by_name(shown["loss"])["loss"] == pytest.approx({r.round: r.train_loss for r in reports})
+        # Phones asking to train (the aggregator's count), and eligible (the simulation's), by simulated hour.
+        asking = {t["name"]: t for t in shown["asking"]}
+        assert_points(asking["asked to train"], [(hour_of_day(r.clock_started_s), r.checked_in) for r in rounds])
+        assert_points(asking["eligible at the round's start"], [(r.hour_utc, r.eligible_at_start) for r in reports])
         assert all(r.checked_in >= r.selected > 0 for r in rounds)
         assert sum(len(report.participants) for report in reports) == sum(r.reported for r in rounds)
-        up = {t["name"]: dict(zip(t["x"], t["y"])) for t in shown["bytes"]}["up"]
+        up = by_name(shown["bytes"])["up"]
         assert {n: up[n] for n in by_round} == pytest.approx({n: r.bytes_up / 1e6 for n, r in by_round.items()})
+
+        # The run ends (summary.json) with its comparison table: the page says so, and draws the n-gram's and the
+        # oracle's recall across the rounds.
+        references = {"n-gram": (0.09, 0.18), "oracle": (0.375, 0.625)}
+        (run / "table.json").write_text(json.dumps({"rows": [
+            {"model": "n-gram: KN trigram", "recall_at_1": 0.09, "recall_at_3": 0.18, "perplexity": 200.0,
+             "positions": 50},
+            {"model": "federated CIFG", "recall_at_1": 0.25, "recall_at_3": 0.5, "perplexity": 150.0, "positions": 50},
+            {"model": "centralised oracle: all phones pooled", "recall_at_1": 0.375, "recall_at_3": 0.625,
+             "perplexity": 100.0, "positions": 50},
+        ]}))
+        (run / "summary.json").write_text("{}")
+        finished = f"Training finished after 3 rounds, with model v{by_round[3].new_version}."
+        shown = wait.until(lambda b: (d := dashboard_state(b))["summary"] == finished and len(d["recall"]) == 8 and d)
+        recall = by_name(shown["recall"])
+        for name, (top1, top3) in references.items():
+            assert recall[f"{name} top-1"] == pytest.approx({1: 100 * top1, 4: 100 * top1})
+            assert recall[f"{name} top-3"] == pytest.approx({1: 100 * top3, 4: 100 * top3})
 
         # A click on round 2's bar shows its details.
         browser.execute_script(
@@ -505,6 +694,16 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
         aggregator.stop()
         wait.until(lambda b: "not reachable" in dashboard_state(b)["state"])
         assert dashboard_state(browser)["charts"]
+
+        # Its database served again, on the wall clock: the rounds keep the hours of the simulated day they ran at.
+        port = int(aggregator.url.rsplit(":", 1)[1])
+        with LocalAggregator(replace(config, simulated_clock=False, port=port)) as again:
+            assert AggregatorClient(again.url).status().clock == "wall"
+            browser.refresh()
+            shown = wait.until(lambda b: (d := dashboard_state(b))["charts"] and d["state"] == "" and d)
+            asking = {t["name"]: t for t in shown["asking"]}
+            assert_points(asking["asked to train"], [(hour_of_day(r.clock_started_s), r.checked_in) for r in rounds])
+            assert asking_title(browser) == "Phones asking to train by simulated hour (UTC)"
 
 
 def test_the_dashboard_says_when_the_aggregator_was_never_reached(tmp_path: Path) -> None:

@@ -19,9 +19,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from web_demo.browser_phone import BrowserPhone, NewMessage, PhoneSettings, PhoneState, PhoneSwitchedOffError
+from web_demo.casing import shown_words
 from web_demo.config import DemoConfig
 from web_demo.model_source import ModelSource
-from web_demo.schemas import ErrorResponse, ModelInfo, SuggestResponse, TrainingResponse
+from web_demo.run_folder import RunFolder
+from web_demo.schemas import ErrorResponse, ModelInfo, RunResponse, SuggestResponse, TrainingResponse
 
 STATIC = Path(__file__).parent / "static"
 PLOTLY_JS = files("plotly") / "package_data" / "plotly.min.js"
@@ -77,6 +79,10 @@ def get_phone(request: Request) -> BrowserPhone:
     return request.app.state.phone
 
 
+def get_run_folder(request: Request) -> RunFolder:
+    return request.app.state.run_folder
+
+
 @router.get("/", include_in_schema=False)
 def index() -> FileResponse:
     return FileResponse(STATIC / "index.html")
@@ -97,6 +103,12 @@ def training(source: ModelSource = Depends(get_model_source)) -> TrainingRespons
     _, error = source.state()
     return TrainingResponse(aggregator=source.url, error=error, refresh_seconds=source.refresh_seconds,
                             status=source.training())
+
+
+@router.get("/api/run", response_model=RunResponse)
+def run_folder(run: RunFolder = Depends(get_run_folder)) -> RunResponse:
+    """What the run folder (--run) records beside the aggregator: loss, central evaluation, reference models."""
+    return run.read()
 
 
 @router.get("/api/phone", response_model=PhoneState)
@@ -134,7 +146,9 @@ def suggest(
     model, error = source.state()
     if model is None:
         raise HTTPException(503, f"no model yet: {error or f'still fetching it from the aggregator at {source.url}'}")
-    return SuggestResponse(suggestions=model.suggester.suggest(text), model_version=model.version)
+    # Cased here, not in the page, so that every client of the API gets the words as the person should see them,
+    # and the page inserts what it shows.
+    return SuggestResponse(suggestions=shown_words(text, model.suggester.suggest(text)), model_version=model.version)
 
 
 @router.get("/api/model", response_model=ModelInfo)
@@ -154,6 +168,7 @@ def create_app(config: DemoConfig) -> FastAPI:
         with ModelSource(config.aggregator_url, config.refresh_seconds) as source, \
                 BrowserPhone(config.phone_dir, config.aggregator_url, config.phone_check_in_s) as phone:
             app.state.model_source, app.state.phone = source, phone
+            app.state.run_folder = RunFolder(config.run_dir)
             yield
 
     app = FastAPI(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # A DNS name, or a pattern of them like *.example.com, as TrustedHostMiddleware takes them.
@@ -31,15 +31,24 @@ class DemoConfig:
     port: int = 8700
     # How often to ask the aggregator for a newer model; the page polls the demo as often.
     refresh_seconds: float = 5.0
+    # The training run's folder (`fedkb simulate --out`), for what the aggregator does not record: training loss,
+    # central evaluation, the comparison table and whether the run has ended. None: the dashboard shows the
+    # aggregator's rounds only.
+    run_dir: Path | None = None
     # "This browser is a phone": its folder (history.sqlite, device.json, phone.json) on this machine, and how often
-    # it checks in with the aggregator while eligible.
-    phone_dir: Path = field(default_factory=lambda: Path("runs") / "browser-phone")
+    # it checks in with the aggregator while eligible. None: run_dir/browser-phone, or runs/browser-phone without
+    # a run folder.
+    phone_dir: Path | None = None
     phone_check_in_s: float = 10.0
     # Host names the page answers to besides the one it binds to, localhost, 127.0.0.1 and [::1]: any other Host
     # header is refused, which keeps a DNS-rebinding page from reading or writing this phone's history.
     allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.run_dir is not None and self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run_dir must be a run's folder, got the file {self.run_dir}")
+        if self.phone_dir is None:
+            object.__setattr__(self, "phone_dir", (self.run_dir or Path("runs")) / "browser-phone")
         if not self.aggregator_url.startswith(("http://", "https://")):
             raise ValueError(f"aggregator_url must start with http:// or https://, got {self.aggregator_url!r}")
         if not self.phone_check_in_s > 0:

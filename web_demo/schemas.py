@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator.api.schemas import StatusResponse
 
 
 class SuggestResponse(BaseModel):
-    suggestions: list[str] = Field(description="Up to three words, best first.")
+    suggestions: list[str] = Field(description="Up to three words, best first, cased as the strip shows them.")
     model_version: int = Field(description="Version of the global model that made the suggestions.")
 
 
@@ -31,3 +31,37 @@ class TrainingResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class RunRound(BaseModel):
+    """What the run folder's metrics.jsonl says of one round; round 0 is the initial model."""
+
+    # Strict: a line written by something else ("round": "3", "eligible": true) is dropped rather than guessed at.
+    model_config = ConfigDict(strict=True)
+
+    round: int
+    model_version: int | None = Field(None, description="The global model version after the round.")
+    train_loss: float | None = Field(None, description="The reporting phones' mean local training loss.")
+    recall_at_1: float | None = Field(
+        None, description="Central evaluation of the model the round made (model_version); null on rounds not scored.")
+    recall_at_3: float | None = None
+    eligible: int | None = Field(None, description="Phones eligible to train when the round began, as simulated.")
+    sim_hour_utc: float | None = Field(None, description="Hour of the simulated UTC day the round began at.")
+
+
+class ReferenceModel(BaseModel):
+    """A row of the run's comparison table (table.json), scored on the same held-out positions as the others."""
+
+    model_config = ConfigDict(strict=True)
+
+    model: str
+    recall_at_1: float
+    recall_at_3: float
+
+
+class RunResponse(BaseModel):
+    run_dir: str | None = Field(description="The run folder the demo reads (--run); null when it has none.")
+    finished: bool = Field(description="The run's summary.json exists: its simulation has ended.")
+    rounds: list[RunRound] = Field(description="The run's rounds, oldest first, one per round number.")
+    n_gram: ReferenceModel | None = Field(description="The comparison table's n-gram row, when the run has a table.")
+    oracle: ReferenceModel | None = Field(description="Its centralised oracle row.")

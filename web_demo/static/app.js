@@ -132,8 +132,7 @@ function insert(word) {
   const partial = before.match(PARTIAL_WORD)?.[0] ?? "";
   let after = message.value.slice(message.selectionEnd);
   if (partial) after = after.replace(REST_OF_WORD, ""); // the caret was inside a word: replace all of it
-  // The vocabulary is lower case; keep a capital the person typed ("Th" becomes "The").
-  if (partial && partial[0] !== partial[0].toLowerCase()) word = word[0].toUpperCase() + word.slice(1);
+  // Inserted as shown: the server has cased it (web_demo/casing.py).
   const head = before.slice(0, before.length - partial.length) + word + " ";
   message.value = head + after.replace(/^ /, ""); // one space after the word, not two
   message.setSelectionRange(head.length, head.length);

@@ -1,5 +1,5 @@
-// The training dashboard: the aggregator's recent rounds, as the demo server last saw them, drawn with
-// plotly.js and redrawn whenever the demo server has newer ones.
+// The training dashboard: the aggregator's recent rounds, as the demo server last saw them, and what the run's
+// folder adds (loss, central evaluation, reference models), drawn with plotly.js and redrawn when either changes.
 "use strict";
 
 const SERVER_DOWN = "The demo server is not answering. Is it still running?";
@@ -9,8 +9,9 @@ const charts = document.getElementById("charts");
 const badge = document.getElementById("model-version");
 const details = document.getElementById("round-details");
 const PLOT_CONFIG = { responsive: true, displayModeBar: false };
+const TOP = { 1: "#1a73e8", 3: "#e37400" }; // one colour per metric, whoever scored it
 
-let rounds = []; // oldest first
+let rounds = []; // the aggregator's, oldest first
 let shownKey = null; // what the charts show, so an unchanged status is not redrawn
 let pollMs = 5000;
 
@@ -35,33 +36,103 @@ function layout(title, yTitle, extra = {}) {
 const series = (field, scale = 1) => rounds.map((r) => (r[field] == null ? null : r[field] * scale));
 const roundNumbers = () => rounds.map((r) => r.round);
 
-// The hour (UTC) of the day a round opened at: on the simulated clock when there is one; the wall clock's
-// started_at otherwise (clock_started_s then counts from an arbitrary start).
-function hourOfDay(r, clock) {
-  const seconds = clock === "simulated" ? r.clock_started_s : r.started_at;
+// Which clock timed a round. Its record has its wall-clock opening and closing (started_at, closed_at), and its
+// opening and duration on the aggregator's clock (clock_started_s, duration_s), which is simulated time on a
+// simulated clock; it does not say which clock that was, and the aggregator's clock now says nothing of rounds
+// recorded before it was restarted on another. On the wall clock the duration is the time between the wall-clock
+// opening and closing (to within clock drift); a simulation passes through simulated time far faster.
+function roundClock(r) {
+  if (r.duration_s == null) return null;
+  const wall = r.closed_at - r.started_at;
+  return Math.abs(r.duration_s - wall) <= 0.05 + 1e-3 * wall ? "wall" : "simulated";
+}
+
+// The hour (UTC) of the day a round opened at, on the clock that timed it: simulated time starts at midnight.
+function hourOfDay(r) {
+  const clock = roundClock(r);
+  const seconds = clock === "wall" ? r.started_at : clock === "simulated" ? r.clock_started_s : null;
   return seconds == null ? null : ((seconds / 3600) % 24 + 24) % 24;
 }
 
-function draw(status) {
+// A horizontal line across the rounds drawn, at a reference model's recall.
+function reference(name, row, metric, dash, xs) {
+  return {
+    type: "scatter", mode: "lines", name: `${name} top-${metric}`, x: [Math.min(...xs), Math.max(...xs)],
+    y: [100 * row[`recall_at_${metric}`], 100 * row[`recall_at_${metric}`]],
+    line: { color: TOP[metric], dash, width: 1.5 }, hovertemplate: `${row.model}: %{y:.2f}%<extra></extra>`,
+  };
+}
+
+function drawRecall(run) {
+  const x = roundNumbers();
+  // The central score of the model a run's round made is plotted at the next round, which starts from that model:
+  // the phones' score there is of the same model.
+  const central = run.rounds.filter((r) => r.recall_at_1 != null);
+  const centralX = central.map((r) => r.round + 1);
+  const traces = [1, 3].flatMap((metric) => [
+    { type: "scatter", mode: "lines+markers", name: `top-${metric} on phones`, x,
+      y: series(`recall_at_${metric}`, 100), line: { color: TOP[metric] } },
+    ...(central.length ? [{
+      type: "scatter", mode: "markers", name: `top-${metric} central`, x: centralX,
+      y: central.map((r) => 100 * r[`recall_at_${metric}`]),
+      marker: { color: TOP[metric], symbol: "diamond-open", size: 9 },
+      text: central.map((r) => `model v${r.model_version}`), hovertemplate: "%{text}: %{y:.2f}%<extra></extra>",
+    }] : []),
+  ]);
+  const xs = [...x, ...centralX];
+  for (const [name, row, dash] of [["n-gram", run.n_gram, "dash"], ["oracle", run.oracle, "dot"]]) {
+    if (row) traces.push(reference(name, row, 1, dash, xs), reference(name, row, 3, dash, xs));
+  }
+  Plotly.react("chart-recall", traces, layout("Recall of the model each round starts from", "%"), PLOT_CONFIG);
+}
+
+function drawLoss(run) {
+  const trained = run.rounds.filter((r) => r.train_loss != null);
+  const figure = document.getElementById("loss-figure");
+  figure.hidden = !trained.length;
+  if (!trained.length) return;
+  Plotly.react("chart-loss", [{
+    type: "scatter", mode: "lines+markers", name: "loss", x: trained.map((r) => r.round),
+    y: trained.map((r) => r.train_loss), line: { color: "#9334e6" },
+  }], layout("Training loss by round (the reporting phones' mean)", "cross-entropy",
+    // Zero is no loss a model reaches: the axis fits the curve, so that its fall shows.
+    { yaxis: { title: { text: "cross-entropy" } } }), PLOT_CONFIG);
+}
+
+// The aggregator sees the phones that ask to train, which only eligible phones do, but not every eligible phone
+// asks while a round is open (the aggregator spreads their check-ins); the simulation knows how many were eligible.
+function drawAsking(run) {
+  const hours = rounds.map(hourOfDay);
+  const eligible = run.rounds.filter((r) => r.round > 0 && r.eligible != null && r.sim_hour_utc != null);
+  const clocks = new Set([...rounds.map(roundClock).filter((c) => c), ...(eligible.length ? ["simulated"] : [])]);
+  const hour = clocks.size === 1 && clocks.has("simulated") ? "simulated hour (UTC)"
+    : clocks.has("simulated") ? "hour (UTC; simulated or wall)" : "hour (UTC)";
+  const hover = "round %{customdata}: %{y} phones at %{x:.1f} h<extra></extra>";
+  Plotly.react("chart-asking", [
+    { type: "scatter", mode: "markers", name: "asked to train", x: hours, y: series("checked_in"),
+      customdata: roundNumbers(), hovertemplate: hover, marker: { color: "#1a73e8" } },
+    ...(eligible.length ? [{
+      type: "scatter", mode: "markers", name: "eligible at the round's start", x: eligible.map((r) => r.sim_hour_utc),
+      y: eligible.map((r) => r.eligible), customdata: eligible.map((r) => r.round), hovertemplate: hover,
+      marker: { color: "#81c995", symbol: "circle-open" },
+    }] : []),
+  ], layout(`Phones asking to train by ${hour}`, "phones",
+    { xaxis: { range: [0, 24], dtick: 3 } }), PLOT_CONFIG);
+}
+
+function draw(status, run) {
   const x = roundNumbers();
   const line = (name, y, extra = {}) => ({ type: "scatter", mode: "lines+markers", name, x, y, ...extra });
   const bar = (name, y, color) => ({ type: "bar", name, x, y, marker: { color } });
-  Plotly.react("chart-recall", [
-    line("top-1", series("recall_at_1", 100)),
-    line("top-3", series("recall_at_3", 100)),
-  ], layout("Recall by round, scored on phones", "%"), PLOT_CONFIG);
+  drawRecall(run);
+  drawLoss(run);
   Plotly.react("chart-participants", [
     bar("reported", series("reported"), "#1a73e8"),
     bar("dropped", series("dropped"), "#d93025"),
     bar("aborted", series("aborted"), "#f9ab00"),
     bar("late", series("late"), "#9aa0a6"),
   ], layout("Participants and drop-outs by round", "phones", { barmode: "stack" }), PLOT_CONFIG);
-  Plotly.react("chart-eligible", [{
-    type: "scatter", mode: "markers", name: "eligible", x: rounds.map((r) => hourOfDay(r, status.clock)),
-    y: series("checked_in"),
-    customdata: x, hovertemplate: "round %{customdata}: %{y} phones at %{x:.1f} h<extra></extra>",
-  }], layout(`Eligible phones by hour of the ${status.clock === "simulated" ? "simulated " : ""}day`, "phones",
-    { xaxis: { title: { text: "hour (UTC)" }, range: [0, 24], dtick: 3 } }), PLOT_CONFIG);
+  drawAsking(run);
   Plotly.react("chart-bytes", [
     bar("up", series("bytes_up", 1e-6), "#1a73e8"),
     bar("down", series("bytes_down", 1e-6), "#81c995"),
@@ -91,11 +162,38 @@ function showDetails(round) {
 function onClick(event) {
   const point = event.points?.[0];
   if (!point) return;
-  // The eligibility chart's x is the hour; its points carry their round.
+  // The x of the chart of phones asking to train is the hour; its points carry their round.
   showDetails(point.customdata ?? point.x);
 }
 
-function render(body) {
+function ago(epochSeconds) {
+  const seconds = Math.max(0, Date.now() / 1000 - epochSeconds);
+  if (seconds < 90) return `${Math.round(seconds)} s ago`;
+  if (seconds < 90 * 60) return `${Math.round(seconds / 60)} min ago`;
+  if (seconds < 48 * 3600) return `${Math.round(seconds / 3600)} h ago`;
+  return `${Math.round(seconds / 86400)} days ago`;
+}
+
+// What is going on now. Only the run's folder knows that its training has ended: the aggregator keeps a round open
+// for phones that may still come. Without it, a round no phone has joined says since when nothing has happened.
+function describeProgress(status, run) {
+  const last = rounds[rounds.length - 1];
+  const open = status.selected
+    ? `Round ${status.round} is open: ${status.reported} of ${status.goal} updates in, ` +
+      `${status.selected} phones selected.`
+    : `Round ${status.round} is open: no phone has joined it` +
+      (last ? ` since round ${last.round} closed ${ago(last.closed_at)}.` : " yet.");
+  const privacy = status.epsilon === null ? "" : ` ε spent: ${status.epsilon.toPrecision(3)}.`;
+  if (!run.finished) return open + privacy;
+  const final = run.rounds[run.rounds.length - 1];
+  const ran = final?.round ?? last?.round ?? 0;
+  const version = final?.model_version ?? status.model_version;
+  const finished = `Training finished after ${ran} round${ran === 1 ? "" : "s"}, with model v${version}.`;
+  // Phones outside the simulation (this browser, for one) may go on training after it ended.
+  return finished + (status.round - 1 > ran ? ` ${open}` : "") + privacy;
+}
+
+function render(body, run) {
   const status = body.status;
   if (!status) {
     showState(body.error ? `The aggregator is not reachable: ${body.error}` : `Waiting for the aggregator at ${body.aggregator}…`);
@@ -105,8 +203,7 @@ function render(body) {
   badge.classList.remove("missing");
   rounds = [...status.recent_rounds].sort((a, b) => a.round - b.round);
   summaryLine.hidden = false;
-  summaryLine.textContent = `Round ${status.round} is open: ${status.reported} of ${status.goal} updates in, ` +
-    `${status.selected} phones selected.` + (status.epsilon === null ? "" : ` ε spent: ${status.epsilon.toPrecision(3)}.`);
+  summaryLine.textContent = describeProgress(status, run);
   if (!rounds.length) {
     charts.hidden = true;
     showState(`No rounds yet: the aggregator at ${body.aggregator} is waiting for phones to report.` +
@@ -114,11 +211,12 @@ function render(body) {
     return;
   }
   showState(body.error ? `Showing the last rounds seen; the aggregator is not reachable now: ${body.error}` : "");
-  const key = JSON.stringify([status.model_version, rounds.length, rounds[rounds.length - 1].round, status.epsilon]);
+  // Everything drawn: a round's record can change after it closed (an upload that arrives late).
+  const key = JSON.stringify([rounds, status.differential_privacy, run]);
   charts.hidden = false;
   if (key === shownKey) return;
   shownKey = key;
-  draw(status);
+  draw(status, run);
   // A chart can be clicked once plotly has drawn it (the privacy chart only with differential privacy on).
   for (const chart of charts.querySelectorAll(".chart")) {
     if (chart.on && !chart.dataset.clickable) {
@@ -128,13 +226,17 @@ function render(body) {
   }
 }
 
+async function getJson(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`The demo server answered ${response.status}.`);
+  return response.json();
+}
+
 async function poll() {
   try {
-    const response = await fetch("api/training");
-    if (!response.ok) throw new Error(`The demo server answered ${response.status}.`);
-    const body = await response.json();
+    const [body, run] = await Promise.all([getJson("api/training"), getJson("api/run")]);
     pollMs = body.refresh_seconds * 1000;
-    render(body);
+    render(body, run);
   } catch (error) {
     showState(error instanceof TypeError ? SERVER_DOWN : error.message);
   }
