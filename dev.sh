@@ -21,7 +21,7 @@ setup() {
     # The CPU build of torch first, pinned: an unpinned torch pulls a several-GB CUDA build.
     .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
     # [ray]: the Ray executor's test starts a two-node Ray cluster on this machine.
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench,ray]'
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,ray]'
     rm -f .venv/.installed-*
     touch "$stamp"
   fi

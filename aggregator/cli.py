@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -11,10 +12,14 @@ import torch
 from aggregator.app import create_app
 from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
 from aggregator.config import AggregatorConfig
-from keyboard_model.serving import serve
-from aggregator.strategy import STRATEGIES
+from keyboard_model.serving import bind, bound_port, serve
+from aggregator.strategies import STRATEGIES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
-from keyboard_model.commands import run_command
+from keyboard_model.arguments import (
+    at_least, existing_file, fraction, multiple, network, new_file, non_negative_float, port, positive_float,
+    positive_int, probability,
+)
+from keyboard_model.commands import Parser, run_command
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import MODEL_ENCODINGS
@@ -23,74 +28,97 @@ DEFAULTS = AggregatorConfig(db_path=Path("aggregator.sqlite"), tokenizer_path=Pa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", type=Path, default=DEFAULTS.db_path, help="SQLite database for rounds and models (default: %(default)s)")
-    parser.add_argument("--tokenizer", type=Path, default=None,
+    parser.add_argument("--db", type=new_file, default=DEFAULTS.db_path, help="SQLite database for rounds and models (default: %(default)s)")
+    parser.add_argument("--tokenizer", type=existing_file, default=None,
                         help="tokenizer.json of a prepared corpus (`fedkb aggregator`: default, the default corpus's, "
                              "prepared if needed)")
     parser.add_argument("--host", default=DEFAULTS.host, help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULTS.port, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=port, default=DEFAULTS.port, help="port to listen on (default: %(default)s)")
+    # A listening socket bound by the parent process (aggregator/process.py), so that no one takes the port first.
+    parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     add_round_arguments(parser)
     add_model_arguments(parser)
 
 
 def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the round protocol, shared with `fedkb simulate` when it starts its own aggregator."""
-    parser.add_argument("--clients-per-round", type=int, default=DEFAULTS.clients_per_round,
+    parser.add_argument("--clients-per-round", type=positive_int, default=DEFAULTS.clients_per_round,
                         help="updates that close a round (default: %(default)s)")
-    parser.add_argument("--round-deadline", type=float, default=DEFAULTS.round_deadline_s,
+    parser.add_argument("--round-deadline", type=positive_float, default=DEFAULTS.round_deadline_s,
                         help="seconds after which a round closes with the updates it has (default: %(default)s)")
-    parser.add_argument("--over-selection", type=float, default=DEFAULTS.over_selection,
+    parser.add_argument("--over-selection", type=multiple, default=DEFAULTS.over_selection,
                         help="devices selected per round, as a multiple of the goal (default: %(default)s)")
-    parser.add_argument("--min-report-fraction", type=float, default=DEFAULTS.min_report_fraction,
+    parser.add_argument("--min-report-fraction", type=fraction, default=DEFAULTS.min_report_fraction,
                         help="share of the goal that makes a round count at its deadline (default: %(default)s)")
     parser.add_argument("--simulated-clock", action="store_true",
                         help="run rounds on a simulator's clock, set through PUT /clock (for simulations)")
     parser.add_argument("--server-optimizer", choices=sorted(STRATEGIES), default=DEFAULTS.server_optimizer,
                         help="how the mean update moves the global model (default: %(default)s)")
-    parser.add_argument("--server-lr", type=float, default=None,
-                        help="server learning rate (default: the optimiser's own: fedavg 1.0, fedavgm 0.5, fedadam 0.01)")
-    parser.add_argument("--max-examples", type=int, default=DEFAULTS.max_examples_per_update,
+    parser.add_argument("--server-lr", type=positive_float, default=None,
+                        help="server learning rate (default: the optimiser's own: " + ", ".join(
+                            f"{name} {strategy().server_learning_rate:g}" for name, strategy in STRATEGIES.items()) + ")")
+    parser.add_argument("--max-examples", type=positive_int, default=DEFAULTS.max_examples_per_update,
                         help="most examples one update may claim; more is refused (default: %(default)s)")
-    parser.add_argument("--max-update-norm", type=float, default=DEFAULTS.max_update_norm,
+    parser.add_argument("--max-update-norm", type=positive_float, default=DEFAULTS.max_update_norm,
                         help="largest L2 norm of an update; larger ones are refused (default: %(default)s)")
-    parser.add_argument("--max-eval-positions", type=int, default=DEFAULTS.max_eval_positions,
+    parser.add_argument("--max-eval-positions", type=positive_int, default=DEFAULTS.max_eval_positions,
                         help="most predictions one device's evaluation may claim (default: %(default)s)")
     parser.add_argument("--download", choices=MODEL_ENCODINGS, default=DEFAULTS.download_encoding,
                         help="how selected phones download the model: int8 is about a quarter of float32's bytes "
                              "(default: %(default)s)")
     parser.add_argument("--secure-aggregation", action="store_true",
                         help="run secure aggregation: the server learns only each round's sum of updates")
-    parser.add_argument("--secagg-phase", type=float, default=DEFAULTS.secagg_phase_s,
+    parser.add_argument("--secagg-phase", type=positive_float, default=DEFAULTS.secagg_phase_s,
                         help="seconds each key, share and unmask phase waits for devices (default: %(default)s)")
     parser.add_argument("--secagg-ring-bits", type=int, choices=(8, 16, 32), default=DEFAULTS.secagg_ring_bits,
                         help="masked updates are integers modulo 2**bits; 8 is the size of an int8 update "
                              "(default: %(default)s)")
     privacy = parser.add_argument_group("differential privacy (off unless --noise-multiplier is given)")
-    privacy.add_argument("--noise-multiplier", type=float, default=None,
+    privacy.add_argument("--noise-multiplier", type=positive_float, default=None,
                          help="Gaussian noise on each round's sum, as a multiple of --clip-norm")
-    privacy.add_argument("--clip-norm", type=float, default=DEFAULTS.clip_norm,
+    privacy.add_argument("--clip-norm", type=positive_float, default=DEFAULTS.clip_norm,
                          help="L2 norm phones clip their updates to (default: %(default)s)")
-    privacy.add_argument("--population", type=int, default=None,
+    privacy.add_argument("--population", type=positive_int, default=None,
                          help="phones that could take part, for the accountant's sampling rate (default: those enrolled)")
-    privacy.add_argument("--dp-delta", type=float, default=None,
+    privacy.add_argument("--dp-delta", type=probability, default=None,
                          help="delta at which epsilon is reported (default: 1 / population)")
     admission = parser.add_argument_group(
         "admission", f"Credentials come from the environment, never the command line: {OPERATOR_TOKEN_ENV} (the "
                      f"operator's token, which PUT /clock needs) and {ENROLMENT_SECRET_ENV} (the secret devices "
                      "outside the trusted networks must show to enrol).")
-    admission.add_argument("--selection-window", type=float, default=DEFAULTS.selection_window_s,
+    admission.add_argument("--selection-window", type=non_negative_float, default=DEFAULTS.selection_window_s,
                            help="seconds of check-ins drawn from at random when selecting; 0 takes devices first "
                                 "come, first served (default: %(default)s)")
-    admission.add_argument("--trusted-network", action="append", default=None, metavar="CIDR",
+    admission.add_argument("--trusted-network", type=network, action="append", default=None, metavar="CIDR",
                            help="client addresses that enrol without the secret and without rate limits; repeat for "
                                 f"more, or 'none' (default: {' '.join(DEFAULTS.trusted_networks)})")
-    admission.add_argument("--enrolments-per-minute", type=int, default=DEFAULTS.enrolments_per_minute,
+    admission.add_argument("--enrolments-per-minute", type=positive_int, default=DEFAULTS.enrolments_per_minute,
                            help="enrolments per client address outside the trusted networks (default: %(default)s)")
-    admission.add_argument("--checkins-per-minute", type=int, default=DEFAULTS.checkins_per_minute,
+    admission.add_argument("--checkins-per-minute", type=positive_int, default=DEFAULTS.checkins_per_minute,
                            help="check-ins per client address outside the trusted networks (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the initial model (default: %(default)s)")
-    parser.add_argument("--init-model", type=Path, default=None,
+    parser.add_argument("--init-model", type=existing_file, default=None,
                         help="start a new database from this saved model.safetensors (default: a fresh model)")
+    parser.add_argument("--keep-models", type=at_least(0), default=DEFAULTS.keep_models, metavar="N",
+                        help="model versions the database keeps, each with its optimiser state: the newest N, version "
+                             "0 and those --keep-every marks; older ones are deleted as new ones are committed. 0 "
+                             "keeps every version (default: %(default)s)")
+    parser.add_argument("--keep-every", type=at_least(0), default=DEFAULTS.keep_every, metavar="K",
+                        help="with --keep-models, keep every version that is a multiple of K as well (default: "
+                             "%(default)s, none)")
+
+
+def check_round_options(args: argparse.Namespace) -> None:
+    """Refuse round options that do not go together, in the options' own names, before any work (AggregatorConfig
+    checks the same for code that builds it)."""
+    if args.clip_norm > args.max_update_norm:
+        raise UserFacingError(f"--clip-norm ({args.clip_norm}) must be at most --max-update-norm ({args.max_update_norm})")
+    if args.population is not None and args.population < args.clients_per_round:
+        raise UserFacingError(f"--population ({args.population}) must be at least --clients-per-round "
+                              f"({args.clients_per_round})")
+    if args.selection_window >= args.round_deadline:
+        raise UserFacingError(f"--selection-window ({args.selection_window} s) must be shorter than --round-deadline "
+                              f"({args.round_deadline} s)")
 
 
 def round_settings(args: argparse.Namespace) -> dict:
@@ -116,6 +144,8 @@ def round_settings(args: argparse.Namespace) -> dict:
         dp_delta=args.dp_delta,
         seed=args.seed,
         initial_model=args.init_model,
+        keep_models=args.keep_models,
+        keep_every=args.keep_every,
         selection_window_s=args.selection_window,
         trusted_networks=tuple(n for n in args.trusted_network or DEFAULTS.trusted_networks if n != "none"),
         enrolments_per_minute=args.enrolments_per_minute,
@@ -137,20 +167,31 @@ def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> Aggregat
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.tokenizer is None:
-        raise UserFacingError("give the corpus's tokenizer with --tokenizer (`fedkb aggregator` prepares the default "
-                              "corpus's when none is given)")
-    config = config_from_args(args, args.tokenizer)
-    # Uploads are checked and summed on several request threads at once; one torch thread each
-    # keeps them from fighting over the cores (measured: more updates per second).
-    torch.set_num_threads(1)
-    print(f"aggregator: serving on http://{config.host}:{config.port} with database {config.db_path}", flush=True)
-    serve(create_app(config), config.host, config.port)
+def listener_from_args(args: argparse.Namespace) -> socket.socket:
+    """The socket to serve on: the parent's (--listen-fd), else `--host`:`--port` bound now, before any other work."""
+    if args.listen_fd is not None:
+        return socket.socket(fileno=args.listen_fd)
+    return bind(args.host, args.port)
+
+
+def run(args: argparse.Namespace, listener: socket.socket | None = None) -> int:
+    check_round_options(args)
+    with listener or listener_from_args(args) as bound:
+        if args.tokenizer is None:
+            raise UserFacingError("give the corpus's tokenizer with --tokenizer (`fedkb aggregator` prepares the "
+                                  "default corpus's when none is given)")
+        config = config_from_args(args, args.tokenizer)
+        # Uploads are checked and summed on several request threads at once; one torch thread each
+        # keeps them from fighting over the cores (measured: more updates per second).
+        torch.set_num_threads(1)
+        app = create_app(config)
+        print(f"aggregator: serving on http://{config.host}:{bound_port(bound)} with database {config.db_path}",
+              flush=True)
+        serve(app, bound)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aggregator", description=__doc__)
+    parser = Parser(prog="python -m aggregator", description=__doc__)
     add_arguments(parser)
     return run_command(run, parser.parse_args(argv))

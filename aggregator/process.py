@@ -17,6 +17,7 @@ import httpx
 
 from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
 from aggregator.config import AggregatorConfig
+from keyboard_model.serving import bind, bound_port
 
 
 def _stop_with_parent() -> None:
@@ -42,15 +43,21 @@ class LocalAggregator:
     def __init__(self, config: AggregatorConfig, startup_timeout_s: float = 60.0) -> None:
         self.config = config
         self.startup_timeout_s = startup_timeout_s
-        self.url = f"http://{config.host}:{config.port}"
         self.process: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile()
+        # Bound here and handed to the child, so that no other program can take the port in between; the config's
+        # port 0 asks for any free one.
+        listener = bind(config.host, config.port)
+        self.port = bound_port(listener)
+        self.url = f"http://{config.host}:{self.port}"
+        self._listener: socket.socket | None = listener
 
-    def command(self) -> list[str]:
+    def command(self, listen_fd: int) -> list[str]:
         c = self.config
         return [
             sys.executable, "-m", "aggregator", "--db", str(c.db_path), "--tokenizer", str(c.tokenizer_path),
-            "--host", c.host, "--port", str(c.port), "--clients-per-round", str(c.clients_per_round),
+            "--host", c.host, "--port", str(self.port), "--listen-fd", str(listen_fd),
+            "--clients-per-round", str(c.clients_per_round),
             "--round-deadline", str(c.round_deadline_s), "--over-selection", str(c.over_selection),
             "--min-report-fraction", str(c.min_report_fraction),
             *(["--simulated-clock"] if c.simulated_clock else []),
@@ -64,6 +71,7 @@ class LocalAggregator:
             *(["--population", str(c.population)] if c.population is not None else []),
             *(["--dp-delta", str(c.dp_delta)] if c.dp_delta is not None else []),
             "--seed", str(c.seed), *(["--init-model", str(c.initial_model)] if c.initial_model else []),
+            "--keep-models", str(c.keep_models), "--keep-every", str(c.keep_every),
             "--architecture", c.model.architecture,
             *(arg for size, option in MODEL_SIZE_OPTIONS.items() if hasattr(c.model, size)
               for arg in (option, str(getattr(c.model, size)))),
@@ -81,10 +89,15 @@ class LocalAggregator:
     def __enter__(self) -> LocalAggregator:
         # Its own process group, so a Ctrl-C in the terminal reaches the parent only and
         # the parent decides how the child stops.
-        self.process = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, env=self.environment(), preexec_fn=_stop_with_parent,
-        )
+        listener, self._listener = self._listener, None
+        if listener is None:
+            raise RuntimeError("a LocalAggregator starts once; make another for a restart")
+        with listener:  # the child has its own copy of the socket
+            self.process = subprocess.Popen(
+                self.command(listener.fileno()), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                start_new_session=True, env=self.environment(), preexec_fn=_stop_with_parent,
+                pass_fds=(listener.fileno(),),
+            )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -116,11 +129,13 @@ class LocalAggregator:
     def __exit__(self, *exc_info) -> None:
         self.stop()
         self._log.close()
+        if self._listener is not None:  # never started
+            self._listener.close()
 
 
 def local_aggregator_config(workdir: Path, tokenizer_path: Path, **overrides) -> AggregatorConfig:
-    """A config for a fresh aggregator on a free loopback port, its database in `workdir`, with a new operator
-    token for whoever starts it (unless one is given)."""
+    """A config for a fresh aggregator on a free loopback port (chosen when `LocalAggregator` binds it), its database
+    in `workdir`, with a new operator token for whoever starts it (unless one is given)."""
     operator_token = overrides.pop("operator_token", None) or secrets.token_urlsafe(32)
     return AggregatorConfig(db_path=workdir / "aggregator.sqlite", tokenizer_path=tokenizer_path,
-                            port=free_port(), operator_token=operator_token, **overrides)
+                            port=0, operator_token=operator_token, **overrides)

@@ -25,6 +25,7 @@ from pathlib import Path
 from device_sim.comparison import ComparisonConfig, TableRow, comparison_table, markdown_table
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import provisioned_phones
+from fedkb.plot import plot_runs
 from keyboard_model import artifact
 from keyboard_model.architecture import NextWordModel
 from keyboard_model.architecture import architecture as architecture_of
@@ -57,31 +58,6 @@ def on_phone_table(federated_rows: list[TableRow], on_phone: list[OnPhone]) -> s
                      f"| {100 * phone.int8.counts.recall_at_1:.2f}% | {latency.p50_ms:.3f} ms | {latency.p99_ms:.3f} ms "
                      f"| {latency.cpu_p99_ms:.3f} ms | {size:,} bytes ({size / 1e6:.2f} MB) |")
     return "\n".join(lines)
-
-
-def plot(metrics_path: Path, rows: list[TableRow], png: Path) -> None:
-    """Federated recall per round, `rows` (n-gram, server, federated, oracle) as horizontal lines."""
-    import matplotlib  # noqa: PLC0415  (only the benchmark draws)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    # Rounds a run did not score centrally (`--eval-every`) have no recall of their own.
-    lines = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["recall_at_1"] is not None]
-    figure, axis = plt.subplots(figsize=(8, 4.5), dpi=120)
-    axis.plot([m["round"] for m in lines], [100 * m["recall_at_1"] for m in lines],
-              label=f"{rows[2].model} (32-phone sample each round)")
-    ngram, server, _, oracle = rows
-    for other, style in ((ngram, ":"), (server, "--"), (oracle, "-.")):
-        axis.axhline(100 * other.counts.recall_at_1, linestyle=style, color="grey", label=other.model)
-    highest = max([100 * m["recall_at_1"] for m in lines] + [100 * r.counts.recall_at_1 for r in rows])
-    axis.set_ylim(0, 1.1 * highest)
-    axis.set_xlabel("round")
-    axis.set_ylabel("top-1 recall (%)")
-    axis.set_title("Held-out top-1 recall per federated round")
-    axis.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(png)
 
 
 def main() -> None:
@@ -134,7 +110,9 @@ def main() -> None:
     table = {"model_version": version, "rows": [r.to_dict() for r in [*rows, *int8_rows]],
              "on_phone": [phone.to_dict() for phone in on_phone]}
     write_atomically(args.out / "quality.json", json.dumps(table, indent=2).encode())
-    plot(args.federated_run / "metrics.jsonl", rows[:4], args.out / "recall_per_round.png")
+    ngram, server, _, oracle = rows[:4]
+    plot_runs([args.federated_run], args.out / "recall_per_round.png",
+              lines=[(row.model, row.counts.recall_at_1) for row in (ngram, server, oracle)])
     print(f"table: {args.out / 'quality.json'}; plot: {args.out / 'recall_per_round.png'}")
 
 

@@ -15,16 +15,21 @@ from pathlib import Path
 
 from aggregator.api.client import AggregatorClient
 from aggregator.api.protocol import OPERATOR_TOKEN_ENV, Aggregator
-from device_sim.comparison import ComparisonConfig, comparison_table, markdown_table
+from device_sim.comparison import TABLE_FILE, ComparisonConfig, comparison_table, markdown_table
 from device_sim.corpus import CorpusConfig, PreparedCorpus, default_data_dir, prepare
 from device_sim.eligibility import EligibilityConfig
 from device_sim.executor import EXECUTORS, ExecutorFactory, executor_name, make_executor
 from device_sim.fleet import FleetConfig, evaluate_phones, provisioned_phones
+from device_sim.run_log import json_safe
+from device_sim.run_record import RUN_RECORD, RunRecord, corpus_checksum, start_record
 from device_sim.simulation import SimulationConfig, SimulationSummary, run_simulation
 from device_sim.vectorised import DEFAULT_PHONES_PER_PASS, check_device
+from keyboard_model.arguments import at_least, existing_file, folder, non_negative_float, positive_float, positive_int, probability
 from keyboard_model.commands import main_for
+from keyboard_model.config_file import as_arguments
 from keyboard_model.errors import UserFacingError
-from keyboard_model.tokenizer import KeyboardTokenizer
+from keyboard_model.files import write_atomically
+from keyboard_model.tokenizer import SPECIAL_TOKENS, KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.update_codec import SCHEMES
 from keyboard_model.weights import model_from_bytes
@@ -37,15 +42,15 @@ SIMULATION_DEFAULTS = SimulationConfig(out_dir=Path("runs/simulate"))
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("corpus")
-    group.add_argument("--data-dir", type=Path, default=None,
+    group.add_argument("--data-dir", type=folder, default=None,
                        help="cache for downloads and prepared corpora (default: $FEDKB_DATA_DIR or ~/.cache/fedkeyboard)")
-    group.add_argument("--corpus", type=Path, default=None,
+    group.add_argument("--corpus", type=existing_file, default=None,
                        help='your own corpus: JSONL lines {"user": ..., "text": ..., "ts": ...} (default: Shakespeare by role)')
-    group.add_argument("--proxy-text", type=Path, default=None,
+    group.add_argument("--proxy-text", type=existing_file, default=None,
                        help="public text (one line each) to build the tokenizer from, with --corpus "
                             "(default: Shakespeare's proxy split)")
-    group.add_argument("--min-messages", type=int, default=20, help="fewest messages that make a user a phone (default: %(default)s)")
-    group.add_argument("--vocab-size", type=int, default=10_000, help="tokenizer vocabulary, special tokens included (default: %(default)s)")
+    group.add_argument("--min-messages", type=positive_int, default=20, help="fewest messages that make a user a phone (default: %(default)s)")
+    group.add_argument("--vocab-size", type=at_least(len(SPECIAL_TOKENS) + 1), default=10_000, help="tokenizer vocabulary, special tokens included (default: %(default)s)")
 
 
 def corpus_config_from_args(args: argparse.Namespace) -> CorpusConfig:
@@ -68,24 +73,27 @@ def run_data(args: argparse.Namespace) -> int:
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("on-device training")
-    group.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, help="local epochs per round (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size, help="local batch size (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.learning_rate, help="local SGD learning rate (default: %(default)s)")
-    group.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS.sequence_length, help="tokens per training row (default: %(default)s)")
-    group.add_argument("--max-messages", type=int, default=TRAIN_DEFAULTS.max_messages,
+    group.add_argument("--epochs", type=positive_int, default=TRAIN_DEFAULTS.epochs, help="local epochs per round (default: %(default)s)")
+    group.add_argument("--batch-size", type=positive_int, default=TRAIN_DEFAULTS.batch_size, help="local batch size (default: %(default)s)")
+    group.add_argument("--lr", type=positive_float, default=TRAIN_DEFAULTS.learning_rate, help="local SGD learning rate (default: %(default)s)")
+    group.add_argument("--seq-len", type=at_least(2), default=TRAIN_DEFAULTS.sequence_length, help="tokens per training row (default: %(default)s)")
+    group.add_argument("--max-messages", type=positive_int, default=TRAIN_DEFAULTS.max_messages,
                        help="newest training messages a phone uses per round (default: %(default)s)")
+    group.add_argument("--prox-mu", type=non_negative_float, default=TRAIN_DEFAULTS.proximal_mu, metavar="MU",
+                       help="FedProx: phones add MU/2 * ||w - w_global||^2 to their loss, pulling their training "
+                            "towards the model they downloaded (default: %(default)s, plain SGD)")
     group.add_argument("--update-compression", choices=SCHEMES, default=FLEET_DEFAULTS.update_compression,
                        help="how phones encode their updates (default: %(default)s)")
 
 
 def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     """What a simulation run needs besides its aggregator: the fleet, its training and its corpus."""
-    parser.add_argument("--out", type=Path, default=Path("runs/simulate"),
+    parser.add_argument("--out", type=folder, default=Path("runs/simulate"),
                         help="folder for phones, metrics.jsonl and the final model (default: %(default)s)")
-    parser.add_argument("--phones", type=int, default=None, help="phones to provision (default: one per corpus user)")
-    parser.add_argument("--rounds", type=int, default=10, help="federated rounds to run (default: %(default)s)")
-    parser.add_argument("--time-budget", type=float, default=None, help="stop starting rounds after this many seconds")
-    parser.add_argument("--eval-phones", type=int, default=FLEET_DEFAULTS.eval_phones,
+    parser.add_argument("--phones", type=positive_int, default=None, help="phones to provision (default: one per corpus user)")
+    parser.add_argument("--rounds", type=positive_int, default=10, help="federated rounds to run (default: %(default)s)")
+    parser.add_argument("--time-budget", type=positive_float, default=None, help="stop starting rounds after this many seconds")
+    parser.add_argument("--eval-phones", type=positive_int, default=FLEET_DEFAULTS.eval_phones,
                         help="phones whose held-out messages score the model centrally (default: %(default)s)")
     parser.add_argument("--eval-every", type=positive_int, default=SIMULATION_DEFAULTS.eval_every, metavar="N",
                         help="score the model on the --eval-phones sample after every N rounds; the phones' own "
@@ -95,13 +103,13 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                              "train at this local learning rate, e.g. --lr-steps 0.7:0.3 0.85:0.1 (default: --lr "
                              "throughout)")
     group = parser.add_argument_group("the simulated fleet")
-    group.add_argument("--minutes-per-message", type=float, default=FLEET_DEFAULTS.minutes_per_message,
+    group.add_argument("--minutes-per-message", type=positive_float, default=FLEET_DEFAULTS.minutes_per_message,
                        help="simulated training time per message of a phone of average speed (default: %(default)s)")
-    group.add_argument("--vanish-probability", type=float, default=FLEET_DEFAULTS.vanish_probability,
+    group.add_argument("--vanish-probability", type=probability, default=FLEET_DEFAULTS.vanish_probability,
                        help="chance that a selected phone loses its network for the round (default: %(default)s)")
-    group.add_argument("--typing-days", type=float, default=FLEET_DEFAULTS.typing_days,
+    group.add_argument("--typing-days", type=non_negative_float, default=FLEET_DEFAULTS.typing_days,
                        help="simulated days over which the second half of each history is typed (default: %(default)s)")
-    group.add_argument("--workers", type=int, default=None,
+    group.add_argument("--workers", type=positive_int, default=None,
                        help="processes training phones side by side, one thread each (default: one per core)")
     group.add_argument("--executor", choices=EXECUTORS, default=None,
                        help="where phones train: local, one process per core, each phone on its own; vectorised, "
@@ -113,7 +121,7 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: the Ray that `ray start` runs on this machine, else one started for the run)")
     group.add_argument("--device", type=vectorised_device, default="cpu", metavar="{cpu,cuda}",
                        help="cpu or cuda: where phones train (cuda: with the vectorised executor; default: %(default)s)")
-    group.add_argument("--phones-per-pass", type=int, default=None,
+    group.add_argument("--phones-per-pass", type=positive_int, default=None,
                        help="most phones --executor vectorised trains in one batched pass "
                             f"(default: {DEFAULT_PHONES_PER_PASS['cpu']} on cpu, {DEFAULT_PHONES_PER_PASS['cuda']} on cuda)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -124,7 +132,7 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
 def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
     train = LocalTrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-        sequence_length=args.seq_len, max_messages=args.max_messages,
+        sequence_length=args.seq_len, max_messages=args.max_messages, proximal_mu=args.prox_mu,
     )
     fleet = FleetConfig(
         phones_dir=args.out / "phones", num_phones=args.phones, train=train,
@@ -133,7 +141,7 @@ def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
         vanish_probability=args.vanish_probability, typing_days=args.typing_days, workers=args.workers,
     )
     return SimulationConfig(out_dir=args.out, rounds=args.rounds, fleet=fleet, time_budget_s=args.time_budget,
-                            eval_every=args.eval_every, lr_steps=tuple(args.lr_steps))
+                            eval_every=args.eval_every, lr_steps=tuple(map(_lr_step_values, args.lr_steps)))
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,21 +154,19 @@ def simulate_with(args: argparse.Namespace, corpus: PreparedCorpus, client: Aggr
                           executor=executor_from_args(args))
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def lr_step(text: str) -> tuple[float, float]:
-    """`--lr-steps`' FRACTION:LR, checked where it is parsed."""
+def lr_step(text: str) -> str:
+    """`--lr-steps`' FRACTION:LR, checked where it is parsed and kept as text, as a run record writes it back."""
     try:
-        fraction, rate = (float(part) for part in text.split(":"))
+        fraction, rate = _lr_step_values(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected FRACTION:LR such as 0.7:0.3, got {text!r}") from None
     if not 0.0 <= fraction < 1.0 or not rate > 0:
         raise argparse.ArgumentTypeError(f"the fraction must be in [0, 1) and the rate positive, got {text!r}")
+    return text
+
+
+def _lr_step_values(text: str) -> tuple[float, float]:
+    fraction, rate = (float(part) for part in text.split(":"))
     return fraction, rate
 
 
@@ -192,6 +198,8 @@ def remote_client(url: str) -> AggregatorClient:
 
 def run_simulate(args: argparse.Namespace) -> int:
     corpus = prepare(corpus_config_from_args(args))
+    start_record(args.out, "python -m device_sim simulate", {k: v for k, v in vars(args).items() if k not in ("run", "command")},
+                 corpus)
     with closing(remote_client(args.aggregator)) as client:
         summary = simulate_with(args, corpus, client)
     print_summary(summary, args.out)
@@ -199,60 +207,98 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: SimulationSummary, out_dir: Path) -> None:
-    def row(name: str, metrics: dict[str, float]) -> str:
-        return f"  {name:<28} top-1 {metrics['recall_at_1']:.4f}  top-3 {metrics['recall_at_3']:.4f}"
+    def row(name: str, metrics: dict[str, float | None]) -> str:
+        top1, top3 = metrics["recall_at_1"], metrics["recall_at_3"]
+        scores = "not scored" if top1 is None or top3 is None else f"top-1 {top1:.4f}  top-3 {top3:.4f}"
+        return f"  {name:<36} {scores}"
 
-    print(f"\n{summary.rounds_completed} rounds, model version {summary.model_version}, "
-          f"{summary.wall_time_s:.0f} s; held-out recall over {summary.eval_positions} next-word positions:")
-    print(row("initial model (round 0)", summary.initial))
+    failed = f" ({summary.rounds_failed} failed)" if summary.rounds_failed else ""
+    print(f"\n{summary.rounds_completed} rounds{failed}, model version {summary.model_version}, "
+          f"{summary.wall_time_s:.0f} s")
+    if summary.rounds_completed and summary.rounds_failed == summary.rounds_completed:
+        print("  no round of this run closed: the model is the one it started from (see metrics.jsonl's failures)")
+    print(f"held-out recall over {summary.eval_positions} next-word positions of every phone:")
     print(row(f"most frequent {summary.most_frequent_words}", summary.most_frequent_baseline))
     print(row("federated model", summary.final))
-    print(f"metrics: {out_dir / 'metrics.jsonl'}; model: {out_dir / 'model.safetensors'}")
+    print(row(f"initial model (round 0, {summary.initial_sample_phones}-phone sample)", summary.initial))
+    print(f"metrics: {out_dir / 'metrics.jsonl'} (TensorBoard: {out_dir / 'tensorboard'}); "
+          f"model: {out_dir / 'model.safetensors'}")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=Path("runs/simulate/model.safetensors"),
-                        help="a saved model.safetensors (default: %(default)s)")
+    parser.add_argument("run_dir", type=folder, nargs="?", default=None, metavar="RUN",
+                        help="a run's folder (fedkb simulate --out): its model, tokenizer, phones and corpus "
+                             "(default: the folder of --model)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a saved model.safetensors (default: RUN/model.safetensors, else "
+                             "runs/simulate/model.safetensors)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="its tokenizer.json (default: beside the model)")
     parser.add_argument("--phones-dir", type=Path, default=None,
                         help="phones whose held-out messages to score (default: the phones folder beside the model)")
     table = parser.add_argument_group("the comparison table (--table)")
     table.add_argument("--table", action="store_true",
-                       help="compare with an n-gram, a server-trained and a centrally trained (oracle) model")
-    table.add_argument("--beside", type=Path, action="append", default=[], metavar="MODEL",
+                       help="compare with an n-gram, a server-trained and a centrally trained (oracle) model; "
+                            "written to table.json beside the model too (the dashboard shows it)")
+    table.add_argument("--beside", type=existing_file, action="append", default=[], metavar="MODEL",
                        help="another federated run's model.safetensors (e.g. the other --architecture, run on the same "
                             "phones), shown with its own server and oracle rows; may be repeated")
-    table.add_argument("--baselines-dir", type=Path, default=None,
+    table.add_argument("--baselines-dir", type=folder, default=None,
                        help="cache of the trained baselines (default: a baselines folder beside the model)")
-    table.add_argument("--server-epochs", type=int, default=COMPARISON_DEFAULTS.server_epochs,
+    table.add_argument("--server-epochs", type=positive_int, default=COMPARISON_DEFAULTS.server_epochs,
                        help="passes over the proxy split for the server model (default: %(default)s)")
-    table.add_argument("--oracle-epochs", type=int, default=COMPARISON_DEFAULTS.oracle_epochs,
+    table.add_argument("--oracle-epochs", type=positive_int, default=COMPARISON_DEFAULTS.oracle_epochs,
                        help="passes over the pooled phone messages for the oracle (default: %(default)s)")
     add_corpus_arguments(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    tokenizer_path = args.tokenizer or args.model.parent / "tokenizer.json"
-    phones_dir = args.phones_dir or args.model.parent / "phones"
-    for path in (args.model, tokenizer_path, phones_dir / "fleet.json", *args.beside):
+    model_path = args.model or (args.run_dir or Path("runs/simulate")) / "model.safetensors"
+    run_dir = model_path.parent
+    tokenizer_path = args.tokenizer or run_dir / "tokenizer.json"
+    phones_dir = args.phones_dir or run_dir / "phones"
+    for path in (model_path, tokenizer_path, phones_dir / "fleet.json", *args.beside):
         if not path.exists():
             raise UserFacingError(f"{path} does not exist (run `fedkb simulate` first, or pass its path)")
-    model, version = model_from_bytes(args.model.read_bytes())
+    model, version = model_from_bytes(model_path.read_bytes())
     tokenizer = KeyboardTokenizer.from_file(tokenizer_path)
     phones = provisioned_phones(phones_dir)
     if args.table:
         config = ComparisonConfig(
-            baselines_dir=args.baselines_dir or args.model.parent / "baselines",
+            baselines_dir=args.baselines_dir or run_dir / "baselines",
             server_epochs=args.server_epochs, oracle_epochs=args.oracle_epochs,
         )
-        proxy_lines = prepare(corpus_config_from_args(args)).proxy_lines()
+        proxy_lines = _run_corpus(run_dir, args).proxy_lines()
         beside = [model_from_bytes(path.read_bytes())[0] for path in args.beside]
-        print(markdown_table(comparison_table(model, tokenizer, phones, proxy_lines, config, beside=beside)))
+        rows = comparison_table(model, tokenizer, phones, proxy_lines, config, beside=beside)
+        table = {"model_version": version, "rows": [row.to_dict() for row in rows]}
+        write_atomically(run_dir / TABLE_FILE, (json.dumps(json_safe(table), indent=2) + "\n").encode())
+        print(markdown_table(rows))
         return 0
     counts = evaluate_phones(model, tokenizer, phones)
     print(json.dumps({"model_version": version, "phones": len(phones), "positions": counts.positions,
                       **counts.metrics()}, indent=2))
     return 0
+
+
+def _run_corpus(run_dir: Path, args: argparse.Namespace) -> PreparedCorpus:
+    """The corpus the run in `run_dir` was made on, as its run record says; the corpus options only for runs
+    without a record."""
+    record = RunRecord.read(run_dir)
+    if record is None:
+        return prepare(corpus_config_from_args(args))
+    if any(getattr(args, name) is not None for name in ("corpus", "proxy_text", "data_dir")):
+        raise UserFacingError(f"{run_dir / RUN_RECORD} says which corpus the run was made on; "
+                              "leave out --corpus, --proxy-text and --data-dir")
+    corpus_parser = argparse.ArgumentParser()
+    add_corpus_arguments(corpus_parser)
+    recorded = {name: value for name, value in record.options.items() if name in vars(corpus_parser.parse_args([]))}
+    corpus = prepare(corpus_config_from_args(
+        corpus_parser.parse_args(as_arguments(corpus_parser, recorded, run_dir / RUN_RECORD))))
+    if corpus_checksum(corpus) != record.corpus_checksum:
+        raise UserFacingError(f"the corpus at {corpus.path} is not the one {run_dir} was made on "
+                              f"(checksum {record.corpus_checksum[:12]} recorded); prepare it again with the "
+                              f"recorded options")
+    return corpus
 
 
 DATA_COMMAND = ("data", add_data_arguments, run_data, "fetch and prepare a corpus (cached)")

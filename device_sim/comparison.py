@@ -34,6 +34,10 @@ from keyboard_model.train import LocalTrainConfig, TrainResult, train_centrally
 from keyboard_model.weights import model_from_bytes, model_to_bytes
 
 
+# `fedkb eval RUN --table` writes the table here in the run folder: `fedkb plot` and the dashboard draw its rows.
+TABLE_FILE = "table.json"
+
+
 @dataclass(frozen=True)
 class ComparisonConfig:
     # Where the trained server and oracle models are cached.
@@ -109,9 +113,10 @@ def _trained_centrally(
     log: Callable[[str], None],
 ) -> NextWordModel:
     """`like`'s network trained from seed 0 on pooled `messages`; reused from the cache when the same."""
-    key = hashlib.sha256(
-        json.dumps([name, epochs, like.config.to_dict(), asdict(config.train), messages]).encode()
-    ).hexdigest()[:16]
+    # FedProx's mu is no part of what central training does (train_centrally leaves the term out); leaving it out
+    # here keeps the keys of the baselines cached before it existed.
+    train = {option: value for option, value in asdict(config.train).items() if option != "proximal_mu"}
+    key = hashlib.sha256(json.dumps([name, epochs, like.config.to_dict(), train, messages]).encode()).hexdigest()[:16]
     path = config.baselines_dir / f"{name}-{key}.safetensors"
     if path.exists():
         log(f"{name} model: cached {path}")

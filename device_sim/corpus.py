@@ -140,7 +140,8 @@ def prepare(config: CorpusConfig, force: bool = False, log=print) -> PreparedCor
     """Prepare the corpus once and cache it; later calls open the cached copy."""
     for given in (config.user_corpus, config.proxy_text):
         if given is not None and not given.is_file():
-            raise CorpusError(f"corpus file {given} does not exist")
+            raise CorpusError(f"{given} is a folder, not a corpus file" if given.is_dir()
+                              else f"corpus file {given} does not exist")
     target = config.prepared_dir
     if target.exists() and not force:
         try:
@@ -250,7 +251,11 @@ def _proxy_for_user_corpus(config: CorpusConfig, log) -> list[str]:
     if config.proxy_text is not None:
         if not config.proxy_text.exists():
             raise CorpusError(f"proxy text {config.proxy_text} does not exist")
-        return [line for line in config.proxy_text.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = config.proxy_text.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise CorpusError(f"{config.proxy_text} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        return [line for line in text.splitlines() if line.strip()]
     log("no --proxy-text given: building the tokenizer from Shakespeare's public proxy split")
     return read_shakespeare(fetch_shakespeare(config.data_dir, log=log))[1]
 
@@ -258,8 +263,12 @@ def _proxy_for_user_corpus(config: CorpusConfig, log) -> list[str]:
 def _read_jsonl(path: Path) -> Iterator[Message]:
     if not path.exists():
         raise CorpusError(f"corpus file {path} does not exist")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CorpusError(f"{path}:{number}: not UTF-8 text ({error.reason}); a corpus is JSONL text") from None
             if not line.strip():
                 continue
             try:

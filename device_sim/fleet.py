@@ -158,7 +158,9 @@ class Participation:
 
     phone_id: str
     round: int  # the round it was selected for
-    outcome: str  # "reported", "late", "aborted", "diverged" (training blew up; it aborted) or "vanished"
+    # "reported", "late", "refused" (the aggregator refused the update), "aborted", "diverged" (training blew up; it
+    # aborted) or "vanished"
+    outcome: str
     # Simulated ticks: when it was selected, and when it uploaded or aborted (or vanished).
     selected_tick: int
     done_tick: int

@@ -30,6 +30,9 @@ from device_sim.session import LocalWork
 
 # Answers that mean a phone's round is over: closed (409), or forgotten by an aggregator that restarted (401).
 GONE = (401, 409)
+# Answers that refuse what a phone sent (an update over the aggregator's norm bound, one too large): its part in the
+# round is over, as a real phone's would be, and the fleet goes on.
+REFUSED = (413, 422)
 SECURE_STEPS = ("keys", "share", "train", "reveal")
 # In a secure round, after each step: (the phase in which the phone waits, the phase of its next step, that step).
 _AFTER = {"keys": ("advertise", "share", "share"), "share": ("share", "collect", "train"),
@@ -101,16 +104,20 @@ class Participant:
         return None if self.secagg is None else (self.secagg, self.state)
 
     def send(self, work: LocalWork) -> str:
-        """Send what training gave; returns the outcome: "reported", "late" (the round closed first) or "diverged"
-        (training blew up: the phone aborted instead)."""
+        """Send what training gave; returns the outcome: "reported", "late" (the round closed first), "refused"
+        (the aggregator refused the update) or "diverged" (training blew up: the phone aborted
+        instead)."""
         self.work = work
         self.outcome = "reported" if work.upload is not None else "diverged"
         try:
             self.phone.send(self.client, self.round, self.decision.upload_token, work)
         except AggregatorRefusedError as refused:
-            self._gone(refused)
-            if self.outcome == "reported":
-                self.outcome = "late"
+            if refused.status_code in REFUSED:
+                self.outcome = "refused"
+            else:
+                self._gone(refused)
+                if self.outcome == "reported":
+                    self.outcome = "late"
         if self.outcome != "reported":
             self.done = "over"
             return self.outcome

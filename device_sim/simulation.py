@@ -1,19 +1,19 @@
 """A federated training run: provision the fleet, run rounds, log metrics, save the model.
 
 Writes into the output folder:
-- `metrics.jsonl`: one JSON object per round (round 0 is the initial model), each
-  line written whole and flushed, so an interrupted run leaves only complete lines.
-  Running again into the same folder resumes: the aggregator's database keeps its
-  model and round numbers, and the new rounds are appended;
+- `metrics.jsonl` and `tensorboard/`: one record per round (round 0 is the initial model),
+  see `device_sim/run_log.py`. Running again into the same folder resumes: the
+  aggregator's database keeps its model and round numbers, and the new rounds are appended;
 - `model.safetensors` and `tokenizer.json`: the latest global model, replaced atomically;
-- `summary.json`: the final model against the initial one and against a keyboard that
-  always offers the three most frequent words, on every phone's held-out messages.
+- `summary.json`, when the run ends: the final model against a keyboard that always
+  offers the three most frequent words, on every phone's held-out messages, beside round
+  0's score of the initial model on the eval sample. It is removed when a run starts, so
+  its presence says the run in the folder has ended.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from contextlib import closing
@@ -27,6 +27,8 @@ from aggregator.api.protocol import Aggregator
 from device_sim.corpus import PreparedCorpus
 from device_sim.executor import ExecutorFactory
 from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision
+from device_sim.run_log import RunLog, json_safe, read_lines
+from keyboard_model.architecture import NextWordModel
 from keyboard_model.evaluate import EvalCounts, evaluate, evaluate_fixed_suggestions, most_frequent_words
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
@@ -62,11 +64,19 @@ class SimulationConfig:
         return self.fleet or FleetConfig(phones_dir=self.out_dir / "phones")
 
 
+SUMMARY_FILE = "summary.json"
+
+
 @dataclass
 class SimulationSummary:
     rounds_completed: int
+    # Of those, rounds the aggregator recorded as failed (the model did not change).
+    rounds_failed: int
     model_version: int
-    initial: dict[str, float]
+    # Round 0's central score of the initial model, on the `initial_sample_phones` of the eval sample: scoring it on
+    # every phone would be a second pass as long as the final one, for a row that only shows training did something.
+    initial: dict[str, float | None]
+    initial_sample_phones: int
     final: dict[str, float]
     most_frequent_baseline: dict[str, float]
     most_frequent_words: list[str]
@@ -85,6 +95,8 @@ def run_simulation(
     started = time.monotonic()
     fleet_config = config.fleet_config()
     config.out_dir.mkdir(parents=True, exist_ok=True)
+    # Its presence says a run in this folder has ended; this one has not.
+    (config.out_dir / SUMMARY_FILE).unlink(missing_ok=True)
     phones = provision(corpus, fleet_config.phones_dir, fleet_config.num_phones, fleet_config.seed,
                        fleet_config.typing_days)
     chosen = None if executor is None else executor(KeyboardTokenizer.from_json(client.tokenizer_json()))
@@ -101,76 +113,99 @@ def run_simulation(
         write_atomically(config.out_dir / "model.safetensors", data)
         return version, evaluate(model, tokenizer, eval_messages) if score else None
 
-    version, initial_sample = save_current_model(score=True)
-    metrics_path = config.out_dir / "metrics.jsonl"
-    resuming = _keep_whole_lines(metrics_path)
-    if resuming:
-        print(f"resuming the run in {config.out_dir} at model version {version}", flush=True)
-    rounds_completed = 0
+    rounds_completed = rounds_failed = 0
     # Ctrl-C ends the loop by propagating: every finished round is already on disk.
-    with (
-        closing(fleet),
-        metrics_path.open("a", encoding="utf-8") as metrics,
-        _progress_bar(config, show_progress) as progress,
-    ):
-        if not resuming:
-            _log_round(metrics, 0, version, None, None, initial_sample, 0.0, None)
-        for index in range(config.rounds):
-            elapsed = time.monotonic() - started
-            if config.time_budget_s is not None and elapsed > config.time_budget_s:
-                progress.write(f"time budget of {config.time_budget_s:.0f} s reached; stopping")
-                break
-            round_started = time.monotonic()
-            fraction_done = elapsed / config.time_budget_s if config.time_budget_s else index / config.rounds
-            learning_rate = config.learning_rate(fraction_done) or fleet.config.train.learning_rate
-            report = fleet.run_round(learning_rate)
-            if report.count("diverged"):
-                progress.write(f"round {report.round}: local training diverged on {report.count('diverged')} "
-                               "phone(s), which aborted instead of uploading; a smaller --lr may help")
-            rounds_completed += 1
-            last = index == config.rounds - 1
-            version, counts = save_current_model(score=rounds_completed % config.eval_every == 0 or last)
-            server_view = next(r for r in client.status().recent_rounds if r.round == report.round)
-            line = _log_round(
-                metrics, report.round, version, report, server_view, counts, time.monotonic() - round_started,
-                learning_rate,
-            )
-            # Between central scores, the bar shows the phones' own score of the model the round started from.
-            top1 = line["recall_at_1"] if counts is not None else line["fed_recall_at_1"]
-            progress.set_postfix(
-                round=report.round, participants=len(report.participants), loss=f"{line['train_loss']:.3f}",
-                top1="-" if top1 is None else f"{top1:.3f}",
-            )
-            progress.update(1 if config.time_budget_s is None else time.monotonic() - started - progress.n)
+    with closing(fleet), RunLog(config.out_dir) as log:
+        version, initial_sample = save_current_model(score=not log.resuming)
+        if log.resuming:
+            print(f"resuming the run in {config.out_dir} at model version {version}", flush=True)
+        else:
+            log.append(_round_line(0, version, None, None, initial_sample, 0.0, None))
+        # The budget is the rounds': provisioning and scoring round 0 come before it.
+        budget_started = time.monotonic()
+        with _progress_bar(config, show_progress) as progress:
+            for index in range(config.rounds):
+                elapsed = time.monotonic() - budget_started
+                if config.time_budget_s is not None and elapsed > config.time_budget_s:
+                    progress.write(f"time budget of {config.time_budget_s:.0f} s reached; stopping")
+                    break
+                round_started = time.monotonic()
+                fraction_done = elapsed / config.time_budget_s if config.time_budget_s else index / config.rounds
+                learning_rate = config.learning_rate(fraction_done) or fleet.config.train.learning_rate
+                report = fleet.run_round(learning_rate)
+                if report.count("diverged"):
+                    progress.write(f"round {report.round}: local training diverged on {report.count('diverged')} "
+                                   "phone(s), which aborted instead of uploading; a smaller --lr may help")
+                if report.count("refused"):
+                    progress.write(f"round {report.round}: the aggregator refused {report.count('refused')} "
+                                   "update(s) (over --max-update-norm, or malformed); the phones' part in the round "
+                                   "ended there")
+                rounds_completed += 1
+                last = index == config.rounds - 1
+                version, counts = save_current_model(score=rounds_completed % config.eval_every == 0 or last)
+                server_view = next(r for r in client.status().recent_rounds if r.round == report.round)
+                line = _round_line(
+                    report.round, version, report, server_view, counts, time.monotonic() - round_started,
+                    learning_rate,
+                )
+                log.append(line)
+                if line["failed"]:
+                    rounds_failed += 1
+                    progress.write(f"round {report.round} failed: {server_view.failure or 'no reason recorded'}")
+                # Between central scores, the bar shows the phones' own score of the model the round started from.
+                top1 = line["recall_at_1"] if counts is not None else line["fed_recall_at_1"]
+                progress.set_postfix(
+                    round=report.round, participants=len(report.participants), loss=_shown(line["train_loss"]),
+                    top1=_shown(top1),
+                )
+                done = index + 1 if config.time_budget_s is None else min(time.monotonic() - budget_started,
+                                                                           config.time_budget_s)
+                progress.update(done - progress.n)
+        initial = _round_zero(log.path)
 
     final_model, version = model_from_bytes((config.out_dir / "model.safetensors").read_bytes())
-    initial_model, _ = model_from_bytes(client.model_version(0))
     all_messages = [m for phone in phones for m in phone.held_out(tokenizer)]
-    final = evaluate(final_model, tokenizer, all_messages)
+    final = _score_with_progress(final_model, tokenizer, all_messages, show_progress)
     frequent = most_frequent_words(tokenizer, tokenizer.encode_batch(corpus.proxy_lines()))
     summary = SimulationSummary(
         rounds_completed=rounds_completed,
+        rounds_failed=rounds_failed,
         model_version=version,
-        initial=evaluate(initial_model, tokenizer, all_messages).metrics(),
+        initial=initial,
+        initial_sample_phones=len(eval_sample),
         final=final.metrics(),
         most_frequent_baseline=evaluate_fixed_suggestions(tokenizer, all_messages, frequent).metrics(),
         most_frequent_words=[tokenizer.id_to_token[i] for i in frequent],
         eval_positions=final.positions,
         wall_time_s=time.monotonic() - started,
     )
-    write_atomically(config.out_dir / "summary.json", (json.dumps(summary.to_dict(), indent=2) + "\n").encode())
+    summary_json = json.dumps(json_safe(summary.to_dict()), indent=2, allow_nan=False) + "\n"
+    write_atomically(config.out_dir / SUMMARY_FILE, summary_json.encode())
     return summary
 
 
-def _keep_whole_lines(path: Path) -> bool:
-    """True if `path` already holds metrics; drops a last line cut short by a crash."""
-    if not path.exists():
-        return False
-    data = path.read_bytes()
-    whole = data[: data.rfind(b"\n") + 1]
-    if whole != data:
-        write_atomically(path, whole)
-    return bool(whole)
+def _round_zero(metrics_path: Path) -> dict[str, float | None]:
+    """Round 0's central score of the initial model on the eval sample, as the run's first line recorded it."""
+    first = next((line for line in read_lines(metrics_path) if line["round"] == 0), {})
+    return {key: first.get(key) for key in EvalCounts().metrics()}
+
+
+def _score_with_progress(
+    model: NextWordModel, tokenizer: KeyboardTokenizer, messages: list[list[int]], show: bool,
+) -> EvalCounts:
+    """The final score, on every phone: minutes on a large fleet, so it has a progress bar of its own."""
+    with tqdm(desc="scoring the final model on every phone's held-out messages", unit="message", disable=not show,
+              dynamic_ncols=True) as progress:
+
+        def advance(done: int, total: int) -> None:
+            progress.total = total
+            progress.update(done - progress.n)
+
+        return evaluate(model, tokenizer, messages, progress=advance)
+
+
+def _shown(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _progress_bar(config: SimulationConfig, show: bool) -> tqdm:
@@ -187,8 +222,8 @@ def _progress_bar(config: SimulationConfig, show: bool) -> tqdm:
 SERVER_COUNTS = ("selected", "reported", "aborted", "dropped", "late", "bytes_up", "bytes_down", "epsilon", "dp_delta")
 
 
-def _log_round(
-    metrics_file, round_number: int, version: int, report: RoundReport | None, server_view: RoundSummary | None,
+def _round_line(
+    round_number: int, version: int, report: RoundReport | None, server_view: RoundSummary | None,
     counts: EvalCounts | None, duration_s: float, learning_rate: float | None,
 ) -> dict:
     line = {
@@ -204,6 +239,8 @@ def _log_round(
         "vanished": report.count("vanished") if report else 0,
         # Selected phones whose local training diverged: they aborted instead of uploading.
         "diverged": report.count("diverged") if report else 0,
+        # Selected phones whose update the aggregator refused (e.g. over its norm bound).
+        "refused": report.count("refused") if report else 0,
         "sim_day": report.day if report else 0,
         "sim_hour_utc": round(report.hour_utc, 2) if report else 0,
         **{name: getattr(server_view, name) if server_view else 0 for name in SERVER_COUNTS},
@@ -227,12 +264,4 @@ def _log_round(
         "round_duration_s": round(server_view.duration_s, 3) if server_view and server_view.duration_s else None,
         "duration_s": round(duration_s, 3),
     }
-    metrics_file.write(json.dumps({k: _json_number(v) for k, v in line.items()}) + "\n")
-    metrics_file.flush()
     return line
-
-
-def _json_number(value):
-    """JSON has no NaN or infinity: an undefined or unbounded metric is written as null."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-

@@ -6,12 +6,13 @@
     fedkb eval        score a saved model on phones' held-out messages
     fedkb demo        serve the browser keyboard
     fedkb up          all of it: data, aggregator, a ~10 minute training run, then the demo
+    fedkb plot        recall and loss per round of one or more runs, as a PNG
 """
 
 from __future__ import annotations
 
 from device_sim import cli as device_cli
-from fedkb import composition, up
+from fedkb import composition, plot, up
 from keyboard_model.commands import main_for
 from web_demo import cli as demo_cli
 
@@ -22,6 +23,7 @@ COMMANDS = (
     device_cli.EVAL_COMMAND,
     ("demo", demo_cli.add_arguments, demo_cli.run, "serve the browser keyboard"),
     ("up", up.add_arguments, up.run, "prepare data, start the aggregator, train with a simulated fleet, serve the demo"),
+    ("plot", plot.add_arguments, plot.run, "draw recall and loss per round of one or more runs into a PNG"),
 )
 
 

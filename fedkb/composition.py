@@ -19,12 +19,15 @@ from aggregator.inprocess import InProcessClient
 from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim import cli as device_cli
 from device_sim.corpus import CorpusConfig, PreparedCorpus, prepare
+from device_sim.run_record import start_record
 from device_sim.simulation import SimulationSummary
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
+from keyboard_model.commands import add_config_argument
 from keyboard_model.errors import UserFacingError
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
     parser.add_argument("--aggregator", default=None,
                         help="URL of a running aggregator (default: start one on loopback for this run)")
     parser.add_argument("--in-process", action="store_true",
@@ -35,16 +38,41 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     # Simulated seconds: an hour, six ticks, lets slow phones at the edge of the night report.
     parser.set_defaults(round_deadline=3600.0)
     add_model_arguments(parser)
+    # The aggregator's --seed seeds its initial model; a simulation hands the same seed to its fleet.
+    seed = next(action for action in parser._actions if action.dest == "seed")
+    seed.help = ("seeds everything random in the run: the initial model (unless --init-model), which users become "
+                 "phones, their eligibility and speed, each phone's training batches, and the central evaluation "
+                 "sample (default: %(default)s)")
+
+
+def simulation_options(args: argparse.Namespace) -> dict[str, object]:
+    """The options of `fedkb simulate` among `args` (`fedkb up` adds the demo's): what a run record holds."""
+    names = vars(_simulate_parser().parse_args([]))
+    return {name: value for name, value in vars(args).items() if name in names and name != "config"}
+
+
+def _simulate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_simulate_arguments(parser)
+    return parser
+
+
+def check_simulate_options(args: argparse.Namespace) -> None:
+    """Refuse options that do not go together, before any work."""
+    if args.aggregator is not None and args.in_process:
+        raise UserFacingError("--in-process runs its own aggregator; it cannot be combined with --aggregator")
+    device_cli.executor_from_args(args)  # refuses --executor, --device and --phones-per-pass that do not go together
+    aggregator_cli.check_round_options(args)
 
 
 def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack) -> tuple[SimulationSummary, str]:
     """Run the simulation against `--aggregator`, a local one kept open on `stack`, or in process."""
-    if args.aggregator is not None and args.in_process:
-        raise UserFacingError("--in-process runs its own aggregator; it cannot be combined with --aggregator")
-    device_cli.executor_from_args(args)  # refuses --executor, --device and --phones-per-pass that do not go together
     if args.aggregator is not None:
         client = stack.enter_context(closing(device_cli.remote_client(args.aggregator)))
+        client.status()  # one that does not answer is reported before the run folder is made
+        start_record(args.out, args.command, simulation_options(args), corpus)
         return device_cli.simulate_with(args, corpus, client), args.aggregator
+    start_record(args.out, args.command, simulation_options(args), corpus)
     # The simulator drives its own aggregator's clock, so that deadlines are simulated time; and it knows how many
     # phones the fleet has, which is the population the privacy accountant samples from.
     own = {"simulated_clock": True, "population": args.population or args.phones or len(corpus.users())}
@@ -62,6 +90,7 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    check_simulate_options(args)
     corpus = prepare(device_cli.corpus_config_from_args(args))
     with ExitStack() as stack:
         summary, _ = simulate(args, corpus, stack)
@@ -70,9 +99,10 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_aggregator(args: argparse.Namespace) -> int:
+    listener = aggregator_cli.listener_from_args(args)  # a port in use is reported before the corpus is prepared
     if args.tokenizer is None:
         args.tokenizer = prepare(CorpusConfig()).tokenizer_path
-    return aggregator_cli.run(args)
+    return aggregator_cli.run(args, listener)
 
 
 SIMULATE_COMMAND = (

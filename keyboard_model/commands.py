@@ -1,11 +1,15 @@
-"""Plumbing shared by every command line: subcommands, and errors shown as one clear line."""
+"""Plumbing shared by every command line: subcommands, `--version`, `--config FILE`, and errors as one clear line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
+from keyboard_model.arguments import existing_file
+from keyboard_model.config_file import as_arguments, read_options
 from keyboard_model.errors import UserFacingError
 
 Run = Callable[[argparse.Namespace], int]
@@ -13,14 +17,62 @@ Run = Callable[[argparse.Namespace], int]
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Run, str]
 
 
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line naming the option, not a usage block of forty options."""
+
+    # Where the words being parsed came from, when not the command line (a --config file).
+    source = ""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {self.source}{message} (see {self.prog} --help)\n")
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """Let a command take its options from a TOML file too (`keyboard_model/config_file.py`)."""
+    parser.add_argument("--config", type=existing_file, default=None, metavar="FILE.toml",
+                        help="take options from this TOML file (an experiment, or a run folder's run.toml); "
+                             "options given on the command line win")
+
+
+def project_version() -> str:
+    try:
+        return version("fedkeyboard")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def command_parser(prog: str, description: str, commands: Sequence[Command]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {project_version()}")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name, add_arguments, run, help_text in commands:
         sub = subcommands.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
         sub.set_defaults(run=run)
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse `argv`; a command given `--config FILE` takes the file's options first, then those typed."""
+    args = parser.parse_args(argv)
+    config: Path | None = getattr(args, "config", None)
+    if config is None:
+        return args
+    command = _subcommands(parser)[args.command]
+    words = as_arguments(command, read_options(config), config)
+    # The file's options alone first, so that a bad one is reported as the file's.
+    command.source = f"--config {config}: "
+    try:
+        command.parse_args(words)
+    finally:
+        command.source = ""
+    at = list(argv).index(args.command) + 1
+    return parser.parse_args([*argv[:at], *words, *argv[at:]])
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
 
 
 def run_command(run: Run, args: argparse.Namespace) -> int:
@@ -36,5 +88,10 @@ def run_command(run: Run, args: argparse.Namespace) -> int:
 
 
 def main_for(prog: str, description: str, commands: Sequence[Command], argv: list[str] | None = None) -> int:
-    args = command_parser(prog, description, commands).parse_args(argv)
+    parser = command_parser(prog, description, commands)
+    try:
+        args = parse(parser, sys.argv[1:] if argv is None else argv)
+    except UserFacingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return run_command(args.run, args)

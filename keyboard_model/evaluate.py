@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +107,10 @@ def evaluate(
     tokenizer: KeyboardTokenizer,
     messages: Sequence[Sequence[int]],
     batch_size: int = 128,
+    progress: Callable[[int, int], object] | None = None,
 ) -> EvalCounts:
-    """Score encoded messages (each <s> ... </s>), each from a fresh state."""
+    """Score encoded messages (each <s> ... </s>), each from a fresh state; `progress(done, total)` hears how many of
+    the messages that have a word to predict are scored, after each batch (for a progress bar)."""
     model.eval()
     is_recall_target, can_suggest = recall_positions(tokenizer), suggestion_mask(tokenizer)
     # Similar lengths together waste less padding.
@@ -123,6 +125,8 @@ def evaluate(
         # Scores over the vocabulary are the costliest part; none are made for padding.
         scored = targets != PAD_ID
         total += score_predictions(model.output_logits(features[scored]), targets[scored], is_recall_target, can_suggest)
+        if progress is not None:
+            progress(start + len(chunk), len(ordered))
     return total
 
 

@@ -10,7 +10,7 @@ of the headers. A late request is answered 408 and its connection closed; if a r
 to it is already under way, the connection is just closed. The request line and headers
 may also take at most `max_header_bytes` (431), which httptools does not limit at all.
 
-Both servers (`python -m aggregator`, `python -m web_demo`) serve through `serve`.
+Both servers (`python -m aggregator`, `python -m web_demo`) bind their port first (`bind`), then serve on it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import socket
 from typing import Any, Literal
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from keyboard_model.errors import UserFacingError
 
 # Headers are a few hundred bytes; any client gets them out in well under this.
 HEADER_TIMEOUT_S = 10.0
@@ -137,6 +141,27 @@ def uvicorn_options(*, header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_
     return {"http": protocol, "ws": "none"}
 
 
-def serve(app: Any, host: str, port: int) -> None:
-    """Serve `app` on `host`:`port` until SIGINT or SIGTERM, closing connections whose request comes too slowly."""
-    uvicorn.run(app, host=host, port=port, log_level="warning", **uvicorn_options())
+def bind(host: str, port: int, option: str = "--port") -> socket.socket:
+    """A socket listening on `host`:`port` (0: a free port), made before any other work so that a port in use is
+    reported at once, naming `option`. Serving on it later leaves no moment in which another program can take it."""
+    try:
+        listener = socket.create_server((host, port), family=_family(host), backlog=2048)
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise UserFacingError(f"{option}: cannot listen on {host}:{port}: {reason}") from None
+    listener.set_inheritable(True)  # a child process may serve on it (aggregator/process.py)
+    return listener
+
+
+def bound_port(listener: socket.socket) -> int:
+    return listener.getsockname()[1]
+
+
+def serve(app: Any, listener: socket.socket) -> None:
+    """Serve `app` on `listener` until SIGINT or SIGTERM, closing connections whose request comes too slowly."""
+    config = uvicorn.Config(app, log_level="warning", **uvicorn_options())
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -9,13 +10,19 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from aggregator.process import free_port
+from device_sim.cli import simulation_config_from_args
+from fedkb.cli import COMMANDS
+from fedkb.plot import references
+from keyboard_model.commands import command_parser, parse
 from tests.conftest import SMALL_TEXT
 from keyboard_model.weights import model_from_bytes
 
@@ -46,14 +53,31 @@ def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path
     assert [line["local_learning_rate"] for line in lines] == [None, 1.0, 1.0, 0.25]
     assert lines[-1]["model_version"] == 3
     assert len(list((out / "phones").glob("phone-*/history.sqlite"))) == 20
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds_completed"] == 3 and summary["model_version"] == 3
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=_refuse)  # no NaN: browsers read it
+    assert summary["rounds_completed"] == 3 and summary["model_version"] == 3 and summary["rounds_failed"] == 0
+    assert summary["initial"] == {key: lines[0][key] for key in summary["initial"]}
+    # The same rounds as TensorBoard scalars, read back with TensorBoard's own reader.
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("train_loss")
+    assert [event.step for event in losses] == [1, 2, 3]
+    assert [event.value for event in losses] == pytest.approx([line["train_loss"] for line in lines[1:]])
+    assert [event.step for event in events.Scalars("recall_at_1")] == [0, 2, 3]
+    assert "wall_s_by_activity/training" in events.Tags()["scalars"]
+
+    drawn = fedkb("plot", str(out), "--out", str(tmp_path / "plots" / "run.png"))
+    assert drawn.returncode == 0, drawn.stderr
+    assert (tmp_path / "plots" / "run.png").read_bytes().startswith(b"\x89PNG")
 
     scored = fedkb("eval", "--model", str(out / "model.safetensors"))
     assert scored.returncode == 0, scored.stderr
     report = json.loads(scored.stdout)
     assert report["model_version"] == 3 and report["phones"] == 20
     assert report["recall_at_1"] == pytest.approx(summary["final"]["recall_at_1"])
+
+
+def _refuse(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def test_eval_table_compares_the_run_with_baselines_trained_on_the_same_corpus(tmp_path: Path):
@@ -72,8 +96,8 @@ def test_eval_table_compares_the_run_with_baselines_trained_on_the_same_corpus(t
     scored = fedkb("eval", "--model", str(out / "model.safetensors"))
     assert scored.returncode == 0, scored.stderr
 
-    table = fedkb("eval", "--model", str(out / "model.safetensors"), "--table", "--server-epochs", "1",
-                  "--oracle-epochs", "2", *corpus_args)
+    # The run folder is all it needs: the corpus comes from its run record, not from options given now.
+    table = fedkb("eval", str(out), "--table", "--server-epochs", "1", "--oracle-epochs", "2")
 
     assert table.returncode == 0, table.stderr
     rows = [line.split(" | ") for line in table.stdout.splitlines() if line.startswith("| ")][2:]
@@ -81,6 +105,71 @@ def test_eval_table_compares_the_run_with_baselines_trained_on_the_same_corpus(t
                                         "| centralised oracle (CIFG)"]
     assert rows[2][1] == f"{100 * json.loads(scored.stdout)['recall_at_1']:.2f}%"
     assert len(list((out / "baselines").glob("*.safetensors"))) == 2
+    saved = json.loads((out / "table.json").read_text(), parse_constant=_refuse)
+    assert [row["model"] for row in saved["rows"]] == [row[0].removeprefix("| ") for row in rows]
+    # `fedkb plot` draws the n-gram and the oracle from it as reference lines.
+    assert [name for name, _ in references(out)] == ["n-gram (KN trigram, proxy)", "centralised oracle (CIFG)"]
+    # Another corpus given now is refused rather than quietly used for the baselines.
+    other = fedkb("eval", str(out), "--table", "--corpus", str(corpus))
+    assert other.returncode == 2 and "leave out --corpus" in other.stderr
+
+
+def test_a_config_file_runs_the_same_experiment_as_its_flags(tmp_path: Path, shakespeare):
+    flags = ["--phones", "6", "--clients-per-round", "2", "--rounds", "2", "--hidden-dim", "16", "--embedding-dim", "8",
+             "--in-process", "--lr-steps", "0.5:0.5", "--seed", "3"]
+    by_flags = fedkb("simulate", *flags, "--out", str(tmp_path / "flags"), "--no-progress")
+    assert by_flags.returncode == 0, by_flags.stderr
+    experiment = tmp_path / "experiment.toml"
+    experiment.write_text(
+        "[tool.fedkb]\nphones = 6\nclients-per-round = 2\nrounds = 9\nhidden_dim = 16\nembedding-dim = 8\n"
+        "in-process = true\nlr-steps = ['0.5:0.5']\nseed = 3\n"
+    )
+    # --rounds typed on the command line wins over the file's 9.
+    by_file = fedkb("simulate", "--config", str(experiment), "--rounds", "2", "--out", str(tmp_path / "file"),
+                    "--no-progress")
+    assert by_file.returncode == 0, by_file.stderr
+    # And the run record of the first run, given as a config, runs it once more.
+    again = fedkb("simulate", "--config", str(tmp_path / "flags" / "run.toml"), "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+
+    reference = (tmp_path / "flags" / "model.safetensors").read_bytes()
+    for run in ("file", "again"):
+        assert (tmp_path / run / "model.safetensors").read_bytes() == reference, run
+        record = tomllib.loads((tmp_path / run / "run.toml").read_text())
+        assert record["rounds"] == 2 and record["lr_steps"] == ["0.5:0.5"] and record["seed"] == 3
+        assert record["record"]["corpus_checksum"] == tomllib.loads(
+            (tmp_path / "flags" / "run.toml").read_text())["record"]["corpus_checksum"]
+
+
+@pytest.mark.parametrize("experiment", sorted((ROOT / "fedkb" / "experiments").glob("*.toml")), ids=lambda p: p.stem)
+def test_the_shipped_experiments_are_valid_configs(experiment: Path):
+    parser = command_parser("fedkb", "", COMMANDS)
+    args = parse(parser, ["simulate", "--config", str(experiment)])
+    assert args.out == Path("runs") / experiment.stem.replace("main", "up")
+    if experiment.stem == "long":  # the README's three phases: rate 0.3 from round 515, 0.1 from round 665
+        config = simulation_config_from_args(args)
+        rates = [config.learning_rate(index / config.rounds) for index in range(config.rounds)]
+        assert rates.index(0.3) == 515 and rates.index(0.1) == 665 and rates[0] is None
+
+
+def test_a_run_whose_updates_are_all_refused_goes_on_and_says_so(tmp_path: Path, shakespeare):
+    # A norm bound no update meets: the aggregator refuses every upload (422), so no round can close.
+    result = fedkb("simulate", "--phones", "6", "--clients-per-round", "2", "--rounds", "2", "--in-process",
+                   "--hidden-dim", "16", "--embedding-dim", "8", "--max-update-norm", "0.001", "--clip-norm", "0.001",
+                   "--out", str(tmp_path / "run"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "the aggregator refused" in result.stdout
+    assert "2 rounds (2 failed), model version 0" in result.stdout
+    assert "no round of this run closed" in result.stdout
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["failed"] and line["refused"] >= 1 for line in lines[1:])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=_refuse)
+    assert summary["rounds_failed"] == 2
+
+
+def test_version():
+    result = fedkb("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"fedkb {importlib.metadata.version('fedkeyboard')}"
 
 
 def test_every_command_explains_its_options():
@@ -102,19 +191,38 @@ def test_every_command_explains_its_options():
         (["data", "--corpus", "{tmp}/broken.jsonl", "--proxy-text", "{tmp}/proxy.txt", "--data-dir", "{tmp}/data"],
          "broken.jsonl:1"),
         (["eval", "--model", "{tmp}/nothing.safetensors"], "nothing.safetensors does not exist"),
-        (["simulate", "--phones", "0", "--out", "{tmp}/x", "--no-progress"], "num_phones must be at least 1"),
+        (["simulate", "--phones", "0", "--out", "{tmp}/x"], "argument --phones: must be at least 1, got 0"),
+        (["simulate", "--rounds", "-3", "--out", "{tmp}/x"], "argument --rounds: must be at least 1, got -3"),
+        (["simulate", "--rounds", "0", "--out", "{tmp}/x"], "argument --rounds: must be at least 1, got 0"),
+        (["up", "--time-budget", "-5", "--out", "{tmp}/x"], "argument --time-budget: must be more than 0, got -5"),
+        (["simulate", "--lr", "-1", "--out", "{tmp}/x"], "argument --lr: must be more than 0, got -1"),
+        (["simulate", "--out", "{tmp}/proxy.txt"], "argument --out: {tmp}/proxy.txt is a file"),
+        (["simulate", "--corpus", "{tmp}", "--out", "{tmp}/x"], "argument --corpus: {tmp} is a folder"),
+        (["data", "--corpus", "{tmp}/binary.jsonl", "--proxy-text", "{tmp}/proxy.txt", "--data-dir", "{tmp}/data"],
+         "binary.jsonl:1: not UTF-8 text"),
+        (["aggregator", "--port", "70000"], "argument --port: must be a port from 1 to 65535"),
+        (["simulate", "--clip-norm", "30", "--out", "{tmp}/x"], "--clip-norm (30.0) must be at most --max-update-norm"),
         (["simulate", "--lr-steps", "1.5:0.1", "--out", "{tmp}/x"], "argument --lr-steps: the fraction must be in"),
         (["simulate", "--eval-every", "0", "--out", "{tmp}/x"], "argument --eval-every: must be at least 1"),
+        (["simulate", "--config", "{tmp}/typo.toml", "--out", "{tmp}/x"], "fedkb simulate has no option 'roundz'"),
+        (["simulate", "--config", "{tmp}/negative.toml", "--out", "{tmp}/x"],
+         "--config {tmp}/negative.toml: argument --rounds: must be at least 1, got -2"),
     ],
 )
 def test_bad_input_gets_a_clear_message_not_a_traceback(tmp_path: Path, shakespeare, args, message):
     (tmp_path / "broken.jsonl").write_text("this is not json\n")
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(128, 256)) * 4)
     (tmp_path / "proxy.txt").write_text("some public words\n")
+    (tmp_path / "typo.toml").write_text("roundz = 5\n")
+    (tmp_path / "negative.toml").write_text("rounds = -2\n")
     port = str(free_port())  # nothing listens there
-    result = fedkb(*[a.format(tmp=tmp_path, port=port) for a in args])
+    result = fedkb(*[a.format(tmp=tmp_path, port=port) for a in args], timeout=120)
     assert result.returncode == 2, result.stderr
     assert message.format(tmp=tmp_path, port=port) in result.stderr
+    # One line, naming the option, and nothing done: no run folder made.
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_ctrl_c_stops_the_run_and_its_aggregator_leaving_whole_files(tmp_path: Path, shakespeare):
@@ -153,24 +261,42 @@ def test_ctrl_c_stops_the_run_and_its_aggregator_leaving_whole_files(tmp_path: P
 
 
 def test_an_aggregator_database_of_another_model_is_refused_clearly(tmp_path: Path, small_tokenizer_path):
+    def aggregator(hidden: str, port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "aggregator", "--db", str(tmp_path / "a.sqlite"), "--tokenizer",
+             str(small_tokenizer_path), "--hidden-dim", hidden, "--embedding-dim", "8", "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, stdin=subprocess.DEVNULL,
+        )
+
+    first = aggregator("16", free_port())  # creates the database with version 0 of a 16-cell model
+    try:
+        assert "serving on" in first.stdout.readline()
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    second = aggregator("32", free_port())
+    _, stderr = second.communicate(timeout=120)
+    assert second.returncode == 2
+    assert "holds a model that does not fit" in stderr and "Traceback" not in stderr
+
+
+def test_a_port_in_use_is_reported_before_any_work(tmp_path: Path, small_tokenizer_path):
     with socket.socket() as busy:
-        # A port that is taken: each start opens the database, then cannot serve, and exits.
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-
-        def aggregator(hidden: str) -> subprocess.CompletedProcess:
-            return subprocess.run(
-                [sys.executable, "-m", "aggregator", "--db", str(tmp_path / "a.sqlite"), "--tokenizer",
-                 str(small_tokenizer_path), "--hidden-dim", hidden, "--embedding-dim", "8",
-                 "--port", str(busy.getsockname()[1])],
-                capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=120,
-            )
-
-        first = aggregator("16")  # creates the database with version 0 of a 16-cell model
-        assert first.returncode != 0 and "address already in use" in first.stderr
-        result = aggregator("32")
-    assert result.returncode == 2
-    assert "holds a model that does not fit" in result.stderr and "Traceback" not in result.stderr
+        taken = str(busy.getsockname()[1])
+        aggregator = subprocess.run(
+            [sys.executable, "-m", "aggregator", "--db", str(tmp_path / "a.sqlite"), "--tokenizer",
+             str(small_tokenizer_path), "--port", taken],
+            capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=120,
+        )
+        # `up` would train for ten minutes before serving the demo: it must stop before making its run folder.
+        up = fedkb("up", "--demo-port", taken, "--out", str(tmp_path / "up"), timeout=120)
+    assert aggregator.returncode == 2 and f"--port: cannot listen on 127.0.0.1:{taken}" in aggregator.stderr
+    assert "serving on" not in aggregator.stdout
+    assert not (tmp_path / "a.sqlite").exists()
+    assert up.returncode == 2 and f"--demo-port: cannot listen on 127.0.0.1:{taken}" in up.stderr
+    assert not (tmp_path / "up").exists()
 
 
 def test_running_again_into_the_same_folder_resumes(tmp_path: Path, shakespeare):

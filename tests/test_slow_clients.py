@@ -171,7 +171,7 @@ def test_the_aggregator_and_the_demo_close_stalled_connections(
     """Both command lines serve with the deadlines, at their defaults."""
     aggregator = start_aggregator(small_tokenizer_path, small_model_config)
     with DemoServer(aggregator.url) as demo, ExitStack() as sockets:
-        ports = [aggregator.config.port, demo.port]
+        ports = [aggregator.port, demo.port]
         opened = time.monotonic()
         stalled = [sockets.enter_context(open_stalled(port, request)) for port in ports for request in STALLED[:3]]
         assert httpx.get(f"{aggregator.url}/status", timeout=5).status_code == 200
