@@ -92,7 +92,9 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for phones, metrics.jsonl and the final model (default: %(default)s)")
     parser.add_argument("--phones", type=positive_int, default=None, help="phones to provision (default: one per corpus user)")
     parser.add_argument("--rounds", type=positive_int, default=10, help="federated rounds to run (default: %(default)s)")
-    parser.add_argument("--time-budget", type=positive_float, default=None, help="stop starting rounds after this many seconds")
+    parser.add_argument("--time-budget", type=positive_float, default=None,
+                        help="seconds of rounds, counted from the first round (after provisioning): no round starts "
+                             "after them, and the final scoring follows")
     parser.add_argument("--eval-phones", type=positive_int, default=FLEET_DEFAULTS.eval_phones,
                         help="phones whose held-out messages score the model centrally (default: %(default)s)")
     parser.add_argument("--eval-every", type=positive_int, default=SIMULATION_DEFAULTS.eval_every, metavar="N",

@@ -22,7 +22,10 @@ COMMANDS = (
     composition.SIMULATE_COMMAND,
     device_cli.EVAL_COMMAND,
     ("demo", demo_cli.add_arguments, demo_cli.run, "serve the browser keyboard"),
-    ("up", up.add_arguments, up.run, "prepare data, start the aggregator, train with a simulated fleet, serve the demo"),
+    ("up", up.add_arguments, up.run,
+     "prepare data, start the aggregator, train with a simulated fleet, serve the demo: about ten minutes on two "
+     "cores (20 s to start, --time-budget 540 s of rounds, 25 s to score the final model; the first time also about "
+     "a minute to fetch and prepare the corpus)"),
     ("plot", plot.add_arguments, plot.run, "draw recall and loss per round of one or more runs into a PNG"),
 )
 

@@ -33,8 +33,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="call the aggregator's round code directly instead of over HTTP (faster research runs)")
     device_cli.add_fleet_arguments(parser)
-    group = parser.add_argument_group("rounds, when the simulation starts its own aggregator (on simulated time)")
-    aggregator_cli.add_round_arguments(group)
+    # The round options, for when the simulation starts its own aggregator (on simulated time).
+    aggregator_cli.add_round_arguments(parser)
     # Simulated seconds: an hour, six ticks, lets slow phones at the edge of the night report.
     parser.set_defaults(round_deadline=3600.0)
     add_model_arguments(parser)
