@@ -2,8 +2,9 @@
 
 - `WeightedMean` (FedAvg, McMahan et al. 2017): each update weighted by the examples it
   trained on.
-- `PrivateMean` (DP-FedAvg, `aggregator/privacy.py`): each update clipped and counted
-  once, Gaussian noise added to the sum once, divided by the round's goal.
+- `PrivateMean` (DP-FedAvg, `aggregator/privacy.py`, or DP-FTRL, `aggregator/ftrl.py`):
+  each update clipped and counted once, Gaussian noise (DP-FTRL: correlated across
+  rounds) added to the sum once, divided by the round's goal.
 - `SecureSum` (`aggregator/secure_round.py`): the server sees only the unmasked sum of a
   secure round, in which each device counts once; with differential privacy that sum is
   released as `PrivateMean` releases its own.

@@ -17,7 +17,14 @@ from aggregator.request_body import body_schemas, validation_error
 from aggregator.rounds import RoundManager
 from aggregator.routes import devices, models, secagg, status
 from aggregator.routes import rounds as rounds_routes
-from aggregator.api.schemas import ClockUpdate, EvaluationReport, SecAggKeys, SecAggReveal, SecAggShares
+from aggregator.api.schemas import (
+    ClockUpdate,
+    EvaluationReport,
+    SecAggConfirm,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
+)
 from aggregator.storage import open_storage
 
 logger = logging.getLogger(__name__)
@@ -25,7 +32,7 @@ logger = logging.getLogger(__name__)
 # How often the deadline of the open round is checked.
 TICK_SECONDS = 0.5
 # The JSON bodies that routes read themselves (aggregator/request_body.py), for the OpenAPI document.
-JSON_BODIES = [ClockUpdate, EvaluationReport, SecAggKeys, SecAggShares, SecAggReveal]
+JSON_BODIES = [ClockUpdate, EvaluationReport, SecAggKeys, SecAggShares, SecAggConfirm, SecAggReveal]
 
 
 def create_app(config: AggregatorConfig, attestation: EnrolmentAttestation | None = None) -> FastAPI:

@@ -11,7 +11,7 @@ import torch
 
 from aggregator.app import create_app
 from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
-from aggregator.config import AggregatorConfig
+from aggregator.config import DP_MECHANISMS, AggregatorConfig
 from keyboard_model.serving import bind, bound_port, serve
 from aggregator.strategies import STRATEGIES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
@@ -82,6 +82,17 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                          help="phones that could take part, for the accountant's sampling rate (default: those enrolled)")
     privacy.add_argument("--dp-delta", type=probability, default=None,
                          help="delta at which epsilon is reported (default: 1 / population)")
+    privacy.add_argument("--dp-mechanism", choices=DP_MECHANISMS, default=DEFAULTS.dp_mechanism,
+                         help="fedavg: independent noise each round, epsilon assuming phones are sampled uniformly; "
+                              "ftrl: DP-FTRL, noise correlated across rounds (BLT matrix factorisation, jax-privacy), "
+                              "epsilon and rho for phones taking part at most once per --min-separation rounds, no "
+                              "sampling assumed (default: %(default)s)")
+    privacy.add_argument("--min-separation", type=positive_int, default=DEFAULTS.min_separation, metavar="B",
+                         help="DP-FTRL: a phone that took part in one of the last B released rounds is told to retry "
+                              "later (default: %(default)s)")
+    privacy.add_argument("--dp-rounds", type=positive_int, default=DEFAULTS.dp_rounds,
+                         help="DP-FTRL: rounds the correlated noise is optimised for; later rounds are still noised "
+                              "and accounted for (default: %(default)s)")
     admission = parser.add_argument_group(
         "admission", f"Credentials come from the environment, never the command line: {OPERATOR_TOKEN_ENV} (the "
                      f"operator's token, which PUT /clock needs) and {ENROLMENT_SECRET_ENV} (the secret devices "
@@ -116,6 +127,8 @@ def check_round_options(args: argparse.Namespace) -> None:
     if args.population is not None and args.population < args.clients_per_round:
         raise UserFacingError(f"--population ({args.population}) must be at least --clients-per-round "
                               f"({args.clients_per_round})")
+    if args.dp_mechanism != DEFAULTS.dp_mechanism and args.noise_multiplier is None:
+        raise UserFacingError(f"--dp-mechanism {args.dp_mechanism} needs --noise-multiplier")
     if args.selection_window >= args.round_deadline:
         raise UserFacingError(f"--selection-window ({args.selection_window} s) must be shorter than --round-deadline "
                               f"({args.round_deadline} s)")
@@ -142,6 +155,9 @@ def round_settings(args: argparse.Namespace) -> dict:
         clip_norm=args.clip_norm,
         population=args.population,
         dp_delta=args.dp_delta,
+        dp_mechanism=args.dp_mechanism,
+        min_separation=args.min_separation,
+        dp_rounds=args.dp_rounds,
         seed=args.seed,
         initial_model=args.init_model,
         keep_models=args.keep_models,

@@ -11,6 +11,8 @@ from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RING_WIDTHS
 from keyboard_model.weights import MODEL_ENCODINGS
 
+DP_MECHANISMS = ("fedavg", "ftrl")
+
 
 @dataclass(frozen=True)
 class AggregatorConfig:
@@ -50,6 +52,14 @@ class AggregatorConfig:
     population: int | None = None
     # The delta at which epsilon is reported. None: 1 / population.
     dp_delta: float | None = None
+    # "fedavg" (DP-FedAvg, aggregator/privacy.py: independent noise each round, accounted for as if each phone were
+    # sampled with probability goal / population) or "ftrl" (DP-FTRL, aggregator/ftrl.py: BLT-correlated noise,
+    # accounted for with the minimum separation the aggregator enforces, no sampling assumed).
+    dp_mechanism: str = "fedavg"
+    # DP-FTRL: a device takes part in at most one of any this many consecutive released rounds.
+    min_separation: int = 10
+    # DP-FTRL: the rounds the BLT noise is optimised for (it stays valid, and accounted for, beyond them).
+    dp_rounds: int = 1000
     # How selected phones download the model: "int8" (a quarter of the bytes, `keyboard_model/int8.py`) or
     # "float32". The aggregator keeps and steps its model in float32 either way.
     download_encoding: str = "float32"
@@ -113,6 +123,11 @@ class AggregatorConfig:
             raise ValueError("population must be at least clients_per_round")
         if self.dp_delta is not None and not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_mechanism not in DP_MECHANISMS:
+            raise ValueError(f"dp_mechanism must be one of {DP_MECHANISMS}, got {self.dp_mechanism!r}")
+        if self.min_separation < 1 or self.dp_rounds < 1:
+            raise ValueError(f"min_separation and dp_rounds must be at least 1, got {self.min_separation} and "
+                             f"{self.dp_rounds}")
         if self.download_encoding not in MODEL_ENCODINGS:
             raise ValueError(f"download_encoding must be one of {MODEL_ENCODINGS}, got {self.download_encoding!r}")
         if self.secagg_ring_bits not in RING_WIDTHS:

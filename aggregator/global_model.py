@@ -73,12 +73,12 @@ class GlobalModel:
             )
         return model.state_dict()
 
-    def commit_step(self, mean_delta: Tensors, record: dict) -> None:
-        """Step the model by a round's mean delta and commit the new model, the optimiser's state and the round's
-        `record` (completed here with the new version and the step's norm) together."""
+    def commit_step(self, mean_delta: Tensors, record: dict, noise_state: bytes | None = None) -> None:
+        """Step the model by a round's mean delta and commit the new model, the optimiser's state, DP-FTRL's noise
+        state if any and the round's `record` (completed here with the new version and the step's norm) together."""
         new_state, optimizer_state = self.strategy.apply(self.state, self.optimizer_state, mean_delta)
         new_bytes = model_to_bytes(new_state, self.version + 1, self.config.model)
         record.update(new_version=self.version + 1, update_norm=l2_norm(mean_delta))
-        self.storage.record_round(record, new_bytes, write_tensors(optimizer_state))
+        self.storage.record_round(record, new_bytes, write_tensors(optimizer_state), noise_state)
         self.version, self.bytes, self.state, self.optimizer_state = (self.version + 1, new_bytes, new_state,
                                                                       optimizer_state)

@@ -18,6 +18,7 @@ from aggregator.api.schemas import (
     EvaluationReport,
     EvaluationResponse,
     RoundSummary,
+    SecAggConfirm,
     SecAggKeys,
     SecAggReveal,
     SecAggShares,
@@ -77,10 +78,14 @@ class InProcessClient:
         return SecAggState.model_validate_json(state.model_dump_json())
 
     def secagg_keys(self, round_number: int, upload_token: str, keys: SecAggKeys) -> None:
-        _call(self._rounds.secagg_keys, round_number, upload_token, PublicKeys(keys.cipher, keys.masking))
+        _call(self._rounds.secagg_keys, round_number, upload_token, PublicKeys(keys.cipher, keys.masking),
+              keys.signature)
 
     def secagg_shares(self, round_number: int, upload_token: str, shares: SecAggShares) -> None:
         _call(self._rounds.secagg_shares, round_number, upload_token, dict(shares.sealed))
+
+    def secagg_confirm(self, round_number: int, upload_token: str, confirm: SecAggConfirm) -> None:
+        _call(self._rounds.secagg_confirm, round_number, upload_token, confirm.signature)
 
     def secagg_reveal(self, round_number: int, upload_token: str, reveal: SecAggReveal) -> None:
         revealed = {owner: Share(share.x, share.value) for owner, share in reveal.shares.items()}

@@ -37,12 +37,18 @@ def free_port() -> int:
 MODEL_SIZE_OPTIONS = {"embedding_dim": "--embedding-dim", "hidden_dim": "--hidden-dim"}
 
 
+FTRL_STARTUP_TIMEOUT_S = 600.0
+
+
 class LocalAggregator:
     """A `python -m aggregator` child process, stopped cleanly when the context exits."""
 
     def __init__(self, config: AggregatorConfig, startup_timeout_s: float = 60.0) -> None:
         self.config = config
         self.startup_timeout_s = startup_timeout_s
+        if config.differential_privacy and config.dp_mechanism == "ftrl":
+            # A new DP-FTRL aggregator first optimises its noise (aggregator/ftrl.py): a minute or two of CPU.
+            self.startup_timeout_s = max(startup_timeout_s, FTRL_STARTUP_TIMEOUT_S)
         self.process: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile()
         # Bound here and handed to the child, so that no other program can take the port in between; the config's
@@ -70,6 +76,8 @@ class LocalAggregator:
             *(["--noise-multiplier", str(c.noise_multiplier)] if c.noise_multiplier is not None else []),
             *(["--population", str(c.population)] if c.population is not None else []),
             *(["--dp-delta", str(c.dp_delta)] if c.dp_delta is not None else []),
+            "--dp-mechanism", c.dp_mechanism, "--min-separation", str(c.min_separation),
+            "--dp-rounds", str(c.dp_rounds),
             "--seed", str(c.seed), *(["--init-model", str(c.initial_model)] if c.initial_model else []),
             "--keep-models", str(c.keep_models), "--keep-every", str(c.keep_every),
             "--architecture", c.model.architecture,

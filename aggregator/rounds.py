@@ -12,7 +12,9 @@ The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
   report three counts (federated evaluation); summed, they are the round's quality
   metrics for the model it started from;
 - with differential privacy on, devices clip their updates, each counts once, and the
-  sum gets Gaussian noise once before it moves the model (`aggregator/privacy.py`);
+  sum gets Gaussian noise once before it moves the model (`aggregator/privacy.py`), or,
+  with DP-FTRL, noise correlated across rounds (`aggregator/ftrl.py`), and a device that
+  reported in one of the last `min_separation` released rounds is told to retry later;
 - with secure aggregation on, the selected devices also run the phases of
   `aggregator/secure_round.py`, and the server learns only the sum of their updates.
 Closing averages the reported deltas (one aggregation rule per kind of round,
@@ -29,6 +31,7 @@ import logging
 import math
 import random
 import secrets
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +55,7 @@ from aggregator.refusals import (
 from aggregator.secure_round import SecureRound
 from aggregator.selection import SelectionWindow
 from aggregator.storage import Storage
+from keyboard_model.errors import UserFacingError
 from keyboard_model.secagg import PublicKeys, Share
 from keyboard_model.norms import l2_norm
 from keyboard_model.update_codec import decode_update, max_encoded_bytes
@@ -126,7 +130,28 @@ class RoundManager:
         self.model = GlobalModel(config, storage)
         self.devices = Devices(storage)
         self.privacy = None
+        self._ftrl = config.differential_privacy and config.dp_mechanism == "ftrl"
+        # DP-FTRL: device id -> the step of the mechanism (the release) it last reported in, for the separation.
+        self._last_participation: dict[str, int] = {}
         if config.differential_privacy:
+            used = storage.dp_mechanisms() - {config.dp_mechanism}
+            if used:
+                raise UserFacingError(f"the database {config.db_path} holds rounds released with DP mechanism "
+                                      f"{', '.join(sorted(used))}; their privacy cannot be added to "
+                                      f"{config.dp_mechanism}'s: use --dp-mechanism {min(used)} or another --db")
+        if self._ftrl:
+            from aggregator.ftrl import FtrlLedger  # noqa: PLC0415 (JAX is imported only when it is used)
+
+            saved = storage.noise_state()
+            if saved is not None and saved[0] != self.model.version:
+                raise UserFacingError(f"the database {config.db_path} holds DP-FTRL noise state for model version "
+                                      f"{saved[0]}, not the newest model's ({self.model.version})")
+            self.privacy = FtrlLedger(
+                config.clip_norm, config.noise_multiplier, config.clients_per_round, config.min_separation,
+                config.dp_rounds, self.model.shapes, lambda: config.population or len(self.devices),
+                config.dp_delta, saved[1] if saved is not None else None)
+            self._last_participation = storage.last_participations()
+        elif config.differential_privacy:
             self.privacy = PrivacyLedger(
                 config.clip_norm, config.noise_multiplier, config.clients_per_round,
                 # Phones that could take part: the accountant's sampling rate is the goal over this.
@@ -139,6 +164,7 @@ class RoundManager:
         # Rounds over which turned-away devices are sent back (aggregator/pace.py); it adapts within a few rounds.
         self._spread_rounds = 1.0
         self._epsilon = next((r["epsilon"] for r in reversed(recent) if r["epsilon"] is not None), None)
+        self._rho = next((r["rho"] for r in reversed(recent) if r.get("rho") is not None), None)
         next_round = storage.last_round_number() + 1
         # A round that was open when the service stopped is run again from the start.
         storage.discard_selections(next_round)
@@ -183,6 +209,10 @@ class RoundManager:
             current = self.round
             current.checked_in.add(device_id)
             done = device_id in current.reported or device_id in current.aborted
+            separation_wait = self._separation_wait(device_id) if device_id not in current.token_by_device else None
+            if separation_wait is not None:
+                return CheckinDecision("retry", current.number, self.model.version,
+                                       retry_after_s=round(separation_wait, 3))
             if device_id not in current.token_by_device and not done and self._selecting():
                 current.selection.offer(device_id, self.clock())
                 self._draw()
@@ -199,6 +229,20 @@ class RoundManager:
                 wait = retry_after_s(self.clock() - current.started, self._recent_durations,
                                      self.config.retry_after_s, self._rng, self._spread_rounds)
             return CheckinDecision("retry", current.number, self.model.version, retry_after_s=round(wait, 3))
+
+    def _separation_wait(self, device_id: str) -> float | None:
+        """DP-FTRL's minimum separation: None if the device may take part in this round; otherwise how long to wait,
+        as pace steering would tell it, until the rounds it must sit out are expected to be over."""
+        if not self._ftrl:
+            return None
+        last = self._last_participation.get(device_id)
+        rounds_left = 0 if last is None else last + self.privacy.min_separation - self.privacy.releases
+        if rounds_left <= 0:
+            return None
+        expected_round_s = (statistics.median(self._recent_durations) if self._recent_durations
+                            else self.config.retry_after_s)
+        elapsed = self.clock() - self.round.started
+        return max(self.config.retry_after_s, rounds_left * expected_round_s - elapsed)
 
     def _selecting(self) -> bool:
         # A secure round's cohort is fixed once its keys are in: no one joins after that.
@@ -291,9 +335,13 @@ class RoundManager:
 
     # --- secure aggregation's own messages, handled by the round's SecureRound (aggregator/secure_round.py) ---
 
-    def secagg_keys(self, round_number: int, token: str, keys: PublicKeys) -> None:
-        self._secure_message(round_number, token, 64, lambda secure, device_id, cohort: secure.keys(
-            device_id, keys, self.clock(), *cohort))
+    def secagg_keys(self, round_number: int, token: str, keys: PublicKeys, signature: bytes) -> None:
+        self._secure_message(round_number, token, 64 + len(signature), lambda secure, device_id, cohort: secure.keys(
+            device_id, keys, signature, self.clock(), *cohort))
+
+    def secagg_confirm(self, round_number: int, token: str, signature: bytes) -> None:
+        self._secure_message(round_number, token, len(signature), lambda secure, device_id, cohort: secure.confirm(
+            device_id, signature, self.clock(), *cohort))
 
     def secagg_shares(self, round_number: int, token: str, sealed: dict[int, bytes]) -> None:
         self._secure_message(round_number, token, sum(len(s) for s in sealed.values()),
@@ -432,10 +480,15 @@ class RoundManager:
             summary.update(status="failed", failure=self.round.failure)
             self.storage.record_round(summary, None, None)
             return
-        self.model.commit_step(release.mean_delta, {**summary, **release.record, "status": "closed"})
+        self.model.commit_step(release.mean_delta, {**summary, **release.record, "status": "closed"},
+                               self.privacy.pending_state() if self._ftrl else None)
         if self.privacy is not None:
             self.privacy.spent(release.record)
             self._epsilon = release.record["epsilon"]
+            self._rho = release.record.get("rho")
+        if self._ftrl:
+            for device_id in self.round.reported:
+                self._last_participation[device_id] = release.record["dp_step"]
 
     def _release(self) -> Release | None:
         """What the round's aggregation rule releases, or None if the round failed."""
@@ -458,6 +511,7 @@ class RoundManager:
                 "aborted": len(self.round.aborted),
                 "deadline_in_s": max(0.0, self.round.deadline - self.clock()),
                 "differential_privacy": self.config.differential_privacy, "epsilon": self._epsilon,
+                "rho": self._rho,
             }
 
 

@@ -7,7 +7,11 @@ at its deadline; whoever has not answered by then has dropped out:
 2. share: phones send sealed share pairs for their neighbours, which the server only
    stores and forwards (it cannot open them);
 3. collect: phones that shared send masked inputs, summed in their rings as they come;
-4. unmask: phones whose input was counted reveal one share per neighbour; the server
+4. confirm: the consistency round of Bonawitz et al.'s active-adversary protocol: phones
+   whose input was counted sign the set of those phones (the survivors), and the server
+   only collects and forwards the signatures (it cannot check them: the phones' identity
+   keys are in a directory the phones trust, device_sim/secure_aggregation.py);
+5. unmask: phones that confirmed reveal one share per neighbour; the server
    rebuilds the self-mask seeds of the phones that reported and the masking seeds of
    those that shared but did not, and removes their masks from the sum.
 The server never holds an unmasked individual input: it sees masked inputs, sealed
@@ -25,6 +29,7 @@ from typing import NoReturn
 
 from keyboard_model.secagg import (
     SEED_BYTES,
+    SIGNATURE_BYTES,
     GraphParameters,
     Layout,
     Masked,
@@ -52,22 +57,28 @@ class SecureAggregation:
     dropout: float = 1 / 3
     phase: str = "advertise"
     advertised: dict[str, PublicKeys] = field(default_factory=dict)
+    signatures: dict[str, bytes] = field(default_factory=dict)  # device id -> signature of its advertised keys
     roster: Roster | None = None
     devices: list[str] = field(default_factory=list)  # cohort index -> device id
     sealed: dict[int, dict[int, bytes]] = field(default_factory=dict)  # sender -> recipient -> sealed pair
     shared: list[int] = field(default_factory=list)
     reported: list[int] = field(default_factory=list)
+    confirmations: dict[int, bytes] = field(default_factory=dict)  # signer -> signature of the survivor set
     revealed: dict[int, dict[int, Share]] = field(default_factory=dict)  # owner -> revealer -> share
     revealed_by: set[int] = field(default_factory=set)
     _sum: Masked | None = None
     _neighbours: list[list[int]] = field(default_factory=list)
 
     # --- phase 1 ---
-    def advertise(self, device_id: str, keys: PublicKeys) -> None:
+    def advertise(self, device_id: str, keys: PublicKeys, signature: bytes) -> None:
+        """Take a phone's keys and their signature, which the server forwards unchecked: the phones check it."""
         self._expect("advertise")
         if keys in self.advertised.values() and self.advertised.get(device_id) != keys:
             raise SecAggError("these public keys were already advertised by another phone")
+        if len(signature) != SIGNATURE_BYTES:
+            raise SecAggError(f"a signature is {SIGNATURE_BYTES} bytes")
         self.advertised[device_id] = keys
+        self.signatures[device_id] = signature
 
     def close_advertising(self, minimum: int = 3) -> Roster:
         """Fix the cohort; fails with fewer than `minimum` phones, and always with fewer than three: in a sum of
@@ -77,7 +88,8 @@ class SecureAggregation:
         if len(self.devices) < max(3, minimum):
             self._fail(f"{len(self.devices)} phones sent keys")
         self.roster = Roster(self.round_number, [self.advertised[d] for d in self.devices],
-                             graph_parameters(len(self.devices), self.dropout), self.graph_seed)
+                             graph_parameters(len(self.devices), self.dropout), self.graph_seed,
+                             tuple(self.devices), tuple(self.signatures[d] for d in self.devices))
         self._neighbours = self.roster.neighbours()
         self.phase = "share"
         return self.roster
@@ -129,10 +141,34 @@ class SecureAggregation:
         self.reported.sort()
         if len(self.reported) < max(self.parameters.threshold + 1, minimum):
             self._fail(f"{len(self.reported)} phones sent masked inputs")
-        self.phase = "unmask"
+        self.phase = "confirm"
         return self.reported
 
     # --- phase 4 ---
+    def add_confirmation(self, signer: int, signature: bytes) -> None:
+        self._expect("confirm")
+        if signer not in self.reported:
+            raise SecAggError("only phones whose input was counted confirm the survivors")
+        if len(signature) != SIGNATURE_BYTES:
+            raise SecAggError(f"a signature is {SIGNATURE_BYTES} bytes")
+        if self.confirmations.get(signer, signature) != signature:
+            raise SecAggError("this phone has already confirmed with another signature")
+        self.confirmations[signer] = signature
+
+    def close_confirming(self, minimum: int = 0) -> list[int]:
+        """Fix who confirmed; fails with fewer than `minimum` phones or too few to rebuild anyone's secrets."""
+        self._expect("confirm")
+        if len(self.confirmations) < max(self.parameters.threshold + 1, minimum):
+            self._fail(f"{len(self.confirmations)} phones confirmed the survivors")
+        self.phase = "unmask"
+        return sorted(self.confirmations)
+
+    def confirmations_for(self, recipient: int) -> dict[int, bytes]:
+        """The survivor-set signatures `recipient` needs: of its neighbours and of their neighbours."""
+        wanted = set(self._neighbours[recipient]).union(*(self._neighbours[v] for v in self._neighbours[recipient]))
+        return {signer: signature for signer, signature in self.confirmations.items() if signer in wanted}
+
+    # --- phase 5 ---
     def incoming(self, recipient: int) -> dict[int, bytes]:
         """The sealed pairs the phones that shared sent `recipient`, by sender."""
         return {sender: pairs[recipient] for sender, pairs in self.sealed.items() if recipient in pairs}
@@ -142,8 +178,8 @@ class SecureAggregation:
         `x` is fixed by the graph (the owner numbered its neighbours in order from 1), so a share moved to another
         point, or two shares at one point, are refused here rather than poisoning a reconstruction later."""
         self._expect("unmask")
-        if revealer not in self.reported:
-            raise SecAggError("only phones whose input was counted reveal shares")
+        if revealer not in self.confirmations:
+            raise SecAggError("only phones that confirmed the survivors reveal shares")
         expected = set(self._neighbours[revealer]) & set(self.shared)
         if set(shares) != expected:
             raise SecAggError("a phone reveals one share for each neighbour that shared with it")

@@ -3,13 +3,13 @@ what the sum holds.
 
 The round protocol (aggregator/rounds.py) still selects devices, authenticates them,
 counts reports and closes the round; with `secure_aggregation` on, it hands each
-device's secure-aggregation message to the round's `SecureRound`, which runs the four
+device's secure-aggregation message to the round's `SecureRound`, which runs the five
 phases of `aggregator/secure_aggregation.py`:
 - advertise ends once the selection is full and every selected device has sent keys, or
   `secagg_phase_s` after it filled; a selection that has not filled by half the round's
   deadline goes on with the keys it has;
-- share and unmask end when every device that should answer has, or `secagg_phase_s`
-  after they opened;
+- share, confirm and unmask end when every device that should answer has, or
+  `secagg_phase_s` after they opened;
 - collect ends at the goal or the round's deadline, as a plain round does.
 Every message and every tick says whether the round is over: its sum is ready, or it
 failed (`failure` says why). A message that does not fit the protocol is refused
@@ -74,8 +74,13 @@ class SecureRound:
 
     # --- the devices' messages; `selected` and `aborted` are the round's device ids, for closing phases ---
 
-    def keys(self, device_id: str, keys: PublicKeys, now: float, selected: set[str], aborted: set[str]) -> bool:
-        return self._receive(lambda: self.protocol.advertise(device_id, keys), now, selected, aborted)
+    def keys(self, device_id: str, keys: PublicKeys, signature: bytes, now: float, selected: set[str],
+             aborted: set[str]) -> bool:
+        return self._receive(lambda: self.protocol.advertise(device_id, keys, signature), now, selected, aborted)
+
+    def confirm(self, device_id: str, signature: bytes, now: float, selected: set[str], aborted: set[str]) -> bool:
+        return self._receive(lambda: self.protocol.add_confirmation(self.protocol.index_of(device_id), signature),
+                             now, selected, aborted)
 
     def shares(self, device_id: str, sealed: dict[int, bytes], now: float, selected: set[str],
                aborted: set[str]) -> bool:
@@ -89,7 +94,7 @@ class SecureRound:
 
     def masked_input(self, device_id: str, masked: Masked, now: float, reported: int) -> bool:
         """Add a device's masked input (`decode_masked`) to the sum; `reported` counts the round's reports with this
-        one. At the goal collection closes and unmasking starts."""
+        one. At the goal collection closes and the consistency round (confirm) starts."""
         if self.phase in ("advertise", "share"):
             raise SecAggRefusedError(f"round {self.protocol.round_number} does not collect masked inputs yet")
         if self.phase != "collect":
@@ -115,8 +120,9 @@ class SecureRound:
             if not self._transition(lambda: self._close_collection(now)):
                 return True
         self._transition(lambda: self._advance(now, selected, aborted))
-        if not self.over and now >= self.deadline + self.phase_s:
-            # Unmasking had its phase's time after the deadline; nothing may keep a round open past that.
+        if not self.over and now >= self.deadline + 2 * self.phase_s:
+            # Confirming and unmasking had their phases' time after the deadline; nothing may keep a round open
+            # past that.
             self.failure = f"the round was still in phase {self.phase!r} past its deadline"
         return self.over
 
@@ -157,8 +163,12 @@ class SecureRound:
             cohort = {index for index, device in enumerate(protocol.devices) if device not in aborted}
             if set(protocol.sealed) >= cohort or now >= self.phase_deadline:
                 protocol.close_sharing(self.min_reports)
+        if protocol.phase == "confirm":
+            if set(protocol.confirmations) >= set(protocol.reported) or now >= self.phase_deadline:
+                protocol.close_confirming(self.min_reports)
+                self.phase_deadline = now + self.phase_s
         if protocol.phase == "unmask":
-            if set(protocol.revealed_by) >= set(protocol.reported) or now >= self.phase_deadline:
+            if set(protocol.revealed_by) >= set(protocol.confirmations) or now >= self.phase_deadline:
                 self.sum = protocol.unmasked_sum()
 
     def _close_collection(self, now: float) -> None:
@@ -178,14 +188,17 @@ class SecureRound:
         if protocol.roster is not None:
             keys = protocol.roster.keys
             roster = SecAggRoster(cipher_keys=[k.cipher for k in keys], masking_keys=[k.masking for k in keys],
+                                  device_ids=list(protocol.roster.device_ids),
+                                  signatures=list(protocol.roster.signatures),
                                   degree=protocol.parameters.degree, threshold=protocol.parameters.threshold,
                                   graph_seed=protocol.graph_seed)
-        unmasking = phase == "unmask" and index in protocol.reported
+        unmasking = phase == "unmask" and index in protocol.confirmations
         return SecAggState(
             round=protocol.round_number, phase=phase, index=index, roster=roster,
-            shared=protocol.shared if phase in ("collect", "unmask", "done") else None,
-            reported=protocol.reported if phase in ("unmask", "done") else None,
+            shared=protocol.shared if phase in ("collect", "confirm", "unmask", "done") else None,
+            reported=protocol.reported if phase in ("confirm", "unmask", "done") else None,
             incoming=protocol.incoming(index) if unmasking else None,
+            confirmations=protocol.confirmations_for(index) if unmasking else None,
             encoding=SecAggEncoding(bits=self.encoding.bits, bound=self.encoding.bound,
                                     max_summands=self.encoding.max_summands, length=self.encoding.length,
                                     rotation_seed=self.encoding.rotation_seed),

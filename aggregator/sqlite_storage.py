@@ -1,7 +1,7 @@
 """The aggregator's SQLite database (the default `Storage`): devices, global model versions, rounds, selections.
 
-A new global model, the server optimiser's state that goes with it and the round
-that produced them are written in one transaction, so after a crash either all are
+A new global model, the server optimiser's state that goes with it (and DP-FTRL's noise
+state, `aggregator/ftrl.py`) and the round that produced them are written in one transaction, so after a crash either all are
 there or none is. Selections and reports are committed as they happen; those of a
 round that was still open at a crash are discarded on restart and the round is run
 again from the last committed model.
@@ -79,6 +79,7 @@ class SqliteStorage:
                 "update_norm": float, "eval_devices": int, "eval_positions": int, "eval_hits_at_1": int,
                 "eval_hits_at_3": int, "dp_noise_multiplier": float, "dp_sampling_rate": float, "dp_delta": float,
                 "epsilon": float, "failure": str, "checked_in": int, "clock_started_s": float,
+                "dp_mechanism": str, "rho": float, "dp_min_separation": int, "dp_step": int,
             },
             pk="round",
         )
@@ -89,6 +90,9 @@ class SqliteStorage:
             pk=("round", "device_id"),
         )
         self.db["selections"].create_index(["token_sha256"], unique=True, if_not_exists=True)
+        # DP-FTRL's noise state (aggregator/ftrl.py) after the newest model version: one row, replaced in the
+        # transaction that commits each new version.
+        self._table("noise_state", {"id": int, "version": int, "state": bytes}, pk="id")
 
     def _table(self, name: str, columns: dict[str, type], pk: str | tuple[str, ...]) -> None:
         """Create a table, or add the columns a database made by an older version lacks."""
@@ -117,9 +121,20 @@ class SqliteStorage:
         with self._transaction():
             self.db["models"].insert({"version": 0, "round": 0, "created_at": time.time(), "weights": weights})
 
-    def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None) -> None:
-        """Store a finished round, and the model and optimiser state it produced if it succeeded, atomically."""
+    def noise_state(self) -> tuple[int, bytes] | None:
+        """(model version, DP-FTRL noise state committed with it), or None."""
+        with self._lock:
+            rows = list(self.db.query("select version, state from noise_state where id = 0"))
+        return (rows[0]["version"], rows[0]["state"]) if rows else None
+
+    def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None,
+                     noise_state: bytes | None = None) -> None:
+        """Store a finished round, and the model, optimiser state and noise state it produced if it succeeded,
+        atomically."""
         with self._transaction():
+            if noise_state is not None:
+                self.db["noise_state"].upsert({"id": 0, "version": summary["new_version"], "state": noise_state},
+                                              pk="id")
             if new_weights is not None:
                 self._drop_models_before(summary["new_version"])
                 self.db["models"].insert(
@@ -184,8 +199,23 @@ class SqliteStorage:
         """(sampling rate, noise multiplier) of every round that released a differentially private model."""
         with self._lock:
             rows = self.db.query("select dp_sampling_rate, dp_noise_multiplier from rounds "
-                                 "where status = 'closed' and dp_noise_multiplier is not null order by round")
+                                 "where status = 'closed' and dp_sampling_rate is not null order by round")
             return [(row["dp_sampling_rate"], row["dp_noise_multiplier"]) for row in rows]
+
+    def dp_mechanisms(self) -> set[str]:
+        """The differential privacy mechanisms the closed rounds were released with (older rows: fedavg)."""
+        with self._lock:
+            rows = self.db.query("select distinct coalesce(dp_mechanism, 'fedavg') as m from rounds "
+                                 "where status = 'closed' and dp_noise_multiplier is not null")
+            return {row["m"] for row in rows}
+
+    def last_participations(self) -> dict[str, int]:
+        """Device id -> the DP-FTRL step of the last released round it reported in."""
+        with self._lock:
+            rows = self.db.query("select s.device_id, max(r.dp_step) as step from selections s join rounds r "
+                                 "on s.round = r.round where s.status = 'reported' and r.status = 'closed' "
+                                 "and r.dp_step is not null group by s.device_id")
+            return {row["device_id"]: row["step"] for row in rows}
 
     def recent_rounds(self, limit: int) -> list[dict]:
         with self._lock:

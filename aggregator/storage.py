@@ -3,8 +3,9 @@
 Rounds, devices and routes use only `Storage`; `SqliteStorage` (aggregator/sqlite_storage.py)
 is the one implementation. Another (PostgreSQL, say) implements these methods with the
 same guarantees and is chosen in `open_storage`, and nothing else changes. The
-guarantee every implementation keeps: `record_round` writes a round, and the model and
-optimiser state it produced, atomically, so after a crash either all are there or none.
+guarantee every implementation keeps: `record_round` writes a round, and the model,
+optimiser state and DP-FTRL noise state it produced, atomically, so after a crash either
+all are there or none.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ class Storage(Protocol):
 
     def save_initial_model(self, weights: bytes) -> None: ...
 
-    def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None) -> None:
-        """A finished round, with the model and optimiser state it produced if it succeeded, atomically; in the
-        same transaction, the model versions no longer kept are deleted."""
+    def noise_state(self) -> tuple[int, bytes] | None:
+        """(model version, DP-FTRL noise state committed with that version), or None."""
+
+    def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None,
+                     noise_state: bytes | None = None) -> None:
+        """A finished round, with the model, optimiser state and DP-FTRL noise state it produced if it succeeded,
+        atomically; in the same transaction, the model versions no longer kept are deleted."""
 
     def enrol_device(self, device_id: str, token_sha256: str) -> None: ...
 
@@ -50,6 +55,12 @@ class Storage(Protocol):
 
     def privacy_events(self) -> list[tuple[float, float]]:
         """(sampling rate, noise multiplier) of every round that released a differentially private model."""
+
+    def dp_mechanisms(self) -> set[str]:
+        """The differential privacy mechanisms the closed rounds were released with."""
+
+    def last_participations(self) -> dict[str, int]:
+        """Device id -> the DP-FTRL step of the last released round it reported in (for the minimum separation)."""
 
     def recent_rounds(self, limit: int) -> list[dict]: ...
 

@@ -1,7 +1,9 @@
 """Secure aggregation's cost: per phone, on the server, in bytes, and on a whole round of 100 phones.
 
 1. The protocol alone, for a cohort of 130 selected phones (a goal of 100 with 1.3 over-selection) and the
-   default model: each phone's time to make its shares, mask its input and reveal its shares, and the server's
+   default model: each phone's time to make its shares (checking its neighbours' key signatures), mask its input,
+   sign the survivor set (the consistency round) and reveal its shares (checking the survivor-set signatures),
+   and the server's
    time to unmask the sum when 30 phones shared but did not report (the late ones of an over-selected round).
 2. Whole rounds: the fleet of `benchmarks/fleet.py` (10,000 phones, in-process, simulated clock, goal 100),
    with and without secure aggregation; rounds' wall time and bytes up per reporting phone.
@@ -28,7 +30,7 @@ from aggregator.inprocess import InProcessClient
 from device_sim.session import update_bytes
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.model import ModelConfig, build_model
-from keyboard_model.secagg import Layout, RingEncoding, masked_layout
+from keyboard_model.secagg import Directory, IdentityKey, Layout, RingEncoding, masked_layout
 from keyboard_model.weights import parameter_shapes
 
 COHORT, GOAL = 130, 100
@@ -38,11 +40,15 @@ TARGETS = {"wall time": 2.0, "bytes up": 1.1}
 def protocol_costs(layout: Layout) -> dict[str, float]:
     """Seconds per phone for each step, the server's unmasking, and bytes each reporting phone sends."""
     server = SecureAggregation(round_number=1, layout=layout, graph_seed=7)
-    phones = [SecAggPhone(round_number=1) for _ in range(COHORT)]
+    directory, phones = Directory(), []
+    for k in range(COHORT):
+        identity = IdentityKey.generate()
+        directory.register(f"device-{k:03d}", identity.public())
+        phones.append(SecAggPhone(1, f"device-{k:03d}", identity, directory))
     for k, phone in enumerate(phones):
-        server.advertise(f"device-{k:03d}", phone.advertise())
+        server.advertise(f"device-{k:03d}", *phone.advertise())
     roster = server.close_advertising()
-    timings: dict[str, list[float]] = {"share": [], "mask": [], "reveal": []}
+    timings: dict[str, list[float]] = {"share": [], "mask": [], "confirm": [], "reveal": []}
     sealed_bytes = []
     for k, phone in enumerate(phones):
         started = time.perf_counter()
@@ -60,10 +66,16 @@ def protocol_costs(layout: Layout) -> dict[str, float]:
         timings["mask"].append(time.perf_counter() - started)
         server.add_masked_input(k, masked)
     reported = server.close_collection()
+    for k, phone in enumerate(phones[:GOAL]):
+        started = time.perf_counter()
+        signature = phone.confirm(reported)
+        timings["confirm"].append(time.perf_counter() - started)
+        server.add_confirmation(k, signature)
+    server.close_confirming()
     reveal_bytes = []
     for k, phone in enumerate(phones[:GOAL]):
         started = time.perf_counter()
-        shares = phone.reveal(server.incoming(k), shared, reported)
+        shares = phone.reveal(server.incoming(k), shared, reported, server.confirmations_for(k))
         timings["reveal"].append(time.perf_counter() - started)
         reveal_bytes.append(sum(len(s.value) + 2 for s in shares.values()))
         server.add_reveals(k, shares)
@@ -74,7 +86,8 @@ def protocol_costs(layout: Layout) -> dict[str, float]:
         "degree": roster.parameters.degree, "threshold": roster.parameters.threshold,
         **{f"{step}_s": statistics.mean(values) for step, values in timings.items()},
         "unmask_s": unmask_s,
-        "bytes_up": 64 + statistics.mean(sealed_bytes) + layout.nbytes + statistics.mean(reveal_bytes),
+        # Keys (64) and their signature (64), sealed shares, the masked input, the survivor-set signature (64), shares.
+        "bytes_up": 64 + 64 + statistics.mean(sealed_bytes) + layout.nbytes + 64 + statistics.mean(reveal_bytes),
     }
 
 
@@ -125,7 +138,7 @@ def main() -> None:
     print(f"protocol, cohort {COHORT} (graph degree {costs['degree']}, threshold {costs['threshold']}), goal {GOAL}, "
           f"ring 2^{args.ring_bits}, {layout.nbytes:,} bytes masked per phone:")
     print(f"  per phone: shares {1000 * costs['share_s']:.0f} ms, masking {1000 * costs['mask_s']:.0f} ms, "
-          f"revealing {1000 * costs['reveal_s']:.0f} ms")
+          f"signing the survivors {1000 * costs['confirm_s']:.1f} ms, revealing {1000 * costs['reveal_s']:.0f} ms")
     print(f"  server: unmasking the sum with {COHORT - GOAL} phones dropped after sharing: {costs['unmask_s']:.2f} s")
     print(f"  bytes up per reporting phone: {costs['bytes_up'] / 1e6:.2f} MB = {costs['bytes_up'] / float32:.2f}x the "
           f"float32 update ({float32 / 1e6:.2f} MB), {costs['bytes_up'] / int8:.2f}x the int8 one "

@@ -12,8 +12,10 @@ and due (pace steering told them when to come back) check in. The selected ones:
   (device_sim/phone.py).
 In a round with secure aggregation, a selected phone first sends its keys and, once the
 cohort is fixed, its sealed shares; it trains when the round starts collecting masked
-inputs, and reveals its shares when unmasking starts. A phone that vanishes may then do
-so at any of these steps.
+inputs, signs the survivor set when collection closes, and reveals its shares when
+unmasking starts. A phone that vanishes may then do so at any of these steps. The phones'
+identity keys are registered in a directory beside their folders (`Phone.identity_directory`),
+which the aggregator never sees.
 Phones really train, on the executor the fleet is given (`device_sim/executor.py`; by
 default one single-threaded worker process per core); every request to the aggregator
 goes through the client, over HTTP in service mode or by function call in in-process

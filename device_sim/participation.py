@@ -6,7 +6,10 @@ browser is a phone" (web_demo/browser_phone.py) alike:
   evaluation and the update, or abort;
 - in a secure round (keyboard_model/secagg.py), "keys" at once; "share" once the
   cohort is fixed; "train" once the round collects masked inputs, the upload masked;
-  "reveal" once unmasking starts, if its input was counted.
+  "confirm" (sign the survivor set) once collection closes, if its input was counted;
+  "reveal" once unmasking starts, if it confirmed. A phone whose checks of the server's
+  messages fail (device_sim/secure_aggregation.py) stops there: to the round it is a
+  phone that dropped out.
 `next_step` says what the phone may do now (asking the aggregator where a secure round
 is); the phone chooses when: the fleet on simulated ticks, with phones that lose their
 network between steps; the browser phone at once (`run`). Training is the caller's,
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from aggregator.api.client import AggregatorRefusedError
 from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import CheckinResponse, SecAggState
+from keyboard_model.secagg import SecAggError
 from device_sim.phone import Phone
 from device_sim.secure_aggregation import SecAggPhone
 from device_sim.session import LocalWork
@@ -33,10 +37,10 @@ GONE = (401, 409)
 # Answers that refuse what a phone sent (an update over the aggregator's norm bound, one too large): its part in the
 # round is over, as a real phone's would be, and the fleet goes on.
 REFUSED = (413, 422)
-SECURE_STEPS = ("keys", "share", "train", "reveal")
+SECURE_STEPS = ("keys", "share", "train", "confirm", "reveal")
 # In a secure round, after each step: (the phase in which the phone waits, the phase of its next step, that step).
 _AFTER = {"keys": ("advertise", "share", "share"), "share": ("share", "collect", "train"),
-          "sent": ("collect", "unmask", "reveal")}
+          "sent": ("collect", "confirm", "confirm"), "confirm": ("confirm", "unmask", "reveal")}
 
 
 @dataclass
@@ -44,16 +48,20 @@ class Participant:
     phone: Phone
     client: Aggregator
     decision: CheckinResponse
-    # The last step taken: "selected", "keys", "share", "train" (training now), "sent" (its update), "over".
+    # The last step taken: "selected", "keys", "share", "train" (training now), "sent" (its update), "confirm",
+    # "over".
     done: str = "selected"
     secagg: SecAggPhone | None = field(default=None, init=False)
     state: SecAggState | None = field(default=None, init=False)
     outcome: str | None = field(default=None, init=False)  # what became of its update: see `send`
+    secagg_error: str | None = field(default=None, init=False)  # why it stopped, if the server's messages failed a check
     work: LocalWork | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.decision.secure_aggregation:
-            self.secagg = SecAggPhone(self.decision.round)
+            identity, directory, device_id = self.phone.identity(), self.phone.identity_directory(), self.phone.device_id()
+            directory.register(device_id, identity.public())  # the directory, not the aggregator, vouches for it
+            self.secagg = SecAggPhone(self.decision.round, device_id, identity, directory)
 
     @property
     def round(self) -> int:
@@ -75,26 +83,33 @@ class Participant:
         waiting, next_phase, step = _AFTER[self.done]
         if self.state.phase == waiting:
             return None
-        if self.state.phase == next_phase and (step != "reveal" or self.state.index in (self.state.reported or [])):
+        if self.state.phase == next_phase and (step not in ("confirm", "reveal")
+                                               or self.state.index in (self.state.reported or [])):
             return step
         # The round moved past this phone's next step (it missed sharing, or its input was not counted) or ended.
         self.done = "over"
         return "over"
 
     def take(self, step: str) -> None:
-        """Send a message step: "keys", "share" or "reveal"."""
+        """Send a message step: "keys", "share", "confirm" or "reveal"."""
         client, token, secagg = self.client, self.decision.upload_token, self.secagg
         try:
             if step == "keys":
                 client.secagg_keys(self.round, token, secagg.keys_message())
             elif step == "share":
                 client.secagg_shares(self.round, token, secagg.shares_message(self.state))
+            elif step == "confirm":
+                client.secagg_confirm(self.round, token, secagg.confirm_message(self.state))
             elif step == "reveal":
                 client.secagg_reveal(self.round, token, secagg.reveal_message(self.state))
             else:
                 raise ValueError(f"{step!r} is not a message step")
         except AggregatorRefusedError as refused:
             self._gone(refused)
+            return
+        except SecAggError as error:  # the server's messages failed this phone's checks: it stops, saying nothing
+            self.secagg_error = str(error)
+            self.done = "over"
             return
         self.done = "over" if step == "reveal" else step
 

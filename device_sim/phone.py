@@ -29,6 +29,7 @@ from device_sim.secure_aggregation import SecAggPhone
 from device_sim.session import LocalWork, RoundInput, local_work, phone_mods
 from keyboard_model.errors import UserFacingError
 from keyboard_model.files import write_atomically
+from keyboard_model.secagg import Directory, IdentityKey
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import model_from_bytes
@@ -70,6 +71,24 @@ class Phone:
             else:
                 self._enrol(client)
         return self._device_token
+
+    def device_id(self) -> str:
+        """The id the aggregator gave this phone at its (latest) enrolment."""
+        return json.loads(self.credentials_path.read_text())["device_id"]
+
+    def identity(self) -> IdentityKey:
+        """This phone's Ed25519 identity key, made once and kept in its folder (`identity.key`). Secure aggregation
+        signs with it; its public half is what the phones' directory (`identity_directory`) holds."""
+        path = self.credentials_path.parent / "identity.key"
+        if not path.exists():
+            write_atomically(path, IdentityKey.generate().private)
+        return IdentityKey(path.read_bytes())
+
+    def identity_directory(self) -> Directory:
+        """The directory of identity keys the phones trust: in the simulation a folder beside the phones' folders
+        (`identity-directory`), shared by the phones of one host and never by the aggregator, standing in for a
+        PKI run by someone other than the aggregator (the phones' maker, say)."""
+        return Directory(self.credentials_path.parent.parent / "identity-directory")
 
     def _enrol(self, client: Aggregator) -> str:
         enrolment = client.enrol()

@@ -1,10 +1,24 @@
 """A phone's side of secure aggregation for one round (see keyboard_model/secagg.py for the protocol).
 
-The phone sends, in order: its two public keys; its neighbours' shares of its two
-seeds, each sealed for that neighbour; its masked input; and, once the server says
-who reported, one share per neighbour: of the self-mask seed of a neighbour that
-reported, or of the masking seed of one that did not. It refuses to reveal anything
-that would let the server remove both masks of any one phone.
+The phone sends, in order: its two public keys, signed with its identity key; its
+neighbours' shares of its two seeds, each sealed for that neighbour; its masked input;
+its signature of the set of survivors (the phones whose masked inputs count) the server
+told it; and one share per neighbour: of the self-mask seed of a neighbour that
+survived, or of the masking seed of one that did not.
+
+It does not trust the server (Bonawitz et al. 2017, the active-adversary protocol):
+- it uses a neighbour's keys only if their signature verifies against the identity key
+  the directory (not the server) holds for that neighbour's device id;
+- it signs one survivor set per round, and reveals shares only for that set, and only
+  once the server hands it, for each neighbour whose share it reveals, valid signatures
+  of that same set from more than half that neighbour's neighbours. Honest phones sign
+  one set each, so no two honest phones reveal shares of one phone under two different
+  sets: the server cannot get a phone's self-mask shares from some neighbours and its
+  masking-seed shares from others;
+- it remembers which kind of share it revealed for each neighbour, and never reveals
+  the other kind.
+Any failed check raises SecAggError: the phone stops, and the round goes on without it,
+as without a phone that dropped out.
 """
 
 from __future__ import annotations
@@ -15,9 +29,19 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_numpy
 
-from aggregator.api.schemas import EvaluationReport, RevealedShare, SecAggKeys, SecAggReveal, SecAggShares, SecAggState
+from aggregator.api.schemas import (
+    EvaluationReport,
+    RevealedShare,
+    SecAggConfirm,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
+    SecAggState,
+)
 from keyboard_model.secagg import (
+    Directory,
     GraphParameters,
+    IdentityKey,
     Layout,
     Masked,
     PublicKeys,
@@ -28,6 +52,7 @@ from keyboard_model.secagg import (
     Share,
     SharePair,
     add_mask,
+    keys_statement,
     masked_layout,
     open_shares,
     pairwise_seed,
@@ -36,6 +61,7 @@ from keyboard_model.secagg import (
     seal_shares,
     share_cipher_key,
     split_secret,
+    survivors_statement,
 )
 from keyboard_model.norms import clip_to_norm
 from keyboard_model.weights import Tensors
@@ -44,26 +70,45 @@ from keyboard_model.weights import Tensors
 @dataclass
 class SecAggPhone:
     round_number: int
+    device_id: str
+    identity: IdentityKey
+    directory: Directory
     secrets: RoundSecrets = field(default_factory=RoundSecrets.generate)
     roster: Roster | None = None
     index: int | None = None
     masked: bool = False
+    confirmed: tuple[int, ...] | None = None  # the survivor set this phone signed, once
+    revealed_kinds: dict[int, str] = field(default_factory=dict)  # neighbour -> "self_mask" or "masking"
 
-    def advertise(self) -> PublicKeys:
-        return self.secrets.public()
+    def advertise(self) -> tuple[PublicKeys, bytes]:
+        """The round's public keys, and their signature under this phone's identity key."""
+        keys = self.secrets.public()
+        return keys, self.identity.sign(keys_statement(self.round_number, self.device_id, keys))
 
     def share(self, roster: Roster) -> dict[int, bytes]:
-        """Sealed share pairs for each neighbour, by the neighbour's cohort index."""
+        """Sealed share pairs for each neighbour, by the neighbour's cohort index. First checks that the roster
+        lists this phone's own keys under its device id, and that each neighbour's keys are signed by the identity
+        key the directory holds for that neighbour's device id."""
         own = self.secrets.public()
+        if self.roster is not None and self.roster != roster:
+            raise SecAggError("this phone already shared its seeds under another roster")
         if roster.round_number != self.round_number or roster.keys.count(own) != 1:
             raise SecAggError("this roster is not for this phone's round, or lists its keys other than once")
-        self.roster, self.index = roster, roster.keys.index(own)
-        mine = roster.neighbours()[self.index]
+        index = roster.keys.index(own)
+        if (len(roster.device_ids) != len(roster.keys) or len(roster.signatures) != len(roster.keys)
+                or len(set(roster.device_ids)) != len(roster.device_ids) or roster.device_ids[index] != self.device_id):
+            raise SecAggError("the roster does not name each phone once, with a signature, and this one as itself")
+        mine = roster.neighbours()[index]
+        for v in mine:
+            self.directory.verify(roster.device_ids[v], keys_statement(self.round_number, roster.device_ids[v],
+                                                                       roster.keys[v]), roster.signatures[v])
+        self.roster, self.index = roster, index
         threshold = roster.parameters.threshold
         self_mask_shares = split_secret(self.secrets.self_mask_seed, threshold, len(mine))
         masking_shares = split_secret(self.secrets.masking_seed, threshold, len(mine))
+        digest = roster.digest()
         return {
-            v: seal_shares(self._cipher_key(v), SharePair(b, s), self.round_number, self.index, v)
+            v: seal_shares(self._cipher_key(v), SharePair(b, s), self.round_number, self.index, v, digest)
             for v, b, s in zip(mine, self_mask_shares, masking_shares)
         }
 
@@ -82,24 +127,68 @@ class SecAggPhone:
         self.masked = True
         return masked
 
-    def reveal(self, incoming: dict[int, bytes], shared: list[int], reported: list[int]) -> dict[int, Share]:
+    def confirm(self, reported: list[int]) -> bytes:
+        """The consistency round: this phone's signature of the survivor set the server reports to it (by device
+        id). A phone signs one set per round; asked to sign another, it refuses."""
+        roster, u = self._roster(), self.index
+        if not self.masked or u not in reported:
+            raise SecAggError("a phone confirms survivors only after its own masked input was counted")
+        if not set(reported) <= set(range(len(roster.keys))):
+            raise SecAggError("the survivor set names phones outside the cohort")
+        survivors = tuple(sorted(set(reported)))
+        if self.confirmed is not None and self.confirmed != survivors:
+            raise SecAggError("this phone already signed another survivor set for this round")
+        self.confirmed = survivors
+        return self.identity.sign(self._survivors_statement(survivors))
+
+    def reveal(self, incoming: dict[int, bytes], shared: list[int], reported: list[int],
+               confirmations: dict[int, bytes]) -> dict[int, Share]:
         """For each neighbour that shared with this phone: the share of its self-mask seed if it reported, of its
-        masking seed if it did not. `incoming` holds the sealed pairs the neighbours sent, by sender."""
+        masking seed if it did not. `incoming` holds the sealed pairs the neighbours sent, by sender;
+        `confirmations` the survivor-set signatures the server collected, by signer. Reveals nothing unless
+        `reported` is the set this phone signed, at least the threshold of its own neighbours signed that set,
+        and, for each neighbour whose share it reveals, more than half of that neighbour's neighbours did; and
+        never the other kind of share of a neighbour than it revealed before."""
         roster, u = self._roster(), self.index
         if not self.masked or u not in reported:
             raise SecAggError("a phone reveals shares only after its own masked input was counted")
+        if self.confirmed is None or tuple(sorted(set(reported))) != self.confirmed:
+            raise SecAggError("the survivor set differs from the one this phone signed: no share is revealed")
         if not set(reported) <= set(shared):
             raise SecAggError("the server says phones reported that never shared")
         if len(reported) <= roster.parameters.threshold:
             raise SecAggError(f"only {len(reported)} phones reported, too few for the threshold "
                               f"{roster.parameters.threshold}: no share is revealed")
-        revealed = {}
-        for v in set(roster.neighbours()[u]) & set(shared):
+        graph = roster.neighbours()
+        statement = self._survivors_statement(self.confirmed)
+        signed = {u}
+        for signer, signature in confirmations.items():
+            if signer != u and signer in reported:
+                self.directory.verify(roster.device_ids[signer], statement, signature)  # a bad one: abort
+                signed.add(signer)
+        if len(signed & set(graph[u])) < roster.parameters.threshold:
+            raise SecAggError("fewer than the threshold of this phone's neighbours signed the survivor set it was "
+                              "told: no share is revealed")
+        kinds = {}
+        for v in set(graph[u]) & set(shared):
+            if 2 * len(signed & set(graph[v])) <= len(graph[v]):
+                raise SecAggError(f"no majority of phone {v}'s neighbours signed the survivor set this phone was "
+                                  "told: no share is revealed")
+            kinds[v] = "self_mask" if v in reported else "masking"
+            if self.revealed_kinds.get(v, kinds[v]) != kinds[v]:
+                raise SecAggError(f"this phone revealed the other share of phone {v} already: it never reveals both")
+        revealed, digest = {}, roster.digest()
+        for v, kind in kinds.items():
             if v not in incoming:
                 raise SecAggError(f"the server withheld the shares phone {v} sent")
-            pair = open_shares(self._cipher_key(v), incoming[v], self.round_number, v, u)
-            revealed[v] = pair.self_mask if v in reported else pair.masking
+            pair = open_shares(self._cipher_key(v), incoming[v], self.round_number, v, u, digest)
+            revealed[v] = pair.self_mask if kind == "self_mask" else pair.masking
+        self.revealed_kinds.update(kinds)
         return revealed
+
+    def _survivors_statement(self, survivors: tuple[int, ...]) -> bytes:
+        ids = self._roster().device_ids
+        return survivors_statement(self.round_number, self._roster().digest(), [ids[v] for v in survivors])
 
     def _cipher_key(self, peer: int) -> bytes:
         return share_cipher_key(self.secrets.cipher_key, self._roster().keys[peer].cipher, self.round_number)
@@ -112,15 +201,16 @@ class SecAggPhone:
     # --- the same steps, in and out of the aggregator's messages ---
 
     def keys_message(self) -> SecAggKeys:
-        keys = self.advertise()
-        return SecAggKeys(cipher=keys.cipher, masking=keys.masking)
+        keys, signature = self.advertise()
+        return SecAggKeys(cipher=keys.cipher, masking=keys.masking, signature=signature)
 
     def shares_message(self, state: SecAggState) -> SecAggShares:
         if state.roster is None:
             raise SecAggError("the round's roster is not fixed yet")
         roster = Roster(state.round, [PublicKeys(c, m) for c, m in zip(state.roster.cipher_keys,
                                                                       state.roster.masking_keys)],
-                        GraphParameters(state.roster.degree, state.roster.threshold), state.roster.graph_seed)
+                        GraphParameters(state.roster.degree, state.roster.threshold), state.roster.graph_seed,
+                        tuple(state.roster.device_ids), tuple(state.roster.signatures))
         return SecAggShares(sealed=self.share(roster))
 
     def masked_upload(self, delta: Tensors, evaluation: EvaluationReport | None, state: SecAggState,
@@ -137,8 +227,13 @@ class SecAggPhone:
         inputs = {"update": encoding.encode(flat, np.random.default_rng(seed)), "counts": np.array(counts, np.uint32)}
         return save_numpy(self.mask(inputs, state.shared, masked_layout(encoding)))
 
+    def confirm_message(self, state: SecAggState) -> SecAggConfirm:
+        if state.reported is None:
+            raise SecAggError("the round has not fixed its survivors yet")
+        return SecAggConfirm(signature=self.confirm(state.reported))
+
     def reveal_message(self, state: SecAggState) -> SecAggReveal:
-        if state.reported is None or state.shared is None or state.incoming is None:
+        if state.reported is None or state.shared is None or state.incoming is None or state.confirmations is None:
             raise SecAggError("the round is not unmasking this phone's neighbours")
-        revealed = self.reveal(dict(state.incoming), state.shared, state.reported)
+        revealed = self.reveal(dict(state.incoming), state.shared, state.reported, dict(state.confirmations))
         return SecAggReveal(shares={v: RevealedShare(x=share.x, value=share.value) for v, share in revealed.items()})

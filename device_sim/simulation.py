@@ -219,7 +219,8 @@ def _progress_bar(config: SimulationConfig, show: bool) -> tqdm:
 
 
 # What the aggregator recorded of a round, copied into metrics.jsonl beside the fleet's own view.
-SERVER_COUNTS = ("selected", "reported", "aborted", "dropped", "late", "bytes_up", "bytes_down", "epsilon", "dp_delta")
+SERVER_COUNTS = ("selected", "reported", "aborted", "dropped", "late", "bytes_up", "bytes_down", "epsilon", "dp_delta",
+                 "rho")
 
 
 def _round_line(

@@ -22,6 +22,7 @@ from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.test_secure_rounds import (
     Device,
     assert_mean_within_rounding,
+    confirm_all,
     finished_round,
     random_delta,
     until_collecting,
@@ -63,7 +64,8 @@ def unmasking_round(client: InProcessClient, devices: int):
     deltas = [random_delta(parameter_shapes(before.state_dict()), seed) for seed in range(devices)]
     for seed, (device, delta) in enumerate(zip(members, deltas)):
         device.upload(delta, None, seed)
-    wait_for_phase(members[0], "unmask")
+    wait_for_phase(members[0], "confirm")
+    confirm_all(members)
     return members, deltas, state, before.state_dict()
 
 
@@ -152,11 +154,11 @@ def test_a_failed_commit_leaves_the_model_and_the_momentum_as_they_were(
     devices = [flaky.authenticate(flaky.enrol()[1]) for _ in range(2)]
     record_round, failures = flaky.storage.record_round, []
 
-    def fail_once(summary, weights, optimizer_state):
+    def fail_once(summary, weights, optimizer_state, noise_state=None):
         if weights is not None and not failures:
             failures.append(summary["round"])
             raise OSError("disk full")
-        record_round(summary, weights, optimizer_state)
+        record_round(summary, weights, optimizer_state, noise_state)
 
     flaky.storage.record_round = fail_once
     run_round(flaky, devices, 0.01)  # its commit fails: recorded as failed, nothing of it kept

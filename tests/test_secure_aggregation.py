@@ -9,6 +9,8 @@ import pytest
 from aggregator.secure_aggregation import SecureAggregation
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.secagg import (
+    Directory,
+    IdentityKey,
     Layout,
     Masked,
     RingEncoding,
@@ -21,7 +23,17 @@ from keyboard_model.secagg import (
 LENGTH = 5_000
 # A secure round's two rings: the update in bytes, the counts in 32-bit words.
 LAYOUT = Layout((("update", "uint8", LENGTH), ("counts", "uint32", 3)))
-PHASES = ("advertise", "share", "collect", "unmask")
+PHASES = ("advertise", "share", "collect", "confirm", "unmask")
+
+
+def enrolled_phones(cohort: int, round_number: int = 7) -> dict[int, SecAggPhone]:
+    """Phones `device-000`... with identity keys in one directory (the PKI they trust; the server has no part in it)."""
+    directory, phones = Directory(), {}
+    for k in range(cohort):
+        identity = IdentityKey.generate()
+        directory.register(f"device-{k:03d}", identity.public())
+        phones[k] = SecAggPhone(round_number, f"device-{k:03d}", identity, directory)
+    return phones
 
 
 def run_round(cohort: int, drop: dict[str, set[int]] | None = None, seed: int = 0, layout: Layout = LAYOUT):
@@ -33,13 +45,13 @@ def run_round(cohort: int, drop: dict[str, set[int]] | None = None, seed: int = 
     inputs = {k: {name: rng.integers(0, np.iinfo(dtype).max, length, dtype=dtype, endpoint=True)
                   for name, dtype, length in layout.arrays} for k in range(cohort)}
     server = SecureAggregation(round_number=7, layout=layout, graph_seed=seed)
-    phones = {k: SecAggPhone(round_number=7) for k in range(cohort)}
+    phones = enrolled_phones(cohort)
     device = {k: f"device-{k:03d}" for k in range(cohort)}  # sorted ids, so cohort index == k
     try:
         gone |= drop["advertise"]
         for k, phone in phones.items():
             if k not in gone:
-                server.advertise(device[k], phone.advertise())
+                server.advertise(device[k], *phone.advertise())
         roster = server.close_advertising()
         index = {k: server.index_of(device[k]) for k in phones if k not in gone}
         gone |= drop["share"]
@@ -52,10 +64,16 @@ def run_round(cohort: int, drop: dict[str, set[int]] | None = None, seed: int = 
             if k not in gone:
                 server.add_masked_input(index[k], phones[k].mask(inputs[k], shared, layout))
         reported = server.close_collection()
-        gone |= drop["unmask"]
+        gone |= drop["confirm"]
         for k in index:
             if k not in gone and index[k] in reported:
-                server.add_reveals(index[k], phones[k].reveal(server.incoming(index[k]), shared, reported))
+                server.add_confirmation(index[k], phones[k].confirm(reported))
+        server.close_confirming()
+        gone |= drop["unmask"]
+        for k in index:
+            if k not in gone and index[k] in server.confirmations:
+                server.add_reveals(index[k], phones[k].reveal(server.incoming(index[k]), shared, reported,
+                                                              server.confirmations_for(index[k])))
         return server, phones, inputs, server.unmasked_sum()
     except SecAggError as error:
         return server, phones, inputs, error
@@ -88,7 +106,7 @@ def test_a_third_dropping_out_at_any_step_still_gives_the_sum_of_those_that_repo
     dropped = set(range(0, cohort, 3)[: cohort // 3])  # a third, spread over the cohort
     server, _, inputs, total = run_round(cohort, {phase: dropped}, seed=cohort)
     assert not isinstance(total, SecAggError), total
-    counted = set(range(cohort)) if phase == "unmask" else set(range(cohort)) - dropped
+    counted = set(range(cohort)) if phase in ("confirm", "unmask") else set(range(cohort)) - dropped
     assert_equal(total, plain_sum(inputs, counted))
     assert [server.devices[i] for i in server.reported] == [f"device-{k:03d}" for k in sorted(counted)]
 
@@ -137,7 +155,8 @@ def test_a_masked_input_is_statistically_unrelated_to_the_input():
     assert chi_square(masked) < 350
     assert abs(np.corrcoef(masked["update"].astype(np.float64), x["update"].astype(np.float64))[0, 1]) < 0.02
     # Two very different inputs give uploads with the same (uniform) look: nothing tells them apart.
-    again = SecAggPhone(round_number=7, secrets=phone.secrets, roster=phone.roster, index=phone.index)
+    again = SecAggPhone(7, phone.device_id, phone.identity, phone.directory, secrets=phone.secrets,
+                        roster=phone.roster, index=phone.index)
     assert chi_square(again.mask(layout.zeros(), server.shared, layout)) < 350
 
 
@@ -146,21 +165,24 @@ def test_a_phone_reveals_only_one_secret_per_neighbour_and_refuses_inconsistent_
     phone = phones[0]
     incoming = server.incoming(0)
     reported = [k for k in server.shared if k != 2]
-    revealed = phone.reveal(incoming, server.shared, reported)
+    confirmations = server.confirmations_for(0)
+    revealed = phone.reveal(incoming, server.shared, reported, confirmations)
     # For the phone that did not report, its masking-seed share; for the others, their self-mask-seed share.
     for owner, share in revealed.items():
         pair = phone_pair(phone, incoming, owner)
         assert share == (pair.masking if owner == 2 else pair.self_mask)
     with pytest.raises(SecAggError, match="never shared"):
-        phone.reveal(incoming, [k for k in server.shared if k != 3], reported)
-    with pytest.raises(SecAggError, match="threshold"):
-        phone.reveal(incoming, server.shared, [0] + [k for k in reported if k != 0][: server.parameters.threshold - 2])
+        phone.reveal(incoming, [k for k in server.shared if k != 3], reported, confirmations)
+    with pytest.raises(SecAggError, match="differs from the one this phone signed"):
+        phone.reveal(incoming, server.shared, [0] + [k for k in reported if k != 0][: server.parameters.threshold - 2],
+                     confirmations)
 
 
 def phone_pair(phone: SecAggPhone, incoming: dict[int, bytes], sender: int):
     from keyboard_model.secagg import open_shares  # noqa: PLC0415
 
-    return open_shares(phone._cipher_key(sender), incoming[sender], phone.round_number, sender, phone.index)
+    return open_shares(phone._cipher_key(sender), incoming[sender], phone.round_number, sender, phone.index,
+                       phone.roster.digest())
 
 
 def test_sealed_shares_cannot_be_altered_or_redirected():
@@ -169,12 +191,12 @@ def test_sealed_shares_cannot_be_altered_or_redirected():
     sender, sealed = next(iter(incoming.items()))
     tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
     with pytest.raises(SecAggError, match="do not open"):
-        phones[0].reveal({**incoming, sender: tampered}, server.shared, server.reported)
+        phones[0].reveal({**incoming, sender: tampered}, server.shared, server.reported, server.confirmations_for(0))
     # Phone 1's shares for phone 0, handed to phone 1's other neighbour instead, do not open there either.
     other = next(k for k in server.incoming(1) if k != 0 and k in server.incoming(0))
     misdirected = {**server.incoming(other), 1: server.incoming(0)[1]}
     with pytest.raises(SecAggError, match="do not open"):
-        phones[other].reveal(misdirected, server.shared, server.reported)
+        phones[other].reveal(misdirected, server.shared, server.reported, server.confirmations_for(other))
 
 
 def test_the_graph_is_sparse_for_large_cohorts_symmetric_and_regular():

@@ -13,9 +13,13 @@ from safetensors.torch import save
 from aggregator.api.schemas import EvaluationReport, SecAggShares
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from device_sim.secure_aggregation import SecAggPhone
-from keyboard_model.secagg import RingEncoding, SecAggError
+from keyboard_model.secagg import Directory, IdentityKey, RingEncoding, SecAggError
 from keyboard_model.norms import clip_to_norm
 from keyboard_model.weights import model_from_bytes, parameter_shapes
+
+
+# The identity keys the test's devices trust (the aggregator never sees it); device ids are random, so one will do.
+DIRECTORY = Directory()
 
 
 class Device:
@@ -23,10 +27,13 @@ class Device:
 
     def __init__(self, client: AggregatorClient) -> None:
         self.client = client
-        decision = client.checkin(client.enrol().device_token)
+        enrolment = client.enrol()
+        decision = client.checkin(enrolment.device_token)
         assert decision.action == "train" and decision.secure_aggregation
         self.round, self.token = decision.round, decision.upload_token
-        self.part = SecAggPhone(self.round)
+        identity = IdentityKey.generate()
+        DIRECTORY.register(enrolment.device_id, identity.public())
+        self.part = SecAggPhone(self.round, enrolment.device_id, identity, DIRECTORY)
 
     def state(self):
         return self.client.secagg_state(self.round, self.token)
@@ -40,6 +47,9 @@ class Device:
     def upload(self, delta, evaluation: EvaluationReport, seed: int):
         data = self.part.masked_upload(delta, evaluation, self.state(), seed)
         return self.client.upload(self.round, self.token, data)
+
+    def confirm(self) -> None:
+        self.client.secagg_confirm(self.round, self.token, self.part.confirm_message(self.state()))
 
     def reveal(self) -> None:
         self.client.secagg_reveal(self.round, self.token, self.part.reveal_message(self.state()))
@@ -61,6 +71,13 @@ def until_collecting(devices: list[Device]):
     for device in devices:
         device.send_shares()
     return wait_for_phase(devices[0], "collect")
+
+
+def confirm_all(devices: list[Device]):
+    """The consistency round: all `devices` sign the survivor set; returns the state once unmasking opens."""
+    for device in devices:
+        device.confirm()
+    return wait_for_phase(devices[0], "unmask")
 
 
 def finished_round(client: AggregatorClient, timeout_s: float = 20.0):
@@ -122,10 +139,11 @@ def test_drop_outs_before_sharing_before_uploading_and_late_still_give_the_mean_
     evaluations = [EvaluationReport(model_version=0, positions=100 + k, hits_at_1=k, hits_at_3=2 * k) for k in range(5)]
     answers = [d.upload(delta, e, seed) for seed, (d, delta, e) in enumerate(zip(reporters, deltas, evaluations))]
     assert [a.round_closed for a in answers] == [False] * 5  # the round closes after unmasking
-    assert wait_for_phase(reporters[0], "unmask").reported is not None
+    assert wait_for_phase(reporters[0], "confirm").reported is not None
     with pytest.raises(AggregatorRefusedError) as late:
         no_upload.upload(deltas[0], evaluations[0], seed=9)
     assert late.value.status_code == 409
+    assert confirm_all(reporters).confirmations is not None
     for device in reporters:
         device.reveal()
 
@@ -150,6 +168,7 @@ def test_devices_dropping_out_while_unmasking_leave_enough_shares(
     deltas = [random_delta(shapes, 10 + k) for k in range(6)]
     for k, device in enumerate(devices):
         device.upload(deltas[k], None, seed=k)
+    confirm_all(devices)
     for device in devices[:4]:  # a third never reveal
         device.reveal()
     summary = finished_round(client)
@@ -190,6 +209,7 @@ def test_with_differential_privacy_the_unmasked_sum_gets_its_noise_exactly_once(
     deltas = [random_delta(shapes, 20 + k) for k in range(4)]  # norms well above 0.5: clipped on the phone
     for k, device in enumerate(devices):
         device.upload(deltas[k], None, seed=k)
+    confirm_all(devices)
     for device in devices:
         device.reveal()
     summary = finished_round(client)
@@ -216,7 +236,8 @@ def test_a_tiny_cohort_collects_past_its_goal_until_the_reporters_can_unmask_eac
     devices[1].upload(deltas[1], None, seed=1)
     assert devices[0].state().phase == "collect"
     devices[2].upload(deltas[2], None, seed=2)
-    assert devices[0].state().phase == "unmask"
+    assert devices[0].state().phase == "confirm"
+    confirm_all(devices)
     for device in devices:
         device.reveal()
     (summary,) = client.status().recent_rounds

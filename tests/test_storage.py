@@ -93,10 +93,12 @@ def test_the_child_aggregator_is_told_what_to_keep(tmp_path, small_tokenizer_pat
     from aggregator.cli import add_arguments, round_settings
     from aggregator.process import LocalAggregator, local_aggregator_config
 
-    config = local_aggregator_config(tmp_path, small_tokenizer_path, keep_models=3, keep_every=100)
+    config = local_aggregator_config(tmp_path, small_tokenizer_path, keep_models=3, keep_every=100,
+                                     noise_multiplier=0.5, dp_mechanism="ftrl", min_separation=7, dp_rounds=50)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     with ExitStack() as stack:
         aggregator = stack.push(LocalAggregator(config))  # never started: only its command line is needed
         settings = round_settings(parser.parse_args(aggregator.command(listen_fd=3)[3:]))
     assert (settings["keep_models"], settings["keep_every"]) == (3, 100)
+    assert (settings["dp_mechanism"], settings["min_separation"], settings["dp_rounds"]) == ("ftrl", 7, 50)

@@ -10,6 +10,7 @@ from aggregator.api.schemas import (
     EnrolmentResponse,
     EvaluationReport,
     EvaluationResponse,
+    SecAggConfirm,
     SecAggKeys,
     SecAggReveal,
     SecAggShares,
@@ -99,6 +100,9 @@ class AggregatorClient:
 
     def secagg_shares(self, round_number: int, upload_token: str, shares: SecAggShares) -> None:
         self._secagg_post(round_number, upload_token, "shares", shares)
+
+    def secagg_confirm(self, round_number: int, upload_token: str, confirm: SecAggConfirm) -> None:
+        self._secagg_post(round_number, upload_token, "confirm", confirm)
 
     def secagg_reveal(self, round_number: int, upload_token: str, reveal: SecAggReveal) -> None:
         self._secagg_post(round_number, upload_token, "reveal", reveal)

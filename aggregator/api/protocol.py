@@ -10,6 +10,7 @@ from aggregator.api.schemas import (
     EnrolmentResponse,
     EvaluationReport,
     EvaluationResponse,
+    SecAggConfirm,
     SecAggKeys,
     SecAggReveal,
     SecAggShares,
@@ -52,6 +53,8 @@ class Aggregator(Protocol):
     def secagg_keys(self, round_number: int, upload_token: str, keys: SecAggKeys) -> None: ...
 
     def secagg_shares(self, round_number: int, upload_token: str, shares: SecAggShares) -> None: ...
+
+    def secagg_confirm(self, round_number: int, upload_token: str, confirm: SecAggConfirm) -> None: ...
 
     def secagg_reveal(self, round_number: int, upload_token: str, reveal: SecAggReveal) -> None: ...
 

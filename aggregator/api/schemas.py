@@ -136,6 +136,8 @@ class RoundSummary(BaseModel):
     dp_sampling_rate: float | None = Field(None, description="The sampling rate the accountant assumed: goal / population.")
     dp_delta: float | None = None
     epsilon: float | None = Field(None, description="Privacy spent by every round up to this one, at dp_delta.")
+    dp_mechanism: str | None = Field(None, description="Differential privacy: fedavg or ftrl (null: fedavg).")
+    rho: float | None = Field(None, description="DP-FTRL: rho-zCDP spent by every round up to this one.")
     failure: str | None = Field(None, description="Why a failed round failed.")
     checked_in: int | None = Field(
         None, description="Devices that asked to train while the round was open (devices ask only when eligible)."
@@ -168,6 +170,7 @@ class StatusResponse(BaseModel):
     deadline_in_s: float
     differential_privacy: bool
     epsilon: float | None = Field(description="Privacy spent so far (differential privacy on), at the last round's delta.")
+    rho: float | None = Field(None, description="DP-FTRL: rho-zCDP spent so far.")
     recent_rounds: list[RoundSummary]
 
 
@@ -179,12 +182,26 @@ CohortIndex = Annotated[int, Field(ge=0, le=65_535)]
 COHORT_INDEX_KEYS = {"propertyNames": {"pattern": "^[0-9]{1,5}$"}}
 
 
+# Raw Ed25519 signatures, 64 bytes: 88 characters of base64.
+Signature = Annotated[Base64Bytes, Field(min_length=64, max_length=64),
+                      WithJsonSchema({"type": "string", "contentEncoding": "base64", "minLength": 88, "maxLength": 88})]
+
+
 class SecAggKeys(BaseModel):
-    """A device's two public keys for the round (raw X25519, 32 bytes each, base64)."""
+    """A device's two public keys for the round (raw X25519, 32 bytes each, base64), signed with its identity key."""
 
     model_config = ConfigDict(extra="forbid")
     cipher: PublicKey
     masking: PublicKey
+    signature: Signature = Field(description="Ed25519, by the device's identity key (registered with the phones' "
+                                             "directory, not with the aggregator), of the round, device id and keys.")
+
+
+class SecAggConfirm(BaseModel):
+    """The consistency round: the device's signature of the survivor set (`reported`) the server told it."""
+
+    model_config = ConfigDict(extra="forbid")
+    signature: Signature
 
 
 class SecAggShares(BaseModel):
@@ -212,6 +229,8 @@ class SecAggReveal(BaseModel):
 class SecAggRoster(BaseModel):
     cipher_keys: list[Base64Bytes]
     masking_keys: list[Base64Bytes]
+    device_ids: list[str] = Field(description="Each phone's device id, by cohort index.")
+    signatures: list[Base64Bytes] = Field(description="Each phone's signature of its keys, by cohort index.")
     degree: int
     threshold: int
     graph_seed: int
@@ -231,13 +250,18 @@ class SecAggState(BaseModel):
     """Where a round's secure aggregation is, as one selected device needs to see it."""
 
     round: int
-    phase: Literal["advertise", "share", "collect", "unmask", "done", "failed"]
+    phase: Literal["advertise", "share", "collect", "confirm", "unmask", "done", "failed"]
     index: int | None = Field(None, description="This device's place in the cohort, once the roster is fixed.")
     roster: SecAggRoster | None = None
     shared: list[int] | None = Field(None, description="Who sent shares; fixed when the collect phase opens.")
-    reported: list[int] | None = Field(None, description="Whose masked input counts; fixed when unmasking opens.")
+    reported: list[int] | None = Field(
+        None, description="Whose masked input counts (the survivors); fixed when the confirm phase opens.")
     incoming: dict[int, Base64Bytes] | None = Field(
         None, description="In the unmask phase, for a device that reported: the sealed pairs its neighbours sent it."
+    )
+    confirmations: dict[int, Base64Bytes] | None = Field(
+        None, description="In the unmask phase, for a device that reported: the survivor-set signatures of its "
+                          "neighbours and of their neighbours, by signer."
     )
     encoding: SecAggEncoding
 

@@ -17,7 +17,7 @@ ROUND_LINKS = {
     f"{operation}": {"operationId": operation, "parameters": {"round_number": "$response.body#/round"},
                      "description": "The round this device was selected for, with the upload token as bearer"}
     for operation in ("upload_update", "report_evaluation", "abort", "secagg_state", "secagg_keys", "secagg_shares",
-                      "secagg_reveal")
+                      "secagg_confirm", "secagg_reveal")
 }
 
 

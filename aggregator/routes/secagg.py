@@ -1,4 +1,5 @@
-"""Secure aggregation's messages: a selected device's keys, sealed shares and revealed shares, and the state of
+"""Secure aggregation's messages: a selected device's signed keys, sealed shares, survivor-set signature and
+revealed shares, and the state of
 the round's protocol as that device may see it. The masked input itself goes to /rounds/{round}/updates. The
 upload token is checked before any body is read."""
 
@@ -10,7 +11,7 @@ from aggregator.dependencies import PathInteger, get_rounds, get_upload_token
 from aggregator.request_body import documented, json_body
 from aggregator.rounds import RoundManager
 from aggregator.routes.responses import MALFORMED, TOO_LARGE, UNAUTHORIZED, call_manager, refusals
-from aggregator.api.schemas import SecAggKeys, SecAggReveal, SecAggShares, SecAggState
+from aggregator.api.schemas import SecAggConfirm, SecAggKeys, SecAggReveal, SecAggShares, SecAggState
 from keyboard_model.secagg import PublicKeys, Share
 
 router = APIRouter(tags=["secure aggregation"])
@@ -31,7 +32,16 @@ async def state(round_number: PathInteger, token: str = Depends(get_upload_token
              openapi_extra=documented(SecAggKeys), responses=REFUSALS)
 async def keys(round_number: PathInteger, token: str = Depends(get_upload_token),
                body: SecAggKeys = Depends(json_body(SecAggKeys)), rounds: RoundManager = Depends(get_rounds)) -> None:
-    await call_manager(rounds.secagg_keys, round_number, token, PublicKeys(cipher=body.cipher, masking=body.masking))
+    await call_manager(rounds.secagg_keys, round_number, token, PublicKeys(cipher=body.cipher, masking=body.masking),
+                       body.signature)
+
+
+@router.post("/rounds/{round_number}/secagg/confirm", status_code=204, operation_id="secagg_confirm",
+             openapi_extra=documented(SecAggConfirm), responses=REFUSALS)
+async def confirm(round_number: PathInteger, token: str = Depends(get_upload_token),
+                  body: SecAggConfirm = Depends(json_body(SecAggConfirm)),
+                  rounds: RoundManager = Depends(get_rounds)) -> None:
+    await call_manager(rounds.secagg_confirm, round_number, token, body.signature)
 
 
 @router.post("/rounds/{round_number}/secagg/shares", status_code=204, operation_id="secagg_shares",

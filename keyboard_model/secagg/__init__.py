@@ -1,5 +1,5 @@
 """Secure aggregation's building blocks, shared by phones and the aggregator, one module each: `keys`, `masks`,
-`shares`, `graph` and `ring`.
+`shares`, `graph`, `ring` and `identity`.
 
 The protocol is Bonawitz et al. 2017 ("Practical Secure Aggregation") on the sparse
 neighbour graph of SecAgg+ (Bell et al. 2020). Every primitive comes from a maintained
@@ -18,6 +18,13 @@ from `pycryptodome`. What is ours is how they are put together:
   each of its neighbours, the share of `b` if that neighbour sent its input and the
   share of the masking seed if it did not, never both: the server can then remove the
   self masks of the phones that reported and the pairwise masks of the ones that did not.
+- Against a server that lies (Bonawitz et al.'s active adversary), `identity`: each phone
+  signs its advertised keys with an Ed25519 identity key that a directory the phones trust
+  vouches for, not the server; and before unmasking, a consistency round in which each
+  phone signs the survivor set it was told. A phone reveals shares only for the one set it
+  signed, and only when, for each neighbour whose share it reveals, more than half that
+  neighbour's neighbours signed the same set: since honest phones sign one set each, no
+  two of them reveal under different sets the two kinds of share of one phone.
 
 Model deltas enter the ring rotated and in fixed point (`RingEncoding`), with a scale
 chosen so that the sum of every selected phone's largest possible delta does not wrap
@@ -27,6 +34,13 @@ around; an 8-bit ring makes a masked upload the size of a plain int8 one.
 
 from keyboard_model.secagg.errors import SecAggError
 from keyboard_model.secagg.graph import GraphParameters, Roster, graph_parameters, neighbours
+from keyboard_model.secagg.identity import (
+    SIGNATURE_BYTES,
+    Directory,
+    IdentityKey,
+    keys_statement,
+    survivors_statement,
+)
 from keyboard_model.secagg.keys import (
     SEED_BYTES,
     PublicKeys,
@@ -41,8 +55,9 @@ from keyboard_model.secagg.ring import RING_WIDTHS, RingEncoding, masked_layout
 from keyboard_model.secagg.shares import Share, SharePair, combine_shares, open_shares, seal_shares, split_secret
 
 __all__ = [
-    "RING_WIDTHS", "SEED_BYTES", "GraphParameters", "Layout", "Masked", "PublicKeys", "RingEncoding", "Roster", "RoundSecrets",
-    "SecAggError", "Share", "SharePair", "add_mask", "combine_shares", "graph_parameters", "masked_layout",
-    "masking_key", "neighbours", "open_shares", "pairwise_seed", "pairwise_sign", "prg_mask", "public_bytes",
-    "seal_shares", "share_cipher_key", "split_secret",
+    "RING_WIDTHS", "SEED_BYTES", "SIGNATURE_BYTES", "Directory", "GraphParameters", "IdentityKey", "Layout", "Masked",
+    "PublicKeys", "RingEncoding", "Roster", "RoundSecrets", "SecAggError", "Share", "SharePair", "add_mask",
+    "combine_shares", "graph_parameters", "keys_statement", "masked_layout", "masking_key", "neighbours",
+    "open_shares", "pairwise_seed", "pairwise_sign", "prg_mask", "public_bytes", "seal_shares", "share_cipher_key",
+    "split_secret", "survivors_statement",
 ]

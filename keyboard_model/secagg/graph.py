@@ -3,6 +3,7 @@ threshold of shares that rebuilds a secret; the roster every phone of a round se
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -65,6 +66,21 @@ class Roster:
     keys: list[PublicKeys]
     parameters: GraphParameters
     graph_seed: int
+    # Each phone's device id and its identity key's signature of its keys (`identity.keys_statement`), by index.
+    device_ids: tuple[str, ...] = ()
+    signatures: tuple[bytes, ...] = ()
 
     def neighbours(self) -> list[list[int]]:
         return neighbours(len(self.keys), self.parameters.degree, self.graph_seed)
+
+    def digest(self) -> bytes:
+        """SHA-256 of everything in the roster. Phones bind their sealed shares and their survivor-set signatures
+        to it, so that a server showing two phones two different rosters (cohorts, graphs) gets neither a share one
+        can open that the other sealed, nor a signature that counts for the other."""
+        digest = hashlib.sha256(b"fedkeyboard secagg roster\0")
+        for number in (self.round_number, self.parameters.degree, self.parameters.threshold, self.graph_seed,
+                       len(self.keys)):
+            digest.update(number.to_bytes(8, "big", signed=True))
+        for keys, device_id in zip(self.keys, self.device_ids, strict=False):
+            digest.update(keys.cipher + keys.masking + len(device_id.encode()).to_bytes(4, "big") + device_id.encode())
+        return digest.digest()

@@ -55,20 +55,24 @@ class SharePair:
                    Share(int.from_bytes(data[half : half + 2], "big"), data[half + 2 :]))
 
 
-def _associated_data(round_number: int, sender: int, recipient: int) -> bytes:
-    # Binds a ciphertext to its round and its two ends, so the server cannot replay or redirect it.
-    return b"round %d from %d to %d" % (round_number, sender, recipient)
+def _associated_data(round_number: int, sender: int, recipient: int, roster: bytes) -> bytes:
+    # Binds a ciphertext to its round, its two ends and the roster (digest) the sender saw, so the server cannot
+    # replay or redirect it, nor have it opened by a phone it showed another roster.
+    return b"round %d from %d to %d roster " % (round_number, sender, recipient) + roster
 
 
-def seal_shares(key: bytes, pair: SharePair, round_number: int, sender: int, recipient: int) -> bytes:
+def seal_shares(key: bytes, pair: SharePair, round_number: int, sender: int, recipient: int,
+                roster: bytes = b"") -> bytes:
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, pair.to_bytes(), _associated_data(round_number, sender, recipient))
+    return nonce + AESGCM(key).encrypt(nonce, pair.to_bytes(),
+                                       _associated_data(round_number, sender, recipient, roster))
 
 
-def open_shares(key: bytes, sealed: bytes, round_number: int, sender: int, recipient: int) -> SharePair:
+def open_shares(key: bytes, sealed: bytes, round_number: int, sender: int, recipient: int,
+                roster: bytes = b"") -> SharePair:
     try:
         plain = AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:],
-                                    _associated_data(round_number, sender, recipient))
+                                    _associated_data(round_number, sender, recipient, roster))
     except Exception as error:  # cryptography raises InvalidTag, or ValueError for a short input
         raise SecAggError(f"the shares from phone {sender} do not open: forged, altered or misdirected") from error
     return SharePair.from_bytes(plain)
