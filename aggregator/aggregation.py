@@ -4,7 +4,8 @@
   trained on.
 - `PrivateMean` (DP-FedAvg, `aggregator/privacy.py`, or DP-FTRL, `aggregator/ftrl.py`):
   each update clipped and counted once, Gaussian noise (DP-FTRL: correlated across
-  rounds) added to the sum once, divided by the round's goal.
+  rounds) added to the sum once, divided by the round's goal; with adaptive clipping
+  (`aggregator/adaptive_clipping.py`) it also counts the phones' within-the-clip bits.
 - `SecureSum` (`aggregator/secure_round.py`): the server sees only the unmasked sum of a
   secure round, in which each device counts once; with differential privacy that sum is
   released as `PrivateMean` releases its own.
@@ -17,7 +18,7 @@ turns the mean into a step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -25,6 +26,9 @@ from aggregator.privacy import PrivacyLedger
 from aggregator.secure_round import SecureRound
 from keyboard_model.norms import clip_to_norm
 from keyboard_model.weights import Tensors
+
+if TYPE_CHECKING:  # JAX is imported only when DP-FTRL is used
+    from aggregator.ftrl import FtrlLedger
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -80,30 +84,33 @@ class WeightedMean:
 
 
 class PrivateMean:
-    def __init__(self, shapes: Shapes, ledger: PrivacyLedger) -> None:
+    def __init__(self, shapes: Shapes, ledger: PrivacyLedger | FtrlLedger) -> None:
         self._sum = UpdateSum(shapes)
         self._ledger = ledger
+        self._within = 0  # adaptive clipping: updates their phones said were within the clip norm
 
-    def add(self, delta: Tensors, num_examples: int) -> None:
+    def add(self, delta: Tensors, num_examples: int, within_clip: bool = False) -> None:
         # Phones clip already; clipping what arrived makes the bound hold whatever a device sent. Each phone counts
         # once: weighting by its claimed example count would let one phone move the sum further.
         self._sum.add(clip_to_norm(delta, self._ledger.clip_norm), 1.0)
+        self._within += within_clip
 
     def release(self, reported: int) -> Release:
-        return Release(*self._ledger.release(self._sum.total()))
+        return Release(*self._ledger.release(self._sum.total(), self._within, reported))
 
 
 class SecureSum:
-    def __init__(self, secure: SecureRound, ledger: PrivacyLedger | None) -> None:
+    def __init__(self, secure: SecureRound, ledger: PrivacyLedger | FtrlLedger | None) -> None:
         self._secure = secure
         self._ledger = ledger
 
     def release(self, reported: int) -> Release:
-        total, (positions, hits_1, hits_3) = self._secure.result()
+        total, (positions, hits_1, hits_3, within) = self._secure.result()
         evaluation = {"eval_devices": reported, "eval_positions": positions, "eval_hits_at_1": hits_1,
                       "eval_hits_at_3": hits_3}
         if self._ledger is not None:
-            mean_delta, privacy = self._ledger.release(total)
+            # The clipping bits come summed, inside the masked vector: the server never sees one.
+            mean_delta, privacy = self._ledger.release(total, within, reported)
             return Release(mean_delta, {**privacy, **evaluation})
         # Each device counts once: its example count would be one more thing sent in the clear.
         return Release({name: (t / reported).float() for name, t in total.items()}, evaluation)

@@ -17,7 +17,7 @@ from aggregator.strategies import STRATEGIES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.arguments import (
     at_least, existing_file, fraction, multiple, network, new_file, non_negative_float, port, positive_float,
-    positive_int, probability,
+    positive_int, probability, quantile,
 )
 from keyboard_model.commands import Parser, run_command
 from keyboard_model.errors import UserFacingError
@@ -77,7 +77,17 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     privacy.add_argument("--noise-multiplier", type=positive_float, default=None,
                          help="Gaussian noise on each round's sum, as a multiple of --clip-norm")
     privacy.add_argument("--clip-norm", type=positive_float, default=DEFAULTS.clip_norm,
-                         help="L2 norm phones clip their updates to (default: %(default)s)")
+                         help="L2 norm phones clip their updates to; with --clip-quantile, where it starts "
+                              "(default: %(default)s)")
+    privacy.add_argument("--clip-quantile", type=quantile, default=None, metavar="GAMMA",
+                         help="adaptive clipping (Andrew et al. 2021): the clip norm follows this quantile of the "
+                              "update norms (0.5: the median), learnt from one noised bit per phone; "
+                              "--noise-multiplier then covers updates and bits together (default: a fixed clip norm)")
+    privacy.add_argument("--clip-learning-rate", type=positive_float, default=DEFAULTS.clip_learning_rate,
+                         help="adaptive clipping: the clip norm's geometric step (default: %(default)s)")
+    privacy.add_argument("--clip-count-stddev", type=positive_float, default=None,
+                         help="adaptive clipping: Gaussian noise on the sum of the phones' bits; must be more than "
+                              "half of --noise-multiplier (default: --clients-per-round / 20)")
     privacy.add_argument("--population", type=positive_int, default=None,
                          help="phones that could take part, for the accountant's sampling rate (default: those enrolled)")
     privacy.add_argument("--dp-delta", type=probability, default=None,
@@ -129,6 +139,13 @@ def check_round_options(args: argparse.Namespace) -> None:
                               f"({args.clients_per_round})")
     if args.dp_mechanism != DEFAULTS.dp_mechanism and args.noise_multiplier is None:
         raise UserFacingError(f"--dp-mechanism {args.dp_mechanism} needs --noise-multiplier")
+    if args.clip_quantile is not None:
+        if args.noise_multiplier is None:
+            raise UserFacingError("--clip-quantile (adaptive clipping) needs --noise-multiplier")
+        count_stddev = args.clip_count_stddev or args.clients_per_round / 20
+        if count_stddev <= args.noise_multiplier / 2:
+            raise UserFacingError(f"--clip-count-stddev ({count_stddev:g}) must be more than half of --noise-multiplier "
+                                  f"({args.noise_multiplier}): the clipping bits would spend all the privacy it allows")
     if args.selection_window >= args.round_deadline:
         raise UserFacingError(f"--selection-window ({args.selection_window} s) must be shorter than --round-deadline "
                               f"({args.round_deadline} s)")
@@ -153,6 +170,9 @@ def round_settings(args: argparse.Namespace) -> dict:
         secagg_ring_bits=args.secagg_ring_bits,
         noise_multiplier=args.noise_multiplier,
         clip_norm=args.clip_norm,
+        clip_quantile=args.clip_quantile,
+        clip_learning_rate=args.clip_learning_rate,
+        clip_count_stddev=args.clip_count_stddev,
         population=args.population,
         dp_delta=args.dp_delta,
         dp_mechanism=args.dp_mechanism,

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aggregator.adaptive_clipping import AdaptiveClipping, update_noise_multiplier
 from keyboard_model.architecture import ArchitectureConfig
 from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RING_WIDTHS
@@ -46,8 +47,16 @@ class AggregatorConfig:
     # Differential privacy (aggregator/privacy.py): the Gaussian noise on each round's sum is this multiple of
     # clip_norm. None leaves differential privacy off.
     noise_multiplier: float | None = None
-    # With differential privacy on, phones clip their updates to this L2 norm (and the server clips again).
+    # With differential privacy on, phones clip their updates to this L2 norm (and the server clips again); with
+    # clip_quantile, the norm the first round clips to.
     clip_norm: float = 1.0
+    # Adaptive clipping (aggregator/adaptive_clipping.py, Andrew et al. 2021): the clip norm follows this quantile of
+    # the update norms (0.5: the median). None keeps clip_norm fixed.
+    clip_quantile: float | None = None
+    # Its geometric step size (the paper's 0.2), and the noise on the sum of the phones' bits (None: the paper's
+    # goal / 20); noise_multiplier then covers updates and bits together.
+    clip_learning_rate: float = 0.2
+    clip_count_stddev: float | None = None
     # Phones that could take part: the accountant's sampling rate is the goal over this. None: the devices enrolled.
     population: int | None = None
     # The delta at which epsilon is reported. None: 1 / population.
@@ -128,6 +137,13 @@ class AggregatorConfig:
         if self.min_separation < 1 or self.dp_rounds < 1:
             raise ValueError(f"min_separation and dp_rounds must be at least 1, got {self.min_separation} and "
                              f"{self.dp_rounds}")
+        if self.clip_quantile is not None and not 0 < self.clip_quantile < 1:
+            raise ValueError(f"clip_quantile must be in (0, 1), got {self.clip_quantile}")
+        if not self.clip_learning_rate > 0 or not (self.clip_count_stddev is None or self.clip_count_stddev > 0):
+            raise ValueError(f"clip_learning_rate and clip_count_stddev must be positive, got {self.clip_learning_rate} "
+                             f"and {self.clip_count_stddev}")
+        if self.adaptive_clipping is not None:
+            update_noise_multiplier(self.noise_multiplier, self.adaptive_clipping.count_stddev)  # raises if too small
         if self.download_encoding not in MODEL_ENCODINGS:
             raise ValueError(f"download_encoding must be one of {MODEL_ENCODINGS}, got {self.download_encoding!r}")
         if self.secagg_ring_bits not in RING_WIDTHS:
@@ -151,3 +167,11 @@ class AggregatorConfig:
     @property
     def differential_privacy(self) -> bool:
         return self.noise_multiplier is not None
+
+    @property
+    def adaptive_clipping(self) -> AdaptiveClipping | None:
+        """Adaptive clipping's settings, when differential privacy is on and clip_quantile is given."""
+        if not self.differential_privacy or self.clip_quantile is None:
+            return None
+        count_stddev = self.clip_count_stddev if self.clip_count_stddev is not None else self.clients_per_round / 20
+        return AdaptiveClipping(self.clip_quantile, self.clip_learning_rate, count_stddev)

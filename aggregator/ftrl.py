@@ -17,11 +17,21 @@ T x T mechanism to one device's participations, at most one per `b` releases, is
 is one Gaussian mechanism with noise multiplier z / sensitivity, so rho-zCDP is
 sensitivity^2 / (2 z^2), and epsilon at delta comes from dp-accounting's RDP accountant
 (for a Gaussian, RDP at order a is a * rho).
+
+With adaptive clipping (`aggregator/adaptive_clipping.py`) the clip norm changes from
+round to round, so the mechanism runs on the sums in units of the round's clip norm
+(each device's contribution at most 1, whatever the norm) and each release is scaled
+back; the norm depends only on earlier releases, which a matrix mechanism allows. The
+updates are noised at the larger z_update, and the clipping bits, independent Gaussian
+releases of sensitivity 1/2 in at most ceil(T / b) of the T rounds, add their own
+rho-zCDP, ceil(T / b) / (8 sigma_b^2); zCDP composes by addition, and the sum is never
+more than fixed clipping's at z.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 
@@ -41,6 +51,7 @@ from jax_privacy.matrix_factorization import buffered_toeplitz, toeplitz  # noqa
 from safetensors.numpy import load as load_arrays  # noqa: E402
 from safetensors.numpy import save as save_arrays  # noqa: E402
 
+from aggregator.adaptive_clipping import AdaptiveClipping, ClipNorm  # noqa: E402
 from keyboard_model.weights import Tensors  # noqa: E402
 
 
@@ -74,12 +85,29 @@ def rho(sensitivity_sq: float, noise_multiplier: float) -> float:
     return sensitivity_sq / (2 * noise_multiplier**2)
 
 
+def rho_spent(blt: buffered_toeplitz.BufferedToeplitz, releases: int, min_separation: int,
+              update_noise_multiplier: float, adaptive: AdaptiveClipping | None) -> float:
+    """rho-zCDP of `releases` releases for a device taking part at most once every `min_separation`: the updates'
+    matrix mechanism and, with adaptive clipping, the device's bits (sensitivity 1/2 in each of at most
+    ceil(releases / min_separation) rounds), added as zCDP composes."""
+    spent = rho(sensitivity_squared(blt, releases, min_separation), update_noise_multiplier)
+    if adaptive is not None:
+        spent += rho(math.ceil(releases / min_separation) / 4, adaptive.count_stddev)
+    return spent
+
+
 def epsilon(sensitivity_sq: float, noise_multiplier: float, delta: float) -> float:
     """Epsilon at delta of one Gaussian release with noise multiplier noise_multiplier / sensitivity."""
-    if sensitivity_sq == 0:
+    return epsilon_of_rho(rho(sensitivity_sq, noise_multiplier), delta)
+
+
+def epsilon_of_rho(rho_zcdp: float, delta: float) -> float:
+    """Epsilon at delta of Gaussian releases that spend `rho_zcdp` together: composed, they are one Gaussian with
+    noise multiplier 1 / sqrt(2 rho), whose RDP dp-accounting converts."""
+    if rho_zcdp == 0:
         return 0.0
     accountant = RdpAccountant()
-    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier / sensitivity_sq**0.5))
+    accountant.compose(dp_accounting.GaussianDpEvent((2 * rho_zcdp) ** -0.5))
     return float(accountant.get_epsilon(delta))
 
 
@@ -131,21 +159,26 @@ def blt_from_state(state: bytes) -> buffered_toeplitz.BufferedToeplitz:
 
 class FtrlLedger:
     """DP-FTRL's noise and the privacy it has spent, as `PrivacyLedger` is DP-FedAvg's: `release` makes a round's
-    noisy mean and its record; `spent` (after the commit) moves the noise stream on; `pending_state` is what to
-    commit with the model."""
+    noisy mean and its record; `spent` (after the commit) moves the noise stream and the clip norm on;
+    `pending_state` is what to commit with the model."""
 
-    def __init__(self, clip_norm: float, noise_multiplier: float, goal: int, min_separation: int, rounds: int,
+    def __init__(self, clip: ClipNorm, noise_multiplier: float, goal: int, min_separation: int, rounds: int,
                  shapes: dict[str, tuple[int, ...]], population: Callable[[], int], delta: float | None,
                  state: bytes | None) -> None:
-        self.clip_norm = clip_norm
+        self.clip = clip
         self.min_separation = min_separation
         self._noise_multiplier = noise_multiplier
         self._goal = goal
         self._population = population
         self._delta = delta
         blt = blt_from_state(state) if state is not None else optimised_blt(rounds, min_separation)
-        self._noise = BltNoise(blt, noise_multiplier * clip_norm, shapes, state)
+        # In units of the clip norm: the stream stays the same whatever norm each round clips to.
+        self._noise = BltNoise(blt, clip.update_noise_multiplier, shapes, state)
         self._pending: tuple[tuple, int] | None = None
+
+    @property
+    def clip_norm(self) -> float:
+        return self.clip.norm
 
     @property
     def releases(self) -> int:
@@ -153,18 +186,22 @@ class FtrlLedger:
         return self._noise.step
 
     def privacy_after(self, releases: int, delta: float) -> dict[str, float]:
-        sens_sq = sensitivity_squared(self._noise.blt, releases, self.min_separation)
-        return {"rho": rho(sens_sq, self._noise_multiplier),
-                "epsilon": epsilon(sens_sq, self._noise_multiplier, delta)}
+        spent = rho_spent(self._noise.blt, releases, self.min_separation, self.clip.update_noise_multiplier,
+                          self.clip.adaptive)
+        return {"rho": spent, "epsilon": epsilon_of_rho(spent, delta)}
 
-    def release(self, total: Tensors) -> tuple[Tensors, dict]:
-        noisy, state, step = self._noise.add(total)
+    def release(self, total: Tensors, within: int, reported: int) -> tuple[Tensors, dict]:
+        """The round's noisy mean from the sum of its clipped updates, `within` of the `reported` ones within the clip
+        norm (adaptive clipping), and the round's record."""
+        norm = self.clip.norm
+        noisy, state, step = self._noise.add({name: t / norm for name, t in total.items()})
         self._pending = (state, step)
         delta = self._delta or 1.0 / max(self._population(), self._goal)
         record = {"dp_mechanism": "ftrl", "dp_noise_multiplier": self._noise_multiplier, "dp_delta": delta,
-                  "dp_min_separation": self.min_separation, "dp_step": step, **self.privacy_after(step + 1, delta)}
+                  "dp_min_separation": self.min_separation, "dp_step": step, **self.privacy_after(step + 1, delta),
+                  **self.clip.release(within, reported)}
         # A fixed denominator, as DP-FedAvg's: how many devices reported is not a second release.
-        return {name: (t / self._goal).float() for name, t in noisy.items()}, record
+        return {name: (t * norm / self._goal).float() for name, t in noisy.items()}, record
 
     def pending_state(self) -> bytes | None:
         """The noise state after the last release, to commit with the model it made."""
@@ -174,4 +211,5 @@ class FtrlLedger:
         state, step = self._pending
         assert step == record["dp_step"]
         self._noise.advance(state)
+        self.clip.spent(record)
         self._pending = None

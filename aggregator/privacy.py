@@ -26,6 +26,7 @@ import dp_accounting
 import torch
 from dp_accounting.rdp import RdpAccountant
 
+from aggregator.adaptive_clipping import ClipNorm
 from keyboard_model.weights import Tensors
 
 
@@ -59,11 +60,11 @@ def noisy_mean(total: Tensors, clip_norm: float, noise_multiplier: float, denomi
 
 class PrivacyLedger:
     """The privacy a run has spent: every round that released a differentially private model, from the database
-    at start and one more at each commit."""
+    at start and one more at each commit. `clip` is the clip norm the rounds ask for (fixed or adaptive)."""
 
-    def __init__(self, clip_norm: float, noise_multiplier: float, goal: int, population: Callable[[], int],
+    def __init__(self, clip: ClipNorm, noise_multiplier: float, goal: int, population: Callable[[], int],
                  delta: float | None, past: Iterable[PrivacyEvent]) -> None:
-        self.clip_norm = clip_norm
+        self.clip = clip
         self._noise_multiplier = noise_multiplier
         self._goal = goal
         # Counted when a round releases: devices may still enrol while it runs.
@@ -71,18 +72,27 @@ class PrivacyLedger:
         self._delta = delta
         self._events = list(past)
 
-    def release(self, total: Tensors) -> tuple[Tensors, dict[str, float]]:
-        """The noisy mean of a sum of clipped updates, and the record of the release: its noise, the sampling rate
-        the accountant assumed, delta, and the epsilon spent by every round up to this one."""
+    @property
+    def clip_norm(self) -> float:
+        return self.clip.norm
+
+    def release(self, total: Tensors, within: int, reported: int) -> tuple[Tensors, dict[str, float]]:
+        """The noisy mean of a sum of clipped updates (`within` of the `reported` ones within the clip norm, for
+        adaptive clipping), and the record of the release: its noise, the sampling rate the accountant assumed,
+        delta, the epsilon spent by every round up to this one, and the clip norm. With adaptive clipping the updates
+        are noised at the larger z_update, so that with the bits the round is one Gaussian release at the noise
+        multiplier accounted for."""
         population = max(self._population(), self._goal)
         event = PrivacyEvent(self._goal / population, self._noise_multiplier)
         delta = self._delta or 1.0 / population
         record = {"dp_noise_multiplier": event.noise_multiplier, "dp_sampling_rate": event.sampling_rate,
-                  "dp_delta": delta, "epsilon": epsilon([*self._events, event], delta)}
+                  "dp_delta": delta, "epsilon": epsilon([*self._events, event], delta),
+                  **self.clip.release(within, reported)}
         # Unpredictable noise: anyone who could replay it could subtract it.
         generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        return noisy_mean(total, self.clip_norm, self._noise_multiplier, self._goal, generator), record
+        return noisy_mean(total, self.clip.norm, self.clip.update_noise_multiplier, self._goal, generator), record
 
     def spent(self, record: dict[str, float]) -> None:
-        """A release was committed: count it."""
+        """A release was committed: count it, and move the clip norm on."""
         self._events.append(PrivacyEvent(record["dp_sampling_rate"], record["dp_noise_multiplier"]))
+        self.clip.spent(record)

@@ -15,6 +15,8 @@ The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
   sum gets Gaussian noise once before it moves the model (`aggregator/privacy.py`), or,
   with DP-FTRL, noise correlated across rounds (`aggregator/ftrl.py`), and a device that
   reported in one of the last `min_separation` released rounds is told to retry later;
+  with adaptive clipping the clip norm follows a quantile of the update norms, from one
+  bit per device (`aggregator/adaptive_clipping.py`);
 - with secure aggregation on, the selected devices also run the phases of
   `aggregator/secure_round.py`, and the server learns only the sum of their updates.
 Closing averages the reported deltas (one aggregation rule per kind of round,
@@ -37,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aggregator.adaptive_clipping import ClipNorm
 from aggregator.aggregation import PrivateMean, Release, SecureSum, WeightedMean
 from aggregator.api.schemas import EvaluationReport, SecAggState
 from aggregator.config import AggregatorConfig
@@ -58,7 +61,7 @@ from aggregator.storage import Storage
 from keyboard_model.errors import UserFacingError
 from keyboard_model.secagg import PublicKeys, Share
 from keyboard_model.norms import l2_norm
-from keyboard_model.update_codec import decode_update, max_encoded_bytes
+from keyboard_model.update_codec import WITHIN_CLIP, decode_update, max_encoded_bytes
 from keyboard_model.weights import WeightsError
 
 logger = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class CheckinDecision:
     upload_token: str | None = None
     retry_after_s: float | None = None
     clip_norm: float | None = None
+    adaptive_clipping: bool = False
     secure_aggregation: bool = False
     model_encoding: str = "float32"
 
@@ -139,6 +143,7 @@ class RoundManager:
                 raise UserFacingError(f"the database {config.db_path} holds rounds released with DP mechanism "
                                       f"{', '.join(sorted(used))}; their privacy cannot be added to "
                                       f"{config.dp_mechanism}'s: use --dp-mechanism {min(used)} or another --db")
+            clip = self._clip_norm(storage.last_release())
         if self._ftrl:
             from aggregator.ftrl import FtrlLedger  # noqa: PLC0415 (JAX is imported only when it is used)
 
@@ -147,13 +152,13 @@ class RoundManager:
                 raise UserFacingError(f"the database {config.db_path} holds DP-FTRL noise state for model version "
                                       f"{saved[0]}, not the newest model's ({self.model.version})")
             self.privacy = FtrlLedger(
-                config.clip_norm, config.noise_multiplier, config.clients_per_round, config.min_separation,
+                clip, config.noise_multiplier, config.clients_per_round, config.min_separation,
                 config.dp_rounds, self.model.shapes, lambda: config.population or len(self.devices),
                 config.dp_delta, saved[1] if saved is not None else None)
             self._last_participation = storage.last_participations()
         elif config.differential_privacy:
             self.privacy = PrivacyLedger(
-                config.clip_norm, config.noise_multiplier, config.clients_per_round,
+                clip, config.noise_multiplier, config.clients_per_round,
                 # Phones that could take part: the accountant's sampling rate is the goal over this.
                 lambda: config.population or len(self.devices), config.dp_delta,
                 [PrivacyEvent(q, z) for q, z in storage.privacy_events()])
@@ -170,13 +175,34 @@ class RoundManager:
         storage.discard_selections(next_round)
         self.round = self._open_round(next_round)
 
+    def _clip_norm(self, last: dict | None) -> ClipNorm:
+        """The clip norm private rounds ask for: the configured one, or, adapting, where the last release left it.
+        DP-FTRL's accounting covers a run with one noise multiplier and one way of clipping: a database that
+        released with others is refused."""
+        config = self.config
+        adaptive = config.adaptive_clipping
+        if self._ftrl and last is not None:
+            was = (last["dp_noise_multiplier"], last["dp_count_stddev"])
+            now = (config.noise_multiplier, adaptive.count_stddev if adaptive else None)
+            if was != now:
+                raise UserFacingError(
+                    f"the database {config.db_path} holds DP-FTRL rounds released with noise multiplier {was[0]} and "
+                    f"{'clipping bits noised at ' + str(was[1]) if was[1] else 'a fixed clip norm'}; DP-FTRL's "
+                    "accounting cannot change them mid-run: give the same --noise-multiplier and clipping, or another "
+                    "--db")
+        resumed = last["dp_next_clip_norm"] if adaptive is not None and last is not None else None
+        return ClipNorm(resumed or config.clip_norm, config.noise_multiplier, adaptive, config.clients_per_round,
+                        config.max_update_norm)
+
     def _open_round(self, number: int) -> OpenRound:
         now = self.clock()
         secure = None
         if self.config.secure_aggregation:
+            # Phones clip to the bound the ring is sized for: the round's privacy clip if there is one.
+            bound = self.privacy.clip_norm if self.privacy is not None else self.config.max_update_norm
             # The graph seed is public (every device gets it with the roster); it only has to differ by round.
             secure = SecureRound(number, now, self.config, self.model.shapes, self._rng.randrange(2**63),
-                                 self.selection_target, self.min_reports)
+                                 self.selection_target, self.min_reports, bound)
         if secure is not None:
             aggregation = SecureSum(secure, self.privacy)
         elif self.privacy is not None:
@@ -218,9 +244,10 @@ class RoundManager:
                 self._draw()
             token = current.token_by_device.get(device_id)
             if token is not None and not done:
-                clip_norm = self.config.clip_norm if self.config.differential_privacy else None
+                clip_norm = self.privacy.clip_norm if self.privacy is not None else None
                 return CheckinDecision("train", current.number, self.model.version, upload_token=token,
-                                       clip_norm=clip_norm, secure_aggregation=current.secure is not None,
+                                       clip_norm=clip_norm, adaptive_clipping=self._adaptive_clipping,
+                                       secure_aggregation=current.secure is not None,
                                        model_encoding=self.config.download_encoding)
             if device_id in current.selection.candidates:
                 # Come back once the draw it is a candidate in has been made.
@@ -267,6 +294,10 @@ class RoundManager:
             current.bytes_down += len(self.model.encoded(self.config.download_encoding))
 
     @property
+    def _adaptive_clipping(self) -> bool:
+        return self.config.adaptive_clipping is not None
+
+    @property
     def selection_target(self) -> int:
         return math.ceil(self.config.clients_per_round * self.config.over_selection)
 
@@ -295,6 +326,7 @@ class RoundManager:
         except WeightsError as error:
             raise BadUpdateError(str(error)) from error
         num_examples = _parse_example_count(metadata, self.config.max_examples_per_update)
+        within_clip = _parse_within_clip(metadata, self._adaptive_clipping)
         norm = l2_norm(delta)
         if norm > self.config.max_update_norm:
             raise BadUpdateError(f"the update's L2 norm is {norm:.2f}, above this aggregator's bound of "
@@ -303,7 +335,10 @@ class RoundManager:
             device_id = self._authorize(round_number, token)
             if device_id in self.round.reported:
                 return SubmitResult(round_number, len(self.round.reported), duplicate=True)
-            self.round.aggregation.add(delta, num_examples)
+            if within_clip is None:
+                self.round.aggregation.add(delta, num_examples)
+            else:  # adaptive clipping: the round's aggregation is private
+                self.round.aggregation.add(delta, num_examples, within_clip)
             self.storage.set_selection_status(round_number, device_id, "reported")
             self.round.reported.add(device_id)
             self.round.aborted.discard(device_id)
@@ -511,8 +546,20 @@ class RoundManager:
                 "aborted": len(self.round.aborted),
                 "deadline_in_s": max(0.0, self.round.deadline - self.clock()),
                 "differential_privacy": self.config.differential_privacy, "epsilon": self._epsilon,
-                "rho": self._rho,
+                "rho": self._rho, "clip_norm": self.privacy.clip_norm if self.privacy is not None else None,
             }
+
+
+def _parse_within_clip(metadata: dict[str, str], asked: bool) -> bool | None:
+    """The adaptive-clipping bit: present exactly when the round asked for it."""
+    raw = metadata.get(WITHIN_CLIP)
+    if not asked:
+        if raw is not None:
+            raise BadUpdateError(f"this round does not adapt its clip norm; the update must not carry {WITHIN_CLIP}")
+        return None
+    if raw not in ("0", "1"):
+        raise BadUpdateError(f"this round adapts its clip norm: the update's {WITHIN_CLIP} must be 0 or 1, got {raw!r}")
+    return raw == "1"
 
 
 def _parse_example_count(metadata: dict[str, str], limit: int) -> int:

@@ -18,8 +18,9 @@ whatever its cause, fails the round instead of leaving it stuck in a phase.
 
 What a device masks (`keyboard_model/secagg.py`) is two arrays: "update", its clipped model
 delta rotated and in fixed point modulo 2**secagg_ring_bits, and "counts", its three
-evaluation counts modulo 2**32. The unmasked sum is therefore the sum of deltas and the
-summed counts, and nothing else.
+evaluation counts and its adaptive-clipping bit (0 when the round does not adapt) modulo
+2**32. The unmasked sum is therefore the sum of deltas and the summed counts, and nothing
+else.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ logger = logging.getLogger(__name__)
 
 class SecureRound:
     def __init__(self, number: int, started: float, config: AggregatorConfig, shapes: dict[str, tuple[int, ...]],
-                 graph_seed: int, selection_target: int, min_reports: int) -> None:
+                 graph_seed: int, selection_target: int, min_reports: int, bound: float) -> None:
+        """`bound`: the L2 norm phones clip to, which the ring is sized for (the round's privacy clip norm if there
+        is one, else the aggregator's norm bound)."""
         self.shapes = shapes
         self.numel = sum(int(np.prod(shape)) for shape in shapes.values())
-        # Phones clip to the bound the ring is sized for: the privacy clip if there is one, else the norm bound.
-        bound = config.clip_norm if config.differential_privacy else config.max_update_norm
         self.encoding = RingEncoding(config.secagg_ring_bits, bound, selection_target, self.numel, graph_seed)
         self.protocol = SecureAggregation(number, masked_layout(self.encoding), graph_seed)
         self.phase_s = config.secagg_phase_s
@@ -213,8 +214,8 @@ class SecureRound:
             raise BadUpdateError(f"not a masked upload of this round: {error}") from error
         return masked
 
-    def result(self) -> tuple[Tensors, tuple[int, int, int]]:
-        """(sum of the reported deltas, float64 by parameter; summed evaluation counts)."""
+    def result(self) -> tuple[Tensors, tuple[int, int, int, int]]:
+        """(sum of the reported deltas, float64 by parameter; summed evaluation counts and clipping bits)."""
         assert self.sum is not None
         flat = torch.from_numpy(self.encoding.decode_sum(self.sum["update"]))
         total, offset = {}, 0
@@ -222,5 +223,5 @@ class SecureRound:
             size = int(np.prod(shape))
             total[name] = flat[offset : offset + size].reshape(shape)
             offset += size
-        positions, hits_1, hits_3 = (int(v) for v in self.sum["counts"])
-        return total, (positions, hits_1, hits_3)
+        positions, hits_1, hits_3, within = (int(v) for v in self.sum["counts"])
+        return total, (positions, hits_1, hits_3, within)

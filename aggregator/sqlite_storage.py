@@ -80,6 +80,8 @@ class SqliteStorage:
                 "eval_hits_at_3": int, "dp_noise_multiplier": float, "dp_sampling_rate": float, "dp_delta": float,
                 "epsilon": float, "failure": str, "checked_in": int, "clock_started_s": float,
                 "dp_mechanism": str, "rho": float, "dp_min_separation": int, "dp_step": int,
+                "dp_clip_norm": float, "dp_update_noise_multiplier": float, "dp_count_stddev": float,
+                "dp_fraction_within": float, "dp_next_clip_norm": float,
             },
             pk="round",
         )
@@ -216,6 +218,13 @@ class SqliteStorage:
                                  "on s.round = r.round where s.status = 'reported' and r.status = 'closed' "
                                  "and r.dp_step is not null group by s.device_id")
             return {row["device_id"]: row["step"] for row in rows}
+
+    def last_release(self) -> dict | None:
+        """The record of the newest round that released a differentially private model."""
+        with self._lock:
+            rows = list(self.db.query("select * from rounds where status = 'closed' and dp_noise_multiplier is not "
+                                      "null order by round desc limit 1"))
+            return rows[0] if rows else None
 
     def recent_rounds(self, limit: int) -> list[dict]:
         with self._lock:

@@ -62,6 +62,10 @@ class Storage(Protocol):
     def last_participations(self) -> dict[str, int]:
         """Device id -> the DP-FTRL step of the last released round it reported in (for the minimum separation)."""
 
+    def last_release(self) -> dict | None:
+        """The record of the newest round that released a differentially private model (its clip norm for the next
+        round, its noise settings), or None."""
+
     def recent_rounds(self, limit: int) -> list[dict]: ...
 
     def close(self) -> None: ...

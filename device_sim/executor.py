@@ -28,7 +28,7 @@ import torch
 
 from aggregator.api.schemas import SecAggState
 from device_sim.phone import Phone
-from device_sim.session import LocalWork
+from device_sim.session import Clipping, LocalWork
 from device_sim.secure_aggregation import SecAggPhone
 from device_sim.vectorised import VectorisedCohort
 from keyboard_model.errors import UserFacingError
@@ -38,7 +38,7 @@ from keyboard_model.train import LocalTrainConfig
 
 class TrainingExecutor(Protocol):
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
-               now_s: float, clip_norm: float | None,
+               now_s: float, clipping: Clipping | None,
                secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future[tuple[LocalWork, float]]:
         """A future of (the phone's LocalWork, wall seconds it spent on it)."""
 
@@ -57,14 +57,14 @@ class LocalProcessPool:
         self._executor = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=_start_worker)
 
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float,
-               clip_norm: float | None, secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future:
+               clipping: Clipping | None, secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future:
         """A future of (LocalWork, wall seconds the phone spent on it)."""
         # The executor starts a worker here when it has fewer than it may. Cut short by Ctrl-C between starting
         # one and recording it, it would never stop that worker, which outlives the simulator: it holds an end of
         # the job queue itself, so it never sees the queue close.
         with _ctrl_c_held():
             return self._executor.submit(_train, self._tokenizer_json, phone.phone_id, phone.history_path.parent,
-                                         model, config, seed, compression, now_s, clip_norm, secure)
+                                         model, config, seed, compression, now_s, clipping, secure)
 
     def close(self) -> None:
         """Stop now: drop the phones still queued and end the ones training, whose work nobody will read.
@@ -160,9 +160,9 @@ def _tokenizer(tokenizer_json: str) -> KeyboardTokenizer:
 
 
 def _train(tokenizer_json: str, phone_id: str, folder: Path, model: bytes, config: LocalTrainConfig, seed: int,
-           compression: str, now_s: float, clip_norm: float | None,
+           compression: str, now_s: float, clipping: Clipping | None,
            secure: tuple[SecAggPhone, SecAggState] | None) -> tuple[LocalWork, float]:
     started = time.perf_counter()
     work = Phone(phone_id, folder).local_work(model, _tokenizer(tokenizer_json), config, seed, compression, now_s,
-                                              clip_norm=clip_norm, secure=secure)
+                                              clipping=clipping, secure=secure)
     return work, time.perf_counter() - started

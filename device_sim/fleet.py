@@ -47,6 +47,7 @@ from device_sim.history import split_held_out
 from device_sim.executor import LocalProcessPool, TrainingExecutor
 from device_sim.participation import SECURE_STEPS, Participant
 from device_sim.phone import Phone
+from device_sim.session import Clipping
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
@@ -385,7 +386,7 @@ class Fleet:
         with self._timed("downloads"):
             model = self.client.model(participant.decision.model_encoding)
         job = self.executor.submit(phone, model, self._train, selected.seed, self.config.update_compression,
-                                   self.now_s, participant.decision.clip_norm, secure)
+                                   self.now_s, Clipping.asked(participant.decision), secure)
         self._pending.append(_Event(finish, selected, job))
 
     def _finish(self, event: _Event) -> Participation:

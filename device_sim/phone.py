@@ -26,7 +26,7 @@ from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import CheckinResponse, SecAggState, UploadResponse
 from device_sim.history import TypingHistory
 from device_sim.secure_aggregation import SecAggPhone
-from device_sim.session import LocalWork, RoundInput, local_work, phone_mods
+from device_sim.session import Clipping, LocalWork, RoundInput, local_work, phone_mods
 from keyboard_model.errors import UserFacingError
 from keyboard_model.files import write_atomically
 from keyboard_model.secagg import Directory, IdentityKey
@@ -125,10 +125,10 @@ class Phone:
     def local_work(
         self, model_bytes: bytes, tokenizer: KeyboardTokenizer, config: LocalTrainConfig, seed: int,
         compression: str = "int8", now: float | None = None, eval_messages: int = EVAL_MESSAGES,
-        clip_norm: float | None = None, secure: tuple[SecAggPhone, SecAggState] | None = None,
+        clipping: Clipping | None = None, secure: tuple[SecAggPhone, SecAggState] | None = None,
     ) -> LocalWork:
         """Score the downloaded global model on held-out messages, then fine-tune it on the messages typed by
-        `now`; with differential privacy on, the aggregator asks for the update clipped to `clip_norm`. In a
+        `now`; with differential privacy on, the aggregator asks for the update clipped (`clipping`). In a
         secure round (`secure`: this phone's part and the round's state) the upload is the masked update with the
         evaluation counts inside it. If training diverged, or the delta holds any value that is not finite, there
         is no upload and no evaluation: nothing of the round is encoded. This is all the work that happens on the
@@ -136,7 +136,7 @@ class Phone:
         train_texts, held_out = self.messages(now)
         model, version = model_from_bytes(model_bytes)
         return local_work(RoundInput(model, version, tokenizer, train_texts, held_out, config, seed),
-                          phone_mods(compression, eval_messages, clip_norm, secure))
+                          phone_mods(compression, eval_messages, clipping, secure))
 
     def send(
         self, client: Aggregator, round_number: int, upload_token: str, work: LocalWork

@@ -40,7 +40,7 @@ from aggregator.api.schemas import SecAggState
 from device_sim.executor import _train
 from device_sim.phone import Phone
 from device_sim.secure_aggregation import SecAggPhone
-from device_sim.session import LocalWork
+from device_sim.session import Clipping, LocalWork
 from keyboard_model.errors import UserFacingError
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
@@ -85,7 +85,7 @@ class RayExecutor:
         self._running: dict[ray.ObjectRef, None] = {}
 
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float,
-               clip_norm: float | None,
+               clipping: Clipping | None,
                secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future[tuple[LocalWork, float]]:
         """A future of (LocalWork, wall seconds the phone spent on it)."""
         node = self._node_for(phone.phone_id)
@@ -96,7 +96,7 @@ class RayExecutor:
             self._folders[phone.phone_id] = folder
         job = _train_on_node.options(scheduling_strategy=_pinned(node)).remote(
             node, self._tokenizer_json, phone.phone_id, folder, self._model_ref(model), config, seed, compression,
-            now_s, clip_norm, secure)
+            now_s, clipping, secure)
         self._running[job] = None
         future = job.future()
         future.add_done_callback(lambda _: self._running.pop(job, None))

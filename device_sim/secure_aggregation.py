@@ -213,17 +213,18 @@ class SecAggPhone:
                         tuple(state.roster.device_ids), tuple(state.roster.signatures))
         return SecAggShares(sealed=self.share(roster))
 
-    def masked_upload(self, delta: Tensors, evaluation: EvaluationReport | None, state: SecAggState,
+    def masked_upload(self, delta: Tensors, evaluation: EvaluationReport | None, within_clip: bool, state: SecAggState,
                       seed: int) -> bytes:
-        """The upload of a secure round, masked: the delta (clipped to the encoding's bound, rotated, in the ring) and
-        the evaluation counts (uint32), and nothing else."""
+        """The upload of a secure round, masked: the delta (clipped to the encoding's bound, rotated, in the ring), the
+        evaluation counts and the adaptive-clipping bit (uint32, `keyboard_model.secagg.COUNTS`), and nothing else."""
         if state.shared is None:
             raise SecAggError("the round has not fixed who shared yet")
         encoding = RingEncoding(**state.encoding.model_dump())
         flat = torch.cat([t.flatten() for t in clip_to_norm(delta, encoding.bound).values()]).double().numpy()
         if len(flat) != encoding.length:
             raise SecAggError(f"this phone's model has {len(flat)} values; the round expects {encoding.length}")
-        counts = [evaluation.positions, evaluation.hits_at_1, evaluation.hits_at_3] if evaluation else [0, 0, 0]
+        scored = [evaluation.positions, evaluation.hits_at_1, evaluation.hits_at_3] if evaluation else [0, 0, 0]
+        counts = [*scored, int(within_clip)]
         inputs = {"update": encoding.encode(flat, np.random.default_rng(seed)), "counts": np.array(counts, np.uint32)}
         return save_numpy(self.mask(inputs, state.shared, masked_layout(encoding)))
 

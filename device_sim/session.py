@@ -7,9 +7,11 @@ sees privacy or encoding, and each mod can be tested, added or left out on its o
   (federated evaluation: three counts, no words);
 - `guarded`: drops a delta whose training diverged or that holds non-finite values, so
   the phone aborts instead of uploading it;
-- `clipped`: clips the delta to the norm the aggregator asked for (differential privacy);
-- `encoded`: the plain upload, int8 with stochastic rounding (or float32);
-- `masked`: a secure round's upload, the delta and the counts masked together.
+- `clipped`: clips the delta to the norm the aggregator asked for (differential privacy)
+  and, with adaptive clipping, notes the one bit the phone reports: was it within;
+- `encoded`: the plain upload, int8 with stochastic rounding (or float32), with the bit
+  in its metadata when one is asked for;
+- `masked`: a secure round's upload, the delta, the counts and the bit masked together.
 `local_work` composes them, outermost first. Every phone runs this, the simulated
 fleet's and "this browser is a phone" alike.
 """
@@ -21,14 +23,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from aggregator.api.schemas import EvaluationReport, SecAggState
+from aggregator.api.schemas import CheckinResponse, EvaluationReport, SecAggState
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.architecture import NextWordModel
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, train_local
 from keyboard_model.update_codec import encode_update
-from keyboard_model.norms import clip_to_norm
+from keyboard_model.norms import clip_to_norm, l2_norm
 from keyboard_model.weights import Tensors
 
 
@@ -53,7 +55,23 @@ class LocalWork:
     result: TrainResult
     delta: Tensors | None = None  # None: dropped (training diverged); the phone sends only an abort
     evaluation: EvaluationReport | None = None  # None: nothing scored, or a secure round (the counts are masked)
+    # Adaptive clipping: whether the delta's norm was within the clip norm (None: not asked).
+    within_clip: bool | None = None
     upload: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Clipping:
+    """What the aggregator asked of a private round's update: clip it to `norm`, and, when `report_within` (adaptive
+    clipping), report whether it was within that norm."""
+
+    norm: float
+    report_within: bool = False
+
+    @classmethod
+    def asked(cls, decision: CheckinResponse) -> Clipping | None:
+        """The clipping a check-in's answer asks for; None when the round is not private."""
+        return None if decision.clip_norm is None else cls(decision.clip_norm, decision.adaptive_clipping)
 
 
 Step = Callable[[RoundInput], LocalWork]
@@ -93,10 +111,13 @@ def guarded(round_input: RoundInput, call_next: Step) -> LocalWork:
     return work
 
 
-def clipped(norm: float) -> Mod:
+def clipped(clipping: Clipping) -> Mod:
     def mod(round_input: RoundInput, call_next: Step) -> LocalWork:
         work = call_next(round_input)
-        return work if work.delta is None else replace(work, delta=clip_to_norm(work.delta, norm))
+        if work.delta is None:
+            return work
+        within = l2_norm(work.delta) <= clipping.norm if clipping.report_within else None
+        return replace(work, delta=clip_to_norm(work.delta, clipping.norm), within_clip=within)
 
     return mod
 
@@ -106,36 +127,39 @@ def encoded(compression: str) -> Mod:
         work = call_next(round_input)
         if work.delta is None:
             return work
-        return replace(work, upload=update_bytes(work.delta, work.result.num_examples, compression, round_input.seed))
+        return replace(work, upload=update_bytes(work.delta, work.result.num_examples, compression, round_input.seed,
+                                                 work.within_clip))
 
     return mod
 
 
-def update_bytes(delta: Tensors, num_examples: int, compression: str = "int8", seed: int = 0) -> bytes:
-    """The plain upload: model delta and example count, nothing more. `seed` drives int8's stochastic rounding."""
-    return encode_update(delta, num_examples, compression, torch.Generator().manual_seed(seed))
+def update_bytes(delta: Tensors, num_examples: int, compression: str = "int8", seed: int = 0,
+                 within_clip: bool | None = None) -> bytes:
+    """The plain upload: model delta, example count and, if asked for, the clipping bit; nothing more. `seed` drives
+    int8's stochastic rounding."""
+    return encode_update(delta, num_examples, compression, torch.Generator().manual_seed(seed), within_clip)
 
 
 def masked(part: SecAggPhone, state: SecAggState) -> Mod:
-    """A secure round's upload: the delta and the evaluation counts in one masked vector; the counts travel only
-    there."""
+    """A secure round's upload: the delta, the evaluation counts and the clipping bit in one masked vector; the counts
+    and the bit travel only there."""
 
     def mod(round_input: RoundInput, call_next: Step) -> LocalWork:
         work = call_next(round_input)
         if work.delta is None:
             return work
-        upload = part.masked_upload(work.delta, work.evaluation, state, round_input.seed)
+        upload = part.masked_upload(work.delta, work.evaluation, bool(work.within_clip), state, round_input.seed)
         return replace(work, upload=upload, evaluation=None)
 
     return mod
 
 
-def phone_mods(compression: str, eval_messages: int, clip_norm: float | None,
+def phone_mods(compression: str, eval_messages: int, clipping: Clipping | None,
                secure: tuple[SecAggPhone, SecAggState] | None) -> list[Mod]:
     """A phone's mods, outermost first: the upload (masked in a secure round), the guard, federated evaluation,
     and clipping when the aggregator asked for it."""
     return [masked(*secure) if secure is not None else encoded(compression), guarded, evaluated(eval_messages),
-            *([clipped(clip_norm)] if clip_norm is not None else [])]
+            *([clipped(clipping)] if clipping is not None else [])]
 
 
 def local_work(round_input: RoundInput, mods: Sequence[Mod], train_step: Step = train) -> LocalWork:

@@ -245,6 +245,8 @@ def _round_line(
         "sim_day": report.day if report else 0,
         "sim_hour_utc": round(report.hour_utc, 2) if report else 0,
         **{name: getattr(server_view, name) if server_view else 0 for name in SERVER_COUNTS},
+        # Differential privacy: the norm the round clipped to and, adapting it, the noisy fraction within it.
+        **{name: getattr(server_view, name) if server_view else None for name in ("dp_clip_norm", "dp_fraction_within")},
         "examples": sum(p.result.num_examples for p in report.participants) if report else 0,
         "train_loss": report.train_loss if report else None,
         "local_learning_rate": learning_rate,

@@ -49,7 +49,7 @@ from torch.func import functional_call, vmap
 from aggregator.api.schemas import SecAggState
 from device_sim.phone import EVAL_MESSAGES, Phone
 from device_sim.secure_aggregation import SecAggPhone
-from device_sim.session import LocalWork, RoundInput, local_work, phone_mods
+from device_sim.session import Clipping, LocalWork, RoundInput, local_work, phone_mods
 from keyboard_model.architecture import NextWordModel
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import PAD_ID, KeyboardTokenizer
@@ -296,7 +296,7 @@ class _Job:
     seed: int
     compression: str
     now_s: float
-    clip_norm: float | None
+    clipping: Clipping | None
     secure: tuple[SecAggPhone, SecAggState] | None
     future: Future
 
@@ -333,12 +333,12 @@ class VectorisedCohort:
         self._queue: list[_Job] = []
 
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
-               now_s: float, clip_norm: float | None,
+               now_s: float, clipping: Clipping | None,
                secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future[tuple[LocalWork, float]]:
         """A lazy future of (the phone's LocalWork, wall seconds spent on it: its share of the batched pass, by SGD
         steps, and its own mods)."""
         future = _Queued(self)
-        self._queue.append(_Job(phone, model, config, seed, compression, now_s, clip_norm, secure, future))
+        self._queue.append(_Job(phone, model, config, seed, compression, now_s, clipping, secure, future))
         return future
 
     def run_queued(self) -> None:
@@ -375,7 +375,7 @@ class VectorisedCohort:
         for (job, given), phone in zip(inputs, trained):
             started = time.perf_counter()
             try:
-                work = local_work(given, phone_mods(job.compression, self.eval_messages, job.clip_norm, job.secure),
+                work = local_work(given, phone_mods(job.compression, self.eval_messages, job.clipping, job.secure),
                                   train_step=lambda _, phone=phone: LocalWork(phone.result, phone.delta))
             except Exception as error:  # noqa: BLE001 -- one phone's failure is that phone's
                 job.future.set_exception(error)

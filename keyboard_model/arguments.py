@@ -41,6 +41,7 @@ non_negative_float = number(float, lambda value: value >= 0, "0 or more")
 multiple = number(float, lambda value: value >= 1, "at least 1")
 probability = number(float, lambda value: 0 <= value < 1, "at least 0 and below 1")
 fraction = number(float, lambda value: 0 < value <= 1, "more than 0 and at most 1")
+quantile = number(float, lambda value: 0 < value < 1, "between 0 and 1, both excluded")
 port = number(int, lambda value: 0 <= value <= 65_535, "a port from 1 to 65535 (or 0 for any free one)")
 
 

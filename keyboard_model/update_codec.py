@@ -1,7 +1,8 @@
 """The wire format of a phone's model update, optionally quantised to int8.
 
 An update is a safetensors file (see `weights.py`) whose metadata is exactly
-{"num_examples": "<int>", "compression": "<scheme>"}; nothing else may travel with it.
+{"num_examples": "<int>", "compression": "<scheme>"} and, when the aggregator asked for
+adaptive clipping, "within_clip": "0" or "1"; nothing else may travel with it.
 
 - "none": one float32 tensor `<name>` per model parameter, as before.
 - "int8": for each parameter, `<name>` holds int8 values in [-127, 127] and
@@ -25,18 +26,23 @@ from keyboard_model.int8 import SCALE_SUFFIX
 from keyboard_model.weights import Tensors, WeightsError, read_metadata, read_tensors, write_tensors
 
 SCHEMES = ("int8", "none")
+# The metadata key of the adaptive-clipping bit.
+WITHIN_CLIP = "within_clip"
 # Room for the JSON header, as the aggregator has always allowed for float32 uploads.
 HEADER_ALLOWANCE = 64 * 1024
 
 
 def encode_update(
-    delta: Tensors, num_examples: int, compression: str = "int8", generator: torch.Generator | None = None
+    delta: Tensors, num_examples: int, compression: str = "int8", generator: torch.Generator | None = None,
+    within_clip: bool | None = None,
 ) -> bytes:
-    """The upload for a float32 model delta trained on `num_examples` messages.
+    """The upload for a float32 model delta trained on `num_examples` messages; `within_clip`, if not None, is the
+    adaptive-clipping bit.
 
     `generator` drives the stochastic rounding of "int8"; without one torch's global generator is used.
     """
-    metadata = {"num_examples": str(num_examples), "compression": compression}
+    metadata = {"num_examples": str(num_examples), "compression": compression,
+                **({} if within_clip is None else {WITHIN_CLIP: str(int(within_clip))})}
     if compression == "none":
         return write_tensors(delta, metadata)
     if compression != "int8":
@@ -50,16 +56,15 @@ def encode_update(
 def decode_update(data: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[Tensors, dict[str, str]]:
     """Check an upload against the model's parameter shapes and return (float32 delta, metadata).
 
-    Raises WeightsError saying what is wrong. The value of num_examples is left to the caller.
+    Raises WeightsError saying what is wrong. The values of num_examples and within_clip are left to the caller.
     """
     try:
         metadata = read_metadata(data)
     except (ValueError, AttributeError, RecursionError) as error:
         raise WeightsError(f"not a safetensors file: {error}") from error
-    if set(metadata) != {"num_examples", "compression"}:
-        raise WeightsError(
-            f'the update metadata must hold exactly "num_examples" and "compression", got {sorted(metadata)}'
-        )
+    if set(metadata) - {WITHIN_CLIP} != {"num_examples", "compression"}:
+        raise WeightsError(f'the update metadata must hold exactly "num_examples", "compression" and, if asked for, '
+                           f'"{WITHIN_CLIP}", got {sorted(metadata)}')
     compression = metadata["compression"]
     if compression == "none":
         return read_tensors(data, shapes)

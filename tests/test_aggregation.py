@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aggregator.adaptive_clipping import ClipNorm
 from aggregator.aggregation import PrivateMean, UpdateSum, WeightedMean
 from aggregator.privacy import PrivacyEvent, PrivacyLedger, epsilon
 
@@ -18,7 +19,7 @@ def test_the_weighted_mean_weights_each_update_by_its_examples():
 
 
 def test_the_private_mean_clips_counts_each_device_once_and_divides_by_the_goal():
-    ledger = PrivacyLedger(clip_norm=1.0, noise_multiplier=1e-9, goal=4, population=lambda: 100, delta=None, past=[])
+    ledger = PrivacyLedger(ClipNorm(1.0, 1e-9, None, 4, 20.0), noise_multiplier=1e-9, goal=4, population=lambda: 100, delta=None, past=[])
     rule = PrivateMean({"w": (2,)}, ledger)
     rule.add({"w": torch.tensor([30.0, 40.0])}, 900)  # norm 50: clipped to 1, and its 900 examples do not count
     rule.add({"w": torch.tensor([0.1, 0.0])}, 1)

@@ -16,6 +16,7 @@ from device_sim import session as session_module
 from device_sim.fleet import Fleet
 from aggregator.inprocess import InProcessClient
 from device_sim.phone import Phone
+from device_sim.session import Clipping
 from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig, TrainingDivergedError, train_centrally, train_local
 from keyboard_model.weights import model_to_bytes
@@ -89,8 +90,8 @@ def test_a_delta_that_is_not_finite_is_never_encoded_even_if_training_missed_it(
     phone: Phone = make_phones(tmp_path, 1)[0]
     model = model_to_bytes(build_model(small_model_config).state_dict(), 0, small_model_config)
 
-    for clip_norm in (None, 1.0):  # clipping an infinite delta gives NaN: refused all the same
-        work = phone.local_work(model, small_tokenizer, LocalTrainConfig(batch_size=2), seed=0, clip_norm=clip_norm)
+    for clipping in (None, Clipping(1.0)):  # clipping an infinite delta gives NaN: refused all the same
+        work = phone.local_work(model, small_tokenizer, LocalTrainConfig(batch_size=2), seed=0, clipping=clipping)
         assert work.upload is None and "not finite" in work.result.divergence
     assert not encoded
 

@@ -1,5 +1,6 @@
 """Differential privacy: the accountant against a published figure, the noise against its calibration, and
-clipping, noise and the privacy spent through the real service, across a restart."""
+clipping, noise and the privacy spent through the real service, across a restart (a phone's own clipping is in
+test_adaptive_clipping.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,9 @@ import torch
 from aggregator.privacy import PrivacyEvent, epsilon, noisy_mean
 from aggregator.process import LocalAggregator, local_aggregator_config
 from aggregator.api.client import AggregatorClient
-from device_sim.phone import Phone
 from device_sim.session import update_bytes
-from keyboard_model.train import LocalTrainConfig
-from keyboard_model.update_codec import decode_update
 from keyboard_model.norms import clip_to_norm, l2_norm
 from keyboard_model.weights import model_from_bytes, parameter_shapes
-from tests.conftest import SMALL_TEXT
 
 
 def test_the_accountant_reproduces_a_published_epsilon():
@@ -54,20 +51,6 @@ def test_clipping_scales_down_only_what_is_too_long():
     assert torch.allclose(clipped["a"] / clipped["b"][0], long["a"] / long["b"][0])  # direction kept
     short = {"a": torch.full((4,), 0.1)}
     assert clip_to_norm(short, 1.5) is short
-
-
-def test_a_phone_clips_its_update_when_asked(tmp_path, small_tokenizer, small_model_config):
-    from keyboard_model.model import build_model  # noqa: PLC0415
-    from keyboard_model.weights import model_to_bytes  # noqa: PLC0415
-
-    phone = Phone.create("p", tmp_path / "p", [(float(i), t) for i, t in enumerate(SMALL_TEXT * 6)])
-    model = model_to_bytes(build_model(small_model_config, seed=1).state_dict(), 0, small_model_config)
-    shapes = parameter_shapes(build_model(small_model_config).state_dict())
-    train = LocalTrainConfig(batch_size=4, epochs=2)
-    free = phone.local_work(model, small_tokenizer, train, seed=0, compression="none")
-    clipped = phone.local_work(model, small_tokenizer, train, seed=0, compression="none", clip_norm=0.1)
-    assert l2_norm(decode_update(free.upload, shapes)[0]) > 0.2
-    assert l2_norm(decode_update(clipped.upload, shapes)[0]) == pytest.approx(0.1, rel=1e-5)
 
 
 def test_the_service_clips_adds_calibrated_noise_once_and_accounts_for_every_round_across_a_restart(

@@ -44,8 +44,8 @@ class Device:
     def send_shares(self) -> None:
         self.client.secagg_shares(self.round, self.token, self.part.shares_message(self.state()))
 
-    def upload(self, delta, evaluation: EvaluationReport, seed: int):
-        data = self.part.masked_upload(delta, evaluation, self.state(), seed)
+    def upload(self, delta, evaluation: EvaluationReport, seed: int, within_clip: bool = False):
+        data = self.part.masked_upload(delta, evaluation, within_clip, self.state(), seed)
         return self.client.upload(self.round, self.token, data)
 
     def confirm(self) -> None:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from device_sim.session import (
+    Clipping,
     LocalWork,
     RoundInput,
     clipped,
@@ -44,7 +45,7 @@ def test_clipping_wraps_training_and_encoding_wraps_clipping(small_tokenizer, sm
     given = round_input(small_tokenizer, small_model_config)
     unclipped = local_work(round_input(small_tokenizer, small_model_config), [])
     assert l2_norm(unclipped.delta) > 0.01
-    work = local_work(given, [encoded("none"), clipped(0.01)])
+    work = local_work(given, [encoded("none"), clipped(Clipping(0.01))])
     decoded, metadata = decode_update(work.upload, parameter_shapes(given.model.state_dict()))
     assert math.isclose(l2_norm(decoded), 0.01, rel_tol=1e-4)
     assert metadata["num_examples"] == str(work.result.num_examples)

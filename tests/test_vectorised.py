@@ -22,7 +22,7 @@ from aggregator.inprocess import InProcessClient
 from device_sim import cli as device_cli
 from device_sim.fleet import Fleet, typing_times
 from device_sim.phone import Phone
-from device_sim.session import RoundInput, train
+from device_sim.session import Clipping, RoundInput, train
 from device_sim.vectorised import VectorisedCohort, check_device, train_cohort
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
@@ -150,20 +150,22 @@ def test_the_executor_gives_what_phone_local_work_gives(tmp_path, small_tokenize
     model = model_to_bytes(build_model(small_model_config, seed=1).state_dict(), 5, small_model_config)
     cohort = VectorisedCohort(small_tokenizer)
     now = 2 * 86_400.0
-    jobs = [cohort.submit(phone, model, CONFIG, seed, "none", now, clip_norm=0.05)
+    jobs = [cohort.submit(phone, model, CONFIG, seed, "none", now, clipping=Clipping(0.05, report_within=True))
             for seed, phone in enumerate(phones)]
     assert not any(job.done() for job in jobs)  # queued: nothing trains until a result is asked for
     first, _ = jobs[1].result()
     assert all(job.done() for job in jobs)  # ...and then every queued phone trained, in one go
     for seed, (phone, job) in enumerate(zip(phones, jobs)):
         together, seconds = job.result()
-        alone = phone.local_work(model, small_tokenizer, CONFIG, seed, "none", now, clip_norm=0.05)
+        alone = phone.local_work(model, small_tokenizer, CONFIG, seed, "none", now,
+                                 clipping=Clipping(0.05, report_within=True))
         assert seconds > 0
         assert together.evaluation == alone.evaluation  # the downloaded model, scored before training
         assert together.result.num_examples == alone.result.num_examples
         assert math.isclose(together.result.mean_loss, alone.result.mean_loss, rel_tol=1e-5)
         for name in alone.delta:  # clipped to the norm the aggregator asked for, then encoded
             assert close(together.delta[name], alone.delta[name]), name
+        assert together.within_clip is not None and together.within_clip == alone.within_clip
         assert together.upload is not None and len(together.upload) == len(alone.upload)
     assert first is jobs[1].result()[0]
 
@@ -184,10 +186,10 @@ class OneByOne:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def submit(self, phone, model, config, seed, compression, now_s, clip_norm, secure=None) -> Future:
+    def submit(self, phone, model, config, seed, compression, now_s, clipping, secure=None) -> Future:
         future = Future()
         future.set_result((phone.local_work(model, self.tokenizer, config, seed, compression, now_s,
-                                            clip_norm=clip_norm, secure=secure), 0.0))
+                                            clipping=clipping, secure=secure), 0.0))
         return future
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from device_sim.history import TypingHistory
 from device_sim.participation import Participant
 from device_sim.phone import Phone
 from device_sim.secure_aggregation import SecAggPhone
-from device_sim.session import LocalWork
+from device_sim.session import Clipping, LocalWork
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
@@ -192,7 +192,7 @@ class BrowserPhone:
         tokenizer = KeyboardTokenizer.from_json(self._client.tokenizer_json())
         model = self._client.model(decision.model_encoding)
         return self.phone.local_work(model, tokenizer, self.train, seed=time.time_ns() % 2**31,
-                                     clip_norm=decision.clip_norm, secure=secure)
+                                     clipping=Clipping.asked(decision), secure=secure)
 
     def _keep_going(self, seconds: float) -> bool:
         """Wait `seconds` between a secure round's steps; False once the phone is switched off or stopped."""

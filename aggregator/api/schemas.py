@@ -49,6 +49,10 @@ class CheckinResponse(BaseModel):
     clip_norm: float | None = Field(
         None, description="With differential privacy on: the L2 norm the device must clip its update to."
     )
+    adaptive_clipping: bool = Field(
+        False, description="With adaptive clipping: the device also reports whether its update's norm was within "
+                           "clip_norm, one bit (in the upload's metadata, or inside the masked vector)."
+    )
     secure_aggregation: bool = Field(False, description="The round runs secure aggregation: see /rounds/{round}/secagg.")
     model_encoding: Literal["float32", "int8"] = Field(
         "float32", description="Present when action is 'train': download the model as GET /model?encoding=this."
@@ -138,6 +142,14 @@ class RoundSummary(BaseModel):
     epsilon: float | None = Field(None, description="Privacy spent by every round up to this one, at dp_delta.")
     dp_mechanism: str | None = Field(None, description="Differential privacy: fedavg or ftrl (null: fedavg).")
     rho: float | None = Field(None, description="DP-FTRL: rho-zCDP spent by every round up to this one.")
+    dp_clip_norm: float | None = Field(None, description="Differential privacy: the L2 norm updates were clipped to.")
+    dp_update_noise_multiplier: float | None = Field(
+        None, description="Adaptive clipping: the updates' noise multiplier, above dp_noise_multiplier, which counts "
+                          "the clipping bits too.")
+    dp_count_stddev: float | None = Field(None, description="Adaptive clipping: noise on the sum of the clipping bits.")
+    dp_fraction_within: float | None = Field(
+        None, description="Adaptive clipping: the released (noisy) fraction of updates within dp_clip_norm.")
+    dp_next_clip_norm: float | None = Field(None, description="Adaptive clipping: the clip norm of the next round.")
     failure: str | None = Field(None, description="Why a failed round failed.")
     checked_in: int | None = Field(
         None, description="Devices that asked to train while the round was open (devices ask only when eligible)."
@@ -171,6 +183,7 @@ class StatusResponse(BaseModel):
     differential_privacy: bool
     epsilon: float | None = Field(description="Privacy spent so far (differential privacy on), at the last round's delta.")
     rho: float | None = Field(None, description="DP-FTRL: rho-zCDP spent so far.")
+    clip_norm: float | None = Field(None, description="Differential privacy: the clip norm the open round asks for.")
     recent_rounds: list[RoundSummary]
 
 
@@ -239,7 +252,7 @@ class SecAggRoster(BaseModel):
 class SecAggEncoding(BaseModel):
     """How a device puts its update into the ring (keyboard_model/secagg.py's RingEncoding)."""
 
-    bits: Literal[8, 16, 32] = Field(description="The update is masked modulo 2**bits; the 3 counts modulo 2**32.")
+    bits: Literal[8, 16, 32] = Field(description="The update is masked modulo 2**bits; the 4 counts modulo 2**32.")
     bound: float = Field(description="Clip the update to this L2 norm.")
     max_summands: int
     length: int = Field(description="The model's parameters, in order.")

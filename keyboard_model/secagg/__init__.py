@@ -51,12 +51,12 @@ from keyboard_model.secagg.keys import (
     share_cipher_key,
 )
 from keyboard_model.secagg.masks import Layout, Masked, add_mask, pairwise_sign, prg_mask
-from keyboard_model.secagg.ring import RING_WIDTHS, RingEncoding, masked_layout
+from keyboard_model.secagg.ring import COUNTS, RING_WIDTHS, RingEncoding, masked_layout
 from keyboard_model.secagg.shares import Share, SharePair, combine_shares, open_shares, seal_shares, split_secret
 
 __all__ = [
-    "RING_WIDTHS", "SEED_BYTES", "SIGNATURE_BYTES", "Directory", "GraphParameters", "IdentityKey", "Layout", "Masked",
-    "PublicKeys", "RingEncoding", "Roster", "RoundSecrets", "SecAggError", "Share", "SharePair", "add_mask",
+    "COUNTS", "RING_WIDTHS", "SEED_BYTES", "SIGNATURE_BYTES", "Directory", "GraphParameters", "IdentityKey", "Layout",
+    "Masked", "PublicKeys", "RingEncoding", "Roster", "RoundSecrets", "SecAggError", "Share", "SharePair", "add_mask",
     "combine_shares", "graph_parameters", "keys_statement", "masked_layout", "masking_key", "neighbours",
     "open_shares", "pairwise_seed", "pairwise_sign", "prg_mask", "public_bytes", "seal_shares", "share_cipher_key",
     "split_secret", "survivors_statement",

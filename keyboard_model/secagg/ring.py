@@ -16,6 +16,8 @@ from keyboard_model.secagg.keys import SEED_BYTES
 from keyboard_model.secagg.masks import Layout
 
 RING_WIDTHS = (8, 16, 32)
+# The counts a masked input carries beside the update, in this order.
+COUNTS = ("positions", "hits_at_1", "hits_at_3", "within_clip")
 # Values of a round's sum expected to wrap around the ring when every phone sends the largest delta, all alike.
 WRAP_BUDGET = 0.01
 
@@ -85,6 +87,7 @@ class RingEncoding:
 
 
 def masked_layout(encoding: RingEncoding) -> Layout:
-    """A secure round's masked input: the encoded update, then the evaluation counts (predictions, hits at 1, hits
-    at 3), which stay exact modulo 2**32. Phones and the server both build it here, so their masks line up."""
-    return Layout((("update", encoding.dtype, encoding.size), ("counts", "uint32", 3)))
+    """A secure round's masked input: the encoded update, then the counts (predictions, hits at 1, hits at 3 and the
+    adaptive-clipping bit), which stay exact modulo 2**32. Phones and the server both build it here, so their masks
+    line up."""
+    return Layout((("update", encoding.dtype, encoding.size), ("counts", "uint32", len(COUNTS))))

@@ -1,0 +1,92 @@
+"""Adaptive clipping (Andrew et al. 2021): the clip norm follows a quantile of the update norms.
+
+A fixed clip norm is a guess: too small and every update is cut short (bias), too large
+and the noise, proportional to it, swamps the mean. With a target quantile gamma, each
+round every phone also reports one bit, whether its update's norm was within the clip
+norm C. The server sums the bits, centred (b - 1/2, so one phone moves the sum by at most
+1/2) with Gaussian noise of standard deviation sigma_b, divides by the round's goal as it
+divides the updates, and takes a geometric step towards the quantile:
+
+    C <- C * exp(-eta * (noisy fraction within - gamma))
+
+The bits are a second Gaussian release, so they cost privacy. As the paper does, the
+noise multiplier the operator asks for, z, is the privacy of the pair: the updates get
+the larger z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2), and a round of (updates at z_update,
+bits at sigma_b) is exactly one Gaussian release at z. DP-FedAvg's accounting is therefore
+unchanged; DP-FTRL (`aggregator/ftrl.py`) adds the bits' rho-zCDP to its own.
+
+Under secure aggregation the bit travels inside the masked vector with the evaluation
+counts, so the server sees only the sum. The next clip norm is a function of released
+(noisy) values only, and is committed with the round's record so a restart continues it.
+
+No maintained library we depend on offers this (TensorFlow Privacy's
+QuantileAdaptiveClipSumQuery is TensorFlow; jax-privacy and Opacus clip per example): the
+geometric step is three lines of the paper's Algorithm, written here.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AdaptiveClipping:
+    """The adaptive clip's settings (the paper's defaults: eta = 0.2, sigma_b = goal / 20)."""
+
+    target_quantile: float  # gamma: the fraction of updates that should fall within the clip norm
+    learning_rate: float  # eta
+    count_stddev: float  # sigma_b: noise on the sum of the bits
+
+
+def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """z_update such that updates noised at z_update and bits noised at `count_stddev` are, together, one Gaussian
+    release at `noise_multiplier` (Andrew et al. 2021, section 3)."""
+    remaining = noise_multiplier**-2 - (2 * count_stddev) ** -2
+    if remaining <= 0:
+        raise ValueError(f"the clipping bits' noise (count stddev {count_stddev}) alone spends more than noise "
+                         f"multiplier {noise_multiplier} allows: it must be above {noise_multiplier / 2:g}")
+    return remaining**-0.5
+
+
+def noisy_fraction_within(within: int, reported: int, count_stddev: float, goal: int, rng: random.Random) -> float:
+    """The released fraction of updates within the clip norm: (sum of (b - 1/2) + N(0, sigma_b^2)) / goal + 1/2.
+    The goal, not the number that reported, divides it, as it divides the updates."""
+    return (within - reported / 2 + rng.gauss(0.0, count_stddev)) / goal + 0.5
+
+
+def next_clip_norm(clip_norm: float, fraction_within: float, settings: AdaptiveClipping, ceiling: float) -> float:
+    """The geometric step towards the target quantile, at most `ceiling` (the largest norm the aggregator accepts)."""
+    return min(clip_norm * math.exp(-settings.learning_rate * (fraction_within - settings.target_quantile)), ceiling)
+
+
+class ClipNorm:
+    """The clip norm private rounds ask for: fixed, or (with `adaptive`) following a quantile of the update norms.
+    Like the ledgers it serves, `release` gives a round's record and `spent` (after the commit) moves on."""
+
+    def __init__(self, initial: float, noise_multiplier: float, adaptive: AdaptiveClipping | None, goal: int,
+                 ceiling: float) -> None:
+        self.norm = initial
+        self.adaptive = adaptive
+        self._goal = goal
+        self._ceiling = ceiling
+        self.update_noise_multiplier = (noise_multiplier if adaptive is None
+                                        else update_noise_multiplier(noise_multiplier, adaptive.count_stddev))
+        # Unpredictable noise: anyone who could replay it could subtract it.
+        self._rng = random.SystemRandom()
+
+    def release(self, within: int, reported: int) -> dict[str, float]:
+        """The round's clipping record: the norm it used and, adapting, the noisy fraction within it and the norm
+        the next round will use. `within`: how many of the `reported` updates were within the norm."""
+        record = {"dp_clip_norm": self.norm}
+        if self.adaptive is None:
+            return record
+        fraction = noisy_fraction_within(within, reported, self.adaptive.count_stddev, self._goal, self._rng)
+        return {**record, "dp_update_noise_multiplier": self.update_noise_multiplier,
+                "dp_count_stddev": self.adaptive.count_stddev, "dp_fraction_within": fraction,
+                "dp_next_clip_norm": next_clip_norm(self.norm, fraction, self.adaptive, self._ceiling)}
+
+    def spent(self, record: dict) -> None:
+        if self.adaptive is not None:
+            self.norm = record["dp_next_clip_norm"]
