@@ -19,6 +19,7 @@ from aggregator.rounds import RoundManager
 from aggregator.storage import open_storage
 from device_sim.phone import Phone
 from device_sim.session import Clipping, update_bytes
+from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
 from keyboard_model.norms import clip_to_norm, l2_norm
 from keyboard_model.train import LocalTrainConfig
@@ -79,32 +80,40 @@ def test_the_released_fraction_is_the_bits_with_their_noise_divided_by_the_goal(
     assert clip.norm == record["dp_next_clip_norm"]
 
 
-def _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config) -> RoundManager:
+def _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **changes) -> RoundManager:
+    settings = dict(model=small_model_config, clients_per_round=4, over_selection=1.0, server_optimizer="fedavg",
+                    noise_multiplier=0.01, clip_norm=0.5, clip_quantile=0.5, population=40, selection_window_s=0.0)
     config = AggregatorConfig(db_path=tmp_path / "a.sqlite", tokenizer_path=small_tokenizer_path,
-                              model=small_model_config, clients_per_round=4, over_selection=1.0,
-                              server_optimizer="fedavg", noise_multiplier=0.01, clip_norm=0.5, clip_quantile=0.5,
-                              population=40, selection_window_s=0.0)
+                              **(settings | changes))
     return RoundManager(config, open_storage(config.db_path))
+
+
+def _release_one_round(manager: RoundManager, decisions: list | None = None) -> dict:
+    """The round's four selected devices (`decisions`, else four new ones) report updates within the norm; returns
+    the round's record."""
+    decisions = decisions or [manager.checkin(manager.enrol()[0]) for _ in range(4)]
+    shapes = parameter_shapes(model_from_bytes(manager.current_model()[1])[0].state_dict())
+    delta = clip_to_norm(random_delta(shapes, 1), decisions[0].clip_norm)
+    for decision in decisions:
+        manager.submit(decision.round, decision.upload_token, update_bytes(delta, 5, "none", within_clip=True))
+    return manager.storage.recent_rounds(1)[0]
 
 
 def test_a_round_moves_the_clip_norm_from_the_phones_bits_and_a_restart_keeps_it(
     tmp_path, small_tokenizer_path, small_model_config
 ):
     manager = _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
-    decisions = [manager.checkin(manager.enrol()[0]) for _ in range(4)]
-    assert all(d.action == "train" and d.clip_norm == 0.5 and d.adaptive_clipping for d in decisions)
-    model, _ = model_from_bytes(manager.current_model()[1])
-    shapes = parameter_shapes(model.state_dict())
+    decision = manager.checkin(manager.enrol()[0])
+    assert decision.action == "train" and decision.clip_norm == 0.5 and decision.adaptive_clipping
+    shapes = parameter_shapes(model_from_bytes(manager.current_model()[1])[0].state_dict())
     delta = clip_to_norm(random_delta(shapes, 1), 0.5)
     # The bit is asked for: an upload without it, or with something else in its place, is refused.
     for data in (update_bytes(delta, 5, "none"),
                  write_tensors(delta, {"num_examples": "5", "compression": "none", "within_clip": "yes"})):
         with pytest.raises(BadUpdateError, match="within_clip"):
-            manager.submit(decisions[0].round, decisions[0].upload_token, data)
+            manager.submit(decision.round, decision.upload_token, data)
     # Every update was within the norm: the fraction released is about 1, above the target, so the norm shrinks.
-    for decision in decisions:
-        manager.submit(decision.round, decision.upload_token, update_bytes(delta, 5, "none", within_clip=True))
-    (record,) = manager.storage.recent_rounds(1)
+    record = _release_one_round(manager, [decision, *(manager.checkin(manager.enrol()[0]) for _ in range(3))])
     assert record["status"] == "closed" and record["dp_clip_norm"] == 0.5
     assert record["dp_fraction_within"] == pytest.approx(1.0, abs=0.5)  # sigma_b = goal / 20: 0.05 on the fraction
     assert record["dp_next_clip_norm"] == pytest.approx(0.5 * math.exp(-0.2 * (record["dp_fraction_within"] - 0.5)))
@@ -115,6 +124,20 @@ def test_a_round_moves_the_clip_norm_from_the_phones_bits_and_a_restart_keeps_it
     # A restarted aggregator asks for the same norm.
     restarted = _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
     assert restarted.checkin(restarted.enrol()[0]).clip_norm == record["dp_next_clip_norm"]
+
+
+def test_a_dp_ftrl_database_refuses_another_noise_multiplier_or_clipping_on_resume(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    ftrl = dict(dp_mechanism="ftrl", min_separation=1, dp_rounds=10, noise_multiplier=0.2)
+    record = _release_one_round(_adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **ftrl))
+    assert record["dp_mechanism"] == "ftrl" and record["rho"] > 0
+    # Its accounting adds up releases of one noise multiplier and one way of clipping.
+    for changed in ({"noise_multiplier": 0.3}, {"clip_quantile": None}, {"clip_count_stddev": 0.5}):
+        with pytest.raises(UserFacingError, match="cannot change them mid-run"):
+            _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **(ftrl | changed))
+    resumed = _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **ftrl)
+    assert resumed.privacy.clip_norm == record["dp_next_clip_norm"]
 
 
 def test_without_adaptive_clipping_an_update_may_not_carry_the_bit(tmp_path, small_tokenizer_path,
