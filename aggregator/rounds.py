@@ -272,9 +272,9 @@ class RoundManager:
         return max(self.config.retry_after_s, rounds_left * expected_round_s - elapsed)
 
     def _selecting(self) -> bool:
-        # A secure round's cohort is fixed once its keys are in: no one joins after that.
+        # A secure round's cohort is fixed once full or at its selection deadline: no one joins after that.
         current = self.round
-        open_cohort = current.secure is None or current.secure.phase == "advertise"
+        open_cohort = current.secure is None or current.secure.cohort_open
         return open_cohort and len(current.token_by_device) < self.selection_target
 
     def _draw(self) -> None:

@@ -5,9 +5,10 @@ The round protocol (aggregator/rounds.py) still selects devices, authenticates t
 counts reports and closes the round; with `secure_aggregation` on, it hands each
 device's secure-aggregation message to the round's `SecureRound`, which runs the five
 phases of `aggregator/secure_aggregation.py`:
-- advertise ends once the selection is full and every selected device has sent keys, or
-  `secagg_phase_s` after it filled; a selection that has not filled by half the round's
-  deadline goes on with the keys it has;
+- the cohort is fixed once the selection is full or, if it does not fill, at half the
+  round's deadline; advertise then ends once every selected device has sent keys, or
+  `secagg_phase_s` after the cohort was fixed (devices drawn at the last moment get
+  that time too);
 - share, confirm and unmask end when every device that should answer has, or
   `secagg_phase_s` after they opened;
 - collect ends at the goal or the round's deadline, as a plain round does.
@@ -55,7 +56,7 @@ class SecureRound:
         self.phase_s = config.secagg_phase_s
         self.phase_deadline = started + config.secagg_phase_s
         self.deadline = started + config.round_deadline_s
-        self.full_since: float | None = None  # when the selection reached its target
+        self.fixed_at: float | None = None  # when the cohort was fixed: no device is selected after that
         self.selection_deadline = started + config.round_deadline_s / 2
         self.selection_target = selection_target
         self.goal = config.clients_per_round
@@ -67,6 +68,11 @@ class SecureRound:
     @property
     def phase(self) -> str:
         return self.protocol.phase
+
+    @property
+    def cohort_open(self) -> bool:
+        """Devices may still be selected: the cohort is not fixed yet."""
+        return self.phase == "advertise" and self.fixed_at is None
 
     @property
     def over(self) -> bool:
@@ -150,14 +156,13 @@ class SecureRound:
         """Close the phases whose work is done or whose time is up. Raises SecAggError if the round must fail."""
         protocol = self.protocol
         if protocol.phase == "advertise":
-            # Keys are awaited from the whole selection: once it is full, until all came or the phase's time is up.
-            # A selection that does not fill by half the round's deadline goes on with the keys it has.
-            full = len(selected) >= self.selection_target
-            if full and self.full_since is None:
-                self.full_since, self.phase_deadline = now, now + self.phase_s
-            all_keys = full and set(protocol.advertised) >= selected - aborted
-            # A selection that filled gets its phase's time for keys, even when it filled at the selection deadline.
-            if all_keys or (full and now >= self.phase_deadline) or (not full and now >= self.selection_deadline):
+            # Keys are awaited from the whole cohort once it is fixed (full, or half the round's deadline passed),
+            # until all came or the phase's time is up: a device drawn just as the selection deadline passed still
+            # has to come back for its answer before it can send keys.
+            if self.fixed_at is None and (len(selected) >= self.selection_target or now >= self.selection_deadline):
+                self.fixed_at, self.phase_deadline = now, now + self.phase_s
+            if self.fixed_at is not None and (set(protocol.advertised) >= selected - aborted
+                                              or now >= self.phase_deadline):
                 protocol.close_advertising(self.min_reports)
                 self.phase_deadline = now + self.phase_s
         if protocol.phase == "share":

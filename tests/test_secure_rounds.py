@@ -12,6 +12,8 @@ from safetensors.torch import save
 
 from aggregator.api.schemas import EvaluationReport, SecAggShares
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
+from aggregator.config import AggregatorConfig
+from aggregator.inprocess import InProcessClient
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.secagg import Directory, IdentityKey, RingEncoding, SecAggError
 from keyboard_model.norms import clip_to_norm
@@ -256,3 +258,31 @@ def test_a_masked_upload_in_a_type_numpy_cannot_read_is_refused_not_a_server_err
     with pytest.raises(AggregatorRefusedError) as refused:
         client.upload(devices[0].round, devices[0].token, bfloat16)
     assert refused.value.status_code == 422 and "not a masked upload" in refused.value.detail
+
+
+def test_devices_drawn_as_the_selection_deadline_passes_still_get_the_phase_to_send_keys(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    # Found by a DP-FTRL run on the fleet: with phones sitting out the separation, the only check-ins of a round came
+    # late, were drawn as half the deadline passed, and the round failed at once with no keys, before they could come
+    # back for their answer.
+    client = InProcessClient(AggregatorConfig(
+        db_path=tmp_path / "a.sqlite", tokenizer_path=small_tokenizer_path, model=small_model_config,
+        secure_aggregation=True, simulated_clock=True, clients_per_round=3, over_selection=2.0,
+        round_deadline_s=3600.0, secagg_phase_s=120.0, selection_window_s=10.0))
+    enrolments = [client.enrol() for _ in range(4)]
+    client.set_clock(1200.0)
+    assert all(client.checkin(e.device_token).action == "retry" for e in enrolments)  # candidates until 1210
+    client.set_clock(1800.0)  # drawn as the selection deadline passes: 4 of the 6 it wanted, so the cohort is fixed
+    decisions = [client.checkin(e.device_token) for e in enrolments]
+    assert all(d.action == "train" and d.secure_aggregation for d in decisions)
+    assert client.checkin(client.enrol().device_token).action == "retry"  # no one joins a fixed cohort
+    for enrolment, decision in zip(enrolments, decisions):
+        assert client.secagg_state(decision.round, decision.upload_token).phase == "advertise"
+        identity = IdentityKey.generate()
+        DIRECTORY.register(enrolment.device_id, identity.public())
+        client.secagg_keys(decision.round, decision.upload_token,
+                           SecAggPhone(decision.round, enrolment.device_id, identity, DIRECTORY).keys_message())
+    # All four sent keys within the phase's time: the round goes on to sharing, with all of them.
+    state = client.secagg_state(decisions[0].round, decisions[0].upload_token)
+    assert state.phase == "share" and len(state.roster.device_ids) == 4
