@@ -1,6 +1,6 @@
 """DP-FTRL (aggregator/ftrl.py): the accounting against jax-privacy's own published cases, the noise against the
-mechanism's C^{-1}, its state across a restart, the minimum separation, and the same epsilon in service mode and
-in process."""
+mechanism's C^{-1}, its state across a restart, the minimum separation, the same noise through secure aggregation,
+and the same epsilon in service mode and in process."""
 
 from __future__ import annotations
 
@@ -12,15 +12,19 @@ import numpy as np
 import pytest
 import torch
 
+from aggregator.api.schemas import SecAggState
 from aggregator.config import AggregatorConfig
 from aggregator.ftrl import BltNoise, epsilon, observed_sensitivity_squared, rho, sensitivity_squared
+from aggregator.inprocess import InProcessClient
 from aggregator.privacy import PrivacyEvent
 from aggregator.privacy import epsilon as fedavg_epsilon
 from aggregator.rounds import RoundManager
 from aggregator.storage import open_storage
 from device_sim.session import update_bytes
 from jax_privacy.matrix_factorization import buffered_toeplitz
+from keyboard_model.norms import clip_to_norm
 from tests.test_cli import fedkb
+from tests.test_secure_rounds import Device, assert_mean_within_rounding, confirm_all, random_delta, until_collecting
 
 IDENTITY = buffered_toeplitz.BufferedToeplitz.build(buf_decay=[], output_scale=[])
 # Every Toeplitz coefficient 1: C is the prefix-sum matrix (all ones on and below the diagonal).
@@ -152,3 +156,54 @@ def test_dp_ftrl_reports_the_same_epsilon_in_service_mode_and_in_process(tmp_pat
     assert privacy["service"] == privacy["in-process"]
     released = [(eps, spent) for status, eps, spent in privacy["service"] if status == "closed"]
     assert released and all(eps > 0 and spent > 0 for eps, spent in released), privacy
+
+
+def test_a_secure_round_releases_exactly_the_noise_a_plain_round_would(tmp_path, small_tokenizer_path,
+                                                                       small_model_config):
+    # The restart test's BLT (10 rounds, separation 2): optimising one takes most of a minute, once per process.
+    settings = dict(model=small_model_config, clients_per_round=3, over_selection=1.0, server_optimizer="fedavg",
+                    noise_multiplier=0.5, clip_norm=0.5, population=30, selection_window_s=0.0,
+                    dp_mechanism="ftrl", min_separation=2, dp_rounds=10, secagg_phase_s=1.0, round_deadline_s=60.0,
+                    secagg_ring_bits=16)
+    secure = InProcessClient(AggregatorConfig(db_path=tmp_path / "a.sqlite", tokenizer_path=small_tokenizer_path,
+                                              secure_aggregation=True, **settings))
+    manager = secure._rounds
+    shapes = manager.model.shapes
+
+    def secure_round(seed: int) -> tuple[list[Device], list[dict], SecAggState]:
+        devices = [Device(secure) for _ in range(3)]
+        state = until_collecting(devices)
+        deltas = [random_delta(shapes, seed + k) for k in range(3)]  # norms well above 0.5: clipped on the phone
+        for k, (device, delta) in enumerate(zip(devices, deltas)):
+            device.upload(delta, None, seed=seed + k)
+        confirm_all(devices)
+        for device in devices:
+            device.reveal()
+        return devices, deltas, state
+
+    first, _, _ = secure_round(40)
+    # A copy of the database after release 0: the same devices, noise stream and separation, run without masking.
+    copy = tmp_path / "b.sqlite"
+    with sqlite3.connect(tmp_path / "a.sqlite") as source, sqlite3.connect(copy) as target:
+        source.backup(target)
+    plain = RoundManager(AggregatorConfig(db_path=copy, tokenizer_path=small_tokenizer_path, **settings),
+                         open_storage(copy))
+    before = {name: t.clone() for name, t in manager.model.state.items()}
+    # The separation holds in a secure round too: release 0's devices are told to wait out release 1.
+    assert all(manager.checkin(device.part.device_id).action == "retry" for device in first)
+    second, deltas, state = secure_round(50)
+    for device, delta in zip(second, deltas):
+        decision = plain.checkin(device.part.device_id)
+        assert decision.action == "train"
+        plain.submit(decision.round, decision.upload_token,
+                     update_bytes(clip_to_norm(delta, 0.5), 5, compression="none"))
+
+    records = [r for r in manager.storage.recent_rounds(5) if r["status"] == "closed"]
+    assert sorted((r["dp_mechanism"], r["dp_step"]) for r in records) == [("ftrl", 0), ("ftrl", 1)]
+    assert 0 < min(r["rho"] for r in records) < max(r["rho"] for r in records)
+    assert [manager.snapshot()[k] for k in ("rho", "epsilon")] == [plain.snapshot()[k] for k in ("rho", "epsilon")]
+    assert manager.storage.noise_state() == plain.storage.noise_state()
+    # Release 1 in the clear moved the model by the mean plus release 1's noise over the goal; the secure round by
+    # the same, to within its ring's rounding: its unmasked sum got the stream's noise once, neither twice nor none.
+    clear = {name: t - before[name] for name, t in plain.model.state.items()}
+    assert_mean_within_rounding(manager.model.state, before, clear, state, reporters=3)

@@ -139,10 +139,21 @@ function draw(status, run) {
   ], layout("Bytes by round", "MB", { barmode: "group" }), PLOT_CONFIG);
   const privacy = document.getElementById("privacy-figure");
   privacy.hidden = !status.differential_privacy;
-  if (status.differential_privacy) {
-    Plotly.react("chart-epsilon", [line("epsilon", series("epsilon"))],
-      layout("Privacy spent by round (ε at δ)", "ε"), PLOT_CONFIG);
-  }
+  if (status.differential_privacy) drawPrivacy(line);
+}
+
+// DP-FTRL's rounds also carry the ρ-zCDP spent (DP-FedAvg's do not), drawn on an axis of its own: ε and ρ are
+// orders of magnitude apart.
+function drawPrivacy(line) {
+  const rho = series("rho");
+  const zcdp = rho.some((value) => value != null);
+  const traces = [line("epsilon", series("epsilon")), ...(zcdp ? [line("ρ-zCDP", rho, { yaxis: "y2" })] : [])];
+  const title = zcdp ? "Privacy spent by round (ε at δ, and ρ-zCDP)" : "Privacy spent by round (ε at δ)";
+  const rhoAxis = {
+    yaxis2: { title: { text: "ρ" }, overlaying: "y", side: "right", rangemode: "tozero" },
+    margin: { l: 48, r: 48, t: 36, b: 40 },
+  };
+  Plotly.react("chart-epsilon", traces, layout(title, "ε", zcdp ? rhoAxis : {}), PLOT_CONFIG);
 }
 
 function showDetails(round) {
@@ -183,7 +194,8 @@ function describeProgress(status, run) {
       `${status.selected} phones selected.`
     : `Round ${status.round} is open: no phone has joined it` +
       (last ? ` since round ${last.round} closed ${ago(last.closed_at)}.` : " yet.");
-  const privacy = status.epsilon === null ? "" : ` ε spent: ${status.epsilon.toPrecision(3)}.`;
+  const zcdp = status.rho == null ? "" : `, ρ-zCDP ${status.rho.toPrecision(3)}`;
+  const privacy = status.epsilon === null ? "" : ` ε spent: ${status.epsilon.toPrecision(3)}${zcdp}.`;
   if (!run.finished) return open + privacy;
   const final = run.rounds[run.rounds.length - 1];
   const ran = final?.round ?? last?.round ?? 0;
