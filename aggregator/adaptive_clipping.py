@@ -40,6 +40,11 @@ class AdaptiveClipping:
     count_stddev: float  # sigma_b: noise on the sum of the bits
 
 
+def default_count_stddev(goal: int) -> float:
+    """The paper's noise on the sum of the bits: a twentieth of the expected reports, the goal."""
+    return goal / 20
+
+
 def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
     """z_update such that updates noised at z_update and bits noised at `count_stddev` are, together, one Gaussian
     release at `noise_multiplier` (Andrew et al. 2021, section 3)."""

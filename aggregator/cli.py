@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from aggregator.adaptive_clipping import default_count_stddev
 from aggregator.app import create_app
 from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
 from aggregator.config import DP_MECHANISMS, AggregatorConfig
@@ -142,7 +143,7 @@ def check_round_options(args: argparse.Namespace) -> None:
     if args.clip_quantile is not None:
         if args.noise_multiplier is None:
             raise UserFacingError("--clip-quantile (adaptive clipping) needs --noise-multiplier")
-        count_stddev = args.clip_count_stddev or args.clients_per_round / 20
+        count_stddev = args.clip_count_stddev or default_count_stddev(args.clients_per_round)
         if count_stddev <= args.noise_multiplier / 2:
             raise UserFacingError(f"--clip-count-stddev ({count_stddev:g}) must be more than half of --noise-multiplier "
                                   f"({args.noise_multiplier}): the clipping bits would spend all the privacy it allows")

@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator.adaptive_clipping import AdaptiveClipping, update_noise_multiplier
+from aggregator.adaptive_clipping import AdaptiveClipping, default_count_stddev, update_noise_multiplier
 from keyboard_model.architecture import ArchitectureConfig
 from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RING_WIDTHS
@@ -173,5 +173,5 @@ class AggregatorConfig:
         """Adaptive clipping's settings, when differential privacy is on and clip_quantile is given."""
         if not self.differential_privacy or self.clip_quantile is None:
             return None
-        count_stddev = self.clip_count_stddev if self.clip_count_stddev is not None else self.clients_per_round / 20
+        count_stddev = self.clip_count_stddev or default_count_stddev(self.clients_per_round)
         return AdaptiveClipping(self.clip_quantile, self.clip_learning_rate, count_stddev)
