@@ -56,7 +56,7 @@ from aggregator.refusals import (
     UnauthorizedError,
 )
 from aggregator.secure_round import SecureRound
-from aggregator.selection import SelectionWindow
+from aggregator.selection import Comebacks, SelectionWindow
 from aggregator.storage import Storage
 from keyboard_model.errors import UserFacingError
 from keyboard_model.secagg import PublicKeys, Share
@@ -168,6 +168,7 @@ class RoundManager:
         )
         # Rounds over which turned-away devices are sent back (aggregator/pace.py); it adapts within a few rounds.
         self._spread_rounds = 1.0
+        self._comebacks = Comebacks()
         self._epsilon = next((r["epsilon"] for r in reversed(recent) if r["epsilon"] is not None), None)
         self._rho = next((r["rho"] for r in reversed(recent) if r.get("rho") is not None), None)
         next_round = storage.last_round_number() + 1
@@ -235,6 +236,9 @@ class RoundManager:
             current = self.round
             current.checked_in.add(device_id)
             done = device_id in current.reported or device_id in current.aborted
+            early = None if device_id in current.token_by_device else self._comebacks.early_by(device_id, self.clock())
+            if early is not None:  # polling faster than told makes no candidate (aggregator/selection.py)
+                return CheckinDecision("retry", current.number, self.model.version, retry_after_s=round(early, 3))
             separation_wait = self._separation_wait(device_id) if device_id not in current.token_by_device else None
             if separation_wait is not None:
                 return CheckinDecision("retry", current.number, self.model.version,
@@ -255,6 +259,8 @@ class RoundManager:
             else:
                 wait = retry_after_s(self.clock() - current.started, self._recent_durations,
                                      self.config.retry_after_s, self._rng, self._spread_rounds)
+            if self.config.selection_window_s > 0:  # a window of 0 is first come, first served
+                self._comebacks.told(device_id, self.clock() + wait)
             return CheckinDecision("retry", current.number, self.model.version, retry_after_s=round(wait, 3))
 
     def _separation_wait(self, device_id: str) -> float | None:
