@@ -20,11 +20,14 @@ Trust: Ray pickles jobs and results between this process and its workers. That i
 simulator's own machinery, as the local pool's multiprocessing pipes are, not the network
 between phones and the aggregator: the aggregator still receives only the uploads' bytes
 and checks them as it checks any phone's. Like any Ray cluster, the cluster must be
-reachable by its owner only (Ray runs whatever its clients send).
+reachable by its owner only (Ray runs whatever its clients send): a Ray on this machine
+(the one `ray start` runs here, or one started for the run) listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import shutil
 import socket
 import tempfile
@@ -32,9 +35,16 @@ from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
 
-import ray
-import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+# On Linux Ray gives a node on this machine the machine's network address, rewriting even an explicit 127.0.0.1 to
+# it, and the node's services then listen on every interface. With this variable at 0 when Ray is imported, a node
+# on this machine takes 127.0.0.1 and its services listen there only, as Ray does on macOS and Windows. Joining a
+# cluster of other machines is unchanged: their nodes' addresses come from the cluster.
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
+
+import ray  # noqa: E402  (Ray reads the variable above as it is imported)
+import torch  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from aggregator.api.schemas import SecAggState
 from device_sim.executor import _train
@@ -62,6 +72,7 @@ class RayExecutor:
         ones phones go to."""
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
+            _check_loopback_stays_local()
             if address is not None:
                 _check_reachable(address)
             try:
@@ -137,6 +148,14 @@ class RayExecutor:
         ref = ray.put(model)
         self._models = [(model, ref), *self._models][:MODELS_KEPT]
         return ref
+
+
+def _check_loopback_stays_local() -> None:
+    """Refuse to start or join a Ray that would listen beyond loopback: Ray was imported before this module, without
+    the variable that keeps a node on this machine on 127.0.0.1."""
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        raise UserFacingError(f"Ray was imported before device_sim.ray_executor, so a Ray on this machine would listen "
+                              f"on its network address; set {LOOPBACK_ONLY_ENV}=0 before Python starts")
 
 
 def _check_reachable(address: str) -> None:

@@ -1,15 +1,20 @@
-"""The Ray executor on a real two-node Ray cluster on this machine: the local pool's model, with phones on both nodes."""
+"""The Ray executor on a real two-node Ray cluster on this machine: the local pool's model, with phones on both nodes,
+and nothing listening beyond loopback."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
+import secrets
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 try:
+    # First: it sets the variable that keeps a Ray on this machine on loopback, which Ray reads as it is imported.
+    from device_sim.ray_executor import RayExecutor
     import ray
     from ray.cluster_utils import Cluster
 except ImportError:
@@ -18,17 +23,16 @@ except ImportError:
 from aggregator.process import free_port
 from device_sim import cli as device_cli
 from device_sim.executor import LocalProcessPool
-from device_sim.ray_executor import RayExecutor
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
+from tests.test_loopback_only import listening_beyond_loopback
 from tests.test_vectorised import run_fleet
 
 
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[Cluster]:
-    """A head and a worker node with one CPU each, both on this machine: each trains one phone at a time. (Ray gives
-    them the machine's own address rather than 127.0.0.1, which it keeps for single-node Rays; the traffic stays on
-    this machine either way.)"""
+    """A head and a worker node with one CPU each, both on this machine, on 127.0.0.1: each trains one phone at a
+    time."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)
@@ -81,6 +85,22 @@ def test_the_same_seeds_give_the_local_pools_model_with_phones_on_both_nodes(
     assert not any(folder.exists() for folders in on_ray.placed.values() for folder in folders)
 
 
+def test_nothing_listens_beyond_loopback_while_the_cluster_holds_phones_and_an_aggregator_runs(
+    two_nodes, start_aggregator, small_tokenizer, small_tokenizer_path, small_model_config
+):
+    start_aggregator(small_tokenizer_path, small_model_config)
+    executor = RayExecutor(small_tokenizer, two_nodes.address)
+    try:
+        executor.phones_by_node()  # each node's store answers: a worker process runs on each node
+        addresses = {node["NodeManagerAddress"] for node in ray.nodes()}
+        listening = listening_beyond_loopback()
+    finally:
+        executor.close()
+    # Ray's GCS, raylets, object managers, runtime-env agents and workers, this driver, and the aggregator.
+    assert listening == []
+    assert len(two_nodes.list_all_nodes()) == 2 and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
 def test_ray_address_goes_with_the_ray_executor_only_and_a_head_that_does_not_answer_is_refused(small_tokenizer):
     parser = argparse.ArgumentParser()
     device_cli.add_fleet_arguments(parser)
@@ -95,3 +115,22 @@ def test_ray_address_goes_with_the_ray_executor_only_and_a_head_that_does_not_an
         args = parser.parse_args(["--executor", "ray"])
         args.device = "cuda"
         device_cli.executor_from_args(args)
+
+
+def test_a_ray_started_for_the_run_listens_on_loopback_only(small_tokenizer, monkeypatch):
+    # A Ray of its own, not the module's cluster (whose address Ray's address file names). Ray turns token
+    # authentication on for it (setting RAY_AUTH_MODE here, undone after the test); the test gives the token, where
+    # Ray would write one into the home folder.
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    executor = RayExecutor(small_tokenizer)
+    try:
+        assert executor.phones_by_node()  # its node's store answers: a worker process runs
+        addresses = {node["NodeManagerAddress"] for node in ray.nodes()}
+        listening = listening_beyond_loopback()
+    finally:
+        executor.close()
+    assert listening == []
+    assert all(ipaddress.ip_address(address).is_loopback for address in addresses)
+    assert not ray.is_initialized()
