@@ -11,6 +11,7 @@ from __future__ import annotations
 from aggregator.config import AggregatorConfig
 from aggregator.refusals import UploadRefusedError
 from aggregator.rounds import RoundManager
+from aggregator.secure_round import dealing_of
 from aggregator.api.schemas import (
     AbortResponse,
     CheckinResponse,
@@ -82,7 +83,7 @@ class InProcessClient:
               keys.signature)
 
     def secagg_shares(self, round_number: int, upload_token: str, shares: SecAggShares) -> None:
-        _call(self._rounds.secagg_shares, round_number, upload_token, dict(shares.sealed))
+        _call(self._rounds.secagg_shares, round_number, upload_token, dealing_of(shares))
 
     def secagg_confirm(self, round_number: int, upload_token: str, confirm: SecAggConfirm) -> None:
         _call(self._rounds.secagg_confirm, round_number, upload_token, confirm.signature)

@@ -59,7 +59,7 @@ from aggregator.secure_round import SecureRound
 from aggregator.selection import Comebacks, SelectionWindow
 from aggregator.storage import Storage
 from keyboard_model.errors import UserFacingError
-from keyboard_model.secagg import PublicKeys, Share
+from keyboard_model.secagg import Dealing, PublicKeys, Share
 from keyboard_model.norms import l2_norm
 from keyboard_model.update_codec import WITHIN_CLIP, decode_update, max_encoded_bytes
 from keyboard_model.weights import WeightsError
@@ -384,9 +384,9 @@ class RoundManager:
         self._secure_message(round_number, token, len(signature), lambda secure, device_id, cohort: secure.confirm(
             device_id, signature, self.clock(), *cohort))
 
-    def secagg_shares(self, round_number: int, token: str, sealed: dict[int, bytes]) -> None:
-        self._secure_message(round_number, token, sum(len(s) for s in sealed.values()),
-                             lambda secure, device_id, cohort: secure.shares(device_id, sealed, self.clock(), *cohort))
+    def secagg_shares(self, round_number: int, token: str, dealing: Dealing) -> None:
+        self._secure_message(round_number, token, dealing.nbytes,
+                             lambda secure, device_id, cohort: secure.shares(device_id, dealing, self.clock(), *cohort))
 
     def secagg_reveal(self, round_number: int, token: str, shares: dict[int, Share]) -> None:
         self._secure_message(round_number, token, sum(len(share.value) + 2 for share in shares.values()),

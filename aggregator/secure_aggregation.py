@@ -5,21 +5,31 @@ at its deadline; whoever has not answered by then has dropped out:
 1. advertise: selected phones send public keys; closing fixes the cohort, its indices
    and its neighbour graph (the roster);
 2. share: phones send sealed share pairs for their neighbours, which the server only
-   stores and forwards (it cannot open them);
+   stores and forwards (it cannot open them), each with the dealer's commitments to its
+   two shares, and a commitment to the dealer's self-mask seed;
 3. collect: phones that shared send masked inputs, summed in their rings as they come;
 4. confirm: the consistency round of Bonawitz et al.'s active-adversary protocol: phones
    whose input was counted sign the set of those phones (the survivors), and the server
    only collects and forwards the signatures (it cannot check them: the phones' identity
-   keys are in a directory the phones trust, device_sim/secure_aggregation.py);
-5. unmask: phones that confirmed reveal one share per neighbour; the server
-   rebuilds the self-mask seeds of the phones that reported and the masking seeds of
-   those that shared but did not, and removes their masks from the sum.
+   keys are in a directory the phones trust, device_sim/secure_aggregation.py; a phone
+   ignores a signature that does not verify);
+5. unmask: phones that confirmed reveal one share per neighbour (leaving out a
+   neighbour whose pair did not open or match its commitments); the server rebuilds the
+   self-mask seeds of the phones that reported and the masking seeds of those that shared
+   but did not, and removes their masks from the sum.
 The server never holds an unmasked individual input: it sees masked inputs, sealed
-shares, and for each phone either its self-mask seed or its masking seed, never both.
-If fewer phones than the threshold remain at any phase, the round fails, and no share
-has been revealed. A revealed share must sit at the point its owner gave that revealer,
-and the shares of each seed must agree (`_rebuild`), so a malicious member of the cohort
-can make a round fail but not freeze the aggregator or slip a wrong seed into the sum.
+shares, commitments, and for each phone either its self-mask seed or its masking seed,
+never both. If fewer phones than the threshold remain at any phase, the round fails, and
+no share has been revealed.
+
+Against a malicious member of the cohort: a revealed share must sit at the point its
+owner gave that revealer and match the owner's commitment to it, or the revealer's whole
+reveal is refused and it counts as a phone that dropped out of unmasking; the round goes
+on while every seed still has `threshold` shares. A seed rebuilt from them must match
+its owner's commitment (self mask) or advertised public key (masking seed): a dealer
+whose shares are inconsistent with those fails the round (`_rebuild`). Either way no
+wrong seed reaches the sum. Keys are advertised once (the same keys again are taken as
+a retry), and keys of small order are refused.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from typing import NoReturn
 from keyboard_model.secagg import (
     SEED_BYTES,
     SIGNATURE_BYTES,
+    Dealing,
+    DealtPair,
     GraphParameters,
     Layout,
     Masked,
@@ -39,6 +51,7 @@ from keyboard_model.secagg import (
     Share,
     add_mask,
     combine_shares,
+    commitment,
     graph_parameters,
     masking_key,
     pairwise_seed,
@@ -60,7 +73,7 @@ class SecureAggregation:
     signatures: dict[str, bytes] = field(default_factory=dict)  # device id -> signature of its advertised keys
     roster: Roster | None = None
     devices: list[str] = field(default_factory=list)  # cohort index -> device id
-    sealed: dict[int, dict[int, bytes]] = field(default_factory=dict)  # sender -> recipient -> sealed pair
+    dealt: dict[int, Dealing] = field(default_factory=dict)  # by sender
     shared: list[int] = field(default_factory=list)
     reported: list[int] = field(default_factory=list)
     confirmations: dict[int, bytes] = field(default_factory=dict)  # signer -> signature of the survivor set
@@ -71,12 +84,18 @@ class SecureAggregation:
 
     # --- phase 1 ---
     def advertise(self, device_id: str, keys: PublicKeys, signature: bytes) -> None:
-        """Take a phone's keys and their signature, which the server forwards unchecked: the phones check it."""
+        """Take a phone's keys and their signature, which the server forwards unchecked: the phones check it. A
+        phone's keys are given once: the same again (a retry) changes nothing, other keys are refused."""
         self._expect("advertise")
-        if keys in self.advertised.values() and self.advertised.get(device_id) != keys:
+        if device_id in self.advertised:
+            if (self.advertised[device_id], self.signatures[device_id]) != (keys, signature):
+                raise SecAggError("this phone already advertised other keys for this round")
+            return
+        if keys in self.advertised.values():
             raise SecAggError("these public keys were already advertised by another phone")
         if len(signature) != SIGNATURE_BYTES:
             raise SecAggError(f"a signature is {SIGNATURE_BYTES} bytes")
+        keys.check()
         self.advertised[device_id] = keys
         self.signatures[device_id] = signature
 
@@ -105,17 +124,17 @@ class SecureAggregation:
         return self.devices.index(device_id)
 
     # --- phase 2 ---
-    def add_shares(self, sender: int, sealed: dict[int, bytes]) -> None:
+    def add_shares(self, sender: int, dealing: Dealing) -> None:
         self._expect("share")
-        if set(sealed) != set(self._neighbours[sender]):
+        if set(dealing.pairs) != set(self._neighbours[sender]):
             raise SecAggError("shares must go to exactly the sender's neighbours")
-        self.sealed[sender] = dict(sealed)
+        self.dealt[sender] = dealing
 
     def close_sharing(self, minimum: int = 0) -> list[int]:
         """Fix who shared; fails with fewer than `minimum` phones, or too few to rebuild anyone's secrets (a phone's
         secrets need `threshold` shares from phones other than itself)."""
         self._expect("share")
-        self.shared = sorted(self.sealed)
+        self.shared = sorted(self.dealt)
         if len(self.shared) < max(self.parameters.threshold + 1, minimum):
             self._fail(f"{len(self.shared)} phones shared their seeds")
         self.phase = "collect"
@@ -124,7 +143,7 @@ class SecureAggregation:
     # --- phase 3 ---
     def add_masked_input(self, sender: int, masked: Masked) -> None:
         self._expect("collect")
-        if sender not in self.sealed:
+        if sender not in self.dealt:
             raise SecAggError("only phones that shared their seeds may send a masked input")
         if sender in self.reported:
             return
@@ -146,6 +165,10 @@ class SecureAggregation:
 
     # --- phase 4 ---
     def add_confirmation(self, signer: int, signature: bytes) -> None:
+        """Keep a phone's first signature; another is refused. The server cannot tell a valid signature from 64
+        random bytes (the identity keys are in the phones' directory), and need not: phones ignore signatures that do
+        not verify, so a member that sends garbage first loses only its own say. Ed25519 signs deterministically, so
+        an honest phone's retry sends the same signature again."""
         self._expect("confirm")
         if signer not in self.reported:
             raise SecAggError("only phones whose input was counted confirm the survivors")
@@ -169,37 +192,44 @@ class SecureAggregation:
         return {signer: signature for signer, signature in self.confirmations.items() if signer in wanted}
 
     # --- phase 5 ---
-    def incoming(self, recipient: int) -> dict[int, bytes]:
-        """The sealed pairs the phones that shared sent `recipient`, by sender."""
-        return {sender: pairs[recipient] for sender, pairs in self.sealed.items() if recipient in pairs}
+    def incoming(self, recipient: int) -> dict[int, DealtPair]:
+        """The pairs the phones that shared dealt `recipient`, by sender."""
+        return {sender: dealing.pairs[recipient] for sender, dealing in self.dealt.items()
+                if recipient in dealing.pairs}
 
     def add_reveals(self, revealer: int, shares: dict[int, Share]) -> None:
-        """Take one phone's revealed shares, once. Each must be the share its owner gave this revealer: the point
-        `x` is fixed by the graph (the owner numbered its neighbours in order from 1), so a share moved to another
-        point, or two shares at one point, are refused here rather than poisoning a reconstruction later."""
+        """Take one phone's revealed shares, once: at most one for each neighbour that shared with it (an honest
+        phone leaves out one whose dealt pair it could not check). Each must be the share its owner dealt this
+        revealer: at the point the graph fixes (the owner numbered its neighbours in order from 1), matching the
+        owner's commitment to that share of the seed the round needs. Otherwise the whole reveal is refused, so that
+        only dealt shares are ever combined, and the revealer counts as one that did not reveal."""
         self._expect("unmask")
         if revealer not in self.confirmations:
             raise SecAggError("only phones that confirmed the survivors reveal shares")
-        expected = set(self._neighbours[revealer]) & set(self.shared)
-        if set(shares) != expected:
-            raise SecAggError("a phone reveals one share for each neighbour that shared with it")
+        if not set(shares) <= set(self._neighbours[revealer]) & set(self.shared):
+            raise SecAggError("a phone reveals shares only of neighbours that shared with it")
         if revealer in self.revealed_by:
-            if any(self.revealed[owner][revealer] != share for owner, share in shares.items()):
+            if shares != {owner: mine[revealer] for owner, mine in self.revealed.items() if revealer in mine}:
                 raise SecAggError("this phone has already revealed other shares")
             return
+        digest = self.roster.digest()
         for owner, share in shares.items():
             point = self._neighbours[owner].index(revealer) + 1
             if share.x != point:
                 raise SecAggError(f"phone {revealer} holds share {point} of phone {owner}'s seeds, not {share.x}")
             if len(share.value) != SEED_BYTES:
                 raise SecAggError(f"a share is {SEED_BYTES} bytes")
+            kind = "self_mask" if owner in self.reported else "masking"
+            if not self.dealt[owner].pairs[revealer].commits_to(kind, share, self.round_number, digest, owner):
+                raise SecAggError(f"phone {revealer}'s share of phone {owner}'s {kind} seed is not the one phone "
+                                  f"{owner} committed to")
         for owner, share in shares.items():
             self.revealed.setdefault(owner, {})[revealer] = share
         self.revealed_by.add(revealer)
 
     def unmasked_sum(self) -> Masked:
         """The sum of the reported inputs, in each array's ring; fails if some secret has fewer than threshold
-        shares, or its shares do not agree."""
+        shares, or they do not rebuild the seed their owner committed to."""
         self._expect("unmask")
         total = {name: values.copy() for name, values in self._sum.items()}
         reported = set(self.reported)
@@ -217,30 +247,29 @@ class SecureAggregation:
         return total
 
     def _rebuild(self, owner: int) -> bytes:
-        """The seed `owner`'s revealed shares rebuild, checked: a masking seed must give the public key the owner
-        advertised; with more shares than the threshold, two different sets of them must give the same seed. A
-        revealer that sent a wrong share then fails the round instead of silently corrupting its sum."""
+        """The seed `owner`'s revealed shares rebuild, checked against what the owner committed to at the start: a
+        self-mask seed against its commitment, a masking seed against the public key it advertised. Every revealed
+        share matched its own commitment (`add_reveals`), so a seed that fails the check means the owner dealt
+        shares of some other seed, or none: its masks cannot be removed, and the round fails."""
         threshold = self.parameters.threshold
-        shares = sorted(self.revealed.get(owner, {}).values(), key=lambda share: share.x)
+        shares = list(self.revealed.get(owner, {}).values())
         if len(shares) < threshold:
             self._fail(f"phone {owner}'s secrets have {len(shares)} shares, fewer than {threshold}")
-        try:
-            seed = combine_shares(shares[:threshold], threshold)
-            if owner in self.reported:
-                agrees = len(shares) == threshold or combine_shares(shares[-threshold:], threshold) == seed
-            else:
-                agrees = public_bytes(masking_key(seed)) == self.roster.keys[owner].masking
-        except SecAggError:
-            agrees = False
+        seed = combine_shares(shares, threshold)  # at distinct points: the graph fixed them (`add_reveals`)
+        if owner in self.reported:
+            committed = commitment(self.round_number, self.roster.digest(), owner, "self_mask", Share(0, seed))
+            agrees = committed == self.dealt[owner].seed_commitment
+        else:
+            agrees = public_bytes(masking_key(seed)) == self.roster.keys[owner].masking
         if not agrees:
-            self._fail(f"the shares revealed for phone {owner} do not agree: some revealer sent a wrong one")
+            self._fail(f"phone {owner}'s shares rebuild another seed than the one it committed to",
+                       cause="a phone dealt inconsistent shares")
         return seed
 
     def _expect(self, phase: str) -> None:
         if self.phase != phase:
             raise SecAggError(f"secure aggregation is in phase {self.phase!r}, not {phase!r}")
 
-    def _fail(self, why: str = "") -> NoReturn:
+    def _fail(self, why: str, cause: str = "too few phones remain") -> NoReturn:
         self.phase = "failed"
-        raise SecAggError(f"too few phones remain for secure aggregation of round {self.round_number}"
-                          + (f": {why}" if why else ""))
+        raise SecAggError(f"secure aggregation of round {self.round_number} failed, {cause}: {why}")

@@ -34,11 +34,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_numpy
 
-from aggregator.api.schemas import SecAggEncoding, SecAggRoster, SecAggState
+from aggregator.api.schemas import SecAggEncoding, SecAggRoster, SecAggShares, SecAggState
 from aggregator.config import AggregatorConfig
 from aggregator.refusals import BadUpdateError, RoundClosedError, SecAggRefusedError
 from aggregator.secure_aggregation import SecureAggregation
-from keyboard_model.secagg import Masked, PublicKeys, RingEncoding, SecAggError, Share, masked_layout
+from keyboard_model.secagg import (
+    Dealing,
+    DealtPair,
+    Masked,
+    PublicKeys,
+    RingEncoding,
+    SecAggError,
+    Share,
+    masked_layout,
+)
 from keyboard_model.weights import Tensors
 
 logger = logging.getLogger(__name__)
@@ -89,9 +98,8 @@ class SecureRound:
         return self._receive(lambda: self.protocol.add_confirmation(self.protocol.index_of(device_id), signature),
                              now, selected, aborted)
 
-    def shares(self, device_id: str, sealed: dict[int, bytes], now: float, selected: set[str],
-               aborted: set[str]) -> bool:
-        return self._receive(lambda: self.protocol.add_shares(self.protocol.index_of(device_id), sealed),
+    def shares(self, device_id: str, dealing: Dealing, now: float, selected: set[str], aborted: set[str]) -> bool:
+        return self._receive(lambda: self.protocol.add_shares(self.protocol.index_of(device_id), dealing),
                              now, selected, aborted)
 
     def reveal(self, device_id: str, shares: dict[int, Share], now: float, selected: set[str],
@@ -167,7 +175,7 @@ class SecureRound:
                 self.phase_deadline = now + self.phase_s
         if protocol.phase == "share":
             cohort = {index for index, device in enumerate(protocol.devices) if device not in aborted}
-            if set(protocol.sealed) >= cohort or now >= self.phase_deadline:
+            if set(protocol.dealt) >= cohort or now >= self.phase_deadline:
                 protocol.close_sharing(self.min_reports)
         if protocol.phase == "confirm":
             if set(protocol.confirmations) >= set(protocol.reported) or now >= self.phase_deadline:
@@ -230,3 +238,9 @@ class SecureRound:
             offset += size
         positions, hits_1, hits_3, within = (int(v) for v in self.sum["counts"])
         return total, (positions, hits_1, hits_3, within)
+
+
+def dealing_of(message: SecAggShares) -> Dealing:
+    """A device's share message as the protocol takes it."""
+    return Dealing({v: DealtPair(pair.sealed, pair.self_mask, pair.masking) for v, pair in message.pairs.items()},
+                   message.seed_commitment)

@@ -54,7 +54,7 @@ def protocol_costs(layout: Layout) -> dict[str, float]:
         started = time.perf_counter()
         sealed = phone.share(roster)
         timings["share"].append(time.perf_counter() - started)
-        sealed_bytes.append(sum(map(len, sealed.values())))
+        sealed_bytes.append(sealed.nbytes)
         server.add_shares(k, sealed)
     shared = server.close_sharing()
     rng = np.random.default_rng(0)
@@ -86,7 +86,8 @@ def protocol_costs(layout: Layout) -> dict[str, float]:
         "degree": roster.parameters.degree, "threshold": roster.parameters.threshold,
         **{f"{step}_s": statistics.mean(values) for step, values in timings.items()},
         "unmask_s": unmask_s,
-        # Keys (64) and their signature (64), sealed shares, the masked input, the survivor-set signature (64), shares.
+        # Keys (64) and their signature (64), sealed shares with their commitments, the masked input, the survivor-set
+        # signature (64), shares.
         "bytes_up": 64 + 64 + statistics.mean(sealed_bytes) + layout.nbytes + 64 + statistics.mean(reveal_bytes),
     }
 

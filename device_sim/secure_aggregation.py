@@ -1,24 +1,32 @@
 """A phone's side of secure aggregation for one round (see keyboard_model/secagg.py for the protocol).
 
 The phone sends, in order: its two public keys, signed with its identity key; its
-neighbours' shares of its two seeds, each sealed for that neighbour; its masked input;
-its signature of the set of survivors (the phones whose masked inputs count) the server
-told it; and one share per neighbour: of the self-mask seed of a neighbour that
-survived, or of the masking seed of one that did not.
+neighbours' shares of its two seeds, each sealed for that neighbour, with commitments to
+each share and to its self-mask seed, in the clear (keyboard_model/secagg/shares.py);
+its masked input; its signature of the set of survivors (the phones whose masked inputs
+count) the server told it; and one share per neighbour: of the self-mask seed of a
+neighbour that survived, or of the masking seed of one that did not.
 
 It does not trust the server (Bonawitz et al. 2017, the active-adversary protocol):
 - it uses a neighbour's keys only if their signature verifies against the identity key
-  the directory (not the server) holds for that neighbour's device id;
+  the directory (not the server) holds for that neighbour's device id, and they are not
+  of small order;
 - it signs one survivor set per round, and reveals shares only for that set, and only
   once the server hands it, for each neighbour whose share it reveals, valid signatures
   of that same set from more than half that neighbour's neighbours. Honest phones sign
   one set each, so no two honest phones reveal shares of one phone under two different
   sets: the server cannot get a phone's self-mask shares from some neighbours and its
-  masking-seed shares from others;
+  masking-seed shares from others. A signature that does not verify (a member that
+  sent garbage) counts as none, so it costs only its signer's say;
 - it remembers which kind of share it revealed for each neighbour, and never reveals
   the other kind.
 Any failed check raises SecAggError: the phone stops, and the round goes on without it,
 as without a phone that dropped out.
+
+Against a neighbour that lies as a dealer: a phone reveals a neighbour's share only if
+the pair it was dealt opens and the share matches the commitment the dealer gave the
+server, and leaves that neighbour out otherwise. (The server would refuse a mismatching
+share, and with it the whole reveal.)
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from aggregator.api.schemas import (
     SecAggState,
 )
 from keyboard_model.secagg import (
+    Dealing,
+    DealtPair,
     Directory,
     GraphParameters,
     IdentityKey,
@@ -52,6 +62,7 @@ from keyboard_model.secagg import (
     Share,
     SharePair,
     add_mask,
+    commitment,
     keys_statement,
     masked_layout,
     open_shares,
@@ -85,10 +96,11 @@ class SecAggPhone:
         keys = self.secrets.public()
         return keys, self.identity.sign(keys_statement(self.round_number, self.device_id, keys))
 
-    def share(self, roster: Roster) -> dict[int, bytes]:
-        """Sealed share pairs for each neighbour, by the neighbour's cohort index. First checks that the roster
-        lists this phone's own keys under its device id, and that each neighbour's keys are signed by the identity
-        key the directory holds for that neighbour's device id."""
+    def share(self, roster: Roster) -> Dealing:
+        """A dealt pair for each neighbour, by the neighbour's cohort index: its two shares sealed for it and
+        committed to; and the commitment to the self-mask seed. First checks that the roster lists this phone's own
+        keys under its device id, and that each neighbour's keys are signed by the identity key the directory holds
+        for that neighbour's device id and are not of small order."""
         own = self.secrets.public()
         if self.roster is not None and self.roster != roster:
             raise SecAggError("this phone already shared its seeds under another roster")
@@ -102,15 +114,20 @@ class SecAggPhone:
         for v in mine:
             self.directory.verify(roster.device_ids[v], keys_statement(self.round_number, roster.device_ids[v],
                                                                        roster.keys[v]), roster.signatures[v])
+            roster.keys[v].check()
         self.roster, self.index = roster, index
         threshold = roster.parameters.threshold
         self_mask_shares = split_secret(self.secrets.self_mask_seed, threshold, len(mine))
         masking_shares = split_secret(self.secrets.masking_seed, threshold, len(mine))
         digest = roster.digest()
-        return {
-            v: seal_shares(self._cipher_key(v), SharePair(b, s), self.round_number, self.index, v, digest)
+        pairs = {
+            v: DealtPair(seal_shares(self._cipher_key(v), SharePair(b, s), self.round_number, index, v, digest),
+                         commitment(self.round_number, digest, index, "self_mask", b),
+                         commitment(self.round_number, digest, index, "masking", s))
             for v, b, s in zip(mine, self_mask_shares, masking_shares)
         }
+        return Dealing(pairs, commitment(self.round_number, digest, index, "self_mask",
+                                         Share(0, self.secrets.self_mask_seed)))
 
     def mask(self, inputs: Masked, shared: list[int], layout: Layout) -> Masked:
         """`inputs` (the encoded arrays, in the round's `layout`) plus the self mask and the pairwise masks of the
@@ -141,14 +158,15 @@ class SecAggPhone:
         self.confirmed = survivors
         return self.identity.sign(self._survivors_statement(survivors))
 
-    def reveal(self, incoming: dict[int, bytes], shared: list[int], reported: list[int],
+    def reveal(self, incoming: dict[int, DealtPair], shared: list[int], reported: list[int],
                confirmations: dict[int, bytes]) -> dict[int, Share]:
         """For each neighbour that shared with this phone: the share of its self-mask seed if it reported, of its
-        masking seed if it did not. `incoming` holds the sealed pairs the neighbours sent, by sender;
-        `confirmations` the survivor-set signatures the server collected, by signer. Reveals nothing unless
-        `reported` is the set this phone signed, at least the threshold of its own neighbours signed that set,
-        and, for each neighbour whose share it reveals, more than half of that neighbour's neighbours did; and
-        never the other kind of share of a neighbour than it revealed before."""
+        masking seed if it did not. `incoming` holds the pairs the neighbours dealt this phone, by sender;
+        `confirmations` the survivor-set signatures the server collected, by signer (those that do not verify
+        count as none). Reveals nothing unless `reported` is the set this phone signed, at least the threshold of
+        its own neighbours signed that set, and, for each neighbour whose share it reveals, more than half of that
+        neighbour's neighbours did; and never the other kind of share of a neighbour than it revealed before. Leaves
+        out a neighbour whose pair does not open or whose share is not the one it committed to."""
         roster, u = self._roster(), self.index
         if not self.masked or u not in reported:
             raise SecAggError("a phone reveals shares only after its own masked input was counted")
@@ -163,8 +181,7 @@ class SecAggPhone:
         statement = self._survivors_statement(self.confirmed)
         signed = {u}
         for signer, signature in confirmations.items():
-            if signer != u and signer in reported:
-                self.directory.verify(roster.device_ids[signer], statement, signature)  # a bad one: abort
+            if signer != u and signer in reported and self._signed(roster.device_ids[signer], statement, signature):
                 signed.add(signer)
         if len(signed & set(graph[u])) < roster.parameters.threshold:
             raise SecAggError("fewer than the threshold of this phone's neighbours signed the survivor set it was "
@@ -177,14 +194,26 @@ class SecAggPhone:
             kinds[v] = "self_mask" if v in reported else "masking"
             if self.revealed_kinds.get(v, kinds[v]) != kinds[v]:
                 raise SecAggError(f"this phone revealed the other share of phone {v} already: it never reveals both")
+        if not set(kinds) <= set(incoming):
+            raise SecAggError(f"the server withheld the shares phones {sorted(set(kinds) - set(incoming))} sent")
         revealed, digest = {}, roster.digest()
         for v, kind in kinds.items():
-            if v not in incoming:
-                raise SecAggError(f"the server withheld the shares phone {v} sent")
-            pair = open_shares(self._cipher_key(v), incoming[v], self.round_number, v, u, digest)
-            revealed[v] = pair.self_mask if kind == "self_mask" else pair.masking
+            try:
+                pair = open_shares(self._cipher_key(v), incoming[v].sealed, self.round_number, v, u, digest)
+            except SecAggError:  # sealed wrongly by v, or altered: nothing of v's is revealed
+                continue
+            share = pair.self_mask if kind == "self_mask" else pair.masking
+            if incoming[v].commits_to(kind, share, self.round_number, digest, v):
+                revealed[v] = share
         self.revealed_kinds.update(kinds)
         return revealed
+
+    def _signed(self, device_id: str, statement: bytes, signature: bytes) -> bool:
+        try:
+            self.directory.verify(device_id, statement, signature)
+        except SecAggError:
+            return False
+        return True
 
     def _survivors_statement(self, survivors: tuple[int, ...]) -> bytes:
         ids = self._roster().device_ids
@@ -211,7 +240,7 @@ class SecAggPhone:
                                                                       state.roster.masking_keys)],
                         GraphParameters(state.roster.degree, state.roster.threshold), state.roster.graph_seed,
                         tuple(state.roster.device_ids), tuple(state.roster.signatures))
-        return SecAggShares(sealed=self.share(roster))
+        return SecAggShares.model_validate(self.share(roster), from_attributes=True)
 
     def masked_upload(self, delta: Tensors, evaluation: EvaluationReport | None, within_clip: bool, state: SecAggState,
                       seed: int) -> bytes:
@@ -236,5 +265,6 @@ class SecAggPhone:
     def reveal_message(self, state: SecAggState) -> SecAggReveal:
         if state.reported is None or state.shared is None or state.incoming is None or state.confirmations is None:
             raise SecAggError("the round is not unmasking this phone's neighbours")
-        revealed = self.reveal(dict(state.incoming), state.shared, state.reported, dict(state.confirmations))
+        incoming = {v: DealtPair(pair.sealed, pair.self_mask, pair.masking) for v, pair in state.incoming.items()}
+        revealed = self.reveal(incoming, state.shared, state.reported, dict(state.confirmations))
         return SecAggReveal(shares={v: RevealedShare(x=share.x, value=share.value) for v, share in revealed.items()})

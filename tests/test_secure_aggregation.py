@@ -3,12 +3,15 @@ the server can and cannot see."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from aggregator.secure_aggregation import SecureAggregation
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.secagg import (
+    DealtPair,
     Directory,
     IdentityKey,
     Layout,
@@ -18,6 +21,7 @@ from keyboard_model.secagg import (
     add_mask,
     graph_parameters,
     neighbours,
+    open_shares,
 )
 
 LENGTH = 5_000
@@ -178,25 +182,29 @@ def test_a_phone_reveals_only_one_secret_per_neighbour_and_refuses_inconsistent_
                      confirmations)
 
 
-def phone_pair(phone: SecAggPhone, incoming: dict[int, bytes], sender: int):
-    from keyboard_model.secagg import open_shares  # noqa: PLC0415
-
-    return open_shares(phone._cipher_key(sender), incoming[sender], phone.round_number, sender, phone.index,
+def phone_pair(phone: SecAggPhone, incoming: dict[int, DealtPair], sender: int):
+    return open_shares(phone._cipher_key(sender), incoming[sender].sealed, phone.round_number, sender, phone.index,
                        phone.roster.digest())
 
 
 def test_sealed_shares_cannot_be_altered_or_redirected():
+    """A pair that does not open gets its sender no share revealed, whoever altered it; the other senders' shares
+    are revealed as usual."""
     server, phones, _, _ = run_round(5, seed=2)
     incoming = server.incoming(0)
-    sender, sealed = next(iter(incoming.items()))
-    tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    sender, pair = next(iter(incoming.items()))
+    tampered = dataclasses.replace(pair, sealed=pair.sealed[:-1] + bytes([pair.sealed[-1] ^ 1]))
     with pytest.raises(SecAggError, match="do not open"):
-        phones[0].reveal({**incoming, sender: tampered}, server.shared, server.reported, server.confirmations_for(0))
+        phone_pair(phones[0], {sender: tampered}, sender)
+    revealed = phones[0].reveal({**incoming, sender: tampered}, server.shared, server.reported,
+                            server.confirmations_for(0))
+    assert set(revealed) == set(incoming) - {sender}
     # Phone 1's shares for phone 0, handed to phone 1's other neighbour instead, do not open there either.
     other = next(k for k in server.incoming(1) if k != 0 and k in server.incoming(0))
     misdirected = {**server.incoming(other), 1: server.incoming(0)[1]}
     with pytest.raises(SecAggError, match="do not open"):
-        phones[other].reveal(misdirected, server.shared, server.reported, server.confirmations_for(other))
+        phone_pair(phones[other], misdirected, 1)
+    assert 1 not in phones[other].reveal(misdirected, server.shared, server.reported, server.confirmations_for(other))
 
 
 def test_the_graph_is_sparse_for_large_cohorts_symmetric_and_regular():

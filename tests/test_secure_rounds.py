@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from aggregator.api.schemas import EvaluationReport, SecAggShares
+from aggregator.api.schemas import DealtShares, EvaluationReport, SecAggShares
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from aggregator.config import AggregatorConfig
 from aggregator.inprocess import InProcessClient
@@ -129,7 +129,8 @@ def test_drop_outs_before_sharing_before_uploading_and_late_still_give_the_mean_
     with pytest.raises(SecAggError, match="lists its keys"):
         no_keys.send_shares()
     with pytest.raises(AggregatorRefusedError) as refused:
-        client.secagg_shares(no_keys.round, no_keys.token, SecAggShares(sealed={1: bytes(60)}))
+        client.secagg_shares(no_keys.round, no_keys.token, SecAggShares(
+            pairs={1: DealtShares(sealed=bytes(64), self_mask=bytes(32), masking=bytes(32))}, seed_commitment=bytes(32)))
     assert refused.value.status_code == 409 and "cohort" in refused.value.detail
     for device in [no_upload, *reporters]:
         device.send_shares()

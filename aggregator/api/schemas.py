@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -187,17 +187,22 @@ class StatusResponse(BaseModel):
     recent_rounds: list[RoundSummary]
 
 
-# Raw X25519 public keys, 32 bytes: 44 characters of base64.
-PublicKey = Annotated[Base64Bytes, Field(min_length=32, max_length=32),
-                      WithJsonSchema({"type": "string", "contentEncoding": "base64", "minLength": 44, "maxLength": 44})]
+def exactly(size: int) -> Any:
+    """Exactly `size` bytes in Python; in JSON, base64 text of 4 characters for every 3 bytes or part of 3."""
+    text = 4 * -(-size // 3)
+    schema = {"type": "string", "contentEncoding": "base64", "minLength": text, "maxLength": text}
+    return Annotated[Base64Bytes, Field(min_length=size, max_length=size), WithJsonSchema(schema)]
+
+
+# Raw X25519 public keys.
+PublicKey = exactly(32)
 # A cohort index, as a JSON object's key: a string of digits.
 CohortIndex = Annotated[int, Field(ge=0, le=65_535)]
 COHORT_INDEX_KEYS = {"propertyNames": {"pattern": "^[0-9]{1,5}$"}}
 
 
-# Raw Ed25519 signatures, 64 bytes: 88 characters of base64.
-Signature = Annotated[Base64Bytes, Field(min_length=64, max_length=64),
-                      WithJsonSchema({"type": "string", "contentEncoding": "base64", "minLength": 88, "maxLength": 88})]
+# Raw Ed25519 signatures.
+Signature = exactly(64)
 
 
 class SecAggKeys(BaseModel):
@@ -217,18 +222,42 @@ class SecAggConfirm(BaseModel):
     signature: Signature
 
 
+# A sealed share pair: nonce, two shares, AES-GCM's tag (keyboard_model.secagg.SEALED_BYTES).
+SealedPair = exactly(64)
+# A SHA-256 commitment to a share or a seed (keyboard_model.secagg.commitment).
+Commitment = exactly(32)
+
+
+class DealtShares(BaseModel):
+    """A share pair its dealer sent for one neighbour: sealed for it (the server cannot open it), and the dealer's
+    commitments to the two shares, in the clear. Revealed shares are checked against the commitments."""
+
+    # From attributes: the aggregator's state hands a phone the keyboard_model.secagg.DealtPair objects it holds.
+    model_config = ConfigDict(extra="forbid", from_attributes=True)
+    sealed: SealedPair
+    self_mask: Commitment = Field(description="SHA-256 commitment to the share of the dealer's self-mask seed.")
+    masking: Commitment = Field(description="SHA-256 commitment to the share of the dealer's masking seed.")
+
+
 class SecAggShares(BaseModel):
-    """Sealed share pairs, by the cohort index of the neighbour each is for. The server cannot open them."""
+    """Share pairs, by the cohort index of the neighbour each is for, and the dealer's commitment to its self-mask
+    seed."""
 
     model_config = ConfigDict(extra="forbid")
-    sealed: dict[CohortIndex, Base64Bytes] = Field(json_schema_extra=COHORT_INDEX_KEYS)
+    pairs: dict[CohortIndex, DealtShares] = Field(json_schema_extra=COHORT_INDEX_KEYS)
+    seed_commitment: Commitment = Field(description="SHA-256 commitment to the dealer's self-mask seed, which the "
+                                                    "seed rebuilt from its shares must match.")
+
+
+# A Shamir share of a 16-byte seed (keyboard_model.secagg.SEED_BYTES).
+ShareValue = exactly(16)
 
 
 class RevealedShare(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Its owner's Shamir point for this neighbour: 1 to the owner's number of neighbours (two bytes on the wire).
     x: int = Field(ge=1, le=65_535)
-    value: Base64Bytes
+    value: ShareValue
 
 
 class SecAggReveal(BaseModel):
@@ -269,8 +298,9 @@ class SecAggState(BaseModel):
     shared: list[int] | None = Field(None, description="Who sent shares; fixed when the collect phase opens.")
     reported: list[int] | None = Field(
         None, description="Whose masked input counts (the survivors); fixed when the confirm phase opens.")
-    incoming: dict[int, Base64Bytes] | None = Field(
-        None, description="In the unmask phase, for a device that reported: the sealed pairs its neighbours sent it."
+    incoming: dict[int, DealtShares] | None = Field(
+        None, description="In the unmask phase, for a device that reported: the pairs its neighbours dealt it, with "
+                          "their commitments."
     )
     confirmations: dict[int, Base64Bytes] | None = Field(
         None, description="In the unmask phase, for a device that reported: the survivor-set signatures of its "

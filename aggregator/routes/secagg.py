@@ -1,7 +1,6 @@
-"""Secure aggregation's messages: a selected device's signed keys, sealed shares, survivor-set signature and
-revealed shares, and the state of
-the round's protocol as that device may see it. The masked input itself goes to /rounds/{round}/updates. The
-upload token is checked before any body is read."""
+"""Secure aggregation's messages: a selected device's signed keys, sealed shares with their commitments,
+survivor-set signature and revealed shares, and the state of the round's protocol as that device may see it. The
+masked input itself goes to /rounds/{round}/updates. The upload token is checked before any body is read."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ from fastapi import APIRouter, Depends
 from aggregator.dependencies import PathInteger, get_rounds, get_upload_token
 from aggregator.request_body import documented, json_body
 from aggregator.rounds import RoundManager
+from aggregator.secure_round import dealing_of
 from aggregator.routes.responses import MALFORMED, TOO_LARGE, UNAUTHORIZED, call_manager, refusals
 from aggregator.api.schemas import SecAggConfirm, SecAggKeys, SecAggReveal, SecAggShares, SecAggState
 from keyboard_model.secagg import PublicKeys, Share
@@ -49,7 +49,7 @@ async def confirm(round_number: PathInteger, token: str = Depends(get_upload_tok
 async def shares(round_number: PathInteger, token: str = Depends(get_upload_token),
                  body: SecAggShares = Depends(json_body(SecAggShares)),
                  rounds: RoundManager = Depends(get_rounds)) -> None:
-    await call_manager(rounds.secagg_shares, round_number, token, dict(body.sealed))
+    await call_manager(rounds.secagg_shares, round_number, token, dealing_of(body))
 
 
 @router.post("/rounds/{round_number}/secagg/reveal", status_code=204, operation_id="secagg_reveal",

@@ -24,7 +24,21 @@ from `pycryptodome`. What is ours is how they are put together:
   phone signs the survivor set it was told. A phone reveals shares only for the one set it
   signed, and only when, for each neighbour whose share it reveals, more than half that
   neighbour's neighbours signed the same set: since honest phones sign one set each, no
-  two of them reveal under different sets the two kinds of share of one phone.
+  two of them reveal under different sets the two kinds of share of one phone. A
+  signature that does not verify counts as no signature: a member that signs garbage
+  loses its own say, not the round.
+- Against members that lie (`shares`): with its sealed pairs a dealer sends the server,
+  in the clear, a commitment to each share (SHA-256, see `shares`) and one to its
+  self-mask seed. The server refuses a revealed share that does not match its
+  commitment, so it combines only the shares the dealer dealt, and checks a rebuilt
+  self-mask seed against the dealer's commitment (a rebuilt masking seed against the
+  public key the dealer advertised). A phone reveals a neighbour's share only if the
+  pair opens and matches the commitments the server forwards, so a dealer that
+  committed to other values than it sealed cannot get an honest revealer refused. A
+  liar then counts as a phone that dropped out; what a dealer whose own shares are
+  inconsistent can do is fail the round (its secret cannot be rebuilt), never change
+  the sum.
+- Public keys of small order (all zeros and a few others) are refused (`keys`).
 
 Model deltas enter the ring rotated and in fixed point (`RingEncoding`), with a scale
 chosen so that the sum of every selected phone's largest possible delta does not wrap
@@ -52,12 +66,25 @@ from keyboard_model.secagg.keys import (
 )
 from keyboard_model.secagg.masks import Layout, Masked, add_mask, pairwise_sign, prg_mask
 from keyboard_model.secagg.ring import COUNTS, RING_WIDTHS, RingEncoding, masked_layout
-from keyboard_model.secagg.shares import Share, SharePair, combine_shares, open_shares, seal_shares, split_secret
+from keyboard_model.secagg.shares import (
+    COMMITMENT_BYTES,
+    SEALED_BYTES,
+    Dealing,
+    DealtPair,
+    Share,
+    SharePair,
+    combine_shares,
+    commitment,
+    open_shares,
+    seal_shares,
+    split_secret,
+)
 
 __all__ = [
-    "COUNTS", "RING_WIDTHS", "SEED_BYTES", "SIGNATURE_BYTES", "Directory", "GraphParameters", "IdentityKey", "Layout",
-    "Masked", "PublicKeys", "RingEncoding", "Roster", "RoundSecrets", "SecAggError", "Share", "SharePair", "add_mask",
-    "combine_shares", "graph_parameters", "keys_statement", "masked_layout", "masking_key", "neighbours",
+    "COMMITMENT_BYTES", "COUNTS", "RING_WIDTHS", "SEALED_BYTES", "SEED_BYTES", "SIGNATURE_BYTES", "Dealing",
+    "DealtPair", "Directory", "GraphParameters", "IdentityKey", "Layout", "Masked", "PublicKeys", "RingEncoding",
+    "Roster", "RoundSecrets", "SecAggError", "Share", "SharePair", "add_mask", "combine_shares", "commitment",
+    "graph_parameters", "keys_statement", "masked_layout", "masking_key", "neighbours",
     "open_shares", "pairwise_seed", "pairwise_sign", "prg_mask", "public_bytes", "seal_shares", "share_cipher_key",
     "split_secret", "survivors_statement",
 ]

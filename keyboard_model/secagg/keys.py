@@ -1,5 +1,10 @@
 """A phone's keys for one round: two X25519 key pairs, one to encrypt the shares it sends its neighbours, one whose
-agreements seed the pairwise masks (its private key derived from a seed, so that the seed is what is shared)."""
+agreements seed the pairwise masks (its private key derived from a seed, so that the seed is what is shared).
+
+A public key of small order (all zeros, one, and a few others, each with several encodings) agrees on the
+all-zero secret with every private key, which anyone can compute. cryptography refuses such an agreement (OpenSSL
+checks the result), and every agreement here goes through `_agree`, which turns that refusal into a SecAggError;
+`PublicKeys.check` tries one with a throwaway key, so the server refuses such keys when they are advertised."""
 
 from __future__ import annotations
 
@@ -24,6 +29,17 @@ def masking_key(seed: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(_derive(seed, b"masking key", 32))
 
 
+def _agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as error:  # cryptography: "Error computing shared key", for a key of small order
+        raise SecAggError("a public key of small order: agreeing with it gives a secret anyone knows") from error
+
+
+# Any private key tells a key of small order: the agreement is all zeros whatever the scalar.
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
 def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -38,6 +54,11 @@ class PublicKeys:
     def __post_init__(self) -> None:
         if len(self.cipher) != 32 or len(self.masking) != 32:
             raise SecAggError("public keys are 32 bytes each")
+
+    def check(self) -> None:
+        """Raises SecAggError if either key is of small order."""
+        _agree(_PROBE, self.cipher)
+        _agree(_PROBE, self.masking)
 
 
 @dataclass(frozen=True)
@@ -62,11 +83,10 @@ class RoundSecrets:
 
 def pairwise_seed(own_masking_seed: bytes, peer_masking_public: bytes, round_number: int) -> bytes:
     """The seed two phones share for their pairwise mask; either side (or the server, given one's seed) computes it."""
-    shared = masking_key(own_masking_seed).exchange(X25519PublicKey.from_public_bytes(peer_masking_public))
+    shared = _agree(masking_key(own_masking_seed), peer_masking_public)
     return _derive(shared, b"pairwise mask round %d" % round_number)
 
 
 def share_cipher_key(own_cipher_key: bytes, peer_cipher_public: bytes, round_number: int) -> bytes:
-    shared = X25519PrivateKey.from_private_bytes(own_cipher_key).exchange(
-        X25519PublicKey.from_public_bytes(peer_cipher_public))
+    shared = _agree(X25519PrivateKey.from_private_bytes(own_cipher_key), peer_cipher_public)
     return _derive(shared, b"share encryption round %d" % round_number, 32)
