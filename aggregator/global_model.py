@@ -9,6 +9,8 @@ once they are: a commit that fails leaves model and state as they were.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from safetensors.torch import load as load_safetensors
 
 from aggregator.config import AggregatorConfig
@@ -73,12 +75,14 @@ class GlobalModel:
             )
         return model.state_dict()
 
-    def commit_step(self, mean_delta: Tensors, record: dict, noise_state: bytes | None = None) -> None:
+    def commit_step(self, mean_delta: Tensors, record: dict, noise_state: bytes | None = None,
+                    statuses: Mapping[str, str] | None = None) -> None:
         """Step the model by a round's mean delta and commit the new model, the optimiser's state, DP-FTRL's noise
-        state if any and the round's `record` (completed here with the new version and the step's norm) together."""
+        state if any, the round's `record` (completed here with the new version and the step's norm) and its
+        devices' `statuses` (`Storage.record_round`) together."""
         new_state, optimizer_state = self.strategy.apply(self.state, self.optimizer_state, mean_delta)
         new_bytes = model_to_bytes(new_state, self.version + 1, self.config.model)
         record.update(new_version=self.version + 1, update_norm=l2_norm(mean_delta))
-        self.storage.record_round(record, new_bytes, write_tensors(optimizer_state), noise_state)
+        self.storage.record_round(record, new_bytes, write_tensors(optimizer_state), noise_state, statuses)
         self.version, self.bytes, self.state, self.optimizer_state = (self.version + 1, new_bytes, new_state,
                                                                       optimizer_state)

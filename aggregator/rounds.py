@@ -22,8 +22,10 @@ The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
 Closing averages the reported deltas (one aggregation rule per kind of round,
 `aggregator/aggregation.py`) and steps the global model with the server optimiser
 (`aggregator/global_model.py`), committed to storage together with the optimiser's
-state and the round's counts; on restart the manager resumes from the last committed
-model.
+state, the round's counts and who reported or aborted; on restart the manager resumes
+from the last committed model. Until then reports and aborts live only in memory, so an
+upload is counted whole or not at all: no write that could fail (a database busy with
+another writer, say) comes after an update is added to the round's sum.
 """
 
 from __future__ import annotations
@@ -345,7 +347,6 @@ class RoundManager:
                 self.round.aggregation.add(delta, num_examples)
             else:  # adaptive clipping: the round's aggregation is private
                 self.round.aggregation.add(delta, num_examples, within_clip)
-            self.storage.set_selection_status(round_number, device_id, "reported")
             self.round.reported.add(device_id)
             self.round.aborted.discard(device_id)
             self.round.examples += num_examples
@@ -366,7 +367,6 @@ class RoundManager:
                 return SubmitResult(round_number, len(current.reported), duplicate=True)
             over = current.secure.masked_input(device_id, masked, self.clock(), len(current.reported) + 1)
             # This upload counted whether or not the round then fails.
-            self.storage.set_selection_status(round_number, device_id, "reported")
             current.reported.add(device_id)
             current.aborted.discard(device_id)
             current.bytes_up += len(data)
@@ -440,9 +440,8 @@ class RoundManager:
             if round_number != self.round.number:
                 raise RoundClosedError(f"round {round_number} is closed; the current round is {self.round.number}")
             device_id = self._authorize(round_number, token)
-            if device_id not in self.round.reported and device_id not in self.round.aborted:
+            if device_id not in self.round.reported:
                 self.round.aborted.add(device_id)
-                self.storage.set_selection_status(round_number, device_id, "aborted")
             return len(self.round.aborted)
 
     def _authorize(self, round_number: int, token: str) -> str:
@@ -505,7 +504,7 @@ class RoundManager:
             logger.exception("closing round %d failed; it is recorded as failed", current.number)
             try:
                 self.storage.record_round({**summary, "status": "failed", "failure": f"closing failed: {error!r}"},
-                                          None, None)
+                                          None, None, statuses=self._statuses())
             except Exception:
                 logger.exception("recording round %d as failed failed too", current.number)
         finally:
@@ -519,10 +518,10 @@ class RoundManager:
         release = self._release()
         if release is None:
             summary.update(status="failed", failure=self.round.failure)
-            self.storage.record_round(summary, None, None)
+            self.storage.record_round(summary, None, None, statuses=self._statuses())
             return
         self.model.commit_step(release.mean_delta, {**summary, **release.record, "status": "closed"},
-                               self.privacy.pending_state() if self._ftrl else None)
+                               self.privacy.pending_state() if self._ftrl else None, self._statuses())
         if self.privacy is not None:
             self.privacy.spent(release.record)
             self._epsilon = release.record["epsilon"]
@@ -530,6 +529,10 @@ class RoundManager:
         if self._ftrl:
             for device_id in self.round.reported:
                 self._last_participation[device_id] = release.record["dp_step"]
+
+    def _statuses(self) -> dict[str, str]:
+        """The open round's selected devices that reported or aborted, as their selections record it."""
+        return {**dict.fromkeys(self.round.aborted, "aborted"), **dict.fromkeys(self.round.reported, "reported")}
 
     def _release(self) -> Release | None:
         """What the round's aggregation rule releases, or None if the round failed."""

@@ -2,9 +2,10 @@
 
 A new global model, the server optimiser's state that goes with it (and DP-FTRL's noise
 state, `aggregator/ftrl.py`) and the round that produced them are written in one transaction, so after a crash either all are
-there or none is. Selections and reports are committed as they happen; those of a
-round that was still open at a crash are discarded on restart and the round is run
-again from the last committed model.
+there or none is. Selections are committed as they happen, and who reported or aborted
+with the round, in the same transaction; the selections of a round that was still open
+at a crash are discarded on restart and the round is run again from the last committed
+model.
 
 Model versions are kept as `keep_models` and `keep_every` say (`AggregatorConfig`): the
 versions no longer kept are deleted in the transaction that commits a new one. SQLite puts
@@ -20,7 +21,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -130,10 +131,13 @@ class SqliteStorage:
         return (rows[0]["version"], rows[0]["state"]) if rows else None
 
     def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None,
-                     noise_state: bytes | None = None) -> None:
-        """Store a finished round, and the model, optimiser state and noise state it produced if it succeeded,
-        atomically."""
+                     noise_state: bytes | None = None, statuses: Mapping[str, str] | None = None) -> None:
+        """Store a finished round, the model, optimiser state and noise state it produced if it succeeded, and the
+        new status of its devices that reported or aborted, atomically."""
         with self._transaction():
+            now = time.time()
+            for device_id, status in (statuses or {}).items():
+                self.db["selections"].update((summary["round"], device_id), {"status": status, "ts": now})
             if noise_state is not None:
                 self.db["noise_state"].upsert({"id": 0, "version": summary["new_version"], "state": noise_state},
                                               pk="id")
@@ -169,10 +173,6 @@ class SqliteStorage:
                 {"round": round_number, "device_id": device_id, "token_sha256": token_sha256,
                  "status": "selected", "ts": time.time()}
             )
-
-    def set_selection_status(self, round_number: int, device_id: str, status: str) -> None:
-        with self._transaction():
-            self.db["selections"].update((round_number, device_id), {"status": status, "ts": time.time()})
 
     def selection_for_token(self, token_sha256: str) -> dict | None:
         with self._lock:

@@ -3,13 +3,14 @@
 Rounds, devices and routes use only `Storage`; `SqliteStorage` (aggregator/sqlite_storage.py)
 is the one implementation. Another (PostgreSQL, say) implements these methods with the
 same guarantees and is chosen in `open_storage`, and nothing else changes. The
-guarantee every implementation keeps: `record_round` writes a round, and the model,
-optimiser state and DP-FTRL noise state it produced, atomically, so after a crash either
-all are there or none.
+guarantee every implementation keeps: `record_round` writes a round, the model,
+optimiser state and DP-FTRL noise state it produced, and which of its devices reported or
+aborted, atomically, so after a crash either all are there or none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -31,9 +32,10 @@ class Storage(Protocol):
         """(model version, DP-FTRL noise state committed with that version), or None."""
 
     def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None,
-                     noise_state: bytes | None = None) -> None:
+                     noise_state: bytes | None = None, statuses: Mapping[str, str] | None = None) -> None:
         """A finished round, with the model, optimiser state and DP-FTRL noise state it produced if it succeeded,
-        atomically; in the same transaction, the model versions no longer kept are deleted."""
+        and the new status of its selected devices that reported or aborted (device id -> status), atomically; in
+        the same transaction, the model versions no longer kept are deleted."""
 
     def enrol_device(self, device_id: str, token_sha256: str) -> None: ...
 
@@ -41,8 +43,6 @@ class Storage(Protocol):
         """Every enrolled device, as token hash -> device id."""
 
     def record_selection(self, round_number: int, device_id: str, token_sha256: str) -> None: ...
-
-    def set_selection_status(self, round_number: int, device_id: str, status: str) -> None: ...
 
     def selection_for_token(self, token_sha256: str) -> dict | None: ...
 

@@ -144,11 +144,11 @@ def test_a_failed_commit_leaves_the_model_and_the_momentum_as_they_were(
     devices = [flaky.authenticate(flaky.enrol()[1]) for _ in range(2)]
     record_round, failures = flaky.storage.record_round, []
 
-    def fail_once(summary, weights, optimizer_state, noise_state=None):
+    def fail_once(summary, weights, *rest, **named):
         if weights is not None and not failures:
             failures.append(summary["round"])
             raise OSError("disk full")
-        record_round(summary, weights, optimizer_state, noise_state)
+        record_round(summary, weights, *rest, **named)
 
     flaky.storage.record_round = fail_once
     run_round(flaky, devices, 0.01)  # its commit fails: recorded as failed, nothing of it kept
