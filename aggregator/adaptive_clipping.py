@@ -9,6 +9,24 @@ divides the updates, and takes a geometric step towards the quantile:
 
     C <- C * exp(-eta * (noisy fraction within - gamma))
 
+What a lying phone can do to it. Honest bits sum to between 0 and the `r` phones that
+reported. The noisy sum is taken into [0, r] before the step, and a round whose noisy sum
+lies more than IMPOSSIBLE_BITS_STDDEVS sigma_b outside it is refused (no honest round
+gets there but with probability 2e-9). With the sum in [0, r] the released fraction is
+within 1/2 +- r / (2 goal), so a round, whatever its phones say, multiplies the norm by
+between exp(-eta (r / (2 goal) + 1/2 - gamma)) and exp(eta (r / (2 goal) - 1/2 + gamma)):
+with r <= goal, between exp(-eta (1 - gamma)) and exp(eta gamma). In a plain round the
+server reads each bit as 0 or 1, so one lie moves the sum by at most 1 and the norm by a
+factor of at most exp(eta / goal) (taking into [0, r] and the floor and ceiling only
+bring values closer). Under secure aggregation the server sees only the sum: one lying
+phone can put it anywhere in [0, r], as far as all the round's phones saying the same
+would. The norm never falls below MIN_CLIP_NORM (or the operator's --clip-norm, if
+lower) nor rises above the aggregator's norm bound, so no run of rounds can take it to 0,
+where phones could not scale an update into the secure-aggregation ring at all. Both the check and the clamp read the noisy sum, which
+is released anyway: a check of the exact sum would itself be a release without noise (a
+lying phone would learn from the round's failure whether the others' bits reach a count
+it chose).
+
 The bits are a second Gaussian release, so they cost privacy. As the paper does, the
 noise multiplier the operator asks for, z, is the privacy of the pair: the updates get
 the larger z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2), and a round of (updates at z_update,
@@ -29,6 +47,19 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+
+# The lowest clip norm adapting goes to (unless the operator's --clip-norm is lower still). Honest phones' updates
+# measured 0.3 to 6.0, so a norm this low already cuts every update to almost nothing; from it the geometric step climbs
+# back by up to exp(eta * gamma) a round.
+MIN_CLIP_NORM = 1e-3
+# How far outside [0, reported], in standard deviations of their noise, the bits' noisy sum may fall before the round
+# is refused: an honest round's noise gets there with probability 2 Phi(-6) = 2e-9.
+IMPOSSIBLE_BITS_STDDEVS = 6.0
+
+
+class ImpossibleSumError(ValueError):
+    """A round's summed reports that phones sending what honest phones send could not have produced: the round
+    fails, and nothing of it is applied."""
 
 
 @dataclass(frozen=True)
@@ -56,14 +87,23 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
 
 
 def noisy_fraction_within(within: int, reported: int, count_stddev: float, goal: int, rng: random.Random) -> float:
-    """The released fraction of updates within the clip norm: (sum of (b - 1/2) + N(0, sigma_b^2)) / goal + 1/2.
-    The goal, not the number that reported, divides it, as it divides the updates."""
-    return (within - reported / 2 + rng.gauss(0.0, count_stddev)) / goal + 0.5
+    """The released fraction of updates within the clip norm: (sum of (b - 1/2) + N(0, sigma_b^2)) / goal + 1/2, the
+    noisy sum of the bits taken into [0, reported], where honest bits sum. The goal, not the number that reported,
+    divides it, as it divides the updates. Raises ImpossibleSumError if the noisy sum is far outside that range."""
+    noisy = within + rng.gauss(0.0, count_stddev)
+    slack = IMPOSSIBLE_BITS_STDDEVS * count_stddev
+    if not -slack <= noisy <= reported + slack:
+        raise ImpossibleSumError(f"the adaptive-clipping bits sum to about {noisy:.0f} (with their noise), but "
+                                 f"{reported} phones each send 0 or 1: some phone lied")
+    return (min(max(noisy, 0.0), reported) - reported / 2) / goal + 0.5
 
 
-def next_clip_norm(clip_norm: float, fraction_within: float, settings: AdaptiveClipping, ceiling: float) -> float:
-    """The geometric step towards the target quantile, at most `ceiling` (the largest norm the aggregator accepts)."""
-    return min(clip_norm * math.exp(-settings.learning_rate * (fraction_within - settings.target_quantile)), ceiling)
+def next_clip_norm(clip_norm: float, fraction_within: float, settings: AdaptiveClipping, ceiling: float,
+                   floor: float = MIN_CLIP_NORM) -> float:
+    """The geometric step towards the target quantile, between `floor` and `ceiling` (the largest norm the aggregator
+    accepts)."""
+    step = math.exp(-settings.learning_rate * (fraction_within - settings.target_quantile))
+    return min(max(clip_norm * step, floor), ceiling)
 
 
 class ClipNorm:
@@ -71,11 +111,12 @@ class ClipNorm:
     Like the ledgers it serves, `release` gives a round's record and `spent` (after the commit) moves on."""
 
     def __init__(self, initial: float, noise_multiplier: float, adaptive: AdaptiveClipping | None, goal: int,
-                 ceiling: float) -> None:
+                 ceiling: float, floor: float = MIN_CLIP_NORM) -> None:
         self.norm = initial
         self.adaptive = adaptive
         self._goal = goal
         self._ceiling = ceiling
+        self._floor = floor
         self.update_noise_multiplier = (noise_multiplier if adaptive is None
                                         else update_noise_multiplier(noise_multiplier, adaptive.count_stddev))
         # Unpredictable noise: anyone who could replay it could subtract it.
@@ -90,7 +131,7 @@ class ClipNorm:
         fraction = noisy_fraction_within(within, reported, self.adaptive.count_stddev, self._goal, self._rng)
         return {**record, "dp_update_noise_multiplier": self.update_noise_multiplier,
                 "dp_count_stddev": self.adaptive.count_stddev, "dp_fraction_within": fraction,
-                "dp_next_clip_norm": next_clip_norm(self.norm, fraction, self.adaptive, self._ceiling)}
+                "dp_next_clip_norm": next_clip_norm(self.norm, fraction, self.adaptive, self._ceiling, self._floor)}
 
     def spent(self, record: dict) -> None:
         if self.adaptive is not None:

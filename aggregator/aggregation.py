@@ -8,7 +8,21 @@
   (`aggregator/adaptive_clipping.py`) it also counts the phones' within-the-clip bits.
 - `SecureSum` (`aggregator/secure_round.py`): the server sees only the unmasked sum of a
   secure round, in which each device counts once; with differential privacy that sum is
-  released as `PrivateMean` releases its own.
+  released as `PrivateMean` releases its own. The server cannot check one device's input,
+  so it checks the sum against what devices sending what honest ones send could give
+  (`ImpossibleSumError`, and the round fails): each evaluation count, and the released
+  mean's norm. Updates within the ring's bound B average to at most B; the ring's
+  stochastic rounding adds to the sum a vector whose expected squared norm is at most
+  r size / (4 scale^2) for r inputs, allowed for at twice its root-mean-square (an honest
+  round exceeds that with probability below exp(-9 size / (8 r^2)), by Hoeffding); with
+  differential privacy the released mean also carries the noise, allowed for at
+  sigma (sqrt(d) + 8), which a Gaussian vector of d values exceeds with probability
+  below exp(-32). The noise is in the check because the check must read only what is
+  released: whether a round failed on its sum before the noise would tell a lying phone
+  something about the others' updates that no noise covers. So with differential privacy
+  the check refuses only what stands out from the noise. Plain rounds need no such check:
+  the server bounds (`WeightedMean`) or clips (`PrivateMean`) each update itself, and a
+  mean of updates within a bound is within it.
 Sums run as updates arrive, so memory does not grow with the round. A rule's `release`
 gives the mean delta and what the round's record says of it; the round manager decides
 whether enough devices reported, and the server optimiser (`aggregator/strategies/`)
@@ -22,15 +36,18 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from aggregator.adaptive_clipping import ImpossibleSumError
 from aggregator.privacy import PrivacyLedger
 from aggregator.secure_round import SecureRound
-from keyboard_model.norms import clip_to_norm
+from keyboard_model.norms import clip_to_norm, l2_norm
 from keyboard_model.weights import Tensors
 
 if TYPE_CHECKING:  # JAX is imported only when DP-FTRL is used
     from aggregator.ftrl import FtrlLedger
 
 Shapes = dict[str, tuple[int, ...]]
+# The privacy noise's norm is allowed for up to sigma (sqrt(d) + this): P(more) <= exp(-8^2 / 2) (Gaussian concentration).
+NOISE_NORM_STDDEVS = 8.0
 
 
 class UpdateSum:
@@ -100,17 +117,50 @@ class PrivateMean:
 
 
 class SecureSum:
-    def __init__(self, secure: SecureRound, ledger: PrivacyLedger | FtrlLedger | None) -> None:
+    def __init__(self, secure: SecureRound, ledger: PrivacyLedger | FtrlLedger | None,
+                 max_eval_positions: int) -> None:
         self._secure = secure
         self._ledger = ledger
+        self._max_eval_positions = max_eval_positions
 
     def release(self, reported: int) -> Release:
+        """Raises ImpossibleSumError if the sum is not one that `reported` devices sending what honest devices send
+        could give."""
         total, (positions, hits_1, hits_3, within) = self._secure.result()
+        # The counts are summed modulo 2**32 and read as 0 to 2**32 - 1, so one that wrapped below 0 reads as huge.
+        if not hits_1 <= hits_3 <= positions <= reported * self._max_eval_positions:
+            raise ImpossibleSumError(
+                f"the evaluation counts sum to {positions} predictions, {hits_1} hits at 1 and {hits_3} at 3; "
+                f"{reported} phones send 0 <= hits at 1 <= hits at 3 <= predictions <= {self._max_eval_positions} "
+                "each: some phone lied")
         evaluation = {"eval_devices": reported, "eval_positions": positions, "eval_hits_at_1": hits_1,
                       "eval_hits_at_3": hits_3}
-        if self._ledger is not None:
-            # The clipping bits come summed, inside the masked vector: the server never sees one.
-            mean_delta, privacy = self._ledger.release(total, within, reported)
-            return Release(mean_delta, {**privacy, **evaluation})
-        # Each device counts once: its example count would be one more thing sent in the clear.
-        return Release({name: (t / reported).float() for name, t in total.items()}, evaluation)
+        if self._ledger is None or self._ledger.clip.adaptive is None:
+            if within != 0:  # honest phones send 0 when the round does not adapt its clip norm
+                raise ImpossibleSumError(f"this round does not adapt its clip norm, yet the clipping bits sum to "
+                                         f"{within}: some phone lied")
+        if self._ledger is None:
+            # Each device counts once: its example count would be one more thing sent in the clear.
+            release = Release({name: (t / reported).float() for name, t in total.items()}, evaluation)
+            self._check_norm(release.mean_delta, reported, reported, noise_stddev=0.0)
+            return release
+        # The clipping bits come summed, inside the masked vector: the server never sees one. Their range is checked
+        # on their noisy sum (aggregator/adaptive_clipping.py).
+        noise_stddev = self._ledger.noise_stddev
+        mean_delta, privacy = self._ledger.release(total, within, reported)
+        self._check_norm(mean_delta, reported, self._secure.goal, noise_stddev)
+        return Release(mean_delta, {**privacy, **evaluation})
+
+    def _check_norm(self, mean_delta: Tensors, reported: int, denominator: int, noise_stddev: float) -> None:
+        """Refuse a released mean (the sum, plus noise of `noise_stddev` per value, over `denominator`) longer than
+        `reported` inputs within the ring's bound could give (see the module's docstring for the allowances)."""
+        encoding = self._secure.encoding
+        rounding = (reported * encoding.size) ** 0.5 / encoding.scale
+        noise = noise_stddev * (encoding.length**0.5 + NOISE_NORM_STDDEVS)
+        largest = (reported * encoding.bound + rounding + noise) / denominator
+        norm = l2_norm(mean_delta)
+        if not norm <= largest:
+            raise ImpossibleSumError(
+                f"the round's mean update has L2 norm {norm:.4g}; {reported} updates within the bound of "
+                f"{encoding.bound:g} give at most {largest:.4g} (with the ring's rounding"
+                f"{' and the privacy noise' if noise else ''}): some phone sent more than the bound")

@@ -185,6 +185,13 @@ class FtrlLedger:
         """Releases committed so far: the next one is this step of the mechanism."""
         return self._noise.step
 
+    @property
+    def noise_stddev(self) -> float:
+        """The standard deviation of each value of the noise the next release adds to the sum: its fresh noise's,
+        times the norm of row `step` of C^{-1}, which mixes the noise of every release so far into it."""
+        row = self._noise.blt.inverse().toeplitz_coefs(self._noise.step + 1)
+        return self.clip.update_noise_multiplier * self.clip.norm * float(jnp.linalg.norm(row))
+
     def privacy_after(self, releases: int, delta: float) -> dict[str, float]:
         spent = rho_spent(self._noise.blt, releases, self.min_separation, self.clip.update_noise_multiplier,
                           self.clip.adaptive)

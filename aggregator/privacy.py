@@ -76,6 +76,11 @@ class PrivacyLedger:
     def clip_norm(self) -> float:
         return self.clip.norm
 
+    @property
+    def noise_stddev(self) -> float:
+        """The standard deviation of each value of the noise the next release adds to the sum."""
+        return self.clip.update_noise_multiplier * self.clip.norm
+
     def release(self, total: Tensors, within: int, reported: int) -> tuple[Tensors, dict[str, float]]:
         """The noisy mean of a sum of clipped updates (`within` of the `reported` ones within the clip norm, for
         adaptive clipping), and the record of the release: its noise, the sampling rate the accountant assumed,

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aggregator.adaptive_clipping import ClipNorm
+from aggregator.adaptive_clipping import MIN_CLIP_NORM, ClipNorm, ImpossibleSumError
 from aggregator.aggregation import PrivateMean, Release, SecureSum, WeightedMean
 from aggregator.api.schemas import EvaluationReport, SecAggState
 from aggregator.config import AggregatorConfig
@@ -173,6 +173,10 @@ class RoundManager:
         self._comebacks = Comebacks()
         self._epsilon = next((r["epsilon"] for r in reversed(recent) if r["epsilon"] is not None), None)
         self._rho = next((r["rho"] for r in reversed(recent) if r.get("rho") is not None), None)
+        if config.secure_aggregation and self.selection_target * config.max_eval_positions >= 2**32:
+            raise UserFacingError(f"a secure round sums its evaluation counts modulo 2**32: {self.selection_target} "
+                                  f"phones of up to --max-eval-positions {config.max_eval_positions} predictions "
+                                  "could wrap around it; lower either")
         next_round = storage.last_round_number() + 1
         # A round that was open when the service stopped is run again from the start.
         storage.discard_selections(next_round)
@@ -193,9 +197,23 @@ class RoundManager:
                     f"{'clipping bits noised at ' + str(was[1]) if was[1] else 'a fixed clip norm'}; DP-FTRL's "
                     "accounting cannot change them mid-run: give the same --noise-multiplier and clipping, or another "
                     "--db")
+        floor = min(MIN_CLIP_NORM, config.clip_norm)
         resumed = last["dp_next_clip_norm"] if adaptive is not None and last is not None else None
-        return ClipNorm(resumed or config.clip_norm, config.noise_multiplier, adaptive, config.clients_per_round,
-                        config.max_update_norm)
+        if resumed is None:
+            norm = config.clip_norm
+        elif not math.isfinite(resumed):
+            raise UserFacingError(f"the database {config.db_path} holds the clip norm {resumed!r} for the next round, "
+                                  "which no round can have released: the database is damaged")
+        else:
+            # The geometric step keeps the norm within these bounds; a database written before they existed may hold
+            # a norm outside them (0, after lying clipping bits). Any positive norm keeps the privacy promised, since
+            # the noise is proportional to it, so the norm is brought within them rather than the run refused.
+            norm = min(max(resumed, floor), config.max_update_norm)
+            if norm != resumed:
+                logger.warning("the database's clip norm for the next round, %r, is outside [%g, %g]; using %g",
+                               resumed, floor, config.max_update_norm, norm)
+        return ClipNorm(norm, config.noise_multiplier, adaptive, config.clients_per_round, config.max_update_norm,
+                        floor)
 
     def _open_round(self, number: int) -> OpenRound:
         now = self.clock()
@@ -207,7 +225,7 @@ class RoundManager:
             secure = SecureRound(number, now, self.config, self.model.shapes, self._rng.randrange(2**63),
                                  self.selection_target, self.min_reports, bound)
         if secure is not None:
-            aggregation = SecureSum(secure, self.privacy)
+            aggregation = SecureSum(secure, self.privacy, self.config.max_eval_positions)
         elif self.privacy is not None:
             aggregation = PrivateMean(self.model.shapes, self.privacy)
         else:
@@ -539,11 +557,16 @@ class RoundManager:
         current = self.round
         if current.secure is not None:
             current.failure = current.secure.failure
-            return None if current.secure.sum is None else current.aggregation.release(len(current.reported))
-        if len(current.reported) < self.min_reports:
+            if current.secure.sum is None:
+                return None
+        elif len(current.reported) < self.min_reports:
             current.failure = f"{len(current.reported)} updates arrived; {self.min_reports} needed"
             return None
-        return current.aggregation.release(len(current.reported))
+        try:
+            return current.aggregation.release(len(current.reported))
+        except ImpossibleSumError as error:
+            current.failure = f"refused the round's aggregate: {error}"
+            return None
 
     def snapshot(self) -> dict:
         with self._lock:
