@@ -3,7 +3,9 @@
 Writes into the output folder:
 - `metrics.jsonl` and `tensorboard/`: one record per round (round 0 is the initial model),
   see `device_sim/run_log.py`. Running again into the same folder resumes: the
-  aggregator's database keeps its model and round numbers, and the new rounds are appended;
+  aggregator's database keeps its model and round numbers, and the new rounds are appended,
+  after a line for each round the aggregator finished after the last line (the run was
+  stopped between a round's commit and its line), from the aggregator's record of it;
 - `model.safetensors` and `tokenizer.json`: the latest global model, replaced atomically;
 - `summary.json`, when the run ends: the final model against a keyboard that always
   offers the three most frequent words, on every phone's held-out messages, beside round
@@ -119,8 +121,11 @@ def run_simulation(
         version, initial_sample = save_current_model(score=not log.resuming)
         if log.resuming:
             print(f"resuming the run in {config.out_dir} at model version {version}", flush=True)
+            _recover_rounds(log, client)
         else:
-            log.append(_round_line(0, version, None, None, initial_sample, 0.0, None))
+            # The first round this run can see: the aggregator may have finished rounds before it (--aggregator URL).
+            log.append({**_round_line(0, version, None, None, initial_sample, 0.0, None),
+                        "first_round": client.status().round})
         # The budget is the rounds': provisioning and scoring round 0 come before it.
         budget_started = time.monotonic()
         with _progress_bar(config, show_progress) as progress:
@@ -184,6 +189,22 @@ def run_simulation(
     return summary
 
 
+def _recover_rounds(log: RunLog, client: Aggregator) -> None:
+    """Append a line for each round the aggregator finished after the run's last line: a run stopped (Ctrl-C, a
+    crash) after the aggregator committed a round and before its line was written would otherwise have no line for
+    it. The aggregator's record of the round is whole; the fleet's own view of it is gone (null)."""
+    lines = read_lines(log.path)
+    first = next((line.get("first_round", 1) for line in lines if line["round"] == 0), 1)
+    last = max(line["round"] for line in lines)
+    missing = [view for view in client.status(recent=RECOVERABLE_ROUNDS).recent_rounds
+               if view.round > last and view.round >= first]
+    for view in missing:
+        log.append(_recovered_line(view))
+    if missing:
+        print(f"recovered the line of round(s) {', '.join(str(view.round) for view in missing)} from the "
+              "aggregator's record: the run had stopped after the aggregator finished them", flush=True)
+
+
 def _round_zero(metrics_path: Path) -> dict[str, float | None]:
     """Round 0's central score of the initial model on the eval sample, as the run's first line recorded it."""
     first = next((line for line in read_lines(metrics_path) if line["round"] == 0), {})
@@ -221,6 +242,18 @@ def _progress_bar(config: SimulationConfig, show: bool) -> tqdm:
 # What the aggregator recorded of a round, copied into metrics.jsonl beside the fleet's own view.
 SERVER_COUNTS = ("selected", "reported", "aborted", "dropped", "late", "bytes_up", "bytes_down", "epsilon", "dp_delta",
                  "rho")
+# The fleet's own view of a round, unknown for a round recovered from the aggregator's record.
+FLEET_VIEW = ("participants", "eligible", "checkins", "vanished", "diverged", "refused", "sim_day", "sim_hour_utc",
+              "train_loss", "local_learning_rate", "sim_ticks", "training_s", "wall_s_by_activity", "duration_s")
+# The most finished rounds a resumed run asks the aggregator for (its /status gives at most 1,000).
+RECOVERABLE_ROUNDS = 1000
+
+
+def _recovered_line(server_view: RoundSummary) -> dict:
+    """A round's line from the aggregator's record alone, marked `recovered`."""
+    version = server_view.base_version if server_view.new_version is None else server_view.new_version
+    line = _round_line(server_view.round, version, None, server_view, None, 0.0, None)
+    return {**line, **dict.fromkeys(FLEET_VIEW), "examples": server_view.examples, "recovered": True}
 
 
 def _round_line(

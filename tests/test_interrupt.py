@@ -1,17 +1,23 @@
-"""Ctrl-C stops `fedkb simulate` within seconds, whatever its training workers are doing, and leaves none behind."""
+"""Ctrl-C stops `fedkb simulate` within seconds, whatever its training workers are doing, and leaves none behind;
+resumed, the run's records are whole."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
+from aggregator.inprocess import InProcessClient
+from aggregator.api.schemas import StatusResponse
+from fedkb.cli import main
 from keyboard_model.native import cifg_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,3 +75,42 @@ def test_ctrl_c_exits_within_seconds_with_a_clean_message_and_leaves_no_worker_b
     assert stderr.strip().splitlines()[-1] == "interrupted"
     assert "Traceback" not in stderr
     assert not left_behind
+
+
+def test_a_round_the_aggregator_committed_as_ctrl_c_arrived_has_its_line_once_the_run_resumes(
+    tmp_path: Path, shakespeare, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    # The vectorised executor: phones train in this process, with no pool of workers to start (seconds).
+    common = ["simulate", "--phones", "6", "--in-process", "--executor", "vectorised", "--hidden-dim", "16",
+              "--embedding-dim", "8", "--out", str(out), "--no-progress"]
+    status = InProcessClient.status
+
+    def interrupted_after_round_2(self, recent: int = 20) -> StatusResponse:
+        answer = status(self, recent)
+        if any(view.round == 2 for view in answer.recent_rounds):
+            raise KeyboardInterrupt  # Ctrl-C, the moment the aggregator has committed round 2
+        return answer
+
+    with monkeypatch.context() as patched:
+        patched.setattr(InProcessClient, "status", interrupted_after_round_2)
+        assert main([*common, "--clients-per-round", "2", "--rounds", "3"]) == 130
+    assert [line["round"] for line in read_metrics(out)] == [0, 1]
+    # Resumed with other options: the aggregator's record of round 2 becomes its line, before round 3's.
+    assert main([*common, "--clients-per-round", "2", "--lr", "0.5", "--rounds", "1"]) == 0
+    lines = read_metrics(out)
+    assert [line["round"] for line in lines] == [0, 1, 2, 3]
+    assert [line["model_version"] for line in lines[:3]] == [0, 1, 2]
+    assert [line.get("recovered", False) for line in lines] == [False, False, True, False]
+    recovered = lines[2]
+    assert recovered["status"] == "closed" and recovered["reported"] >= 1 and recovered["examples"] > 0
+    assert recovered["train_loss"] is None and recovered["participants"] is None  # the fleet's view of it is gone
+    assert "recovered the line of round(s) 2" in capsys.readouterr().out
+    # run.toml still holds the first phase's options, and the second phase's changes.
+    record = tomllib.loads((out / "run.toml").read_text())
+    assert (record["rounds"], record["lr"]) == (3, 1.0)
+    assert [phase["changed"] for phase in record["record"]["phase"]] == [{"lr": 0.5, "rounds": 1}]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
