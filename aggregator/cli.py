@@ -17,8 +17,8 @@ from keyboard_model.serving import bind, bound_port, serve
 from aggregator.strategies import STRATEGIES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.arguments import (
-    at_least, existing_file, fraction, multiple, network, new_file, non_negative_float, port, positive_float,
-    positive_int, probability, quantile,
+    at_least, existing_file, fraction, multiple, network, new_file, port, positive_float,
+    positive_int, probability, quantile, seconds,
 )
 from keyboard_model.commands import Parser, run_command
 from keyboard_model.errors import UserFacingError
@@ -45,7 +45,7 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the round protocol, shared with `fedkb simulate` when it starts its own aggregator."""
     parser.add_argument("--clients-per-round", type=positive_int, default=DEFAULTS.clients_per_round,
                         help="updates that close a round (default: %(default)s)")
-    parser.add_argument("--round-deadline", type=positive_float, default=DEFAULTS.round_deadline_s,
+    parser.add_argument("--round-deadline", type=seconds(1), default=DEFAULTS.round_deadline_s,
                         help="seconds after which a round closes with the updates it has (default: %(default)s)")
     parser.add_argument("--over-selection", type=multiple, default=DEFAULTS.over_selection,
                         help="devices selected per round, as a multiple of the goal (default: %(default)s)")
@@ -69,7 +69,7 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--secure-aggregation", action="store_true",
                         help="run secure aggregation: the server learns only each round's sum of updates")
-    parser.add_argument("--secagg-phase", type=positive_float, default=DEFAULTS.secagg_phase_s,
+    parser.add_argument("--secagg-phase", type=seconds(1), default=DEFAULTS.secagg_phase_s,
                         help="seconds each key, share and unmask phase waits for devices (default: %(default)s)")
     parser.add_argument("--secagg-ring-bits", type=int, choices=(8, 16, 32), default=DEFAULTS.secagg_ring_bits,
                         help="masked updates are integers modulo 2**bits; 8 is the size of an int8 update "
@@ -108,7 +108,7 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
         "admission", f"Credentials come from the environment, never the command line: {OPERATOR_TOKEN_ENV} (the "
                      f"operator's token, which PUT /clock needs) and {ENROLMENT_SECRET_ENV} (the secret devices "
                      "outside the trusted networks must show to enrol).")
-    admission.add_argument("--selection-window", type=non_negative_float, default=DEFAULTS.selection_window_s,
+    admission.add_argument("--selection-window", type=seconds(0), default=DEFAULTS.selection_window_s,
                            help="seconds of check-ins drawn from at random when selecting; 0 takes devices first "
                                 "come, first served (default: %(default)s)")
     admission.add_argument("--trusted-network", type=network, action="append", default=None, metavar="CIDR",

@@ -44,6 +44,15 @@ fraction = number(float, lambda value: 0 < value <= 1, "more than 0 and at most 
 quantile = number(float, lambda value: 0 < value < 1, "between 0 and 1, both excluded")
 port = number(int, lambda value: 0 <= value <= 65_535, "a port from 1 to 65535 (or 0 for any free one)")
 
+# The longest an operator may have a service wait for anything: a round, a phase, a refresh. Past it a wait is a
+# mistake (1e308 seconds overflows the clocks it is added to).
+LONGEST_WAIT_S = 7 * 24 * 3600
+
+
+def seconds(shortest: float, longest: float = LONGEST_WAIT_S) -> Callable[[str], float]:
+    """A duration in seconds from `shortest` to `longest`, both included."""
+    return number(float, lambda value: shortest <= value <= longest, f"from {shortest:g} to {longest:g} seconds")
+
 
 def existing_file(text: str) -> Path:
     path = _not_a_folder(text)

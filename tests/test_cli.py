@@ -213,6 +213,24 @@ def test_every_command_explains_its_options():
         (["simulate", "--config", "{tmp}/typo.toml", "--out", "{tmp}/x"], "fedkb simulate has no option 'roundz'"),
         (["simulate", "--config", "{tmp}/negative.toml", "--out", "{tmp}/x"],
          "--config {tmp}/negative.toml: argument --rounds: must be at least 1, got -2"),
+        (["simulate", "--config", "{tmp}/deep.toml", "--out", "{tmp}/x"],
+         "--config {tmp}/deep.toml: values are nested too deeply to be options"),
+        (["simulate", "--config", "{tmp}/tool.toml", "--out", "{tmp}/x"],
+         "--config {tmp}/tool.toml: tool.fedkb must be a table of options, not 5"),
+        # A value never becomes another option: neither a list given to a one-value option...
+        (["simulate", "--config", "{tmp}/injected.toml"], "--config {tmp}/injected.toml: out takes one value, not a list"),
+        # ...nor an element of a list that an option of several values takes.
+        (["simulate", "--config", "{tmp}/injected-steps.toml", "--out", "{tmp}/x"],
+         "--config {tmp}/injected-steps.toml: lr-steps: no value in a list may start with '-'"),
+        (["simulate", "--config", "{tmp}/table.toml", "--out", "{tmp}/x"],
+         "--config {tmp}/table.toml: seed takes a number or text, not a table"),
+        (["simulate", "--config", "{tmp}/forever.toml", "--out", "{tmp}/x"],
+         "--config {tmp}/forever.toml: argument --round-deadline: must be from 1 to 604800 seconds, got 1e+308"),
+        (["simulate", "--config", "{tmp}/instant.toml", "--out", "{tmp}/x"],
+         "--config {tmp}/instant.toml: argument --secagg-phase: must be from 1 to 604800 seconds, got 1e-300"),
+        (["simulate", "--round-deadline", "1e308", "--out", "{tmp}/x"],
+         "argument --round-deadline: must be from 1 to 604800 seconds, got 1e308"),
+        (["aggregator", "--secagg-phase", "1e-300"], "argument --secagg-phase: must be from 1 to 604800 seconds"),
     ],
 )
 def test_bad_input_gets_a_clear_message_not_a_traceback(tmp_path: Path, shakespeare, capsys, args, message):
@@ -221,6 +239,13 @@ def test_bad_input_gets_a_clear_message_not_a_traceback(tmp_path: Path, shakespe
     (tmp_path / "proxy.txt").write_text("some public words\n")
     (tmp_path / "typo.toml").write_text("roundz = 5\n")
     (tmp_path / "negative.toml").write_text("rounds = -2\n")
+    (tmp_path / "deep.toml").write_text("rounds = " + "[" * 5000 + "]" * 5000 + "\n")
+    (tmp_path / "tool.toml").write_text("[tool]\nfedkb = 5\n")
+    (tmp_path / "injected.toml").write_text(f"out = ['{tmp_path}/x', '--aggregator', 'http://127.0.0.1:9']\n")
+    (tmp_path / "injected-steps.toml").write_text("lr-steps = ['0.5:0.5', '--aggregator', 'http://127.0.0.1:9']\n")
+    (tmp_path / "table.toml").write_text("seed = {value = 3}\n")
+    (tmp_path / "forever.toml").write_text("round-deadline = 1e308\n")
+    (tmp_path / "instant.toml").write_text("secagg-phase = 1e-300\n")
     port = str(free_port())  # nothing listens there
     # In this process, as `fedkb` runs it (a process each would spend most of the test importing torch); an
     # exception that escaped would fail the test with its traceback.

@@ -433,6 +433,9 @@ def test_command_line_help_and_bad_options(capsys: pytest.CaptureFixture[str]) -
 
     assert main(["--refresh-seconds", "0"]) == 2
     assert "refresh_seconds must be positive" in capsys.readouterr().err
+    # A wait that long would overflow the clock it is added to, and stop the demo's refreshes.
+    assert main(["--refresh-seconds", "1e308"]) == 2
+    assert "refresh_seconds must be positive and at most 604800 s" in capsys.readouterr().err
 
 
 def demo_client(**settings) -> TestClient:

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from keyboard_model.arguments import LONGEST_WAIT_S
+
 # A DNS name, or a pattern of them like *.example.com, as TrustedHostMiddleware takes them.
 HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*", re.IGNORECASE)
 
@@ -51,10 +53,9 @@ class DemoConfig:
             object.__setattr__(self, "phone_dir", (self.run_dir or Path("runs")) / "browser-phone")
         if not self.aggregator_url.startswith(("http://", "https://")):
             raise ValueError(f"aggregator_url must start with http:// or https://, got {self.aggregator_url!r}")
-        if not self.phone_check_in_s > 0:
-            raise ValueError(f"phone_check_in_s must be positive, got {self.phone_check_in_s}")
-        if not self.refresh_seconds > 0:
-            raise ValueError(f"refresh_seconds must be positive, got {self.refresh_seconds}")
+        for name in ("phone_check_in_s", "refresh_seconds"):
+            if not 0 < getattr(self, name) <= LONGEST_WAIT_S:
+                raise ValueError(f"{name} must be positive and at most {LONGEST_WAIT_S} s, got {getattr(self, name)}")
         self.host_patterns()
 
     def host_patterns(self) -> list[str]:
