@@ -151,11 +151,12 @@ class RayExecutor:
 
 
 def _check_loopback_stays_local() -> None:
-    """Refuse to start or join a Ray that would listen beyond loopback: Ray was imported before this module, without
-    the variable that keeps a node on this machine on 127.0.0.1."""
+    """Refuse to start or join Ray when a Ray on this machine would listen beyond loopback: Ray was imported before
+    this module, or the variable that keeps a node on 127.0.0.1 was set otherwise."""
     if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
-        raise UserFacingError(f"Ray was imported before device_sim.ray_executor, so a Ray on this machine would listen "
-                              f"on its network address; set {LOOPBACK_ONLY_ENV}=0 before Python starts")
+        raise UserFacingError(f"a Ray on this machine would listen on its network address ({LOOPBACK_ONLY_ENV} is "
+                              f"{os.environ[LOOPBACK_ONLY_ENV]!r}, or Ray was imported before "
+                              f"device_sim.ray_executor); set {LOOPBACK_ONLY_ENV}=0 before Python starts")
 
 
 def _check_reachable(address: str) -> None:

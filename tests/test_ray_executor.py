@@ -6,15 +6,19 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 try:
     # First: it sets the variable that keeps a Ray on this machine on loopback, which Ray reads as it is imported.
-    from device_sim.ray_executor import RayExecutor
+    from device_sim.ray_executor import LOOPBACK_ONLY_ENV, RayExecutor
     import ray
     from ray.cluster_utils import Cluster
 except ImportError:
@@ -134,3 +138,14 @@ def test_a_ray_started_for_the_run_listens_on_loopback_only(small_tokenizer, mon
     assert listening == []
     assert all(ipaddress.ip_address(address).is_loopback for address in addresses)
     assert not ray.is_initialized()
+
+
+def test_a_ray_that_would_listen_beyond_loopback_is_refused(tmp_path, shakespeare):
+    run = subprocess.run(
+        [sys.executable, "-m", "fedkb", "simulate", "--executor", "ray", "--phones", "2", "--clients-per-round", "1",
+         "--rounds", "1", "--in-process", "--hidden-dim", "8", "--embedding-dim", "8", "--out", str(tmp_path / "run"),
+         "--no-progress"],
+        env={**os.environ, LOOPBACK_ONLY_ENV: "1"}, cwd=Path(__file__).resolve().parent.parent,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2 and "would listen on its network address" in run.stderr, run.stderr
