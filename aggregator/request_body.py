@@ -16,6 +16,7 @@ from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -26,11 +27,16 @@ async def read_limited(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"this request's body may be at most {limit} bytes; it declares {declared}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"this request's body may be at most {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"this request's body may be at most {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client went, or its body missed its deadline (keyboard_model/serving.py logs that in one line): not a
+        # fault of ours, so no traceback, and nobody is left to read the answer.
+        raise HTTPException(400, "the client went away before its request body arrived") from None
     return b"".join(chunks)
 
 

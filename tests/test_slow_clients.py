@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import threading
@@ -14,7 +15,8 @@ import httpx
 import pytest
 import uvicorn
 
-from aggregator.process import free_port
+from aggregator.app import create_app
+from aggregator.process import free_port, local_aggregator_config
 from keyboard_model.serving import HEADER_TIMEOUT_S, uvicorn_options
 from keyboard_model.model import ModelConfig
 from tests.test_web_demo import DemoServer
@@ -47,10 +49,10 @@ async def echo(scope: dict, receive: Callable, send: Callable) -> None:
 
 
 @contextmanager
-def serving(**limits: float) -> Iterator[int]:
-    """`echo` served in a thread on a loopback port (yielded) with these deadlines, as both command lines serve."""
-    config = uvicorn.Config(echo, host="127.0.0.1", port=free_port(), lifespan="off", log_level="error",
-                            **uvicorn_options(**limits))
+def serving(app: Callable = echo, log_level: str = "error", **limits: float) -> Iterator[int]:
+    """`app` served in a thread on a loopback port (yielded) with these deadlines, as both command lines serve."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), lifespan="off" if app is echo else "on",
+                            log_level=log_level, **uvicorn_options(**limits))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -181,3 +183,36 @@ def test_the_aggregator_and_the_demo_close_stalled_connections(
             received = read_until_closed(sock, opened + HEADER_TIMEOUT_S + SLACK_S)
             assert received is not None, f"still open after {HEADER_TIMEOUT_S + SLACK_S} s"
             assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), received
+
+
+def test_each_body_that_misses_its_deadline_is_one_line_in_the_aggregator_log_not_a_traceback(
+    tmp_path: Path, small_tokenizer_path: Path, small_model_config: ModelConfig,
+) -> None:
+    """The aggregator reads its bodies itself (aggregator/request_body.py): the disconnect a late body ends in once
+    escaped as an error, and 100 slow phones logged 100 tracebacks."""
+    config = local_aggregator_config(tmp_path, small_tokenizer_path, model=small_model_config, clients_per_round=4,
+                                     selection_window_s=0.0)
+    log: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = log.append  # type: ignore[method-assign]
+    server_log = logging.getLogger("uvicorn.error")
+    try:
+        with serving(create_app(config), log_level="warning", header_timeout_s=5.0, body_timeout_s=1.0) as port:
+            server_log.addHandler(handler)  # once uvicorn has configured its logging, until it has stopped
+            url = f"http://127.0.0.1:{port}"
+            tokens = [httpx.post(f"{url}/devices").json()["device_token"] for _ in range(4)]
+            decisions = [httpx.post(f"{url}/checkin", headers={"Authorization": f"Bearer {token}"}).json()
+                         for token in tokens]
+            # Two updates and two evaluations (a JSON body), each stopping part way.
+            heads = [f"POST /rounds/{decision['round']}/{route} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Authorization: Bearer {decision['upload_token']}\r\nContent-Length: 1000\r\n\r\n{{"
+                     for decision, route in zip(decisions, ["updates", "evaluations"] * 2)]
+            with ExitStack() as sockets:
+                stalled = [sockets.enter_context(open_stalled(port, head.encode())) for head in heads]
+                for sock in stalled:
+                    received = read_until_closed(sock, time.monotonic() + 1.0 + SLACK_S)
+                    assert received is not None and received.startswith(b"HTTP/1.1 408 "), received
+    finally:
+        server_log.removeHandler(handler)
+    assert [record.getMessage() for record in log] == [
+        "Closing a connection whose request body did not arrive within 1 s."] * 4
