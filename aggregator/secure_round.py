@@ -11,7 +11,12 @@ phases of `aggregator/secure_aggregation.py`:
   that time too);
 - share, confirm and unmask end when every device that should answer has, or
   `secagg_phase_s` after they opened;
-- collect ends at the goal or the round's deadline, as a plain round does.
+- collect ends at the goal, or at the round's deadline moved later by the time from fixing
+  the cohort to opening collection: devices train only once collection opens, and the key
+  and share phases (each a whole `secagg_phase_s` when a device dropped out of it) must not
+  eat the time to train that the cohort had when it was fixed;
+- confirm and unmask then have their phases' time, past the deadline if need be: every
+  phase ends by its own time, so no round stays open for good.
 Every message and every tick says whether the round is over: its sum is ready, or it
 failed (`failure` says why). A message that does not fit the protocol is refused
 (`SecAggRefusedError`) and leaves the round as it was; any error while closing a phase,
@@ -126,19 +131,12 @@ class SecureRound:
         return self.over
 
     def tick(self, now: float, selected: set[str], aborted: set[str]) -> bool:
-        """Close the phases whose time is up, and fail a round that would outlive its deadline."""
-        if now >= self.deadline and self.phase in ("advertise", "share", "collect"):
+        """Close the phases whose time is up."""
+        if now >= self.deadline and self.phase == "collect":
             # The deadline ends collection with the inputs that came, if they are enough; else the round fails.
-            if self.phase != "collect":
-                self.failure = f"the deadline passed in phase {self.phase!r}"
-                return True
             if not self._transition(lambda: self._close_collection(now)):
                 return True
         self._transition(lambda: self._advance(now, selected, aborted))
-        if not self.over and now >= self.deadline + 2 * self.phase_s:
-            # Confirming and unmasking had their phases' time after the deadline; nothing may keep a round open
-            # past that.
-            self.failure = f"the round was still in phase {self.phase!r} past its deadline"
         return self.over
 
     def _receive(self, message: Callable[[], None], now: float, selected: set[str], aborted: set[str]) -> bool:
@@ -177,6 +175,7 @@ class SecureRound:
             cohort = {index for index, device in enumerate(protocol.devices) if device not in aborted}
             if set(protocol.dealt) >= cohort or now >= self.phase_deadline:
                 protocol.close_sharing(self.min_reports)
+                self.deadline += now - self.fixed_at  # the key and share phases' time is not training time
         if protocol.phase == "confirm":
             if set(protocol.confirmations) >= set(protocol.reported) or now >= self.phase_deadline:
                 protocol.close_confirming(self.min_reports)

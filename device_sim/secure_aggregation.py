@@ -13,11 +13,12 @@ It does not trust the server (Bonawitz et al. 2017, the active-adversary protoco
   of small order;
 - it signs one survivor set per round, and reveals shares only for that set, and only
   once the server hands it, for each neighbour whose share it reveals, valid signatures
-  of that same set from more than half that neighbour's neighbours. Honest phones sign
-  one set each, so no two honest phones reveal shares of one phone under two different
-  sets: the server cannot get a phone's self-mask shares from some neighbours and its
-  masking-seed shares from others. A signature that does not verify (a member that
-  sent garbage) counts as none, so it costs only its signer's say;
+  of that same set from more than half of that neighbour and its neighbours (it signs only
+  a set that holds it). Honest phones sign one set each, so no two honest phones reveal
+  shares of one phone under two different sets: the server cannot get a phone's self-mask
+  shares from some neighbours and its masking-seed shares from others. A signature that
+  does not verify (a member that sent garbage) counts as none, so it costs only its
+  signer's say;
 - it remembers which kind of share it revealed for each neighbour, and never reveals
   the other kind.
 Any failed check raises SecAggError: the phone stops, and the round goes on without it,
@@ -165,8 +166,8 @@ class SecAggPhone:
         `confirmations` the survivor-set signatures the server collected, by signer (those that do not verify
         count as none). Reveals nothing unless `reported` is the set this phone signed, at least the threshold of
         its own neighbours signed that set, and, for each neighbour whose share it reveals, more than half of that
-        neighbour's neighbours did; and never the other kind of share of a neighbour than it revealed before. Leaves
-        out a neighbour whose pair does not open or whose share is not the one it committed to."""
+        neighbour and its neighbours did; and never the other kind of share of a neighbour than it revealed before.
+        Leaves out a neighbour whose pair does not open or whose share is not the one it committed to."""
         roster, u = self._roster(), self.index
         if not self.masked or u not in reported:
             raise SecAggError("a phone reveals shares only after its own masked input was counted")
@@ -188,9 +189,12 @@ class SecAggPhone:
                               "told: no share is revealed")
         kinds = {}
         for v in set(graph[u]) & set(shared):
-            if 2 * len(signed & set(graph[v])) <= len(graph[v]):
-                raise SecAggError(f"no majority of phone {v}'s neighbours signed the survivor set this phone was "
-                                  "told: no share is revealed")
+            # v's own signature counts: an honest v signs only a set that holds it, so it backs one story too. Left
+            # out, a round where exactly half of a reporter's neighbours confirmed failed with every phone alive.
+            backers = {v, *graph[v]}
+            if 2 * len(signed & backers) <= len(backers):
+                raise SecAggError(f"no majority of phone {v} and its neighbours signed the survivor set this phone "
+                                  "was told: no share is revealed")
             kinds[v] = "self_mask" if v in reported else "masking"
             if self.revealed_kinds.get(v, kinds[v]) != kinds[v]:
                 raise SecAggError(f"this phone revealed the other share of phone {v} already: it never reveals both")
