@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -499,6 +501,30 @@ def test_the_run_endpoint_reads_what_it_can_of_the_run_folder(tmp_path: Path) ->
         (run / "metrics.jsonl").mkdir()
         (run / "summary.json").unlink()  # the run started again
         assert read() == {"run_dir": str(run), **NO_RUN}
+
+
+def test_the_run_endpoint_never_waits_on_a_file_that_is_not_a_regular_one(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    fifos = [run / "metrics.jsonl", run / "table.json"]  # opening one for reading waits for a writer
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    (run / "summary.json").write_text("{}")
+    finished = {"run_dir": str(run), **NO_RUN, "finished": True}
+    with demo_client(run_dir=run, phone_dir=tmp_path / "phone") as client, ThreadPoolExecutor(1) as asking:
+        answer = asking.submit(client.get, "/api/run")
+        try:
+            assert answer.result(timeout=10).json() == finished
+        finally:
+            while not answer.done():  # a reader stuck in open() goes once a writer comes and goes
+                for fifo in fifos:
+                    with contextlib.suppress(OSError):
+                        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                time.sleep(0.05)
+        # Nor on a device that never ends.
+        fifos[1].unlink()
+        fifos[1].symlink_to("/dev/zero")
+        assert client.get("/api/run").json() == finished
 
 
 def test_the_browser_phone_keeps_its_history_in_the_run_folder(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,10 +36,22 @@ def parse_json(text: str) -> Any:
 
 
 def read_text(path: Path) -> str | None:
+    """The text of a regular file, or None. Anything else named like a run's file is not read: opening a FIFO waits
+    for a writer, and a device such as /dev/zero never ends; either would hold the request, and a thread, forever."""
     try:
-        return path.read_bytes().decode("utf-8", errors="replace")
-    except OSError:  # missing, a folder, unreadable
+        # Without O_NONBLOCK the open itself would wait for a FIFO's writer.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:  # missing, unreadable
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a folder, FIFO, socket or device
+            return None
+        with open(descriptor, "rb", closefd=False) as file:
+            return file.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
 
 
 def valid(model: type[Row], value: object) -> Row | None:
