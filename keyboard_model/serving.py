@@ -9,6 +9,9 @@ of a later request on a kept-alive connection), and its body within `body_timeou
 of the headers. A late request is answered 408 and its connection closed; if a response
 to it is already under way, the connection is just closed. The request line and headers
 may also take at most `max_header_bytes` (431), which httptools does not limit at all.
+A request with more than one Host header is answered 400 (RFC 9112, section 3.2): the
+apps read the first, and whatever routes by another would see a request that passed a
+host check it never had.
 
 Both servers (`python -m aggregator`, `python -m web_demo`) bind their port first (`bind`), then serve on it.
 """
@@ -51,6 +54,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         self._reading: Literal["headers", "body"] | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._header_bytes = 0
+        # Why the request being parsed is refused as malformed, when it is for a reason of ours.
+        self._refusal: str | None = None
 
     def _start_reading(self, part: Literal["headers", "body"]) -> None:
         self._stop_reading()
@@ -77,6 +82,16 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)
             if self._header_bytes > self.max_header_bytes:
                 self._refuse(431, f"the request line and headers exceed {self.max_header_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"host" and any(known == b"host" for known, _ in self.headers):
+            self._refusal = "a request may have one Host header, not more"
+            # An exception in a parser callback stops the parser; uvicorn answers that with a 400 and closes.
+            raise ValueError(self._refusal)
+        super().on_header(name, value)
+
+    def send_400_response(self, msg: str) -> None:
+        super().send_400_response(self._refusal or msg)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

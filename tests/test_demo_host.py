@@ -3,10 +3,13 @@ to resolve to 127.0.0.1 (DNS rebinding) must not read or switch on this browser'
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
 from aggregator.process import free_port
+from tests.test_slow_clients import open_stalled, read_until_closed
 from tests.test_web_demo import DemoServer
 from web_demo.cli import main
 
@@ -41,6 +44,12 @@ def test_the_demo_refuses_other_host_names_and_answers_its_own_on_any_port() -> 
         for host in (f"127.0.0.1:{demo.port}", f"localhost:{demo.port}", f"LocalHost:{demo.port}", f"[::1]:{demo.port}",
                      "localhost", "127.0.0.1:80"):
             answered(demo, host)
+
+        # Two Host headers, the first of them allowed: 400, as RFC 9112 has it (keyboard_model/serving.py).
+        request = f"GET /api/phone HTTP/1.1\r\nHost: 127.0.0.1:{demo.port}\r\nHost: attacker.test\r\n\r\n"
+        with open_stalled(demo.port, request.encode()) as sock:
+            received = read_until_closed(sock, time.monotonic() + 5)
+        assert received is not None and received.startswith(b"HTTP/1.1 400 "), received
 
 
 def test_allowed_host_adds_names_and_patterns() -> None:

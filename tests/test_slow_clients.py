@@ -167,6 +167,21 @@ def test_body_bytes_that_arrive_with_headers_do_not_count_towards_their_limit() 
         assert body in received and received.endswith(b"ok")
 
 
+def test_a_request_with_two_host_headers_is_refused() -> None:
+    """RFC 9112, section 3.2: 400. An app reads the first Host header, and whatever routes by another would see a
+    request that passed a host check it never had."""
+    with serving(header_timeout_s=5.0, body_timeout_s=5.0) as port:
+        for hosts in (["127.0.0.1", "attacker.test"], ["attacker.test", "127.0.0.1"], ["127.0.0.1", "127.0.0.1"]):
+            head = "".join(f"{name}: {host}\r\n" for name, host in zip(("Host", "HOST"), hosts))
+            with open_stalled(port, f"POST /echo HTTP/1.1\r\n{head}Content-Length: 2\r\n\r\nok".encode()) as sock:
+                received = read_until_closed(sock, time.monotonic() + SLACK_S)
+            assert received is not None and received.startswith(b"HTTP/1.1 400 "), received
+            assert received.endswith(b"a request may have one Host header, not more"), received
+        # One is answered.
+        answer = httpx.post(f"http://127.0.0.1:{port}/echo", content=b"ok", timeout=5)
+        assert (answer.status_code, answer.content) == (200, b"ok")
+
+
 def test_the_aggregator_and_the_demo_close_stalled_connections(
     start_aggregator: Callable, small_tokenizer_path: Path, small_model_config: ModelConfig,
 ) -> None:
