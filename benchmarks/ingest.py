@@ -74,15 +74,20 @@ def peak_memory_mb(pid: int) -> float:
 
 def one_round(tokenizer_path: Path, vocab_size: int, updates: int, concurrency: int) -> tuple[int, float, int, float]:
     with tempfile.TemporaryDirectory() as workdir:
+        # First come, first served (no selection window): every device is selected at its first check-in, so the
+        # load is all uploads, and no device waits out a window that measures nothing of ingest.
         config = local_aggregator_config(Path(workdir), tokenizer_path, model=ModelConfig(vocab_size=vocab_size),
-                                         clients_per_round=updates, over_selection=1.0, round_deadline_s=3600.0)
+                                         clients_per_round=updates, over_selection=1.0, round_deadline_s=3600.0,
+                                         selection_window_s=0.0)
         with LocalAggregator(config) as aggregator:
             spawn = multiprocessing.get_context("spawn")
             results = spawn.Queue()
             loader = spawn.Process(target=post_updates, args=(aggregator.url, updates, concurrency, vocab_size, results))
             loader.start()
+            loader.join()  # its result is a small tuple: the queue never holds it up
+            if loader.exitcode != 0:  # rather than wait for a result that never comes
+                raise RuntimeError(f"the process posting updates failed (exit code {loader.exitcode})")
             accepted, seconds, size = results.get()
-            loader.join()
             status = httpx.get(f"{aggregator.url}/status", timeout=10).json()
             assert status["model_version"] == 1, f"the round did not close: {status}"
             return accepted, seconds, size, peak_memory_mb(aggregator.process.pid)
