@@ -20,9 +20,10 @@ server reads each bit as 0 or 1, so one lie moves the sum by at most 1 and the n
 factor of at most exp(eta / goal) (taking into [0, r] and the floor and ceiling only
 bring values closer). Under secure aggregation the server sees only the sum: one lying
 phone can put it anywhere in [0, r], as far as all the round's phones saying the same
-would. The norm never falls below MIN_CLIP_NORM (or the operator's --clip-norm, if
-lower) nor rises above the aggregator's norm bound, so no run of rounds can take it to 0,
-where phones could not scale an update into the secure-aggregation ring at all. Both the check and the clamp read the noisy sum, which
+would, and a liar in most rounds walks the norm down step by step. So the norm never
+falls below FLOOR_FRACTION of the operator's --clip-norm (nor rises above the aggregator's
+norm bound): lying bits can cut honest updates to a tenth of what the operator chose, never
+to nothing (at 0 phones could not even scale an update into the secure-aggregation ring). Both the check and the clamp read the noisy sum, which
 is released anyway: a check of the exact sum would itself be a release without noise (a
 lying phone would learn from the round's failure whether the others' bits reach a count
 it chose).
@@ -48,10 +49,11 @@ import math
 import random
 from dataclasses import dataclass
 
-# The lowest clip norm adapting goes to (unless the operator's --clip-norm is lower still). Honest phones' updates
-# measured 0.3 to 6.0, so a norm this low already cuts every update to almost nothing; from it the geometric step climbs
-# back by up to exp(eta * gamma) a round.
-MIN_CLIP_NORM = 1e-3
+# The lowest clip norm adapting goes to, as a fraction of the operator's --clip-norm. Under secure aggregation one
+# lying phone can push the bits' sum to its top every round it is in (the server sees only the sum), which walks the
+# norm down; an absolute floor far below the operator's norm (1e-3 cuts honest updates of 0.3 to 6.0 by 300 to 6,000
+# times) would let it stop training. A tenth bounds what lies cost, and still lets the norm adapt tenfold downwards.
+FLOOR_FRACTION = 0.1
 # How far outside [0, reported], in standard deviations of their noise, the bits' noisy sum may fall before the round
 # is refused: an honest round's noise gets there with probability 2 Phi(-6) = 2e-9.
 IMPOSSIBLE_BITS_STDDEVS = 6.0
@@ -99,7 +101,7 @@ def noisy_fraction_within(within: int, reported: int, count_stddev: float, goal:
 
 
 def next_clip_norm(clip_norm: float, fraction_within: float, settings: AdaptiveClipping, ceiling: float,
-                   floor: float = MIN_CLIP_NORM) -> float:
+                   floor: float = 0.0) -> float:
     """The geometric step towards the target quantile, between `floor` and `ceiling` (the largest norm the aggregator
     accepts)."""
     step = math.exp(-settings.learning_rate * (fraction_within - settings.target_quantile))
@@ -111,12 +113,13 @@ class ClipNorm:
     Like the ledgers it serves, `release` gives a round's record and `spent` (after the commit) moves on."""
 
     def __init__(self, initial: float, noise_multiplier: float, adaptive: AdaptiveClipping | None, goal: int,
-                 ceiling: float, floor: float = MIN_CLIP_NORM) -> None:
+                 ceiling: float, floor: float | None = None) -> None:
+        """`floor`: the lowest norm adapting may reach; by default FLOOR_FRACTION of `initial`."""
         self.norm = initial
         self.adaptive = adaptive
         self._goal = goal
         self._ceiling = ceiling
-        self._floor = floor
+        self._floor = initial * FLOOR_FRACTION if floor is None else floor
         self.update_noise_multiplier = (noise_multiplier if adaptive is None
                                         else update_noise_multiplier(noise_multiplier, adaptive.count_stddev))
         # Unpredictable noise: anyone who could replay it could subtract it.

@@ -20,7 +20,10 @@
   below exp(-32). The noise is in the check because the check must read only what is
   released: whether a round failed on its sum before the noise would tell a lying phone
   something about the others' updates that no noise covers. So with differential privacy
-  the check refuses only what stands out from the noise. Plain rounds need no such check:
+  the check refuses only what stands out from the noise; so that a push piled on a few
+  values stands out, no value of the mean may pass rB plus the rounding's and the
+  noise's largest value over d (their sub-Gaussian tail, at a union-bound false alarm
+  of 1e-12). Plain rounds need no such check:
   the server bounds (`WeightedMean`) or clips (`PrivateMean`) each update itself, and a
   mean of updates within a bound is within it.
 Sums run as updates arrive, so memory does not grow with the round. A rule's `release`
@@ -30,6 +33,8 @@ turns the mean into a step.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -48,6 +53,11 @@ if TYPE_CHECKING:  # JAX is imported only when DP-FTRL is used
 Shapes = dict[str, tuple[int, ...]]
 # The privacy noise's norm is allowed for up to sigma (sqrt(d) + this): P(more) <= exp(-8^2 / 2) (Gaussian concentration).
 NOISE_NORM_STDDEVS = 8.0
+# The chance that an honest round's largest value, over all d of them, passes its allowance (union bound).
+LARGEST_VALUE_FALSE_ALARM = 1e-12
+# Floats: a phone's float32 clip lands a hair past the bound (2.000000238 for 2), which a 32-bit ring's rounding
+# allowance (about 1e-8 of it) would not cover.
+FLOAT_TOLERANCE = 1e-6
 
 
 class UpdateSum:
@@ -153,14 +163,26 @@ class SecureSum:
 
     def _check_norm(self, mean_delta: Tensors, reported: int, denominator: int, noise_stddev: float) -> None:
         """Refuse a released mean (the sum, plus noise of `noise_stddev` per value, over `denominator`) longer than
-        `reported` inputs within the ring's bound could give (see the module's docstring for the allowances)."""
+        `reported` inputs within the ring's bound could give, or with a value larger than they could give (see the
+        module's docstring for the allowances)."""
         encoding = self._secure.encoding
         rounding = (reported * encoding.size) ** 0.5 / encoding.scale
         noise = noise_stddev * (encoding.length**0.5 + NOISE_NORM_STDDEVS)
-        largest = (reported * encoding.bound + rounding + noise) / denominator
+        longest = (reported * encoding.bound + rounding + noise) / denominator * (1 + FLOAT_TOLERANCE)
+        with_what = f"with the ring's rounding{' and the privacy noise' if noise_stddev else ''}"
         norm = l2_norm(mean_delta)
-        if not norm <= largest:
+        if not norm <= longest:
             raise ImpossibleSumError(
                 f"the round's mean update has L2 norm {norm:.4g}; {reported} updates within the bound of "
-                f"{encoding.bound:g} give at most {largest:.4g} (with the ring's rounding"
-                f"{' and the privacy noise' if noise else ''}): some phone sent more than the bound")
+                f"{encoding.bound:g} give at most {longest:.4g} ({with_what}): some phone sent more than the bound")
+        # Noise hides a push spread thinly at right angles to it, but not one piled on a few values: no value of
+        # honest updates passes the bound, and the rounding and noise on one value are sub-Gaussian, of spread
+        # sqrt(reported) / (2 scale) and noise_stddev.
+        tail = math.sqrt(2 * math.log(2 * encoding.length / LARGEST_VALUE_FALSE_ALARM))
+        spread = noise_stddev + reported**0.5 / (2 * encoding.scale)
+        highest = (reported * encoding.bound + tail * spread) / denominator * (1 + FLOAT_TOLERANCE)
+        value = max(float(t.abs().max()) for t in mean_delta.values())
+        if not value <= highest:
+            raise ImpossibleSumError(
+                f"the round's mean update has a value of {value:.4g}; {reported} updates within the bound of "
+                f"{encoding.bound:g} give at most {highest:.4g} ({with_what}): some phone sent more than the bound")

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aggregator.adaptive_clipping import MIN_CLIP_NORM, ClipNorm, ImpossibleSumError
+from aggregator.adaptive_clipping import FLOOR_FRACTION, ClipNorm, ImpossibleSumError
 from aggregator.aggregation import PrivateMean, Release, SecureSum, WeightedMean
 from aggregator.api.schemas import EvaluationReport, SecAggState
 from aggregator.config import AggregatorConfig
@@ -197,7 +197,7 @@ class RoundManager:
                     f"{'clipping bits noised at ' + str(was[1]) if was[1] else 'a fixed clip norm'}; DP-FTRL's "
                     "accounting cannot change them mid-run: give the same --noise-multiplier and clipping, or another "
                     "--db")
-        floor = min(MIN_CLIP_NORM, config.clip_norm)
+        floor = config.clip_norm * FLOOR_FRACTION
         resumed = last["dp_next_clip_norm"] if adaptive is not None and last is not None else None
         if resumed is None:
             norm = config.clip_norm
@@ -549,8 +549,11 @@ class RoundManager:
                 self._last_participation[device_id] = release.record["dp_step"]
 
     def _statuses(self) -> dict[str, str]:
-        """The open round's selected devices that reported or aborted, as their selections record it."""
-        return {**dict.fromkeys(self.round.aborted, "aborted"), **dict.fromkeys(self.round.reported, "reported")}
+        """The open round's selected devices that reported, aborted or (a secure round's) came late, as their
+        selections record it: one left "selected" would be counted late a second time when it next asks."""
+        late = self.round.secure.late if self.round.secure is not None else set()
+        return {**dict.fromkeys(self.round.aborted, "aborted"), **dict.fromkeys(late, "late"),
+                **dict.fromkeys(self.round.reported, "reported")}
 
     def _release(self) -> Release | None:
         """What the round's aggregation rule releases, or None if the round failed."""

@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import save as save_numpy
 
 from aggregator.adaptive_clipping import (
-    MIN_CLIP_NORM,
+    FLOOR_FRACTION,
     AdaptiveClipping,
     ClipNorm,
     ImpossibleSumError,
@@ -145,15 +145,17 @@ def test_whatever_the_bits_say_a_round_moves_the_clip_norm_within_its_bound_and_
     for impossible in (1000, 2**32 - 1):
         with pytest.raises(ImpossibleSumError, match="some phone lied"):
             noisy_fraction_within(impossible, reported, settings.count_stddev, goal, random.Random(0))
-    # Rounds whose bits all say "within" shrink the norm, down to the floor and no further.
+    # Rounds whose bits all say "within" (as one liar can make a secure round's sum say) shrink the norm, down to the
+    # floor, a tenth of the operator's norm, and no further: lies cannot cut honest updates to nothing.
     clip = ClipNorm(1.0, 0.01, settings, goal, ceiling=20.0)
     for _ in range(200):
         clip.spent(clip.release(within=reported, reported=reported))
-    assert clip.norm == MIN_CLIP_NORM
+    assert clip.norm == pytest.approx(FLOOR_FRACTION * 1.0)
 
 
-@pytest.mark.parametrize("stored, resumed", [(0.0, MIN_CLIP_NORM), (-1.0, MIN_CLIP_NORM), (1e-29, MIN_CLIP_NORM),
-                                             (1e9, 20.0)])
+# The manager's --clip-norm is 0.5, so its floor is 0.05.
+@pytest.mark.parametrize("stored, resumed", [(0.0, 0.5 * FLOOR_FRACTION), (-1.0, 0.5 * FLOOR_FRACTION),
+                                             (1e-29, 0.5 * FLOOR_FRACTION), (1e9, 20.0)])
 def test_a_stored_clip_norm_is_read_as_a_number_and_brought_within_the_floor_and_ceiling(
     stored, resumed, tmp_path, small_tokenizer_path, small_model_config
 ):
@@ -163,7 +165,7 @@ def test_a_stored_clip_norm_is_read_as_a_number_and_brought_within_the_floor_and
     with sqlite3.connect(tmp_path / "a.sqlite") as db:  # as a database of today's code may hold it after an attack
         db.execute("update rounds set dp_next_clip_norm = ?", [stored])
     restarted = _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
-    assert restarted.privacy.clip_norm == resumed
+    assert restarted.privacy.clip_norm == pytest.approx(resumed)
 
 
 def test_a_stored_clip_norm_that_is_not_finite_is_refused(tmp_path, small_tokenizer_path, small_model_config):
@@ -184,3 +186,25 @@ def test_a_secure_aggregator_whose_counts_could_wrap_around_the_ring_does_not_st
                               over_selection=1.0, max_eval_positions=2**30)
     with pytest.raises(UserFacingError, match="modulo 2\\*\\*32"):
         RoundManager(config, open_storage(config.db_path))
+
+
+def test_with_differential_privacy_a_push_piled_on_one_value_fails_the_secure_round_though_its_norm_hides_in_the_noise(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    # Noise of spread 0.5 on each of d = 1,421 values has norm about 0.5 sqrt(d) = 18.8, so a push of 14 on one value
+    # lengthens the noisy sum only to about sqrt(18.8^2 + 14^2) = 23.5, within the norm's allowance of
+    # 3 + 0.5 (sqrt(d) + 8) = 25.9; but no value of three honest updates within norm 1, with that noise, passes
+    # 3 + 0.5 x 8.4 = 7.2 (8.4 spreads: the largest of d such values, but for 1e-12). (The ring holds a push of at most
+    # about 20 on one value: its values are sized for three updates at the bound.)
+    client = secure_client(tmp_path, small_tokenizer_path, small_model_config, noise_multiplier=0.5, clip_norm=1.0,
+                           population=30)
+    shapes = parameter_shapes(model_from_bytes(client.model())[0].state_dict())
+    honest = [clip_to_norm(random_delta(shapes, k), 1.0) for k in range(3)]
+    record = run_round(client, honest, [[0, 0, 0, 0]] * 3)
+    assert record.status == "closed"
+    name = next(iter(shapes))
+    liar = {key: t.clone() for key, t in honest[2].items()}
+    liar[name].view(-1)[0] += 14.0
+    record = run_round(client, [*honest[:2], liar], [[0, 0, 0, 0]] * 3)
+    assert (record.status, record.new_version) == ("failed", None)
+    assert "has a value of" in record.failure and "privacy noise" in record.failure
