@@ -33,7 +33,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -41,6 +41,7 @@ from pathlib import Path
 
 
 from aggregator.api.protocol import Aggregator
+from aggregator.api.schemas import CheckinResponse
 from device_sim.corpus import PreparedCorpus
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
 from device_sim.history import split_held_out
@@ -58,6 +59,8 @@ from keyboard_model.train import LocalTrainConfig, TrainResult
 FLEET_MANIFEST = "fleet.json"
 # A phone that lost its network checks in again this many ticks later.
 VANISHED_TICKS = 36
+# What became of a selected phone that leaves its round for good (a vanished phone may have reported first).
+DROPPED_OUT = ("vanished", "aborted", "diverged", "refused")
 
 
 class FleetError(UserFacingError):
@@ -205,6 +208,9 @@ class RoundReport:
     training_s: float
     # Check-ins the aggregator answered while the round was open.
     checkins: int
+    # The round's phones still in it when it ended: selected (as far as the fleet learnt), less those that vanished,
+    # aborted, diverged or had their update refused by then. A secure round needs its threshold of them.
+    survived: int
     # Where this process's wall time went while the round was open (the simulator waits on one thing at a time, so
     # this is the round's critical path): seconds by activity (ACTIVITIES), the rest under "other".
     wall_s: dict[str, float] = field(default_factory=dict)
@@ -234,8 +240,10 @@ class Fleet:
     """Phones, their simulated conditions, and the aggregator they talk to."""
 
     def __init__(self, phones: Sequence[Phone], config: FleetConfig, client: Aggregator,
-                 executor: TrainingExecutor | None = None) -> None:
-        """`executor` runs the phones' local work (default: a local process pool of `config.workers`)."""
+                 executor: TrainingExecutor | None = None,
+                 participant: Callable[[Phone, Aggregator, CheckinResponse], Participant] = Participant) -> None:
+        """`executor` runs the phones' local work (default: a local process pool of `config.workers`);
+        `participant` makes a selected phone's part in its round (a benchmark may plant phones that lie)."""
         # A phone with nothing to train on never checks in: selected, it would hold a place it cannot fill.
         self.phones = [phone for phone in phones if phone.can_train()]
         if not self.phones:
@@ -255,6 +263,7 @@ class Fleet:
         # are then real seconds, which a simulation passes through much faster than simulated hours.
         self._drives_clock = client.status().clock == "simulated"
         self.executor = executor or LocalProcessPool(self.tokenizer, config.workers)
+        self._participant = participant
 
     @property
     def now_s(self) -> float:
@@ -275,7 +284,7 @@ class Fleet:
         self._train = self.config.train if learning_rate is None else replace(self.config.train,
                                                                               learning_rate=learning_rate)
         outcomes: list[Participation] = []
-        eligible_at_start, training_s, checkins = None, 0.0, 0
+        eligible_at_start, training_s, checkins, selected = None, 0.0, 0, 0
         for _ in range(self.config.max_ticks_per_round):
             self.clock.advance()
             if self._drives_clock:  # the aggregator's deadlines and pace steering follow simulated time
@@ -292,7 +301,7 @@ class Fleet:
             eligible = [phone for phone, ok in zip(self.phones, self.clock.eligible(self._ids)) if ok]
             eligible_at_start = len(eligible) if eligible_at_start is None else eligible_at_start
             due = [phone for phone in eligible if self._due_tick[phone.phone_id] <= self.clock.tick]
-            self._check_in(due)
+            selected += self._check_in(due)
             outcomes += self._advance()
             checkins += len(due)
         else:
@@ -302,9 +311,10 @@ class Fleet:
             )
         wall = dict(self._wall)
         wall["other"] = time.perf_counter() - round_started - sum(wall.values())
+        gone = sum(p.round == round_number and p.outcome in DROPPED_OUT for p in outcomes)
         return RoundReport(round_number, outcomes, self.clock.tick - started_tick + 1, eligible_at_start or 0,
                            self.clock.day(started_tick), self.clock.hour_utc(started_tick), training_s, checkins,
-                           wall)
+                           selected - gone, wall)
 
     @contextmanager
     def _timed(self, activity: str) -> Iterator[None]:
@@ -314,9 +324,11 @@ class Fleet:
         finally:
             self._wall[activity] += time.perf_counter() - started
 
-    def _check_in(self, due: list[Phone]) -> None:
-        """Let these phones check in; the selected ones take their first step in `_advance`."""
+    def _check_in(self, due: list[Phone]) -> int:
+        """Let these phones check in; the selected ones take their first step in `_advance`. Returns how many were
+        selected."""
         self._rng.shuffle(due)
+        selected = 0
         tick_minutes = self.config.eligibility.tick_minutes
         for phone in due:
             with self._timed("check-ins"):
@@ -334,8 +346,10 @@ class Fleet:
             vanish_at = None
             if vanishes:
                 vanish_at = self._rng.choice(SECURE_STEPS) if decision.secure_aggregation else "train"
-            self._selected[phone.phone_id] = _Selected(Participant(phone, self.client, decision), self.clock.tick,
-                                                       seed, vanish_at)
+            self._selected[phone.phone_id] = _Selected(self._participant(phone, self.client, decision),
+                                                       self.clock.tick, seed, vanish_at)
+            selected += 1
+        return selected
 
     def _advance(self) -> list[Participation]:
         """Let the selected phones take the steps their rounds now allow. Returns the ones that vanished."""

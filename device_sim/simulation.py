@@ -243,8 +243,9 @@ def _progress_bar(config: SimulationConfig, show: bool) -> tqdm:
 SERVER_COUNTS = ("selected", "reported", "aborted", "dropped", "late", "bytes_up", "bytes_down", "epsilon", "dp_delta",
                  "rho")
 # The fleet's own view of a round, unknown for a round recovered from the aggregator's record.
-FLEET_VIEW = ("participants", "eligible", "checkins", "vanished", "diverged", "refused", "sim_day", "sim_hour_utc",
-              "train_loss", "local_learning_rate", "sim_ticks", "training_s", "wall_s_by_activity", "duration_s")
+FLEET_VIEW = ("participants", "eligible", "checkins", "vanished", "diverged", "refused", "survived", "sim_day",
+              "sim_hour_utc", "train_loss", "local_learning_rate", "sim_ticks", "training_s", "wall_s_by_activity",
+              "duration_s")
 # The most finished rounds a resumed run asks the aggregator for (its /status gives at most 1,000).
 RECOVERABLE_ROUNDS = 1000
 
@@ -275,6 +276,8 @@ def _round_line(
         "diverged": report.count("diverged") if report else 0,
         # Selected phones whose update the aggregator refused (e.g. over its norm bound).
         "refused": report.count("refused") if report else 0,
+        # The round's phones still in it when it ended (a secure round needs its threshold of them).
+        "survived": report.survived if report else 0,
         "sim_day": report.day if report else 0,
         "sim_hour_utc": round(report.hour_utc, 2) if report else 0,
         **{name: getattr(server_view, name) if server_view else 0 for name in SERVER_COUNTS},
