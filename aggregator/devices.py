@@ -1,11 +1,13 @@
 """Enrolled devices: each has a random id and a secret token, which the database keeps only as a SHA-256 hash,
-so a copy of it does not let anyone act as a device."""
+so a copy of it does not let anyone act as a device. A device the secure-aggregation protocol proved to lie
+(`SecureRound.culprits`) is excluded from every later round, also after a restart: its round's record keeps it."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
 import threading
+from collections.abc import Mapping
 
 from aggregator.refusals import UnauthorizedError
 from aggregator.storage import Storage
@@ -22,6 +24,7 @@ class Devices:
         self._storage = storage
         self._lock = threading.Lock()
         self._by_token_hash = storage.device_tokens()
+        self._excluded = storage.excluded_devices()
 
     def enrol(self) -> tuple[str, str]:
         """A new device: its id and the secret token it must show at every check-in."""
@@ -38,6 +41,16 @@ class Devices:
         if device_id is None:
             raise UnauthorizedError("unknown device token: enrol first (POST /devices)")
         return device_id
+
+    def exclusion(self, device_id: str) -> str | None:
+        """How the protocol proved this device to lie, if it did: then it takes part in no round."""
+        with self._lock:
+            return self._excluded.get(device_id)
+
+    def exclude(self, culprits: Mapping[str, str]) -> None:
+        """Exclude these devices (device id -> how they lied) once the round that proved it is recorded."""
+        with self._lock:
+            self._excluded.update(culprits)
 
     def __len__(self) -> int:
         with self._lock:

@@ -18,12 +18,14 @@ The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
   with adaptive clipping the clip norm follows a quantile of the update norms, from one
   bit per device (`aggregator/adaptive_clipping.py`);
 - with secure aggregation on, the selected devices also run the phases of
-  `aggregator/secure_round.py`, and the server learns only the sum of their updates.
+  `aggregator/secure_round.py`, and the server learns only the sum of their updates; a
+  device the protocol proves to lie (a share or a dealing its commitments give away) is
+  told to retry at every later check-in, for good.
 Closing averages the reported deltas (one aggregation rule per kind of round,
 `aggregator/aggregation.py`) and steps the global model with the server optimiser
 (`aggregator/global_model.py`), committed to storage together with the optimiser's
-state, the round's counts and who reported or aborted; on restart the manager resumes
-from the last committed model. Until then reports and aborts live only in memory, so an
+state, the round's counts, who reported or aborted and who was proved to lie; on
+restart the manager resumes from the last committed model. Until then reports and aborts live only in memory, so an
 upload is counted whole or not at all: no write that could fail (a database busy with
 another writer, say) comes after an update is added to the round's sum.
 """
@@ -70,6 +72,9 @@ logger = logging.getLogger(__name__)
 
 # Round durations that pace steering looks back on.
 RECENT_ROUNDS = 20
+# When a device the protocol proved to lie is told to ask again, to be told the same: a "retry", which every client
+# of the check-in protocol already follows, rather than an error that would stop a phone's whole fleet.
+EXCLUDED_RETRY_S = 86_400.0
 
 
 @dataclass
@@ -83,6 +88,7 @@ class CheckinDecision:
     adaptive_clipping: bool = False
     secure_aggregation: bool = False
     model_encoding: str = "float32"
+    excluded: str | None = None
 
 
 @dataclass
@@ -254,6 +260,10 @@ class RoundManager:
     def checkin(self, device_id: str) -> CheckinDecision:
         with self._lock:
             current = self.round
+            exclusion = self.devices.exclusion(device_id)
+            if exclusion is not None:
+                return CheckinDecision("retry", current.number, self.model.version, retry_after_s=EXCLUDED_RETRY_S,
+                                       excluded=exclusion)
             current.checked_in.add(device_id)
             done = device_id in current.reported or device_id in current.aborted
             early = None if device_id in current.token_by_device else self._comebacks.early_by(device_id, self.clock())
@@ -505,6 +515,7 @@ class RoundManager:
         duration = self.clock() - current.started
         selected, reported, aborted = len(current.token_by_device), len(current.reported), len(current.aborted)
         late = len(current.secure.late) if current.secure is not None else 0
+        culprits = current.secure.culprits if current.secure is not None else {}
         summary = {
             "round": current.number, "started_at": current.started_at, "closed_at": time.time(),
             "duration_s": duration, "goal": self.config.clients_per_round, "selected": selected,
@@ -514,15 +525,18 @@ class RoundManager:
             "eval_devices": len(current.evaluated), "eval_positions": current.eval_positions,
             "eval_hits_at_1": current.eval_hits_at_1, "eval_hits_at_3": current.eval_hits_at_3,
             "checked_in": len(current.checked_in), "clock_started_s": current.started,
+            "excluded": culprits or None,
         }
         try:
             self._commit(dict(summary))
+            self.devices.exclude(culprits)
         except Exception as error:
             # Nothing of the round was committed and the model and optimiser state are as they were.
             logger.exception("closing round %d failed; it is recorded as failed", current.number)
             try:
                 self.storage.record_round({**summary, "status": "failed", "failure": f"closing failed: {error!r}"},
                                           None, None, statuses=self._statuses())
+                self.devices.exclude(culprits)
             except Exception:
                 logger.exception("recording round %d as failed failed too", current.number)
         finally:

@@ -28,8 +28,11 @@ reveal is refused and it counts as a phone that dropped out of unmasking; the ro
 on while every seed still has `threshold` shares. A seed rebuilt from them must match
 its owner's commitment (self mask) or advertised public key (masking seed): a dealer
 whose shares are inconsistent with those fails the round (`_rebuild`). Either way no
-wrong seed reaches the sum. Keys are advertised once (the same keys again are taken as
-a retry), and keys of small order are refused.
+wrong seed reaches the sum, and the phone goes in `culprits`: an honest phone checks each
+share against its commitment before revealing it and deals shares of the seeds it
+committed to, so either is proof that the phone lied, which a drop-out, or a message
+refused for any other reason, is not. Keys are advertised once (the same keys again are
+taken as a retry), and keys of small order are refused.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class SecureAggregation:
     confirmations: dict[int, bytes] = field(default_factory=dict)  # signer -> signature of the survivor set
     revealed: dict[int, dict[int, Share]] = field(default_factory=dict)  # owner -> revealer -> share
     revealed_by: set[int] = field(default_factory=set)
+    culprits: dict[int, str] = field(default_factory=dict)  # cohort index -> how the protocol proved it lied
     _sum: Masked | None = None
     _neighbours: list[list[int]] = field(default_factory=list)
 
@@ -221,6 +225,8 @@ class SecureAggregation:
                 raise SecAggError(f"a share is {SEED_BYTES} bytes")
             kind = "self_mask" if owner in self.reported else "masking"
             if not self.dealt[owner].pairs[revealer].commits_to(kind, share, self.round_number, digest, owner):
+                self.culprits[revealer] = (f"revealed a share of phone {owner}'s {kind} seed other than the one "
+                                           f"phone {owner} committed to")
                 raise SecAggError(f"phone {revealer}'s share of phone {owner}'s {kind} seed is not the one phone "
                                   f"{owner} committed to")
         for owner, share in shares.items():
@@ -262,6 +268,7 @@ class SecureAggregation:
         else:
             agrees = public_bytes(masking_key(seed)) == self.roster.keys[owner].masking
         if not agrees:
+            self.culprits[owner] = "dealt shares that rebuild another seed than the one it committed to"
             self._fail(f"phone {owner}'s shares rebuild another seed than the one it committed to",
                        cause="a phone dealt inconsistent shares")
         return seed

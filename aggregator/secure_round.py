@@ -18,9 +18,11 @@ phases of `aggregator/secure_aggregation.py`:
 - confirm and unmask then have their phases' time, past the deadline if need be: every
   phase ends by its own time, so no round stays open for good.
 Every message and every tick says whether the round is over: its sum is ready, or it
-failed (`failure` says why). A message that does not fit the protocol is refused
-(`SecAggRefusedError`) and leaves the round as it was; any error while closing a phase,
-whatever its cause, fails the round instead of leaving it stuck in a phase.
+failed (`failure` says why); `culprits` names the devices the protocol proved to lie. A
+message that does not fit the protocol is refused (`SecAggRefusedError`) and leaves the
+round as it was, save for naming its sender a culprit if it is proof of a lie; any error
+while closing a phase, whatever its cause, fails the round instead of leaving it stuck in
+a phase.
 
 What a device masks (`keyboard_model/secagg.py`) is two arrays: "update", its clipped model
 delta rotated and in fixed point modulo 2**secagg_ring_bits, and "counts", its three
@@ -87,6 +89,12 @@ class SecureRound:
     def cohort_open(self) -> bool:
         """Devices may still be selected: the cohort is not fixed yet."""
         return self.phase == "advertise" and self.fixed_at is None
+
+    @property
+    def culprits(self) -> dict[str, str]:
+        """The devices the protocol proved to lie in this round (device id -> how), whether the round closed or
+        failed: the round manager excludes them from later rounds."""
+        return {self.protocol.devices[index]: why for index, why in self.protocol.culprits.items()}
 
     @property
     def over(self) -> bool:

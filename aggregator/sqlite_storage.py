@@ -18,6 +18,7 @@ anyone act as a device.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -82,7 +83,7 @@ class SqliteStorage:
                 "epsilon": float, "failure": str, "checked_in": int, "clock_started_s": float,
                 "dp_mechanism": str, "rho": float, "dp_min_separation": int, "dp_step": int,
                 "dp_clip_norm": float, "dp_update_noise_multiplier": float, "dp_count_stddev": float,
-                "dp_fraction_within": float, "dp_next_clip_norm": float,
+                "dp_fraction_within": float, "dp_next_clip_norm": float, "excluded": str,
             },
             pk="round",
         )
@@ -133,7 +134,8 @@ class SqliteStorage:
     def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None,
                      noise_state: bytes | None = None, statuses: Mapping[str, str] | None = None) -> None:
         """Store a finished round, the model, optimiser state and noise state it produced if it succeeded, and the
-        new status of its devices that reported or aborted, atomically."""
+        new status of its devices that reported or aborted, atomically. The devices the round proved to lie,
+        `summary["excluded"]`, are kept in its row as JSON (`excluded_devices`)."""
         with self._transaction():
             now = time.time()
             for device_id, status in (statuses or {}).items():
@@ -226,10 +228,18 @@ class SqliteStorage:
                                       "null order by round desc limit 1"))
             return rows[0] if rows else None
 
+    def excluded_devices(self) -> dict[str, str]:
+        """Device id -> how the protocol proved it lied, from every recorded round."""
+        with self._lock:
+            rows = self.db.query("select device.key as device_id, device.value as reason "
+                                 "from rounds, json_each(rounds.excluded) as device order by round")
+            return {row["device_id"]: row["reason"] for row in rows}
+
     def recent_rounds(self, limit: int) -> list[dict]:
         with self._lock:
             rows = self.db.query("select * from rounds order by round desc limit ?", [limit])
-            return list(reversed(list(rows)))
+            return [{**row, "excluded": json.loads(row["excluded"]) if row["excluded"] else None}
+                    for row in reversed(list(rows))]
 
     def close(self) -> None:
         with self._lock:

@@ -35,7 +35,8 @@ class Storage(Protocol):
                      noise_state: bytes | None = None, statuses: Mapping[str, str] | None = None) -> None:
         """A finished round, with the model, optimiser state and DP-FTRL noise state it produced if it succeeded,
         and the new status of its selected devices that reported or aborted (device id -> status), atomically; in
-        the same transaction, the model versions no longer kept are deleted."""
+        the same transaction, the model versions no longer kept are deleted. `summary["excluded"]`, if any, maps the
+        devices the round proved to lie to how: from then on `excluded_devices` holds them."""
 
     def enrol_device(self, device_id: str, token_sha256: str) -> None: ...
 
@@ -65,6 +66,9 @@ class Storage(Protocol):
     def last_release(self) -> dict | None:
         """The record of the newest round that released a differentially private model (its clip norm for the next
         round, its noise settings), or None."""
+
+    def excluded_devices(self) -> dict[str, str]:
+        """Device id -> how the protocol proved it lied, for every device a recorded round excluded."""
 
     def recent_rounds(self, limit: int) -> list[dict]: ...
 

@@ -8,17 +8,21 @@ into the sum, and a lie costs the round no more than that phone dropping out wou
 - A member that confirms the survivors with 64 random bytes: honest phones ignore a signature that does not verify
   (item 3).
 - A member that advertises keys of small order, or other keys after its first: refused (item 5).
+- A member the commitments prove to lie (a wrong share revealed, or shares of another seed dealt) takes part in no
+  later round, also after a restart; a phone that merely dropped out is never excluded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import pytest
 
 from aggregator.api.client import AggregatorRefusedError
 from aggregator.api.schemas import RevealedShare, SecAggConfirm, SecAggKeys, SecAggReveal
+from aggregator.rounds import EXCLUDED_RETRY_S
 from keyboard_model.secagg import PublicKeys, Roster, RoundSecrets, SecAggError, graph_parameters, keys_statement
 from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.test_hostile_clients import secure_client, unmasking_round
@@ -88,6 +92,9 @@ def test_a_wrong_share_where_only_threshold_remain_is_refused_and_the_round_fail
     summary = finished_round(client)
     assert summary.status == "failed" and "fewer than 2" in summary.failure
     assert summary.new_version is None and client.status().model_version == 0
+    # The refused reveal proved it lied: it takes part in no later round.
+    assert_excluded(client, liar, "revealed a share")
+    assert list(summary.excluded) == [liar.part.device_id]
 
 
 def test_a_liar_that_reveals_wrong_shares_is_left_out_and_the_round_closes_with_the_honest_sum(
@@ -177,6 +184,85 @@ def test_a_dealer_whose_shares_rebuild_another_seed_than_it_committed_to_fails_t
     assert f"phone {members[0].part.index}'s shares" in summary.failure
     assert client.status().model_version == 0
     assert client.status().round == 2 and Device(client).round == 2  # the aggregator goes on
+
+
+# --- a proven liar is excluded ------------------------------------------------------------------------------------
+
+INCONSISTENT_DEALER = "dealt shares that rebuild another seed than the one it committed to"
+
+
+def inconsistent_dealer_round(client) -> Device:
+    """A round of four that fails because its first device dealt shares of another seed than it committed to;
+    returns that device."""
+    members, _, _, _ = dealing_round(
+        client, 4, lambda message: message.model_copy(update={"seed_commitment": os.urandom(32)}))
+    for device in members:
+        device.reveal()
+    assert finished_round(client).status == "failed"
+    return members[0]
+
+
+def assert_excluded(client, device: Device, why: str) -> None:
+    decision = client.checkin(device.device_token)
+    assert decision.action == "retry", "a device proved to lie was selected again"
+    assert decision.retry_after_s == EXCLUDED_RETRY_S and why in decision.excluded
+
+
+def round_summary(client, number: int, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    while not (summaries := [r for r in client.status().recent_rounds if r.round == number]):
+        assert time.monotonic() < deadline, f"round {number} never ended"
+        time.sleep(0.1)
+    return summaries[0]
+
+
+def test_a_dealer_proved_inconsistent_is_refused_at_check_in_and_the_next_round_closes_with_honest_phones(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    client = secure_client(tmp_path, small_tokenizer_path, small_model_config, devices=4)
+    dealer = inconsistent_dealer_round(client)
+    # Checking in first, before any honest phone of round 2: without the exclusion it would take a place in it.
+    assert_excluded(client, dealer, INCONSISTENT_DEALER)
+    assert finished_round(client).excluded == {dealer.part.device_id: INCONSISTENT_DEALER}
+    members, deltas, state, before = unmasking_round(client, 4)
+    assert dealer.part.device_id not in members[0].state().roster.device_ids
+    for device in members:
+        device.reveal()
+    summary = round_summary(client, 2)
+    assert (summary.status, summary.reported, summary.excluded) == ("closed", 4, None)
+    after, _ = model_from_bytes(client.model())
+    assert_mean_within_rounding(after.state_dict(), before, mean_of(deltas, before), state, reporters=4)
+
+
+def test_a_proved_liar_stays_excluded_when_the_aggregator_restarts_on_the_same_database(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    client = secure_client(tmp_path, small_tokenizer_path, small_model_config, devices=4)
+    dealer = inconsistent_dealer_round(client)
+    client.close()
+    restarted = secure_client(tmp_path, small_tokenizer_path, small_model_config, devices=4)
+    assert_excluded(restarted, dealer, INCONSISTENT_DEALER)
+
+
+def test_a_revealer_proved_to_lie_is_excluded_and_the_honest_phone_that_dropped_out_of_unmasking_is_not(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    client = secure_client(tmp_path, small_tokenizer_path, small_model_config, devices=5)
+    members, _, _, _ = unmasking_round(client, 5)
+    liar, *revealers, dropped = members  # `dropped` confirmed, then never revealed
+    genuine = liar.part.reveal_message(liar.state())
+    lies = {owner: RevealedShare(x=share.x, value=bytes(16)) for owner, share in genuine.shares.items()}
+    with pytest.raises(AggregatorRefusedError):
+        client.secagg_reveal(liar.round, liar.token, SecAggReveal(shares=lies))
+    for device in revealers:
+        device.reveal()
+    # The others' shares rebuild every seed, the dropped-out phone's too: it is honest, so its seed matches.
+    assert finished_round(client).status == "closed"
+    assert_excluded(client, liar, "revealed a share")
+    rejoined = client.checkin(dropped.device_token)
+    assert rejoined.excluded is None and rejoined.action == "train"
+    excluded = finished_round(client).excluded
+    assert list(excluded) == [liar.part.device_id] and "revealed a share" in excluded[liar.part.device_id]
 
 
 # --- item 3: a garbage confirmation ----------------------------------------------------------------------------------

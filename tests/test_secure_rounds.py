@@ -30,6 +30,7 @@ class Device:
     def __init__(self, client: AggregatorClient) -> None:
         self.client = client
         enrolment = client.enrol()
+        self.device_token = enrolment.device_token  # to check in again after the round
         decision = client.checkin(enrolment.device_token)
         assert decision.action == "train" and decision.secure_aggregation
         self.round, self.token = decision.round, decision.upload_token

@@ -57,6 +57,10 @@ class CheckinResponse(BaseModel):
     model_encoding: Literal["float32", "int8"] = Field(
         "float32", description="Present when action is 'train': download the model as GET /model?encoding=this."
     )
+    excluded: str | None = Field(
+        None, description="Present when this device takes part in no round any more, because secure aggregation proved "
+                          "it lied: how. Its action is then always 'retry'."
+    )
 
 
 class UploadResponse(BaseModel):
@@ -151,6 +155,10 @@ class RoundSummary(BaseModel):
         None, description="Adaptive clipping: the released (noisy) fraction of updates within dp_clip_norm.")
     dp_next_clip_norm: float | None = Field(None, description="Adaptive clipping: the clip norm of the next round.")
     failure: str | None = Field(None, description="Why a failed round failed.")
+    excluded: dict[str, str] | None = Field(
+        None, description="Secure aggregation: the devices this round proved to lie (device id -> how), excluded from "
+                          "every later round."
+    )
     checked_in: int | None = Field(
         None, description="Devices that asked to train while the round was open (devices ask only when eligible)."
     )

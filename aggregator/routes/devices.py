@@ -35,7 +35,8 @@ def enrol(rounds: RoundManager = Depends(get_rounds)) -> EnrolmentResponse:
 @router.post(
     "/checkin", response_model=CheckinResponse, operation_id="checkin",
     dependencies=[Depends(admitted("checkin"))],
-    responses={200: {"description": "Train now, or when to ask again", "links": ROUND_LINKS},
+    responses={200: {"description": "Train now, or when to ask again (always again, saying why, for a device that "
+                                    "secure aggregation proved to lie)", "links": ROUND_LINKS},
                **refusals(status_401=UNAUTHORIZED, status_429="Too many check-ins from this address")},
 )
 async def checkin(
