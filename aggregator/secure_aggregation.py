@@ -183,10 +183,18 @@ class SecureAggregation:
         self.confirmations[signer] = signature
 
     def close_confirming(self, minimum: int = 0) -> list[int]:
-        """Fix who confirmed; fails with fewer than `minimum` phones or too few to rebuild anyone's secrets."""
+        """Fix who confirmed; fails with fewer than `minimum` phones or too few to rebuild anyone's secrets, or when
+        some phone that shared and its neighbours have no majority of confirmations between them: its neighbours
+        would reveal nothing (the phones' check against a lying server, device_sim/secure_aggregation.py), so its
+        secrets could not be rebuilt. Failing here says so, rather than later for want of shares."""
         self._expect("confirm")
         if len(self.confirmations) < max(self.parameters.threshold + 1, minimum):
             self._fail(f"{len(self.confirmations)} phones confirmed the survivors")
+        for v in self.shared:
+            backers = {v, *self._neighbours[v]}
+            if 2 * len(backers & set(self.confirmations)) <= len(backers):
+                self._fail(f"{len(backers & set(self.confirmations))} of phone {v} and its {len(backers) - 1} "
+                           "neighbours confirmed the survivors, no majority: phones reveal no share without one")
         self.phase = "unmask"
         return sorted(self.confirmations)
 
