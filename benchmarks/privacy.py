@@ -14,6 +14,10 @@ Writes `docs/privacy/privacy.md` (the table and a recommendation worked out from
 `docs/privacy/recall_vs_epsilon.png`, again after every run, so an interrupted benchmark leaves the rows it has.
 
     .venv/bin/python benchmarks/privacy.py [--rounds 60] [--min-separation 10]
+        [--phones 621] [--noise Z ...] [--mechanisms fedavg ftrl] [FEDKB SIMULATE OPTIONS ...]
+
+`--phones`, `--noise` and `--mechanisms` make a smaller benchmark (the smoke test's): fewer phones, only these
+noise multipliers, only these mechanisms.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import math
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
@@ -57,13 +61,15 @@ QUALITY_TOLERANCE = 0.15
 MECHANISMS = {"fedavg": "DP-FedAvg", "ftrl": "DP-FTRL"}
 
 
-def train(out: Path, rounds: int, noise: float | None, mechanism: str = "fedavg", min_separation: int = 10) -> dict:
-    """Run (or reuse) one simulation; returns its final top-1 and top-3, the epsilon (and for DP-FTRL rho) it
-    reported, and the participation it produced."""
+def train(out: Path, rounds: int, noise: float | None, mechanism: str = "fedavg", min_separation: int = 10,
+          phones: int = FLEET, extra: Sequence[str] = ()) -> dict:
+    """Run (or reuse) one simulation of `phones` phones (with `extra` options of `fedkb simulate`); returns its
+    final top-1 and top-3, the epsilon (and for DP-FTRL rho) it reported, and the participation it produced."""
     summary_path = out / "summary.json"
     if not summary_path.exists():
         command = [sys.executable, "-m", "fedkb", "simulate", "--in-process", "--no-progress",
-                   "--rounds", str(rounds), "--clients-per-round", str(PER_ROUND), "--out", str(out)]
+                   "--rounds", str(rounds), "--clients-per-round", str(PER_ROUND), "--phones", str(phones),
+                   "--out", str(out), *extra]
         if noise is not None:
             command += ["--noise-multiplier", str(noise), "--dp-mechanism", mechanism]
         if mechanism == "ftrl":
@@ -73,10 +79,13 @@ def train(out: Path, rounds: int, noise: float | None, mechanism: str = "fedavg"
     lines = [json.loads(line) for line in out.joinpath("metrics.jsonl").read_text().splitlines()]
     rounds_run = [line for line in lines if line["round"] > 0]
     return {"top1": summary["final"]["recall_at_1"], "top3": summary["final"]["recall_at_3"],
-            "epsilon": lines[-1].get("epsilon"), "rho": lines[-1].get("rho"), "rounds": summary["rounds_completed"],
+            # As the last release left them: a round that failed releases nothing and reports neither.
+            **{key: next((line[key] for line in reversed(lines) if line.get(key) is not None), None)
+               for key in ("epsilon", "rho")},
+            "rounds": summary["rounds_completed"],
             "closed": sum(line["status"] == "closed" for line in rounds_run),
             "failed": sum(line["failed"] for line in rounds_run),
-            "eligible": sum(line["eligible"] for line in rounds_run) / max(len(rounds_run), 1) / FLEET,
+            "eligible": sum(line["eligible"] for line in rounds_run) / max(len(rounds_run), 1) / phones,
             **participation(out / "aggregator.sqlite")}
 
 
@@ -87,6 +96,16 @@ def participation(db_path: Path) -> dict:
             "select count(*) from selections s join rounds r on s.round = r.round "
             "where s.status = 'reported' and r.status = 'closed' group by s.device_id")]
     return {"phones": len(counts), "max_per_phone": max(counts, default=0)}
+
+
+def shown(value: float | None) -> str:
+    """A privacy figure, or a dash where nothing was released."""
+    return "—" if value is None else f"{value:.3g}"
+
+
+def top1_loss(run: dict, reference: dict) -> str:
+    """How much of the reference's top-1 a run lost; none to lose when the reference learnt nothing (a tiny run)."""
+    return "—" if reference["top1"] == 0 else f"{1 - run['top1'] / reference['top1']:+.0%}"
 
 
 def boundary(ok: Callable[[float], bool], low: float, high: float) -> float:
@@ -211,13 +230,13 @@ def report(args: argparse.Namespace, reference: dict, runs: dict[str, dict[float
         f"Made by `benchmarks/privacy.py --rounds {args.rounds} --min-separation {args.min_separation}`. Without "
         f"differential privacy: top-1 {reference['top1']:.2%}, top-3 {reference['top3']:.2%}. Clip norm 1.0, noise "
         f"added once per round to the sum, divided by the goal of {PER_ROUND}. DP-FedAvg's epsilon assumes each phone "
-        f"is sampled with probability {PER_ROUND}/{FLEET}; DP-FTRL's (B = {args.min_separation}, BLT for "
+        f"is sampled with probability {PER_ROUND}/{args.phones}; DP-FTRL's (B = {args.min_separation}, BLT for "
         f"{args.rounds} rounds) assumes nothing: a phone may take part once every B rounds, the aggregator enforces "
         f"it. DP-FTRL was run at z_sim in {FTRL_NOISE}, the levels where DP-FedAvg goes from learning to not "
         "learning and beyond; rows not yet run are missing.",
         "",
         "| z here (z_sim) | mechanism | noise on the mean | top-1 | top-3 | top-1 loss | epsilon on this fleet "
-        f"(delta 1/{FLEET}) | rho-zCDP | rounds closed (failed) | phones that reported | most rounds per phone | "
+        f"(delta 1/{args.phones}) | rho-zCDP | rounds closed (failed) | phones that reported | most rounds per phone | "
         + " | ".join(f"phones per round at z = {z}" for z in DEPLOYMENT_Z) + " |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
         + " | ".join("---" for _ in DEPLOYMENT_Z) + " |",
@@ -227,10 +246,9 @@ def report(args: argparse.Namespace, reference: dict, runs: dict[str, dict[float
         for mechanism, by_z in runs.items():
             if z in by_z:
                 run = by_z[z]
-                rho = "—" if run["rho"] is None else f"{run['rho']:.3g}"
                 lines.append(
                     f"| {z} | {MECHANISMS[mechanism]} | {z / PER_ROUND:.4f} | {run['top1']:.2%} | {run['top3']:.2%} | "
-                    f"{1 - run['top1'] / reference['top1']:.0%} | {run['epsilon']:.3g} | {rho} | {run['closed']} "
+                    f"{top1_loss(run, reference)} | {shown(run['epsilon'])} | {shown(run['rho'])} | {run['closed']} "
                     f"({run['failed']}) | {run['phones']} | {run['max_per_phone']} | {needed} |")
     lines += ["", "A DP-FedAvg deployment that samples each phone with probability "
               f"{DEPLOYMENT_SAMPLING:.0%} per round needs {1 / DEPLOYMENT_SAMPLING:.0f} times the phones per round in "
@@ -242,7 +260,7 @@ def report(args: argparse.Namespace, reference: dict, runs: dict[str, dict[float
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "privacy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
-    draw(reference, runs, args.docs / "recall_vs_epsilon.png")
+    draw(reference, runs, args.docs / "recall_vs_epsilon.png", args.phones)
 
 
 def main() -> None:
@@ -251,28 +269,33 @@ def main() -> None:
     parser.add_argument("--min-separation", type=int, default=10, help="DP-FTRL's B (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/privacy"))
     parser.add_argument("--docs", type=Path, default=Path("docs/privacy"))
-    args = parser.parse_args()
+    parser.add_argument("--phones", type=int, default=FLEET, help="the fleet (default: %(default)s)")
+    parser.add_argument("--noise", type=float, nargs="+", default=RUN_ORDER, metavar="Z",
+                        help="run only these noise multipliers, in this order (default: all)")
+    parser.add_argument("--mechanisms", nargs="+", choices=sorted(MECHANISMS), default=sorted(MECHANISMS))
+    args, extra = parser.parse_known_args()  # the rest goes to `fedkb simulate` (the smoke test's tiny model)
     # The search for the largest sampling rate within budget probes rates at which the accountant cannot evaluate
     # some RDP orders; it leaves those out (a larger, still valid epsilon) and warns for each, thousands of times.
     logging.getLogger("absl").setLevel(logging.ERROR)
 
-    reference = train(args.out / "none", args.rounds, None)
+    reference = train(args.out / "none", args.rounds, None, phones=args.phones, extra=extra)
     print(f"no differential privacy: top-1 {reference['top1']:.2%}, top-3 {reference['top3']:.2%}", flush=True)
     runs: dict[str, dict[float, dict]] = {"fedavg": {}, "ftrl": {}}
     folders = {"fedavg": lambda z: f"z{z}", "ftrl": lambda z: f"ftrl-b{args.min_separation}-z{z}"}
-    for z in RUN_ORDER:
+    for z in args.noise:
         for mechanism, levels in (("ftrl", FTRL_NOISE), ("fedavg", NOISE)):
-            if z not in levels:
+            if z not in levels or mechanism not in args.mechanisms:
                 continue
-            run = train(args.out / folders[mechanism](z), args.rounds, z, mechanism, args.min_separation)
+            run = train(args.out / folders[mechanism](z), args.rounds, z, mechanism, args.min_separation,
+                        args.phones, extra)
             runs[mechanism][z] = run
             print(f"{MECHANISMS[mechanism]} z_sim {z}: top-1 {run['top1']:.2%} "
-                  f"({1 - run['top1'] / reference['top1']:+.0%} below the reference), epsilon {run['epsilon']:.3g} "
+                  f"({top1_loss(run, reference)} below the reference), epsilon {shown(run['epsilon'])} "
                   f"on this fleet", flush=True)
             report(args, reference, runs)
 
 
-def draw(reference: dict, runs: dict[str, dict[float, dict]], path: Path) -> None:
+def draw(reference: dict, runs: dict[str, dict[float, dict]], path: Path, phones: int) -> None:
     import matplotlib  # noqa: PLC0415  (only for the plot)
 
     matplotlib.use("Agg")
@@ -285,9 +308,10 @@ def draw(reference: dict, runs: dict[str, dict[float, dict]], path: Path) -> Non
             continue
         top1 = [by_z[z]["top1"] for z in noise]
         by_noise.semilogx([z / PER_ROUND for z in noise], top1, "o-", label=MECHANISMS[mechanism])
-        eps = [by_z[z]["epsilon"] for z in noise]
+        released = [z for z in noise if by_z[z]["epsilon"] is not None]  # a run none of whose rounds closed has none
+        eps, top1 = [by_z[z]["epsilon"] for z in released], [by_z[z]["top1"] for z in released]
         by_epsilon.semilogx(eps, top1, "o-", label=MECHANISMS[mechanism])
-        for z, e, top in zip(noise, eps, top1):
+        for z, e, top in zip(released, eps, top1):
             by_epsilon.annotate(f"z={z}", (e, top), fontsize=8)
     for axes in (by_noise, by_epsilon):
         axes.axhline(reference["top1"], color="grey", linestyle="--", label="no DP")
@@ -295,7 +319,7 @@ def draw(reference: dict, runs: dict[str, dict[float, dict]], path: Path) -> Non
         axes.grid(alpha=0.3)
         axes.legend()
     by_noise.set_xlabel("noise std on the mean update (z * clip / phones per round)")
-    by_epsilon.set_xlabel(f"epsilon on this fleet ({PER_ROUND} of {FLEET} phones per round, delta 1/{FLEET}; "
+    by_epsilon.set_xlabel(f"epsilon on this fleet ({PER_ROUND} of {phones} phones per round, delta 1/{phones}; "
                           "DP-FedAvg assumes sampling)", fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--server-epochs", type=int, default=ComparisonConfig(Path()).server_epochs)
     parser.add_argument("--oracle-epochs", type=int, default=ComparisonConfig(Path()).oracle_epochs)
+    parser.add_argument("--keystrokes", type=int, default=5000, help="timed for each model's latency (default: "
+                        "%(default)s)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -88,7 +90,7 @@ def main() -> None:
         label = architecture_of(model.config.architecture).label
         print(f"int8 artifact of the federated {label}: {path} {path.stat().st_size:,} bytes")
         int8 = TableRow(f"federated {label}, int8 artifact", evaluate(artifact.load(path).model, tokenizer, held_out))
-        return OnPhone(int8, path.stat().st_size, keystroke_latency(model, tokenizer, typed))
+        return OnPhone(int8, path.stat().st_size, keystroke_latency(model, tokenizer, typed, args.keystrokes))
 
     on_device = args.out / "keyboard.fkb"
     on_phone = [on_the_phone(federated, version, on_device)]

@@ -8,7 +8,7 @@
 2. Whole rounds: the fleet of `benchmarks/fleet.py` (10,000 phones, in-process, simulated clock, goal 100),
    with and without secure aggregation; rounds' wall time and bytes up per reporting phone.
 
-    .venv/bin/python benchmarks/secagg.py [--rounds 3] [--skip-fleet] [--ring-bits 8]
+    .venv/bin/python benchmarks/secagg.py [--rounds 3] [--skip-fleet] [--ring-bits 8] [--cohort 130 --goal 100]
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from keyboard_model.model import ModelConfig, build_model
 from keyboard_model.secagg import Directory, IdentityKey, Layout, RingEncoding, masked_layout
 from keyboard_model.weights import parameter_shapes
 
-COHORT, GOAL = 130, 100
 TARGETS = {"wall time": 2.0, "bytes up": 1.1}
 
 
-def protocol_costs(layout: Layout) -> dict[str, float]:
-    """Seconds per phone for each step, the server's unmasking, and bytes each reporting phone sends."""
+def protocol_costs(layout: Layout, cohort: int, goal: int) -> dict[str, float]:
+    """Seconds per phone for each step, the server's unmasking, and bytes each reporting phone sends, for a cohort
+    of which `goal` report."""
     server = SecureAggregation(round_number=1, layout=layout, graph_seed=7)
     directory, phones = Directory(), []
-    for k in range(COHORT):
+    for k in range(cohort):
         identity = IdentityKey.generate()
         directory.register(f"device-{k:03d}", identity.public())
         phones.append(SecAggPhone(1, f"device-{k:03d}", identity, directory))
@@ -58,7 +58,7 @@ def protocol_costs(layout: Layout) -> dict[str, float]:
         server.add_shares(k, sealed)
     shared = server.close_sharing()
     rng = np.random.default_rng(0)
-    for k, phone in enumerate(phones[:GOAL]):
+    for k, phone in enumerate(phones[:goal]):
         inputs = {name: rng.integers(0, np.iinfo(dtype).max, size, dtype, endpoint=True)
                   for name, dtype, size in layout.arrays}
         started = time.perf_counter()
@@ -66,14 +66,14 @@ def protocol_costs(layout: Layout) -> dict[str, float]:
         timings["mask"].append(time.perf_counter() - started)
         server.add_masked_input(k, masked)
     reported = server.close_collection()
-    for k, phone in enumerate(phones[:GOAL]):
+    for k, phone in enumerate(phones[:goal]):
         started = time.perf_counter()
         signature = phone.confirm(reported)
         timings["confirm"].append(time.perf_counter() - started)
         server.add_confirmation(k, signature)
     server.close_confirming()
     reveal_bytes = []
-    for k, phone in enumerate(phones[:GOAL]):
+    for k, phone in enumerate(phones[:goal]):
         started = time.perf_counter()
         shares = phone.reveal(server.incoming(k), shared, reported, server.confirmations_for(k))
         timings["reveal"].append(time.perf_counter() - started)
@@ -99,7 +99,7 @@ def fleet_rounds(secure: bool, corpus, phones, args) -> tuple[float, float]:
     workdir.mkdir(parents=True)
     config = local_aggregator_config(
         workdir, corpus.tokenizer_path, model=ModelConfig(vocab_size=corpus.tokenizer().vocab_size),
-        clients_per_round=GOAL, round_deadline_s=3600.0, simulated_clock=True, secure_aggregation=secure,
+        clients_per_round=args.goal, round_deadline_s=3600.0, simulated_clock=True, secure_aggregation=secure,
         secagg_ring_bits=args.ring_bits,
     )
     client = InProcessClient(config)
@@ -127,20 +127,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-fleet", action="store_true", help="only the protocol's own costs")
     parser.add_argument("--ring-bits", type=int, choices=(8, 16, 32), default=8, help="the masked update's ring")
+    parser.add_argument("--cohort", type=int, default=130, help="the protocol's cohort (default: %(default)s)")
+    parser.add_argument("--goal", type=int, default=100,
+                        help="of them, phones that report; also the fleet rounds' goal (default: %(default)s)")
     args = parser.parse_args()
 
     corpus = prepare(CorpusConfig())
     shapes = parameter_shapes(build_model(ModelConfig(vocab_size=corpus.tokenizer().vocab_size)).state_dict())
     parameters = sum(int(np.prod(s)) for s in shapes.values())
-    layout = masked_layout(RingEncoding(args.ring_bits, 1.0, COHORT, parameters, rotation_seed=0))
-    costs = protocol_costs(layout)
+    layout = masked_layout(RingEncoding(args.ring_bits, 1.0, args.cohort, parameters, rotation_seed=0))
+    costs = protocol_costs(layout, args.cohort, args.goal)
     zeros = {name: torch.zeros(shape) for name, shape in shapes.items()}
     int8, float32 = len(update_bytes(zeros, 1, "int8")), len(update_bytes(zeros, 1, "none"))
-    print(f"protocol, cohort {COHORT} (graph degree {costs['degree']}, threshold {costs['threshold']}), goal {GOAL}, "
-          f"ring 2^{args.ring_bits}, {layout.nbytes:,} bytes masked per phone:")
+    print(f"protocol, cohort {args.cohort} (graph degree {costs['degree']}, threshold {costs['threshold']}), goal "
+          f"{args.goal}, ring 2^{args.ring_bits}, {layout.nbytes:,} bytes masked per phone:")
     print(f"  per phone: shares {1000 * costs['share_s']:.0f} ms, masking {1000 * costs['mask_s']:.0f} ms, "
           f"signing the survivors {1000 * costs['confirm_s']:.1f} ms, revealing {1000 * costs['reveal_s']:.0f} ms")
-    print(f"  server: unmasking the sum with {COHORT - GOAL} phones dropped after sharing: {costs['unmask_s']:.2f} s")
+    print(f"  server: unmasking the sum with {args.cohort - args.goal} phones dropped after sharing: "
+          f"{costs['unmask_s']:.2f} s")
     print(f"  bytes up per reporting phone: {costs['bytes_up'] / 1e6:.2f} MB = {costs['bytes_up'] / float32:.2f}x the "
           f"float32 update ({float32 / 1e6:.2f} MB), {costs['bytes_up'] / int8:.2f}x the int8 one "
           f"({int8 / 1e6:.2f} MB), which plain rounds send (target <= {TARGETS['bytes up']}x: "
@@ -151,7 +155,7 @@ def main() -> None:
     plain_wall, plain_bytes = fleet_rounds(False, corpus, phones, args)
     secure_wall, secure_bytes = fleet_rounds(True, corpus, phones, args)
     ratio = secure_wall / plain_wall
-    print(f"rounds of {GOAL} phones from {len(phones):,} (in-process, {args.rounds} measured rounds each):")
+    print(f"rounds of {args.goal} phones from {len(phones):,} (in-process, {args.rounds} measured rounds each):")
     print(f"  plain (int8 updates): {plain_wall:.1f} s per round, {plain_bytes / 1e6:.2f} MB up per reporting phone")
     print(f"  secure aggregation:   {secure_wall:.1f} s per round, {secure_bytes / 1e6:.2f} MB up per reporting phone")
     print(f"  wall time {ratio:.2f}x (target <= {TARGETS['wall time']}x: "

@@ -10,8 +10,13 @@ that held.
 - Survived: the fleet's count (`survived` in metrics.jsonl) of the round's selected phones still in it when it
   ended, not vanished (lost their network), aborted (their conditions changed), diverged or refused. A phone still
   training when the round failed survived: a round that ends before its phones could train is the round's fault.
+  But once collection has closed with enough masked inputs, a phone whose input comes after it (late) is out of
+  the round, as over-selection means it to be.
 - Needed: three, the round's minimum of reports (`--min-report-fraction` of the goal), and a secret's threshold
   plus one for a cohort as small as the survivors (keyboard_model/secagg/graph.py).
+- Besides, phones reveal shares only when more than half of each phone that shared and its neighbours confirmed
+  the survivors (their check against a lying server); a round failed for want of that majority says so ("no
+  majority") and is counted apart: the price of that check, not a fault.
 
     .venv/bin/python benchmarks/secure_run.py [--time-budget 300] [--out runs/secure-run] [FEDKB UP OPTIONS ...]
 
@@ -41,17 +46,46 @@ class FailedRound:
     cause: str
     selected: int
     reported: int
+    late: int
     survived: int
     needed: int
+
+    @classmethod
+    def of(cls, record: dict, survived: int, min_report_fraction: float) -> FailedRound:
+        """A failed round from the aggregator's `record` and the fleet's count of its phones still in it."""
+        need = needed(survived, record["goal"], min_report_fraction)
+        if record["reported"] >= need:  # collection closed with enough: the late phones were left out, as meant
+            survived -= record["late"]
+            need = needed(survived, record["goal"], min_report_fraction)
+        return cls(record["round"], record["failure"] or "", record["selected"], record["reported"], record["late"],
+                   survived, need)
 
     @property
     def enough_survived(self) -> bool:
         return self.survived >= self.needed
 
+    @property
+    def no_majority(self) -> bool:
+        """It failed because no majority confirmed around some phone (aggregator/secure_aggregation.py)."""
+        return "no majority" in self.cause
+
     def __str__(self) -> str:
+        flag = ("" if not self.enough_survived else "  <- no majority confirmed" if self.no_majority
+                else "  <- FAILED WHILE ENOUGH SURVIVED")
         return (f"- round {self.number}: {self.cause}\n  {self.survived} of {self.selected} selected survived "
-                f"({self.reported} reported); it needed {self.needed}"
-                + ("  <- FAILED WHILE ENOUGH SURVIVED" if self.enough_survived else ""))
+                f"({self.reported} reported, {self.late} late); it needed {self.needed}{flag}")
+
+
+def verdict(failed: list[FailedRound]) -> str:
+    """Whether any round failed while enough phones survived; and those that failed for want of a majority."""
+    offenders = [f.number for f in failed if f.enough_survived and not f.no_majority]
+    unconfirmed = [f.number for f in failed if f.enough_survived and f.no_majority]
+    line = (f"verdict: {len(offenders)} round(s) failed while the threshold survived: {', '.join(map(str, offenders))}"
+            if offenders else "verdict: none failed while the threshold survived")
+    if unconfirmed:
+        line += (f"; {len(unconfirmed)} failed with the threshold alive but no majority confirming around some phone "
+                 f"(the check against a lying server): {', '.join(map(str, unconfirmed))}")
+    return line
 
 
 def run_main_job(out: Path, budget: float, extra: list[str]) -> None:
@@ -76,8 +110,8 @@ def server_rounds(db_path: Path) -> list[dict]:
     """The aggregator's record of every round, read-only."""
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
         db.row_factory = sqlite3.Row
-        return [dict(row) for row in db.execute("SELECT round, status, failure, goal, selected, reported FROM rounds "
-                                                "ORDER BY round")]
+        return [dict(row) for row in db.execute("SELECT round, status, failure, goal, selected, reported, late FROM "
+                                                "rounds ORDER BY round")]
 
 
 def failed_rounds(out: Path) -> tuple[list[dict], list[FailedRound]]:
@@ -90,8 +124,7 @@ def failed_rounds(out: Path) -> tuple[list[dict], list[FailedRound]]:
         survived = fleet.get(record["round"], {}).get("survived")
         if survived is None:  # a line recovered from the aggregator's record after an interruption, or none
             raise SystemExit(f"the fleet did not see round {record['round']} end: who survived it is unknown")
-        failed.append(FailedRound(record["round"], record["failure"] or "", record["selected"], record["reported"],
-                                  survived, needed(survived, record["goal"], options["min_report_fraction"])))
+        failed.append(FailedRound.of(record, survived, options["min_report_fraction"]))
     return rounds, failed
 
 
@@ -100,12 +133,7 @@ def report(rounds: list[dict], failed: list[FailedRound], budget: float) -> None
     print(f"\n{len(rounds)} secure rounds in {budget:g} s of rounds: {closed} closed, {len(failed)} failed")
     for f in failed:
         print(f)
-    offenders = [f.number for f in failed if f.enough_survived]
-    if offenders:
-        print(f"verdict: {len(offenders)} round(s) failed while the threshold survived: "
-              f"{', '.join(map(str, offenders))}")
-    else:
-        print("verdict: none failed while the threshold survived")
+    print(verdict(failed))
 
 
 def main(argv: list[str] | None = None) -> None:

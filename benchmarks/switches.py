@@ -8,6 +8,7 @@ uploads and secure-aggregation messages), top-1 on every held-out position, and 
 and rho the aggregator reported after the last round.
 
     .venv/bin/python benchmarks/switches.py [--time-budget 540] [--noise-multiplier 0.1] [--only NAME ...]
+        [FEDKB UP OPTIONS ...]
 
 The default budget is the main job's own (540 s), so the epsilon and rho printed are those at the end of the
 default run with each mechanism. Timing: run it alone on the machine.
@@ -32,11 +33,11 @@ SETTINGS = {
 }
 
 
-def run(name: str, flags: list[str], out: Path, budget: float) -> dict:
+def run(name: str, flags: list[str], out: Path, budget: float, extra: list[str]) -> dict:
     """Run (or reuse) the main job with `flags`; returns its row."""
     if not (out / "summary.json").exists():
         command = [sys.executable, "-m", "fedkb", "up", "--no-demo", "--no-progress", "--time-budget", str(budget),
-                   "--out", str(out), *flags]
+                   "--out", str(out), *flags, *extra]
         print(f"{name}: {' '.join(command[2:])}", flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
@@ -61,13 +62,13 @@ def main() -> None:
     parser.add_argument("--noise-multiplier", type=float, default=0.1)
     parser.add_argument("--only", nargs="+", choices=SETTINGS, default=list(SETTINGS), metavar="NAME")
     parser.add_argument("--out", type=Path, default=Path("runs/switches"))
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # the rest goes to `fedkb up` (the smoke test's tiny fleet)
 
     rows = []
     for name in args.only:
         flags = [flag.format(z=args.noise_multiplier) for flag in SETTINGS[name]]
         folder = args.out / f"{name.replace(', ', '-').replace(' ', '-')}-{args.time_budget:g}s"
-        rows.append(run(name, flags, folder, args.time_budget))
+        rows.append(run(name, flags, folder, args.time_budget, extra))
     print(f"\n{args.time_budget:g} s of rounds each, noise multiplier {args.noise_multiplier} where private:\n")
     print("| setting | rounds (failed) | rounds per hour | bytes up per round | per update | top-1 | ε at δ = 1/621 "
           "| ρ-zCDP | last clip norm |")

@@ -167,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     names = args.architecture or [DEFAULT_ARCHITECTURE]
 
-    peak = matmul_flops_per_second()
+    peak = matmul_flops_per_second(seconds=min(3.0, args.seconds))
     print(f"machine: {torch.get_num_threads()} threads, fp32 matmul {peak / 1e9:.1f} GFLOP/s (1024x1024)")
     for name in names:
         rows, model_config = training_rows(0, name)
