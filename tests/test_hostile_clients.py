@@ -32,7 +32,6 @@ from tests.test_secure_rounds import (
     confirm_all,
     finished_round,
     random_delta,
-    until_collecting,
     wait_for_phase,
 )
 
@@ -63,11 +62,20 @@ def secure_client(tmp_path: Path, small_tokenizer_path: Path, small_model_config
     return InProcessClient(config)
 
 
-def unmasking_round(client: InProcessClient, devices: int):
-    """A secure round of `devices` devices that all reported; returns them, their deltas and the round's state."""
+def unmasking_round(client: InProcessClient, devices: int, forge=None):
+    """A secure round of `devices` devices that all reported; returns them, their deltas and the round's state. With
+    `forge`, the first device deals `forge(its share message)` instead of its own."""
     before, _ = model_from_bytes(client.model())
     members = [Device(client) for _ in range(devices)]
-    state = until_collecting(members)
+    for device in members:
+        device.send_keys()
+    wait_for_phase(members[0], "share")
+    for device in members:
+        if device is members[0] and forge is not None:
+            client.secagg_shares(device.round, device.token, forge(device.part.shares_message(device.state())))
+        else:
+            device.send_shares()
+    state = wait_for_phase(members[0], "collect")
     deltas = [random_delta(parameter_shapes(before.state_dict()), seed) for seed in range(devices)]
     for seed, (device, delta) in enumerate(zip(members, deltas)):
         device.upload(delta, None, seed)

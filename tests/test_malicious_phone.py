@@ -123,27 +123,6 @@ def test_a_liar_that_reveals_wrong_shares_is_left_out_and_the_round_closes_with_
     assert_mean_within_rounding(after.state_dict(), before, mean_of(deltas, before), state, reporters=5)
 
 
-def dealing_round(client, devices: int, forge) -> tuple[list[Device], list, object, dict]:
-    """A secure round in which the first device's share message is `forge(message)` instead of its own; everyone
-    else honest. Runs until every device has revealed (or was refused); returns the devices, deltas, state, model."""
-    before, _ = model_from_bytes(client.model())
-    members = [Device(client) for _ in range(devices)]
-    for device in members:
-        device.send_keys()
-    wait_for_phase(members[0], "share")
-    dealer = members[0]
-    client.secagg_shares(dealer.round, dealer.token, forge(dealer.part.shares_message(dealer.state())))
-    for device in members[1:]:
-        device.send_shares()
-    state = wait_for_phase(members[0], "collect")
-    deltas = [random_delta(parameter_shapes(before.state_dict()), seed) for seed in range(devices)]
-    for seed, (device, delta) in enumerate(zip(members, deltas)):
-        device.upload(delta, None, seed)
-    wait_for_phase(members[0], "confirm")
-    confirm_all(members)
-    return members, deltas, state, before.state_dict()
-
-
 def test_a_dealer_that_commits_to_another_value_than_it_sealed_cannot_get_an_honest_share_refused(
     tmp_path, small_tokenizer_path, small_model_config
 ):
@@ -158,7 +137,7 @@ def test_a_dealer_that_commits_to_another_value_than_it_sealed_cannot_get_an_hon
         message.pairs[framed_index] = pair.model_copy(update={"self_mask": os.urandom(32)})
         return message
 
-    members, deltas, state, before = dealing_round(client, 5, forge)
+    members, deltas, state, before = unmasking_round(client, 5, forge)
     dealer, framed = members[0], next(d for d in members if d.part.index == framed_index)
     reveal = framed.part.reveal_message(framed.state())
     assert dealer.part.index not in reveal.shares and len(reveal.shares) == 3
@@ -175,7 +154,7 @@ def test_a_dealer_whose_shares_rebuild_another_seed_than_it_committed_to_fails_t
 ):
     """Its self mask cannot be removed from the sum: the round fails, naming the cause, and the model stays."""
     client = secure_client(tmp_path, small_tokenizer_path, small_model_config, devices=4)
-    members, _, _, _ = dealing_round(
+    members, _, _, _ = unmasking_round(
         client, 4, lambda message: message.model_copy(update={"seed_commitment": os.urandom(32)}))
     for device in members:
         device.reveal()
@@ -194,7 +173,7 @@ INCONSISTENT_DEALER = "dealt shares that rebuild another seed than the one it co
 def inconsistent_dealer_round(client) -> Device:
     """A round of four that fails because its first device dealt shares of another seed than it committed to;
     returns that device."""
-    members, _, _, _ = dealing_round(
+    members, _, _, _ = unmasking_round(
         client, 4, lambda message: message.model_copy(update={"seed_commitment": os.urandom(32)}))
     for device in members:
         device.reveal()
