@@ -269,11 +269,11 @@ def summary(result: dict, db_path: Path, minutes: float) -> None:
         print(f"{seen_failing[-1]}" + (f"\n  lying phones in it (not counted as survivors): {liars}" if liars else ""))
     print(verdict(seen_failing) + " (honest phones counted)")
     norms = [r["update_norm"] for r in closed if r["update_norm"] is not None]
-    print(f"largest released update norm: {max(norms, default=float('nan')):.4g} (bound: --max-update-norm "
-          f"{config.max_update_norm:g})")
+    print(f"largest released update norm: {f'{max(norms):.4g}' if norms else 'none (no round closed)'} (bound: "
+          f"--max-update-norm {config.max_update_norm:g})")
     clip = [r["dp_clip_norm"] for r in closed if r["dp_clip_norm"] is not None]
-    print(f"clip norm: {min(clip, default=float('nan')):.4g} to {max(clip, default=float('nan')):.4g} over the "
-          f"closed rounds (next: {closed[-1]['dp_next_clip_norm'] if closed else None})")
+    print(f"clip norm: {f'{min(clip):.4g} to {max(clip):.4g}' if clip else 'none'} over the closed rounds (next: "
+          f"{closed[-1]['dp_next_clip_norm'] if closed else None})")
     print("aggregator RSS before each kill (MB): " + ", ".join(f"{m:.0f}" for m in result["rss_at_kill"]))
     print("seconds to start the aggregator each time: " + ", ".join(f"{s:.1f}" for s in result["starts_s"]))
     outcomes = {r["round"]: r["status"] for r in rounds}

@@ -150,8 +150,9 @@ def test_soak(tmp_path, monkeypatch, capsys):
     out = run_benchmark("soak", ["--minutes", "0.2", "--kill-every", "0.06", "--out", str(tmp_path), "--phones", "24",
                                  "--clients-per-round", "3", "--dp-mechanism", "fedavg", "--workers", "1",
                                  *TINY_MODEL], monkeypatch, capsys)
+    # At this size, and on a loaded machine, lying and vanishing phones may leave no round to close.
     assert_prints(out, r"0.2 minutes: {n} rounds, {n} closed, {n} failed; the aggregator was killed [1-9]\d* times",
-                  r"largest released update norm: {n} \(bound: --max-update-norm 20\)",
-                  r"clip norm: {n} to {n} over the closed rounds", r"aggregator RSS before each kill \(MB\): {n}",
+                  r"largest released update norm: ({n}|none \(no round closed\)) \(bound: --max-update-norm 20\)",
+                  r"clip norm: ({n} to {n}|none) over the closed rounds", r"aggregator RSS before each kill \(MB\): {n}",
                   r"lying phone phone-\d+ \(impossible counts\)", r"lying phone phone-\d+ \(an all-zero key\)",
                   r"verdict: ", r"database whole: rounds 1\.\.\d+ without a gap")
