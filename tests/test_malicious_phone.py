@@ -130,15 +130,17 @@ def test_a_dealer_that_commits_to_another_value_than_it_sealed_cannot_get_an_hon
     it opened, the server would refuse its reveal. It leaves that share out instead, its other shares count, and
     the dealer's seed comes from its other neighbours' shares."""
     client = secure_client(tmp_path, small_tokenizer_path, small_model_config, devices=5)
-    framed_index = 1
+    framed_indices = []
 
     def forge(message):
-        pair = message.pairs[framed_index]
-        message.pairs[framed_index] = pair.model_copy(update={"self_mask": os.urandom(32)})
+        # The dealer's cohort index depends on the random device ids: frame its first neighbour, whichever it is.
+        framed_indices.append(min(message.pairs))
+        pair = message.pairs[framed_indices[0]]
+        message.pairs[framed_indices[0]] = pair.model_copy(update={"self_mask": os.urandom(32)})
         return message
 
     members, deltas, state, before = unmasking_round(client, 5, forge)
-    dealer, framed = members[0], next(d for d in members if d.part.index == framed_index)
+    dealer, framed = members[0], next(d for d in members if d.part.index == framed_indices[0])
     reveal = framed.part.reveal_message(framed.state())
     assert dealer.part.index not in reveal.shares and len(reveal.shares) == 3
     for device in members:
