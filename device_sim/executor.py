@@ -34,13 +34,16 @@ from device_sim.vectorised import VectorisedCohort
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
+from keyboard_model.weights import LatestModel
 
 
 class TrainingExecutor(Protocol):
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
                now_s: float, clipping: Clipping | None,
-               secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future[tuple[LocalWork, float]]:
-        """A future of (the phone's LocalWork, wall seconds it spent on it)."""
+               secure: tuple[SecAggPhone, SecAggState] | None = None,
+               evaluate: bool = True) -> Future[tuple[LocalWork, float]]:
+        """A future of (the phone's LocalWork, wall seconds it spent on it); the phone scores the model it downloaded
+        only when `evaluate` (the aggregator asked it to)."""
 
     def close(self) -> None:
         """Stop now: work still queued or running is dropped."""
@@ -57,14 +60,15 @@ class LocalProcessPool:
         self._executor = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=_start_worker)
 
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float,
-               clipping: Clipping | None, secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future:
+               clipping: Clipping | None, secure: tuple[SecAggPhone, SecAggState] | None = None,
+               evaluate: bool = True) -> Future:
         """A future of (LocalWork, wall seconds the phone spent on it)."""
         # The executor starts a worker here when it has fewer than it may. Cut short by Ctrl-C between starting
         # one and recording it, it would never stop that worker, which outlives the simulator: it holds an end of
         # the job queue itself, so it never sees the queue close.
         with _ctrl_c_held():
             return self._executor.submit(_train, self._tokenizer_json, phone.phone_id, phone.history_path.parent,
-                                         model, config, seed, compression, now_s, clipping, secure)
+                                         model, config, seed, compression, now_s, clipping, secure, evaluate)
 
     def close(self) -> None:
         """Stop now: drop the phones still queued and end the ones training, whose work nobody will read.
@@ -159,10 +163,15 @@ def _tokenizer(tokenizer_json: str) -> KeyboardTokenizer:
     return KeyboardTokenizer.from_json(tokenizer_json)
 
 
+# The model this worker decoded last: every phone of a round downloads the same one.
+_LATEST_MODEL = LatestModel()
+
+
 def _train(tokenizer_json: str, phone_id: str, folder: Path, model: bytes, config: LocalTrainConfig, seed: int,
            compression: str, now_s: float, clipping: Clipping | None,
-           secure: tuple[SecAggPhone, SecAggState] | None) -> tuple[LocalWork, float]:
+           secure: tuple[SecAggPhone, SecAggState] | None, evaluate: bool = True) -> tuple[LocalWork, float]:
     started = time.perf_counter()
     work = Phone(phone_id, folder).local_work(model, _tokenizer(tokenizer_json), config, seed, compression, now_s,
-                                              clipping=clipping, secure=secure)
+                                              clipping=clipping, secure=secure, evaluate=evaluate,
+                                              models=_LATEST_MODEL)
     return work, time.perf_counter() - started

@@ -32,7 +32,7 @@ from keyboard_model.files import write_atomically
 from keyboard_model.secagg import Directory, IdentityKey
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
-from keyboard_model.weights import model_from_bytes
+from keyboard_model.weights import LatestModel, model_from_bytes
 
 # Held-out messages a phone scores the downloaded model on, at most. Ten phones still score about a thousand
 # predictions a round; scoring 100 messages cost a phone a quarter of its training time, 25 about a tenth; and
@@ -126,17 +126,20 @@ class Phone:
         self, model_bytes: bytes, tokenizer: KeyboardTokenizer, config: LocalTrainConfig, seed: int,
         compression: str = "int8", now: float | None = None, eval_messages: int = EVAL_MESSAGES,
         clipping: Clipping | None = None, secure: tuple[SecAggPhone, SecAggState] | None = None,
+        evaluate: bool = True, models: LatestModel | None = None,
     ) -> LocalWork:
         """Score the downloaded global model on held-out messages, then fine-tune it on the messages typed by
         `now`; with differential privacy on, the aggregator asks for the update clipped (`clipping`). In a
         secure round (`secure`: this phone's part and the round's state) the upload is the masked update with the
         evaluation counts inside it. If training diverged, or the delta holds any value that is not finite, there
         is no upload and no evaluation: nothing of the round is encoded. This is all the work that happens on the
-        phone (device_sim/session.py); nothing here talks to the network."""
+        phone (device_sim/session.py); nothing here talks to the network. The phone scores the model only when the
+        aggregator asked it to (`evaluate`: federated evaluation runs on a share of each round's phones). A worker
+        that runs many phones passes its `models`, which decodes each downloaded model once, not once per phone."""
         train_texts, held_out = self.messages(now)
-        model, version = model_from_bytes(model_bytes)
+        model, version = model_from_bytes(model_bytes) if models is None else models.fresh(model_bytes)
         return local_work(RoundInput(model, version, tokenizer, train_texts, held_out, config, seed),
-                          phone_mods(compression, eval_messages, clipping, secure))
+                          phone_mods(compression, eval_messages if evaluate else 0, clipping, secure))
 
     def send(
         self, client: Aggregator, round_number: int, upload_token: str, work: LocalWork

@@ -97,8 +97,10 @@ class RayExecutor:
 
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float,
                clipping: Clipping | None,
-               secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future[tuple[LocalWork, float]]:
-        """A future of (LocalWork, wall seconds the phone spent on it)."""
+               secure: tuple[SecAggPhone, SecAggState] | None = None,
+               evaluate: bool = True) -> Future[tuple[LocalWork, float]]:
+        """A future of (LocalWork, wall seconds the phone spent on it); the phone scores the model only when
+        `evaluate`."""
         node = self._node_for(phone.phone_id)
         folder = self._folders.get(phone.phone_id)
         if folder is None:
@@ -107,7 +109,7 @@ class RayExecutor:
             self._folders[phone.phone_id] = folder
         job = _train_on_node.options(scheduling_strategy=_pinned(node)).remote(
             node, self._tokenizer_json, phone.phone_id, folder, self._model_ref(model), config, seed, compression,
-            now_s, clipping, secure)
+            now_s, clipping, secure, evaluate)
         self._running[job] = None
         future = job.future()
         future.add_done_callback(lambda _: self._running.pop(job, None))

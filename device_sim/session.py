@@ -156,9 +156,11 @@ def masked(part: SecAggPhone, state: SecAggState) -> Mod:
 
 def phone_mods(compression: str, eval_messages: int, clipping: Clipping | None,
                secure: tuple[SecAggPhone, SecAggState] | None) -> list[Mod]:
-    """A phone's mods, outermost first: the upload (masked in a secure round), the guard, federated evaluation,
-    and clipping when the aggregator asked for it."""
-    return [masked(*secure) if secure is not None else encoded(compression), guarded, evaluated(eval_messages),
+    """A phone's mods, outermost first: the upload (masked in a secure round), the guard, federated evaluation
+    (unless `eval_messages` is 0: the aggregator did not ask this phone to score the model; in a secure round it
+    then sends zero counts in the masked sum), and clipping when the aggregator asked for it."""
+    return [masked(*secure) if secure is not None else encoded(compression), guarded,
+            *([evaluated(eval_messages)] if eval_messages > 0 else []),
             *([clipped(clipping)] if clipping is not None else [])]
 
 

@@ -298,6 +298,7 @@ class _Job:
     now_s: float
     clipping: Clipping | None
     secure: tuple[SecAggPhone, SecAggState] | None
+    evaluate: bool
     future: Future
 
 
@@ -334,11 +335,12 @@ class VectorisedCohort:
 
     def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
                now_s: float, clipping: Clipping | None,
-               secure: tuple[SecAggPhone, SecAggState] | None = None) -> Future[tuple[LocalWork, float]]:
+               secure: tuple[SecAggPhone, SecAggState] | None = None,
+               evaluate: bool = True) -> Future[tuple[LocalWork, float]]:
         """A lazy future of (the phone's LocalWork, wall seconds spent on it: its share of the batched pass, by SGD
-        steps, and its own mods)."""
+        steps, and its own mods); the phone scores the model only when `evaluate`."""
         future = _Queued(self)
-        self._queue.append(_Job(phone, model, config, seed, compression, now_s, clipping, secure, future))
+        self._queue.append(_Job(phone, model, config, seed, compression, now_s, clipping, secure, evaluate, future))
         return future
 
     def run_queued(self) -> None:
@@ -375,8 +377,8 @@ class VectorisedCohort:
         for (job, given), phone in zip(inputs, trained):
             started = time.perf_counter()
             try:
-                work = local_work(given, phone_mods(job.compression, self.eval_messages, job.clipping, job.secure),
-                                  train_step=lambda _, phone=phone: LocalWork(phone.result, phone.delta))
+                mods = phone_mods(job.compression, self.eval_messages if job.evaluate else 0, job.clipping, job.secure)
+                work = local_work(given, mods, train_step=lambda _, phone=phone: LocalWork(phone.result, phone.delta))
             except Exception as error:  # noqa: BLE001 -- one phone's failure is that phone's
                 job.future.set_exception(error)
                 continue

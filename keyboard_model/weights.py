@@ -122,5 +122,35 @@ def model_from_bytes(data: bytes) -> tuple[NextWordModel, int]:
     return model, version
 
 
+class LatestModel:
+    """The latest downloaded model, decoded once: each phone a worker runs gets the worker's one module, reset to it.
+
+    Every phone of a round downloads the same bytes; decoding them (parsing, checking, dequantising, building the
+    module) cost about a tenth of a phone's local work (benchmarks/train_speed.py). Resetting is a copy of the
+    weights into the module the previous phone trained, so no phone ever starts from another's training.
+    """
+
+    def __init__(self) -> None:
+        self._data: bytes | None = None
+        self._weights: Tensors = {}
+        self._model: NextWordModel | None = None
+        self._version = 0
+
+    def fresh(self, data: bytes) -> tuple[NextWordModel, int]:
+        """The model `data` holds, with its version, as `model_from_bytes` gives it; the module is the one the
+        previous call returned, its weights and gradients reset, so it is valid until the next call."""
+        if data != self._data:  # a comparison of bytes: far cheaper than decoding them
+            self._model, self._version = model_from_bytes(data)
+            self._weights = {name: t.detach().clone() for name, t in self._model.state_dict().items()}
+            self._data = data
+            return self._model, self._version
+        with torch.no_grad():
+            for name, tensor in self._model.state_dict().items():
+                tensor.copy_(self._weights[name])
+        for parameter in self._model.parameters():
+            parameter.grad = None
+        return self._model.train(), self._version  # as a newly built module
+
+
 def parameter_shapes(state: Tensors) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in state.items()}

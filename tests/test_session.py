@@ -6,6 +6,9 @@ import math
 
 import torch
 
+from device_sim import executor
+from device_sim.fleet import typing_times
+from device_sim.phone import Phone
 from device_sim.session import (
     Clipping,
     LocalWork,
@@ -17,12 +20,13 @@ from device_sim.session import (
     local_work,
     train,
 )
+from keyboard_model import weights
 from keyboard_model.evaluate import evaluate
 from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig, TrainResult
 from keyboard_model.update_codec import decode_update
 from keyboard_model.norms import l2_norm
-from keyboard_model.weights import parameter_shapes
+from keyboard_model.weights import model_from_bytes, model_to_bytes, parameter_shapes
 from tests.conftest import SMALL_TEXT
 
 
@@ -71,3 +75,35 @@ def test_training_alone_returns_only_a_delta(small_tokenizer, small_model_config
     work = train(round_input(small_tokenizer, small_model_config))
     assert work.upload is None and work.evaluation is None and set(work.delta) == set(
         parameter_shapes(build_model(small_model_config).state_dict()))
+
+
+def two_phones(folder):
+    return [Phone.create(f"phone-{p}", folder / f"phone-{p}",
+                         typing_times([SMALL_TEXT[(p + t) % len(SMALL_TEXT)] for t in range(6)], 1.0))
+            for p in range(2)]
+
+
+def test_a_worker_decodes_the_model_once_and_each_phone_starts_from_it(tmp_path, monkeypatch, small_tokenizer,
+                                                                     small_model_config):
+    decoded = []
+    monkeypatch.setattr(weights, "model_from_bytes", lambda data: decoded.append(data) or model_from_bytes(data))
+    monkeypatch.setattr(executor, "_LATEST_MODEL", weights.LatestModel())
+    model = model_to_bytes(build_model(small_model_config, seed=1).state_dict(), 5, small_model_config)
+    first, second = two_phones(tmp_path)
+    config, now = LocalTrainConfig(learning_rate=0.5, batch_size=2), 2 * 86_400.0
+    in_a_row = [executor._train(small_tokenizer.to_json(), phone.phone_id, phone.history_path.parent, model, config,
+                                seed, "none", now, None, None)[0] for seed, phone in enumerate((first, second))]
+    assert len(decoded) == 1  # the second phone reused the worker's decoded model...
+    alone = second.local_work(model, small_tokenizer, config, 1, "none", now)
+    assert l2_norm(in_a_row[0].delta) > 0  # ...which the first phone had trained...
+    assert in_a_row[1].evaluation == alone.evaluation  # ...yet the second scored and trained the model it downloaded
+    assert in_a_row[1].upload == alone.upload
+
+
+def test_a_phone_scores_the_model_only_when_asked(tmp_path, small_tokenizer, small_model_config):
+    model = model_to_bytes(build_model(small_model_config, seed=1).state_dict(), 5, small_model_config)
+    phone = two_phones(tmp_path)[0]
+    asked, not_asked = (phone.local_work(model, small_tokenizer, LocalTrainConfig(), 0, "none", 2 * 86_400.0,
+                                         evaluate=evaluate) for evaluate in (True, False))
+    assert asked.evaluation is not None and not_asked.evaluation is None
+    assert not_asked.upload == asked.upload  # training is the same either way

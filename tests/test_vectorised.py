@@ -186,10 +186,10 @@ class OneByOne:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def submit(self, phone, model, config, seed, compression, now_s, clipping, secure=None) -> Future:
+    def submit(self, phone, model, config, seed, compression, now_s, clipping, secure=None, evaluate=True) -> Future:
         future = Future()
         future.set_result((phone.local_work(model, self.tokenizer, config, seed, compression, now_s,
-                                            clipping=clipping, secure=secure), 0.0))
+                                            clipping=clipping, secure=secure, evaluate=evaluate), 0.0))
         return future
 
     def close(self) -> None:
