@@ -54,7 +54,7 @@ from keyboard_model.evaluate import evaluate
 from keyboard_model.model import CIFGLSTM, CompiledCIFGRecurrence, TiedOutputCrossEntropy, build_model
 from keyboard_model.native import cifg_kernel
 from keyboard_model.tokenizer import PAD_ID
-from keyboard_model.train import LocalTrainConfig, language_model_loss, pack_sequences
+from keyboard_model.train import LocalTrainConfig, clip_gradients, language_model_loss, pack_sequences
 from keyboard_model.transformer import TransformerConfig
 from keyboard_model.weights import LatestModel, model_from_bytes, model_to_bytes
 
@@ -116,7 +116,7 @@ def tokens_per_second(rows: torch.Tensor, model_config: ArchitectureConfig, seco
         loss = language_model_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        clip_gradients(list(model.parameters()), config.max_grad_norm)
         optimizer.step()
         tokens += int((batch[:, 1:] != 0).sum())
         step += 1
@@ -210,7 +210,7 @@ def step_split(rows: torch.Tensor, model_config: ArchitectureConfig, steps: int)
             clock.append(time.process_time())
             gate_inputs.backward(walk_in.grad)
             clock.append(time.process_time())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            clip_gradients(list(model.parameters()), config.max_grad_norm)
             optimizer.step()
             clock.append(time.process_time())
             if step >= 5:

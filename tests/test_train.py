@@ -8,6 +8,7 @@ from keyboard_model.tokenizer import PAD_ID
 from keyboard_model.train import (
     LocalTrainConfig,
     batch_order,
+    clip_gradients,
     language_model_loss,
     pack_sequences,
     train_local,
@@ -108,3 +109,15 @@ def test_the_proximal_term_pulls_each_step_towards_the_downloaded_model(small_to
 def test_a_negative_proximal_mu_is_refused():
     with pytest.raises(ValueError, match="proximal_mu"):
         LocalTrainConfig(proximal_mu=-0.1)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # the gradients clipped, and left as they are
+def test_clipping_gives_clip_grad_norm_s_gradients_and_norm(small_model_config, max_norm):
+    models = [build_model(small_model_config, seed=2) for _ in range(2)]
+    for model in models:
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+    norm = clip_gradients(list(models[0].parameters()), max_norm)
+    assert norm == torch.nn.utils.clip_grad_norm_(models[1].parameters(), max_norm).item()
+    for ours, torchs in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(ours.grad, torchs.grad)
