@@ -64,6 +64,9 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest L2 norm of an update; larger ones are refused (default: %(default)s)")
     parser.add_argument("--max-eval-positions", type=positive_int, default=DEFAULTS.max_eval_positions,
                         help="most predictions one device's evaluation may claim (default: %(default)s)")
+    parser.add_argument("--eval-share", type=fraction, default=DEFAULTS.eval_share,
+                        help="share of each round's selected devices asked to score the model they download "
+                             "(federated evaluation; default: %(default)s)")
     parser.add_argument("--download", choices=MODEL_ENCODINGS, default=DEFAULTS.download_encoding,
                         help="how selected phones download the model: int8 is about a quarter of float32's bytes "
                              "(default: %(default)s)")
@@ -165,6 +168,7 @@ def round_settings(args: argparse.Namespace) -> dict:
         max_examples_per_update=args.max_examples,
         max_update_norm=args.max_update_norm,
         max_eval_positions=args.max_eval_positions,
+        eval_share=args.eval_share,
         download_encoding=args.download,
         secure_aggregation=args.secure_aggregation,
         secagg_phase_s=args.secagg_phase,

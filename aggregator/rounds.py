@@ -33,6 +33,7 @@ another writer, say) comes after an update is added to the round's sum.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
 import random
@@ -89,6 +90,7 @@ class CheckinDecision:
     secure_aggregation: bool = False
     model_encoding: str = "float32"
     excluded: str | None = None
+    evaluate: bool = False
 
 
 @dataclass
@@ -282,7 +284,8 @@ class RoundManager:
                 return CheckinDecision("train", current.number, self.model.version, upload_token=token,
                                        clip_norm=clip_norm, adaptive_clipping=self._adaptive_clipping,
                                        secure_aggregation=current.secure is not None,
-                                       model_encoding=self.config.download_encoding)
+                                       model_encoding=self.config.download_encoding,
+                                       evaluate=device_id in self._evaluators())
             if device_id in current.selection.candidates:
                 # Come back once the draw it is a candidate in has been made.
                 wait = max(current.selection.ends - self.clock(), 0.0) + 0.001
@@ -292,6 +295,14 @@ class RoundManager:
             if self.config.selection_window_s > 0:  # a window of 0 is first come, first served
                 self._comebacks.told(device_id, self.clock() + wait)
             return CheckinDecision("retry", current.number, self.model.version, retry_after_s=round(wait, 3))
+
+    def _evaluators(self) -> set[str]:
+        """The open round's devices asked to score the model they download: federated evaluation runs on a share of
+        each round's devices, as Gboard's does, the first ceil(eval_share x selection target) of the round's draws
+        (in the draws' random order). The others spend the round on training only; in a secure round they put zero
+        counts in their masked input (aggregator/config.py says what the default share costs and saves)."""
+        evaluators = math.ceil(self.config.eval_share * self.selection_target)
+        return set(itertools.islice(self.round.token_by_device, evaluators))
 
     def _separation_wait(self, device_id: str) -> float | None:
         """DP-FTRL's minimum separation: None if the device may take part in this round; otherwise how long to wait,
@@ -552,6 +563,8 @@ class RoundManager:
             summary.update(status="failed", failure=self.round.failure)
             self.storage.record_round(summary, None, None, statuses=self._statuses())
             return
+        if self.round.secure is not None:  # the masked sum cannot say who scored: those asked to, that reported did
+            release.record["eval_devices"] = len(self._evaluators() & self.round.reported)
         self.model.commit_step(release.mean_delta, {**summary, **release.record, "status": "closed"},
                                self.privacy.pending_state() if self._ftrl else None, self._statuses())
         if self.privacy is not None:

@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from aggregator.pace import CHECKINS_PER_SLOT, next_spread, retry_after_s
-from aggregator.process import LocalAggregator
+from aggregator.inprocess import InProcessClient
+from aggregator.process import LocalAggregator, local_aggregator_config
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.schemas import EvaluationReport
 from device_sim.session import update_bytes
 from keyboard_model.weights import model_from_bytes, parameter_shapes, read_metadata
+from tests.test_secure_rounds import Device, confirm_all, finished_round, random_delta, start_secure, until_collecting
 
 
 def constant_update(client: AggregatorClient, value: float, examples: int) -> bytes:
@@ -316,3 +319,36 @@ def test_phones_told_to_download_int8_get_an_int8_model_and_the_round_counts_its
     # The next version is served as int8 too; an unknown encoding is refused before anything is made.
     assert model_from_bytes(client.model("int8"))[1] == 1
     assert httpx.get(f"{aggregator.url}/model", params={"encoding": "int4"}, timeout=5).status_code == 422
+
+
+def test_the_aggregator_asks_a_share_of_each_rounds_devices_to_score_the_model(tmp_path, small_tokenizer_path,
+                                                                              small_model_config):
+    # Goal 5, ten selected, first come first served (so drawn in the order they ask): ceil(0.3 x 10) score.
+    client = InProcessClient(local_aggregator_config(tmp_path, small_tokenizer_path, model=small_model_config,
+                                                     clients_per_round=5, over_selection=2.0, selection_window_s=0.0,
+                                                     eval_share=0.3))
+    tokens = [client.enrol().device_token for _ in range(10)]
+    decisions = [client.checkin(token) for token in tokens]
+    assert [d.action for d in decisions] == ["train"] * 10
+    assert [d.evaluate for d in decisions] == [True] * 3 + [False] * 7
+    assert [client.checkin(token).evaluate for token in tokens] == [True] * 3 + [False] * 7  # asked again: the same
+
+
+def test_in_a_secure_round_devices_not_asked_to_score_send_zero_counts_and_the_round_says_how_many_scored(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
+    client, before = start_secure(start_aggregator, small_tokenizer_path, small_model_config, clients_per_round=5,
+                                  over_selection=1.0, selection_window_s=0.0, eval_share=0.4)
+    devices = [Device(client) for _ in range(5)]
+    asked = [client.checkin(device.device_token).evaluate for device in devices]
+    assert asked == [True, True, False, False, False]
+    until_collecting(devices)
+    for seed, (device, evaluates) in enumerate(zip(devices, asked)):
+        scored = EvaluationReport(model_version=0, positions=100, hits_at_1=10 + seed, hits_at_3=30) if evaluates else None
+        device.upload(random_delta(parameter_shapes(before), seed), scored, seed)  # None: zero counts, masked
+    confirm_all(devices)
+    for device in devices:
+        device.reveal()
+    summary = finished_round(client)
+    # The counts' checks held (hits <= positions <= reporters x max), and the round names the two that scored.
+    assert (summary.status, summary.eval_devices, summary.eval_positions, summary.eval_hits_at_1) == ("closed", 2, 200, 21)

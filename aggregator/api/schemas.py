@@ -61,6 +61,11 @@ class CheckinResponse(BaseModel):
         None, description="Present when this device takes part in no round any more, because secure aggregation proved "
                           "it lied: how. Its action is then always 'retry'."
     )
+    evaluate: bool = Field(
+        True, description="When action is 'train': score the downloaded model on held-out messages and report the "
+                          "counts (federated evaluation runs on a share of each round's devices). A device not asked "
+                          "reports none; in a secure round it puts zero counts in its masked input."
+    )
 
 
 class UploadResponse(BaseModel):
