@@ -79,11 +79,23 @@ def test_ingest(monkeypatch, capsys):
 
 
 def test_train_speed(monkeypatch, capsys):
-    out = run_benchmark("train_speed", ["--seconds", "0.2", "--workers", "1", "--phone-updates", "1"],
-                        monkeypatch, capsys)
+    out = run_benchmark("train_speed", ["--seconds", "0.2", "--workers", "1", "--phone-updates", "1",
+                                        "--step-split", "2"], monkeypatch, capsys)
     assert_prints(out, r"fp32 matmul {n} GFLOP/s", r"one phone on {n} threads: {n} tokens/s = {n} GFLOP/s = {n}% of",
                   r"1 phones side by side, one thread each \({n}\): {n} tokens/s",
-                  r"mean {n} s, median {n} s, max {n} s per phone-update")
+                  r"one training step .*: {n} ms CPU = embedding \+ input gates {n} ms \({n}%\), recurrence {n} ms",
+                  r"output layer \+ loss {n} ms \({n}%\), clip \+ optimiser step {n} ms",
+                  r"mean {n} s, median {n} s, max {n} s per phone-update",
+                  r"CPU-s per phone by part: load from bytes {n}, reset from the worker's copy {n}, score {n}, "
+                  r"train {n}, encode {n}")
+
+
+def test_eval_share(monkeypatch, capsys):
+    out = run_benchmark("eval_share", ["--phones", "4", "--train-phones", "1", "--per-round", "2", "--rounds", "20"],
+                        monkeypatch, capsys)
+    assert_prints(out, r"4 phones scored: top-1 {n}% over {n} predictions, {n} a phone; scoring {n} CPU-s a phone",
+                  r"share 0.3: {n} asked, {n} predictions a round \({n}% of rounds score any\); top-1 off the "
+                  r"population's by {n}% a round \(rms\), {n}% over ten rounds; saves {n} CPU-s a phone")
 
 
 def test_scale(tmp_path, monkeypatch, capsys):
@@ -144,6 +156,14 @@ def test_secure_run(tmp_path, monkeypatch, capsys):
                         monkeypatch, capsys)
     assert_prints(out, r"{n} secure rounds in 2 s of rounds: {n} closed, {n} failed",
                   r"verdict: (none failed while the threshold survived|{n} round\(s\) failed while)")
+
+
+def test_int8_downloads(shakespeare, monkeypatch, capsys):
+    out = run_benchmark("int8_downloads", ["--tiny", "--seeds", "0", "1", "--rounds", "1", "--per-round", "2",
+                                           "--held-out", "50", "--control"], monkeypatch, capsys)
+    assert_prints(out, r"\| 1 \| {n} \| {n} \| {n} \| {n}% \| {n} / {n} \| {n} \|",
+                  r"int8 - float32, points: mean {n}, std {n}, 95% paired t interval \[{n}, {n}\]",
+                  r"control - float32, points: mean {n}")
 
 
 def test_soak(tmp_path, monkeypatch, capsys):
