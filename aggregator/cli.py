@@ -6,15 +6,10 @@ import argparse
 import os
 import socket
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from aggregator.adaptive_clipping import default_count_stddev
-from aggregator.app import create_app
 from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
-from aggregator.config import DP_MECHANISMS, AggregatorConfig
-from keyboard_model.serving import bind, bound_port, serve
-from aggregator.strategies import STRATEGIES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.arguments import (
     at_least, existing_file, fraction, multiple, network, new_file, port, positive_float,
@@ -22,19 +17,28 @@ from keyboard_model.arguments import (
 )
 from keyboard_model.commands import Parser, run_command
 from keyboard_model.errors import UserFacingError
-from keyboard_model.tokenizer import KeyboardTokenizer
-from keyboard_model.weights import MODEL_ENCODINGS
 
-DEFAULTS = AggregatorConfig(db_path=Path("aggregator.sqlite"), tokenizer_path=Path("tokenizer.json"))
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
+
+# The options' choices and defaults, written out: the modules that define them (aggregator.config, .strategies,
+# keyboard_model.weights) import torch, which takes seconds, and `--help` or a refused option must answer at once.
+# tests/test_cli.py checks that the options' defaults make exactly AggregatorConfig's defaults.
+DB_PATH = Path("aggregator.sqlite")
+HOST, PORT = "127.0.0.1", 8600
+SERVER_LEARNING_RATES = {"fedadagrad": 0.03, "fedadam": 0.01, "fedavg": 1.0, "fedavgm": 0.5, "fedyogi": 0.01}
+DP_MECHANISMS = ("fedavg", "ftrl")
+MODEL_ENCODINGS = ("float32", "int8")
+TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", type=new_file, default=DEFAULTS.db_path, help="SQLite database for rounds and models (default: %(default)s)")
+    parser.add_argument("--db", type=new_file, default=DB_PATH, help="SQLite database for rounds and models (default: %(default)s)")
     parser.add_argument("--tokenizer", type=existing_file, default=None,
                         help="tokenizer.json of a prepared corpus (`fedkb aggregator`: default, the default corpus's, "
                              "prepared if needed)")
-    parser.add_argument("--host", default=DEFAULTS.host, help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=port, default=DEFAULTS.port, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--host", default=HOST, help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=port, default=PORT, help="port to listen on (default: %(default)s)")
     # A listening socket bound by the parent process (aggregator/process.py), so that no one takes the port first.
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     add_round_arguments(parser)
@@ -43,51 +47,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the round protocol, shared with `fedkb simulate` when it starts its own aggregator."""
-    parser.add_argument("--clients-per-round", type=positive_int, default=DEFAULTS.clients_per_round,
+    parser.add_argument("--clients-per-round", type=positive_int, default=10,
                         help="updates that close a round (default: %(default)s)")
-    parser.add_argument("--round-deadline", type=seconds(1), default=DEFAULTS.round_deadline_s,
+    parser.add_argument("--round-deadline", type=seconds(1), default=300.0,
                         help="seconds after which a round closes with the updates it has (default: %(default)s)")
-    parser.add_argument("--over-selection", type=multiple, default=DEFAULTS.over_selection,
+    parser.add_argument("--over-selection", type=multiple, default=1.3,
                         help="devices selected per round, as a multiple of the goal (default: %(default)s)")
-    parser.add_argument("--min-report-fraction", type=fraction, default=DEFAULTS.min_report_fraction,
+    parser.add_argument("--min-report-fraction", type=fraction, default=0.5,
                         help="share of the goal that makes a round count at its deadline (default: %(default)s)")
     parser.add_argument("--simulated-clock", action="store_true",
                         help="run rounds on a simulator's clock, set through PUT /clock (for simulations)")
-    parser.add_argument("--server-optimizer", choices=sorted(STRATEGIES), default=DEFAULTS.server_optimizer,
+    parser.add_argument("--server-optimizer", choices=sorted(SERVER_LEARNING_RATES), default="fedavgm",
                         help="how the mean update moves the global model (default: %(default)s)")
     parser.add_argument("--server-lr", type=positive_float, default=None,
                         help="server learning rate (default: the optimiser's own: " + ", ".join(
-                            f"{name} {strategy().server_learning_rate:g}" for name, strategy in STRATEGIES.items()) + ")")
-    parser.add_argument("--max-examples", type=positive_int, default=DEFAULTS.max_examples_per_update,
+                            f"{name} {rate:g}" for name, rate in SERVER_LEARNING_RATES.items()) + ")")
+    parser.add_argument("--max-examples", type=positive_int, default=1_000,
                         help="most examples one update may claim; more is refused (default: %(default)s)")
-    parser.add_argument("--max-update-norm", type=positive_float, default=DEFAULTS.max_update_norm,
+    parser.add_argument("--max-update-norm", type=positive_float, default=20.0,
                         help="largest L2 norm of an update; larger ones are refused (default: %(default)s)")
-    parser.add_argument("--max-eval-positions", type=positive_int, default=DEFAULTS.max_eval_positions,
+    parser.add_argument("--max-eval-positions", type=positive_int, default=2_000,
                         help="most predictions one device's evaluation may claim (default: %(default)s)")
-    parser.add_argument("--eval-share", type=fraction, default=DEFAULTS.eval_share,
+    parser.add_argument("--eval-share", type=fraction, default=0.3,
                         help="share of each round's selected devices asked to score the model they download "
                              "(federated evaluation; default: %(default)s)")
-    parser.add_argument("--download", choices=MODEL_ENCODINGS, default=DEFAULTS.download_encoding,
+    parser.add_argument("--download", choices=MODEL_ENCODINGS, default="float32",
                         help="how selected phones download the model: int8 is about a quarter of float32's bytes "
                              "(default: %(default)s)")
     parser.add_argument("--secure-aggregation", action="store_true",
                         help="run secure aggregation: the server learns only each round's sum of updates")
-    parser.add_argument("--secagg-phase", type=seconds(1), default=DEFAULTS.secagg_phase_s,
+    parser.add_argument("--secagg-phase", type=seconds(1), default=120.0,
                         help="seconds each key, share and unmask phase waits for devices (default: %(default)s)")
-    parser.add_argument("--secagg-ring-bits", type=int, choices=(8, 16, 32), default=DEFAULTS.secagg_ring_bits,
+    parser.add_argument("--secagg-ring-bits", type=int, choices=(8, 16, 32), default=8,
                         help="masked updates are integers modulo 2**bits; 8 is the size of an int8 update "
                              "(default: %(default)s)")
     privacy = parser.add_argument_group("differential privacy (off unless --noise-multiplier is given)")
     privacy.add_argument("--noise-multiplier", type=positive_float, default=None,
                          help="Gaussian noise on each round's sum, as a multiple of --clip-norm")
-    privacy.add_argument("--clip-norm", type=positive_float, default=DEFAULTS.clip_norm,
+    privacy.add_argument("--clip-norm", type=positive_float, default=1.0,
                          help="L2 norm phones clip their updates to; with --clip-quantile, where it starts "
                               "(default: %(default)s)")
     privacy.add_argument("--clip-quantile", type=quantile, default=None, metavar="GAMMA",
                          help="adaptive clipping (Andrew et al. 2021): the clip norm follows this quantile of the "
                               "update norms (0.5: the median), learnt from one noised bit per phone; "
                               "--noise-multiplier then covers updates and bits together (default: a fixed clip norm)")
-    privacy.add_argument("--clip-learning-rate", type=positive_float, default=DEFAULTS.clip_learning_rate,
+    privacy.add_argument("--clip-learning-rate", type=positive_float, default=0.2,
                          help="adaptive clipping: the clip norm's geometric step (default: %(default)s)")
     privacy.add_argument("--clip-count-stddev", type=positive_float, default=None,
                          help="adaptive clipping: Gaussian noise on the sum of the phones' bits; must be more than "
@@ -96,39 +100,39 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                          help="phones that could take part, for the accountant's sampling rate (default: those enrolled)")
     privacy.add_argument("--dp-delta", type=probability, default=None,
                          help="delta at which epsilon is reported (default: 1 / population)")
-    privacy.add_argument("--dp-mechanism", choices=DP_MECHANISMS, default=DEFAULTS.dp_mechanism,
+    privacy.add_argument("--dp-mechanism", choices=DP_MECHANISMS, default="fedavg",
                          help="fedavg: independent noise each round, epsilon assuming phones are sampled uniformly; "
                               "ftrl: DP-FTRL, noise correlated across rounds (BLT matrix factorisation, jax-privacy), "
                               "epsilon and rho for phones taking part at most once per --min-separation rounds, no "
                               "sampling assumed (default: %(default)s)")
-    privacy.add_argument("--min-separation", type=positive_int, default=DEFAULTS.min_separation, metavar="B",
+    privacy.add_argument("--min-separation", type=positive_int, default=10, metavar="B",
                          help="DP-FTRL: a phone that took part in one of the last B released rounds is told to retry "
                               "later (default: %(default)s)")
-    privacy.add_argument("--dp-rounds", type=positive_int, default=DEFAULTS.dp_rounds,
+    privacy.add_argument("--dp-rounds", type=positive_int, default=1000,
                          help="DP-FTRL: rounds the correlated noise is optimised for; later rounds are still noised "
                               "and accounted for (default: %(default)s)")
     admission = parser.add_argument_group(
         "admission", f"Credentials come from the environment, never the command line: {OPERATOR_TOKEN_ENV} (the "
                      f"operator's token, which PUT /clock needs) and {ENROLMENT_SECRET_ENV} (the secret devices "
                      "outside the trusted networks must show to enrol).")
-    admission.add_argument("--selection-window", type=seconds(0), default=DEFAULTS.selection_window_s,
+    admission.add_argument("--selection-window", type=seconds(0), default=10.0,
                            help="seconds of check-ins drawn from at random when selecting; 0 takes devices first "
                                 "come, first served (default: %(default)s)")
     admission.add_argument("--trusted-network", type=network, action="append", default=None, metavar="CIDR",
                            help="client addresses that enrol without the secret and without rate limits; repeat for "
-                                f"more, or 'none' (default: {' '.join(DEFAULTS.trusted_networks)})")
-    admission.add_argument("--enrolments-per-minute", type=positive_int, default=DEFAULTS.enrolments_per_minute,
+                                f"more, or 'none' (default: {' '.join(TRUSTED_NETWORKS)})")
+    admission.add_argument("--enrolments-per-minute", type=positive_int, default=30,
                            help="enrolments per client address outside the trusted networks (default: %(default)s)")
-    admission.add_argument("--checkins-per-minute", type=positive_int, default=DEFAULTS.checkins_per_minute,
+    admission.add_argument("--checkins-per-minute", type=positive_int, default=120,
                            help="check-ins per client address outside the trusted networks (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the initial model (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial model (default: %(default)s)")
     parser.add_argument("--init-model", type=existing_file, default=None,
                         help="start a new database from this saved model.safetensors (default: a fresh model)")
-    parser.add_argument("--keep-models", type=at_least(0), default=DEFAULTS.keep_models, metavar="N",
+    parser.add_argument("--keep-models", type=at_least(0), default=5, metavar="N",
                         help="model versions the database keeps, each with its optimiser state: the newest N, version "
                              "0 and those --keep-every marks; older ones are deleted as new ones are committed. 0 "
                              "keeps every version (default: %(default)s)")
-    parser.add_argument("--keep-every", type=at_least(0), default=DEFAULTS.keep_every, metavar="K",
+    parser.add_argument("--keep-every", type=at_least(0), default=0, metavar="K",
                         help="with --keep-models, keep every version that is a multiple of K as well (default: "
                              "%(default)s, none)")
 
@@ -141,7 +145,7 @@ def check_round_options(args: argparse.Namespace) -> None:
     if args.population is not None and args.population < args.clients_per_round:
         raise UserFacingError(f"--population ({args.population}) must be at least --clients-per-round "
                               f"({args.clients_per_round})")
-    if args.dp_mechanism != DEFAULTS.dp_mechanism and args.noise_multiplier is None:
+    if args.dp_mechanism != "fedavg" and args.noise_multiplier is None:
         raise UserFacingError(f"--dp-mechanism {args.dp_mechanism} needs --noise-multiplier")
     if args.clip_quantile is not None:
         if args.noise_multiplier is None:
@@ -188,7 +192,7 @@ def round_settings(args: argparse.Namespace) -> dict:
         keep_models=args.keep_models,
         keep_every=args.keep_every,
         selection_window_s=args.selection_window,
-        trusted_networks=tuple(n for n in args.trusted_network or DEFAULTS.trusted_networks if n != "none"),
+        trusted_networks=tuple(n for n in args.trusted_network or TRUSTED_NETWORKS if n != "none"),
         enrolments_per_minute=args.enrolments_per_minute,
         checkins_per_minute=args.checkins_per_minute,
         operator_token=os.environ.get(OPERATOR_TOKEN_ENV) or None,
@@ -197,6 +201,9 @@ def round_settings(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> AggregatorConfig:
+    from aggregator.config import AggregatorConfig
+    from keyboard_model.tokenizer import KeyboardTokenizer
+
     tokenizer = KeyboardTokenizer.from_file(tokenizer_path)
     return AggregatorConfig(
         db_path=args.db,
@@ -210,12 +217,19 @@ def config_from_args(args: argparse.Namespace, tokenizer_path: Path) -> Aggregat
 
 def listener_from_args(args: argparse.Namespace) -> socket.socket:
     """The socket to serve on: the parent's (--listen-fd), else `--host`:`--port` bound now, before any other work."""
+    from keyboard_model.serving import bind
+
     if args.listen_fd is not None:
         return socket.socket(fileno=args.listen_fd)
     return bind(args.host, args.port)
 
 
 def run(args: argparse.Namespace, listener: socket.socket | None = None) -> int:
+    import torch
+
+    from aggregator.app import create_app
+    from keyboard_model.serving import bound_port, serve
+
     check_round_options(args)
     with listener or listener_from_args(args) as bound:
         if args.tokenizer is None:

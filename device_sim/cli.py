@@ -12,32 +12,33 @@ import os
 from contextlib import closing
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aggregator.api.client import AggregatorClient
-from aggregator.api.protocol import OPERATOR_TOKEN_ENV, Aggregator
-from device_sim.comparison import TABLE_FILE, ComparisonConfig, comparison_table, markdown_table
-from device_sim.corpus import CorpusConfig, PreparedCorpus, default_data_dir, prepare
-from device_sim.eligibility import EligibilityConfig
-from device_sim.executor import EXECUTORS, ExecutorFactory, executor_name, make_executor
-from device_sim.fleet import FleetConfig, evaluate_phones, provisioned_phones
-from device_sim.run_log import json_safe
+from device_sim.corpus import CorpusConfig, default_data_dir, prepare
 from device_sim.run_record import RUN_RECORD, RunRecord, corpus_checksum, start_record
-from device_sim.simulation import SimulationConfig, SimulationSummary, run_simulation
-from device_sim.vectorised import DEFAULT_PHONES_PER_PASS, check_device
 from keyboard_model.arguments import at_least, existing_file, folder, non_negative_float, positive_float, positive_int, probability
 from keyboard_model.commands import main_for
 from keyboard_model.config_file import as_arguments
 from keyboard_model.errors import UserFacingError
-from keyboard_model.files import write_atomically
-from keyboard_model.tokenizer import SPECIAL_TOKENS, KeyboardTokenizer
-from keyboard_model.train import LocalTrainConfig
-from keyboard_model.update_codec import SCHEMES
-from keyboard_model.weights import model_from_bytes
+from keyboard_model.tokenizer import SPECIAL_TOKENS
 
-TRAIN_DEFAULTS = LocalTrainConfig()
-FLEET_DEFAULTS = FleetConfig(phones_dir=Path("phones"))
-COMPARISON_DEFAULTS = ComparisonConfig(baselines_dir=Path("baselines"))
-SIMULATION_DEFAULTS = SimulationConfig(out_dir=Path("runs/simulate"))
+# The phones' modules import torch, which takes seconds: each command imports them when it runs, so that `--help`
+# and a refused option answer at once.
+if TYPE_CHECKING:
+    from aggregator.api.client import AggregatorClient
+    from aggregator.api.protocol import Aggregator
+    from device_sim.comparison import TableRow
+    from device_sim.corpus import PreparedCorpus
+    from device_sim.executor import ExecutorFactory
+    from device_sim.simulation import SimulationConfig, SimulationSummary
+
+# The options' choices and defaults, written out for the same reason: the modules that define them (the
+# LocalTrainConfig, FleetConfig, SimulationConfig and ComparisonConfig dataclasses, device_sim.executor and
+# .vectorised, keyboard_model.update_codec) import torch. tests/test_cli.py checks that they make those defaults.
+EXECUTORS = ("local", "vectorised", "ray")
+DEFAULT_PHONES_PER_PASS = {"cpu": 32, "cuda": 512}
+UPDATE_COMPRESSIONS = ("int8", "none")
+SERVER_EPOCHS = ORACLE_EPOCHS = 20
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,16 +74,16 @@ def run_data(args: argparse.Namespace) -> int:
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("on-device training")
-    group.add_argument("--epochs", type=positive_int, default=TRAIN_DEFAULTS.epochs, help="local epochs per round (default: %(default)s)")
-    group.add_argument("--batch-size", type=positive_int, default=TRAIN_DEFAULTS.batch_size, help="local batch size (default: %(default)s)")
-    group.add_argument("--lr", type=positive_float, default=TRAIN_DEFAULTS.learning_rate, help="local SGD learning rate (default: %(default)s)")
-    group.add_argument("--seq-len", type=at_least(2), default=TRAIN_DEFAULTS.sequence_length, help="tokens per training row (default: %(default)s)")
-    group.add_argument("--max-messages", type=positive_int, default=TRAIN_DEFAULTS.max_messages,
+    group.add_argument("--epochs", type=positive_int, default=1, help="local epochs per round (default: %(default)s)")
+    group.add_argument("--batch-size", type=positive_int, default=16, help="local batch size (default: %(default)s)")
+    group.add_argument("--lr", type=positive_float, default=1.0, help="local SGD learning rate (default: %(default)s)")
+    group.add_argument("--seq-len", type=at_least(2), default=20, help="tokens per training row (default: %(default)s)")
+    group.add_argument("--max-messages", type=positive_int, default=400,
                        help="newest training messages a phone uses per round (default: %(default)s)")
-    group.add_argument("--prox-mu", type=non_negative_float, default=TRAIN_DEFAULTS.proximal_mu, metavar="MU",
+    group.add_argument("--prox-mu", type=non_negative_float, default=0.0, metavar="MU",
                        help="FedProx: phones add MU/2 * ||w - w_global||^2 to their loss, pulling their training "
                             "towards the model they downloaded (default: %(default)s, plain SGD)")
-    group.add_argument("--update-compression", choices=SCHEMES, default=FLEET_DEFAULTS.update_compression,
+    group.add_argument("--update-compression", choices=UPDATE_COMPRESSIONS, default="int8",
                        help="how phones encode their updates (default: %(default)s)")
 
 
@@ -95,9 +96,9 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=positive_float, default=None,
                         help="seconds of rounds, counted from the first round (after provisioning): no round starts "
                              "after them, and the final scoring follows")
-    parser.add_argument("--eval-phones", type=positive_int, default=FLEET_DEFAULTS.eval_phones,
+    parser.add_argument("--eval-phones", type=positive_int, default=32,
                         help="phones whose held-out messages score the model centrally (default: %(default)s)")
-    parser.add_argument("--eval-every", type=positive_int, default=SIMULATION_DEFAULTS.eval_every, metavar="N",
+    parser.add_argument("--eval-every", type=positive_int, default=1, metavar="N",
                         help="score the model on the --eval-phones sample after every N rounds; the phones' own "
                              "(federated) score comes every round (default: %(default)s)")
     parser.add_argument("--lr-steps", type=lr_step, nargs="+", default=[], metavar="FRACTION:LR",
@@ -105,11 +106,11 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                              "train at this local learning rate, e.g. --lr-steps 0.7:0.3 0.85:0.1 (default: --lr "
                              "throughout)")
     group = parser.add_argument_group("the simulated fleet")
-    group.add_argument("--minutes-per-message", type=positive_float, default=FLEET_DEFAULTS.minutes_per_message,
+    group.add_argument("--minutes-per-message", type=positive_float, default=0.05,
                        help="simulated training time per message of a phone of average speed (default: %(default)s)")
-    group.add_argument("--vanish-probability", type=probability, default=FLEET_DEFAULTS.vanish_probability,
+    group.add_argument("--vanish-probability", type=probability, default=0.03,
                        help="chance that a selected phone loses its network for the round (default: %(default)s)")
-    group.add_argument("--typing-days", type=non_negative_float, default=FLEET_DEFAULTS.typing_days,
+    group.add_argument("--typing-days", type=non_negative_float, default=7.0,
                        help="simulated days over which the second half of each history is typed (default: %(default)s)")
     group.add_argument("--workers", type=positive_int, default=None,
                        help="processes training phones side by side, one thread each (default: one per core)")
@@ -132,6 +133,11 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
+    from device_sim.eligibility import EligibilityConfig
+    from device_sim.fleet import FleetConfig
+    from device_sim.simulation import SimulationConfig
+    from keyboard_model.train import LocalTrainConfig
+
     train = LocalTrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         sequence_length=args.seq_len, max_messages=args.max_messages, proximal_mu=args.prox_mu,
@@ -152,6 +158,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def simulate_with(args: argparse.Namespace, corpus: PreparedCorpus, client: Aggregator) -> SimulationSummary:
+    from device_sim.simulation import run_simulation
+
     return run_simulation(corpus, simulation_config_from_args(args), client, show_progress=not args.no_progress,
                           executor=executor_from_args(args))
 
@@ -174,6 +182,8 @@ def _lr_step_values(text: str) -> tuple[float, float]:
 
 def vectorised_device(name: str) -> str:
     """`--device`'s value, refused where it is parsed if this machine cannot train there."""
+    from device_sim.vectorised import check_device
+
     try:
         check_device(name)
     except UserFacingError as error:
@@ -184,6 +194,8 @@ def vectorised_device(name: str) -> str:
 def executor_from_args(args: argparse.Namespace) -> ExecutorFactory:
     """What builds the training executor that `--executor`, `--device`, `--workers`, `--phones-per-pass` and
     `--ray-address` ask for; options that do not go together are refused here, before any phone is provisioned."""
+    from device_sim.executor import executor_name, make_executor
+
     name = executor_name(args.executor, args.device)
     if args.phones_per_pass is not None and (name != "vectorised" or args.phones_per_pass < 1):
         raise UserFacingError("--phones-per-pass takes a positive number, with --executor vectorised")
@@ -195,6 +207,9 @@ def executor_from_args(args: argparse.Namespace) -> ExecutorFactory:
 
 def remote_client(url: str) -> AggregatorClient:
     """A client of another's aggregator: its clock is ours to set only if its operator gave us the token."""
+    from aggregator.api.client import AggregatorClient
+    from aggregator.api.protocol import OPERATOR_TOKEN_ENV
+
     return AggregatorClient(url, operator_token=os.environ.get(OPERATOR_TOKEN_ENV) or None)
 
 
@@ -246,14 +261,21 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                             "phones), shown with its own server and oracle rows; may be repeated")
     table.add_argument("--baselines-dir", type=folder, default=None,
                        help="cache of the trained baselines (default: a baselines folder beside the model)")
-    table.add_argument("--server-epochs", type=positive_int, default=COMPARISON_DEFAULTS.server_epochs,
+    table.add_argument("--server-epochs", type=positive_int, default=SERVER_EPOCHS,
                        help="passes over the proxy split for the server model (default: %(default)s)")
-    table.add_argument("--oracle-epochs", type=positive_int, default=COMPARISON_DEFAULTS.oracle_epochs,
+    table.add_argument("--oracle-epochs", type=positive_int, default=ORACLE_EPOCHS,
                        help="passes over the pooled phone messages for the oracle (default: %(default)s)")
     add_corpus_arguments(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from device_sim.comparison import TABLE_FILE, ComparisonConfig, comparison_table, markdown_table
+    from device_sim.fleet import evaluate_phones, provisioned_phones
+    from device_sim.run_log import json_safe
+    from keyboard_model.files import write_atomically
+    from keyboard_model.tokenizer import KeyboardTokenizer
+    from keyboard_model.weights import model_from_bytes
+
     model_path = args.model or (args.run_dir or Path("runs/simulate")) / "model.safetensors"
     run_dir = model_path.parent
     tokenizer_path = args.tokenizer or run_dir / "tokenizer.json"

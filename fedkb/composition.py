@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import argparse
 from contextlib import ExitStack, closing
+from typing import TYPE_CHECKING
 
 from aggregator import cli as aggregator_cli
-from aggregator.api.client import AggregatorClient
-from aggregator.inprocess import InProcessClient
-from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim import cli as device_cli
 from device_sim.corpus import CorpusConfig, PreparedCorpus, prepare
 from device_sim.run_record import start_record
-from device_sim.simulation import SimulationSummary
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.commands import add_config_argument
 from keyboard_model.errors import UserFacingError
+
+if TYPE_CHECKING:
+    from device_sim.simulation import SimulationSummary
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +67,11 @@ def check_simulate_options(args: argparse.Namespace) -> None:
 
 def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack) -> tuple[SimulationSummary, str]:
     """Run the simulation against `--aggregator`, a local one kept open on `stack`, or in process."""
+    # Here, not at the top: the aggregator's modules import torch, which `--help` and a refused option do without.
+    from aggregator.api.client import AggregatorClient
+    from aggregator.inprocess import InProcessClient
+    from aggregator.process import LocalAggregator, local_aggregator_config
+
     if args.aggregator is not None:
         client = stack.enter_context(closing(device_cli.remote_client(args.aggregator)))
         client.status()  # one that does not answer is reported before the run folder is made

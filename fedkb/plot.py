@@ -13,8 +13,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from device_sim.comparison import TABLE_FILE
-from device_sim.run_log import METRICS_FILE, read_lines
 from keyboard_model.arguments import new_file
 from keyboard_model.errors import UserFacingError
 
@@ -24,6 +22,8 @@ REFERENCE_ROWS = ("n-gram", "centralised oracle")
 
 def references(run: Path) -> list[tuple[str, float]]:
     """The n-gram's and the oracle's top-1 recall from the run's comparison table, if it has one."""
+    from device_sim.comparison import TABLE_FILE
+
     try:
         rows = json.loads((run / TABLE_FILE).read_text())["rows"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -38,6 +38,8 @@ def plot_runs(runs: Sequence[Path], png: Path, lines: Sequence[tuple[str, float]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    from device_sim.run_log import METRICS_FILE, read_lines
 
     figure, (recall, loss) = plt.subplots(2, 1, figsize=(8, 7), dpi=120, sharex=True)
     for run in runs:
@@ -73,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: device_sim's modules import torch, which `fedkb --help` does without.
+    from device_sim.run_log import METRICS_FILE
+
     for folder in args.runs:
         if not (folder / METRICS_FILE).is_file():
             raise UserFacingError(f"{folder} is not a run folder: it has no {METRICS_FILE}")

@@ -18,7 +18,6 @@ from fedkb import composition
 from device_sim.corpus import prepare
 from keyboard_model.arguments import port
 from keyboard_model.errors import UserFacingError
-from keyboard_model.serving import bind
 from web_demo.cli import serve
 from web_demo.config import DemoConfig
 
@@ -38,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from keyboard_model.serving import bind  # uvicorn's, which `--help` does without
+
     if args.in_process and not args.no_demo:
         raise UserFacingError("the demo needs the aggregator service: use --in-process only with --no-demo")
     composition.check_simulate_options(args)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from keyboard_model import artifact
-from keyboard_model.architecture import NextWordModel
 from keyboard_model.commands import main_for
 from keyboard_model.errors import UserFacingError
-from keyboard_model.suggest import Suggester
-from keyboard_model.tokenizer import KeyboardTokenizer
-from keyboard_model.weights import model_from_bytes
+
+# The model's modules import torch, which takes seconds: each command imports them when it runs, so that `--help`
+# and a refused option answer at once.
+if TYPE_CHECKING:
+    from keyboard_model.architecture import NextWordModel
+    from keyboard_model.tokenizer import KeyboardTokenizer
 
 
 def add_model_file_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +31,9 @@ def add_suggest_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_saved(args: argparse.Namespace) -> tuple[NextWordModel, int, KeyboardTokenizer]:
     """The model of --model and the tokenizer of --tokenizer (default: beside the model)."""
+    from keyboard_model.tokenizer import KeyboardTokenizer
+    from keyboard_model.weights import model_from_bytes
+
     tokenizer_path = args.tokenizer or args.model.parent / "tokenizer.json"
     for path in (args.model, tokenizer_path):
         if not path.exists():
@@ -38,6 +43,8 @@ def load_saved(args: argparse.Namespace) -> tuple[NextWordModel, int, KeyboardTo
 
 
 def run_suggest(args: argparse.Namespace) -> int:
+    from keyboard_model.suggest import Suggester
+
     model, version, tokenizer = load_saved(args)
     suggester = Suggester(model, tokenizer)
     texts = args.text or (line.rstrip("\n") for line in sys.stdin)
@@ -53,6 +60,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from keyboard_model import artifact
+
     model, version, tokenizer = load_saved(args)
     manifest = artifact.export(model, tokenizer, args.out, version)
     print(f"{args.out}: {args.out.stat().st_size:,} bytes, model version {manifest['model_version']}, "

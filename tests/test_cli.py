@@ -173,6 +173,44 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"fedkb {importlib.metadata.version('fedkeyboard')}"
 
 
+def test_the_options_written_out_for_a_quick_help_are_the_configs_defaults(tmp_path: Path):
+    """The parsers write their defaults and choices out, so that `--help` need not import torch
+    (tests/test_cli_startup.py): with no option given they must make exactly the components' own defaults."""
+    from aggregator import cli as aggregator_cli
+    from aggregator.config import DP_MECHANISMS, AggregatorConfig
+    from aggregator.strategies import STRATEGIES
+    from device_sim import cli as device_cli
+    from device_sim.comparison import ComparisonConfig
+    from device_sim.executor import EXECUTORS
+    from device_sim.fleet import FleetConfig
+    from device_sim.simulation import SimulationConfig
+    from device_sim.vectorised import DEFAULT_PHONES_PER_PASS
+    from keyboard_model import cli_options
+    from keyboard_model.architecture import ARCHITECTURES, DEFAULT_ARCHITECTURE
+    from keyboard_model.model import ModelConfig
+    from keyboard_model.update_codec import SCHEMES
+    from keyboard_model.weights import MODEL_ENCODINGS
+
+    parser = command_parser("fedkb", "", COMMANDS)
+    simulate = parse(parser, ["simulate"])
+    assert simulation_config_from_args(simulate) == SimulationConfig(
+        out_dir=simulate.out, fleet=FleetConfig(phones_dir=simulate.out / "phones"))
+    tokenizer = tmp_path / "tokenizer.json"
+    served = parse(parser, ["aggregator"])
+    assert AggregatorConfig(db_path=served.db, tokenizer_path=tokenizer, host=served.host, port=served.port,
+                            **aggregator_cli.round_settings(served)) == AggregatorConfig(aggregator_cli.DB_PATH, tokenizer)
+    assert cli_options.model_config_from_args(served, ModelConfig().vocab_size) == ModelConfig()
+    evaluated = parse(parser, ["eval"])
+    defaults = ComparisonConfig(baselines_dir=tmp_path)
+    assert (evaluated.server_epochs, evaluated.oracle_epochs) == (defaults.server_epochs, defaults.oracle_epochs)
+    assert cli_options.ARCHITECTURE_NAMES == tuple(sorted(ARCHITECTURES))
+    assert cli_options.DEFAULT_ARCHITECTURE == DEFAULT_ARCHITECTURE
+    assert aggregator_cli.SERVER_LEARNING_RATES == {name: s().server_learning_rate for name, s in STRATEGIES.items()}
+    assert (aggregator_cli.DP_MECHANISMS, aggregator_cli.MODEL_ENCODINGS) == (DP_MECHANISMS, MODEL_ENCODINGS)
+    assert (device_cli.EXECUTORS, device_cli.UPDATE_COMPRESSIONS) == (EXECUTORS, SCHEMES)
+    assert device_cli.DEFAULT_PHONES_PER_PASS == DEFAULT_PHONES_PER_PASS
+
+
 def test_every_command_explains_its_options():
     for command in ("data", "aggregator", "simulate", "eval", "demo", "up"):
         result = fedkb(command, "--help")

@@ -9,9 +9,6 @@ from pathlib import Path
 
 from keyboard_model.arguments import port
 from keyboard_model.commands import Parser, run_command
-from keyboard_model.serving import bind, bound_port
-from keyboard_model.serving import serve as serve_app
-from web_demo.app import create_app
 from web_demo.config import DemoConfig
 
 DEFAULTS = DemoConfig()
@@ -52,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
 def serve(config: DemoConfig, listener: socket.socket | None = None) -> None:
     """Serve the page until Ctrl-C, on `listener` if the caller bound the port already (`fedkb up` does, before it
     trains), else on `config.port`, bound now."""
+    # Here, not at the top: the page's app and the server import torch and uvicorn, which `--help` does without.
+    from keyboard_model.serving import bind, bound_port
+    from keyboard_model.serving import serve as serve_app
+    from web_demo.app import create_app
+
     listener = listener or bind(config.host, config.port)
     # Only the demo's own messages (model loads, aggregator trouble); uvicorn keeps its own logging.
     handler = logging.StreamHandler()
