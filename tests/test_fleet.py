@@ -110,7 +110,8 @@ def test_the_rounds_quality_metrics_are_the_sum_of_what_its_phones_measured_on_t
     tmp_path, small_tokenizer_path, small_tokenizer, small_model_config
 ):
     aggregator = InProcessClient(local_aggregator_config(
-        tmp_path, small_tokenizer_path, model=small_model_config, clients_per_round=3, selection_window_s=0.0))
+        tmp_path, small_tokenizer_path, model=small_model_config, clients_per_round=3, selection_window_s=0.0,
+        eval_share=1.0))  # every phone asked to score the model
     tap = Tap(aggregator)
     phones = make_phones(tmp_path / "phones", 12)
     fleet = Fleet(phones, fleet_config(tmp_path / "phones", vanish_probability=0.0), tap)
@@ -185,7 +186,7 @@ def test_secure_rounds_run_through_the_fleet_with_drop_outs_at_every_step_and_ma
         return client.model(), client.status().recent_rounds, reports
 
     settings = dict(model=small_model_config, clients_per_round=4, simulated_clock=True, round_deadline_s=3600.0,
-                    secure_aggregation=True)
+                    secure_aggregation=True, eval_share=1.0)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     in_process, summaries, reports = run(

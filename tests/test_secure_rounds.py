@@ -119,7 +119,7 @@ def test_drop_outs_before_sharing_before_uploading_and_late_still_give_the_mean_
     start_aggregator, small_tokenizer_path, small_model_config
 ):
     client, before = start_secure(start_aggregator, small_tokenizer_path, small_model_config,
-                                  clients_per_round=5, over_selection=1.6, max_update_norm=6.0)
+                                  clients_per_round=5, over_selection=1.6, max_update_norm=6.0, eval_share=1.0)
     devices = [Device(client) for _ in range(8)]
     no_keys, no_shares, no_upload, *reporters = devices
     for device in devices[1:]:

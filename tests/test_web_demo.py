@@ -826,7 +826,7 @@ def test_this_browser_is_a_phone_joins_a_secure_round_beside_simulated_phones(
 ) -> None:
     # A cohort of three (secure aggregation's smallest): the browser phone and two simulated phones.
     config = small_aggregator_config(tmp_path, tokenizer, clients_per_round=3, over_selection=1.0,
-                                     secure_aggregation=True)
+                                     secure_aggregation=True, eval_share=1.0)  # all three score the model
     others = [Phone.create(f"phone-{i}", tmp_path / f"phone-{i}", [(float(t), text) for t, text in enumerate(LINES)])
               for i in range(2)]
     with LocalAggregator(config) as aggregator, \

@@ -71,7 +71,8 @@ function drawRecall(run) {
   const centralX = central.map((r) => r.round + 1);
   const traces = [1, 3].flatMap((metric) => [
     { type: "scatter", mode: "lines+markers", name: `top-${metric} on phones`, x,
-      y: series(`recall_at_${metric}`, 100), line: { color: TOP[metric] } },
+      y: series(`recall_at_${metric}`, 100), line: { color: TOP[metric] }, customdata: series("eval_devices"),
+      hovertemplate: "round %{x}: %{y:.2f}%, scored by %{customdata} phones<extra></extra>" },
     ...(central.length ? [{
       type: "scatter", mode: "markers", name: `top-${metric} central`, x: centralX,
       y: central.map((r) => 100 * r[`recall_at_${metric}`]),
