@@ -48,6 +48,9 @@ class ModeResult:
     bytes_down: int
     checkins_per_round: float
     wall_by_activity: Counter = field(default_factory=Counter)
+    # Phones told they were late, and the workers' seconds spent training those of them whose work was computed anyway.
+    late: int = 0
+    late_training_s: float = 0.0
     # The aggregator's resident memory after each measured round, and its peak (MB; service mode only).
     memory_mb: list[float] = field(default_factory=list)
     peak_memory_mb: float | None = None
@@ -105,6 +108,8 @@ def run_mode(mode: str, secure: bool, corpus, phones, args) -> ModeResult:
             sum(s.bytes_down for s in summaries), sum(r.checkins for r in reports) / args.rounds,
             sum((Counter(r.wall_s) for r in reports), Counter()), memory,
             memory_mb(pid, "VmHWM") if pid is not None else None,
+            sum(r.count("late") for r in reports),
+            sum(p.training_s for r in reports for p in r.participations if p.outcome == "late"),
         )
 
 
@@ -149,6 +154,7 @@ def report(result: ModeResult, per_round: int) -> None:
     print(f"  {result.workers} training workers busy {result.training_s:.1f} s of {result.workers * result.wall_s:.1f} s: "
           f"framework overhead {result.overhead:.0%} (target <= {TARGETS[mode]:.0%}: "
           f"{'met' if result.overhead <= TARGETS[mode] else 'NOT met'})")
+    print(f"  {result.late} phones late, {result.late_training_s:.1f} workers' seconds spent training them in vain")
     per_round_s = {k: v / result.rounds for k, v in result.wall_by_activity.most_common()}
     print("  a round's wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in per_round_s.items()))
     if result.memory_mb:

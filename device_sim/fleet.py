@@ -21,6 +21,16 @@ default one single-threaded worker process per core); every request to the aggre
 goes through the client, over HTTP in service mode or by function call in in-process
 mode, from this process.
 
+The fleet is pipelined: a selected phone's training is queued as soon as it reaches the
+step (right after its check-in in a plain round), and the fleet keeps the executor fed
+with the queued phones whose training ends soonest, a few more than it has workers, so
+the workers train while this process checks phones in, downloads and uploads. It never
+computes what it would throw away: a phone that vanishes or aborts is only timed, and
+when a round closes, its phones still queued are dropped: each then learns at its tick
+that it is late, as one that trained would, without its training being computed.
+Uploads still reach the aggregator in simulated-time order, whatever order the workers
+finish in, so a run's model depends on its seeds, not on the executor.
+
 The simulator also plays the researcher: it can read every phone's held-out messages
 to score a model centrally, which no real deployment could; those scores never go to
 the aggregator, and they cross-check the federated evaluation.
@@ -28,15 +38,17 @@ the aggregator, and they cross-check the federated evaluation.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 
@@ -48,7 +60,7 @@ from device_sim.history import split_held_out
 from device_sim.executor import LocalProcessPool, TrainingExecutor
 from device_sim.participation import SECURE_STEPS, Participant
 from device_sim.phone import Phone
-from device_sim.session import Clipping
+from device_sim.session import Clipping, LocalWork
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
@@ -61,6 +73,11 @@ FLEET_MANIFEST = "fleet.json"
 VANISHED_TICKS = 36
 # What became of a selected phone that leaves its round for good (a vanished phone may have reported first).
 DROPPED_OUT = ("vanished", "aborted", "diverged", "refused")
+# Phones handed to an executor with a known number of workers beyond one each: the one a worker takes when it is done
+# while this process is busy checking phones in or uploading. More would be trained in vain when their round closes.
+QUEUED_AHEAD = 1
+# What a phone whose training was never computed (its round closed first) sends: no update, nothing trained.
+_UNTRAINED = LocalWork(TrainResult(mean_loss=math.nan, num_examples=0), upload=b"")
 
 
 class FleetError(UserFacingError):
@@ -186,12 +203,23 @@ class _Selected:
 
 
 @dataclass
+class _Job:
+    """A selected phone's local work: queued in the fleet (no `future` yet), then on the executor. `dropped` when its
+    round closed before it was handed over: it is never computed."""
+
+    round: int
+    submit: Callable[[], Future]  # hands it to the executor
+    future: Future | None = None
+    dropped: bool = False
+
+
+@dataclass
 class _Event:
     """A selected phone's training ends at simulated `tick`: it sends the result of `job`, or aborts if it has none."""
 
     tick: int
     selected: _Selected
-    job: Future | None
+    job: _Job | None
 
 
 @dataclass(frozen=True)
@@ -264,6 +292,14 @@ class Fleet:
         self._drives_clock = client.status().clock == "simulated"
         self.executor = executor or LocalProcessPool(self.tokenizer, config.workers)
         self._participant = participant
+        # Jobs not yet handed to the executor, soonest simulated finish first (ties: in the order they were queued).
+        self._queued: list[tuple[int, int, _Job]] = []
+        self._queued_count = 0
+        self._in_flight: set[Future] = set()  # handed over, not done
+        # An executor that says how many phones it trains at once gets that many and QUEUED_AHEAD more; one that
+        # does not (the vectorised cohort trains whatever is queued when a result is asked for) gets each at once.
+        workers = getattr(self.executor, "workers", None)
+        self._ahead = None if workers is None else workers + QUEUED_AHEAD
 
     @property
     def now_s(self) -> float:
@@ -276,8 +312,9 @@ class Fleet:
 
         At each tick, first the phones whose training has finished by now upload (or
         say they aborted), in the order they finished; then the eligible phones that
-        are due check in, and the selected ones start training. A phone still training
-        when its round closes uploads later and is told it is late.
+        are due check in, each selected one starting to train as it is drawn. A phone
+        still training when its round closes uploads later and is told it is late; one
+        whose training had not started by then is told so without training.
         """
         round_started, self._wall = time.perf_counter(), Counter()
         round_number, started_tick = self.client.status().round, self.clock.tick + 1
@@ -297,12 +334,14 @@ class Fleet:
                 training_s += outcome.training_s
                 outcomes.append(outcome)
             if self.client.status().round != round_number:
+                self._drop_queued(round_number)
                 break
             eligible = [phone for phone, ok in zip(self.phones, self.clock.eligible(self._ids)) if ok]
             eligible_at_start = len(eligible) if eligible_at_start is None else eligible_at_start
             due = [phone for phone in eligible if self._due_tick[phone.phone_id] <= self.clock.tick]
-            selected += self._check_in(due)
-            outcomes += self._advance()
+            drawn, vanished = self._check_in(due)
+            selected += drawn
+            outcomes += vanished + self._advance()
             checkins += len(due)
         else:
             raise FleetError(
@@ -324,13 +363,15 @@ class Fleet:
         finally:
             self._wall[activity] += time.perf_counter() - started
 
-    def _check_in(self, due: list[Phone]) -> int:
-        """Let these phones check in; the selected ones take their first step in `_advance`. Returns how many were
-        selected."""
+    def _check_in(self, due: list[Phone]) -> tuple[int, list[Participation]]:
+        """Let these phones check in; each selected one takes its first step at once (a plain round's phone starts
+        training, so the workers train while the others check in). Returns how many were selected, and those that
+        vanished."""
         self._rng.shuffle(due)
-        selected = 0
+        selected, vanished = 0, []
         tick_minutes = self.config.eligibility.tick_minutes
         for phone in due:
+            self._feed()  # a worker that finished meanwhile takes the next phone
             with self._timed("check-ins"):
                 decision = phone.check_in(self.client)
             if decision.action != "train":
@@ -346,32 +387,38 @@ class Fleet:
             vanish_at = None
             if vanishes:
                 vanish_at = self._rng.choice(SECURE_STEPS) if decision.secure_aggregation else "train"
-            self._selected[phone.phone_id] = _Selected(self._participant(phone, self.client, decision),
-                                                       self.clock.tick, seed, vanish_at)
+            drawn = self._selected[phone.phone_id] = _Selected(self._participant(phone, self.client, decision),
+                                                               self.clock.tick, seed, vanish_at)
             selected += 1
-        return selected
+            self._take_next_step(drawn, vanished)
+        return selected, vanished
 
     def _advance(self) -> list[Participation]:
         """Let the selected phones take the steps their rounds now allow. Returns the ones that vanished."""
-        vanished = []
+        vanished: list[Participation] = []
         progress = True
         while progress:  # one step can open the next phase, as the last share does
             progress = False
-            for phone_id, selected in list(self._selected.items()):
-                step = selected.participant.next_step()
-                if step == "over":
-                    del self._selected[phone_id]  # nothing left for it to do in this round
-                if step in (None, "over"):
-                    continue
-                progress = True
-                if step == selected.vanish_at:
-                    vanished.append(self._vanish(selected))
-                elif step == "train":
-                    self._start_training(selected)
-                else:
-                    with self._timed("secure steps"):
-                        selected.participant.take(step)
+            for selected in list(self._selected.values()):
+                progress = self._take_next_step(selected, vanished) or progress
         return vanished
+
+    def _take_next_step(self, selected: _Selected, vanished: list[Participation]) -> bool:
+        """Let a selected phone take the step its round now allows, if any (adding it to `vanished` if it vanishes
+        then). Returns whether it took one."""
+        step = selected.participant.next_step()
+        if step == "over":
+            del self._selected[selected.participant.phone.phone_id]  # nothing left for it to do in this round
+        if step in (None, "over"):
+            return False
+        if step == selected.vanish_at:
+            vanished.append(self._vanish(selected))
+        elif step == "train":
+            self._start_training(selected)
+        else:
+            with self._timed("secure steps"):
+                selected.participant.take(step)
+        return True
 
     def _vanish(self, selected: _Selected) -> Participation:
         """The phone loses its network. One that vanishes while unmasking has already been counted as reported;
@@ -399,9 +446,51 @@ class Fleet:
         # The phone downloads the model it was selected to train, as the aggregator said (int8 or float32).
         with self._timed("downloads"):
             model = self.client.model(participant.decision.model_encoding)
-        job = self.executor.submit(phone, model, self._train, selected.seed, self.config.update_compression,
-                                   self.now_s, Clipping.asked(participant.decision), secure)
+        job = _Job(participant.round, partial(self.executor.submit, phone, model, self._train, selected.seed,
+                                              self.config.update_compression, self.now_s,
+                                              Clipping.asked(participant.decision), secure,
+                                              evaluate=participant.decision.evaluate))
+        heapq.heappush(self._queued, (finish, self._queued_count, job))
+        self._queued_count += 1
         self._pending.append(_Event(finish, selected, job))
+        self._feed()
+
+    def _feed(self) -> None:
+        """Hand the executor the queued jobs that finish soonest, while it has fewer than `self._ahead`."""
+        self._in_flight = {future for future in self._in_flight if not future.done()}
+        while self._queued and (self._ahead is None or len(self._in_flight) < self._ahead):
+            self._hand_over(heapq.heappop(self._queued)[2])
+
+    def _hand_over(self, job: _Job) -> None:
+        job.future = job.submit()
+        self._in_flight.add(job.future)
+
+    def _drop_queued(self, round_number: int) -> None:
+        """The round closed: its phones still queued would upload late, so their work is never computed."""
+        for _, _, job in self._queued:
+            job.dropped = job.dropped or job.round == round_number
+        self._queued = [entry for entry in self._queued if not entry[2].dropped]
+        heapq.heapify(self._queued)
+
+    def _work(self, job: _Job) -> tuple[LocalWork, float] | None:
+        """The job's (LocalWork, wall seconds), once done; None if its round closed before it was handed over.
+
+        A job whose turn came before a worker took it is handed over now, unless its round closed meanwhile (an
+        upload of this tick closed it). While it trains, the workers that finish are given the next jobs."""
+        self._feed()
+        if job.future is None and not job.dropped:
+            if self.client.status(recent=0).round != job.round:
+                self._drop_queued(job.round)
+            else:
+                self._queued = [entry for entry in self._queued if entry[2] is not job]
+                heapq.heapify(self._queued)
+                self._hand_over(job)
+        if job.dropped:
+            return None
+        while self._ahead is not None and not job.future.done():
+            wait(self._in_flight | {job.future}, return_when=FIRST_COMPLETED)
+            self._feed()
+        return job.future.result()
 
     def _finish(self, event: _Event) -> Participation:
         """A selected phone's training ends: it uploads, or, if its conditions changed or its training diverged,
@@ -413,13 +502,23 @@ class Fleet:
             participant.abort()
             return Participation(participant.phone.phone_id, participant.round, "aborted", *ticks)
         with self._timed("training"):
-            work, seconds = event.job.result()
+            done = self._work(event.job)
+        if done is None:
+            # The aggregator checks an upload's round before reading its body: this empty one is answered as the
+            # late update would have been (refused, and the phone counted late). Its bytes are not counted.
+            with self._timed("uploads"):
+                outcome = participant.send(_UNTRAINED)
+            return Participation(participant.phone.phone_id, participant.round, outcome, *ticks)
+        work, seconds = done
         with self._timed("uploads"):
             outcome = participant.send(work)
+            if outcome == "reported" and self.client.status(recent=0).round != participant.round:
+                self._drop_queued(participant.round)  # this upload closed the round
         return Participation(participant.phone.phone_id, participant.round, outcome, *ticks, work.result,
                              len(work.upload or b""), seconds)
 
     def close(self) -> None:
+        self._queued = []
         self.executor.close()
 
 
