@@ -158,6 +158,14 @@ def test_secure_run(tmp_path, monkeypatch, capsys):
                   r"verdict: (none failed while the threshold survived|{n} round\(s\) failed while)")
 
 
+def test_int8_downloads(shakespeare, monkeypatch, capsys):
+    out = run_benchmark("int8_downloads", ["--tiny", "--seeds", "0", "1", "--rounds", "1", "--per-round", "2",
+                                           "--held-out", "50", "--control"], monkeypatch, capsys)
+    assert_prints(out, r"\| 1 \| {n} \| {n} \| {n} \| {n}% \| {n} / {n} \| {n} \|",
+                  r"int8 - float32, points: mean {n}, std {n}, 95% paired t interval \[{n}, {n}\]",
+                  r"control - float32, points: mean {n}")
+
+
 def test_soak(tmp_path, monkeypatch, capsys):
     out = run_benchmark("soak", ["--minutes", "0.2", "--kill-every", "0.06", "--out", str(tmp_path), "--phones", "24",
                                  "--clients-per-round", "3", "--dp-mechanism", "fedavg", "--workers", "1",
