@@ -44,6 +44,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from aggregator.adaptive_clipping import FLOOR_FRACTION, ClipNorm, ImpossibleSumError
 from aggregator.aggregation import PrivateMean, Release, SecureSum, WeightedMean
 from aggregator.api.schemas import EvaluationReport, SecAggState
@@ -65,8 +67,7 @@ from aggregator.selection import Comebacks, SelectionWindow
 from aggregator.storage import Storage
 from keyboard_model.errors import UserFacingError
 from keyboard_model.secagg import Dealing, PublicKeys, Share
-from keyboard_model.norms import l2_norm
-from keyboard_model.update_codec import WITHIN_CLIP, decode_update, max_encoded_bytes
+from keyboard_model.update_codec import WITHIN_CLIP, decode_flat_update, max_encoded_bytes
 from keyboard_model.weights import WeightsError
 
 logger = logging.getLogger(__name__)
@@ -369,12 +370,12 @@ class RoundManager:
             return self._submit_masked(round_number, token, data)
         # Parsing and checking the bytes is the expensive part; do it outside the lock.
         try:
-            delta, metadata = decode_update(data, self.model.shapes)
+            delta, metadata = decode_flat_update(data, self.model.shapes)
         except WeightsError as error:
             raise BadUpdateError(str(error)) from error
         num_examples = _parse_example_count(metadata, self.config.max_examples_per_update)
         within_clip = _parse_within_clip(metadata, self._adaptive_clipping)
-        norm = l2_norm(delta)
+        norm = float(torch.linalg.vector_norm(delta))
         if norm > self.config.max_update_norm:
             raise BadUpdateError(f"the update's L2 norm is {norm:.2f}, above this aggregator's bound of "
                                  f"{self.config.max_update_norm}")
@@ -625,7 +626,7 @@ def _parse_within_clip(metadata: dict[str, str], asked: bool) -> bool | None:
 
 
 def _parse_example_count(metadata: dict[str, str], limit: int) -> int:
-    # decode_update has made sure the metadata holds nothing but the count and the compression.
+    # decode_flat_update has made sure the metadata holds nothing but the count and the compression.
     raw = metadata["num_examples"]
     try:
         count = int(raw)

@@ -22,6 +22,7 @@ import math
 import torch
 
 from keyboard_model import int8
+from keyboard_model.flat import flatten, length, views
 from keyboard_model.int8 import SCALE_SUFFIX
 from keyboard_model.weights import Tensors, WeightsError, read_metadata, read_tensors, write_tensors
 
@@ -54,7 +55,14 @@ def encode_update(
 
 
 def decode_update(data: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[Tensors, dict[str, str]]:
-    """Check an upload against the model's parameter shapes and return (float32 delta, metadata).
+    """`decode_flat_update`, the delta as one float32 tensor per parameter (views of the flat vector)."""
+    flat, metadata = decode_flat_update(data, shapes)
+    return views(flat, shapes), metadata
+
+
+def decode_flat_update(data: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[torch.Tensor, dict[str, str]]:
+    """Check an upload against the model's parameter shapes and return (float32 delta as one flat vector in the
+    order of `shapes`, `keyboard_model/flat.py`; metadata).
 
     Raises WeightsError saying what is wrong. The values of num_examples and within_clip are left to the caller.
     """
@@ -67,7 +75,8 @@ def decode_update(data: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[Tens
                            f'"{WITHIN_CLIP}", got {sorted(metadata)}')
     compression = metadata["compression"]
     if compression == "none":
-        return read_tensors(data, shapes)
+        tensors, metadata = read_tensors(data, shapes)
+        return flatten(tensors, shapes), metadata
     if compression != "int8":
         raise WeightsError(f"unknown compression {compression!r}; expected one of {SCHEMES}")
 
@@ -77,16 +86,19 @@ def decode_update(data: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[Tens
         expected_shapes[name + SCALE_SUFFIX] = int8.row_shape(shape)
     stored, metadata = read_tensors(data, expected_shapes, expected_dtypes)
 
+    # Each tensor is decoded straight into its place in the flat vector: one pass over the update's values.
+    flat = torch.empty(length(shapes), dtype=torch.float32)
     try:
-        delta = {name: int8.dequantize_checked(name, stored[name], stored[name + SCALE_SUFFIX]) for name in shapes}
+        for name, out in views(flat, shapes).items():
+            int8.dequantize_checked(name, stored[name], stored[name + SCALE_SUFFIX], out)
     except ValueError as error:
         raise WeightsError(str(error)) from error
-    return delta, metadata
+    return flat, metadata
 
 
 def max_encoded_bytes(shapes: dict[str, tuple[int, ...]], compression: str = "int8") -> int:
     """An upper bound on the size of an honest upload for a model of these shapes."""
-    elements = sum(math.prod(shape) for shape in shapes.values())
+    elements = length(shapes)
     if compression == "none":
         return 4 * elements + HEADER_ALLOWANCE
     if compression != "int8":

@@ -1,0 +1,90 @@
+"""What the aggregator spends on one upload, against what a phone spends training it.
+
+A plain round's upload is decoded, checked (shapes, dtypes, finite scales, no -128, the L2 bound) and added to the
+round's sum in the aggregator's own process, on the path between the phones' work and the next round. This times
+exactly what `RoundManager.submit` runs for one upload (`decode_flat_update`, the norm, the aggregation rule's add),
+in CPU seconds, on int8 updates of the default model for the default corpus, for the plain rule (FedAvg) and the
+private one (which clips), and beside it `train_local` for phones of the default corpus (their newest 400 messages,
+the phones' settings), in CPU seconds on the same number of threads.
+
+    .venv/bin/python benchmarks/upload_cost.py [--uploads 40] [--phones 3] [--threads 1]
+
+Target (issue 25): the aggregator's process at most 0.03 CPU-s per update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from aggregator.adaptive_clipping import ClipNorm
+from aggregator.aggregation import PrivateMean, WeightedMean
+from aggregator.privacy import PrivacyLedger
+from device_sim.corpus import CorpusConfig, prepare
+from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.train import LocalTrainConfig, train_local
+from keyboard_model.update_codec import decode_flat_update, encode_update
+from keyboard_model.weights import parameter_shapes
+
+TARGET_S = 0.03
+
+
+def upload_cost_s(shapes: dict[str, tuple[int, ...]], uploads: int, private: bool) -> float:
+    """CPU seconds per upload of decoding, checking and summing `uploads` different int8 updates."""
+    generator = torch.Generator().manual_seed(0)
+    data = [encode_update({name: torch.randn(shape, generator=generator) * 1e-3 for name, shape in shapes.items()},
+                          400, "int8", generator) for _ in range(uploads)]
+    if private:
+        ledger = PrivacyLedger(ClipNorm(0.5, 0.1, None, 10, 20.0), 0.1, 10, lambda: 621, None, [])
+        rule = PrivateMean(shapes, ledger)
+    else:
+        rule = WeightedMean(shapes)
+    started = time.process_time()
+    for upload in data:
+        delta, metadata = decode_flat_update(upload, shapes)
+        if not float(torch.linalg.vector_norm(delta)) <= 20.0:
+            raise AssertionError("the benchmark's updates are within the bound")
+        rule.add(delta, int(metadata["num_examples"]))
+    return (time.process_time() - started) / uploads
+
+
+def train_cost_s(phones: int) -> tuple[float, dict[str, tuple[int, ...]]]:
+    """CPU seconds of `train_local` per phone (the phones with the most messages), and the model's shapes."""
+    corpus = prepare(CorpusConfig(), log=lambda _: None)
+    tokenizer = corpus.tokenizer()
+    users = sorted(corpus.users().values(), key=len, reverse=True)[:phones]
+    config = LocalTrainConfig()
+    model_config = ModelConfig(vocab_size=tokenizer.vocab_size)
+    spent = 0.0
+    for user in users:
+        model = build_model(model_config)
+        messages = tokenizer.encode_batch([message.text for message in user])
+        started = time.process_time()
+        train_local(model, messages, config)
+        spent += time.process_time() - started
+    return spent / len(users), parameter_shapes(build_model(model_config).state_dict())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--uploads", type=int, default=40)
+    parser.add_argument("--phones", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the pool's workers use 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    train_s, shapes = train_cost_s(args.phones)
+    print(f"model: {sum(torch.Size(s).numel() for s in shapes.values()):,} parameters in {len(shapes)} tensors; "
+          f"{args.threads} thread(s)")
+    print(f"train_local: {train_s:.3f} CPU-s per phone (mean of {args.phones})")
+    for name, private in (("plain", False), ("private (clipped)", True)):
+        cost = upload_cost_s(shapes, args.uploads, private)
+        print(f"upload, {name}: {cost * 1e3:.2f} CPU-ms per upload (decode + check + add), "
+              f"{cost / train_s:.2%} of train_local; target <= {TARGET_S * 1e3:.0f} ms: "
+              f"{'met' if cost <= TARGET_S else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
