@@ -6,7 +6,8 @@ with its whole history typed, the default-size CIFG at its initialisation, the p
 default training settings and int8 uploads; phone k trains with seed k. Each executor gets
 the N phones through the executor seam (`submit`, then every `result()`), which is what the
 fleet asks of it: the phone's whole local work (scoring the downloaded model, training,
-encoding), not training alone. Before the measured cohorts each executor does a few phones
+encoding), not training alone; as the aggregator asks, only a share of the phones score the model
+(`--eval-share`, the aggregator's default; 1 for every phone). Before the measured cohorts each executor does a few phones
 unmeasured (the local pool starts its workers and loads the C++ kernel in each).
 
 Printed per executor and cohort: wall seconds, phone-updates per second, training tokens
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 from train_speed import matmul_flops_per_second, training_flops_per_token
 
+from aggregator.config import AggregatorConfig
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.executor import TrainingExecutor, make_executor
 from device_sim.fleet import provision
@@ -90,11 +92,14 @@ def training_tokens(phone: Phone, tokenizer: KeyboardTokenizer, config: LocalTra
     return 0 if rows is None else int((rows[:, 1:] != PAD_ID).sum()) * config.epochs
 
 
-def run_cohort(executor: TrainingExecutor, phones: list[Phone], model: bytes, config: LocalTrainConfig
-               ) -> tuple[float, list[float]]:
-    """Wall seconds for every phone's local work through `executor`, and each phone's mean training loss."""
+def run_cohort(executor: TrainingExecutor, phones: list[Phone], model: bytes, config: LocalTrainConfig,
+               eval_share: float) -> tuple[float, list[float]]:
+    """Wall seconds for every phone's local work through `executor`, and each phone's mean training loss. The first
+    ceil(eval_share x phones) also score the model, as the aggregator asks a share of each round's phones to."""
     started = time.perf_counter()
-    jobs = [executor.submit(phone, model, config, seed, "int8", NOW_S, None) for seed, phone in enumerate(phones)]
+    scoring = math.ceil(eval_share * len(phones))
+    jobs = [executor.submit(phone, model, config, seed, "int8", NOW_S, None, evaluate=seed < scoring)
+            for seed, phone in enumerate(phones)]
     losses = [job.result()[0].result.mean_loss for job in jobs]
     return time.perf_counter() - started, losses
 
@@ -108,6 +113,8 @@ def main() -> None:
     parser.add_argument("--vectorised-threads", type=int, nargs="+", default=[os.cpu_count() or 1],
                         help="torch threads of the vectorised executor on the CPU, each measured (default: one per core)")
     parser.add_argument("--with-ray", action="store_true", help="also the Ray executor (a Ray on this machine)")
+    parser.add_argument("--eval-share", type=float, default=AggregatorConfig.eval_share,
+                        help="share of the phones that also score the model (default: the aggregator's, %(default)s)")
     parser.add_argument("--plot", type=Path, default=None, help="draw phone-updates/s against cohort size into this PNG")
     parser.add_argument("--out", type=Path, default=Path("/tmp/fedkb-scale"), help="where the phones are provisioned")
     args = parser.parse_args()
@@ -136,19 +143,20 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} on {torch.get_num_threads()} threads, "
           f"fp32 matmul {peak / 1e9:.1f} GFLOP/s (1024x1024), load average {os.getloadavg()[0]:.1f}; GPU: "
           f"{torch.cuda.get_device_name() if cuda else 'none (torch sees no CUDA device)'}")
-    print(f"workload: {model_config}, {config}; {per_token / 1e6:.2f} MFLOP per training token")
+    print(f"workload: {model_config}, {config}; {per_token / 1e6:.2f} MFLOP per training token; "
+          f"a share of {args.eval_share:g} of the phones score the model")
 
     made = [(setup, setup.make()) for setup in setups]
     results: list[Measured] = []
     try:
         for setup, executor in made:
             with torch_threads(setup.threads):
-                run_cohort(executor, warm_up, model, config)
+                run_cohort(executor, warm_up, model, config, args.eval_share)
         for size in sizes:
             for _ in range(args.repeats):
                 for setup, executor in made:
                     with torch_threads(setup.threads):
-                        wall_s, losses = run_cohort(executor, phones[:size], model, config)
+                        wall_s, losses = run_cohort(executor, phones[:size], model, config, args.eval_share)
                     results.append(Measured(setup, size, wall_s, sum(tokens[:size]), losses))
                     print(f"  {setup.executor} on {setup.label}, {size} phones: {wall_s:.1f} s", flush=True)
     finally:
