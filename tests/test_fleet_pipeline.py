@@ -72,7 +72,8 @@ class _Held(Future):
         self._executor = executor
 
     def result(self, timeout: float | None = None):
-        self._executor.step()
+        if not self.done():
+            self._executor.step()
         return super().result(timeout)
 
 
