@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -219,27 +220,61 @@ def run_simulate(args: argparse.Namespace) -> int:
                  corpus)
     with closing(remote_client(args.aggregator)) as client:
         summary = simulate_with(args, corpus, client)
-    print_summary(summary, args.out)
+    print_summary(summary, args.out, summary_baselines(corpus, args.out, not args.no_progress), args.time_budget)
     return 0
 
 
-def print_summary(summary: SimulationSummary, out_dir: Path) -> None:
-    def row(name: str, metrics: dict[str, float | None]) -> str:
-        top1, top3 = metrics["recall_at_1"], metrics["recall_at_3"]
-        scores = "not scored" if top1 is None or top3 is None else f"top-1 {top1:.4f}  top-3 {top3:.4f}"
-        return f"  {name:<36} {scores}"
+def summary_baselines(corpus: PreparedCorpus, out_dir: Path, show_progress: bool) -> list[TableRow]:
+    """The n-gram's and the most frequent words' rows on the held-out messages of the run's phones (those the
+    summary scores the federated model on), computed once per corpus and cached in its folder."""
+    from device_sim.comparison import cheap_rows
+    from device_sim.fleet import provisioned_phones
+    from keyboard_model.tokenizer import KeyboardTokenizer
+
+    tokenizer = KeyboardTokenizer.from_file(out_dir / "tokenizer.json")
+    held_out = [message for phone in provisioned_phones(out_dir / "phones") for message in phone.held_out(tokenizer)]
+    return cheap_rows(tokenizer, tokenizer.encode_batch(corpus.proxy_lines()), held_out, corpus.path,
+                      show_progress=show_progress)
+
+
+def print_summary(
+    summary: SimulationSummary, out_dir: Path, baselines: Sequence[TableRow], time_budget_s: float | None = None,
+    reference_rounds: int | None = None,
+) -> None:
+    """The run's last screen: the federated model beside the n-gram and the most frequent words (`baselines`,
+    `summary_baselines`), its ratio to the n-gram against the target, Gboard's figures for scale, and how many
+    rounds the run had (against `reference_rounds`, the README's run of the same command, if given)."""
+    from device_sim.comparison import GBOARD_FEDERATED, GBOARD_NGRAM, NGRAM_ROW, TARGET_RATIO
+
+    def row(name: str, top1: float | None, top3: float | None, note: str = "") -> str:
+        return f"  {name:<44} {_percent(top1)}  {_percent(top3)}{note}"
 
     failed = f" ({summary.rounds_failed} failed)" if summary.rounds_failed else ""
-    print(f"\n{summary.rounds_completed} rounds{failed}, model version {summary.model_version}, "
+    budget = "" if time_budget_s is None else f" in the {time_budget_s:.0f} s budget"
+    reference = "" if reference_rounds is None else f" ({reference_rounds} in the README's run on a quiet 2-core machine)"
+    print(f"\n{summary.rounds_completed} rounds{failed}{budget}{reference}, model version {summary.model_version}, "
           f"{summary.wall_time_s:.0f} s")
     if summary.rounds_completed and summary.rounds_failed == summary.rounds_completed:
         print("  no round of this run closed: the model is the one it started from (see metrics.jsonl's failures)")
-    print(f"held-out recall over {summary.eval_positions} next-word positions of every phone:")
-    print(row(f"most frequent {summary.most_frequent_words}", summary.most_frequent_baseline))
-    print(row("federated model", summary.final))
-    print(row(f"initial model (round 0, {summary.initial_sample_phones}-phone sample)", summary.initial))
+    print(f"held-out recall over {summary.eval_positions:,} next-word positions of every phone:")
+    print(f"  {'keyboard':<44} {'top-1':>7}  {'top-3':>7}")
+    for baseline in baselines:
+        print(row(baseline.model, baseline.counts.recall_at_1, baseline.counts.recall_at_3))
+    ngram = next(b.counts.recall_at_1 for b in baselines if b.model == NGRAM_ROW)
+    federated = summary.final["recall_at_1"]
+    ratio = "" if federated is None or not ngram else f"   {federated / ngram:.2f}x the n-gram's top-1"
+    print(row("federated model", federated, summary.final["recall_at_3"], ratio))
+    print(row(f"target: {TARGET_RATIO}x the n-gram's top-1, as Gboard's", TARGET_RATIO * ngram, None))
+    print(row("Gboard's federated CIFG (Hard et al. 2018)", *GBOARD_FEDERATED,
+              f"   {GBOARD_FEDERATED[0] / GBOARD_NGRAM[0]:.2f}x its n-gram's {100 * GBOARD_NGRAM[0]:.1f}%; "
+              "for scale: real traffic, ~3,000 rounds"))
     print(f"metrics: {out_dir / 'metrics.jsonl'} (TensorBoard: {out_dir / 'tensorboard'}); "
-          f"model: {out_dir / 'model.safetensors'}")
+          f"model: {out_dir / 'model.safetensors'}\n"
+          f"the table with the server-trained and oracle models (tens of minutes the first time): fedkb eval {out_dir} --table")
+
+
+def _percent(value: float | None) -> str:
+    return f"{'-':>7}" if value is None else f"{100 * value:6.2f}%"
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

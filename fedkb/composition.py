@@ -99,7 +99,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     corpus = prepare(device_cli.corpus_config_from_args(args))
     with ExitStack() as stack:
         summary, _ = simulate(args, corpus, stack)
-    device_cli.print_summary(summary, args.out)
+    baselines = device_cli.summary_baselines(corpus, args.out, not args.no_progress)
+    device_cli.print_summary(summary, args.out, baselines, args.time_budget)
     return 0
 
 

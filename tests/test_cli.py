@@ -56,6 +56,9 @@ def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path
     summary = json.loads((out / "summary.json").read_text(), parse_constant=_refuse)  # no NaN: browsers read it
     assert summary["rounds_completed"] == 3 and summary["model_version"] == 3 and summary["rounds_failed"] == 0
     assert summary["initial"] == {key: lines[0][key] for key in summary["initial"]}
+    # The last screen puts the model beside the n-gram, scored on the same positions, and the target.
+    assert "n-gram (KN trigram, proxy)" in result.stdout and "x the n-gram's top-1" in result.stdout
+    assert "target: 1.2x the n-gram's top-1" in result.stdout
     # The same rounds as TensorBoard scalars, read back with TensorBoard's own reader.
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()

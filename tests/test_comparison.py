@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import asdict
 from pathlib import Path
 
-from device_sim.comparison import ComparisonConfig, comparison_table, markdown_table
+from device_sim.cli import print_summary
+from device_sim.comparison import NGRAM_ROW, ComparisonConfig, TableRow, cheap_rows, comparison_table, markdown_table
 from device_sim.phone import Phone
-from keyboard_model.evaluate import evaluate
+from device_sim.simulation import SimulationSummary
+from keyboard_model.evaluate import EvalCounts, evaluate
+from keyboard_model.ngram import KneserNeyTrigram
 from keyboard_model.model import build_model
 from keyboard_model.transformer import TransformerConfig
 from keyboard_model.weights import model_from_bytes
@@ -69,3 +75,50 @@ def test_a_model_of_another_architecture_is_shown_beside_with_its_own_baselines(
     cached = [model_from_bytes(path.read_bytes())[0] for path in (tmp_path / "baselines").glob("*.safetensors")]
     assert sorted(type(model).__name__ for model in cached) == ["CIFGLSTM", "CIFGLSTM", "CausalTransformer",
                                                                "CausalTransformer"]
+
+
+def test_the_cheap_rows_are_computed_once_and_a_damaged_cache_again(tmp_path: Path, small_tokenizer, monkeypatch):
+    proxy = small_tokenizer.encode_batch(SMALL_TEXT[:3])
+    held_out = small_tokenizer.encode_batch(SMALL_TEXT[3:])
+    scorings = []
+    score = KneserNeyTrigram.evaluate
+    monkeypatch.setattr(KneserNeyTrigram, "evaluate", lambda *args, **kwargs: scorings.append(1) or score(*args, **kwargs))
+    log: list[str] = []
+
+    def rows() -> list[TableRow]:
+        return cheap_rows(small_tokenizer, proxy, held_out, tmp_path / "cache", log.append, show_progress=False)
+
+    first = rows()
+    assert [row.model.split(" (")[0] for row in first] == ["n-gram", "most frequent"]
+    assert first[0].counts == score(KneserNeyTrigram(proxy, small_tokenizer.vocab_size), small_tokenizer, held_out)
+    assert first[0].counts.positions == first[1].counts.positions > 0
+    assert rows() == first and len(scorings) == 1  # the second time from the cache
+    # Another held-out set is another cache entry.
+    assert cheap_rows(small_tokenizer, proxy, held_out[1:], tmp_path / "cache", show_progress=False) != first
+    assert len(scorings) == 2
+    cached = next(path for path in (tmp_path / "cache").iterdir() if json.loads(path.read_text()) == [
+        {"model": row.model, "counts": asdict(row.counts)} for row in first])
+    cached.write_text(cached.read_text()[:20])
+    assert rows() == first and len(scorings) == 3
+    assert any("damaged" in line for line in log)
+    assert rows() == first and len(scorings) == 3  # written whole again
+
+
+def test_the_last_screen_puts_the_federated_model_beside_the_n_gram_and_the_target(tmp_path: Path, capsys):
+    summary = SimulationSummary(
+        rounds_completed=110, rounds_failed=0, model_version=110, initial={"recall_at_1": 0.0, "recall_at_3": 0.0},
+        initial_sample_phones=32, final={"recall_at_1": 0.1, "recall_at_3": 0.19}, most_frequent_baseline={},
+        most_frequent_words=["the", "and", "to"], eval_positions=10_000, wall_time_s=600.0,
+    )
+    baselines = [TableRow(NGRAM_ROW, EvalCounts(hits_at_1=956, hits_at_3=1822, positions=10_000)),
+                 TableRow("most frequent (the, and, to)", EvalCounts(hits_at_1=305, hits_at_3=845, positions=10_000))]
+
+    print_summary(summary, tmp_path, baselines, time_budget_s=540.0, reference_rounds=206)
+
+    screen = capsys.readouterr().out
+    assert "110 rounds in the 540 s budget (206 in the README's run on a quiet 2-core machine)" in screen
+    assert re.search(r"n-gram \(KN trigram, proxy\) +9\.56% +18\.22%", screen)
+    assert re.search(r"most frequent \(the, and, to\) +3\.05% +8\.45%", screen)
+    assert re.search(r"federated model +10\.00% +19\.00% +1\.05x the n-gram's top-1", screen)
+    assert re.search(r"target: 1\.2x the n-gram's top-1, as Gboard's +11\.47%", screen)
+    assert re.search(r"Gboard's federated CIFG \(Hard et al\. 2018\) +16\.40% +27\.00% +1\.26x its n-gram's 13\.0%", screen)
