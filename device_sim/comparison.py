@@ -78,7 +78,7 @@ def comparison_table(
     phones: Sequence[Phone],
     proxy_lines: Sequence[str],
     config: ComparisonConfig,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = tqdm.write,  # prints around the progress bars
     beside: Sequence[NextWordModel] = (),
 ) -> list[TableRow]:
     """The four rows, in the paper's order; then server, federated and oracle rows for each model `beside`."""
@@ -111,7 +111,7 @@ def cheap_rows(
     proxy: Sequence[Sequence[int]],
     held_out: Sequence[Sequence[int]],
     cache_dir: Path,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = tqdm.write,  # prints around the progress bars
     show_progress: bool = True,
 ) -> list[TableRow]:
     """The rows that need no training, the n-gram's and the most frequent words', on the encoded `held_out`
