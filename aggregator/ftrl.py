@@ -7,9 +7,10 @@ model, which is a sum of the releases. C is a buffered linear Toeplitz (BLT) mat
 `jax_privacy.matrix_factorization.buffered_toeplitz.optimize` chooses for the number of
 rounds and the minimum separation `b` (a device takes part at most once in any `b`
 consecutive releases; the round manager refuses it otherwise). The noise is made in
-streaming form by `jax_privacy.noise_addition.matrix_factorization_privatizer`: its
-state (a random key and the BLT's few buffers, each the model's size) is committed with
-the model, so a restarted aggregator continues the same noise stream.
+streaming form as jax-privacy's `matrix_factorization_privatizer` makes it, in float32
+torch (`BltNoise`): its state (a generator's and the BLT's few buffers, each the model's
+size) is committed with the model, so a restarted aggregator continues the same noise
+stream.
 
 Accounting needs no sampling assumption: after T releases, the sensitivity of the
 T x T mechanism to one device's participations, at most one per `b` releases, is
@@ -37,21 +38,21 @@ from collections.abc import Callable
 
 import jax
 
-# The BLT's optimisation and its buffers need float64 (buffered_toeplitz.check_float64_dtype); nothing else in
+# The BLT's optimisation needs float64 (buffered_toeplitz.check_float64_dtype); nothing else in
 # this project uses JAX.
 jax.config.update("jax_enable_x64", True)
 
 import dp_accounting  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from dp_accounting.rdp import RdpAccountant  # noqa: E402
-from jax_privacy import noise_addition  # noqa: E402
-from jax_privacy.matrix_factorization import buffered_toeplitz, toeplitz  # noqa: E402
+from jax_privacy.matrix_factorization import buffered_toeplitz  # noqa: E402
 from safetensors.numpy import load as load_arrays  # noqa: E402
 from safetensors.numpy import save as save_arrays  # noqa: E402
 
 from aggregator.adaptive_clipping import AdaptiveClipping, ClipNorm  # noqa: E402
+from keyboard_model.errors import UserFacingError  # noqa: E402
+from keyboard_model.flat import flatten, length, views  # noqa: E402
 from keyboard_model.weights import Tensors  # noqa: E402
 
 
@@ -61,10 +62,26 @@ def optimised_blt(rounds: int, min_separation: int) -> buffered_toeplitz.Buffere
     return buffered_toeplitz.optimize(n=rounds, min_sep=min_separation, max_participations=None)
 
 
+def toeplitz_coefs(blt: buffered_toeplitz.BufferedToeplitz, releases: int) -> np.ndarray:
+    """C's first `releases` Toeplitz coefficients, as jax-privacy's `BufferedToeplitz.toeplitz_coefs` computes them,
+    in NumPy: JAX compiles its operations anew for every length, which took a DP-FTRL round 0.1 to 3 CPU-s."""
+    powers = np.arange(releases - 1)
+    return np.append(1.0, (np.asarray(blt.buf_decay) ** powers[:, None] * np.asarray(blt.output_scale)).sum(axis=1))
+
+
 def sensitivity_squared(blt: buffered_toeplitz.BufferedToeplitz, releases: int, min_separation: int) -> float:
     """Squared L2 sensitivity of `releases` releases to one device taking part at most once every `min_separation`
-    releases, each time with an update of norm at most 1."""
-    return float(toeplitz.minsep_sensitivity_squared(blt.toeplitz_coefs(releases), min_sep=min_separation))
+    releases, each time with an update of norm at most 1: jax-privacy's `toeplitz.minsep_sensitivity_squared`
+    (McKenna et al. 2024, Theorem 2), in NumPy for the reason `toeplitz_coefs` gives. For non-negative,
+    non-increasing coefficients the worst case is ceil(releases / b) participations exactly b apart: the sum of those
+    columns of C, made as a difference of cumulative sums."""
+    coef, b = toeplitz_coefs(blt, releases), min_separation
+    if not (coef >= 0).all() or (np.diff(coef) > 0).any():
+        raise ValueError("the BLT's Toeplitz coefficients must be non-negative and non-increasing")
+    k = -(-releases // b)
+    vector = np.pad(coef, (0, (b - releases) % b)).reshape(-1, b).cumsum(axis=0).flatten()
+    vector[b * k :] -= vector[: -b * k].copy()
+    return float(vector[:releases] @ vector[:releases])
 
 
 def observed_sensitivity_squared(blt: buffered_toeplitz.BufferedToeplitz,
@@ -111,44 +128,100 @@ def epsilon_of_rho(rho_zcdp: float, delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
+# Words of a PCG64 generator's state as committed: its 128-bit state and increment, high and low 64 bits each, and
+# its buffered 32-bit half-word.
+_MASK_64 = 2**64 - 1
+
+
+def _generator_words(generator: np.random.Generator) -> np.ndarray:
+    state = generator.bit_generator.state
+    inner = state["state"]
+    return np.array([inner["state"] >> 64, inner["state"] & _MASK_64, inner["inc"] >> 64, inner["inc"] & _MASK_64,
+                     state["has_uint32"], state["uinteger"]], dtype=np.uint64)
+
+
+def _generator(words: np.ndarray) -> np.random.Generator:
+    high_state, low_state, high_inc, low_inc, has_uint32, uinteger = (int(word) for word in words)
+    bits = np.random.PCG64()
+    bits.state = {"bit_generator": "PCG64", "state": {"state": high_state << 64 | low_state, "inc": high_inc << 64 | low_inc},
+                  "has_uint32": has_uint32, "uinteger": uinteger}
+    return np.random.Generator(bits)
+
+
 class BltNoise:
-    """The correlated noise stream: jax-privacy's streaming privatizer for C^{-1}, with its state as bytes."""
+    """The correlated noise stream C^{-1} Z, made in streaming form as jax-privacy's
+    `BufferedToeplitz.inverse_as_streaming_matrix` makes it (Alg. 3 of McMahan et al. 2024): release t's noise is
+    x_t = z_t - sum_j s_j b_j, then each buffer b_j becomes d_j b_j + x_t (s: the BLT's output scales, d: its
+    decays). Drawn once per release, in float32, over the flat update (`keyboard_model/flat.py`) in torch: the
+    noise is a few passes over memory, where jax-privacy's privatizer drew float64 per parameter and crossed
+    between torch, NumPy and JAX each round. float32's rounding (relative 6e-8 a step) is far below the noise it
+    rounds. The fresh draws z_t come from a NumPy PCG64 generator seeded with 128 bits from the operating system; its
+    state and the buffers are what is committed with the model (`to_bytes`), so a restarted aggregator draws the
+    same noise."""
 
     def __init__(self, blt: buffered_toeplitz.BufferedToeplitz, stddev: float, shapes: dict[str, tuple[int, ...]],
                  state: bytes | None = None) -> None:
         self.blt = blt
-        self._shapes = shapes
+        self._stddev = stddev
+        self._decay = torch.from_numpy(np.asarray(blt.buf_decay, dtype=np.float32)).unsqueeze(1)
+        self._scale = [float(s) for s in np.asarray(blt.output_scale)]
+        self._length = length(shapes)
         if state is None:
-            # Unpredictable: anyone who could replay the noise could subtract it. A whole threefry key (64 bits) from
-            # the operating system, not a 32-bit seed that could be searched.
-            key = jax.random.wrap_key_data(jnp.asarray(np.frombuffer(os.urandom(8), dtype=np.uint32)))
-            self._privatizer = noise_addition.matrix_factorization_privatizer(
-                blt.inverse_as_streaming_matrix(), stddev=stddev, prng_key=key)
-            zeros = {name: jnp.zeros(shape, dtype=jnp.float64) for name, shape in shapes.items()}
-            self.state = self._privatizer.init(zeros)
+            # Unpredictable: anyone who could replay the noise could subtract it. 128 bits, not a seed to search.
+            generator = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
+            self.state = (_generator_words(generator), torch.zeros(len(self._scale), self._length))
             self.step = 0
+            return
+        arrays = load_arrays(state)
+        self.step = int(arrays["step"][0])
+        if "generator" in arrays:
+            self.state = (arrays["generator"], torch.from_numpy(arrays["buffers"]))
+        elif "key" in arrays:
+            self.state = _from_jax_state(arrays, shapes)
         else:
-            arrays = load_arrays(state)
-            key = jax.random.wrap_key_data(jnp.asarray(arrays["key"]))
-            self._privatizer = noise_addition.matrix_factorization_privatizer(
-                blt.inverse_as_streaming_matrix(), stddev=stddev, prng_key=key)
-            self.state = (key, {name: jnp.asarray(arrays[f"buffers.{name}"]) for name in shapes})
-            self.step = int(arrays["step"][0])
+            raise UserFacingError("the database's DP-FTRL noise state holds neither a generator nor a JAX key: it "
+                                  "was not written by this aggregator")
+        if tuple(self.state[1].shape) != (len(self._scale), self._length):
+            raise UserFacingError(f"the database's DP-FTRL noise state holds buffers of shape "
+                                  f"{tuple(self.state[1].shape)}, not the model's ({len(self._scale)}, "
+                                  f"{self._length}): it was written for another model")
 
-    def add(self, total: Tensors) -> tuple[Tensors, tuple, int]:
-        """(total + this release's noise, the state after it, its step); the stream moves on only with `advance`."""
-        noisy, state = self._privatizer.update({name: jnp.asarray(t.numpy()) for name, t in total.items()}, self.state)
-        return {name: torch.from_numpy(np.array(noisy[name])) for name in total}, state, self.step
+    def add(self, total: torch.Tensor) -> tuple[torch.Tensor, tuple, int]:
+        """(`total`, a flat float32 sum, plus this release's noise; the state after it; its step). The stream moves on
+        only with `advance`, so the generator drawn from here is a copy."""
+        words, buffers = self.state
+        generator = _generator(words)
+        noise = torch.from_numpy(generator.standard_normal(self._length, dtype=np.float32)).mul_(self._stddev)
+        for scale, buffer in zip(self._scale, buffers):
+            noise.sub_(buffer, alpha=scale)
+        after = torch.mul(buffers, self._decay).add_(noise)
+        return total + noise, (_generator_words(generator), after), self.step
 
     def advance(self, state: tuple) -> None:
         self.state, self.step = state, self.step + 1
 
     def to_bytes(self, state: tuple | None = None, step: int | None = None) -> bytes:
-        key, buffers = self.state if state is None else state
-        arrays = {"key": np.asarray(jax.random.key_data(key)), "step": np.array([self.step if step is None else step]),
-                  "buf_decay": np.asarray(self.blt.buf_decay), "output_scale": np.asarray(self.blt.output_scale),
-                  **{f"buffers.{name}": np.asarray(b) for name, b in buffers.items()}}
-        return save_arrays(arrays)
+        words, buffers = self.state if state is None else state
+        return save_arrays({"generator": words, "buffers": buffers.numpy(),
+                            "step": np.array([self.step if step is None else step]),
+                            "buf_decay": np.asarray(self.blt.buf_decay),
+                            "output_scale": np.asarray(self.blt.output_scale)})
+
+
+def _from_jax_state(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> tuple:
+    """A noise state as this aggregator committed it before the noise was drawn in torch (a JAX threefry key and
+    float64 buffers by parameter), as (generator words, float32 buffers). The stream goes on with fresh draws from
+    a generator seeded by that secret key and the step: independent of the draws made with it, as every fresh draw
+    must be, and the same on every restart from the same state, so no release is ever drawn twice with two noises."""
+    missing = sorted(f"buffers.{name}" for name in shapes if f"buffers.{name}" not in arrays)
+    if missing:
+        raise UserFacingError(f"the database's DP-FTRL noise state lacks {', '.join(missing)}: it was written for "
+                              "another model")
+    seed = [int(word) for word in arrays["key"].astype(np.uint32)] + [int(arrays["step"][0])]
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+    buffers = np.concatenate([arrays[f"buffers.{name}"].reshape(len(arrays["buf_decay"]), -1) for name in shapes],
+                             axis=1)
+    return _generator_words(generator), torch.from_numpy(buffers.astype(np.float32))
 
 
 def blt_from_state(state: bytes) -> buffered_toeplitz.BufferedToeplitz:
@@ -174,6 +247,8 @@ class FtrlLedger:
         blt = blt_from_state(state) if state is not None else optimised_blt(rounds, min_separation)
         # In units of the clip norm: the stream stays the same whatever norm each round clips to.
         self._noise = BltNoise(blt, clip.update_noise_multiplier, shapes, state)
+        self._inverse = blt.inverse()  # C^{-1}, a BLT too
+        self._shapes = shapes
         self._pending: tuple[tuple, int] | None = None
 
     @property
@@ -189,8 +264,8 @@ class FtrlLedger:
     def noise_stddev(self) -> float:
         """The standard deviation of each value of the noise the next release adds to the sum: its fresh noise's,
         times the norm of row `step` of C^{-1}, which mixes the noise of every release so far into it."""
-        row = self._noise.blt.inverse().toeplitz_coefs(self._noise.step + 1)
-        return self.clip.update_noise_multiplier * self.clip.norm * float(jnp.linalg.norm(row))
+        row = toeplitz_coefs(self._inverse, self._noise.step + 1)
+        return self.clip.update_noise_multiplier * self.clip.norm * float(np.linalg.norm(row))
 
     def privacy_after(self, releases: int, delta: float) -> dict[str, float]:
         spent = rho_spent(self._noise.blt, releases, self.min_separation, self.clip.update_noise_multiplier,
@@ -201,14 +276,14 @@ class FtrlLedger:
         """The round's noisy mean from the sum of its clipped updates, `within` of the `reported` ones within the clip
         norm (adaptive clipping), and the round's record."""
         norm = self.clip.norm
-        noisy, state, step = self._noise.add({name: t / norm for name, t in total.items()})
+        noisy, state, step = self._noise.add(flatten(total, self._shapes).div_(norm))
         self._pending = (state, step)
         delta = self._delta or 1.0 / max(self._population(), self._goal)
         record = {"dp_mechanism": "ftrl", "dp_noise_multiplier": self._noise_multiplier, "dp_delta": delta,
                   "dp_min_separation": self.min_separation, "dp_step": step, **self.privacy_after(step + 1, delta),
                   **self.clip.release(within, reported)}
         # A fixed denominator, as DP-FedAvg's: how many devices reported is not a second release.
-        return {name: (t * norm / self._goal).float() for name, t in noisy.items()}, record
+        return views(noisy.mul_(norm / self._goal), self._shapes), record
 
     def pending_state(self) -> bytes | None:
         """The noise state after the last release, to commit with the model it made."""

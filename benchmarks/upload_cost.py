@@ -7,9 +7,18 @@ in CPU seconds, on int8 updates of the default model for the default corpus, for
 private one (which clips), and beside it `train_local` for phones of the default corpus (their newest 400 messages,
 the phones' settings), in CPU seconds on the same number of threads.
 
-    .venv/bin/python benchmarks/upload_cost.py [--uploads 40] [--phones 3] [--threads 1]
+Then what the privacy switches add to a round, against the phones' training of a round of `--goal` (goal x
+train_local):
+- DP-FTRL: one release (the BLT noise drawn and added, the accounting, the noise state serialised to commit), for
+  the default BLT (`--dp-rounds` 1000, `--min-separation` 10; optimising it, once per aggregator, is not counted);
+- secure aggregation: a phone's ring encoding (rotation and stochastic rounding) of its update, on the default
+  8-bit ring.
 
-Target (issue 25): the aggregator's process at most 0.03 CPU-s per update.
+    .venv/bin/python benchmarks/upload_cost.py [--uploads 40] [--phones 3] [--threads 1] [--goal 10]
+        [--dp-rounds 1000] [--min-separation 10]
+
+Targets (issue 25): the aggregator's process at most 0.03 CPU-s per update; DP-FTRL's noise within 5% of a plain
+round.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from aggregator.adaptive_clipping import ClipNorm
@@ -24,11 +34,13 @@ from aggregator.aggregation import PrivateMean, WeightedMean
 from aggregator.privacy import PrivacyLedger
 from device_sim.corpus import CorpusConfig, prepare
 from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.secagg import RingEncoding
 from keyboard_model.train import LocalTrainConfig, train_local
 from keyboard_model.update_codec import decode_flat_update, encode_update
 from keyboard_model.weights import parameter_shapes
 
 TARGET_S = 0.03
+FTRL_TARGET = 0.05
 
 
 def upload_cost_s(shapes: dict[str, tuple[int, ...]], uploads: int, private: bool) -> float:
@@ -48,6 +60,33 @@ def upload_cost_s(shapes: dict[str, tuple[int, ...]], uploads: int, private: boo
             raise AssertionError("the benchmark's updates are within the bound")
         rule.add(delta, int(metadata["num_examples"]))
     return (time.process_time() - started) / uploads
+
+
+def ftrl_release_s(shapes: dict[str, tuple[int, ...]], rounds: int, min_separation: int, releases: int = 5) -> float:
+    """CPU seconds per DP-FTRL release and commit of its noise state, after the BLT is optimised."""
+    from aggregator.ftrl import FtrlLedger, optimised_blt  # noqa: PLC0415 (JAX only here)
+
+    optimised_blt(rounds, min_separation)
+    ledger = FtrlLedger(ClipNorm(0.5, 0.1, None, 10, 20.0), 0.1, 10, min_separation, rounds, shapes, lambda: 621,
+                        None, None)
+    total = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    started = time.process_time()
+    for _ in range(releases):
+        _, record = ledger.release(total, 0, 10)
+        ledger.pending_state()
+        ledger.spent(record)
+    return (time.process_time() - started) / releases
+
+
+def ring_encoding_s(shapes: dict[str, tuple[int, ...]], goal: int, encodings: int = 5) -> float:
+    """CPU seconds of a phone's ring encoding of its update (the default ring, a round of `goal`)."""
+    length = sum(torch.Size(shape).numel() for shape in shapes.values())
+    encoding = RingEncoding(bits=8, bound=20.0, max_summands=goal, length=length, rotation_seed=1)
+    delta = np.random.default_rng(0).standard_normal(length).astype(np.float32) * 1e-3
+    started = time.process_time()
+    for seed in range(encodings):
+        encoding.encode(delta, np.random.default_rng(seed))
+    return (time.process_time() - started) / encodings
 
 
 def train_cost_s(phones: int) -> tuple[float, dict[str, tuple[int, ...]]]:
@@ -72,6 +111,9 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=40)
     parser.add_argument("--phones", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the pool's workers use 1)")
+    parser.add_argument("--goal", type=int, default=10, help="phones a round")
+    parser.add_argument("--dp-rounds", type=int, default=1000)
+    parser.add_argument("--min-separation", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -84,6 +126,12 @@ def main() -> None:
         print(f"upload, {name}: {cost * 1e3:.2f} CPU-ms per upload (decode + check + add), "
               f"{cost / train_s:.2%} of train_local; target <= {TARGET_S * 1e3:.0f} ms: "
               f"{'met' if cost <= TARGET_S else 'NOT met'}")
+    ftrl = ftrl_release_s(shapes, args.dp_rounds, args.min_separation)
+    round_s = args.goal * train_s
+    print(f"DP-FTRL release: {ftrl:.3f} CPU-s per round, {ftrl / round_s:.2%} of a round's training "
+          f"({args.goal} x train_local); target <= {FTRL_TARGET:.0%}: {'met' if ftrl <= FTRL_TARGET * round_s else 'NOT met'}")
+    encode = ring_encoding_s(shapes, args.goal)
+    print(f"secure aggregation, a phone's ring encoding: {encode:.3f} CPU-s, {encode / train_s:.2%} of its train_local")
 
 
 if __name__ == "__main__":

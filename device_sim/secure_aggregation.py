@@ -253,7 +253,7 @@ class SecAggPhone:
         if state.shared is None:
             raise SecAggError("the round has not fixed who shared yet")
         encoding = RingEncoding(**state.encoding.model_dump())
-        flat = torch.cat([t.flatten() for t in clip_to_norm(delta, encoding.bound).values()]).double().numpy()
+        flat = torch.cat([t.flatten() for t in clip_to_norm(delta, encoding.bound).values()]).float().numpy()
         if len(flat) != encoding.length:
             raise SecAggError(f"this phone's model has {len(flat)} values; the round expects {encoding.length}")
         scored = [evaluation.positions, evaluation.hits_at_1, evaluation.hits_at_3] if evaluation else [0, 0, 0]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save as save_arrays
 
 from aggregator.api.schemas import SecAggState
 from aggregator.config import AggregatorConfig
@@ -22,6 +23,7 @@ from aggregator.rounds import RoundManager
 from aggregator.storage import open_storage
 from device_sim.session import update_bytes
 from jax_privacy.matrix_factorization import buffered_toeplitz
+from keyboard_model.errors import UserFacingError
 from keyboard_model.norms import clip_to_norm
 from tests.test_cli import fedkb
 from tests.test_secure_rounds import Device, assert_mean_within_rounding, confirm_all, random_delta, until_collecting
@@ -64,9 +66,9 @@ def test_the_noise_over_rounds_is_correlated_as_c_inverse_says():
     noise = BltNoise(TWO_BUFFERS, std, {"x": (coordinates,)})
     rows = []
     for _ in range(rounds):
-        noisy, state, _ = noise.add({"x": torch.zeros(coordinates, dtype=torch.float64)})
+        noisy, state, _ = noise.add(torch.zeros(coordinates))
         noise.advance(state)
-        rows.append(noisy["x"].numpy())
+        rows.append(noisy.double().numpy())
     observed = np.stack(rows)  # rounds x coordinates, each column one draw of C^{-1} z
     # The library's own materialisations of C^{-1} and C.
     c_inverse = np.asarray(TWO_BUFFERS.inverse_as_streaming_matrix().materialize(rounds))
@@ -207,3 +209,26 @@ def test_a_secure_round_releases_exactly_the_noise_a_plain_round_would(tmp_path,
     # the same, to within its ring's rounding: its unmasked sum got the stream's noise once, neither twice nor none.
     clear = {name: t - before[name] for name, t in plain.model.state.items()}
     assert_mean_within_rounding(manager.model.state, before, clear, state, reporters=3)
+
+
+def test_a_noise_state_from_before_float32_noise_loads_and_one_for_another_model_is_refused():
+    # As the aggregator committed it when JAX drew the noise: a threefry key and float64 buffers by parameter.
+    shapes = {"a": (2, 3), "b": (4,)}
+    buffers = {"a": np.arange(12.0).reshape(2, 2, 3), "b": np.arange(8.0).reshape(2, 4)}
+    old = save_arrays({"key": np.array([7, 9], np.uint32), "step": np.array([5]),
+                       "buf_decay": np.asarray(TWO_BUFFERS.buf_decay), "output_scale": np.asarray(TWO_BUFFERS.output_scale),
+                       **{f"buffers.{name}": b for name, b in buffers.items()}})
+    loaded = [BltNoise(TWO_BUFFERS, 0.5, shapes, old) for _ in range(2)]
+    assert loaded[0].step == 5
+    np.testing.assert_array_equal(loaded[0].state[1].numpy(),
+                                  np.concatenate([buffers["a"].reshape(2, -1), buffers["b"]], axis=1))
+    # Every restart from that state draws the same next release: none is ever released with two noises.
+    draws = [noise.add(torch.zeros(10))[0] for noise in loaded]
+    assert torch.equal(draws[0], draws[1])
+    # Committed again, it is in the new form and goes on the same way.
+    again = BltNoise(TWO_BUFFERS, 0.5, shapes, loaded[0].to_bytes())
+    assert torch.equal(again.add(torch.zeros(10))[0], draws[0])
+    with pytest.raises(UserFacingError, match="another model"):
+        BltNoise(TWO_BUFFERS, 0.5, {"a": (3, 3)}, loaded[0].to_bytes())
+    with pytest.raises(UserFacingError, match="another model"):
+        BltNoise(TWO_BUFFERS, 0.5, {"c": (6,)}, old)

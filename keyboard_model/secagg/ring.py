@@ -73,13 +73,23 @@ class RingEncoding:
         bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8))[: self.size]
         return 1.0 - 2.0 * bits
 
+    @property
+    def _float(self) -> type:
+        # A phone's rotated values stay far below 2**(bits - 1) (sub-Gaussian, sized for the sum of max_summands):
+        # float32 holds those of a ring of up to 16 bits with more than 8 bits of fraction to round stochastically,
+        # at half float64's cost for the DCT and the rounding. A 32-bit ring's need float64.
+        return np.float32 if self.bits <= 16 else np.float64
+
     def encode(self, delta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        padded = np.zeros(self.size)
-        padded[: self.length] = delta
-        scaled = dct(padded * self._signs, norm="ortho") * self.scale
-        floor = np.floor(scaled)
-        rounded = (floor + (rng.random(scaled.shape) < scaled - floor)).astype(np.int64)
-        return np.mod(rounded, 2**self.bits).astype(self.dtype)
+        padded = np.zeros(self.size, self._float)
+        # The DCT is linear, so the scale is applied with the signs, in the same pass.
+        np.multiply(delta, self._signs[: self.length] * self.scale, out=padded[: self.length], casting="same_kind")
+        scaled = dct(padded, norm="ortho", overwrite_x=True)
+        # Stochastic rounding, floor(x + U[0, 1)): up with probability equal to the fractional part.
+        scaled += rng.random(self.size, dtype=self._float)
+        np.floor(scaled, out=scaled)
+        # Casting an int64 to an unsigned integer of fewer bits keeps its low bits: the value modulo 2**bits.
+        return scaled.astype(np.int64).astype(self.dtype)
 
     def decode_sum(self, total: np.ndarray) -> np.ndarray:
         signed = total.view(f"int{self.bits}").astype(np.float64) / self.scale
