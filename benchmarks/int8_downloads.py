@@ -137,13 +137,14 @@ def main() -> None:
     control = " | control - float32 (points)" if args.control else ""
     print(f"| seed | float32 | int8 | int8 - float32 (points) | relative | the two served as int8{control} |")
     print("| --- " * (7 if args.control else 6) + "|")
-    differences, relative, controls = [], [], []
+    baselines, differences, relative, controls = [], [], [], []
     started = time.process_time()
     for seed in args.seeds:
         final = {encoding: run(fleet, model_config, encoding, seed, args.rounds, args.per_round, args.optimizer)
                  for encoding in MODEL_ENCODINGS}
         scores = {encoding: top1(fleet, model_config, state) for encoding, state in final.items()}
         served = {encoding: top1(fleet, model_config, state, "int8") for encoding, state in final.items()}
+        baselines.append(scores["float32"])
         differences.append(scores["int8"] - scores["float32"])
         relative.append(100 * differences[-1] / scores["float32"] if scores["float32"] else 0.0)
         row = (f"| {seed} | {scores['float32']:.2f} | {scores['int8']:.2f} | {differences[-1]:+.2f} | "
@@ -153,6 +154,9 @@ def main() -> None:
             controls.append(top1(fleet, model_config, other) - scores["float32"])
             row += f" {controls[-1]:+.2f} |"
         print(row, flush=True)
+    # Two unrelated runs differ by about sqrt(2) times this: the yardstick for the paired differences' spread.
+    spread = f", std {statistics.stdev(baselines):.3f}" if len(baselines) > 1 else ""
+    print(f"float32 across seeds: mean {statistics.fmean(baselines):.3f}{spread}")
     print(f"int8 - float32, points: {paired_summary(differences)}")
     print(f"int8 - float32, relative (%): {paired_summary(relative)}")
     if args.control:
