@@ -105,6 +105,17 @@ def test_scale(tmp_path, monkeypatch, capsys):
                   r"2 phones: the executors' per-phone mean losses differ by at most {n}")
 
 
+def test_vs_peers(tmp_path, monkeypatch, capsys):
+    """This project's side always; Flower's and pfl's where `bash dev.sh peers` made their environments."""
+    peers = [peer for peer in ("flower", "pfl") if (BENCHMARKS.parent / ".venv-peers" / peer / "bin" / "python").exists()]
+    out = run_benchmark("vs_peers", ["--per-round", "2", "--rounds", "1", "--repeats", "1", "--phones", "20",
+                                     "--only", "ours", *peers, "--out", str(tmp_path)], monkeypatch, capsys)
+    assert_prints(out, r"2 a round, run 1: fedkeyboard +{n} updates .* = +{n} updates/s, {n} CPU-s/update",
+                  r"fedkeyboard this tree +2 +{n} +{n} +{n}",
+                  *[rf"2 a round: ours / {label}: {{n}}x the updates/s, {{n}}x the CPU per update"
+                    for peer, label in (("flower", "Flower"), ("pfl", "pfl-research")) if peer in peers])
+
+
 def test_fleet(tmp_path, monkeypatch, capsys):
     out = run_benchmark("fleet", ["--phones", "20", "--per-round", "3", "--rounds", "1", "--warm-up", "0",
                                   "--modes", "service", "--out", str(tmp_path)], monkeypatch, capsys)
@@ -164,6 +175,14 @@ def test_int8_downloads(shakespeare, monkeypatch, capsys):
     assert_prints(out, r"\| 1 \| {n} \| {n} \| {n} \| {n}% \| {n} / {n} \| {n} \|",
                   r"int8 - float32, points: mean {n}, std {n}, 95% paired t interval \[{n}, {n}\]",
                   r"control - float32, points: mean {n}", r"float32 across seeds: mean {n}, std {n}")
+
+
+def test_upload_cost(monkeypatch, capsys):
+    out = run_benchmark("upload_cost", ["--uploads", "2", "--phones", "1", "--dp-rounds", "2", "--min-separation", "1"],
+                        monkeypatch, capsys)
+    assert_prints(out, r"train_local: {n} CPU-s per phone", r"upload, plain: {n} CPU-ms per upload",
+                  r"upload, private \(clipped\): {n} CPU-ms per upload", r"DP-FTRL release: {n} CPU-s per round",
+                  r"a phone's ring encoding: {n} CPU-s")
 
 
 def test_soak(tmp_path, monkeypatch, capsys):
