@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -66,20 +67,31 @@ def command(framework: str, workers: int, job: Path) -> list[str]:
     return [python, driver, str(job)]
 
 
-def run_driver(framework: str, job: dict, workers: int, folder: Path) -> dict:
-    """Run a framework's driver on `job`; its one JSON line. Its log goes to `folder`/<framework>.log."""
+def run_driver(framework: str, job: dict, workers: int, folder: Path, timeout_s: float) -> dict:
+    """Run a framework's driver on `job`, stopped after `timeout_s`; its one JSON line. Its log goes to
+    `folder`/<framework>.log."""
     folder.mkdir(parents=True, exist_ok=True)
     job_path, log_path = folder / f"{framework}-job.json", folder / f"{framework}.log"
     job_path.write_text(json.dumps(job))
     # gloo (pfl's torch.distributed) on the loopback interface only.
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
     with log_path.open("w") as log:
-        done = subprocess.run(command(framework, workers, job_path), stdout=subprocess.PIPE, stderr=log, text=True,
-                              env=env, cwd=ROOT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
+        # A session of its own, so that a driver that hangs, or is interrupted by Ctrl-C here, is stopped with
+        # everything it started (pool workers, Ray, torchrun's ranks).
+        driver = subprocess.Popen(command(framework, workers, job_path), stdout=subprocess.PIPE, stderr=log, text=True,
+                                  env=env, cwd=ROOT, start_new_session=True)
+        try:
+            stdout, _ = driver.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(driver.pid, signal.SIGKILL)
+            stdout, _ = driver.communicate()
+        except BaseException:
+            os.killpg(driver.pid, signal.SIGKILL)
+            raise
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if driver.returncode != 0 or not lines:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        raise SystemExit(f"{LABELS[framework]} failed (exit {done.returncode}); the end of {log_path}:\n{tail}")
+        raise SystemExit(f"{LABELS[framework]} failed (exit {driver.returncode}); the end of {log_path}:\n{tail}")
     return json.loads(lines[-1])
 
 
@@ -93,6 +105,7 @@ def main() -> None:
     parser.add_argument("--phones", type=int, default=1000, help="phones in the fleet (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="training workers of each framework (default: one per core, %(default)s)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/fedkb-vs-peers"))
     args = parser.parse_args()
 
@@ -118,12 +131,13 @@ def main() -> None:
             folder = args.out / f"{per_round}-a-round-{repeat}"
             ours = run_driver("ours", {"phones_dir": str(phones_dir), "tokenizer_path": str(corpus.tokenizer_path),
                                        "per_round": per_round, "rounds": args.rounds, "workers": args.workers,
-                                       "seed": repeat, "workdir": str(folder / "aggregator")}, args.workers, folder)
+                                       "seed": repeat, "workdir": str(folder / "aggregator")}, args.workers, folder,
+                              args.timeout)
             results = {"ours": ours}
             job = {"phones_dir": str(phones_dir), "tokenizer_path": str(corpus.tokenizer_path),
                    "workers": args.workers, "rounds": ours["schedule"]}
             for framework in peers:
-                results[framework] = run_driver(framework, job, args.workers, folder)
+                results[framework] = run_driver(framework, job, args.workers, folder, args.timeout)
             for framework, result in results.items():
                 run = Run(framework, per_round, result["updates"], result["wall_s"], result["cpu_s"], result["version"])
                 runs.append(run)

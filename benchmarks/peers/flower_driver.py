@@ -18,6 +18,7 @@ import os
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import sys  # noqa: E402
+import traceback  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -81,7 +82,8 @@ def main() -> None:
     nodes = max(len(r.phone_ids) for r in [job.warm_up, *job.rounds])
     run_simulation(server_app, client_app, num_supernodes=nodes, backend_config={
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": job.workers, "num_gpus": 0, "_node_ip_address": "127.0.0.1",
+        # address "local": a Ray of its own, even where another Ray already runs on this machine.
+        "init_args": {"address": "local", "num_cpus": job.workers, "num_gpus": 0, "_node_ip_address": "127.0.0.1",
                       "include_dashboard": False}})
     planned = sum(len(r.phone_ids) for r in job.rounds)
     if strategy.updates != planned:
@@ -90,4 +92,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:  # Flower's threads outlive a crashed simulation, and would hold the process open
+        traceback.print_exc()
+        os._exit(1)
