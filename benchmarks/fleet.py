@@ -48,12 +48,12 @@ class ModeResult:
     bytes_down: int
     checkins_per_round: float
     wall_by_activity: Counter = field(default_factory=Counter)
-    # Phones told they were late, and the workers' seconds spent training those of them whose work was computed anyway.
-    late: int = 0
-    late_training_s: float = 0.0
     # The aggregator's resident memory after each measured round, and its peak (MB; service mode only).
     memory_mb: list[float] = field(default_factory=list)
     peak_memory_mb: float | None = None
+    # Phones told they were late, and the workers' seconds spent training those of them whose work was computed anyway.
+    late: int = 0
+    late_training_s: float = 0.0
 
     @property
     def overhead(self) -> float:
