@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_numpy
@@ -45,6 +44,7 @@ from aggregator.api.schemas import SecAggEncoding, SecAggRoster, SecAggShares, S
 from aggregator.config import AggregatorConfig
 from aggregator.refusals import BadUpdateError, RoundClosedError, SecAggRefusedError
 from aggregator.secure_aggregation import SecureAggregation
+from keyboard_model.flat import length, views
 from keyboard_model.secagg import (
     Dealing,
     DealtPair,
@@ -66,7 +66,7 @@ class SecureRound:
         """`bound`: the L2 norm phones clip to, which the ring is sized for (the round's privacy clip norm if there
         is one, else the aggregator's norm bound)."""
         self.shapes = shapes
-        self.numel = sum(int(np.prod(shape)) for shape in shapes.values())
+        self.numel = length(shapes)
         self.encoding = RingEncoding(config.secagg_ring_bits, bound, selection_target, self.numel, graph_seed)
         self.protocol = SecureAggregation(number, masked_layout(self.encoding), graph_seed)
         self.phase_s = config.secagg_phase_s
@@ -237,12 +237,7 @@ class SecureRound:
     def result(self) -> tuple[Tensors, tuple[int, int, int, int]]:
         """(sum of the reported deltas, float64 by parameter; summed evaluation counts and clipping bits)."""
         assert self.sum is not None
-        flat = torch.from_numpy(self.encoding.decode_sum(self.sum["update"]))
-        total, offset = {}, 0
-        for name, shape in self.shapes.items():
-            size = int(np.prod(shape))
-            total[name] = flat[offset : offset + size].reshape(shape)
-            offset += size
+        total = views(torch.from_numpy(self.encoding.decode_sum(self.sum["update"])), self.shapes)
         positions, hits_1, hits_3, within = (int(v) for v in self.sum["counts"])
         return total, (positions, hits_1, hits_3, within)
 
