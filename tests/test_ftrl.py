@@ -15,14 +15,14 @@ from safetensors.numpy import save as save_arrays
 
 from aggregator.api.schemas import SecAggState
 from aggregator.config import AggregatorConfig
-from aggregator.ftrl import BltNoise, epsilon, observed_sensitivity_squared, rho, sensitivity_squared
+from aggregator.ftrl import BltNoise, epsilon, observed_sensitivity_squared, rho, sensitivity_squared, toeplitz_coefs
 from aggregator.inprocess import InProcessClient
 from aggregator.privacy import PrivacyEvent
 from aggregator.privacy import epsilon as fedavg_epsilon
 from aggregator.rounds import RoundManager
 from aggregator.storage import open_storage
 from device_sim.session import update_bytes
-from jax_privacy.matrix_factorization import buffered_toeplitz
+from jax_privacy.matrix_factorization import buffered_toeplitz, toeplitz
 from keyboard_model.errors import UserFacingError
 from keyboard_model.norms import clip_to_norm
 from tests.test_cli import fedkb
@@ -47,6 +47,17 @@ def test_sensitivity_is_the_one_jax_privacys_own_tests_publish(releases, separat
     if separation == 1:
         assert sensitivity_squared(PREFIX_SUM, releases, 1) == pytest.approx(
             releases * (releases + 1) * (2 * releases + 1) / 6)
+
+
+@pytest.mark.parametrize("blt", [TWO_BUFFERS, PREFIX_SUM], ids=["two-buffers", "prefix-sum"])
+@pytest.mark.parametrize("releases,separation", [(1, 1), (7, 1), (10, 2), (23, 5), (40, 40)])
+def test_numpy_accounting_equals_jax_privacys_own_functions(blt, releases, separation):
+    # ftrl.py computes C's coefficients and the min-separation sensitivity in NumPy (JAX compiled them anew for
+    # every release count); jax-privacy's own functions stay the reference they must match.
+    reference = np.asarray(blt.toeplitz_coefs(releases))
+    assert toeplitz_coefs(blt, releases) == pytest.approx(reference, rel=1e-12)
+    assert sensitivity_squared(blt, releases, separation) == pytest.approx(
+        float(toeplitz.minsep_sensitivity_squared(reference, separation, n=releases)), rel=1e-9)
 
 
 def test_epsilon_of_uncorrelated_noise_is_dp_fedavgs_without_sampling():
