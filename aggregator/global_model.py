@@ -54,7 +54,13 @@ class GlobalModel:
         self._int8: tuple[int, bytes] | None = None  # (version, bytes): made once per version, on first download
 
     def encoded(self, encoding: str) -> bytes:
-        """The current model as phones download it: the stored float32 bytes, or int8."""
+        """The current model as phones download it: the stored float32 bytes, or int8.
+
+        An int8 phone's delta is its trained model minus the int8 model it downloaded, and `commit_step` adds the
+        mean delta to the float32 model: the rounding itself is never added, so it cannot pile up from round to
+        round, and server momentum amplifies only training (a delta taken against the float32 model would carry
+        every phone's same rounding error, which momentum would multiply by up to ten). benchmarks/int8_downloads.py
+        compares the two encodings' runs, paired by seed."""
         if encoding == "float32":
             return self.bytes
         if self._int8 is None or self._int8[0] != self.version:
