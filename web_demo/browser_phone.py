@@ -192,7 +192,8 @@ class BrowserPhone:
         tokenizer = KeyboardTokenizer.from_json(self._client.tokenizer_json())
         model = self._client.model(decision.model_encoding)
         return self.phone.local_work(model, tokenizer, self.train, seed=time.time_ns() % 2**31,
-                                     clipping=Clipping.asked(decision), secure=secure)
+                                     clipping=Clipping.asked(decision), secure=secure,
+                                     evaluate=decision.evaluate)
 
     def _keep_going(self, seconds: float) -> bool:
         """Wait `seconds` between a secure round's steps; False once the phone is switched off or stopped."""
