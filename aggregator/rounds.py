@@ -462,6 +462,9 @@ class RoundManager:
         with self._lock:
             device_id = self._authorize(round_number, token)
             current = self.round
+            # Only the share asked to score may: an unasked device's counts would weigh the round's figure as it liked.
+            if device_id not in self._evaluators():
+                raise BadUpdateError(f"this device was not asked to score the model in round {round_number}")
             if report.model_version != current.base_version:
                 raise BadUpdateError(f"round {round_number} trains model version {current.base_version}; "
                                      f"this evaluation scored version {report.model_version}")

@@ -43,7 +43,8 @@ def make_phone(folder: Path, name: str, texts: list[str]) -> Phone:
 def take_part(phone: Phone, client: AggregatorClient, decision, tokenizer, train: LocalTrainConfig, seed: int) -> None:
     """The selected phone's steps in its round, as every phone takes them (device_sim/participation.py)."""
     Participant(phone, client, decision).run(
-        lambda secure: phone.local_work(client.model(), tokenizer, train, seed, secure=secure), lambda _: True)
+        lambda secure: phone.local_work(client.model(), tokenizer, train, seed, secure=secure,
+                                       evaluate=decision.evaluate), lambda _: True)
 
 
 def state_of(client: AggregatorClient) -> tuple[dict[str, torch.Tensor], int]:

@@ -251,8 +251,9 @@ def test_a_wall_clock_aggregator_refuses_to_have_its_clock_set(start_aggregator,
 def test_evaluation_reports_are_checked_counted_once_and_summed_into_the_rounds_quality_metrics(
     start_aggregator, small_tokenizer_path, small_model_config
 ):
+    # Both devices are asked to score (every device: --eval-share 1).
     aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, over_selection=1.0,
-                                  max_eval_positions=500)
+                                  max_eval_positions=500, eval_share=1.0)
     client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
     first, second = (client.checkin(client.enrol().device_token) for _ in range(2))
 
@@ -332,6 +333,11 @@ def test_the_aggregator_asks_a_share_of_each_rounds_devices_to_score_the_model(t
     assert [d.action for d in decisions] == ["train"] * 10
     assert [d.evaluate for d in decisions] == [True] * 3 + [False] * 7
     assert [client.checkin(token).evaluate for token in tokens] == [True] * 3 + [False] * 7  # asked again: the same
+    # A device not asked cannot send counts anyway; one that was asked can.
+    report = EvaluationReport(model_version=0, positions=100, hits_at_1=90, hits_at_3=95)
+    with pytest.raises(AggregatorRefusedError, match="not asked to score"):
+        client.report_evaluation(decisions[3].round, decisions[3].upload_token, report)
+    assert client.report_evaluation(decisions[0].round, decisions[0].upload_token, report).evaluations == 1
 
 
 def test_in_a_secure_round_devices_not_asked_to_score_send_zero_counts_and_the_round_says_how_many_scored(

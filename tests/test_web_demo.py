@@ -815,7 +815,8 @@ def simulated_phone_takes_part(phone: Phone, url: str, tokenizer: KeyboardTokeni
             decision = phone.check_in(client)
             if decision.action == "train":
                 return Participant(phone, client, decision).run(
-                    lambda secure: phone.local_work(client.model(), tokenizer, LocalTrainConfig(), seed, secure=secure),
+                    lambda secure: phone.local_work(client.model(), tokenizer, LocalTrainConfig(), seed, secure=secure,
+                                                    evaluate=decision.evaluate),
                     lambda seconds: time.sleep(seconds) is None)
             time.sleep(0.2)
     return None
