@@ -25,9 +25,11 @@ The fleet is pipelined: a selected phone's training is queued as soon as it reac
 step (right after its check-in in a plain round), and the fleet keeps the executor fed
 with the queued phones whose training ends soonest, a few more than it has workers, so
 the workers train while this process checks phones in, downloads and uploads. It never
-computes what it would throw away: a phone that vanishes or aborts is only timed, and
-when a round closes, its phones still queued are dropped: each then learns at its tick
-that it is late, as one that trained would, without its training being computed.
+computes what it would throw away: a phone that vanishes or aborts is only timed; a
+round's phones are handed over only while fewer than its goal are promised (handed over
+and not failed), since one beyond the goal would finish after the round closed; and when
+a round closes, its phones still queued are dropped: each then learns at its tick that
+it is late, as one that trained would, without its training being computed.
 Uploads still reach the aggregator in simulated-time order, whatever order the workers
 finish in, so a run's model depends on its seeds, not on the executor.
 
@@ -190,6 +192,7 @@ class Participation:
     result: TrainResult | None = None  # None if it never finished training
     upload_bytes: int = 0
     training_s: float = 0.0  # wall seconds of its local work (evaluation and training)
+    scored: bool = False  # whether its local work scored the model it downloaded (the aggregator asked it to)
 
 
 @dataclass
@@ -296,6 +299,10 @@ class Fleet:
         self._queued: list[tuple[int, int, _Job]] = []
         self._queued_count = 0
         self._in_flight: set[Future] = set()  # handed over, not done
+        # The open round's goal, and its phones whose work was handed over less those that then failed to report:
+        # work handed over beyond the goal would finish after the round closed, and be thrown away.
+        self._goal = 0
+        self._promised: Counter[int] = Counter()
         # An executor that says how many phones it trains at once gets that many and QUEUED_AHEAD more; one that
         # does not (the vectorised cohort trains whatever is queued when a result is asked for) gets each at once.
         workers = getattr(self.executor, "workers", None)
@@ -317,7 +324,8 @@ class Fleet:
         whose training had not started by then is told so without training.
         """
         round_started, self._wall = time.perf_counter(), Counter()
-        round_number, started_tick = self.client.status().round, self.clock.tick + 1
+        status, started_tick = self.client.status(recent=0), self.clock.tick + 1
+        round_number, self._goal = status.round, status.goal
         self._train = self.config.train if learning_rate is None else replace(self.config.train,
                                                                               learning_rate=learning_rate)
         outcomes: list[Participation] = []
@@ -456,14 +464,19 @@ class Fleet:
         self._feed()
 
     def _feed(self) -> None:
-        """Hand the executor the queued jobs that finish soonest, while it has fewer than `self._ahead`."""
+        """Hand the executor the queued jobs that finish soonest, while it has fewer than `self._ahead` and their
+        round has been promised fewer updates than its goal. A job held back runs when its phone's training time is
+        up (`_work`) if its round is still open then: one promised before it failed, or finishes later than it."""
         self._in_flight = {future for future in self._in_flight if not future.done()}
         while self._queued and (self._ahead is None or len(self._in_flight) < self._ahead):
+            if self._promised[self._queued[0][2].round] >= self._goal:
+                return
             self._hand_over(heapq.heappop(self._queued)[2])
 
     def _hand_over(self, job: _Job) -> None:
         job.future = job.submit()
         self._in_flight.add(job.future)
+        self._promised[job.round] += 1
 
     def _drop_queued(self, round_number: int) -> None:
         """The round closed: its phones still queued would upload late, so their work is never computed."""
@@ -514,8 +527,10 @@ class Fleet:
             outcome = participant.send(work)
             if outcome == "reported" and self.client.status(recent=0).round != participant.round:
                 self._drop_queued(participant.round)  # this upload closed the round
+        if outcome != "reported":
+            self._promised[participant.round] -= 1  # another queued phone may take its place
         return Participation(participant.phone.phone_id, participant.round, outcome, *ticks, work.result,
-                             len(work.upload or b""), seconds)
+                             len(work.upload or b""), seconds, participant.decision.evaluate)
 
     def close(self) -> None:
         self._queued = []

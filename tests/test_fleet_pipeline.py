@@ -161,3 +161,17 @@ def test_a_phone_whose_round_closed_before_its_turn_is_told_it_is_late_without_t
     # The aggregator heard from each of them as from a late phone that trained: counted late, not dropped.
     assert sum(s.late for s in summaries) == len(late)
 
+
+
+def test_no_phone_trains_once_its_round_has_the_updates_it_needs(
+    tmp_path, small_tokenizer_path, small_model_config, stepping_wait, monkeypatch
+):
+    # Three workers and one queued could take four of the six phones drawn for a goal of two; the two beyond the
+    # goal would finish after the round closed, their training thrown away.
+    monkeypatch.setattr(Stepping, "workers", 3)
+    _, participations, executor, _ = run(tmp_path, small_tokenizer_path, small_model_config, stepping_wait,
+                                         rounds=4, clients_per_round=2, over_selection=3.0)
+    reported = [p for p in participations if p.outcome == "reported"]
+    assert len(reported) == 8 and any(p.outcome == "late" for p in participations)
+    assert all(p.result is None for p in participations if p.outcome == "late")
+    assert executor.runs == len(reported)
