@@ -53,7 +53,9 @@ class LocalWork:
     the phone)."""
 
     result: TrainResult
-    delta: Tensors | None = None  # None: dropped (training diverged); the phone sends only an abort
+    # None: dropped (training diverged: no upload either, the phone sends only an abort), or left behind once the
+    # upload is encoded (an executor hands back only the upload)
+    delta: Tensors | None = None
     evaluation: EvaluationReport | None = None  # None: nothing scored, or a secure round (the counts are masked)
     # Adaptive clipping: whether the delta's norm was within the clip norm (None: not asked).
     within_clip: bool | None = None
