@@ -29,6 +29,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 @dataclass(frozen=True)
 class Round:
     phone_ids: list[str]
+    scoring: frozenset[str]  # the phones that score the model (the aggregator asked them to), as in the fleet
     now_s: float
 
 
@@ -43,7 +44,7 @@ class Job:
     @classmethod
     def read(cls) -> Job:
         raw = json.loads(Path(sys.argv[1]).read_text())
-        rounds = [Round(r["phone_ids"], r["now_s"]) for r in raw["rounds"]]
+        rounds = [Round(r["phone_ids"], frozenset(r["scoring"]), r["now_s"]) for r in raw["rounds"]]
         return cls(Path(raw["phones_dir"]), Path(raw["tokenizer_path"]), raw["workers"], rounds[0], rounds[1:])
 
     def tokenizer(self) -> KeyboardTokenizer:
@@ -54,13 +55,13 @@ class Job:
 
 
 def phone_work(model: NextWordModel, tokenizer: KeyboardTokenizer, phones_dir: Path, phone_id: str, now_s: float,
-               seed: int) -> LocalWork:
+               seed: int, evaluate: bool) -> LocalWork:
     """A phone's whole local work as the fleet's phones do it (`Phone.local_work`), on a model the framework has
-    already made from what it downloaded: score it on held-out messages, train it in place, guard and encode the
-    int8 upload. The framework then sends the trained model its own way."""
+    already made from what it downloaded: score it on held-out messages if `evaluate`, train it in place, guard and
+    encode the int8 upload. The framework then sends the trained model its own way."""
     train_texts, held_out = Phone(phone_id, phones_dir / phone_id).messages(now_s)
     return local_work(RoundInput(model, 0, tokenizer, train_texts, held_out, LocalTrainConfig(), seed),
-                      phone_mods("int8", EVAL_MESSAGES, None, None))
+                      phone_mods("int8", EVAL_MESSAGES if evaluate else 0, None, None))
 
 
 def tree_cpu_s(root: int | None = None) -> float:

@@ -31,7 +31,8 @@ def train(message: Message, context: Context) -> Message:
     words = tokenizer(config["tokenizer"])
     model = build_model(ModelConfig(vocab_size=words.vocab_size))
     model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-    work = phone_work(model, words, Path(config["phones-dir"]), config["phone"], config["now-s"], config["seed"])
+    work = phone_work(model, words, Path(config["phones-dir"]), config["phone"], config["now-s"], config["seed"],
+                      config["evaluate"])
     evaluation = work.evaluation
     metrics = MetricRecord({"num-examples": work.result.num_examples,
                             "positions": evaluation.positions if evaluation else 0,

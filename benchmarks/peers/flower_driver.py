@@ -54,7 +54,8 @@ class ScheduledFedAvg(FedAvg):
         messages = []
         for seed, (node, phone) in enumerate(zip(nodes, planned.phone_ids)):
             phone_config = ConfigRecord({"server-round": server_round, "phone": phone, "now-s": planned.now_s,
-                                         "seed": seed, "phones-dir": str(self.job.phones_dir),
+                                         "seed": seed, "evaluate": phone in planned.scoring,
+                                         "phones-dir": str(self.job.phones_dir),
                                          "tokenizer": str(self.job.tokenizer_path)})
             messages.append(Message(RecordDict({"arrays": arrays, "config": phone_config}), message_type="train",
                                     dst_node_id=node))

@@ -2,7 +2,8 @@
 `fedkb simulate --in-process` runs it, on the local process pool (one single-threaded worker per core).
 
 The fleet picks its own phones (check-ins, selection, over-selection, phones that vanish or come late); the phones
-whose updates each round counted are printed with the figures, and the peers' drivers then train exactly those.
+whose updates each round counted are printed with the figures, and the peers' drivers then train exactly those,
+scoring the model on the phones that scored it here (the aggregator asks a share of each round's phones to).
 
 Job: a JSON file named by the first argument, {"phones_dir", "tokenizer_path", "per_round", "rounds", "workers", "seed", "workdir"}.
 """
@@ -47,10 +48,12 @@ def main() -> None:
 
 
 def scheduled(fleet: Fleet) -> tuple[dict, RoundReport]:
-    """One round, and the phones whose updates it counted with the simulated time they trained at."""
+    """One round, and the phones whose updates it counted, those of them that scored the model, and the simulated
+    time they trained at."""
     now_s = fleet.now_s
     done = fleet.run_round()
-    return {"phone_ids": [p.phone_id for p in done.participants], "now_s": now_s}, done
+    return {"phone_ids": [p.phone_id for p in done.participants],
+            "scoring": [p.phone_id for p in done.participants if p.scored], "now_s": now_s}, done
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class PhoneFedAvg(FederatedAveraging):
     def train_one_user(self, initial_model_state, model, user_dataset, central_context):
         planned = self.schedule.rounds[self.schedule.round]
         phone_work(model.pytorch_model, self.tokenizer, self.job.phones_dir, user_dataset.user_id, planned.now_s,
-                   seed=self.schedule.drawn)
+                   seed=self.schedule.drawn, evaluate=user_dataset.user_id in planned.scoring)
         return model.get_model_difference(initial_model_state), Metrics()
 
 
