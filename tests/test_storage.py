@@ -76,7 +76,8 @@ def test_only_the_newest_models_version_0_and_the_marked_ones_are_kept_and_the_f
         assert storage.last_round_number() == 8  # rounds are never deleted, only models
         storage.close()
     assert runs == {"all": list(range(9)), "last 3": [0, 6, 7, 8], "last 3 and every 4th": [0, 4, 6, 7, 8]}
-    one_version = 2 * len(blob) // 4096  # pages
+    with closing(sqlite3.connect(tmp_path / "all.sqlite")) as db:
+        one_version = 2 * len(blob) // db.execute("pragma page_size").fetchone()[0]  # pages
     # Keeping everything grows by a version a round; keeping the last three stops growing once three are there:
     # the deleted versions' pages are reused (SQLite's free list), not added to the file.
     assert pages["all"][7] - pages["all"][3] > 3.5 * one_version
@@ -102,3 +103,9 @@ def test_the_child_aggregator_is_told_what_to_keep(tmp_path, small_tokenizer_pat
         settings = round_settings(parser.parse_args(aggregator.command(listen_fd=3)[3:]))
     assert (settings["keep_models"], settings["keep_every"]) == (3, 100)
     assert (settings["dp_mechanism"], settings["min_separation"], settings["dp_rounds"]) == ("ftrl", 7, 50)
+
+
+def test_a_new_database_keeps_its_model_blobs_in_large_pages(tmp_path):
+    SqliteStorage(tmp_path / "new.sqlite").close()
+    with closing(sqlite3.connect(tmp_path / "new.sqlite")) as db:
+        assert db.execute("pragma page_size").fetchone()[0] == 65536
