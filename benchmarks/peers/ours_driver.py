@@ -1,5 +1,6 @@
 """This project's side of benchmarks/vs_peers.py: the simulated fleet with its in-process aggregator, as
-`fedkb simulate --in-process` runs it, on the local process pool (one single-threaded worker per core).
+`fedkb simulate --in-process` runs it, on the local process pool (one single-threaded worker per core). The server
+step is plain FedAvg (server learning rate 1), as the peers' is, rather than this project's default server momentum.
 
 The fleet picks its own phones (check-ins, selection, over-selection, phones that vanish or come late); the phones
 whose updates each round counted are printed with the figures, and the peers' drivers then train exactly those,
@@ -29,7 +30,7 @@ def main() -> None:
     vocab_size = KeyboardTokenizer.from_json(tokenizer_path.read_text(encoding="utf-8")).vocab_size
     config = local_aggregator_config(Path(job["workdir"]), tokenizer_path, model=ModelConfig(vocab_size=vocab_size),
                                      clients_per_round=job["per_round"], round_deadline_s=3600.0,
-                                     simulated_clock=True)
+                                     simulated_clock=True, server_optimizer="fedavg", server_learning_rate=1.0)
     fleet = Fleet(provisioned_phones(phones_dir), FleetConfig(phones_dir=phones_dir, workers=job["workers"],
                                                               seed=job["seed"]), InProcessClient(config))
     watch = Stopwatch()
