@@ -64,6 +64,11 @@ class Phone:
         # An aggregator with a new database has never seen us: enrol again.
         return client.checkin(self._enrol(client))
 
+    def enrol(self, client: Aggregator) -> None:
+        """Enrol with the aggregator now, unless this phone already has its credentials (it would at its first
+        check-in otherwise)."""
+        self._token(client)
+
     def _token(self, client: Aggregator) -> str:
         if self._device_token is None:
             if self.credentials_path.exists():

@@ -1,11 +1,13 @@
-"""The local process pool's own costs: the model its phones start from goes through a file, once per model, and the
-simulator's own tensor work stays on one thread while the workers hold the cores."""
+"""The simulator's own costs: the local pool's model goes to its workers through a file, once per model; the
+simulator's own tensor work stays on one thread while the workers hold the cores; a phone enrols once."""
 
 from __future__ import annotations
 
 import torch
 
+from aggregator.api.schemas import EnrolmentResponse
 from device_sim.executor import LocalProcessPool, _ModelFiles
+from device_sim.phone import Phone
 
 
 def test_each_model_is_written_once_and_removed_when_no_job_needs_it():
@@ -37,3 +39,21 @@ def test_the_pool_keeps_the_simulator_on_one_thread_until_it_closes(small_tokeni
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_phone_enrols_once_ahead_of_its_first_check_in(tmp_path):
+    class Enrolments:
+        def __init__(self) -> None:
+            self.given = 0
+
+        def enrol(self) -> EnrolmentResponse:
+            self.given += 1
+            return EnrolmentResponse(device_id=f"device-{self.given}", device_token=f"token-{self.given}")
+
+    aggregator = Enrolments()
+    phone = Phone.create("phone-0", tmp_path / "phone-0", [(0.0, "to be or not to be")])
+    phone.enrol(aggregator)
+    phone.enrol(aggregator)
+    assert aggregator.given == 1 and phone.device_id() == "device-1"
+    Phone("phone-0", tmp_path / "phone-0").enrol(aggregator)  # the phone again, after a restart: its credentials kept
+    assert aggregator.given == 1
