@@ -62,19 +62,14 @@ class Phone:
             if refused.status_code != 401:
                 raise
         # An aggregator with a new database has never seen us: enrol again.
-        return client.checkin(self._enrol(client))
-
-    def enrol(self, client: Aggregator) -> None:
-        """Enrol with the aggregator now, unless this phone already has its credentials (it would at its first
-        check-in otherwise)."""
-        self._token(client)
+        return client.checkin(self.enrol(client))
 
     def _token(self, client: Aggregator) -> str:
         if self._device_token is None:
             if self.credentials_path.exists():
                 self._device_token = json.loads(self.credentials_path.read_text())["device_token"]
             else:
-                self._enrol(client)
+                self.enrol(client)
         return self._device_token
 
     def device_id(self) -> str:
@@ -95,7 +90,9 @@ class Phone:
         PKI run by someone other than the aggregator (the phones' maker, say)."""
         return Directory(self.credentials_path.parent.parent / "identity-directory")
 
-    def _enrol(self, client: Aggregator) -> str:
+    def enrol(self, client: Aggregator) -> str:
+        """Enrol with the aggregator now, replacing any credentials this phone had; returns the new device token.
+        A phone enrols by itself at its first check-in, and again when the aggregator no longer knows it."""
         enrolment = client.enrol()
         write_atomically(self.credentials_path, enrolment.model_dump_json().encode())
         self._device_token = enrolment.device_token

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from aggregator.api.schemas import EnrolmentResponse
+from aggregator.api.client import AggregatorRefusedError
+from aggregator.api.schemas import CheckinResponse, EnrolmentResponse
 from device_sim.executor import LocalProcessPool, _ModelFiles
 from device_sim.phone import Phone
 
@@ -41,19 +42,28 @@ def test_the_pool_keeps_the_simulator_on_one_thread_until_it_closes(small_tokeni
         torch.set_num_threads(before)
 
 
-def test_a_phone_enrols_once_ahead_of_its_first_check_in(tmp_path):
-    class Enrolments:
+def test_a_phone_enrolled_ahead_checks_in_with_those_credentials(tmp_path):
+    class Aggregator:
         def __init__(self) -> None:
-            self.given = 0
+            self.enrolled: dict[str, str] = {}  # token -> device id
+            self.refused = 0
 
         def enrol(self) -> EnrolmentResponse:
-            self.given += 1
-            return EnrolmentResponse(device_id=f"device-{self.given}", device_token=f"token-{self.given}")
+            device_id = f"device-{len(self.enrolled)}"
+            self.enrolled[f"token-{device_id}"] = device_id
+            return EnrolmentResponse(device_id=device_id, device_token=f"token-{device_id}")
 
-    aggregator = Enrolments()
+        def checkin(self, device_token: str) -> CheckinResponse:
+            if device_token not in self.enrolled:
+                self.refused += 1
+                raise AggregatorRefusedError(401, "unknown device")
+            return CheckinResponse(action="retry", round=1, model_version=0, retry_after_s=60.0)
+
+    old = Aggregator()
     phone = Phone.create("phone-0", tmp_path / "phone-0", [(0.0, "to be or not to be")])
-    phone.enrol(aggregator)
-    phone.enrol(aggregator)
-    assert aggregator.given == 1 and phone.device_id() == "device-1"
-    Phone("phone-0", tmp_path / "phone-0").enrol(aggregator)  # the phone again, after a restart: its credentials kept
-    assert aggregator.given == 1
+    phone.check_in(old)  # enrols at its first check-in
+    new = Aggregator()  # a new database: the phone's credentials mean nothing to it
+    phone = Phone("phone-0", tmp_path / "phone-0")  # after a restart, with the old credentials on file
+    phone.enrol(new)
+    phone.check_in(new)
+    assert new.refused == 0 and list(new.enrolled.values()) == ["device-0"] and phone.device_id() == "device-0"

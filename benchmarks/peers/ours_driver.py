@@ -35,9 +35,9 @@ def main() -> None:
                                                               seed=job["seed"]), InProcessClient(config))
     watch = Stopwatch()
     try:
-        # Unmeasured, as the peers' start is: every phone enrols (once in a run, at its first check-in otherwise: a
-        # few rounds measured after the start would count the enrolments of hundreds of phones), and a warm-up
-        # round starts the workers and loads the C++ kernel.
+        # Unmeasured, as the peers' start is: every phone enrols with this new aggregator (once in a run, at its
+        # first check-in otherwise: a few rounds measured after the start would count the enrolments of hundreds of
+        # phones), and a warm-up round starts the workers and loads the C++ kernel.
         for phone in fleet.phones:
             phone.enrol(fleet.client)
         rounds = [scheduled(fleet)]
