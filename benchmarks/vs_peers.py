@@ -141,7 +141,7 @@ def main() -> None:
             for framework, result in results.items():
                 run = Run(framework, per_round, result["updates"], result["wall_s"], result["cpu_s"], result["version"])
                 runs.append(run)
-                extra = f" ({result['selected']} phones' work started)" if framework == "ours" else ""
+                extra = f" ({result['trained']} phones trained)" if framework == "ours" else ""
                 print(f"  {per_round} a round, run {repeat + 1}: {LABELS[framework]:<13}{run.updates:>5} updates"
                       f"{extra} in {run.wall_s:7.1f} s = {run.updates / run.wall_s:6.2f} updates/s, "
                       f"{run.cpu_s / run.updates:.3f} CPU-s/update; load {os.getloadavg()[0]:.1f}", flush=True)

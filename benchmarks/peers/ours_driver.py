@@ -46,10 +46,11 @@ def main() -> None:
         watch.stop()
     finally:
         fleet.close()
-    # Phones whose local work the fleet started in the measured rounds, counted or not (vanished, late, aborted).
-    selected = sum(len(done.participations) for _, done in rounds[1:])
+    # Phones whose local work was computed in the measured rounds, counted or not (late, refused, diverged); a phone
+    # that vanished or aborted is only timed.
+    trained = sum(p.result is not None for _, done in rounds[1:] for p in done.participations)
     report("fedkeyboard", "this tree", sum(len(r["phone_ids"]) for r, _ in rounds[1:]), watch,
-           workers=fleet.executor.workers, selected=selected, schedule=[r for r, _ in rounds])
+           workers=fleet.executor.workers, trained=trained, schedule=[r for r, _ in rounds])
 
 
 def scheduled(fleet: Fleet) -> tuple[dict, RoundReport]:
