@@ -46,8 +46,8 @@ class SqliteStorage:
         self.db = sqlite_utils.Database(self._connection)
         try:
             # Most of what is written is model blobs (two of 5 MB a round with server momentum): 64 KiB pages, set
-            # while the file is new (later it keeps its own), hold them in a sixteenth of the pages a 4 KiB page
-            # needs, and a round's commit took 27 ms instead of 46 (a 2-core machine, two 5 MB blobs).
+            # while the file is new (later it keeps its own), hold them in a sixteenth of the pages 4 KiB ones
+            # need, and a round's commit took 35 ms instead of 54 (benchmarks/upload_cost.py, 2 cores).
             self._connection.execute("PRAGMA page_size=65536")
             self.db.enable_wal()
             # With WAL, NORMAL still survives a crash of the process (SIGKILL); only a power cut can lose

@@ -14,8 +14,12 @@ train_local):
 - secure aggregation: a phone's ring encoding (rotation and stochastic rounding) of its update, on the default
   8-bit ring.
 
+And a round's commit (`SqliteStorage.record_round`): the new model and the server momentum, the model's size each,
+into a new database that keeps versions as the aggregator does by default; it sits between a round's last upload
+and the next round's first phone, and is mostly writing, so it is timed in wall seconds.
+
     .venv/bin/python benchmarks/upload_cost.py [--uploads 40] [--phones 3] [--threads 1] [--goal 10]
-        [--dp-rounds 1000] [--min-separation 10]
+        [--dp-rounds 1000] [--min-separation 10] [--commits 30]
 
 Targets (issue 25): the aggregator's process at most 0.03 CPU-s per update; DP-FTRL's noise within 5% of a plain
 round.
@@ -24,14 +28,18 @@ round.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from aggregator.adaptive_clipping import ClipNorm
 from aggregator.aggregation import PrivateMean, WeightedMean
+from aggregator.config import AggregatorConfig
 from aggregator.privacy import PrivacyLedger
+from aggregator.sqlite_storage import SqliteStorage
 from device_sim.corpus import CorpusConfig, prepare
 from keyboard_model.model import ModelConfig, build_model
 from keyboard_model.secagg import RingEncoding
@@ -89,6 +97,24 @@ def ring_encoding_s(shapes: dict[str, tuple[int, ...]], goal: int, encodings: in
     return (time.process_time() - started) / encodings
 
 
+def round_commit_s(shapes: dict[str, tuple[int, ...]], commits: int) -> float:
+    """Wall seconds of one round's commit: a new model and its server momentum (float32, the model's size each)."""
+    blob = bytes(4 * sum(torch.Size(shape).numel() for shape in shapes.values()))
+    with tempfile.TemporaryDirectory() as folder:
+        storage = SqliteStorage(Path(folder) / "aggregator.sqlite", AggregatorConfig.keep_models,
+                                AggregatorConfig.keep_every)
+        storage.save_initial_model(blob)
+        started = time.perf_counter()
+        for number in range(1, commits + 1):
+            row = {"round": number, "status": "closed", "started_at": 0.0, "closed_at": 1.0, "goal": 10,
+                   "selected": 13, "reported": 10, "examples": 1000, "base_version": number - 1,
+                   "new_version": number, "update_norm": 1.0}
+            storage.record_round(row, blob, blob)
+        spent = time.perf_counter() - started
+        storage.close()
+    return spent / commits
+
+
 def train_cost_s(phones: int) -> tuple[float, dict[str, tuple[int, ...]]]:
     """CPU seconds of `train_local` per phone (the phones with the most messages), and the model's shapes."""
     corpus = prepare(CorpusConfig(), log=lambda _: None)
@@ -114,6 +140,7 @@ def main() -> None:
     parser.add_argument("--goal", type=int, default=10, help="phones a round")
     parser.add_argument("--dp-rounds", type=int, default=1000)
     parser.add_argument("--min-separation", type=int, default=10)
+    parser.add_argument("--commits", type=int, default=30, help="round commits to time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -132,6 +159,7 @@ def main() -> None:
           f"({args.goal} x train_local); target <= {FTRL_TARGET:.0%}: {'met' if ftrl <= FTRL_TARGET * round_s else 'NOT met'}")
     encode = ring_encoding_s(shapes, args.goal)
     print(f"secure aggregation, a phone's ring encoding: {encode:.3f} CPU-s, {encode / train_s:.2%} of its train_local")
+    print(f"a round's commit (model and server momentum): {round_commit_s(shapes, args.commits) * 1e3:.1f} ms wall")
 
 
 if __name__ == "__main__":

@@ -178,11 +178,11 @@ def test_int8_downloads(shakespeare, monkeypatch, capsys):
 
 
 def test_upload_cost(monkeypatch, capsys):
-    out = run_benchmark("upload_cost", ["--uploads", "2", "--phones", "1", "--dp-rounds", "2", "--min-separation", "1"],
-                        monkeypatch, capsys)
+    out = run_benchmark("upload_cost", ["--uploads", "2", "--phones", "1", "--dp-rounds", "2", "--min-separation", "1",
+                                        "--commits", "2"], monkeypatch, capsys)
     assert_prints(out, r"train_local: {n} CPU-s per phone", r"upload, plain: {n} CPU-ms per upload",
                   r"upload, private \(clipped\): {n} CPU-ms per upload", r"DP-FTRL release: {n} CPU-s per round",
-                  r"a phone's ring encoding: {n} CPU-s")
+                  r"a phone's ring encoding: {n} CPU-s", r"a round's commit \(model and server momentum\): {n} ms wall")
 
 
 def test_soak(tmp_path, monkeypatch, capsys):
