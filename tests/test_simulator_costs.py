@@ -1,5 +1,6 @@
 """The simulator's own costs: the local pool's model goes to its workers through a file, once per model; the
-simulator's own tensor work stays on one thread while the workers hold the cores; a phone enrols once."""
+simulator's own tensor work stays on one thread while the workers hold the cores; a phone enrolled ahead of its
+first check-in (as vs_peers enrols every phone before measuring) checks in without enrolling again."""
 
 from __future__ import annotations
 
