@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -83,7 +84,8 @@ class DemoServer:
                  options: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        # The browser phone's folder: never the repository's runs/.
+        # The browser phone's folder: never the repository's runs/; one made here is removed on exit.
+        self._own_phone_dir = phone_dir is None
         self.phone_dir = phone_dir or Path(tempfile.mkdtemp(prefix="browser-phone-"))
         self.command = [
             sys.executable, "-m", "web_demo", "--aggregator", aggregator_url,
@@ -138,6 +140,8 @@ class DemoServer:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        if self._own_phone_dir:
+            shutil.rmtree(self.phone_dir, ignore_errors=True)
 
 
 @pytest.fixture
