@@ -62,6 +62,10 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-lr", type=positive_float, default=None,
                         help="server learning rate (default: the optimiser's own: " + ", ".join(
                             f"{name} {rate:g}" for name, rate in SERVER_LEARNING_RATES.items()) + ")")
+    parser.add_argument("--serving-average", type=probability, default=0.95, metavar="DECAY",
+                        help="the served model (what keyboards suggest with) averages the global models with this "
+                             "decay, about the last 1 / (1 - DECAY) rounds; phones train from the global model; 0 "
+                             "serves the global model (default: %(default)s)")
     parser.add_argument("--max-examples", type=positive_int, default=1_000,
                         help="most examples one update may claim; more is refused (default: %(default)s)")
     parser.add_argument("--max-update-norm", type=positive_float, default=20.0,
@@ -169,6 +173,7 @@ def round_settings(args: argparse.Namespace) -> dict:
         simulated_clock=args.simulated_clock,
         server_optimizer=args.server_optimizer,
         server_learning_rate=args.server_lr,
+        serving_average=args.serving_average,
         max_examples_per_update=args.max_examples,
         max_update_norm=args.max_update_norm,
         max_eval_positions=args.max_eval_positions,

@@ -34,6 +34,10 @@ class AggregatorConfig:
     server_optimizer: str = "fedavgm"
     # None: the optimiser's own default (FedAvg 1.0, FedAvgM 0.5, FedAdam and FedYogi 0.01, FedAdagrad 0.03).
     server_learning_rate: float | None = None
+    # The served model (GET /model/served, what keyboards suggest with) is the exponentially weighted average of the
+    # global models with this decay, about the last 1 / (1 - decay) rounds (aggregator/strategies/averaged.py); phones
+    # still train from the global model. 0 serves the global model itself.
+    serving_average: float = 0.95
     # Most examples one update may claim. Weighting trusts this count, so it is capped: a
     # device cannot outweigh more than this many honest examples. Phones train on at most
     # 400 messages a round by default.
@@ -110,11 +114,11 @@ class AggregatorConfig:
     # Start from this saved model (e.g. one trained on the server's proxy data) instead of a
     # fresh one; used only when the database is new.
     initial_model: Path | None = None
-    # Model versions the database keeps, each with its optimiser state (10 MB a version for the default model with
-    # FedAvgM): the newest `keep_models`, version 0 (the start a simulation's summary compares with) and, if
-    # `keep_every` is positive, every version that is a multiple of it. Resuming needs only the newest, and phones
-    # download only the current model; `GET /models/{version}` answers 404 for a version no longer kept. 0 keeps
-    # every version.
+    # Model versions the database keeps, each with its optimiser state (16 MB a version for the default model with
+    # FedAvgM and the served average): the newest `keep_models`, version 0 (the start a simulation's summary compares
+    # with) and, if `keep_every` is positive, every version that is a multiple of it. Resuming needs only the
+    # newest, and phones download only the current model; `GET /models/{version}` answers 404 for a version no longer
+    # kept. 0 keeps every version.
     keep_models: int = 5
     keep_every: int = 0
     host: str = "127.0.0.1"
@@ -127,6 +131,8 @@ class AggregatorConfig:
             raise ValueError(f"over_selection must be at least 1.0, got {self.over_selection}")
         if not 0.0 < self.min_report_fraction <= 1.0:
             raise ValueError(f"min_report_fraction must be in (0, 1], got {self.min_report_fraction}")
+        if not 0.0 <= self.serving_average < 1.0:
+            raise ValueError(f"serving_average must be in [0, 1), got {self.serving_average}")
         if self.max_examples_per_update < 1 or self.max_eval_positions < 1:
             raise ValueError("max_examples_per_update and max_eval_positions must be at least 1")
         if not 0.0 < self.eval_share <= 1.0:

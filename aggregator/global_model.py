@@ -16,6 +16,7 @@ from safetensors.torch import load as load_safetensors
 from aggregator.config import AggregatorConfig
 from aggregator.storage import Storage
 from aggregator.strategies import make_strategy
+from aggregator.strategies.averaged import served_weights
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import build_model
 from keyboard_model.norms import l2_norm
@@ -34,7 +35,7 @@ class GlobalModel:
     def __init__(self, config: AggregatorConfig, storage: Storage) -> None:
         self.config = config
         self.storage = storage
-        self.strategy = make_strategy(config.server_optimizer, config.server_learning_rate)
+        self.strategy = make_strategy(config.server_optimizer, config.server_learning_rate, config.serving_average)
         latest = storage.latest_model()
         if latest is None:
             storage.save_initial_model(model_to_bytes(self._initial_state(), 0, config.model))
@@ -51,7 +52,9 @@ class GlobalModel:
         # Our own bytes from our own database, written by `commit_step`; not device input.
         saved_state = storage.optimizer_state(self.version)
         self.optimizer_state = load_safetensors(saved_state) if saved_state else self.strategy.init(self.state)
-        self._int8: tuple[int, bytes] | None = None  # (version, bytes): made once per version, on first download
+        # (version, bytes): made once per version, on first request
+        self._int8: tuple[int, bytes] | None = None
+        self._served: tuple[int, bytes] | None = None
 
     def encoded(self, encoding: str) -> bytes:
         """The current model as phones download it: the stored float32 bytes, or int8.
@@ -66,6 +69,17 @@ class GlobalModel:
         if self._int8 is None or self._int8[0] != self.version:
             self._int8 = (self.version, model_to_bytes(self.state, self.version, self.config.model, encoding))
         return self._int8[1]
+
+    def served(self) -> bytes:
+        """The model keyboards should suggest with (float32): the average of the recent models when the aggregator
+        keeps one (`AggregatorConfig.serving_average`), else the current model."""
+        if not self.config.serving_average:
+            return self.bytes  # a database written with averaging on holds an average this run does not update
+        if self._served is None or self._served[0] != self.version:
+            weights = served_weights(self.state, self.optimizer_state)
+            served = self.bytes if weights is self.state else model_to_bytes(weights, self.version, self.config.model)
+            self._served = (self.version, served)
+        return self._served[1]
 
     def _initial_state(self) -> Tensors:
         if self.config.initial_model is None:

@@ -56,6 +56,9 @@ class InProcessClient:
     def model(self, encoding: str = "float32") -> bytes:
         return self._rounds.current_model(encoding)[1]
 
+    def served_model(self) -> bytes:
+        return self._rounds.served_model()[1]
+
     def model_version(self, version: int) -> bytes:
         data = self._storage.model(version)
         if data is None:

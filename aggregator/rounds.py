@@ -252,6 +252,10 @@ class RoundManager:
         with self._lock:
             return self.model.version, self.model.encoded(encoding)
 
+    def served_model(self) -> tuple[int, bytes]:
+        with self._lock:
+            return self.model.version, self.model.served()
+
     def enrol(self) -> tuple[str, str]:
         """A new device: its id and the secret token it must show at every check-in."""
         return self.devices.enrol()

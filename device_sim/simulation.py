@@ -6,7 +6,8 @@ Writes into the output folder:
   aggregator's database keeps its model and round numbers, and the new rounds are appended,
   after a line for each round the aggregator finished after the last line (the run was
   stopped between a round's commit and its line), from the aggregator's record of it;
-- `model.safetensors` and `tokenizer.json`: the latest global model, replaced atomically;
+- `model.safetensors` and `tokenizer.json`: the latest served model (the average of the recent global models,
+  `GET /model/served`), replaced atomically;
 - `summary.json`, when the run ends: the final model against a keyboard that always
   offers the three most frequent words, on every phone's held-out messages, beside round
   0's score of the initial model on the eval sample. It is removed when a run starts, so
@@ -110,7 +111,7 @@ def run_simulation(
     eval_messages = [m for phone in eval_sample for m in phone.held_out(tokenizer)]
 
     def save_current_model(score: bool) -> tuple[int, EvalCounts | None]:
-        data = client.model()
+        data = client.served_model()
         model, version = model_from_bytes(data)
         write_atomically(config.out_dir / "model.safetensors", data)
         return version, evaluate(model, tokenizer, eval_messages) if score else None

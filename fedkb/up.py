@@ -24,7 +24,7 @@ from web_demo.config import DemoConfig
 DEMO_DEFAULTS = DemoConfig()
 # Rounds the README's run of the default `fedkb up` had in its budget (a quiet 2-core Intel Xeon): the last screen
 # shows it beside this run's, so that a run cut short by a busy machine says so.
-README_ROUNDS = 301
+README_ROUNDS = 379
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -57,7 +57,8 @@ def state_of(client: AggregatorClient) -> tuple[dict[str, torch.Tensor], int]:
 def test_three_phones_two_rounds_give_the_example_weighted_mean(
     tmp_path, start_aggregator, small_tokenizer_path, small_tokenizer, small_model_config
 ):
-    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, server_optimizer="fedavg")
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, server_optimizer="fedavg",
+                                  serving_average=0.5)
     client = RecordingClient(aggregator.url)
     # Histories of different sizes, so the weighting matters.
     phones = [make_phone(tmp_path, f"phone-{i}", SMALL_TEXT * (i + 1)) for i in range(3)]
@@ -89,6 +90,15 @@ def test_three_phones_two_rounds_give_the_example_weighted_mean(
     assert status.model_version == 2 and status.round == 3
     assert [r.reported for r in status.recent_rounds] == [3, 3]
     assert [r.new_version for r in status.recent_rounds] == [1, 2]
+    # Keyboards are served the average of the two models, the newer weighted 1 and the older 0.5; phones still
+    # download the newer.
+    first, second = (model_from_bytes(client.model_version(v))[0].state_dict() for v in (1, 2))
+    served, served_version = model_from_bytes(client.served_model())
+    downloaded = state_of(client)[0]
+    assert served_version == 2 and served.state_dict().keys() == downloaded.keys() == second.keys()
+    for name, tensor in served.state_dict().items():
+        torch.testing.assert_close(tensor, (0.5 * first[name] + second[name]) / 1.5, rtol=1e-5, atol=1e-6)
+        assert torch.equal(downloaded[name], second[name])
 
 
 def test_a_phone_sends_only_parameter_tensors_an_example_count_and_three_recall_counts(

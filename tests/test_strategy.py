@@ -9,7 +9,9 @@ import torch
 from aggregator.config import AggregatorConfig
 from aggregator.global_model import GlobalModel
 from aggregator.storage import open_storage
-from aggregator.strategies import STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, make_strategy
+from aggregator.strategies import STRATEGIES, Averaged, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, make_strategy
+from aggregator.strategies.averaged import served_weights
+from keyboard_model.weights import model_from_bytes
 
 # Two rounds' mean deltas of a two-weight model starting at (0, 1). The second round's first coordinate is small
 # next to the first round's, so a second moment that tracks it must move down; its second coordinate is large.
@@ -132,12 +134,50 @@ def test_the_optimiser_state_survives_a_restart_and_the_next_step_is_the_same(
     restarted_storage = open_storage(config.db_path)
     restarted = GlobalModel(config, restarted_storage)
     assert restarted.version == 2
-    assert set(restarted.optimizer_state) == set(running.strategy.init(running.state))
+    assert set(restarted.optimizer_state) == set(running.optimizer_state)
     assert all(torch.equal(restarted.optimizer_state[k], v) for k, v in running.optimizer_state.items())
-    if name != "fedavg":  # the state moved: a restart that lost it would start the moments again from zero
-        assert any(not torch.equal(state_after_one[k], v) for k, v in restarted.optimizer_state.items())
+    # The state moved (the served average does under every optimiser): a restart that lost it would start the
+    # moments and the average again.
+    assert any(not torch.equal(state_after_one[k], v) for k, v in restarted.optimizer_state.items())
+    assert restarted.served() == running.served() != running.bytes
     third = delta(running.state)
     expected, _ = running.strategy.apply(running.state, running.optimizer_state, third)
     restarted.commit_step(third, record(3))
     assert all(torch.equal(restarted.state[k], v) for k, v in expected.items())
     restarted_storage.close()
+
+
+def test_the_served_average_weights_each_model_by_decay_to_its_age_and_leaves_the_initial_model_out():
+    strategy = Averaged(FedAvg(server_learning_rate=1.0), decay=0.5)
+    w = {"w": torch.tensor(START, dtype=torch.float64)}
+    state = strategy.init(w)
+    assert served_weights(w, state) is w  # no step yet: the global model is served
+    models = []
+    for delta in DELTAS:
+        w, state = strategy.apply(w, state, {"w": torch.tensor(delta, dtype=torch.float64)})
+        models.append(w["w"])
+    # Phones train from the optimiser's own models: (0.2, 0.9), then (0.21, 1.2).
+    torch.testing.assert_close(models[1], torch.tensor((0.21, 1.2), dtype=torch.float64))
+    # Weights 0.5 and 1 for the models of steps 1 and 2, normalised; the start (0, 1) has none.
+    expected = (0.5 * torch.tensor((0.2, 0.9), dtype=torch.float64) + models[1]) / 1.5
+    torch.testing.assert_close(served_weights(w, state)["w"], expected)
+
+
+def test_an_aggregator_without_averaging_serves_its_global_model_even_from_a_database_with_an_average(
+    tmp_path, small_tokenizer_path, small_model_config
+):
+    config = AggregatorConfig(db_path=tmp_path / "a.sqlite", tokenizer_path=small_tokenizer_path,
+                              model=small_model_config, server_optimizer="fedavg")
+    storage = open_storage(config.db_path)
+    running = GlobalModel(config, storage)
+    for round_number in (1, 2):
+        step = {n: torch.full_like(t, 0.01 * round_number) for n, t in running.state.items()}
+        running.commit_step(step, {"round": round_number, "status": "closed", "started_at": 0.0, "closed_at": 1.0})
+    averaged = model_from_bytes(running.served())[0].state_dict()
+    assert any(not torch.equal(averaged[n], t) for n, t in running.state.items())
+    storage.close()
+
+    storage = open_storage(config.db_path)
+    plain = GlobalModel(AggregatorConfig(**{**config.__dict__, "serving_average": 0.0}), storage)
+    assert plain.served() == plain.bytes
+    storage.close()

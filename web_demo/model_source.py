@@ -104,7 +104,7 @@ class ModelSource:
             tokenizer = KeyboardTokenizer.from_json(tokenizer_json)
         except Exception as e:  # the tokenizers library raises a bare Exception for malformed JSON
             raise ValueError(f"unreadable tokenizer: {e}") from e
-        model, version = model_from_bytes(self._client.model())
+        model, version = model_from_bytes(self._client.served_model())
         loaded = LoadedModel(Suggester(model, tokenizer), version)
         with self._lock:
             self._model = loaded

@@ -71,6 +71,9 @@ class AggregatorClient:
     def model(self, encoding: str = "float32") -> bytes:
         return self._request("GET", "/model", params={"encoding": encoding}).content
 
+    def served_model(self) -> bytes:
+        return self._request("GET", "/model/served").content
+
     def model_version(self, version: int) -> bytes:
         return self._request("GET", f"/models/{version}").content
 

@@ -37,7 +37,11 @@ class Aggregator(Protocol):
     def checkin(self, device_token: str) -> CheckinResponse: ...
 
     def model(self, encoding: str = "float32") -> bytes:
-        """The current model, as "float32" or "int8" (the smaller download a check-in may ask for)."""
+        """The current model, as "float32" or "int8" (the smaller download a check-in may ask for): what phones
+        train from."""
+
+    def served_model(self) -> bytes:
+        """What keyboards should suggest with: the average of the recent models (`--serving-average`), in float32."""
 
     def model_version(self, version: int) -> bytes: ...
 

@@ -25,6 +25,15 @@ def current_model(encoding: Literal["float32", "int8"] = "float32",
     return Response(data, media_type=SAFETENSORS, headers={"X-Model-Version": str(version)})
 
 
+@router.get("/model/served", response_class=Response, operation_id="served_model",
+            responses={200: {"content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}})
+def served_model(rounds: RoundManager = Depends(get_rounds)) -> Response:
+    """The model keyboards should suggest with: the average of the recent global models (`--serving-average`), of
+    the current version; phones train from `/model`."""
+    version, data = rounds.served_model()
+    return Response(data, media_type=SAFETENSORS, headers={"X-Model-Version": str(version)})
+
+
 @router.get("/models/{version}", response_class=Response, operation_id="model_version",
             responses={200: {"content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}},
                        **refusals(status_404="No such version", status_422=MALFORMED)})

@@ -10,7 +10,8 @@ version, so it survives a restart.
 - `FedAvg` (`fedavg.py`): add the mean delta, scaled by the server learning rate (McMahan et al. 2017);
 - `FedAvgM` (`fedavgm.py`): SGD with (Nesterov) momentum on it (Hsu et al. 2019);
 - `FedAdam`, `FedYogi`, `FedAdagrad` (`fedadam.py`, `fedyogi.py`, `fedadagrad.py`): Reddi et al. 2021's
-  adaptive server optimisers, which differ only in how their second moment moves (`adaptive.py`).
+  adaptive server optimisers, which differ only in how their second moment moves (`adaptive.py`);
+- `Averaged` (`averaged.py`) wraps any of them and keeps an average of the models they make: the served model.
 
 A new one is a frozen dataclass with `server_learning_rate`, `init` and `apply`, named in `STRATEGIES`.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from aggregator.strategies.averaged import Averaged
 from aggregator.strategies.fedadagrad import FedAdagrad
 from aggregator.strategies.fedadam import FedAdam
 from aggregator.strategies.fedavg import FedAvg
@@ -42,10 +44,11 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def make_strategy(name: str, server_learning_rate: float | None = None) -> Strategy:
-    """The named strategy, with its own default learning rate unless one is given."""
+def make_strategy(name: str, server_learning_rate: float | None = None, average_decay: float = 0.0) -> Strategy:
+    """The named strategy, with its own default learning rate unless one is given, averaging the models it makes
+    with this decay (0: no average; the served model is the global one)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown server optimiser {name!r}; choose one of {sorted(STRATEGIES)}")
-    if server_learning_rate is None:
-        return STRATEGIES[name]()
-    return STRATEGIES[name](server_learning_rate=server_learning_rate)
+    strategy = STRATEGIES[name]() if server_learning_rate is None else STRATEGIES[name](
+        server_learning_rate=server_learning_rate)
+    return Averaged(strategy, average_decay) if average_decay else strategy

@@ -30,7 +30,8 @@ def main() -> None:
     vocab_size = KeyboardTokenizer.from_json(tokenizer_path.read_text(encoding="utf-8")).vocab_size
     config = local_aggregator_config(Path(job["workdir"]), tokenizer_path, model=ModelConfig(vocab_size=vocab_size),
                                      clients_per_round=job["per_round"], round_deadline_s=3600.0,
-                                     simulated_clock=True, server_optimizer="fedavg", server_learning_rate=1.0)
+                                     simulated_clock=True, server_optimizer="fedavg", server_learning_rate=1.0,
+                                     serving_average=0.0)
     fleet = Fleet(provisioned_phones(phones_dir), FleetConfig(phones_dir=phones_dir, workers=job["workers"],
                                                               seed=job["seed"]), InProcessClient(config))
     watch = Stopwatch()
