@@ -95,12 +95,16 @@ def test_strategies_are_chosen_by_name_with_their_own_default_rates():
         make_strategy("sgd", 1.0)
 
 
+@pytest.mark.parametrize("average_decay", [0.0, 0.9])
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_a_step_changes_neither_the_weights_nor_the_state_it_is_given(name):
-    # A step that updated its moments in place would apply them twice when a failed commit is retried.
-    strategy = make_strategy(name)
+def test_a_step_changes_neither_the_weights_nor_the_state_it_is_given(name, average_decay):
+    # A step that updated its moments (or the served average) in place would apply them twice when a failed commit
+    # is retried.
+    strategy = make_strategy(name, average_decay=average_decay)
     w = {"w": torch.tensor([0.5, -1.0])}
     state = strategy.init(w)
+    if average_decay:  # a state that already holds an average
+        _, state = strategy.apply(w, state, {"w": torch.tensor([0.1, 0.1])})
     state, w_before = {k: v.clone() for k, v in state.items()}, {k: v.clone() for k, v in w.items()}
     first, first_state = strategy.apply(w, state, {"w": torch.tensor([1.0, 2.0])})
     again, again_state = strategy.apply(w, state, {"w": torch.tensor([1.0, 2.0])})
