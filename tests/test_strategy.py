@@ -2,6 +2,7 @@
 across a restart."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -182,6 +183,6 @@ def test_an_aggregator_without_averaging_serves_its_global_model_even_from_a_dat
     storage.close()
 
     storage = open_storage(config.db_path)
-    plain = GlobalModel(AggregatorConfig(**{**config.__dict__, "serving_average": 0.0}), storage)
+    plain = GlobalModel(replace(config, serving_average=0.0), storage)
     assert plain.served() == plain.bytes
     storage.close()
