@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -112,3 +115,46 @@ def test_the_compiled_walk_keeps_to_the_python_walk_over_a_long_training_run(sma
         final = language_model_loss(python, rows).item()
         assert language_model_loss(compiled, rows).item() == pytest.approx(final, rel=1e-4)
     assert final < language_model_loss(build_model(config, seed=0), rows).item() - 1.0  # it did train
+
+
+def test_a_process_killed_while_it_held_the_kernel_folder_holds_up_no_later_one(tmp_path: Path):
+    """Workers are killed whenever a run stops. One killed inside torch's build step left torch's lock file behind,
+    and every later process that trained waited for it forever: here the folder holds such a file, and a holder of
+    the folder's own lock that was killed; a new process still gets the kernel, without building it again."""
+    if native.cifg_kernel() is None:
+        pytest.skip("the C++ kernel does not build here")
+    folder = tmp_path / "build"
+    shutil.copytree(native.build_dir(), folder)
+    (folder / "lock").touch()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "FileLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+                               str(folder / "build.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    loaded = subprocess.run([sys.executable, "-c", "from keyboard_model.native import cifg_kernel; "
+                             "assert cifg_kernel() is not None"], env=os.environ | {"FEDKB_BUILD_DIR": str(folder)},
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "building" not in loaded.stderr
+
+
+def test_a_library_cut_short_is_built_again_past_a_stale_torch_lock(tmp_path: Path, monkeypatch):
+    folder = tmp_path / "build"
+    folder.mkdir()
+    (folder / "fedkeyboard_cifg.so").write_bytes(b"\x7fELF")  # a link killed after four bytes
+    (folder / "lock").touch()
+    monkeypatch.setenv("FEDKB_BUILD_DIR", str(folder))
+    built = []
+
+    def load(**options):
+        # torch would wait for its lock file forever, and build only where no library is.
+        built.append(((folder / "lock").exists(), (folder / "fedkeyboard_cifg.so").exists(), options))
+        return "the built module"
+
+    monkeypatch.setattr(native.cpp_extension, "load", load)
+    assert native.cifg_kernel.__wrapped__() == "the built module"
+    assert [(lock, library, options["build_directory"]) for lock, library, options in built] == [
+        (False, False, str(folder))]
