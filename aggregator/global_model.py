@@ -17,8 +17,8 @@ from aggregator.config import AggregatorConfig
 from aggregator.storage import Storage
 from aggregator.strategies import make_strategy
 from aggregator.strategies.averaged import served_weights
+from keyboard_model.architecture import build_model
 from keyboard_model.errors import UserFacingError
-from keyboard_model.model import build_model
 from keyboard_model.norms import l2_norm
 from keyboard_model.weights import (
     Tensors,

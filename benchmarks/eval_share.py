@@ -29,9 +29,8 @@ from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import provision
 from device_sim.phone import EVAL_MESSAGES
 from device_sim.session import RoundInput, train
-from keyboard_model.architecture import DEFAULT_ARCHITECTURE, architecture
+from keyboard_model.architecture import DEFAULT_ARCHITECTURE, architecture, build_model
 from keyboard_model.evaluate import evaluate
-from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import LatestModel, model_to_bytes
 

@@ -27,7 +27,8 @@ import torch
 from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.session import update_bytes
-from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.architecture import build_model
+from keyboard_model.model import ModelConfig
 
 TARGET_PER_S = 100
 

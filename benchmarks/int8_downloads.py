@@ -36,8 +36,9 @@ from device_sim.corpus import CorpusConfig, prepare
 from device_sim.history import split_held_out
 from device_sim.session import RoundInput, train
 from keyboard_model import int8
+from keyboard_model.architecture import build_model
 from keyboard_model.evaluate import evaluate
-from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.model import ModelConfig
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import MODEL_ENCODINGS, Tensors, model_from_bytes, model_to_bytes

@@ -27,8 +27,7 @@ import torch
 
 from device_sim.corpus import CorpusConfig, PreparedCorpus, prepare
 from keyboard_model import artifact
-from keyboard_model.architecture import ARCHITECTURES, DEFAULT_ARCHITECTURE, NextWordModel, architecture
-from keyboard_model.model import build_model
+from keyboard_model.architecture import ARCHITECTURES, DEFAULT_ARCHITECTURE, NextWordModel, architecture, build_model
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes

@@ -29,7 +29,8 @@ from device_sim.fleet import Fleet, FleetConfig, provision
 from aggregator.inprocess import InProcessClient
 from device_sim.session import update_bytes
 from device_sim.secure_aggregation import SecAggPhone
-from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.architecture import build_model
+from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import Directory, IdentityKey, Layout, RingEncoding, masked_layout
 from keyboard_model.weights import parameter_shapes
 

@@ -41,7 +41,8 @@ from aggregator.config import AggregatorConfig
 from aggregator.privacy import PrivacyLedger
 from aggregator.sqlite_storage import SqliteStorage
 from device_sim.corpus import CorpusConfig, prepare
-from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.architecture import build_model
+from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RingEncoding
 from keyboard_model.train import LocalTrainConfig, train_local
 from keyboard_model.update_codec import decode_flat_update, encode_update

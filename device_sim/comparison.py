@@ -29,10 +29,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from tqdm import tqdm
 
 from device_sim.phone import Phone
-from keyboard_model.architecture import NextWordModel, architecture
+from keyboard_model.architecture import NextWordModel, architecture, build_model
 from keyboard_model.evaluate import EvalCounts, evaluate, evaluate_fixed_suggestions, most_frequent_words
 from keyboard_model.files import write_atomically
-from keyboard_model.model import build_model
 from keyboard_model.ngram import KneserNeyTrigram
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, pack_sequences, train_centrally

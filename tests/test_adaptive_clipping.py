@@ -19,8 +19,8 @@ from aggregator.rounds import RoundManager
 from aggregator.storage import open_storage
 from device_sim.phone import Phone
 from device_sim.session import Clipping, update_bytes
+from keyboard_model.architecture import build_model
 from keyboard_model.errors import UserFacingError
-from keyboard_model.model import build_model
 from keyboard_model.norms import clip_to_norm, l2_norm
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.update_codec import decode_update

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from keyboard_model import artifact, int8
-from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.architecture import build_model
+from keyboard_model.model import ModelConfig
 from keyboard_model.suggest import Suggester
 from keyboard_model.weights import WeightsError
 from tests.conftest import SMALL_TEXT

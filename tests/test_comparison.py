@@ -11,9 +11,9 @@ from device_sim.cli import print_summary
 from device_sim.comparison import NGRAM_ROW, ComparisonConfig, TableRow, cheap_rows, comparison_table, markdown_table
 from device_sim.phone import Phone
 from device_sim.simulation import SimulationSummary
+from keyboard_model.architecture import build_model
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.ngram import KneserNeyTrigram
-from keyboard_model.model import build_model
 from keyboard_model.transformer import TransformerConfig
 from keyboard_model.weights import model_from_bytes
 from tests.conftest import SMALL_TEXT

@@ -17,7 +17,7 @@ from device_sim.fleet import Fleet
 from aggregator.inprocess import InProcessClient
 from device_sim.phone import Phone
 from device_sim.session import Clipping
-from keyboard_model.model import build_model
+from keyboard_model.architecture import build_model
 from keyboard_model.train import LocalTrainConfig, TrainingDivergedError, train_centrally, train_local
 from keyboard_model.weights import model_to_bytes
 from tests.conftest import SMALL_TEXT

@@ -55,8 +55,8 @@ def test_most_frequent_words_keyboard():
 
 
 def test_evaluate_batches_and_pads_without_changing_the_counts(small_tokenizer, small_model_config):
+    from keyboard_model.architecture import build_model
     from keyboard_model.evaluate import EvalCounts, evaluate
-    from keyboard_model.model import build_model
     from tests.conftest import SMALL_TEXT
 
     model = build_model(small_model_config, seed=3)

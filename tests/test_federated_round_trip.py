@@ -14,8 +14,8 @@ from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from device_sim.participation import Participant
 from device_sim.phone import Phone
 from device_sim.session import update_bytes
+from keyboard_model.architecture import build_model
 from keyboard_model.evaluate import evaluate
-from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.update_codec import decode_update
 from keyboard_model.weights import model_from_bytes, parameter_shapes, write_tensors

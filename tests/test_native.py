@@ -13,7 +13,8 @@ import torch
 
 from keyboard_model import model as model_module
 from keyboard_model import native
-from keyboard_model.model import CIFGRecurrence, ModelConfig, build_model
+from keyboard_model.architecture import build_model
+from keyboard_model.model import CIFGRecurrence, ModelConfig
 from keyboard_model.train import language_model_loss, pack_sequences
 from tests.conftest import SMALL_TEXT
 

@@ -21,8 +21,8 @@ from device_sim.session import (
     train,
 )
 from keyboard_model import weights
+from keyboard_model.architecture import build_model
 from keyboard_model.evaluate import evaluate
-from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig, TrainResult
 from keyboard_model.update_codec import decode_update
 from keyboard_model.norms import l2_norm

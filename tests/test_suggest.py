@@ -4,7 +4,8 @@ from collections.abc import Iterator
 
 import torch
 
-from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.architecture import build_model
+from keyboard_model.model import ModelConfig
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import BOS_ID, SPECIAL_TOKENS, KeyboardTokenizer
 from tests.conftest import SMALL_TEXT

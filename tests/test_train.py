@@ -3,7 +3,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.architecture import build_model
+from keyboard_model.model import ModelConfig
 from keyboard_model.tokenizer import PAD_ID
 from keyboard_model.train import (
     LocalTrainConfig,

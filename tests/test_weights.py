@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 
-from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.architecture import build_model
+from keyboard_model.model import ModelConfig
 from keyboard_model.weights import (
     WeightsError,
     model_from_bytes,

@@ -14,7 +14,8 @@ from common import phone_work
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.architecture import build_model
+from keyboard_model.model import ModelConfig
 from keyboard_model.tokenizer import KeyboardTokenizer
 
 client_app = ClientApp()

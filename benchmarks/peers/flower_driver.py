@@ -34,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
-from keyboard_model.model import build_model  # noqa: E402
+from keyboard_model.architecture import build_model  # noqa: E402
 
 
 class ScheduledFedAvg(FedAvg):

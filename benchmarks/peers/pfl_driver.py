@@ -30,7 +30,7 @@ from pfl.metrics import Metrics
 from pfl.aggregate.simulate import SimulatedBackend
 from pfl.model.pytorch import PyTorchModel
 
-from keyboard_model.model import build_model
+from keyboard_model.architecture import build_model
 
 
 class Schedule(HyperParam, TrainingProcessCallback):
