@@ -37,14 +37,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from train_speed import matmul_flops_per_second, training_flops_per_token
+from train_speed import matmul_flops_per_second
 
 from aggregator.config import AggregatorConfig
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.executor import TrainingExecutor, make_executor
 from device_sim.fleet import provision
 from device_sim.phone import Phone
-from keyboard_model.model import ModelConfig, build_model
+from keyboard_model.architecture import architecture, build_model
+from keyboard_model.model import ModelConfig
 from keyboard_model.tokenizer import PAD_ID, KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, training_rows
 from keyboard_model.weights import model_to_bytes
@@ -139,7 +140,7 @@ def main() -> None:
     if args.with_ray:
         setups.append(Setup("ray", "cpu", None, partial(make_executor, "ray", tokenizer)))
     peak = matmul_flops_per_second()
-    per_token = training_flops_per_token(model_config)
+    per_token = architecture(model_config.architecture).training_flops_per_token(model_config)
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} on {torch.get_num_threads()} threads, "
           f"fp32 matmul {peak / 1e9:.1f} GFLOP/s (1024x1024), load average {os.getloadavg()[0]:.1f}; GPU: "
           f"{torch.cuda.get_device_name() if cuda else 'none (torch sees no CUDA device)'}")

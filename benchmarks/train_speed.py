@@ -49,13 +49,18 @@ from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import provision
 from device_sim.phone import EVAL_MESSAGES
 from device_sim.session import RoundInput, train, update_bytes
-from keyboard_model.architecture import ARCHITECTURES, DEFAULT_ARCHITECTURE, ArchitectureConfig, architecture
+from keyboard_model.architecture import (
+    ARCHITECTURES,
+    DEFAULT_ARCHITECTURE,
+    ArchitectureConfig,
+    architecture,
+    build_model,
+)
 from keyboard_model.evaluate import evaluate
-from keyboard_model.model import CIFGLSTM, CompiledCIFGRecurrence, TiedOutputCrossEntropy, build_model
+from keyboard_model.model import CIFGLSTM, CompiledCIFGRecurrence, TiedOutputCrossEntropy
 from keyboard_model.native import cifg_kernel
 from keyboard_model.tokenizer import PAD_ID
 from keyboard_model.train import LocalTrainConfig, clip_gradients, language_model_loss, pack_sequences
-from keyboard_model.transformer import TransformerConfig
 from keyboard_model.weights import LatestModel, model_from_bytes, model_to_bytes
 
 TARGET_SHARE = 0.40
@@ -70,19 +75,6 @@ def matmul_flops_per_second(size: int = 1024, seconds: float = 3.0) -> float:
         a @ b
         count += 1
     return 2 * size**3 * count / (time.perf_counter() - started)
-
-
-def training_flops_per_token(config: ArchitectureConfig) -> int:
-    """Matrix FLOPs of one training token: three forward passes' worth."""
-    if isinstance(config, TransformerConfig):
-        e, t, v = config.embedding_dim, config.context, config.vocab_size
-        # Per layer: query/key/value and output projections (4 e^2), the MLP (8 e^2); attention scores and the
-        # weighted sum over the (t + 1) / 2 positions a token sees on average in a row of t.
-        forward = 2 * (config.layers * (12 * e * e + e * (t + 1)) + e * v)
-    else:
-        e, h, p, v = config.embedding_dim, config.hidden_dim, config.projection_dim, config.vocab_size
-        forward = 2 * (e * 3 * h + p * 3 * h + h * p + p * v)
-    return 3 * forward
 
 
 def default_config(name: str, vocab_size: int) -> ArchitectureConfig:
@@ -278,7 +270,7 @@ def main() -> None:
     print(f"machine: {torch.get_num_threads()} threads, fp32 matmul {peak / 1e9:.1f} GFLOP/s (1024x1024)")
     for name in names:
         rows, model_config = training_rows(0, name)
-        per_token = training_flops_per_token(model_config)
+        per_token = architecture(name).training_flops_per_token(model_config)
         print(f"\nmodel: {model_config}; {per_token / 1e6:.2f} MFLOP per training token")
 
         def report(label: str, speed: float) -> float:

@@ -23,9 +23,9 @@ filled with rows of PAD, which the loss ignores, so they add nothing to its grad
 are lazy: `submit` only queues a phone, and the first `result()` asked for trains every
 phone queued by then in batched passes; then each phone's mods (evaluation, guard,
 clipping, encoding or masking: device_sim/session.py) run one phone at a time, as on a
-phone. The CIFG's recurrence is written here with plain operations, because vmap cannot
-batch the model's own hand-written autograd Functions (its Python walk writes into
-preallocated buffers; its C++ kernel is opaque); the Transformer runs its own `features`.
+phone. The network's features come from its architecture's record (`batched_features`,
+keyboard_model/architecture.py): the CIFG brings its recurrence in plain operations,
+which vmap can batch; the Transformer runs its own `features`.
 
 On the CPU the local process pool stays the default (device_sim/executor.py says why, from
 benchmarks/scale.py); this executor is for GPUs, and runs and is tested on the CPU as well.
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,14 +43,13 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from aggregator.api.schemas import SecAggState
 from device_sim.phone import EVAL_MESSAGES, Phone
 from device_sim.secure_aggregation import SecAggPhone
 from device_sim.session import Clipping, LocalWork, RoundInput, local_work, phone_mods
-from keyboard_model.architecture import NextWordModel
+from keyboard_model.architecture import BatchedFeatures, NextWordModel, architecture
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import PAD_ID, KeyboardTokenizer
 from keyboard_model.train import (
@@ -68,10 +67,6 @@ DEVICES = ("cpu", "cuda")
 # one of their gradients (5.3 MB each for the default model) and the output layer's scores for every position of its
 # batch (16 x 20 x vocabulary floats, 11.6 MB at the default vocabulary): about 0.7 GB for 32 phones, 12 GB for 512.
 DEFAULT_PHONES_PER_PASS = {"cpu": 32, "cuda": 512}
-
-# (model, one phone's weights, its tokens (batch, time)) -> its features (batch, time, width)
-Features = Callable[[NextWordModel, Tensors, torch.Tensor], torch.Tensor]
-
 
 class PhoneTrained(NamedTuple):
     """One phone's training in a cohort: what `train_local` would have returned, the delta, and its SGD steps."""
@@ -100,8 +95,6 @@ def train_cohort(model: NextWordModel, phones: Sequence[tuple[Sequence[Sequence[
     if per_pass < 1:
         raise ValueError(f"phones_per_pass must be at least 1, got {per_pass}")
     start = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    if set(start) != {name for name, _ in model.named_parameters()}:
-        raise UserFacingError("the vectorised executor trains models whose state is all parameters (no buffers)")
     plans = []
     for index, (messages, seed) in enumerate(phones):
         messages, rows = training_rows(messages, config)
@@ -127,7 +120,7 @@ class _Plan:
     batches: list[torch.Tensor]  # row indices of each step, as train_local takes them
 
 
-def _train_pass(model: NextWordModel, features: Features, start: Tensors, plans: list[_Plan],
+def _train_pass(model: NextWordModel, features: BatchedFeatures, start: Tensors, plans: list[_Plan],
                 config: LocalTrainConfig, device: torch.device) -> list[PhoneTrained]:
     """One batched pass over `plans`, sorted by step count, longest first."""
     phones, most_steps = len(plans), len(plans[0].batches)
@@ -188,7 +181,7 @@ def _train_pass(model: NextWordModel, features: Features, start: Tensors, plans:
     return trained
 
 
-def cohort_loss(model: NextWordModel, features: Features, weights: Tensors, rows: torch.Tensor) -> torch.Tensor:
+def cohort_loss(model: NextWordModel, features: BatchedFeatures, weights: Tensors, rows: torch.Tensor) -> torch.Tensor:
     """Each phone's mean next-token cross-entropy, (phones,), over the non-PAD targets of its `rows` (phones, batch,
     tokens), with its own `weights` (each stacked over phones): `language_model_loss` for every phone at once."""
     outputs = vmap(partial(features, model))(weights, rows[:, :, :-1])
@@ -225,54 +218,14 @@ class CohortOutputLoss(torch.autograd.Function):
                 None)
 
 
-def _cifg_features(model: NextWordModel, params: Tensors, tokens: torch.Tensor) -> torch.Tensor:
-    """The CIFG's projected outputs (batch, time, projection) in plain operations that vmap and autograd can batch
-    (the model's own walk, `CIFGRecurrence`, has the same equations)."""
-    hidden = model.config.hidden_dim
-    projection = params["projection.weight"]
-    gate_inputs = F.linear(F.embedding(tokens, params["embedding.weight"]), params["input_weights.weight"],
-                           params["input_weights.bias"])
-    h = gate_inputs.new_zeros(tokens.shape[0], projection.shape[0])
-    c = gate_inputs.new_zeros(tokens.shape[0], hidden)
-    outputs = []
-    # unbind, not indexing per step: the backward of `gate_inputs[:, t]` fills a whole zero tensor of every step's
-    # shape and adds the twenty of them up (measured: a third of the CPU time of a pass).
-    for gate_input in gate_inputs.unbind(1):
-        pre = gate_input + F.linear(h, params["recurrent_weights.weight"])
-        i, o = torch.sigmoid(pre[:, : 2 * hidden]).split(hidden, dim=1)
-        c = c + i * (torch.tanh(pre[:, 2 * hidden :]) - c)  # (1 - i) c + i g: the coupled gates
-        h = F.linear(o * torch.tanh(c), projection)
-        outputs.append(h)
-    return torch.stack(outputs, dim=1)
-
-
-class _Features(torch.nn.Module):
-    """A model's `features` as a module's forward, so that functional_call runs it with other weights."""
-
-    def __init__(self, model: NextWordModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.features(tokens)
-
-
-def _module_features(model: NextWordModel, params: Tensors, tokens: torch.Tensor) -> torch.Tensor:
-    """A model whose `features` are plain operations (the Transformer), run with `params` in place of its own."""
-    return functional_call(_Features(model), {f"model.{name}": t for name, t in params.items()}, (tokens,))
-
-
-# Architectures this executor trains, by the name their config records. Both tie their output layer to
-# `embedding.weight`, with `output_bias`, as CohortOutputLoss reads them.
-FEATURES: dict[str, Features] = {"cifg": _cifg_features, "transformer": _module_features}
-
-
-def _features_function(model: NextWordModel) -> Features:
-    name = model.config.architecture
-    if name not in FEATURES:
-        raise UserFacingError(f"the vectorised executor trains {' and '.join(FEATURES)} models, not {name!r}; "
-                              "use --executor local")
-    return FEATURES[name]
+def _features_function(model: NextWordModel) -> BatchedFeatures:
+    state = model.state_dict()
+    if set(state) != {name for name, _ in model.named_parameters()}:
+        raise UserFacingError("the vectorised executor trains models whose state is all parameters (no buffers)")
+    if not {"embedding.weight", "output_bias"} <= set(state):
+        raise UserFacingError(f"the vectorised executor needs a tied output layer (embedding.weight, output_bias); "
+                              f"the {model.config.architecture} model has none: use --executor local")
+    return architecture(model.config.architecture).batched_features
 
 
 @contextmanager

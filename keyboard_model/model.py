@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from keyboard_model.native import cifg_kernel
-
-if TYPE_CHECKING:
-    from keyboard_model.architecture import ArchitectureConfig, NextWordModel
 
 
 @dataclass(frozen=True)
@@ -32,9 +30,11 @@ class ModelConfig:
     vocab_size: int = 10_000
     embedding_dim: int = 96
     hidden_dim: int = 670
-    projection_dim: int = 96
+    projection_dim: int = 0  # 0: as wide as the embedding, which tying needs
 
     def __post_init__(self) -> None:
+        if self.projection_dim == 0:
+            object.__setattr__(self, "projection_dim", self.embedding_dim)
         if min(self.vocab_size, self.embedding_dim, self.hidden_dim, self.projection_dim) < 1:
             raise ValueError(f"every model size must be positive: {self}")
         if self.projection_dim != self.embedding_dim:
@@ -256,17 +256,33 @@ class CompiledCIFGRecurrence(torch.autograd.Function):
         )
 
 
-def build_model(config: ArchitectureConfig, seed: int = 0) -> NextWordModel:
-    """A freshly initialised model of `config`'s architecture; the same seed gives the same weights."""
-    # Imported here: the registry imports this module for the CIFG.
-    from keyboard_model.architecture import new_model  # noqa: PLC0415
+def training_flops_per_token(config: ModelConfig) -> int:
+    """Matrix FLOPs of one training token: three forward passes' worth (forward, and backward through inputs and
+    weights)."""
+    e, h, p, v = config.embedding_dim, config.hidden_dim, config.projection_dim, config.vocab_size
+    return 3 * 2 * (e * 3 * h + p * 3 * h + h * p + p * v)
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return new_model(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
+
+def batched_features(model: CIFGLSTM, params: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """The projected outputs (batch, time, projection) with `params` in place of the model's weights, in plain
+    operations that vmap and autograd can batch over phones (the vectorised executor): the model's own walk,
+    `CIFGRecurrence`, has the same equations but writes into preallocated buffers, and its C++ kernel is opaque."""
+    hidden = model.config.hidden_dim
+    projection = params["projection.weight"]
+    gate_inputs = F.linear(F.embedding(tokens, params["embedding.weight"]), params["input_weights.weight"],
+                           params["input_weights.bias"])
+    h = gate_inputs.new_zeros(tokens.shape[0], projection.shape[0])
+    c = gate_inputs.new_zeros(tokens.shape[0], hidden)
+    outputs = []
+    # unbind, not indexing per step: the backward of `gate_inputs[:, t]` fills a whole zero tensor of every step's
+    # shape and adds the twenty of them up (measured: a third of the CPU time of a pass).
+    for gate_input in gate_inputs.unbind(1):
+        pre = gate_input + F.linear(h, params["recurrent_weights.weight"])
+        i, o = torch.sigmoid(pre[:, : 2 * hidden]).split(hidden, dim=1)
+        c = c + i * (torch.tanh(pre[:, 2 * hidden :]) - c)  # (1 - i) c + i g: the coupled gates
+        h = F.linear(o * torch.tanh(c), projection)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1)
 
 
 def parameter_count(model: nn.Module) -> int:

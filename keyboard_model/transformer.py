@@ -51,6 +51,15 @@ class TransformerConfig:
         return asdict(self)
 
 
+def training_flops_per_token(config: TransformerConfig) -> int:
+    """Matrix FLOPs of one training token: three forward passes' worth (forward, and backward through inputs and
+    weights)."""
+    e, t, v = config.embedding_dim, config.context, config.vocab_size
+    # Per layer: query/key/value and output projections (4 e^2), the MLP (8 e^2); attention scores and the weighted
+    # sum over the (t + 1) / 2 positions a token sees on average in a row of t.
+    return 3 * 2 * (config.layers * (12 * e * e + e * (t + 1)) + e * v)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()

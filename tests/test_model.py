@@ -1,6 +1,7 @@
 import torch
 
-from keyboard_model.model import CIFGLSTM, ModelConfig, build_model, parameter_count
+from keyboard_model.architecture import build_model
+from keyboard_model.model import CIFGLSTM, ModelConfig, parameter_count
 
 
 def reference_cifg(model: CIFGLSTM, tokens: torch.Tensor) -> torch.Tensor:

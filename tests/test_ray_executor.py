@@ -27,8 +27,8 @@ except ImportError:
 from aggregator.process import free_port
 from device_sim import cli as device_cli
 from device_sim.executor import LocalProcessPool
+from keyboard_model.architecture import build_model
 from keyboard_model.errors import UserFacingError
-from keyboard_model.model import build_model
 from tests.test_loopback_only import listening_beyond_loopback
 from tests.test_vectorised import run_fleet
 

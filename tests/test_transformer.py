@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from keyboard_model import artifact, int8
+from keyboard_model.architecture import build_model
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
-from keyboard_model.model import CIFGLSTM, ModelConfig, build_model
+from keyboard_model.model import CIFGLSTM, ModelConfig
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import BOS_ID, PAD_ID
 from keyboard_model.train import LocalTrainConfig, language_model_loss, pack_sequences, train_local

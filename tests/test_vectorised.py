@@ -24,8 +24,8 @@ from device_sim.fleet import Fleet, Participation, typing_times
 from device_sim.phone import Phone
 from device_sim.session import Clipping, RoundInput, train
 from device_sim.vectorised import VectorisedCohort, check_device, train_cohort
+from keyboard_model.architecture import build_model
 from keyboard_model.errors import UserFacingError
-from keyboard_model.model import build_model
 from keyboard_model.train import LocalTrainConfig, batch_order, training_rows
 from keyboard_model.transformer import TransformerConfig
 from keyboard_model.weights import model_from_bytes, model_to_bytes
@@ -253,10 +253,10 @@ def test_secure_rounds_complete_on_the_vectorised_executor(tmp_path, small_token
         [(p.phone_id, p.outcome) for p in report.participations] for report in expected]
 
 
-def test_an_architecture_it_cannot_batch_is_refused_by_name(small_tokenizer, small_model_config, monkeypatch):
+def test_an_unregistered_architecture_is_refused_by_name(small_tokenizer, small_model_config, monkeypatch):
     model = build_model(small_model_config)
     monkeypatch.setattr(type(model.config), "architecture", "lstm-of-the-future")
-    with pytest.raises(UserFacingError, match="lstm-of-the-future.*--executor local"):
+    with pytest.raises(ValueError, match="unknown model architecture 'lstm-of-the-future'"):
         train_cohort(model, [([[5, 6, 7]], 0)], CONFIG)
 
 
