@@ -1,4 +1,4 @@
-"""Aggregation: how one round's reports become the step the global model takes, one class per rule.
+"""Aggregation: how one round's reports become the step the global model takes, one class per kind of round.
 
 - `WeightedMean` (FedAvg, McMahan et al. 2017): each update weighted by the examples it
   trained on.
@@ -29,7 +29,8 @@
 Sums run as updates arrive, so memory does not grow with the round. A rule's `release`
 gives the mean delta and what the round's record says of it; the round manager decides
 whether enough devices reported, and the server optimiser (`aggregator/strategies/`)
-turns the mean into a step.
+turns the mean into a step. Plain rounds may instead use a robust rule from the table in
+`aggregator/rules/` (median, trimmed mean), which keeps the round's updates.
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ class Release:
 
 
 class Aggregation(Protocol):
+    """One round's aggregation, made fresh for each round: what the round manager calls on it."""
+
+    def add(self, delta: torch.Tensor, num_examples: int, within_clip: bool | None = None) -> None:
+        """One update the manager has checked: `delta` a flat float32 vector (`keyboard_model/flat.py`) within the
+        aggregator's norm bound, `num_examples` within its limit, `within_clip` adaptive clipping's bit (None when
+        the round does not adapt its clip norm). Only called once per device and round."""
+
     def release(self, reported: int) -> Release:
         """The round's mean delta from the `reported` devices whose updates it holds."""
 
@@ -107,7 +115,7 @@ class WeightedMean:
     def __init__(self, shapes: Shapes) -> None:
         self._sum = UpdateSum(shapes)
 
-    def add(self, delta: torch.Tensor, num_examples: int) -> None:
+    def add(self, delta: torch.Tensor, num_examples: int, within_clip: bool | None = None) -> None:
         """`delta`: a flat update (`keyboard_model/flat.py`)."""
         self._sum.add(delta, float(num_examples))
 
@@ -121,14 +129,14 @@ class PrivateMean:
         self._ledger = ledger
         self._within = 0  # adaptive clipping: updates their phones said were within the clip norm
 
-    def add(self, delta: torch.Tensor, num_examples: int, within_clip: bool = False) -> None:
+    def add(self, delta: torch.Tensor, num_examples: int, within_clip: bool | None = None) -> None:
         """`delta`: a flat update (`keyboard_model/flat.py`)."""
         # Phones clip already; clipping what arrived makes the bound hold whatever a device sent. Each phone counts
         # once: weighting by its claimed example count would let one phone move the sum further. The clip is the
         # weight of the sum's one multiply-add, so no clipped copy is made.
         norm = float(torch.linalg.vector_norm(delta))
         self._sum.add(delta, min(1.0, self._ledger.clip_norm / norm) if norm > 0 else 1.0)
-        self._within += within_clip
+        self._within += bool(within_clip)
 
     def release(self, reported: int) -> Release:
         return Release(*self._ledger.release(self._sum.total(), self._within, reported))
@@ -140,6 +148,10 @@ class SecureSum:
         self._secure = secure
         self._ledger = ledger
         self._max_eval_positions = max_eval_positions
+
+    def add(self, delta: torch.Tensor, num_examples: int, within_clip: bool | None = None) -> None:
+        # A secure round's inputs arrive masked and are summed by its SecureRound: no update is ever seen to add.
+        raise TypeError("a secure round adds masked inputs through its SecureRound, never a plain update")
 
     def release(self, reported: int) -> Release:
         """Raises ImpossibleSumError if the sum is not one that `reported` devices sending what honest devices send

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 from aggregator.adaptive_clipping import default_count_stddev
 from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
+from aggregator.rules import DEFAULT_RULE, RULES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.arguments import (
-    at_least, existing_file, fraction, multiple, network, new_file, port, positive_float,
+    at_least, existing_file, fraction, multiple, network, new_file, number, port, positive_float,
     positive_int, probability, quantile, seconds,
 )
 from keyboard_model.commands import Parser, run_command
@@ -66,6 +67,15 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the served model (what keyboards suggest with) averages the global models with this "
                              "decay, about the last 1 / (1 - DECAY) rounds; phones train from the global model; 0 "
                              "serves the global model (default: %(default)s)")
+    parser.add_argument("--aggregation-rule", choices=sorted(RULES), default=DEFAULT_RULE,
+                        help="how a plain round's updates are combined: mean (FedAvg, weighted by examples), or, "
+                             "robust to a few poisoned updates and unweighted, the coordinate-wise median or "
+                             "trimmed_mean (Yin et al. 2018); private and secure rounds use mean "
+                             "(default: %(default)s)")
+    parser.add_argument("--trim-fraction", type=number(float, lambda value: 0 <= value < 0.5, "in [0, 0.5)"),
+                        default=0.1,
+                        help="trimmed_mean: the share of the updates dropped from each end, for each value "
+                             "(default: %(default)s)")
     parser.add_argument("--max-examples", type=positive_int, default=1_000,
                         help="most examples one update may claim; more is refused (default: %(default)s)")
     parser.add_argument("--max-update-norm", type=positive_float, default=20.0,
@@ -149,6 +159,9 @@ def check_round_options(args: argparse.Namespace) -> None:
     if args.population is not None and args.population < args.clients_per_round:
         raise UserFacingError(f"--population ({args.population}) must be at least --clients-per-round "
                               f"({args.clients_per_round})")
+    if args.aggregation_rule != DEFAULT_RULE and (args.secure_aggregation or args.noise_multiplier is not None):
+        raise UserFacingError(f"--aggregation-rule {args.aggregation_rule} is for plain rounds: with "
+                              f"--secure-aggregation or --noise-multiplier, rounds aggregate a sum; use {DEFAULT_RULE}")
     if args.dp_mechanism != "fedavg" and args.noise_multiplier is None:
         raise UserFacingError(f"--dp-mechanism {args.dp_mechanism} needs --noise-multiplier")
     if args.clip_quantile is not None:
@@ -174,6 +187,8 @@ def round_settings(args: argparse.Namespace) -> dict:
         server_optimizer=args.server_optimizer,
         server_learning_rate=args.server_lr,
         serving_average=args.serving_average,
+        aggregation_rule=args.aggregation_rule,
+        trim_fraction=args.trim_fraction,
         max_examples_per_update=args.max_examples,
         max_update_norm=args.max_update_norm,
         max_eval_positions=args.max_eval_positions,

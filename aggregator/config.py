@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.adaptive_clipping import AdaptiveClipping, default_count_stddev, update_noise_multiplier
+from aggregator.rules import DEFAULT_RULE, RULES
 from keyboard_model.architecture import ArchitectureConfig
 from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RING_WIDTHS
@@ -38,6 +39,12 @@ class AggregatorConfig:
     # global models with this decay, about the last 1 / (1 - decay) rounds (aggregator/strategies/averaged.py); phones
     # still train from the global model. 0 serves the global model itself.
     serving_average: float = 0.95
+    # How a plain round's updates are combined, a name in aggregator.rules.RULES: mean (FedAvg's example-weighted
+    # mean), median or trimmed_mean (coordinate-wise, Yin et al. 2018: robust to a few poisoned updates, and they
+    # keep the round's updates in memory). Private and secure rounds aggregate a sum: only mean.
+    aggregation_rule: str = DEFAULT_RULE
+    # trimmed_mean: the share of the updates dropped from each end, for each value (floor(share x reported)).
+    trim_fraction: float = 0.1
     # Most examples one update may claim. Weighting trusts this count, so it is capped: a
     # device cannot outweigh more than this many honest examples. Phones train on at most
     # 400 messages a round by default.
@@ -133,6 +140,14 @@ class AggregatorConfig:
             raise ValueError(f"min_report_fraction must be in (0, 1], got {self.min_report_fraction}")
         if not 0.0 <= self.serving_average < 1.0:
             raise ValueError(f"serving_average must be in [0, 1), got {self.serving_average}")
+        if self.aggregation_rule not in RULES:
+            raise ValueError(f"aggregation_rule must be one of {sorted(RULES)}, got {self.aggregation_rule!r}")
+        if self.aggregation_rule != DEFAULT_RULE and (self.secure_aggregation or self.differential_privacy):
+            raise ValueError(f"aggregation_rule {self.aggregation_rule} is for plain rounds: a secure round's server "
+                             "sees only the sum of the updates, and a private round releases their clipped, noised "
+                             f"sum; use {DEFAULT_RULE} with secure aggregation or differential privacy")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.max_examples_per_update < 1 or self.max_eval_positions < 1:
             raise ValueError("max_examples_per_update and max_eval_positions must be at least 1")
         if not 0.0 < self.eval_share <= 1.0:

@@ -70,6 +70,7 @@ class LocalAggregator:
             "--server-optimizer", c.server_optimizer,
             *(["--server-lr", str(c.server_learning_rate)] if c.server_learning_rate is not None else []),
             "--serving-average", str(c.serving_average),
+            "--aggregation-rule", c.aggregation_rule, "--trim-fraction", str(c.trim_fraction),
             "--max-examples", str(c.max_examples_per_update), "--max-update-norm", str(c.max_update_norm),
             "--max-eval-positions", str(c.max_eval_positions), "--eval-share", str(c.eval_share),
             "--clip-norm", str(c.clip_norm),

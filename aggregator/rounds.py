@@ -21,11 +21,12 @@ The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
   `aggregator/secure_round.py`, and the server learns only the sum of their updates; a
   device the protocol proves to lie (a share or a dealing its commitments give away) is
   told to retry at every later check-in, for good.
-Closing averages the reported deltas (one aggregation rule per kind of round,
-`aggregator/aggregation.py`) and steps the global model with the server optimiser
-(`aggregator/global_model.py`), committed to storage together with the optimiser's
-state, the round's counts, who reported or aborted and who was proved to lie; on
-restart the manager resumes from the last committed model. Until then reports and aborts live only in memory, so an
+Closing averages the reported deltas (one aggregation per kind of round,
+`aggregator/aggregation.py`; plain rounds' chosen from the table in `aggregator/rules/`)
+and steps the global model with the server optimiser (`aggregator/global_model.py`),
+committed to storage together with the optimiser's state, the round's counts, who
+reported or aborted and who was proved to lie; on restart the manager resumes from the
+last committed model. Until then reports and aborts live only in memory, so an
 upload is counted whole or not at all: no write that could fail (a database busy with
 another writer, say) comes after an update is added to the round's sum.
 """
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aggregator.adaptive_clipping import FLOOR_FRACTION, ClipNorm, ImpossibleSumError
-from aggregator.aggregation import PrivateMean, Release, SecureSum, WeightedMean
+from aggregator.aggregation import Aggregation, PrivateMean, Release, SecureSum
 from aggregator.api.schemas import EvaluationReport, SecAggState
 from aggregator.config import AggregatorConfig
 from aggregator.devices import Devices, token_hash
@@ -62,6 +63,7 @@ from aggregator.refusals import (
     TooLargeError,
     UnauthorizedError,
 )
+from aggregator.rules import make_rule
 from aggregator.secure_round import SecureRound
 from aggregator.selection import Comebacks, SelectionWindow
 from aggregator.storage import Storage
@@ -110,7 +112,7 @@ class OpenRound:
     started: float  # the manager's clock, for durations and the deadline
     deadline: float
     selection: SelectionWindow
-    aggregation: WeightedMean | PrivateMean | SecureSum
+    aggregation: Aggregation
     device_by_token: dict[str, str] = field(default_factory=dict)
     token_by_device: dict[str, str] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
@@ -233,12 +235,13 @@ class RoundManager:
             # The graph seed is public (every device gets it with the roster); it only has to differ by round.
             secure = SecureRound(number, now, self.config, self.model.shapes, self._rng.randrange(2**63),
                                  self.selection_target, self.min_reports, bound)
+        aggregation: Aggregation
         if secure is not None:
             aggregation = SecureSum(secure, self.privacy, self.config.max_eval_positions)
         elif self.privacy is not None:
             aggregation = PrivateMean(self.model.shapes, self.privacy)
         else:
-            aggregation = WeightedMean(self.model.shapes)
+            aggregation = make_rule(self.config.aggregation_rule, self.model.shapes, self.config)
         return OpenRound(number, self.model.version, time.time(), now, now + self.config.round_deadline_s,
                          SelectionWindow(self.config.selection_window_s, now + self.config.selection_window_s),
                          aggregation, secure=secure)
@@ -387,10 +390,7 @@ class RoundManager:
             device_id = self._authorize(round_number, token)
             if device_id in self.round.reported:
                 return SubmitResult(round_number, len(self.round.reported), duplicate=True)
-            if within_clip is None:
-                self.round.aggregation.add(delta, num_examples)
-            else:  # adaptive clipping: the round's aggregation is private
-                self.round.aggregation.add(delta, num_examples, within_clip)
+            self.round.aggregation.add(delta, num_examples, within_clip)
             self.round.reported.add(device_id)
             self.round.aborted.discard(device_id)
             self.round.examples += num_examples

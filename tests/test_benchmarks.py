@@ -195,3 +195,9 @@ def test_soak(tmp_path, monkeypatch, capsys):
                   r"clip norm: ({n} to {n}|none) over the closed rounds", r"aggregator RSS before each kill \(MB\): {n}",
                   r"lying phone phone-\d+ \(impossible counts\)", r"lying phone phone-\d+ \(an all-zero key\)",
                   r"verdict: ", r"database whole: rounds 1\.\.\d+ without a gap")
+
+
+def test_robust(monkeypatch, capsys):
+    out = run_benchmark("robust", ["--phones", "5", "--poisoning", "0", "1"], monkeypatch, capsys)
+    assert_prints(out, r"5 phones a round, honest updates of norm {n}", r"\| rule \| 0 poisoning \| 1 poisoning \|",
+                  r"\| mean \| {n} \| {n} \|", r"\| median \| {n} \| {n} \|", r"\| trimmed_mean \| {n} \| {n} \|")
