@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from contextlib import closing
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,6 +71,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_data(args: argparse.Namespace) -> int:
     corpus = prepare(corpus_config_from_args(args), force=args.force)
+    built = corpus.manifest["vocab_size"]
+    if built < args.vocab_size:
+        print(f"note: the public proxy lines hold only {built:,} distinct words (special tokens included), so the "
+              f"vocabulary has {built:,} of the --vocab-size {args.vocab_size:,} asked for", file=sys.stderr)
     print(json.dumps({"path": str(corpus.path), **{k: v for k, v in corpus.manifest.items() if k != "sha256"}}, indent=2))
     return 0
 
@@ -220,8 +226,20 @@ def run_simulate(args: argparse.Namespace) -> int:
                  corpus)
     with closing(remote_client(args.aggregator)) as client:
         summary = simulate_with(args, corpus, client)
-    print_summary(summary, args.out, summary_baselines(corpus, args.out, not args.no_progress), args.time_budget)
+    finish(summary, corpus, args)
     return 0
+
+
+def finish(summary: SimulationSummary, corpus: PreparedCorpus, args: argparse.Namespace,
+           reference_rounds: int | None = None) -> None:
+    """A run's end: the reference rows scored (`summary_baselines`) and kept in summary.json beside the model's
+    score, for the dashboard, then the last screen (`print_summary`)."""
+    from device_sim.simulation import write_summary
+
+    baselines = summary_baselines(corpus, args.out, not args.no_progress)
+    summary = replace(summary, baselines=[row.to_dict() for row in baselines])
+    write_summary(args.out, summary)
+    print_summary(summary, args.out, baselines, args.time_budget, reference_rounds)
 
 
 def summary_baselines(corpus: PreparedCorpus, out_dir: Path, show_progress: bool) -> list[TableRow]:
@@ -252,8 +270,14 @@ def print_summary(
     failed = f" ({summary.rounds_failed} failed)" if summary.rounds_failed else ""
     budget = "" if time_budget_s is None else f" in the {time_budget_s:.0f} s budget"
     reference = "" if reference_rounds is None else f" ({reference_rounds} in the README's run on a quiet 2-core machine)"
-    print(f"\n{summary.rounds_completed} rounds{failed}{budget}{reference}, model version {summary.model_version}, "
+    rounds = "1 round" if summary.rounds_completed == 1 else f"{summary.rounds_completed} rounds"
+    print(f"\n{rounds}{failed}{budget}{reference}, model version {summary.model_version}, "
           f"{summary.wall_time_s:.0f} s")
+    spent = summary.privacy_spent
+    if spent is not None and spent["epsilon"] is not None:
+        rho = "" if spent["rho"] is None else f" (rho-zCDP {spent['rho']:.4g})"
+        delta = "" if spent["dp_delta"] is None else f" at delta {spent['dp_delta']:.1e}"
+        print(f"differential privacy spent: epsilon {spent['epsilon']:,.4g}{delta}{rho}")
     if summary.rounds_completed and summary.rounds_failed == summary.rounds_completed:
         print("  no round of this run closed: the model is the one it started from (see metrics.jsonl's failures)")
     print(f"held-out recall over {summary.eval_positions:,} next-word positions of every phone:")

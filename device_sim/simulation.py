@@ -20,7 +20,7 @@ import json
 import random
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -85,6 +85,12 @@ class SimulationSummary:
     most_frequent_words: list[str]
     eval_positions: int
     wall_time_s: float
+    # What the run's releases spent, as the aggregator accounts it (epsilon at dp_delta; rho-zCDP under DP-FTRL);
+    # None without differential privacy.
+    privacy_spent: dict[str, float | None] | None = None
+    # The last screen's reference rows (the n-gram, the most frequent words) on the same positions as `final`,
+    # added once they are scored (device_sim.cli.finish); the dashboard draws them.
+    baselines: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -184,10 +190,25 @@ def run_simulation(
         most_frequent_words=[tokenizer.id_to_token[i] for i in frequent],
         eval_positions=final.positions,
         wall_time_s=time.monotonic() - started,
+        privacy_spent=_privacy_spent(client),
     )
-    summary_json = json.dumps(json_safe(summary.to_dict()), indent=2, allow_nan=False) + "\n"
-    write_atomically(config.out_dir / SUMMARY_FILE, summary_json.encode())
+    write_summary(config.out_dir, summary)
     return summary
+
+
+def write_summary(out_dir: Path, summary: SimulationSummary) -> None:
+    """summary.json, whole or absent: its presence says the run has ended."""
+    summary_json = json.dumps(json_safe(summary.to_dict()), indent=2, allow_nan=False) + "\n"
+    write_atomically(out_dir / SUMMARY_FILE, summary_json.encode())
+
+
+def _privacy_spent(client: Aggregator) -> dict[str, float | None] | None:
+    status = client.status(recent=10)
+    if not status.differential_privacy:
+        return None
+    # The delta epsilon is at: the last release's (a failed round released nothing and records none).
+    delta = next((line.dp_delta for line in status.recent_rounds if line.dp_delta is not None), None)
+    return {"epsilon": status.epsilon, "dp_delta": delta, "rho": status.rho}
 
 
 def _recover_rounds(log: RunLog, client: Aggregator) -> None:
@@ -241,8 +262,10 @@ def _progress_bar(config: SimulationConfig, show: bool) -> tqdm:
 
 
 # What the aggregator recorded of a round, copied into metrics.jsonl beside the fleet's own view.
-SERVER_COUNTS = ("selected", "reported", "aborted", "dropped", "late", "bytes_up", "bytes_down", "epsilon", "dp_delta",
-                 "rho")
+SERVER_COUNTS = ("selected", "reported", "aborted", "dropped", "late", "bytes_up", "bytes_down")
+# Privacy spent by every round up to this one: null, never 0, where nothing was measured (no differential privacy,
+# or round 0): a 0 read as perfect privacy in metrics.jsonl and TensorBoard.
+PRIVACY_SPENT = ("epsilon", "dp_delta", "rho")
 # The fleet's own view of a round, unknown for a round recovered from the aggregator's record.
 FLEET_VIEW = ("participants", "eligible", "checkins", "vanished", "diverged", "refused", "survived", "sim_day",
               "sim_hour_utc", "train_loss", "local_learning_rate", "sim_ticks", "training_s", "wall_s_by_activity",
@@ -283,7 +306,8 @@ def _round_line(
         "sim_hour_utc": round(report.hour_utc, 2) if report else 0,
         **{name: getattr(server_view, name) if server_view else 0 for name in SERVER_COUNTS},
         # Differential privacy: the norm the round clipped to and, adapting it, the noisy fraction within it.
-        **{name: getattr(server_view, name) if server_view else None for name in ("dp_clip_norm", "dp_fraction_within")},
+        **{name: getattr(server_view, name) if server_view else None
+           for name in (*PRIVACY_SPENT, "dp_clip_norm", "dp_fraction_within")},
         "examples": sum(p.result.num_examples for p in report.participants) if report else 0,
         "train_loss": report.train_loss if report else None,
         "local_learning_rate": learning_rate,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from contextlib import ExitStack, closing
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aggregator import cli as aggregator_cli
@@ -25,9 +26,12 @@ from keyboard_model.errors import UserFacingError
 if TYPE_CHECKING:
     from device_sim.simulation import SimulationSummary
 
+# The experiments shipped with the package (package data), named by `--config NAME`.
+EXPERIMENTS = Path(__file__).with_name("experiments")
+
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_argument(parser)
+    add_config_argument(parser, EXPERIMENTS)
     parser.add_argument("--aggregator", default=None,
                         help="URL of a running aggregator (default: start one on loopback for this run)")
     parser.add_argument("--in-process", action="store_true",
@@ -99,8 +103,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     corpus = prepare(device_cli.corpus_config_from_args(args))
     with ExitStack() as stack:
         summary, _ = simulate(args, corpus, stack)
-    baselines = device_cli.summary_baselines(corpus, args.out, not args.no_progress)
-    device_cli.print_summary(summary, args.out, baselines, args.time_budget)
+    device_cli.finish(summary, corpus, args)
     return 0
 
 

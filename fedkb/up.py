@@ -53,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
         demo_listener = None if args.no_demo else stack.enter_context(bind(args.demo_host, args.demo_port, "--demo-port"))
         corpus = prepare(device_cli.corpus_config_from_args(args))
         summary, aggregator_url = composition.simulate(args, corpus, stack)
-        baselines = device_cli.summary_baselines(corpus, args.out, not args.no_progress)
-        device_cli.print_summary(summary, args.out, baselines, args.time_budget, README_ROUNDS)
+        device_cli.finish(summary, corpus, args, README_ROUNDS)
         if demo_listener is None:
             return 0
         print("\nserving the keyboard on the trained model; Ctrl-C stops everything", flush=True)

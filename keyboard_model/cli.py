@@ -43,13 +43,16 @@ def load_saved(args: argparse.Namespace) -> tuple[NextWordModel, int, KeyboardTo
 
 
 def run_suggest(args: argparse.Namespace) -> int:
+    from keyboard_model.casing import shown_words
     from keyboard_model.suggest import Suggester
 
     model, version, tokenizer = load_saved(args)
     suggester = Suggester(model, tokenizer)
     texts = args.text or (line.rstrip("\n") for line in sys.stdin)
     for text in texts:
-        print(f"{text!r} -> {' | '.join(suggester.suggest(text))}  (model v{version})", flush=True)
+        # As the keyboard shows them: "I", and a sentence's first word, capitalised.
+        shown = shown_words(text, suggester.suggest(text))
+        print(f"{text!r} -> {' | '.join(shown)}  (model v{version})", flush=True)
     return 0
 
 

@@ -49,7 +49,7 @@ def as_arguments(parser: argparse.ArgumentParser, options: dict[str, object], so
     for key, value in options.items():
         action = by_dest.get(key.replace("-", "_"))
         if action is None or action.dest in NOT_FROM_A_FILE:
-            raise UserFacingError(f"--config {source}: {parser.prog} has no option {key!r} (see --help)")
+            raise UserFacingError(f"--config {source}: {parser.prog} has no option {key!r}")
         flag = action.option_strings[-1]
         if action.nargs == 0:  # a switch such as --in-process
             if not isinstance(value, bool):

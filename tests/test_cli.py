@@ -59,6 +59,9 @@ def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path
     # The last screen puts the model beside the n-gram, scored on the same positions, and the target.
     assert "n-gram (KN trigram, proxy)" in result.stdout and "x the n-gram's top-1" in result.stdout
     assert "target: 1.2x the n-gram's top-1" in result.stdout
+    # No differential privacy: no privacy figure anywhere (a 0 would read as perfect privacy).
+    assert all(line[name] is None for line in lines for name in ("epsilon", "dp_delta", "rho"))
+    assert summary["privacy_spent"] is None and "privacy spent" not in result.stdout
     # The same rounds as TensorBoard scalars, read back with TensorBoard's own reader.
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
@@ -67,6 +70,7 @@ def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path
     assert [event.value for event in losses] == pytest.approx([line["train_loss"] for line in lines[1:]])
     assert [event.step for event in events.Scalars("recall_at_1")] == [0, 2, 3]
     assert "wall_s_by_activity/training" in events.Tags()["scalars"]
+    assert not {"epsilon", "dp_delta", "rho"} & set(events.Tags()["scalars"])
 
     drawn = fedkb("plot", str(out), "--out", str(tmp_path / "plots" / "run.png"))
     assert drawn.returncode == 0, drawn.stderr
@@ -149,7 +153,10 @@ def test_a_config_file_runs_the_same_experiment_as_its_flags(tmp_path: Path, sha
 def test_the_shipped_experiments_are_valid_configs(experiment: Path):
     parser = command_parser("fedkb", "", COMMANDS)
     args = parse(parser, ["simulate", "--config", str(experiment)])
-    assert args.out == Path("runs") / experiment.stem.replace("main", "up")
+    # Each writes a folder of its own: none resumes `fedkb up`'s run (runs/up).
+    assert args.out == Path("runs") / experiment.stem
+    # Named, from any folder (and after `pip install`, the files being package data): the same options.
+    assert parse(parser, ["simulate", "--config", experiment.stem]) == args
     if experiment.stem == "long":  # the README's three phases: rate 0.3 from round 515, 0.1 from round 665
         config = simulation_config_from_args(args)
         rates = [config.learning_rate(index / config.rounds) for index in range(config.rounds)]
@@ -273,6 +280,10 @@ def test_every_command_explains_its_options():
         (["simulate", "--round-deadline", "1e308", "--out", "{tmp}/x"],
          "argument --round-deadline: must be from 1 to 604800 seconds, got 1e308"),
         (["aggregator", "--secagg-phase", "1e-300"], "argument --secagg-phase: must be from 1 to 604800 seconds"),
+        # A mistyped option is answered with the one meant, as git and pip do.
+        (["simulate", "--roudns", "3", "--out", "{tmp}/x"], "unrecognized arguments: --roudns 3; did you mean --rounds?"),
+        (["simulate", "--config", "mian", "--out", "{tmp}/x"],
+         "no file 'mian' and no shipped experiment of that name (gboard, long, main, private, secure)"),
     ],
 )
 def test_bad_input_gets_a_clear_message_not_a_traceback(tmp_path: Path, shakespeare, capsys, args, message):
@@ -298,6 +309,8 @@ def test_bad_input_gets_a_clear_message_not_a_traceback(tmp_path: Path, shakespe
     stderr = capsys.readouterr().err
     assert code == 2, stderr
     assert message.format(tmp=tmp_path, port=port) in stderr
+    # Every error in the same words, whether argparse or the command found it.
+    assert stderr.startswith(f"fedkb {args[0]}: error: "), stderr
     # One line, naming the option, and nothing done: no run folder made.
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "x").exists()

@@ -103,3 +103,19 @@ def test_incremental_state_matches_a_full_pass_while_typing_and_deleting(small_t
         assert sum(steps) <= 2, (text, steps)
         fed += sum(steps)
     assert fed > 50  # the count above saw real model steps
+
+
+def test_the_command_line_shows_suggestions_as_the_keyboard_does(tmp_path, small_tokenizer, capsys):
+    """`python -m keyboard_model suggest` writes "I" and a sentence's first word capitalised, as the strip does."""
+    from keyboard_model.casing import shown_words
+    from keyboard_model.cli import main
+    from keyboard_model.weights import model_to_bytes
+
+    s = suggester(small_tokenizer)
+    (tmp_path / "model.safetensors").write_bytes(model_to_bytes(s.model.state_dict(), 4, s.model.config))
+    small_tokenizer.save(tmp_path / "tokenizer.json")
+    texts = ["I think ", "Good night. ", "to be or "]
+    assert main(["suggest", "--model", str(tmp_path / "model.safetensors"), *texts]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"{text!r} -> {' | '.join(shown_words(text, s.suggest(text)))}  (model v4)" for text in texts]
+    assert all(word[0].isupper() for word in printed[1].split(" -> ")[1].split("  (")[0].split(" | "))

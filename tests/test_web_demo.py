@@ -46,7 +46,7 @@ from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.conftest import SMALL_TEXT
 from tests.test_fleet import fleet_config, make_phones
 from web_demo.app import MAX_BODY_BYTES, create_app
-from web_demo import casing
+from keyboard_model import casing
 from web_demo.cli import add_arguments, config_from_args, main
 from web_demo.config import DemoConfig
 
@@ -594,6 +594,15 @@ def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differ
         assert asking_title(browser) == "Phones asking to train by hour (UTC)"
 
 
+def assert_inside_the_screen(browser: webdriver.Chrome, card: str) -> None:
+    """The card (a CSS selector) keeps at least 8 px from both edges of the window, and nothing is wider than it."""
+    left, right, inner, scroll = browser.execute_script(
+        "const box = document.querySelector(arguments[0]).getBoundingClientRect();"
+        "return [box.left, box.right, document.documentElement.clientWidth, document.documentElement.scrollWidth];",
+        card)
+    assert left >= 8 and right <= inner - 8 and scroll <= inner, (left, right, inner, scroll)
+
+
 def dashboard_state(browser: webdriver.Chrome) -> dict:
     return browser.execute_script(
         "const traces = id => (document.getElementById(id).data || []).map(t => ({name: t.name, x: t.x, y: t.y}));"
@@ -676,6 +685,16 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
         shown = wait.until(lambda b: (d := dashboard_state(b))["charts"] and len(d["participants"][0]["x"]) == 3
                            and shows_the_record(d) and d["loss_shown"] and d)
         assert shown["state"] == ""
+        # ...and, before the run has ended, the phones' own score of the newest global model they scored, as the
+        # keyboard page words it.
+        newest = max((r for r in rounds if r.recall_at_1 is not None), key=lambda r: r.round)
+        browser.get(demo.url)
+        score = wait.until(lambda b: (e := b.find_element(By.ID, "score")).is_displayed() and e.text)
+        assert score == (f"Model v{newest.base_version}'s first suggestion was the next word "
+                         f"{100 * newest.recall_at_1:.1f}% of the time, one of its three {100 * newest.recall_at_3:.1f}%,"
+                         f" on {newest.eval_devices} phones' own held-out messages.")
+        browser.get(f"{demo.url}/dashboard")
+        shown = wait.until(lambda b: (d := dashboard_state(b))["charts"] and shows_the_record(d) and d)
         # Training goes on as far as the page can tell: the aggregator's round 4 is open.
         assert shown["summary"].startswith("Round 4 is open: ")
         assert not browser.find_element(By.ID, "privacy-figure").is_displayed()  # no differential privacy here
@@ -713,6 +732,34 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
         for name, (top1, top3) in references.items():
             assert recall[f"{name} top-1"] == pytest.approx({1: 100 * top1, 4: 100 * top1})
             assert recall[f"{name} top-3"] == pytest.approx({1: 100 * top3, 4: 100 * top3})
+        # Every axis says what it counts.
+        assert browser.execute_script(
+            "return ['chart-recall', 'chart-loss', 'chart-participants', 'chart-asking', 'chart-bytes']"
+            ".map(id => document.getElementById(id).layout.xaxis.title.text)"
+        ) == ["round"] * 3 + ["simulated hour (UTC)", "round"]
+
+        # A run that ends as `fedkb up` ends it, without a comparison table: its summary.json holds the final model's
+        # score on every phone's held-out messages and the n-gram's beside it, which the page draws and says.
+        (run / "table.json").unlink()
+        (run / "summary.json").write_text(json.dumps({
+            "model_version": 3, "final": {"recall_at_1": 0.125, "recall_at_3": 0.25, "perplexity": 90.0},
+            "baselines": [
+                {"model": "n-gram (KN trigram, proxy)", "recall_at_1": 0.1, "recall_at_3": 0.2, "perplexity": None,
+                 "positions": 50},
+                {"model": "most frequent (the, and, to)", "recall_at_1": 0.05, "recall_at_3": 0.1, "perplexity": None,
+                 "positions": 50},
+            ]}))
+        ended = (f"{finished} On every phone's held-out messages it suggests the next word first 12.50% of the time "
+                 "(the n-gram: 10.00%).")
+        shown = wait.until(lambda b: (d := dashboard_state(b))["summary"] == ended and d)
+        # The keyboard says how good its model is: the run's final score on every phone...
+        assert httpx.get(f"{demo.url}/api/model", timeout=5).json()["score"] == {
+            "recall_at_1": 0.125, "recall_at_3": 0.25, "model_version": 3, "scored_on": "every phone's"}
+        recall = by_name(shown["recall"])
+        assert recall["top-1 final, every phone"] == pytest.approx({4: 12.5})
+        assert recall["top-3 final, every phone"] == pytest.approx({4: 25.0})
+        assert recall["n-gram top-1"] == pytest.approx({1: 10.0, 4: 10.0})
+        assert "oracle top-1" not in recall
 
         # A click on round 2's bar shows its details.
         browser.execute_script(
@@ -730,6 +777,10 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
         }
         assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
         assert browser.save_screenshot(str(SCREENSHOTS / "dashboard.png"))
+        # On a phone's screen the card keeps a margin on both sides and nothing scrolls sideways.
+        browser.set_window_size(360, 640)
+        assert_inside_the_screen(browser, ".dashboard")
+        browser.set_window_size(1100, 1400)
 
         # The aggregator goes away: the dashboard keeps the last rounds and says why they do not change.
         aggregator.stop()
@@ -769,7 +820,13 @@ def test_this_browser_is_a_phone_keeps_sent_text_only_in_its_own_sqlite_file_and
         wait = WebDriverWait(browser, 20)
         switch = browser.find_element(By.ID, "phone-enabled")
         assert not switch.is_selected() and not browser.find_element(By.ID, "send").is_displayed()
-        assert "never sent to the aggregator" in browser.find_element(By.CSS_SELECTOR, ".phone-switch .note").text
+        note = browser.find_element(By.CSS_SELECTOR, ".phone-switch .note")
+        assert "never sent to the aggregator" in note.text and "plain or secure" in note.text
+        # On a 360 x 640 phone the privacy note takes at most a fifth of the screen, and the page fits its width.
+        browser.set_window_size(360, 640)
+        assert note.rect["height"] <= 640 / 5, note.rect
+        assert_inside_the_screen(browser, ".phone")
+        browser.set_window_size(480, 1000)
 
         # Switched off, nothing is kept: the API refuses and no history file appears.
         refused = httpx.post(f"{demo.url}/api/phone/messages", json={"text": secret}, timeout=5)

@@ -18,12 +18,13 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from aggregator.api.schemas import StatusResponse
+from keyboard_model.casing import shown_words
 from web_demo.browser_phone import BrowserPhone, NewMessage, PhoneSettings, PhoneState, PhoneSwitchedOffError
-from web_demo.casing import shown_words
 from web_demo.config import DemoConfig
 from web_demo.model_source import ModelSource
 from web_demo.run_folder import RunFolder
-from web_demo.schemas import ErrorResponse, ModelInfo, RunResponse, SuggestResponse, TrainingResponse
+from web_demo.schemas import ErrorResponse, ModelInfo, ModelScore, RunResponse, SuggestResponse, TrainingResponse
 
 STATIC = Path(__file__).parent / "static"
 PLOTLY_JS = files("plotly") / "package_data" / "plotly.min.js"
@@ -152,14 +153,29 @@ def suggest(
 
 
 @router.get("/api/model", response_model=ModelInfo)
-def model_info(source: ModelSource = Depends(get_model_source)) -> ModelInfo:
+def model_info(source: ModelSource = Depends(get_model_source),
+               run: RunFolder = Depends(get_run_folder)) -> ModelInfo:
     model, error = source.state()
     privacy = source.privacy()
     return ModelInfo(
         model_version=None if model is None else model.version, aggregator=source.url, error=error,
         refresh_seconds=source.refresh_seconds, differential_privacy=privacy is not None,
         epsilon=privacy.epsilon if privacy else None, dp_delta=privacy.delta if privacy else None,
+        score=latest_score(run.read(), source.training()),
     )
+
+
+def latest_score(run: RunResponse, status: StatusResponse | None) -> ModelScore | None:
+    """The run's final score on every phone once it has ended; else the newest round's federated evaluation, the
+    counts its phones reported on the global model the round started from."""
+    if run.finished and run.final is not None:
+        return run.final
+    scored = [r for r in status.recent_rounds if r.recall_at_1 is not None] if status else []
+    if not scored:
+        return None
+    newest = max(scored, key=lambda r: r.round)
+    return ModelScore(recall_at_1=newest.recall_at_1, recall_at_3=newest.recall_at_3,
+                      model_version=newest.base_version, scored_on=f"{newest.eval_devices} phones' own")
 
 
 def create_app(config: DemoConfig) -> FastAPI:

@@ -71,4 +71,5 @@ def serve(config: DemoConfig, listener: socket.socket | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m web_demo", description=__doc__)
     add_arguments(parser)
+    parser.set_defaults(prog=parser.prog)
     return run_command(run, parser.parse_args(argv))

@@ -1,6 +1,7 @@
 """What a training run's folder (`fedkb simulate --out RUN`) adds to the dashboard: the training loss and the
 central evaluation per round (metrics.jsonl), the n-gram and oracle rows of its comparison table (table.json), and
-whether it has ended (summary.json, which the simulation writes when it ends).
+whether it has ended (summary.json, which the simulation writes when it ends, with the final model's score on every
+phone and the n-gram's beside it).
 
 The simulation may be writing these files while they are read, and they may come from another version: each file,
 line or table row that cannot be read is left out, and the rest is still shown.
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from web_demo.schemas import ReferenceModel, RunResponse, RunRound
+from web_demo.schemas import ModelScore, ReferenceModel, RunResponse, RunRound
 
 # A table row is matched by how its model's name starts.
 N_GRAM, ORACLE = "n-gram", "centralised oracle"
@@ -76,13 +77,14 @@ def read_rounds(text: str) -> list[RunRound]:
     return sorted(rounds.values(), key=lambda row: row.round)
 
 
-def read_references(text: str) -> dict[str, ReferenceModel]:
-    """The first n-gram and oracle rows of table.json ({"rows": [...]}) that can be read."""
+def read_references(text: str, key: str = "rows") -> dict[str, ReferenceModel]:
+    """The first n-gram and oracle rows that can be read of table.json ({"rows": [...]}), or of summary.json's
+    reference rows (key "baselines")."""
     try:
         table = parse_json(text)
     except (ValueError, RecursionError):
         return {}
-    rows = table.get("rows") if isinstance(table, dict) else None
+    rows = table.get(key) if isinstance(table, dict) else None
     found: dict[str, ReferenceModel] = {}
     for row in rows if isinstance(rows, list) else []:
         if (reference := valid(ReferenceModel, row)) is None:
@@ -91,6 +93,18 @@ def read_references(text: str) -> dict[str, ReferenceModel]:
             if reference.model.startswith(prefix):
                 found.setdefault(prefix, reference)
     return found
+
+
+def read_final(text: str) -> ModelScore | None:
+    """summary.json's score of the model the run ended with, on every phone's held-out messages."""
+    try:
+        summary = parse_json(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(summary, dict) or not isinstance(summary.get("final"), dict):
+        return None
+    return valid(ModelScore, {**summary["final"], "model_version": summary.get("model_version"),
+                              "scored_on": "every phone's"})
 
 
 class RunFolder:
@@ -105,17 +119,20 @@ class RunFolder:
 
     def read(self) -> RunResponse:
         if self.run_dir is None:
-            return RunResponse(run_dir=None, finished=False, rounds=[], n_gram=None, oracle=None)
+            return RunResponse(run_dir=None, finished=False, rounds=[], n_gram=None, oracle=None, final=None)
         paths = [self.run_dir / name for name in ("metrics.jsonl", "table.json", "summary.json")]
         signature = tuple(self._signature(path) for path in paths)
         with self._lock:
             if signature != self._seen or self._response is None:
                 metrics, table, summary = paths
                 references = read_references(read_text(table) or "")
+                summary_text = read_text(summary) or ""
+                ended_with = read_references(summary_text, key="baselines")
                 self._response = RunResponse(
                     run_dir=str(self.run_dir), finished=summary.is_file(),
                     rounds=read_rounds(read_text(metrics) or ""),
-                    n_gram=references.get(N_GRAM), oracle=references.get(ORACLE),
+                    n_gram=references.get(N_GRAM) or ended_with.get(N_GRAM), oracle=references.get(ORACLE),
+                    final=read_final(summary_text),
                 )
                 self._seen = signature
             return self._response

@@ -12,6 +12,15 @@ class SuggestResponse(BaseModel):
     model_version: int = Field(description="Version of the global model that made the suggestions.")
 
 
+class ModelScore(BaseModel):
+    """How often a model's first suggestion, and any of its three, was the word typed next."""
+
+    recall_at_1: float
+    recall_at_3: float
+    model_version: int
+    scored_on: str = Field(description="Whose held-out messages, e.g. \"every phone's\" (the run's final score).")
+
+
 class ModelInfo(BaseModel):
     model_version: int | None = Field(description="The loaded model's version; null until one has been loaded.")
     aggregator: str = Field(description="URL of the aggregator the model comes from.")
@@ -20,6 +29,9 @@ class ModelInfo(BaseModel):
     differential_privacy: bool = Field(False, description="The aggregator trains with differential privacy.")
     epsilon: float | None = Field(None, description="Privacy spent so far, at dp_delta; null before the first round.")
     dp_delta: float | None = None
+    score: ModelScore | None = Field(
+        None, description="The latest score of the model: the run's final one on every phone (--run, once it has "
+                          "ended), else the phones' own of the newest global model that they scored; null before any.")
 
 
 class TrainingResponse(BaseModel):
@@ -63,5 +75,8 @@ class RunResponse(BaseModel):
     run_dir: str | None = Field(description="The run folder the demo reads (--run); null when it has none.")
     finished: bool = Field(description="The run's summary.json exists: its simulation has ended.")
     rounds: list[RunRound] = Field(description="The run's rounds, oldest first, one per round number.")
-    n_gram: ReferenceModel | None = Field(description="The comparison table's n-gram row, when the run has a table.")
-    oracle: ReferenceModel | None = Field(description="Its centralised oracle row.")
+    n_gram: ReferenceModel | None = Field(
+        description="The n-gram's row: the comparison table's (table.json), else the one the run ended with.")
+    oracle: ReferenceModel | None = Field(description="The comparison table's centralised oracle row.")
+    final: ModelScore | None = Field(
+        None, description="The model the run ended with, scored on every phone's held-out messages (summary.json).")

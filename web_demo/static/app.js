@@ -108,6 +108,17 @@ function showPrivacy(info) {
     : `ε ${info.epsilon.toPrecision(3)} at δ ${info.dp_delta.toExponential(1)}`;
 }
 
+// How good the model is, in the words a person typing reads: the run's final score on every phone once it has
+// ended, else the phones' own score of the newest global model they were asked to score.
+function showScore(score) {
+  const line = document.getElementById("score");
+  line.hidden = !score;
+  if (!score) return;
+  const percent = (value) => `${(100 * value).toFixed(1)}%`;
+  line.textContent = `Model v${score.model_version}'s first suggestion was the next word ${percent(score.recall_at_1)} ` +
+    `of the time, one of its three ${percent(score.recall_at_3)}, on ${score.scored_on} held-out messages.`;
+}
+
 // The page learns of new model versions by asking the demo as often as the demo asks the aggregator.
 async function pollModel() {
   const [status, info] = await getJson("api/model");
@@ -116,6 +127,7 @@ async function pollModel() {
     aggregatorLabel.textContent = info.aggregator;
     showVersion(info.model_version);
     showPrivacy(info);
+    showScore(info.score);
     showStatus(describeModelState(info));
     const changed = info.model_version !== knownVersion;
     knownVersion = info.model_version;

@@ -25,7 +25,7 @@ function layout(title, yTitle, extra = {}) {
     title: { text: title, font: { size: 14 } },
     margin: { l: 48, r: 12, t: 36, b: 40 },
     // The x axis is the round unless said otherwise: whole rounds only, each one ticked while there are few.
-    xaxis: { tickformat: "d", ...(rounds.length <= 12 ? { dtick: 1 } : {}) },
+    xaxis: { title: { text: "round" }, tickformat: "d", ...(rounds.length <= 12 ? { dtick: 1 } : {}) },
     yaxis: { title: { text: yTitle }, rangemode: "tozero" },
     legend: { orientation: "h", y: -0.15 },
     ...extra,
@@ -81,6 +81,15 @@ function drawRecall(run) {
     }] : []),
   ]);
   const xs = [...x, ...centralX];
+  // The model the run ended with, scored on every phone's held-out messages, after its last round.
+  if (run.final && xs.length) {
+    const after = Math.max(...xs);
+    traces.push(...[1, 3].map((metric) => ({
+      type: "scatter", mode: "markers", name: `top-${metric} final, every phone`, x: [after],
+      y: [100 * run.final[`recall_at_${metric}`]], marker: { color: TOP[metric], symbol: "star", size: 12 },
+      hovertemplate: `model v${run.final.model_version} on every phone: %{y:.2f}%<extra></extra>`,
+    })));
+  }
   for (const [name, row, dash] of [["n-gram", run.n_gram, "dash"], ["oracle", run.oracle, "dot"]]) {
     if (row) traces.push(reference(name, row, 1, dash, xs), reference(name, row, 3, dash, xs));
   }
@@ -118,7 +127,7 @@ function drawAsking(run) {
       marker: { color: "#81c995", symbol: "circle-open" },
     }] : []),
   ], layout(`Phones asking to train by ${hour}`, "phones",
-    { xaxis: { range: [0, 24], dtick: 3 } }), PLOT_CONFIG);
+    { xaxis: { title: { text: hour }, range: [0, 24], dtick: 3 } }), PLOT_CONFIG);
 }
 
 function draw(status, run) {
@@ -201,7 +210,10 @@ function describeProgress(status, run) {
   const final = run.rounds[run.rounds.length - 1];
   const ran = final?.round ?? last?.round ?? 0;
   const version = final?.model_version ?? status.model_version;
-  const finished = `Training finished after ${ran} round${ran === 1 ? "" : "s"}, with model v${version}.`;
+  const percent = (row) => `${(100 * row.recall_at_1).toFixed(2)}%`;
+  const score = !run.final ? "" : ` On every phone's held-out messages it suggests the next word first ` +
+    `${percent(run.final)} of the time` + (run.n_gram ? ` (the n-gram: ${percent(run.n_gram)}).` : ".");
+  const finished = `Training finished after ${ran} round${ran === 1 ? "" : "s"}, with model v${version}.${score}`;
   // Phones outside the simulation (this browser, for one) may go on training after it ended.
   return finished + (status.round - 1 > ran ? ` ${open}` : "") + privacy;
 }
