@@ -45,9 +45,18 @@ geometric step is three lines of the paper's Algorithm, written here.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from keyboard_model.errors import UserFacingError
+
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
+
+logger = logging.getLogger(__name__)
 
 # The lowest clip norm adapting goes to, as a fraction of the operator's --clip-norm. Under secure aggregation one
 # lying phone can push the bits' sum to its top every round it is in (the server sees only the sum), which walks the
@@ -139,3 +148,25 @@ class ClipNorm:
     def spent(self, record: dict) -> None:
         if self.adaptive is not None:
             self.norm = record["dp_next_clip_norm"]
+
+
+def resumed_clip(config: AggregatorConfig, last_release: dict | None) -> ClipNorm:
+    """The clip norm private rounds ask for: the configured one, or, adapting, where the database's last release
+    (`Storage.last_release`) left it."""
+    adaptive = config.adaptive_clipping
+    floor = config.clip_norm * FLOOR_FRACTION
+    resumed = last_release.get("dp_next_clip_norm") if adaptive is not None and last_release is not None else None
+    if resumed is None:
+        norm = config.clip_norm
+    elif not math.isfinite(resumed):
+        raise UserFacingError(f"the database {config.db_path} holds the clip norm {resumed!r} for the next round, "
+                              "which no round can have released: the database is damaged")
+    else:
+        # The geometric step keeps the norm within these bounds; a database written before they existed may hold a
+        # norm outside them (0, after lying clipping bits). Any positive norm keeps the privacy promised, since the
+        # noise is proportional to it, so the norm is brought within them rather than the run refused.
+        norm = min(max(resumed, floor), config.max_update_norm)
+        if norm != resumed:
+            logger.warning("the database's clip norm for the next round, %r, is outside [%g, %g]; using %g",
+                           resumed, floor, config.max_update_norm, norm)
+    return ClipNorm(norm, config.noise_multiplier, adaptive, config.clients_per_round, config.max_update_norm, floor)

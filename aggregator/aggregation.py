@@ -2,7 +2,7 @@
 
 - `WeightedMean` (FedAvg, McMahan et al. 2017): each update weighted by the examples it
   trained on.
-- `PrivateMean` (DP-FedAvg, `aggregator/privacy.py`, or DP-FTRL, `aggregator/ftrl.py`):
+- `PrivateMean` (a privacy mechanism of `aggregator/mechanisms.py`: DP-FedAvg or DP-FTRL):
   each update clipped and counted once, Gaussian noise (DP-FTRL: correlated across
   rounds) added to the sum once, divided by the round's goal; with adaptive clipping
   (`aggregator/adaptive_clipping.py`) it also counts the phones' within-the-clip bits.
@@ -43,14 +43,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from aggregator.adaptive_clipping import ImpossibleSumError
-from aggregator.privacy import PrivacyLedger
 from aggregator.secure_round import SecureRound
 from keyboard_model.flat import length, views
 from keyboard_model.norms import l2_norm
 from keyboard_model.weights import Tensors
 
-if TYPE_CHECKING:  # JAX is imported only when DP-FTRL is used
-    from aggregator.ftrl import FtrlLedger
+if TYPE_CHECKING:
+    from aggregator.mechanisms import PrivacyMechanism
 
 Shapes = dict[str, tuple[int, ...]]
 # The privacy noise's norm is allowed for up to sigma (sqrt(d) + this): P(more) <= exp(-8^2 / 2) (Gaussian concentration).
@@ -124,7 +123,7 @@ class WeightedMean:
 
 
 class PrivateMean:
-    def __init__(self, shapes: Shapes, ledger: PrivacyLedger | FtrlLedger) -> None:
+    def __init__(self, shapes: Shapes, ledger: PrivacyMechanism) -> None:
         self._sum = UpdateSum(shapes)
         self._ledger = ledger
         self._within = 0  # adaptive clipping: updates their phones said were within the clip norm
@@ -135,7 +134,7 @@ class PrivateMean:
         # once: weighting by its claimed example count would let one phone move the sum further. The clip is the
         # weight of the sum's one multiply-add, so no clipped copy is made.
         norm = float(torch.linalg.vector_norm(delta))
-        self._sum.add(delta, min(1.0, self._ledger.clip_norm / norm) if norm > 0 else 1.0)
+        self._sum.add(delta, min(1.0, self._ledger.clip.norm / norm) if norm > 0 else 1.0)
         self._within += bool(within_clip)
 
     def release(self, reported: int) -> Release:
@@ -143,7 +142,7 @@ class PrivateMean:
 
 
 class SecureSum:
-    def __init__(self, secure: SecureRound, ledger: PrivacyLedger | FtrlLedger | None,
+    def __init__(self, secure: SecureRound, ledger: PrivacyMechanism | None,
                  max_eval_positions: int) -> None:
         self._secure = secure
         self._ledger = ledger

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from aggregator.adaptive_clipping import default_count_stddev
 from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
+from aggregator.mechanisms import DEFAULT_MECHANISM, MECHANISMS
 from aggregator.rules import DEFAULT_RULE, RULES
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.arguments import (
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 DB_PATH = Path("aggregator.sqlite")
 HOST, PORT = "127.0.0.1", 8600
 SERVER_LEARNING_RATES = {"fedadagrad": 0.03, "fedadam": 0.01, "fedavg": 1.0, "fedavgm": 0.5, "fedyogi": 0.01}
-DP_MECHANISMS = ("fedavg", "ftrl")
+DP_MECHANISMS = tuple(MECHANISMS)
 MODEL_ENCODINGS = ("float32", "int8")
 TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 
@@ -114,7 +115,7 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                          help="phones that could take part, for the accountant's sampling rate (default: those enrolled)")
     privacy.add_argument("--dp-delta", type=probability, default=None,
                          help="delta at which epsilon is reported (default: 1 / population)")
-    privacy.add_argument("--dp-mechanism", choices=DP_MECHANISMS, default="fedavg",
+    privacy.add_argument("--dp-mechanism", choices=DP_MECHANISMS, default=DEFAULT_MECHANISM,
                          help="fedavg: independent noise each round, epsilon assuming phones are sampled uniformly; "
                               "ftrl: DP-FTRL, noise correlated across rounds (BLT matrix factorisation, jax-privacy), "
                               "epsilon and rho for phones taking part at most once per --min-separation rounds, no "
@@ -162,7 +163,7 @@ def check_round_options(args: argparse.Namespace) -> None:
     if args.aggregation_rule != DEFAULT_RULE and (args.secure_aggregation or args.noise_multiplier is not None):
         raise UserFacingError(f"--aggregation-rule {args.aggregation_rule} is for plain rounds: with "
                               f"--secure-aggregation or --noise-multiplier, rounds aggregate a sum; use {DEFAULT_RULE}")
-    if args.dp_mechanism != "fedavg" and args.noise_multiplier is None:
+    if args.dp_mechanism != DEFAULT_MECHANISM and args.noise_multiplier is None:
         raise UserFacingError(f"--dp-mechanism {args.dp_mechanism} needs --noise-multiplier")
     if args.clip_quantile is not None:
         if args.noise_multiplier is None:

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.adaptive_clipping import AdaptiveClipping, default_count_stddev, update_noise_multiplier
+from aggregator.mechanisms import DEFAULT_MECHANISM, MECHANISMS
 from aggregator.rules import DEFAULT_RULE, RULES
 from keyboard_model.architecture import ArchitectureConfig
 from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RING_WIDTHS
 from keyboard_model.weights import MODEL_ENCODINGS
 
-DP_MECHANISMS = ("fedavg", "ftrl")
+DP_MECHANISMS = tuple(MECHANISMS)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class AggregatorConfig:
     # "fedavg" (DP-FedAvg, aggregator/privacy.py: independent noise each round, accounted for as if each phone were
     # sampled with probability goal / population) or "ftrl" (DP-FTRL, aggregator/ftrl.py: BLT-correlated noise,
     # accounted for with the minimum separation the aggregator enforces, no sampling assumed).
-    dp_mechanism: str = "fedavg"
+    dp_mechanism: str = DEFAULT_MECHANISM
     # DP-FTRL: a device takes part in at most one of any this many consecutive released rounds.
     min_separation: int = 10
     # DP-FTRL: the rounds the BLT noise is optimised for (it stays valid, and accounted for, beyond them).
@@ -160,8 +161,8 @@ class AggregatorConfig:
             raise ValueError("population must be at least clients_per_round")
         if self.dp_delta is not None and not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
-        if self.dp_mechanism not in DP_MECHANISMS:
-            raise ValueError(f"dp_mechanism must be one of {DP_MECHANISMS}, got {self.dp_mechanism!r}")
+        if self.dp_mechanism not in MECHANISMS:
+            raise ValueError(f"dp_mechanism must be one of {tuple(MECHANISMS)}, got {self.dp_mechanism!r}")
         if self.min_separation < 1 or self.dp_rounds < 1:
             raise ValueError(f"min_separation and dp_rounds must be at least 1, got {self.min_separation} and "
                              f"{self.dp_rounds}")

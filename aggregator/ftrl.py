@@ -27,6 +27,8 @@ updates are noised at the larger z_update, and the clipping bits, independent Ga
 releases of sensitivity 1/2 in at most ceil(T / b) of the T rounds, add their own
 rho-zCDP, ceil(T / b) / (8 sigma_b^2); zCDP composes by addition, and the sum is never
 more than fixed clipping's at z.
+
+Registered as `ftrl` in `aggregator/mechanisms.py`; `dp_ftrl` resumes it from the database.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import jax
 
@@ -50,10 +53,15 @@ from jax_privacy.matrix_factorization import buffered_toeplitz  # noqa: E402
 from safetensors.numpy import load as load_arrays  # noqa: E402
 from safetensors.numpy import save as save_arrays  # noqa: E402
 
-from aggregator.adaptive_clipping import AdaptiveClipping, ClipNorm  # noqa: E402
+from aggregator.adaptive_clipping import AdaptiveClipping, ClipNorm, resumed_clip  # noqa: E402
 from keyboard_model.errors import UserFacingError  # noqa: E402
 from keyboard_model.flat import flatten, length, views  # noqa: E402
 from keyboard_model.weights import Tensors  # noqa: E402
+
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
+    from aggregator.global_model import GlobalModel
+    from aggregator.storage import Storage
 
 
 @functools.lru_cache(maxsize=8)
@@ -233,12 +241,14 @@ def blt_from_state(state: bytes) -> buffered_toeplitz.BufferedToeplitz:
 class FtrlLedger:
     """DP-FTRL's noise and the privacy it has spent, as `PrivacyLedger` is DP-FedAvg's: `release` makes a round's
     noisy mean and its record; `spent` (after the commit) moves the noise stream and the clip norm on;
-    `pending_state` is what to commit with the model."""
+    `pending_state` is what to commit with the model. `participations`: device id -> the step of the last release
+    it reported in, for the minimum separation."""
 
     def __init__(self, clip: ClipNorm, noise_multiplier: float, goal: int, min_separation: int, rounds: int,
                  shapes: dict[str, tuple[int, ...]], population: Callable[[], int], delta: float | None,
-                 state: bytes | None) -> None:
+                 state: bytes | None, participations: dict[str, int] | None = None) -> None:
         self.clip = clip
+        self._participations = dict(participations or {})
         self.min_separation = min_separation
         self._noise_multiplier = noise_multiplier
         self._goal = goal
@@ -289,9 +299,45 @@ class FtrlLedger:
         """The noise state after the last release, to commit with the model it made."""
         return None if self._pending is None else self._noise.to_bytes(self._pending[0], self._pending[1] + 1)
 
-    def spent(self, record: dict) -> None:
+    @property
+    def participations(self) -> dict[str, int]:
+        """Device id -> the step of the last committed release it reported in."""
+        return dict(self._participations)
+
+    def rounds_to_sit_out(self, device_id: str) -> int:
+        last = self._participations.get(device_id)
+        return 0 if last is None else max(0, last + self.min_separation - self.releases)
+
+    def spent(self, record: dict, reporters: Iterable[str] = ()) -> None:
         state, step = self._pending
         assert step == record["dp_step"]
         self._noise.advance(state)
         self.clip.spent(record)
         self._pending = None
+        for device_id in reporters:
+            self._participations[device_id] = step
+
+
+def dp_ftrl(config: AggregatorConfig, storage: Storage, model: GlobalModel,
+            population: Callable[[], int]) -> FtrlLedger:
+    """DP-FTRL, resumed: the noise stream from the state committed with the newest model, the participations from
+    the rounds' records. Its accounting covers a run with one noise multiplier and one way of clipping: a database
+    that released with others is refused, as is a noise state committed with another model version."""
+    last = storage.last_release()
+    adaptive = config.adaptive_clipping
+    if last is not None:
+        was = (last.get("dp_noise_multiplier"), last.get("dp_count_stddev"))
+        now = (config.noise_multiplier, adaptive.count_stddev if adaptive else None)
+        if was != now:
+            raise UserFacingError(
+                f"the database {config.db_path} holds DP-FTRL rounds released with noise multiplier {was[0]} and "
+                f"{'clipping bits noised at ' + str(was[1]) if was[1] else 'a fixed clip norm'}; DP-FTRL's "
+                "accounting cannot change them mid-run: give the same --noise-multiplier and clipping, or another "
+                "--db")
+    saved = storage.noise_state()
+    if saved is not None and saved[0] != model.version:
+        raise UserFacingError(f"the database {config.db_path} holds DP-FTRL noise state for model version "
+                              f"{saved[0]}, not the newest model's ({model.version})")
+    return FtrlLedger(resumed_clip(config, last), config.noise_multiplier, config.clients_per_round,
+                      config.min_separation, config.dp_rounds, model.shapes, population, config.dp_delta,
+                      saved[1] if saved is not None else None, storage.last_participations())

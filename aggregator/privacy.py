@@ -13,6 +13,8 @@ sampled Gaussian event per round with sampling rate goal / population. That assu
 each phone takes part in a round with that probability, independently; the simulator
 selects phones by eligibility and check-in order instead, so the figure is the one a
 deployment with uniform sampling would report, not a proof about the simulation.
+
+Registered as `fedavg` in `aggregator/mechanisms.py`; `dp_fedavg` resumes it from the database.
 """
 
 from __future__ import annotations
@@ -21,13 +23,19 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dp_accounting
 import torch
 from dp_accounting.rdp import RdpAccountant
 
-from aggregator.adaptive_clipping import ClipNorm
+from aggregator.adaptive_clipping import ClipNorm, resumed_clip
 from keyboard_model.weights import Tensors
+
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
+    from aggregator.global_model import GlobalModel
+    from aggregator.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,22 @@ class PrivacyLedger:
         generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
         return noisy_mean(total, self.clip.norm, self.clip.update_noise_multiplier, self._goal, generator), record
 
-    def spent(self, record: dict[str, float]) -> None:
+    def rounds_to_sit_out(self, device_id: str) -> int:
+        return 0  # the accounting assumes sampling, which no sitting out would make true
+
+    def pending_state(self) -> None:
+        return None  # the records hold every event the accountant needs
+
+    def spent(self, record: dict[str, float], reporters: Iterable[str] = ()) -> None:
         """A release was committed: count it, and move the clip norm on."""
         self._events.append(PrivacyEvent(record["dp_sampling_rate"], record["dp_noise_multiplier"]))
         self.clip.spent(record)
+
+
+def dp_fedavg(config: AggregatorConfig, storage: Storage, model: GlobalModel,
+              population: Callable[[], int]) -> PrivacyLedger:
+    """DP-FedAvg, resumed: every release the database holds is counted again, and an adaptive clip norm goes on
+    from where the last one left it."""
+    return PrivacyLedger(resumed_clip(config, storage.last_release()), config.noise_multiplier,
+                         config.clients_per_round, population, config.dp_delta,
+                         [PrivacyEvent(q, z) for q, z in storage.privacy_events()])

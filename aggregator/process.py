@@ -17,6 +17,7 @@ import httpx
 
 from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
 from aggregator.config import AggregatorConfig
+from aggregator.mechanisms import MECHANISMS
 from keyboard_model.serving import bind, bound_port
 
 
@@ -37,18 +38,15 @@ def free_port() -> int:
 MODEL_SIZE_OPTIONS = {"embedding_dim": "--embedding-dim", "hidden_dim": "--hidden-dim"}
 
 
-FTRL_STARTUP_TIMEOUT_S = 600.0
-
-
 class LocalAggregator:
     """A `python -m aggregator` child process, stopped cleanly when the context exits."""
 
     def __init__(self, config: AggregatorConfig, startup_timeout_s: float = 60.0) -> None:
         self.config = config
         self.startup_timeout_s = startup_timeout_s
-        if config.differential_privacy and config.dp_mechanism == "ftrl":
-            # A new DP-FTRL aggregator first optimises its noise (aggregator/ftrl.py): a minute or two of CPU.
-            self.startup_timeout_s = max(startup_timeout_s, FTRL_STARTUP_TIMEOUT_S)
+        if config.differential_privacy:
+            # A mechanism may need long to start (a new DP-FTRL aggregator first optimises its noise).
+            self.startup_timeout_s = max(startup_timeout_s, MECHANISMS[config.dp_mechanism].startup_s)
         self.process: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile()
         # Bound here and handed to the child, so that no other program can take the port in between; the config's

@@ -45,16 +45,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from aggregator.adaptive_clipping import FLOOR_FRACTION, ClipNorm, ImpossibleSumError
+from aggregator.adaptive_clipping import ImpossibleSumError
 from aggregator.aggregation import Aggregation, PrivateMean, Release, SecureSum
 from aggregator.api.schemas import EvaluationReport, SecAggState
 from aggregator.config import AggregatorConfig
 from aggregator.devices import Devices, token_hash
 from aggregator.global_model import GlobalModel
 from aggregator.pace import next_spread, retry_after_s
-from aggregator.privacy import PrivacyEvent, PrivacyLedger
+from aggregator.mechanisms import make_mechanism
 from aggregator.refusals import (
     BadUpdateError,
     ClockError,
@@ -67,10 +65,10 @@ from aggregator.rules import make_rule
 from aggregator.secure_round import SecureRound
 from aggregator.selection import Comebacks, SelectionWindow
 from aggregator.storage import Storage
+from aggregator.uploads import check_update
 from keyboard_model.errors import UserFacingError
 from keyboard_model.secagg import Dealing, PublicKeys, Share
-from keyboard_model.update_codec import WITHIN_CLIP, decode_flat_update, max_encoded_bytes
-from keyboard_model.weights import WeightsError
+from keyboard_model.update_codec import max_encoded_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -146,35 +144,9 @@ class RoundManager:
         self._rng = random.Random(config.seed)
         self.model = GlobalModel(config, storage)
         self.devices = Devices(storage)
-        self.privacy = None
-        self._ftrl = config.differential_privacy and config.dp_mechanism == "ftrl"
-        # DP-FTRL: device id -> the step of the mechanism (the release) it last reported in, for the separation.
-        self._last_participation: dict[str, int] = {}
-        if config.differential_privacy:
-            used = storage.dp_mechanisms() - {config.dp_mechanism}
-            if used:
-                raise UserFacingError(f"the database {config.db_path} holds rounds released with DP mechanism "
-                                      f"{', '.join(sorted(used))}; their privacy cannot be added to "
-                                      f"{config.dp_mechanism}'s: use --dp-mechanism {min(used)} or another --db")
-            clip = self._clip_norm(storage.last_release())
-        if self._ftrl:
-            from aggregator.ftrl import FtrlLedger  # noqa: PLC0415 (JAX is imported only when it is used)
-
-            saved = storage.noise_state()
-            if saved is not None and saved[0] != self.model.version:
-                raise UserFacingError(f"the database {config.db_path} holds DP-FTRL noise state for model version "
-                                      f"{saved[0]}, not the newest model's ({self.model.version})")
-            self.privacy = FtrlLedger(
-                clip, config.noise_multiplier, config.clients_per_round, config.min_separation,
-                config.dp_rounds, self.model.shapes, lambda: config.population or len(self.devices),
-                config.dp_delta, saved[1] if saved is not None else None)
-            self._last_participation = storage.last_participations()
-        elif config.differential_privacy:
-            self.privacy = PrivacyLedger(
-                clip, config.noise_multiplier, config.clients_per_round,
-                # Phones that could take part: the accountant's sampling rate is the goal over this.
-                lambda: config.population or len(self.devices), config.dp_delta,
-                [PrivacyEvent(q, z) for q, z in storage.privacy_events()])
+        # Phones that could take part, counted when a round releases (devices may still enrol while it runs).
+        self.privacy = (make_mechanism(config, storage, self.model, lambda: config.population or len(self.devices))
+                        if config.differential_privacy else None)
         recent = storage.recent_rounds(RECENT_ROUNDS)
         self._recent_durations = collections.deque(
             (r["duration_s"] for r in recent if r["duration_s"] is not None), maxlen=RECENT_ROUNDS
@@ -182,7 +154,7 @@ class RoundManager:
         # Rounds over which turned-away devices are sent back (aggregator/pace.py); it adapts within a few rounds.
         self._spread_rounds = 1.0
         self._comebacks = Comebacks()
-        self._epsilon = next((r["epsilon"] for r in reversed(recent) if r["epsilon"] is not None), None)
+        self._epsilon = next((r["epsilon"] for r in reversed(recent) if r.get("epsilon") is not None), None)
         self._rho = next((r["rho"] for r in reversed(recent) if r.get("rho") is not None), None)
         if config.secure_aggregation and self.selection_target * config.max_eval_positions >= 2**32:
             raise UserFacingError(f"a secure round sums its evaluation counts modulo 2**32: {self.selection_target} "
@@ -193,45 +165,12 @@ class RoundManager:
         storage.discard_selections(next_round)
         self.round = self._open_round(next_round)
 
-    def _clip_norm(self, last: dict | None) -> ClipNorm:
-        """The clip norm private rounds ask for: the configured one, or, adapting, where the last release left it.
-        DP-FTRL's accounting covers a run with one noise multiplier and one way of clipping: a database that
-        released with others is refused."""
-        config = self.config
-        adaptive = config.adaptive_clipping
-        if self._ftrl and last is not None:
-            was = (last["dp_noise_multiplier"], last["dp_count_stddev"])
-            now = (config.noise_multiplier, adaptive.count_stddev if adaptive else None)
-            if was != now:
-                raise UserFacingError(
-                    f"the database {config.db_path} holds DP-FTRL rounds released with noise multiplier {was[0]} and "
-                    f"{'clipping bits noised at ' + str(was[1]) if was[1] else 'a fixed clip norm'}; DP-FTRL's "
-                    "accounting cannot change them mid-run: give the same --noise-multiplier and clipping, or another "
-                    "--db")
-        floor = config.clip_norm * FLOOR_FRACTION
-        resumed = last["dp_next_clip_norm"] if adaptive is not None and last is not None else None
-        if resumed is None:
-            norm = config.clip_norm
-        elif not math.isfinite(resumed):
-            raise UserFacingError(f"the database {config.db_path} holds the clip norm {resumed!r} for the next round, "
-                                  "which no round can have released: the database is damaged")
-        else:
-            # The geometric step keeps the norm within these bounds; a database written before they existed may hold
-            # a norm outside them (0, after lying clipping bits). Any positive norm keeps the privacy promised, since
-            # the noise is proportional to it, so the norm is brought within them rather than the run refused.
-            norm = min(max(resumed, floor), config.max_update_norm)
-            if norm != resumed:
-                logger.warning("the database's clip norm for the next round, %r, is outside [%g, %g]; using %g",
-                               resumed, floor, config.max_update_norm, norm)
-        return ClipNorm(norm, config.noise_multiplier, adaptive, config.clients_per_round, config.max_update_norm,
-                        floor)
-
     def _open_round(self, number: int) -> OpenRound:
         now = self.clock()
         secure = None
         if self.config.secure_aggregation:
             # Phones clip to the bound the ring is sized for: the round's privacy clip if there is one.
-            bound = self.privacy.clip_norm if self.privacy is not None else self.config.max_update_norm
+            bound = self.privacy.clip.norm if self.privacy is not None else self.config.max_update_norm
             # The graph seed is public (every device gets it with the roster); it only has to differ by round.
             secure = SecureRound(number, now, self.config, self.model.shapes, self._rng.randrange(2**63),
                                  self.selection_target, self.min_reports, bound)
@@ -288,7 +227,7 @@ class RoundManager:
                 self._draw()
             token = current.token_by_device.get(device_id)
             if token is not None and not done:
-                clip_norm = self.privacy.clip_norm if self.privacy is not None else None
+                clip_norm = self.privacy.clip.norm if self.privacy is not None else None
                 return CheckinDecision("train", current.number, self.model.version, upload_token=token,
                                        clip_norm=clip_norm, adaptive_clipping=self._adaptive_clipping,
                                        secure_aggregation=current.secure is not None,
@@ -313,12 +252,10 @@ class RoundManager:
         return set(itertools.islice(self.round.token_by_device, evaluators))
 
     def _separation_wait(self, device_id: str) -> float | None:
-        """DP-FTRL's minimum separation: None if the device may take part in this round; otherwise how long to wait,
-        as pace steering would tell it, until the rounds it must sit out are expected to be over."""
-        if not self._ftrl:
-            return None
-        last = self._last_participation.get(device_id)
-        rounds_left = 0 if last is None else last + self.privacy.min_separation - self.privacy.releases
+        """None if the privacy mechanism lets the device take part in this round (DP-FTRL's minimum separation may
+        not); otherwise how long to wait, as pace steering would tell it, until the rounds it must sit out are
+        expected to be over."""
+        rounds_left = self.privacy.rounds_to_sit_out(device_id) if self.privacy is not None else 0
         if rounds_left <= 0:
             return None
         expected_round_s = (statistics.median(self._recent_durations) if self._recent_durations
@@ -376,24 +313,15 @@ class RoundManager:
         if self.config.secure_aggregation:
             return self._submit_masked(round_number, token, data)
         # Parsing and checking the bytes is the expensive part; do it outside the lock.
-        try:
-            delta, metadata = decode_flat_update(data, self.model.shapes)
-        except WeightsError as error:
-            raise BadUpdateError(str(error)) from error
-        num_examples = _parse_example_count(metadata, self.config.max_examples_per_update)
-        within_clip = _parse_within_clip(metadata, self._adaptive_clipping)
-        norm = float(torch.linalg.vector_norm(delta))
-        if norm > self.config.max_update_norm:
-            raise BadUpdateError(f"the update's L2 norm is {norm:.2f}, above this aggregator's bound of "
-                                 f"{self.config.max_update_norm}")
+        update = check_update(data, self.model.shapes, self.config)
         with self._lock:
             device_id = self._authorize(round_number, token)
             if device_id in self.round.reported:
                 return SubmitResult(round_number, len(self.round.reported), duplicate=True)
-            self.round.aggregation.add(delta, num_examples, within_clip)
+            self.round.aggregation.add(update.delta, update.num_examples, update.within_clip)
             self.round.reported.add(device_id)
             self.round.aborted.discard(device_id)
-            self.round.examples += num_examples
+            self.round.examples += update.num_examples
             self.round.bytes_up += len(data)
             reported = len(self.round.reported)
             closed = reported >= self.config.clients_per_round
@@ -574,14 +502,11 @@ class RoundManager:
         if self.round.secure is not None:  # the masked sum cannot say who scored: those asked to, that reported did
             release.record["eval_devices"] = len(self._evaluators() & self.round.reported)
         self.model.commit_step(release.mean_delta, {**summary, **release.record, "status": "closed"},
-                               self.privacy.pending_state() if self._ftrl else None, self._statuses())
+                               self.privacy.pending_state() if self.privacy is not None else None, self._statuses())
         if self.privacy is not None:
-            self.privacy.spent(release.record)
+            self.privacy.spent(release.record, self.round.reported)
             self._epsilon = release.record["epsilon"]
             self._rho = release.record.get("rho")
-        if self._ftrl:
-            for device_id in self.round.reported:
-                self._last_participation[device_id] = release.record["dp_step"]
 
     def _statuses(self) -> dict[str, str]:
         """The open round's selected devices that reported, aborted or (a secure round's) came late, as their
@@ -616,29 +541,6 @@ class RoundManager:
                 "aborted": len(self.round.aborted),
                 "deadline_in_s": max(0.0, self.round.deadline - self.clock()),
                 "differential_privacy": self.config.differential_privacy, "epsilon": self._epsilon,
-                "rho": self._rho, "clip_norm": self.privacy.clip_norm if self.privacy is not None else None,
+                "rho": self._rho, "clip_norm": self.privacy.clip.norm if self.privacy is not None else None,
             }
 
-
-def _parse_within_clip(metadata: dict[str, str], asked: bool) -> bool | None:
-    """The adaptive-clipping bit: present exactly when the round asked for it."""
-    raw = metadata.get(WITHIN_CLIP)
-    if not asked:
-        if raw is not None:
-            raise BadUpdateError(f"this round does not adapt its clip norm; the update must not carry {WITHIN_CLIP}")
-        return None
-    if raw not in ("0", "1"):
-        raise BadUpdateError(f"this round adapts its clip norm: the update's {WITHIN_CLIP} must be 0 or 1, got {raw!r}")
-    return raw == "1"
-
-
-def _parse_example_count(metadata: dict[str, str], limit: int) -> int:
-    # decode_flat_update has made sure the metadata holds nothing but the count and the compression.
-    raw = metadata["num_examples"]
-    try:
-        count = int(raw)
-    except ValueError as error:
-        raise BadUpdateError(f"num_examples must be a whole number, got {raw!r}") from error
-    if not 1 <= count <= limit:
-        raise BadUpdateError(f"num_examples must be between 1 and {limit}, got {count}")
-    return count

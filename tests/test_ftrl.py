@@ -117,7 +117,7 @@ def test_restarting_keeps_the_noise_stream_and_the_separation(tmp_path, small_to
     devices = dict(running.enrol() for _ in range(6))
     # Release 0: the first three to check in are selected and report, and the round closes.
     assert _round(running, devices, 0.1) == []
-    first = [d for d, step in running._last_participation.items() if step == 0]
+    first = [d for d, step in running.privacy.participations.items() if step == 0]
     assert len(first) == 3
     # Release 1: they may not take part (separation 2) and are told to retry; the other three report.
     assert sorted(_round(running, devices, 0.1)) == sorted(first)
@@ -130,8 +130,8 @@ def test_restarting_keeps_the_noise_stream_and_the_separation(tmp_path, small_to
     assert restarted.privacy.releases == running.privacy.releases == 2
     assert restarted.storage.noise_state() == running.storage.noise_state()
     # The separation survived: the devices of release 1 are still refused, with a wait, in both.
-    recent = [d for d, step in running._last_participation.items() if step == 1]
-    assert len(recent) == 3 and restarted._last_participation == running._last_participation
+    recent = [d for d, step in running.privacy.participations.items() if step == 1]
+    assert len(recent) == 3 and restarted.privacy.participations == running.privacy.participations
     for manager in (running, restarted):
         assert all(manager.checkin(d).action == "retry" and manager.checkin(d).retry_after_s > 0 for d in recent)
     # Release 2: the devices of release 0 may take part again; it is noised the same way in both: same model, same
