@@ -41,9 +41,10 @@ from train_speed import matmul_flops_per_second
 
 from aggregator.config import AggregatorConfig
 from device_sim.corpus import CorpusConfig, prepare
-from device_sim.executor import TrainingExecutor, make_executor
+from device_sim.executor import EXECUTORS, ExecutorSettings, TrainingExecutor, make_executor
 from device_sim.fleet import provision
 from device_sim.phone import Phone
+from device_sim.worker import TrainingJob
 from keyboard_model.architecture import architecture, build_model
 from keyboard_model.model import ModelConfig
 from keyboard_model.tokenizer import PAD_ID, KeyboardTokenizer
@@ -99,7 +100,7 @@ def run_cohort(executor: TrainingExecutor, phones: list[Phone], model: bytes, co
     ceil(eval_share x phones) also score the model, as the aggregator asks a share of each round's phones to."""
     started = time.perf_counter()
     scoring = math.ceil(eval_share * len(phones))
-    jobs = [executor.submit(phone, model, config, seed, "int8", NOW_S, None, evaluate=seed < scoring)
+    jobs = [executor.submit(TrainingJob(phone, model, config, seed, "int8", NOW_S, None, evaluate=seed < scoring))
             for seed, phone in enumerate(phones)]
     losses = [job.result()[0].result.mean_loss for job in jobs]
     return time.perf_counter() - started, losses
@@ -132,13 +133,16 @@ def main() -> None:
     tokens = [training_tokens(phone, tokenizer, config) for phone in phones]
 
     cuda = torch.cuda.is_available()
-    vectorised = partial(make_executor, "vectorised", tokenizer, phones_per_pass=args.phones_per_pass)
-    setups = [Setup("local", "cpu", None, partial(make_executor, "local", tokenizer))]
-    setups += [Setup("vectorised", "cpu", threads, vectorised) for threads in args.vectorised_threads]
-    if cuda:
-        setups.append(Setup("vectorised", "cuda", None, partial(vectorised, device="cuda")))
-    if args.with_ray:
-        setups.append(Setup("ray", "cpu", None, partial(make_executor, "ray", tokenizer)))
+    setups = []
+    for name in ["local", "vectorised", *(["ray"] if args.with_ray else [])]:
+        executor = EXECUTORS[name]
+        for device in (d for d in executor.devices if d == "cpu" or cuda):
+            passes = args.phones_per_pass if "phones_per_pass" in executor.options else None
+            make = partial(make_executor, name, tokenizer, ExecutorSettings(device, phones_per_pass=passes))
+            # This process's threads matter to an executor that trains in it, on the CPU.
+            in_this_process = name == "vectorised" and device == "cpu"
+            setups += [Setup(name, device, threads, make)
+                       for threads in (args.vectorised_threads if in_this_process else [None])]
     peak = matmul_flops_per_second()
     per_token = architecture(model_config.architecture).training_flops_per_token(model_config)
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} on {torch.get_num_threads()} threads, "

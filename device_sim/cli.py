@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 # The options' choices and defaults, written out for the same reason: the modules that define them (the
 # LocalTrainConfig, FleetConfig, SimulationConfig and ComparisonConfig dataclasses, device_sim.executor and
 # .vectorised, keyboard_model.update_codec) import torch. tests/test_cli.py checks that they make those defaults.
-EXECUTORS = ("local", "vectorised", "ray")
+EXECUTORS = ("local", "vectorised", "ray", "serial")
 DEFAULT_PHONES_PER_PASS = {"cpu": 32, "cuda": 512}
 UPDATE_COMPRESSIONS = ("int8", "none")
 SERVER_EPOCHS = ORACLE_EPOCHS = 20
@@ -123,8 +123,9 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                        help="processes training phones side by side, one thread each (default: one per core)")
     group.add_argument("--executor", choices=EXECUTORS, default=None,
                        help="where phones train: local, one process per core, each phone on its own; vectorised, "
-                            "the phones selected by then in batched passes in this process; or ray, each phone on "
-                            "a node of a Ray cluster that holds its history (default: local on cpu, "
+                            "the phones selected by then in batched passes in this process; ray, each phone on "
+                            "a node of a Ray cluster that holds its history; or serial, each phone as it is selected, "
+                            "in this process, for debugging (default: local on cpu, "
                             "measured the faster on 2 cores by benchmarks/scale.py; vectorised on cuda)")
     group.add_argument("--ray-address", default=None, metavar="HOST:PORT",
                        help="with --executor ray: the cluster's head, as `ray start --head` prints it "
@@ -201,15 +202,10 @@ def vectorised_device(name: str) -> str:
 def executor_from_args(args: argparse.Namespace) -> ExecutorFactory:
     """What builds the training executor that `--executor`, `--device`, `--workers`, `--phones-per-pass` and
     `--ray-address` ask for; options that do not go together are refused here, before any phone is provisioned."""
-    from device_sim.executor import executor_name, make_executor
+    from device_sim.executor import ExecutorSettings, chosen_executor, make_executor
 
-    name = executor_name(args.executor, args.device)
-    if args.phones_per_pass is not None and (name != "vectorised" or args.phones_per_pass < 1):
-        raise UserFacingError("--phones-per-pass takes a positive number, with --executor vectorised")
-    if args.ray_address is not None and name != "ray":
-        raise UserFacingError("--ray-address goes with --executor ray")
-    return partial(make_executor, name, workers=args.workers, device=args.device,
-                   phones_per_pass=args.phones_per_pass, ray_address=args.ray_address)
+    settings = ExecutorSettings(args.device, args.workers, args.phones_per_pass, args.ray_address)
+    return partial(make_executor, chosen_executor(args.executor, settings).name, settings=settings)
 
 
 def remote_client(url: str) -> AggregatorClient:

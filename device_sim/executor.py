@@ -1,13 +1,17 @@
-"""Where phones' local work runs: the executor seam, and the local process pool behind it.
+"""Where phones' local work runs: the executor seam, the executors behind it, and the registry `--executor` reads.
 
 The fleet hands each selected phone's local work (score the downloaded model, train,
-clip, encode; `Phone.local_work`) to a `TrainingExecutor` and collects the result when
-the phone's simulated training time is up. `LocalProcessPool` runs it in one
-single-threaded worker process per core (see benchmarks/train_speed.py: two phones on
-one thread each train faster than one phone on two threads). Another executor (a Ray
-cluster, a vectorised cohort: device_sim/vectorised.py) implements `submit` and `close` and
-is passed to the fleet; nothing else changes. `make_executor` builds one by the name
-`--executor` gives.
+clip, encode: a `TrainingJob`, device_sim/worker.py) to a `TrainingExecutor` and collects
+the result when the phone's simulated training time is up. `LocalProcessPool` runs it in
+one single-threaded worker process per core (see benchmarks/train_speed.py: two phones on
+one thread each train faster than one phone on two threads); `SerialExecutor` runs it at
+once in this process; the vectorised cohort (device_sim/vectorised.py) and a Ray cluster
+(device_sim/ray_executor.py) are the others.
+
+Adding an executor is one module with a class that has `submit(job)` and `close()`, and
+one `Executor` record in `EXECUTORS`: its name, the devices it trains on, the options it
+reads and the function that makes it. `--executor`'s choices, each device's default and
+the checks of which options go together all come from the records.
 """
 
 from __future__ import annotations
@@ -18,39 +22,72 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from aggregator.api.schemas import SecAggState
-from device_sim.phone import Phone
-from device_sim.session import Clipping, LocalWork
-from device_sim.secure_aggregation import SecAggPhone
+from device_sim.session import LocalWork
 from device_sim.vectorised import VectorisedCohort
+from device_sim.worker import TrainingJob, run_in_worker, run_job
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
-from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import LatestModel
 
 
 class TrainingExecutor(Protocol):
-    def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
-               now_s: float, clipping: Clipping | None,
-               secure: tuple[SecAggPhone, SecAggState] | None = None,
-               evaluate: bool = True) -> Future[tuple[LocalWork, float]]:
-        """A future of (the phone's LocalWork, wall seconds it spent on it); the phone scores the model it downloaded
-        only when `evaluate` (the aggregator asked it to)."""
+    def submit(self, job: TrainingJob) -> Future[tuple[LocalWork, float]]:
+        """A future of (the phone's LocalWork, wall seconds it spent on it)."""
 
     def close(self) -> None:
         """Stop now: work still queued or running is dropped."""
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """What the command line says of executors; each reads only the options its record names."""
+
+    device: str = "cpu"  # where phones train
+    workers: int | None = None  # processes side by side (None: one per core)
+    phones_per_pass: int | None = None  # most phones in one batched pass (None: the device's default)
+    ray_address: str | None = None  # the Ray cluster's head (None: the Ray on this machine, else one started)
+
+
+@dataclass(frozen=True)
+class Executor:
+    """An executor as `--executor` knows it."""
+
+    name: str
+    devices: tuple[str, ...]  # the --device values it trains on
+    options: tuple[str, ...]  # the ExecutorSettings fields it reads besides the device: the others are refused
+    make: Callable[[KeyboardTokenizer, ExecutorSettings], TrainingExecutor]
+    default_on: tuple[str, ...] = ()  # the devices where it is the one used when --executor is not given
+
+
+class SerialExecutor:
+    """Each phone's local work as it is submitted, in this process, one after the other: the local pool's results
+    without its processes, for tests and for stepping through a phone in a debugger (FedJAX's debug backend)."""
+
+    def __init__(self, tokenizer: KeyboardTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._models = LatestModel()
+
+    def submit(self, job: TrainingJob) -> Future[tuple[LocalWork, float]]:
+        future: Future[tuple[LocalWork, float]] = Future()
+        try:
+            future.set_result(run_job(job, self.tokenizer, self._models))
+        except Exception as error:  # noqa: BLE001 -- the phone's future carries it, as a worker's would
+            future.set_exception(error)
+        return future
+
+    def close(self) -> None:
+        """Nothing is ever queued."""
 
 
 class LocalProcessPool:
@@ -70,18 +107,13 @@ class LocalProcessPool:
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(1)
 
-    def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float,
-               clipping: Clipping | None, secure: tuple[SecAggPhone, SecAggState] | None = None,
-               evaluate: bool = True) -> Future:
-        """A future of (LocalWork, wall seconds the phone spent on it)."""
+    def submit(self, job: TrainingJob) -> Future[tuple[LocalWork, float]]:
         # The executor starts a worker here when it has fewer than it may. Cut short by Ctrl-C between starting
         # one and recording it, it would never stop that worker, which outlives the simulator: it holds an end of
         # the job queue itself, so it never sees the queue close.
-        path = self._models.hold(model)
+        path = self._models.hold(job.model)
         with _ctrl_c_held():
-            future = self._executor.submit(_train_from_file, self._tokenizer_json, phone.phone_id,
-                                           phone.history_path.parent, path, config, seed, compression, now_s,
-                                           clipping, secure, evaluate)
+            future = self._executor.submit(_run_from_file, self._tokenizer_json, path, job.without_model())
         future.add_done_callback(lambda _: self._models.release(path))
         return future
 
@@ -143,43 +175,59 @@ class _ModelFiles:
         shutil.rmtree(self._folder, ignore_errors=True)
 
 
-# What --executor chooses from, and each device's default. On the CPU the local pool: on 2 cores it outran the
-# vectorised cohort at 10 and 100 phones a round (benchmarks/scale.py, on a machine busy with other jobs: 2.3
+def _ray(tokenizer: KeyboardTokenizer, settings: ExecutorSettings) -> TrainingExecutor:
+    try:  # Ray is an optional extra: only this executor needs it
+        from device_sim.ray_executor import RayExecutor
+    except ImportError as error:
+        raise UserFacingError(f"--executor ray needs Ray ({error}): pip install -e '.[ray]'") from None
+    return RayExecutor(tokenizer, settings.ray_address)
+
+
+# The defaults: on the CPU the local pool: on 2 cores it outran
+# the vectorised cohort at 10 and 100 phones a round (benchmarks/scale.py, on a machine busy with other jobs: 2.3
 # phone-updates/s against 1.9 with the cohort on one thread, 0.6 on two), because each of its workers trains a phone
 # with the C++ CIFG walk and the fused output loss on one thread, while batching phones adds no arithmetic
 # intensity on a CPU (a phone's largest products, 320 x 96 by 96 x vocabulary, are already big) and one process on
 # two threads loses most when other processes want the cores. On CUDA the vectorised cohort: the pool has no GPU path.
-# Ray (device_sim/ray_executor.py) only when asked for: it spreads phones over a cluster's CPUs.
-EXECUTORS = ("local", "vectorised", "ray")
-DEFAULT_EXECUTOR = {"cpu": "local", "cuda": "vectorised"}
+# Ray only when asked for: it spreads phones over a cluster's CPUs.
+EXECUTORS: dict[str, Executor] = {executor.name: executor for executor in [
+    Executor("local", ("cpu",), ("workers",), lambda tokenizer, s: LocalProcessPool(tokenizer, s.workers),
+             default_on=("cpu",)),
+    Executor("vectorised", ("cpu", "cuda"), ("phones_per_pass",),
+             lambda tokenizer, s: VectorisedCohort(tokenizer, s.device, s.phones_per_pass), default_on=("cuda",)),
+    Executor("ray", ("cpu",), ("ray_address",), _ray),
+    Executor("serial", ("cpu",), (), lambda tokenizer, _: SerialExecutor(tokenizer)),
+]}
 ExecutorFactory = Callable[[KeyboardTokenizer], TrainingExecutor]
 
 
-def executor_name(name: str | None, device: str) -> str:
-    """The executor to use on `device`: `name`, or the device's default when None; refuses a pair that cannot be."""
-    name = name or DEFAULT_EXECUTOR[device]
+def default_executor(device: str) -> str:
+    return next(executor.name for executor in EXECUTORS.values() if device in executor.default_on)
+
+
+def chosen_executor(name: str | None, settings: ExecutorSettings) -> Executor:
+    """The executor `--executor NAME` asks for (None: the device's default); refuses a device it does not train on
+    and options it does not read."""
+    name = name or default_executor(settings.device)
     if name not in EXECUTORS:
         raise UserFacingError(f"unknown --executor {name!r}; known: {', '.join(EXECUTORS)}")
-    if name in ("local", "ray") and device != "cpu":
-        raise UserFacingError(f"--device {device} needs --executor vectorised: the {name} executor trains on the CPU")
-    return name
+    executor = EXECUTORS[name]
+    if settings.device not in executor.devices:
+        trains_there = [other for other in EXECUTORS.values() if settings.device in other.devices]
+        raise UserFacingError(f"--device {settings.device} needs --executor "
+                              f"{' or '.join(other.name for other in trains_there)}: the {name} executor trains on "
+                              f"{' or '.join(executor.devices)}")
+    for option in (field.name for field in fields(settings)):
+        if option != "device" and getattr(settings, option) is not None and option not in executor.options:
+            readers = [other.name for other in EXECUTORS.values() if option in other.options]
+            raise UserFacingError(f"--{option.replace('_', '-')} goes with --executor {' or '.join(readers)}")
+    return executor
 
 
-def make_executor(name: str | None, tokenizer: KeyboardTokenizer, workers: int | None = None, device: str = "cpu",
-                  phones_per_pass: int | None = None, ray_address: str | None = None) -> TrainingExecutor:
-    """The executor `--executor NAME` asks for (None: the device's default): the local process pool (`workers`
-    processes, CPU only), the vectorised cohort on `device`, or the Ray cluster at `ray_address` (None: the one on
-    this machine)."""
-    name = executor_name(name, device)
-    if name == "local":
-        return LocalProcessPool(tokenizer, workers)
-    if name == "ray":
-        try:  # Ray is an optional extra: only this executor needs it
-            from device_sim.ray_executor import RayExecutor
-        except ImportError as error:
-            raise UserFacingError(f"--executor ray needs Ray ({error}): pip install -e '.[ray]'") from None
-        return RayExecutor(tokenizer, ray_address)
-    return VectorisedCohort(tokenizer, device, phones_per_pass)
+def make_executor(name: str | None, tokenizer: KeyboardTokenizer,
+                  settings: ExecutorSettings = ExecutorSettings()) -> TrainingExecutor:
+    """The executor `--executor NAME` asks for (None: the device's default), made with `settings`."""
+    return chosen_executor(name, settings).make(tokenizer, settings)
 
 
 @contextmanager
@@ -214,34 +262,11 @@ def _start_worker() -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _tokenizer(tokenizer_json: str) -> KeyboardTokenizer:
-    """Parsed once per worker (every job brings the same one)."""
-    return KeyboardTokenizer.from_json(tokenizer_json)
-
-
-# The model this worker decoded last: every phone of a round downloads the same one.
-_LATEST_MODEL = LatestModel()
-
-
-@functools.lru_cache(maxsize=1)
 def _model_file(path: Path) -> bytes:
     """Read once per model per worker: the same bytes object each time after, which `LatestModel` then knows."""
     return path.read_bytes()
 
 
-def _train_from_file(tokenizer_json: str, phone_id: str, folder: Path, model_path: Path,
-                     *job: object) -> tuple[LocalWork, float]:
-    return _train(tokenizer_json, phone_id, folder, _model_file(model_path), *job)
-
-
-def _train(tokenizer_json: str, phone_id: str, folder: Path, model: bytes, config: LocalTrainConfig, seed: int,
-           compression: str, now_s: float, clipping: Clipping | None,
-           secure: tuple[SecAggPhone, SecAggState] | None, evaluate: bool = True) -> tuple[LocalWork, float]:
-    """A phone's local work in a worker; what comes back is what the phone sends (its upload or abort, its
-    evaluation) and how training went, not the float32 delta the upload was encoded from: 5 MB more to pickle
-    through the pipe for every phone, which nothing here reads."""
-    started = time.perf_counter()
-    work = Phone(phone_id, folder).local_work(model, _tokenizer(tokenizer_json), config, seed, compression, now_s,
-                                              clipping=clipping, secure=secure, evaluate=evaluate,
-                                              models=_LATEST_MODEL)
-    return replace(work, delta=None), time.perf_counter() - started
+def _run_from_file(tokenizer_json: str, model_path: Path, job: TrainingJob) -> tuple[LocalWork, float]:
+    """A job in a worker: the model comes from its file, read once per model per worker."""
+    return run_in_worker(tokenizer_json, replace(job, model=_model_file(model_path)))

@@ -50,7 +50,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 
@@ -63,6 +62,7 @@ from device_sim.executor import LocalProcessPool, TrainingExecutor
 from device_sim.participation import SECURE_STEPS, Participant
 from device_sim.phone import Phone
 from device_sim.session import Clipping, LocalWork
+from device_sim.worker import TrainingJob
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
@@ -211,7 +211,7 @@ class _Job:
     round closed before it was handed over: it is never computed."""
 
     round: int
-    submit: Callable[[], Future]  # hands it to the executor
+    work: TrainingJob
     future: Future | None = None
     dropped: bool = False
 
@@ -454,10 +454,10 @@ class Fleet:
         # The phone downloads the model it was selected to train, as the aggregator said (int8 or float32).
         with self._timed("downloads"):
             model = self.client.model(participant.decision.model_encoding)
-        job = _Job(participant.round, partial(self.executor.submit, phone, model, self._train, selected.seed,
-                                              self.config.update_compression, self.now_s,
-                                              Clipping.asked(participant.decision), secure,
-                                              evaluate=participant.decision.evaluate))
+        job = _Job(participant.round, TrainingJob(phone, model, self._train, selected.seed,
+                                                  self.config.update_compression, self.now_s,
+                                                  Clipping.asked(participant.decision), secure,
+                                                  evaluate=participant.decision.evaluate))
         heapq.heappush(self._queued, (finish, self._queued_count, job))
         self._queued_count += 1
         self._pending.append(_Event(finish, selected, job))
@@ -474,7 +474,7 @@ class Fleet:
             self._hand_over(heapq.heappop(self._queued)[2])
 
     def _hand_over(self, job: _Job) -> None:
-        job.future = job.submit()
+        job.future = self.executor.submit(job.work)
         self._in_flight.add(job.future)
         self._promised[job.round] += 1
 

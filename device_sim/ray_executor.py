@@ -13,8 +13,8 @@ decide when phones are eligible and how long they take.
 Copying a history whole and once is right: a simulation never writes to a phone's
 history. Messages carry their typing times, and `Phone.messages(now)` filters by them.
 
-The task is the local pool's own job (`device_sim.executor._train`) on one torch thread,
-so the same seeds give the same local work on a cluster as on the local pool.
+The task runs the job as the local pool's workers do (`device_sim.worker.run_job`) on one
+torch thread, so the same seeds give the same local work on a cluster as on the local pool.
 
 Trust: Ray pickles jobs and results between this process and its workers. That is the
 simulator's own machinery, as the local pool's multiprocessing pipes are, not the network
@@ -33,6 +33,7 @@ import socket
 import tempfile
 from collections import Counter
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 
 # On Linux Ray gives a node on this machine the machine's network address, rewriting even an explicit 127.0.0.1 to
@@ -46,15 +47,12 @@ import ray  # noqa: E402  (Ray reads the variable above as it is imported)
 import torch  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from aggregator.api.schemas import SecAggState
-from device_sim.executor import _train
 from device_sim.phone import Phone
-from device_sim.secure_aggregation import SecAggPhone
-from device_sim.session import Clipping, LocalWork
+from device_sim.session import LocalWork
+from device_sim.worker import TrainingJob, run_in_worker
 from keyboard_model.errors import UserFacingError
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
-from keyboard_model.train import LocalTrainConfig
 
 # Downloads kept in the object store: a round's float32 and int8 encodings, or the last model and the one before
 # it while a late phone's job is still being handed out. Older ones are dropped as soon as no job needs them.
@@ -95,24 +93,20 @@ class RayExecutor:
         self._models: list[tuple[bytes, ray.ObjectRef]] = []
         self._running: dict[ray.ObjectRef, None] = {}
 
-    def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str, now_s: float,
-               clipping: Clipping | None,
-               secure: tuple[SecAggPhone, SecAggState] | None = None,
-               evaluate: bool = True) -> Future[tuple[LocalWork, float]]:
-        """A future of (LocalWork, wall seconds the phone spent on it); the phone scores the model only when
-        `evaluate`."""
+    def submit(self, job: TrainingJob) -> Future[tuple[LocalWork, float]]:
+        """A future of (LocalWork, wall seconds the phone spent on it)."""
+        phone = job.phone
         node = self._node_for(phone.phone_id)
         folder = self._folders.get(phone.phone_id)
         if folder is None:
-            # The job below takes this reference as an argument, so Ray starts it only once the copy is in place.
+            # The task below takes this reference as an argument, so Ray starts it only once the copy is in place.
             folder = self._stores[node].place.remote(phone.history_path.parent.name, phone.history_path.read_bytes())
             self._folders[phone.phone_id] = folder
-        job = _train_on_node.options(scheduling_strategy=_pinned(node)).remote(
-            node, self._tokenizer_json, phone.phone_id, folder, self._model_ref(model), config, seed, compression,
-            now_s, clipping, secure, evaluate)
-        self._running[job] = None
-        future = job.future()
-        future.add_done_callback(lambda _: self._running.pop(job, None))
+        task = _train_on_node.options(scheduling_strategy=_pinned(node)).remote(
+            node, self._tokenizer_json, folder, self._model_ref(job.model), job.without_model())
+        self._running[task] = None
+        future = task.future()
+        future.add_done_callback(lambda _: self._running.pop(task, None))
         return future
 
     def phones_by_node(self) -> dict[str, list[Path]]:
@@ -201,10 +195,12 @@ class _NodeStore:
 
 
 @ray.remote(num_cpus=1)
-def _train_on_node(node: str, tokenizer_json: str, phone_id: str, folder: str, *job) -> tuple[LocalWork, float]:
+def _train_on_node(node: str, tokenizer_json: str, folder: str, model: bytes,
+                   job: TrainingJob) -> tuple[LocalWork, float]:
+    """`job` on its phone's node, reading the node's copy of its history."""
     here = ray.get_runtime_context().get_node_id()
     if here != node:  # the scheduling strategy says it cannot happen; a phone trained elsewhere would be no test
-        raise RuntimeError(f"phone {phone_id} lives on node {node} but its job ran on {here}")
+        raise RuntimeError(f"phone {job.phone.phone_id} lives on node {node} but its job ran on {here}")
     # One thread per phone and one phone per CPU, as the local pool's workers (benchmarks/train_speed.py).
     torch.set_num_threads(1)
-    return _train(tokenizer_json, phone_id, Path(folder), *job)
+    return run_in_worker(tokenizer_json, replace(job, phone=Phone(job.phone.phone_id, Path(folder)), model=model))

@@ -45,10 +45,9 @@ from typing import NamedTuple
 import torch
 from torch.func import vmap
 
-from aggregator.api.schemas import SecAggState
-from device_sim.phone import EVAL_MESSAGES, Phone
-from device_sim.secure_aggregation import SecAggPhone
-from device_sim.session import Clipping, LocalWork, RoundInput, local_work, phone_mods
+from device_sim.phone import EVAL_MESSAGES
+from device_sim.session import LocalWork, RoundInput, local_work, phone_mods
+from device_sim.worker import TrainingJob
 from keyboard_model.architecture import BatchedFeatures, NextWordModel, architecture
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import PAD_ID, KeyboardTokenizer
@@ -241,20 +240,6 @@ def _zeros(tensors: Tensors) -> Tensors:
     return {name: torch.zeros_like(t) for name, t in tensors.items()}
 
 
-@dataclass
-class _Job:
-    phone: Phone
-    model: bytes
-    config: LocalTrainConfig
-    seed: int
-    compression: str
-    now_s: float
-    clipping: Clipping | None
-    secure: tuple[SecAggPhone, SecAggState] | None
-    evaluate: bool
-    future: Future
-
-
 class _Queued(Future):
     """A phone's future that, asked for its result, first trains every phone queued with its executor."""
 
@@ -284,61 +269,60 @@ class VectorisedCohort:
         self.device = device
         self.phones_per_pass = phones_per_pass
         self.eval_messages = eval_messages
-        self._queue: list[_Job] = []
+        self._queue: list[tuple[TrainingJob, _Queued]] = []
 
-    def submit(self, phone: Phone, model: bytes, config: LocalTrainConfig, seed: int, compression: str,
-               now_s: float, clipping: Clipping | None,
-               secure: tuple[SecAggPhone, SecAggState] | None = None,
-               evaluate: bool = True) -> Future[tuple[LocalWork, float]]:
+    def submit(self, job: TrainingJob) -> Future[tuple[LocalWork, float]]:
         """A lazy future of (the phone's LocalWork, wall seconds spent on it: its share of the batched pass, by SGD
-        steps, and its own mods); the phone scores the model only when `evaluate`."""
+        steps, and its own mods)."""
         future = _Queued(self)
-        self._queue.append(_Job(phone, model, config, seed, compression, now_s, clipping, secure, evaluate, future))
+        self._queue.append((job, future))
         return future
 
     def run_queued(self) -> None:
         """Train every queued phone: those that downloaded the same model with the same settings together."""
-        jobs, self._queue = [job for job in self._queue if not job.future.cancelled()], []
-        groups: dict[tuple[bytes, LocalTrainConfig], list[_Job]] = {}
-        for job in jobs:
-            groups.setdefault((job.model, job.config), []).append(job)
+        queued, self._queue = [(job, future) for job, future in self._queue if not future.cancelled()], []
+        groups: dict[tuple[bytes, LocalTrainConfig], list[tuple[TrainingJob, _Queued]]] = {}
+        for job, future in queued:
+            groups.setdefault((job.model, job.config), []).append((job, future))
         for (model_bytes, config), group in groups.items():
             try:
                 self._run_group(model_bytes, config, group)
             except Exception as error:  # noqa: BLE001 -- each phone's future carries it to whoever asks
-                for job in group:
-                    if not job.future.done():
-                        job.future.set_exception(error)
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(error)
 
-    def _run_group(self, model_bytes: bytes, config: LocalTrainConfig, jobs: list[_Job]) -> None:
+    def _run_group(self, model_bytes: bytes, config: LocalTrainConfig,
+                   group: list[tuple[TrainingJob, _Queued]]) -> None:
         # One downloaded model serves every phone of the group: training works on stacked copies, and the mods
         # only score it, so none of them changes it.
         model, version = model_from_bytes(model_bytes)
-        inputs: list[tuple[_Job, RoundInput]] = []
-        for job in jobs:
+        inputs: list[tuple[TrainingJob, _Queued, RoundInput]] = []
+        for job, future in group:
             try:
                 train_texts, held_out = job.phone.messages(job.now_s)
             except Exception as error:  # noqa: BLE001 -- a damaged phone fails alone, as in the process pool
-                job.future.set_exception(error)
+                future.set_exception(error)
                 continue
-            inputs.append((job, RoundInput(model, version, self.tokenizer, train_texts, held_out, config, job.seed)))
+            inputs.append((job, future,
+                           RoundInput(model, version, self.tokenizer, train_texts, held_out, config, job.seed)))
         started = time.perf_counter()
         trained = train_cohort(model, [(self.tokenizer.encode_batch(given.train_texts), job.seed)
-                                       for job, given in inputs], config, self.device, self.phones_per_pass)
+                                       for job, _, given in inputs], config, self.device, self.phones_per_pass)
         pass_s = time.perf_counter() - started
         all_steps = sum(t.steps for t in trained) or 1
-        for (job, given), phone in zip(inputs, trained):
+        for (job, future, given), phone in zip(inputs, trained):
             started = time.perf_counter()
             try:
                 mods = phone_mods(job.compression, self.eval_messages if job.evaluate else 0, job.clipping, job.secure)
                 work = local_work(given, mods, train_step=lambda _, phone=phone: LocalWork(phone.result, phone.delta))
             except Exception as error:  # noqa: BLE001 -- one phone's failure is that phone's
-                job.future.set_exception(error)
+                future.set_exception(error)
                 continue
-            job.future.set_result((work, pass_s * phone.steps / all_steps + time.perf_counter() - started))
+            future.set_result((work, pass_s * phone.steps / all_steps + time.perf_counter() - started))
 
     def close(self) -> None:
         """Drop the phones still queued: their futures are cancelled."""
-        for job in self._queue:
-            job.future.cancel()
+        for _, future in self._queue:
+            future.cancel()
         self._queue = []

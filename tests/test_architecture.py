@@ -11,13 +11,14 @@ import pytest
 import torch
 from torch import nn
 
+from device_sim.executor import SerialExecutor
 from device_sim.vectorised import VectorisedCohort
 from keyboard_model.architecture import ARCHITECTURES, Architecture, build_model
 from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import CIFGLSTM, TiedOutputCrossEntropy
 from keyboard_model.transformer import TransformerConfig
-from tests.test_vectorised import OneByOne, close, outcome, run_fleet
+from tests.test_vectorised import close, outcome, run_fleet
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def test_a_registered_architecture_trains_in_rounds_on_the_vectorised_executor(
     config = BigramConfig(vocab_size=small_tokenizer.vocab_size)
     together, reports = run_fleet(tmp_path / "vectorised", small_tokenizer_path, config,
                                   VectorisedCohort(small_tokenizer), rounds=2)
-    alone, expected = run_fleet(tmp_path / "one-by-one", small_tokenizer_path, config, OneByOne(small_tokenizer),
+    alone, expected = run_fleet(tmp_path / "one-by-one", small_tokenizer_path, config, SerialExecutor(small_tokenizer),
                                 rounds=2)
     assert isinstance(together, Bigram) and [len(report.participants) for report in reports] == [3, 3]
     for report, same in zip(reports, expected):

@@ -218,7 +218,7 @@ def test_the_options_written_out_for_a_quick_help_are_the_configs_defaults(tmp_p
     assert cli_options.DEFAULT_ARCHITECTURE == DEFAULT_ARCHITECTURE
     assert aggregator_cli.SERVER_LEARNING_RATES == {name: s().server_learning_rate for name, s in STRATEGIES.items()}
     assert (aggregator_cli.DP_MECHANISMS, aggregator_cli.MODEL_ENCODINGS) == (DP_MECHANISMS, MODEL_ENCODINGS)
-    assert (device_cli.EXECUTORS, device_cli.UPDATE_COMPRESSIONS) == (EXECUTORS, SCHEMES)
+    assert (device_cli.EXECUTORS, device_cli.UPDATE_COMPRESSIONS) == (tuple(EXECUTORS), SCHEMES)
     assert device_cli.DEFAULT_PHONES_PER_PASS == DEFAULT_PHONES_PER_PASS
 
 

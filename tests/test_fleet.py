@@ -219,9 +219,9 @@ class RecordingExecutor:
         self.executor = executor
         self.configs: list[LocalTrainConfig] = []
 
-    def submit(self, phone, model, config, *args, **kwargs):
-        self.configs.append(config)
-        return self.executor.submit(phone, model, config, *args, **kwargs)
+    def submit(self, job):
+        self.configs.append(job.config)
+        return self.executor.submit(job)
 
     def __getattr__(self, name):
         return getattr(self.executor, name)

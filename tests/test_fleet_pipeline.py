@@ -14,6 +14,7 @@ from aggregator.inprocess import InProcessClient
 from aggregator.process import local_aggregator_config
 from device_sim.eligibility import EligibilityConfig
 from device_sim.fleet import Fleet
+from device_sim.worker import TrainingJob, run_job
 from keyboard_model.tokenizer import KeyboardTokenizer
 from tests.test_fleet import fleet_config, make_phones
 
@@ -27,11 +28,10 @@ class Inline:
         self.tokenizer = tokenizer
         self.runs = 0
 
-    def submit(self, phone, model, config, seed, compression, now_s, clipping, secure=None, **options) -> Future:
+    def submit(self, job: TrainingJob) -> Future:
         self.runs += 1
         future = Future()
-        future.set_result((phone.local_work(model, self.tokenizer, config, seed, compression, now_s,
-                                            clipping=clipping, secure=secure, **options), 0.0))
+        future.set_result(run_job(job, self.tokenizer))
         return future
 
     def close(self) -> None:
@@ -45,22 +45,22 @@ class Stepping(Inline):
 
     def __init__(self, tokenizer: KeyboardTokenizer) -> None:
         super().__init__(tokenizer)
-        self.held: list[tuple[tuple, dict, Future]] = []
+        self.held: list[tuple[TrainingJob, Future]] = []
         self.handed_over: list[Future] = []
         self.finished: list[Future] = []
-        self.computed: list[tuple] = []  # the jobs computed, as handed over
+        self.computed: list[TrainingJob] = []  # the jobs computed, as handed over
 
-    def submit(self, *job, **options) -> Future:
+    def submit(self, job: TrainingJob) -> Future:
         future = _Held(self)
-        self.held.append((job, options, future))
+        self.held.append((job, future))
         self.handed_over.append(future)
         return future
 
     def step(self) -> None:
         while self.held:
-            job, options, future = self.held.pop()
+            job, future = self.held.pop()
             self.computed.append(job)
-            future.set_result(super().submit(*job, **options).result())
+            future.set_result(super().submit(job).result())
             self.finished.append(future)
 
 
@@ -155,7 +155,7 @@ def test_a_phone_whose_round_closed_before_its_turn_is_told_it_is_late_without_t
     assert all(p.result is not None for p in participations if p.outcome == "reported")
     # None of them was computed: a plain round's phone starts training at the tick it is drawn.
     tick_s = EligibilityConfig().tick_minutes * 60.0
-    computed = {(job[0].phone_id, job[5]) for job in executor.computed}
+    computed = {(job.phone.phone_id, job.now_s) for job in executor.computed}
     assert len(computed) == executor.runs
     assert not computed & {(p.phone_id, p.selected_tick * tick_s) for p in untrained}
     # The aggregator heard from each of them as from a late phone that trained: counted late, not dropped.

@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from device_sim import executor
+from device_sim import worker
 from device_sim.fleet import typing_times
 from device_sim.phone import Phone
+from device_sim.worker import TrainingJob
 from device_sim.session import (
     Clipping,
     LocalWork,
@@ -87,12 +88,13 @@ def test_a_worker_decodes_the_model_once_and_each_phone_starts_from_it(tmp_path,
                                                                      small_model_config):
     decoded = []
     monkeypatch.setattr(weights, "model_from_bytes", lambda data: decoded.append(data) or model_from_bytes(data))
-    monkeypatch.setattr(executor, "_LATEST_MODEL", weights.LatestModel())
+    monkeypatch.setattr(worker, "_LATEST_MODEL", weights.LatestModel())
     model = model_to_bytes(build_model(small_model_config, seed=1).state_dict(), 5, small_model_config)
     first, second = two_phones(tmp_path)
     config, now = LocalTrainConfig(learning_rate=0.5, batch_size=2), 2 * 86_400.0
-    in_a_row = [executor._train(small_tokenizer.to_json(), phone.phone_id, phone.history_path.parent, model, config,
-                                seed, "none", now, None, None)[0] for seed, phone in enumerate((first, second))]
+    in_a_row = [worker.run_in_worker(small_tokenizer.to_json(), TrainingJob(phone, model, config, seed, "none", now,
+                                                                           None))[0]
+                for seed, phone in enumerate((first, second))]
     assert len(decoded) == 1  # the second phone reused the worker's decoded model...
     alone = second.local_work(model, small_tokenizer, config, 1, "none", now)
     assert in_a_row[0].result.num_examples > 0  # ...which the first phone had trained...

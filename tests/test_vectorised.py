@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,12 @@ import torch
 from aggregator.process import local_aggregator_config
 from aggregator.inprocess import InProcessClient
 from device_sim import cli as device_cli
+from device_sim.executor import SerialExecutor
 from device_sim.fleet import Fleet, Participation, typing_times
 from device_sim.phone import Phone
 from device_sim.session import Clipping, RoundInput, train
 from device_sim.vectorised import VectorisedCohort, check_device, train_cohort
+from device_sim.worker import TrainingJob
 from keyboard_model.architecture import build_model
 from keyboard_model.errors import UserFacingError
 from keyboard_model.train import LocalTrainConfig, batch_order, training_rows
@@ -150,7 +151,7 @@ def test_the_executor_gives_what_phone_local_work_gives(tmp_path, small_tokenize
     model = model_to_bytes(build_model(small_model_config, seed=1).state_dict(), 5, small_model_config)
     cohort = VectorisedCohort(small_tokenizer)
     now = 2 * 86_400.0
-    jobs = [cohort.submit(phone, model, CONFIG, seed, "none", now, clipping=Clipping(0.05, report_within=True))
+    jobs = [cohort.submit(TrainingJob(phone, model, CONFIG, seed, "none", now, Clipping(0.05, report_within=True)))
             for seed, phone in enumerate(phones)]
     assert not any(job.done() for job in jobs)  # queued: nothing trains until a result is asked for
     first, _ = jobs[1].result()
@@ -174,26 +175,9 @@ def test_close_cancels_what_is_still_queued(tmp_path, small_tokenizer, small_mod
     phone = make_phones(tmp_path, 1)[0]
     model = model_to_bytes(build_model(small_model_config).state_dict(), 0, small_model_config)
     cohort = VectorisedCohort(small_tokenizer)
-    job = cohort.submit(phone, model, CONFIG, 0, "int8", 86_400.0, None)
+    job = cohort.submit(TrainingJob(phone, model, CONFIG, 0, "int8", 86_400.0, None))
     cohort.close()
     assert job.cancelled()
-
-
-class OneByOne:
-    """Each phone's local work as it is submitted, one phone after the other, in this process: the process pool's
-    results without its processes."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def submit(self, phone, model, config, seed, compression, now_s, clipping, secure=None, evaluate=True) -> Future:
-        future = Future()
-        future.set_result((phone.local_work(model, self.tokenizer, config, seed, compression, now_s,
-                                            clipping=clipping, secure=secure, evaluate=evaluate), 0.0))
-        return future
-
-    def close(self) -> None:
-        pass
 
 
 def run_fleet(folder: Path, tokenizer_path: Path, model_config, executor, rounds: int, phones: int = 10,
@@ -227,7 +211,7 @@ def test_a_fleet_on_the_vectorised_executor_follows_the_one_by_one_trajectory(
     together, reports = run_fleet(tmp_path / "vectorised", small_tokenizer_path, small_model_config,
                                   VectorisedCohort(small_tokenizer), rounds=3)
     alone, expected = run_fleet(tmp_path / "one-by-one", small_tokenizer_path, small_model_config,
-                                OneByOne(small_tokenizer), rounds=3)
+                                SerialExecutor(small_tokenizer), rounds=3)
     assert [len(report.participants) for report in reports] == [3, 3, 3]
     for report, same in zip(reports, expected):
         assert [outcome(p) for p in report.participations] == [outcome(p) for p in same.participations]
@@ -247,7 +231,7 @@ def test_secure_rounds_complete_on_the_vectorised_executor(tmp_path, small_token
     _, reports = run_fleet(tmp_path / "vectorised", small_tokenizer_path, small_model_config,
                            VectorisedCohort(small_tokenizer), **settings)
     _, expected = run_fleet(tmp_path / "one-by-one", small_tokenizer_path, small_model_config,
-                            OneByOne(small_tokenizer), **settings)
+                            SerialExecutor(small_tokenizer), **settings)
     assert [len(report.participants) for report in reports] == [4, 4]
     assert [[(p.phone_id, p.outcome) for p in report.participations] for report in reports] == [
         [(p.phone_id, p.outcome) for p in report.participations] for report in expected]
