@@ -80,8 +80,10 @@ def _keep_whole_lines(path: Path) -> bool:
 
 
 def json_safe(value: object) -> object:
-    """`value` with NaN and infinities, at any depth of dicts, as None: JSON has neither (browsers refuse them), so an
-    undefined or unbounded metric is written as null."""
+    """`value` with NaN and infinities, at any depth of dicts and lists, as None: JSON has neither (browsers refuse
+    them), so an undefined or unbounded metric is written as null."""
     if isinstance(value, dict):
         return {key: json_safe(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [json_safe(inner) for inner in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
