@@ -171,7 +171,7 @@ def test_dp_ftrl_reports_the_same_epsilon_in_service_mode_and_in_process(tmp_pat
     assert released and all(eps > 0 and spent > 0 for eps, spent in released), privacy
     # The run ends saying what it spent, on its last screen and in summary.json.
     summary = json.loads((tmp_path / "service" / "summary.json").read_text())
-    last = lines["service"][-1]
+    last = next(line for line in reversed(lines["service"]) if line["status"] == "closed")  # the last release
     assert summary["privacy_spent"] == {"epsilon": last["epsilon"], "dp_delta": last["dp_delta"], "rho": last["rho"]}
     assert f"differential privacy spent: epsilon {last['epsilon']:,.4g} at delta" in result.stdout
 
