@@ -34,8 +34,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# The sizes `add_model_arguments` sets, as the architectures that have them name them (vocabulary: the tokenizer's).
-MODEL_SIZE_OPTIONS = {"embedding_dim": "--embedding-dim", "hidden_dim": "--hidden-dim"}
 
 
 class LocalAggregator:
@@ -85,8 +83,10 @@ class LocalAggregator:
             "--seed", str(c.seed), *(["--init-model", str(c.initial_model)] if c.initial_model else []),
             "--keep-models", str(c.keep_models), "--keep-every", str(c.keep_every),
             "--architecture", c.model.architecture,
-            *(arg for size, option in MODEL_SIZE_OPTIONS.items() if hasattr(c.model, size)
-              for arg in (option, str(getattr(c.model, size)))),
+            # Every size of the architecture's config, each an option of the same name (keyboard_model.cli_options);
+            # the vocabulary is the tokenizer's.
+            *(arg for size, value in c.model.to_dict().items() if size != "vocab_size"
+              for arg in (f"--{size.replace('_', '-')}", str(value))),
             "--selection-window", str(c.selection_window_s), "--enrolments-per-minute", str(c.enrolments_per_minute),
             "--checkins-per-minute", str(c.checkins_per_minute),
             *(arg for network in c.trusted_networks or ["none"] for arg in ("--trusted-network", network)),

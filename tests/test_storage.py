@@ -109,3 +109,23 @@ def test_a_new_database_keeps_its_model_blobs_in_large_pages(tmp_path):
     SqliteStorage(tmp_path / "new.sqlite").close()
     with closing(sqlite3.connect(tmp_path / "new.sqlite")) as db:
         assert db.execute("pragma page_size").fetchone()[0] == 65536
+
+
+def test_the_child_aggregator_is_given_every_size_of_its_model(tmp_path, small_tokenizer_path, small_tokenizer):
+    """A Transformer's layers, heads and context reach the child too: it gave a run's aggregator the default 4 layers
+    while the phones trained 2."""
+    from aggregator.cli import add_arguments, config_from_args
+    from aggregator.process import LocalAggregator, local_aggregator_config
+    from keyboard_model.model import ModelConfig
+    from keyboard_model.transformer import TransformerConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    vocabulary = small_tokenizer.vocab_size
+    for model in (ModelConfig(vocab_size=vocabulary, embedding_dim=8, hidden_dim=16),
+                  TransformerConfig(vocab_size=vocabulary, embedding_dim=16, layers=2, heads=2, context=12)):
+        config = local_aggregator_config(tmp_path, small_tokenizer_path, model=model)
+        with ExitStack() as stack:
+            aggregator = stack.push(LocalAggregator(config))  # never started: only its command line is needed
+            args = parser.parse_args(aggregator.command(listen_fd=3)[3:])
+        assert config_from_args(args, small_tokenizer_path).model == model
