@@ -36,7 +36,6 @@ turns the mean into a step. Plain rounds may instead use a robust rule from the 
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 

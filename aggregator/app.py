@@ -12,11 +12,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 
 from aggregator.admission import EnrolmentAttestation, RateLimits, TrustedNetworkOrSecret
-from aggregator.config import AggregatorConfig
-from aggregator.request_body import body_schemas, validation_error
-from aggregator.rounds import RoundManager
-from aggregator.routes import devices, models, secagg, status
-from aggregator.routes import rounds as rounds_routes
 from aggregator.api.schemas import (
     ClockUpdate,
     EvaluationReport,
@@ -25,6 +20,11 @@ from aggregator.api.schemas import (
     SecAggReveal,
     SecAggShares,
 )
+from aggregator.config import AggregatorConfig
+from aggregator.request_body import body_schemas, validation_error
+from aggregator.rounds import RoundManager
+from aggregator.routes import devices, models, secagg, status
+from aggregator.routes import rounds as rounds_routes
 from aggregator.storage import open_storage
 
 logger = logging.getLogger(__name__)

@@ -12,11 +12,22 @@ from aggregator.adaptive_clipping import default_count_stddev
 from aggregator.api.protocol import ENROLMENT_SECRET_ENV, OPERATOR_TOKEN_ENV
 from aggregator.mechanisms import DEFAULT_MECHANISM, MECHANISMS
 from aggregator.rules import DEFAULT_RULE, RULES
-from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.arguments import (
-    at_least, existing_file, fraction, multiple, network, new_file, number, port, positive_float,
-    positive_int, probability, quantile, seconds,
+    at_least,
+    existing_file,
+    fraction,
+    multiple,
+    network,
+    new_file,
+    number,
+    port,
+    positive_float,
+    positive_int,
+    probability,
+    quantile,
+    seconds,
 )
+from keyboard_model.cli_options import add_model_arguments, model_config_from_args
 from keyboard_model.commands import Parser, run_command
 from keyboard_model.errors import UserFacingError
 

@@ -45,18 +45,18 @@ import jax
 # this project uses JAX.
 jax.config.update("jax_enable_x64", True)
 
-import dp_accounting  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from dp_accounting.rdp import RdpAccountant  # noqa: E402
-from jax_privacy.matrix_factorization import buffered_toeplitz  # noqa: E402
-from safetensors.numpy import load as load_arrays  # noqa: E402
-from safetensors.numpy import save as save_arrays  # noqa: E402
+import dp_accounting
+import numpy as np
+import torch
+from dp_accounting.rdp import RdpAccountant
+from jax_privacy.matrix_factorization import buffered_toeplitz
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
 
-from aggregator.adaptive_clipping import AdaptiveClipping, ClipNorm, resumed_clip  # noqa: E402
-from keyboard_model.errors import UserFacingError  # noqa: E402
-from keyboard_model.flat import flatten, length, views  # noqa: E402
-from keyboard_model.weights import Tensors  # noqa: E402
+from aggregator.adaptive_clipping import AdaptiveClipping, ClipNorm, resumed_clip
+from keyboard_model.errors import UserFacingError
+from keyboard_model.flat import flatten, length, views
+from keyboard_model.weights import Tensors
 
 if TYPE_CHECKING:
     from aggregator.config import AggregatorConfig

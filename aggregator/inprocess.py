@@ -8,10 +8,7 @@ gone. Use it for fast research runs; use service mode to exercise the real servi
 
 from __future__ import annotations
 
-from aggregator.config import AggregatorConfig
-from aggregator.refusals import UploadRefusedError
-from aggregator.rounds import RoundManager
-from aggregator.secure_round import dealing_of
+from aggregator.api.client import AggregatorRefusedError
 from aggregator.api.schemas import (
     AbortResponse,
     CheckinResponse,
@@ -27,8 +24,11 @@ from aggregator.api.schemas import (
     StatusResponse,
     UploadResponse,
 )
+from aggregator.config import AggregatorConfig
+from aggregator.refusals import UploadRefusedError
+from aggregator.rounds import RoundManager
+from aggregator.secure_round import dealing_of
 from aggregator.storage import open_storage
-from aggregator.api.client import AggregatorRefusedError
 from keyboard_model.secagg import PublicKeys, Share
 
 

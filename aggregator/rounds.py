@@ -51,8 +51,8 @@ from aggregator.api.schemas import EvaluationReport, SecAggState
 from aggregator.config import AggregatorConfig
 from aggregator.devices import Devices, token_hash
 from aggregator.global_model import GlobalModel
-from aggregator.pace import next_spread, retry_after_s
 from aggregator.mechanisms import make_mechanism
+from aggregator.pace import next_spread, retry_after_s
 from aggregator.refusals import (
     BadUpdateError,
     ClockError,

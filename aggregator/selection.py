@@ -24,7 +24,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-
 # A phone's next request reaches the aggregator after the wait it was told plus two network trips, so never early;
 # this covers the wait's rounding to milliseconds, and a simulator's clock stepping in ticks.
 EARLY_SLACK_S = 0.5

@@ -61,10 +61,10 @@ def eligible_per_tick(config: EligibilityConfig, phones: int, days: float) -> El
 def plot_eligible(eligible: EligibleCounts, png: Path, extra: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                   title: str = "Eligible phones per tick") -> None:
     """Draw eligible phones against UTC hour; `extra` adds labelled (hours since day 0, values) series."""
-    import matplotlib  # noqa: PLC0415  (only the benchmark draws)
+    import matplotlib  # only the benchmark draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 4.5), dpi=120)
     axis.plot(eligible.hours, eligible.counts, label="eligible phones (idle, charging, unmetered)")

@@ -53,10 +53,10 @@ def main() -> None:
 
 
 def draw(pairs: list[tuple[int, float, float]], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415  (only for the plot)
+    import matplotlib  # only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     versions = [v for v, _, _ in pairs]
     figure, axes = plt.subplots(figsize=(8, 4))

@@ -21,16 +21,16 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from contextlib import ExitStack
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator.process import LocalAggregator, local_aggregator_config
 from aggregator.api.client import AggregatorClient
+from aggregator.inprocess import InProcessClient
+from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import Fleet, FleetConfig, provision
-from aggregator.inprocess import InProcessClient
 from keyboard_model.model import ModelConfig
 
 TARGETS = {"in-process": 0.15, "service": 0.30}

@@ -296,10 +296,10 @@ def main() -> None:
 
 
 def draw(reference: dict, runs: dict[str, dict[float, dict]], path: Path, phones: int) -> None:
-    import matplotlib  # noqa: PLC0415  (only for the plot)
+    import matplotlib  # only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     figure, (by_noise, by_epsilon) = plt.subplots(1, 2, figsize=(11, 4))
     for mechanism, by_z in runs.items():

@@ -22,6 +22,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from latency import KeystrokeLatency, keystroke_latency, typed_messages  # benchmarks/latency.py, beside this file
+
 from device_sim.comparison import ComparisonConfig, TableRow, comparison_table, markdown_table
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import provisioned_phones
@@ -32,7 +34,6 @@ from keyboard_model.architecture import architecture as architecture_of
 from keyboard_model.evaluate import evaluate
 from keyboard_model.files import write_atomically
 from keyboard_model.weights import model_from_bytes
-from latency import KeystrokeLatency, keystroke_latency, typed_messages  # benchmarks/latency.py, beside this file
 
 
 @dataclass(frozen=True)

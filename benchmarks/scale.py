@@ -189,10 +189,10 @@ def main() -> None:
 
 def plot(results: list[Measured], setups: list[Setup], sizes: list[int], png: Path) -> None:
     """Best phone-updates/s of each executor against phones a round, on log-log axes."""
-    import matplotlib  # noqa: PLC0415  (only the plot needs it)
+    import matplotlib  # only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     for setup in setups:

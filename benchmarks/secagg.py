@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aggregator.inprocess import InProcessClient
 from aggregator.process import local_aggregator_config
 from aggregator.secure_aggregation import SecureAggregation
 from device_sim.corpus import CorpusConfig, prepare
 from device_sim.fleet import Fleet, FleetConfig, provision
-from aggregator.inprocess import InProcessClient
-from device_sim.session import update_bytes
 from device_sim.secure_aggregation import SecAggPhone
+from device_sim.session import update_bytes
 from keyboard_model.architecture import build_model
 from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import Directory, IdentityKey, Layout, RingEncoding, masked_layout

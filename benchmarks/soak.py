@@ -40,6 +40,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from fleet import memory_mb  # benchmarks/fleet.py, beside this file
+from secure_run import FailedRound, verdict
 
 from aggregator import cli as aggregator_cli
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError, AggregatorUnavailableError
@@ -55,8 +57,6 @@ from device_sim.secure_aggregation import SecAggPhone
 from fedkb import composition
 from keyboard_model.cli_options import model_config_from_args
 from keyboard_model.secagg import Layout, Masked, Share
-from fleet import memory_mb  # benchmarks/fleet.py, beside this file
-from secure_run import FailedRound, verdict
 
 SWITCHES = ["--out", "runs/soak", "--secure-aggregation", "--noise-multiplier", "0.1", "--dp-mechanism", "ftrl",
             "--clip-quantile", "0.5", "--vanish-probability", "0.3", "--clients-per-round", "10"]

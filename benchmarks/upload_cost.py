@@ -73,7 +73,7 @@ def upload_cost_s(shapes: dict[str, tuple[int, ...]], uploads: int, private: boo
 
 def ftrl_release_s(shapes: dict[str, tuple[int, ...]], rounds: int, min_separation: int, releases: int = 5) -> float:
     """CPU seconds per DP-FTRL release and commit of its noise state, after the BLT is optimised."""
-    from aggregator.ftrl import FtrlLedger, optimised_blt  # noqa: PLC0415 (JAX only here)
+    from aggregator.ftrl import FtrlLedger, optimised_blt  # JAX only here
 
     optimised_blt(rounds, min_separation)
     ledger = FtrlLedger(ClipNorm(0.5, 0.1, None, 10, 20.0), 0.1, 10, min_separation, rounds, shapes, lambda: 621,

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING
 
 from device_sim.corpus import CorpusConfig, default_data_dir, prepare
 from device_sim.run_record import RUN_RECORD, RunRecord, corpus_checksum, start_record
-from keyboard_model.arguments import at_least, existing_file, folder, non_negative_float, positive_float, positive_int, probability
+from keyboard_model.arguments import (
+    at_least,
+    existing_file,
+    folder,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    probability,
+)
 from keyboard_model.commands import main_for
 from keyboard_model.config_file import as_arguments
 from keyboard_model.errors import UserFacingError

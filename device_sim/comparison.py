@@ -37,7 +37,6 @@ from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, pack_sequences, train_centrally
 from keyboard_model.weights import model_from_bytes, model_to_bytes
 
-
 # `fedkb eval RUN --table` writes the table here in the run folder: `fedkb plot` and the dashboard draw its rows.
 TABLE_FILE = "table.json"
 NGRAM_ROW = "n-gram (KN trigram, proxy)"

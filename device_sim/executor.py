@@ -82,7 +82,7 @@ class SerialExecutor:
         future: Future[tuple[LocalWork, float]] = Future()
         try:
             future.set_result(run_job(job, self.tokenizer, self._models))
-        except Exception as error:  # noqa: BLE001 -- the phone's future carries it, as a worker's would
+        except Exception as error:  # the phone's future carries it, as a worker's would
             future.set_exception(error)
         return future
 

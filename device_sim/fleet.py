@@ -52,21 +52,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-
 from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import CheckinResponse
 from device_sim.corpus import PreparedCorpus
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
-from device_sim.history import split_held_out
 from device_sim.executor import LocalProcessPool, TrainingExecutor
+from device_sim.history import split_held_out
 from device_sim.participation import SECURE_STEPS, Participant
 from device_sim.phone import Phone
 from device_sim.session import Clipping, LocalWork
 from device_sim.worker import TrainingJob
+from keyboard_model.architecture import NextWordModel
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
-from keyboard_model.architecture import NextWordModel
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult
 

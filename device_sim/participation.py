@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from aggregator.api.client import AggregatorRefusedError
 from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import CheckinResponse, SecAggState
-from keyboard_model.secagg import SecAggError
 from device_sim.phone import Phone
 from device_sim.secure_aggregation import SecAggPhone
 from device_sim.session import LocalWork
+from keyboard_model.secagg import SecAggError
 
 # Answers that mean a phone's round is over: closed (409), or forgotten by an aggregator that restarted (401).
 GONE = (401, 409)

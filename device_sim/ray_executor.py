@@ -43,9 +43,9 @@ from pathlib import Path
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
 
-import ray  # noqa: E402  (Ray reads the variable above as it is imported)
-import torch  # noqa: E402
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from device_sim.phone import Phone
 from device_sim.session import LocalWork

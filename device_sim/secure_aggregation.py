@@ -47,6 +47,7 @@ from aggregator.api.schemas import (
     SecAggShares,
     SecAggState,
 )
+from keyboard_model.norms import clip_to_norm
 from keyboard_model.secagg import (
     Dealing,
     DealtPair,
@@ -75,7 +76,6 @@ from keyboard_model.secagg import (
     split_secret,
     survivors_statement,
 )
-from keyboard_model.norms import clip_to_norm
 from keyboard_model.weights import Tensors
 
 

@@ -25,12 +25,12 @@ import torch
 
 from aggregator.api.schemas import CheckinResponse, EvaluationReport, SecAggState
 from device_sim.secure_aggregation import SecAggPhone
-from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.architecture import NextWordModel
+from keyboard_model.evaluate import EvalCounts, evaluate
+from keyboard_model.norms import clip_to_norm, l2_norm
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, train_local
 from keyboard_model.update_codec import encode_update
-from keyboard_model.norms import clip_to_norm, l2_norm
 from keyboard_model.weights import Tensors
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from aggregator.api.schemas import RoundSummary
 from aggregator.api.protocol import Aggregator
+from aggregator.api.schemas import RoundSummary
 from device_sim.corpus import PreparedCorpus
 from device_sim.executor import ExecutorFactory
 from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision

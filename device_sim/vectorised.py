@@ -287,7 +287,7 @@ class VectorisedCohort:
         for (model_bytes, config), group in groups.items():
             try:
                 self._run_group(model_bytes, config, group)
-            except Exception as error:  # noqa: BLE001 -- each phone's future carries it to whoever asks
+            except Exception as error:  # each phone's future carries it to whoever asks
                 for _, future in group:
                     if not future.done():
                         future.set_exception(error)
@@ -301,7 +301,7 @@ class VectorisedCohort:
         for job, future in group:
             try:
                 train_texts, held_out = job.phone.messages(job.now_s)
-            except Exception as error:  # noqa: BLE001 -- a damaged phone fails alone, as in the process pool
+            except Exception as error:  # a damaged phone fails alone, as in the process pool
                 future.set_exception(error)
                 continue
             inputs.append((job, future,
@@ -316,7 +316,7 @@ class VectorisedCohort:
             try:
                 mods = phone_mods(job.compression, self.eval_messages if job.evaluate else 0, job.clipping, job.secure)
                 work = local_work(given, mods, train_step=lambda _, phone=phone: LocalWork(phone.result, phone.delta))
-            except Exception as error:  # noqa: BLE001 -- one phone's failure is that phone's
+            except Exception as error:  # one phone's failure is that phone's
                 future.set_exception(error)
                 continue
             future.set_result((work, pass_s * phone.steps / all_steps + time.perf_counter() - started))

@@ -34,10 +34,10 @@ def references(run: Path) -> list[tuple[str, float]]:
 
 def plot_runs(runs: Sequence[Path], png: Path, lines: Sequence[tuple[str, float]] | None = None) -> None:
     """Draw `runs` into `png`; `lines` (name, top-1) default to the reference rows of the runs' tables."""
-    import matplotlib  # noqa: PLC0415  (a second or so to import; only this command draws)
+    import matplotlib  # a second or so to import; only this command draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     from device_sim.run_log import METRICS_FILE, read_lines
 

@@ -14,8 +14,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from device_sim import cli as device_cli
-from fedkb import composition
 from device_sim.corpus import prepare
+from fedkb import composition
 from keyboard_model.arguments import port
 from keyboard_model.errors import UserFacingError
 from web_demo.cli import serve

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from keyboard_model import int8
-from keyboard_model.files import write_atomically
 from keyboard_model.architecture import DEFAULT_ARCHITECTURE, NextWordModel, config_from_dict, new_model
+from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
-from keyboard_model.weights import Tensors, WeightsError, read_tensors, write_tensors
+from keyboard_model.weights import WeightsError, read_tensors, write_tensors
 
 FORMAT = "fedkeyboard-int8-v1"
 

@@ -17,8 +17,8 @@ import threading
 
 import torch
 
-from keyboard_model.evaluate import suggestion_mask
 from keyboard_model.architecture import ModelState, NextWordModel
+from keyboard_model.evaluate import suggestion_mask
 from keyboard_model.tokenizer import BOS_ID, KeyboardTokenizer
 
 SUGGESTIONS = 3

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from keyboard_model.errors import UserFacingError
 from keyboard_model.architecture import NextWordModel
+from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import PAD_ID
 
 

@@ -16,7 +16,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from keyboard_model import int8
-from keyboard_model.architecture import DEFAULT_ARCHITECTURE, ArchitectureConfig, NextWordModel, config_from_dict, new_model
+from keyboard_model.architecture import (
+    DEFAULT_ARCHITECTURE,
+    ArchitectureConfig,
+    NextWordModel,
+    config_from_dict,
+    new_model,
+)
 
 Tensors = dict[str, torch.Tensor]
 MODEL_ENCODINGS = ("float32", "int8")

@@ -23,8 +23,8 @@ from device_sim.cli import simulation_config_from_args
 from fedkb.cli import COMMANDS, main
 from fedkb.plot import references
 from keyboard_model.commands import command_parser, parse
-from tests.conftest import SMALL_TEXT
 from keyboard_model.weights import model_from_bytes
+from tests.conftest import SMALL_TEXT
 
 ROOT = Path(__file__).resolve().parent.parent
 

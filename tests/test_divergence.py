@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
+from aggregator.inprocess import InProcessClient
 from aggregator.process import local_aggregator_config
 from device_sim import session as session_module
 from device_sim.fleet import Fleet
-from aggregator.inprocess import InProcessClient
 from device_sim.phone import Phone
 from device_sim.session import Clipping
 from keyboard_model.architecture import build_model

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from aggregator.api.schemas import EvaluationReport
-from aggregator.process import LocalAggregator, local_aggregator_config
 from aggregator.api.client import AggregatorClient
+from aggregator.api.schemas import EvaluationReport
+from aggregator.inprocess import InProcessClient
+from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim.executor import LocalProcessPool
 from device_sim.fleet import ACTIVITIES, Fleet, FleetConfig, typing_times
-from aggregator.inprocess import InProcessClient
 from device_sim.phone import EVAL_MESSAGES, Phone
 from keyboard_model.evaluate import evaluate
 from keyboard_model.tokenizer import KeyboardTokenizer

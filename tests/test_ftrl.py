@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from jax_privacy.matrix_factorization import buffered_toeplitz, toeplitz
 from safetensors.numpy import save as save_arrays
 
 from aggregator.api.schemas import SecAggState
@@ -22,7 +23,6 @@ from aggregator.privacy import epsilon as fedavg_epsilon
 from aggregator.rounds import RoundManager
 from aggregator.storage import open_storage
 from device_sim.session import update_bytes
-from jax_privacy.matrix_factorization import buffered_toeplitz, toeplitz
 from keyboard_model.errors import UserFacingError
 from keyboard_model.norms import clip_to_norm
 from tests.test_cli import fedkb

@@ -17,13 +17,13 @@ import httpx
 import pytest
 import torch
 
+from aggregator.api.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.schemas import RevealedShare, SecAggReveal
 from aggregator.config import AggregatorConfig
+from aggregator.inprocess import InProcessClient
 from aggregator.refusals import RoundClosedError
 from aggregator.rounds import RoundManager
-from aggregator.api.schemas import RevealedShare, SecAggReveal
 from aggregator.storage import open_storage
-from aggregator.api.client import AggregatorClient, AggregatorRefusedError
-from aggregator.inprocess import InProcessClient
 from keyboard_model.update_codec import encode_update
 from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.test_secure_rounds import (

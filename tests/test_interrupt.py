@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.inprocess import InProcessClient
 from aggregator.api.schemas import StatusResponse
+from aggregator.inprocess import InProcessClient
 from fedkb.cli import main
 from keyboard_model.native import cifg_kernel
 

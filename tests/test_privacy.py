@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aggregator.api.client import AggregatorClient
 from aggregator.privacy import PrivacyEvent, epsilon, noisy_mean
 from aggregator.process import LocalAggregator, local_aggregator_config
-from aggregator.api.client import AggregatorClient
 from device_sim.session import update_bytes
 from keyboard_model.norms import clip_to_norm, l2_norm
 from keyboard_model.weights import model_from_bytes, parameter_shapes

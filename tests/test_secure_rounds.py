@@ -10,15 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from aggregator.api.schemas import DealtShares, EvaluationReport, SecAggShares
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.schemas import DealtShares, EvaluationReport, SecAggShares
 from aggregator.config import AggregatorConfig
 from aggregator.inprocess import InProcessClient
 from device_sim.secure_aggregation import SecAggPhone
-from keyboard_model.secagg import Directory, IdentityKey, RingEncoding, SecAggError
 from keyboard_model.norms import clip_to_norm
+from keyboard_model.secagg import Directory, IdentityKey, RingEncoding, SecAggError
 from keyboard_model.weights import model_from_bytes, parameter_shapes
-
 
 # The identity keys the test's devices trust (the aggregator never sees it); device ids are random, so one will do.
 DIRECTORY = Directory()

@@ -9,7 +9,6 @@ import torch
 from device_sim import worker
 from device_sim.fleet import typing_times
 from device_sim.phone import Phone
-from device_sim.worker import TrainingJob
 from device_sim.session import (
     Clipping,
     LocalWork,
@@ -21,12 +20,13 @@ from device_sim.session import (
     local_work,
     train,
 )
+from device_sim.worker import TrainingJob
 from keyboard_model import weights
 from keyboard_model.architecture import build_model
 from keyboard_model.evaluate import evaluate
+from keyboard_model.norms import l2_norm
 from keyboard_model.train import LocalTrainConfig, TrainResult
 from keyboard_model.update_codec import decode_update
-from keyboard_model.norms import l2_norm
 from keyboard_model.weights import model_from_bytes, model_to_bytes, parameter_shapes
 from tests.conftest import SMALL_TEXT
 

@@ -15,7 +15,7 @@ from device_sim.phone import Phone
 def test_each_model_is_written_once_and_removed_when_no_job_needs_it():
     files = _ModelFiles()
     first = files.hold(b"version 1")
-    assert files.hold(bytes(b"version 1")) == first  # equal bytes, even another object: the same file
+    assert files.hold(b"version 1") == first  # equal bytes, even another object: the same file
     assert first.read_bytes() == b"version 1"
     second = files.hold(b"version 2")
     assert second != first and second.read_bytes() == b"version 2"

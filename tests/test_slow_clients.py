@@ -17,8 +17,8 @@ import uvicorn
 
 from aggregator.app import create_app
 from aggregator.process import free_port, local_aggregator_config
-from keyboard_model.serving import HEADER_TIMEOUT_S, uvicorn_options
 from keyboard_model.model import ModelConfig
+from keyboard_model.serving import HEADER_TIMEOUT_S, uvicorn_options
 from tests.test_web_demo import DemoServer
 
 pytestmark = pytest.mark.timeout(120)

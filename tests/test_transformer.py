@@ -36,7 +36,9 @@ def strong(model):
 
 
 def test_the_default_sizes_match_the_cifg_parameter_count():
-    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    def count(model: torch.nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
     cifg, transformer = build_model(ModelConfig(vocab_size=9_093)), build_model(TransformerConfig(vocab_size=9_093))
     assert abs(count(transformer) - count(cifg)) < 0.01 * count(cifg)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aggregator.process import local_aggregator_config
 from aggregator.inprocess import InProcessClient
+from aggregator.process import local_aggregator_config
 from device_sim import cli as device_cli
 from device_sim.executor import SerialExecutor
 from device_sim.fleet import Fleet, Participation, typing_times

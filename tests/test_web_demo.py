@@ -32,13 +32,14 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from starlette.testclient import TestClient
 
+from aggregator.api.client import AggregatorClient
 from aggregator.config import AggregatorConfig
 from aggregator.process import LocalAggregator, free_port, local_aggregator_config
-from aggregator.api.client import AggregatorClient
 from device_sim.fleet import Fleet
 from device_sim.participation import Participant
 from device_sim.phone import Phone
 from device_sim.session import update_bytes
+from keyboard_model import casing
 from keyboard_model.model import ModelConfig
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import SPECIAL_TOKENS, KeyboardTokenizer
@@ -47,7 +48,6 @@ from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.conftest import SMALL_TEXT
 from tests.test_fleet import fleet_config, make_phones
 from web_demo.app import MAX_BODY_BYTES, create_app
-from keyboard_model import casing
 from web_demo.cli import add_arguments, config_from_args, main
 from web_demo.config import DemoConfig
 
@@ -907,7 +907,7 @@ def simulated_phone_takes_part(phone: Phone, url: str, tokenizer: KeyboardTokeni
             if decision.action == "train":
                 return Participant(phone, client, decision).run(
                     lambda secure: phone.local_work(client.model(), tokenizer, LocalTrainConfig(), seed, secure=secure,
-                                                    evaluate=decision.evaluate),
+                                                    evaluate=decision.evaluate),  # noqa: B023 (run at once)
                     lambda seconds: time.sleep(seconds) is None)
             time.sleep(0.2)
     return None

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, status
 from fastapi.concurrency import run_in_threadpool
 
+from aggregator.api.schemas import CheckinResponse, EnrolmentResponse
 from aggregator.dependencies import admitted, attested, get_device_id, get_rounds
 from aggregator.rounds import RoundManager
 from aggregator.routes.responses import UNAUTHORIZED, refusals
-from aggregator.api.schemas import CheckinResponse, EnrolmentResponse
 
 router = APIRouter(tags=["devices"])
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from fastapi import HTTPException
 from fastapi.concurrency import run_in_threadpool
 
-from aggregator.refusals import UploadRefusedError
 from aggregator.api.schemas import ErrorResponse
+from aggregator.refusals import UploadRefusedError
 
 
 def refusals(**descriptions: str) -> dict[int | str, dict]:

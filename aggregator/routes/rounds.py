@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from aggregator.api.schemas import AbortResponse, EvaluationReport, EvaluationResponse, UploadResponse
 from aggregator.dependencies import PathInteger, get_rounds, get_upload_token
 from aggregator.request_body import documented, json_body, read_limited
 from aggregator.rounds import RoundManager
 from aggregator.routes.responses import MALFORMED, TOO_LARGE, UNAUTHORIZED, call_manager, refusals
-from aggregator.api.schemas import AbortResponse, EvaluationReport, EvaluationResponse, UploadResponse
 
 router = APIRouter(tags=["rounds"])
 CLOSED = "The round is closed, or not in a phase that takes this; the detail says why. It was not counted"

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
+from aggregator.api.schemas import SecAggConfirm, SecAggKeys, SecAggReveal, SecAggShares, SecAggState
 from aggregator.dependencies import PathInteger, get_rounds, get_upload_token
 from aggregator.request_body import documented, json_body
 from aggregator.rounds import RoundManager
-from aggregator.secure_round import dealing_of
 from aggregator.routes.responses import MALFORMED, TOO_LARGE, UNAUTHORIZED, call_manager, refusals
-from aggregator.api.schemas import SecAggConfirm, SecAggKeys, SecAggReveal, SecAggShares, SecAggState
+from aggregator.secure_round import dealing_of
 from keyboard_model.secagg import PublicKeys, Share
 
 router = APIRouter(tags=["secure aggregation"])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query
 
+from aggregator.api.schemas import ClockUpdate, RoundSummary, StatusResponse
 from aggregator.dependencies import get_rounds, get_storage, require_operator
 from aggregator.request_body import documented, json_body
 from aggregator.rounds import RoundManager
 from aggregator.routes.responses import MALFORMED, TOO_LARGE, call_manager, refusals
-from aggregator.api.schemas import ClockUpdate, RoundSummary, StatusResponse
 from aggregator.storage import Storage
 
 router = APIRouter(tags=["status"])

@@ -17,24 +17,24 @@ import os
 # on the machine's network address (see device_sim/ray_executor.py).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-import sys  # noqa: E402
-import traceback  # noqa: E402
-from collections.abc import Iterable  # noqa: E402
-from importlib.metadata import version  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+import traceback
+from collections.abc import Iterable
+from importlib.metadata import version
+from pathlib import Path
 
 # Ray's workers import the ClientApp by its module's name: it and `common` are found through PYTHONPATH.
 PEERS = str(Path(__file__).resolve().parent)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [PEERS, os.environ.get("PYTHONPATH")]))
 
-from common import Job, Round, Stopwatch, report  # noqa: E402
-from flower_client import client_app  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
+from common import Job, Round, Stopwatch, report
+from flower_client import client_app
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.simulation import run_simulation
 
-from keyboard_model.architecture import build_model  # noqa: E402
+from keyboard_model.architecture import build_model
 
 
 class ScheduledFedAvg(FedAvg):

@@ -21,13 +21,13 @@ from importlib.metadata import version
 import numpy as np
 import torch
 from common import Job, Round, Stopwatch, phone_work, report
+from pfl.aggregate.simulate import SimulatedBackend
 from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
 from pfl.callback.base import TrainingProcessCallback
 from pfl.data.dataset import Dataset
 from pfl.data.federated_dataset import FederatedDataset
 from pfl.hyperparam import HyperParam, NNTrainHyperParams
 from pfl.metrics import Metrics
-from pfl.aggregate.simulate import SimulatedBackend
 from pfl.model.pytorch import PyTorchModel
 
 from keyboard_model.architecture import build_model
