@@ -23,7 +23,8 @@ phone can put it anywhere in [0, r], as far as all the round's phones saying the
 would, and a liar in most rounds walks the norm down step by step. So the norm never
 falls below FLOOR_FRACTION of the operator's --clip-norm (nor rises above the aggregator's
 norm bound): lying bits can cut honest updates to a tenth of what the operator chose, never
-to nothing (at 0 phones could not even scale an update into the secure-aggregation ring). Both the check and the clamp read the noisy sum, which
+to nothing (at 0 phones could not even scale an update into the secure-aggregation ring). Both the check and the
+clamp read the noisy sum, which
 is released anyway: a check of the exact sum would itself be a release without noise (a
 lying phone would learn from the round's failure whether the others' bits reach a count
 it chose).

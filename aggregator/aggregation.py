@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from aggregator.mechanisms import PrivacyMechanism
 
 Shapes = dict[str, tuple[int, ...]]
-# The privacy noise's norm is allowed for up to sigma (sqrt(d) + this): P(more) <= exp(-8^2 / 2) (Gaussian concentration).
+# The privacy noise's norm is allowed for up to sigma (sqrt(d) + this): P(more) <= exp(-8^2 / 2)
+# (Gaussian concentration).
 NOISE_NORM_STDDEVS = 8.0
 # The chance that an honest round's largest value, over all d of them, passes its allowance (union bound).
 LARGEST_VALUE_FALSE_ALARM = 1e-12

@@ -46,7 +46,8 @@ TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", type=new_file, default=DB_PATH, help="SQLite database for rounds and models (default: %(default)s)")
+    parser.add_argument("--db", type=new_file, default=DB_PATH,
+                        help="SQLite database for rounds and models (default: %(default)s)")
     parser.add_argument("--tokenizer", type=existing_file, default=None,
                         help="tokenizer.json of a prepared corpus (`fedkb aggregator`: default, the default corpus's, "
                              "prepared if needed)")
@@ -123,7 +124,8 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                          help="adaptive clipping: Gaussian noise on the sum of the phones' bits; must be more than "
                               "half of --noise-multiplier (default: --clients-per-round / 20)")
     privacy.add_argument("--population", type=positive_int, default=None,
-                         help="phones that could take part, for the accountant's sampling rate (default: those enrolled)")
+                         help="phones that could take part, for the accountant's sampling rate "
+                              "(default: those enrolled)")
     privacy.add_argument("--dp-delta", type=probability, default=None,
                          help="delta at which epsilon is reported (default: 1 / population)")
     privacy.add_argument("--dp-mechanism", choices=DP_MECHANISMS, default=DEFAULT_MECHANISM,
@@ -167,7 +169,8 @@ def check_round_options(args: argparse.Namespace) -> None:
     """Refuse round options that do not go together, in the options' own names, before any work (AggregatorConfig
     checks the same for code that builds it)."""
     if args.clip_norm > args.max_update_norm:
-        raise UserFacingError(f"--clip-norm ({args.clip_norm}) must be at most --max-update-norm ({args.max_update_norm})")
+        raise UserFacingError(f"--clip-norm ({args.clip_norm}) must be at most --max-update-norm "
+                              f"({args.max_update_norm})")
     if args.population is not None and args.population < args.clients_per_round:
         raise UserFacingError(f"--population ({args.population}) must be at least --clients-per-round "
                               f"({args.clients_per_round})")
@@ -181,7 +184,8 @@ def check_round_options(args: argparse.Namespace) -> None:
             raise UserFacingError("--clip-quantile (adaptive clipping) needs --noise-multiplier")
         count_stddev = args.clip_count_stddev or default_count_stddev(args.clients_per_round)
         if count_stddev <= args.noise_multiplier / 2:
-            raise UserFacingError(f"--clip-count-stddev ({count_stddev:g}) must be more than half of --noise-multiplier "
+            raise UserFacingError(f"--clip-count-stddev ({count_stddev:g}) "
+                                  "must be more than half of --noise-multiplier "
                                   f"({args.noise_multiplier}): the clipping bits would spend all the privacy it allows")
     if args.selection_window >= args.round_deadline:
         raise UserFacingError(f"--selection-window ({args.selection_window} s) must be shorter than --round-deadline "

@@ -169,7 +169,8 @@ class AggregatorConfig:
         if self.clip_quantile is not None and not 0 < self.clip_quantile < 1:
             raise ValueError(f"clip_quantile must be in (0, 1), got {self.clip_quantile}")
         if not self.clip_learning_rate > 0 or not (self.clip_count_stddev is None or self.clip_count_stddev > 0):
-            raise ValueError(f"clip_learning_rate and clip_count_stddev must be positive, got {self.clip_learning_rate} "
+            raise ValueError("clip_learning_rate and clip_count_stddev must be positive, "
+                             f"got {self.clip_learning_rate} "
                              f"and {self.clip_count_stddev}")
         if self.adaptive_clipping is not None:
             update_noise_multiplier(self.noise_multiplier, self.adaptive_clipping.count_stddev)  # raises if too small
@@ -186,7 +187,8 @@ class AggregatorConfig:
             try:
                 ipaddress.ip_network(network)
             except ValueError as error:
-                raise ValueError(f"trusted network {network!r} is not an address range like 10.0.0.0/8: {error}") from error
+                raise ValueError(f"trusted network {network!r} is not an address range like 10.0.0.0/8: "
+                                 f"{error}") from error
         if min(self.enrolments_per_minute, self.checkins_per_minute, self.max_json_bytes) < 1:
             raise ValueError("enrolments_per_minute, checkins_per_minute and max_json_bytes must be at least 1")
         if self.keep_models < 0 or self.keep_every < 0:

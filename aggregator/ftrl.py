@@ -151,7 +151,8 @@ def _generator_words(generator: np.random.Generator) -> np.ndarray:
 def _generator(words: np.ndarray) -> np.random.Generator:
     high_state, low_state, high_inc, low_inc, has_uint32, uinteger = (int(word) for word in words)
     bits = np.random.PCG64()
-    bits.state = {"bit_generator": "PCG64", "state": {"state": high_state << 64 | low_state, "inc": high_inc << 64 | low_inc},
+    bits.state = {"bit_generator": "PCG64",
+                  "state": {"state": high_state << 64 | low_state, "inc": high_inc << 64 | low_inc},
                   "has_uint32": has_uint32, "uinteger": uinteger}
     return np.random.Generator(bits)
 

@@ -94,7 +94,8 @@ class LocalAggregator:
 
     def environment(self) -> dict[str, str]:
         """The child's environment: the credentials go here, not on its command line, which any user can read."""
-        credentials = {OPERATOR_TOKEN_ENV: self.config.operator_token, ENROLMENT_SECRET_ENV: self.config.enrolment_secret}
+        credentials = {OPERATOR_TOKEN_ENV: self.config.operator_token,
+                       ENROLMENT_SECRET_ENV: self.config.enrolment_secret}
         inherited = {k: v for k, v in os.environ.items() if k not in credentials}
         return {**inherited, "PYTHONUNBUFFERED": "1", **{k: v for k, v in credentials.items() if v is not None}}
 
@@ -121,7 +122,8 @@ class LocalAggregator:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"the aggregator did not answer at {self.url} within {self.startup_timeout_s:.0f} s:\n{self.output()}")
+        raise RuntimeError(f"the aggregator did not answer at {self.url} within {self.startup_timeout_s:.0f} s:\n"
+                           f"{self.output()}")
 
     def output(self) -> str:
         self._log.seek(0)

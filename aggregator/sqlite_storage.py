@@ -1,7 +1,8 @@
 """The aggregator's SQLite database (the default `Storage`): devices, global model versions, rounds, selections.
 
 A new global model, the server optimiser's state that goes with it (and DP-FTRL's noise
-state, `aggregator/ftrl.py`) and the round that produced them are written in one transaction, so after a crash either all are
+state, `aggregator/ftrl.py`) and the round that produced them are written in one transaction, so after a crash
+either all are
 there or none is. Selections are committed as they happen, and who reported or aborted
 with the round, in the same transaction; the selections of a round that was still open
 at a crash are discarded on restart and the round is run again from the last committed
@@ -166,7 +167,8 @@ class SqliteStorage:
 
     def enrol_device(self, device_id: str, token_sha256: str) -> None:
         with self._transaction():
-            self.db["devices"].insert({"device_id": device_id, "token_sha256": token_sha256, "enrolled_at": time.time()})
+            self.db["devices"].insert({"device_id": device_id, "token_sha256": token_sha256,
+                                       "enrolled_at": time.time()})
 
     def device_tokens(self) -> dict[str, str]:
         """Every enrolled device, as token hash -> device id."""

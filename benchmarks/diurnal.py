@@ -120,7 +120,8 @@ def main() -> None:
     def at(tick: int) -> str:
         minutes = round(eligible.hours[tick] * 60)
         day, hour, minute = minutes // MINUTES_PER_DAY, minutes % MINUTES_PER_DAY // 60, minutes % 60
-        return f"{eligible.counts[tick]:,} ({eligible.counts[tick] / args.phones:.1%}) at {hour:02d}:{minute:02d} UTC, day {day}"
+        return (f"{eligible.counts[tick]:,} ({eligible.counts[tick] / args.phones:.1%}) "
+                f"at {hour:02d}:{minute:02d} UTC, day {day}")
 
     milliseconds = 1e3 * eligible.seconds_per_tick
     print(f"{args.phones:,} phones, {len(eligible.counts)} ticks of {eligible.tick_minutes:g} min")

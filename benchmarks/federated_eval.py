@@ -44,7 +44,8 @@ def main() -> None:
         differences = [federated - central for _, central, federated in pairs]
         correlation = statistics.correlation([c for _, c, _ in pairs], [f for _, _, f in pairs])
         last_tenth = pairs[-max(1, len(pairs) // 10):]
-        print(f"recall@{k}: {len(pairs)} model versions; federated minus central: mean {statistics.mean(differences):+.4f}, "
+        print(f"recall@{k}: {len(pairs)} model versions; federated minus central: "
+              f"mean {statistics.mean(differences):+.4f}, "
               f"mean absolute {statistics.mean(map(abs, differences)):.4f}; correlation {correlation:.3f}; "
               f"last tenth: central {statistics.mean(c for _, c, _ in last_tenth):.4f}, "
               f"federated {statistics.mean(f for _, _, f in last_tenth):.4f}")

@@ -149,9 +149,11 @@ def report(result: ModeResult, per_round: int) -> None:
     mode = result.mode.split()[0]
     print(f"{result.mode}: {result.rounds} rounds of {per_round} in {result.wall_s:.1f} s = "
           f"{3600 * result.rounds / result.wall_s:.0f} rounds/hour, {result.updates / result.wall_s:.1f} updates/s; "
-          f"per round {result.bytes_up / result.rounds / 1e6:.1f} MB up, {result.bytes_down / result.rounds / 1e6:.1f} MB "
+          f"per round {result.bytes_up / result.rounds / 1e6:.1f} MB up, "
+          f"{result.bytes_down / result.rounds / 1e6:.1f} MB "
           f"down, {result.checkins_per_round:.0f} check-ins")
-    print(f"  {result.workers} training workers busy {result.training_s:.1f} s of {result.workers * result.wall_s:.1f} s: "
+    print(f"  {result.workers} training workers busy {result.training_s:.1f} s "
+          f"of {result.workers * result.wall_s:.1f} s: "
           f"framework overhead {result.overhead:.0%} (target <= {TARGETS[mode]:.0%}: "
           f"{'met' if result.overhead <= TARGETS[mode] else 'NOT met'})")
     print(f"  {result.late} phones late, {result.late_training_s:.1f} workers' seconds spent training them in vain")

@@ -83,7 +83,8 @@ def one_round(tokenizer_path: Path, vocab_size: int, updates: int, concurrency: 
         with LocalAggregator(config) as aggregator:
             spawn = multiprocessing.get_context("spawn")
             results = spawn.Queue()
-            loader = spawn.Process(target=post_updates, args=(aggregator.url, updates, concurrency, vocab_size, results))
+            loader = spawn.Process(target=post_updates,
+                                   args=(aggregator.url, updates, concurrency, vocab_size, results))
             loader.start()
             loader.join()  # its result is a small tuple: the queue never holds it up
             if loader.exitcode != 0:  # rather than wait for a result that never comes

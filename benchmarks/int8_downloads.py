@@ -5,7 +5,8 @@ its training messages), with the project's own parts and nothing else: each roun
 model is served in the download encoding (`weights.model_to_bytes`) and read back by the phone
 (`model_from_bytes`), trained (`device_sim.session.train`, which computes the delta against what
 the phone downloaded), uploaded as int8 with stochastic rounding (`int8.quantize`, as `update_codec` encodes it),
-averaged by examples and stepped by the default server optimiser (`aggregator.strategies`). Both arms of a seed draw the same phones in the same order,
+averaged by examples and stepped by the default server optimiser (`aggregator.strategies`). Both arms of a seed
+draw the same phones in the same order,
 with the same training seeds, from the same initial model; only the download differs. No clock,
 no pace steering, no dropouts: the pairing is exact, so a difference is the encoding's.
 

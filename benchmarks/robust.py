@@ -68,7 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phones", type=int, default=10, help="phones reporting each round")
     parser.add_argument("--poisoning", type=int, nargs="+", default=[0, 1], help="poisoning phones among them")
-    parser.add_argument("--scale", type=float, default=1000.0, help="how many times a poisoning phone scales its update")
+    parser.add_argument("--scale", type=float, default=1000.0,
+                        help="how many times a poisoning phone scales its update")
     parser.add_argument("--trim-fraction", type=float, default=0.1, help="trimmed_mean's share dropped from each end")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -7,7 +7,8 @@ default training settings and int8 uploads; phone k trains with seed k. Each exe
 the N phones through the executor seam (`submit`, then every `result()`), which is what the
 fleet asks of it: the phone's whole local work (scoring the downloaded model, training,
 encoding), not training alone; as the aggregator asks, only a share of the phones score the model
-(`--eval-share`, the aggregator's default; 1 for every phone). Before the measured cohorts each executor does a few phones
+(`--eval-share`, the aggregator's default; 1 for every phone). Before the measured cohorts each executor does
+a few phones
 unmeasured (the local pool starts its workers and loads the C++ kernel in each).
 
 Printed per executor and cohort: wall seconds, phone-updates per second, training tokens
@@ -113,11 +114,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="measurements of each cohort (default: %(default)s)")
     parser.add_argument("--phones-per-pass", type=int, default=None, help="the vectorised executor's passes")
     parser.add_argument("--vectorised-threads", type=int, nargs="+", default=[os.cpu_count() or 1],
-                        help="torch threads of the vectorised executor on the CPU, each measured (default: one per core)")
+                        help="torch threads of the vectorised executor on the CPU, each measured "
+                             "(default: one per core)")
     parser.add_argument("--with-ray", action="store_true", help="also the Ray executor (a Ray on this machine)")
     parser.add_argument("--eval-share", type=float, default=AggregatorConfig.eval_share,
                         help="share of the phones that also score the model (default: the aggregator's, %(default)s)")
-    parser.add_argument("--plot", type=Path, default=None, help="draw phone-updates/s against cohort size into this PNG")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="draw phone-updates/s against cohort size into this PNG")
     parser.add_argument("--out", type=Path, default=Path("/tmp/fedkb-scale"), help="where the phones are provisioned")
     args = parser.parse_args()
     sizes = sorted(set(args.sizes + ([1000] if args.with_1000 else [])))

@@ -86,7 +86,8 @@ def training_rows(worker: int, name: str) -> tuple[torch.Tensor, ArchitectureCon
     corpus = prepare(CorpusConfig(), log=lambda _: None)
     tokenizer = corpus.tokenizer()
     users = list(corpus.users().values())[worker * 50 : (worker + 1) * 50]
-    rows = pack_sequences(tokenizer.encode_batch([m.text for user in users for m in user]), LocalTrainConfig.sequence_length)
+    rows = pack_sequences(tokenizer.encode_batch([m.text for user in users for m in user]),
+                          LocalTrainConfig.sequence_length)
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(worker))]
     return rows, default_config(name, tokenizer.vocab_size)
 

@@ -157,7 +157,8 @@ def main() -> None:
     ftrl = ftrl_release_s(shapes, args.dp_rounds, args.min_separation)
     round_s = args.goal * train_s
     print(f"DP-FTRL release: {ftrl:.3f} CPU-s per round, {ftrl / round_s:.2%} of a round's training "
-          f"({args.goal} x train_local); target <= {FTRL_TARGET:.0%}: {'met' if ftrl <= FTRL_TARGET * round_s else 'NOT met'}")
+          f"({args.goal} x train_local); target <= {FTRL_TARGET:.0%}: "
+          f"{'met' if ftrl <= FTRL_TARGET * round_s else 'NOT met'}")
     encode = ring_encoding_s(shapes, args.goal)
     print(f"secure aggregation, a phone's ring encoding: {encode:.3f} CPU-s, {encode / train_s:.2%} of its train_local")
     print(f"a round's commit (model and server momentum): {round_commit_s(shapes, args.commits) * 1e3:.1f} ms wall")

@@ -60,7 +60,8 @@ def python_of(framework: str) -> Path:
 
 
 def command(framework: str, workers: int, job: Path) -> list[str]:
-    python, driver = str(python_of(framework)), str(DRIVERS / f"{'ours' if framework == 'ours' else framework}_driver.py")
+    python, driver = (str(python_of(framework)),
+                      str(DRIVERS / f"{'ours' if framework == 'ours' else framework}_driver.py"))
     if framework == "pfl" and workers > 1:
         # pfl's way to use several processes; --standalone keeps the rendezvous on this machine.
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}", driver, str(job)]

@@ -55,14 +55,18 @@ SERVER_EPOCHS = ORACLE_EPOCHS = 20
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("corpus")
     group.add_argument("--data-dir", type=folder, default=None,
-                       help="cache for downloads and prepared corpora (default: $FEDKB_DATA_DIR or ~/.cache/fedkeyboard)")
+                       help="cache for downloads and prepared corpora "
+                            "(default: $FEDKB_DATA_DIR or ~/.cache/fedkeyboard)")
     group.add_argument("--corpus", type=existing_file, default=None,
-                       help='your own corpus: JSONL lines {"user": ..., "text": ..., "ts": ...} (default: Shakespeare by role)')
+                       help='your own corpus: JSONL lines {"user": ..., "text": ..., "ts": ...} '
+                            '(default: Shakespeare by role)')
     group.add_argument("--proxy-text", type=existing_file, default=None,
                        help="public text (one line each) to build the tokenizer from, with --corpus "
                             "(default: Shakespeare's proxy split)")
-    group.add_argument("--min-messages", type=positive_int, default=20, help="fewest messages that make a user a phone (default: %(default)s)")
-    group.add_argument("--vocab-size", type=at_least(len(SPECIAL_TOKENS) + 1), default=10_000, help="tokenizer vocabulary, special tokens included (default: %(default)s)")
+    group.add_argument("--min-messages", type=positive_int, default=20,
+                       help="fewest messages that make a user a phone (default: %(default)s)")
+    group.add_argument("--vocab-size", type=at_least(len(SPECIAL_TOKENS) + 1), default=10_000,
+                       help="tokenizer vocabulary, special tokens included (default: %(default)s)")
 
 
 def corpus_config_from_args(args: argparse.Namespace) -> CorpusConfig:
@@ -83,7 +87,8 @@ def run_data(args: argparse.Namespace) -> int:
     if built < args.vocab_size:
         print(f"note: the public proxy lines hold only {built:,} distinct words (special tokens included), so the "
               f"vocabulary has {built:,} of the --vocab-size {args.vocab_size:,} asked for", file=sys.stderr)
-    print(json.dumps({"path": str(corpus.path), **{k: v for k, v in corpus.manifest.items() if k != "sha256"}}, indent=2))
+    print(json.dumps({"path": str(corpus.path), **{k: v for k, v in corpus.manifest.items() if k != "sha256"}},
+                     indent=2))
     return 0
 
 
@@ -106,8 +111,10 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     """What a simulation run needs besides its aggregator: the fleet, its training and its corpus."""
     parser.add_argument("--out", type=folder, default=Path("runs/simulate"),
                         help="folder for phones, metrics.jsonl and the final model (default: %(default)s)")
-    parser.add_argument("--phones", type=positive_int, default=None, help="phones to provision (default: one per corpus user)")
-    parser.add_argument("--rounds", type=positive_int, default=10, help="federated rounds to run (default: %(default)s)")
+    parser.add_argument("--phones", type=positive_int, default=None,
+                        help="phones to provision (default: one per corpus user)")
+    parser.add_argument("--rounds", type=positive_int, default=10,
+                        help="federated rounds to run (default: %(default)s)")
     parser.add_argument("--time-budget", type=positive_float, default=None,
                         help="seconds of rounds, counted from the first round (after provisioning): no round starts "
                              "after them, and the final scoring follows")
@@ -139,10 +146,12 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --executor ray: the cluster's head, as `ray start --head` prints it "
                             "(default: the Ray that `ray start` runs on this machine, else one started for the run)")
     group.add_argument("--device", type=vectorised_device, default="cpu", metavar="{cpu,cuda}",
-                       help="cpu or cuda: where phones train (cuda: with the vectorised executor; default: %(default)s)")
+                       help="cpu or cuda: where phones train "
+                            "(cuda: with the vectorised executor; default: %(default)s)")
     group.add_argument("--phones-per-pass", type=positive_int, default=None,
                        help="most phones --executor vectorised trains in one batched pass "
-                            f"(default: {DEFAULT_PHONES_PER_PASS['cpu']} on cpu, {DEFAULT_PHONES_PER_PASS['cuda']} on cuda)")
+                            f"(default: {DEFAULT_PHONES_PER_PASS['cpu']} on cpu, "
+                            f"{DEFAULT_PHONES_PER_PASS['cuda']} on cuda)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_corpus_arguments(parser)
     add_training_arguments(parser)
@@ -226,7 +235,8 @@ def remote_client(url: str) -> AggregatorClient:
 
 def run_simulate(args: argparse.Namespace) -> int:
     corpus = prepare(corpus_config_from_args(args))
-    start_record(args.out, "python -m device_sim simulate", {k: v for k, v in vars(args).items() if k not in ("run", "command")},
+    start_record(args.out, "python -m device_sim simulate",
+                 {k: v for k, v in vars(args).items() if k not in ("run", "command")},
                  corpus)
     with closing(remote_client(args.aggregator)) as client:
         summary = simulate_with(args, corpus, client)
@@ -273,7 +283,8 @@ def print_summary(
 
     failed = f" ({summary.rounds_failed} failed)" if summary.rounds_failed else ""
     budget = "" if time_budget_s is None else f" in the {time_budget_s:.0f} s budget"
-    reference = "" if reference_rounds is None else f" ({reference_rounds} in the README's run on a quiet 2-core machine)"
+    reference = ("" if reference_rounds is None
+                 else f" ({reference_rounds} in the README's run on a quiet 2-core machine)")
     rounds = "1 round" if summary.rounds_completed == 1 else f"{summary.rounds_completed} rounds"
     print(f"\n{rounds}{failed}{budget}{reference}, model version {summary.model_version}, "
           f"{summary.wall_time_s:.0f} s")
@@ -298,7 +309,8 @@ def print_summary(
               "for scale: real traffic, ~3,000 rounds"))
     print(f"metrics: {out_dir / 'metrics.jsonl'} (TensorBoard: {out_dir / 'tensorboard'}); "
           f"model: {out_dir / 'model.safetensors'}\n"
-          f"the table with the server-trained and oracle models (tens of minutes the first time): fedkb eval {out_dir} --table")
+          "the table with the server-trained and oracle models (tens of minutes the first time): "
+          f"fedkb eval {out_dir} --table")
 
 
 def _percent(value: float | None) -> str:

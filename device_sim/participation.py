@@ -54,12 +54,14 @@ class Participant:
     secagg: SecAggPhone | None = field(default=None, init=False)
     state: SecAggState | None = field(default=None, init=False)
     outcome: str | None = field(default=None, init=False)  # what became of its update: see `send`
-    secagg_error: str | None = field(default=None, init=False)  # why it stopped, if the server's messages failed a check
+    # why it stopped, if the server's messages failed a check
+    secagg_error: str | None = field(default=None, init=False)
     work: LocalWork | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.decision.secure_aggregation:
-            identity, directory, device_id = self.phone.identity(), self.phone.identity_directory(), self.phone.device_id()
+            identity, directory, device_id = (self.phone.identity(), self.phone.identity_directory(),
+                                              self.phone.device_id())
             directory.register(device_id, identity.public())  # the directory, not the aggregator, vouches for it
             self.secagg = SecAggPhone(self.decision.round, device_id, identity, directory)
 

@@ -86,7 +86,8 @@ class RunRecord:
             return cls(data, record["corpus_checksum"], record["corpus_path"], record["command"], record["started"],
                        record["fedkeyboard"], phases)
         except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as error:
-            raise UserFacingError(f"{path} is not a run record ({error}); move it away to start the run afresh") from None
+            raise UserFacingError(f"{path} is not a run record ({error}); "
+                                  "move it away to start the run afresh") from None
 
     def latest_options(self) -> dict[str, object]:
         """The options the run last ran with."""

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # ten minutes ended at 10.68% top-1 after 281 rounds against 10.20% after 331 with 16 (README, "Results").
     parser.set_defaults(out=Path("runs/up"), rounds=1_000, time_budget=540.0, clients_per_round=10, eval_every=10,
                         batch_size=4)
-    parser.add_argument("--demo-host", default=DEMO_DEFAULTS.host, help="address of the web demo (default: %(default)s)")
+    parser.add_argument("--demo-host", default=DEMO_DEFAULTS.host,
+                        help="address of the web demo (default: %(default)s)")
     parser.add_argument("--demo-port", type=port, default=DEMO_DEFAULTS.port,
                         help="port of the web demo, taken before training starts (default: %(default)s)")
     parser.add_argument("--no-demo", action="store_true", help="stop after training instead of serving the demo")
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     composition.check_simulate_options(args)
     with ExitStack() as stack:
         # Taken now: a port in use is reported before ten minutes of training, not after.
-        demo_listener = None if args.no_demo else stack.enter_context(bind(args.demo_host, args.demo_port, "--demo-port"))
+        demo_listener = (None if args.no_demo
+                         else stack.enter_context(bind(args.demo_host, args.demo_port, "--demo-port")))
         corpus = prepare(device_cli.corpus_config_from_args(args))
         summary, aggregator_url = composition.simulate(args, corpus, stack)
         device_cli.finish(summary, corpus, args, README_ROUNDS)

@@ -87,7 +87,8 @@ def network(text: str) -> str:
         try:
             ipaddress.ip_network(text)
         except ValueError as error:
-            raise argparse.ArgumentTypeError(f"expected an address range such as 10.0.0.0/8, or none: {error}") from None
+            raise argparse.ArgumentTypeError("expected an address range such as 10.0.0.0/8, or none: "
+                                             f"{error}") from None
     return text
 
 

@@ -66,7 +66,8 @@ def add_config_argument(parser: argparse.ArgumentParser, shipped: Path) -> None:
 
     parser.add_argument("--config", type=experiment, default=None, metavar="FILE.toml|NAME",
                         help="take options from this TOML file (an experiment, or a run folder's run.toml) or from "
-                             f"a shipped experiment by name ({', '.join(sorted(p.stem for p in shipped.glob('*.toml')))}"
+                             "a shipped experiment by name "
+                             f"({', '.join(sorted(p.stem for p in shipped.glob('*.toml')))}"
                              "); options given on the command line win")
 
 

@@ -124,7 +124,8 @@ def evaluate(
         targets = rows[:, 1:]
         # Scores over the vocabulary are the costliest part; none are made for padding.
         scored = targets != PAD_ID
-        total += score_predictions(model.output_logits(features[scored]), targets[scored], is_recall_target, can_suggest)
+        total += score_predictions(model.output_logits(features[scored]), targets[scored], is_recall_target,
+                                   can_suggest)
         if progress is not None:
             progress(start + len(chunk), len(ordered))
     return total

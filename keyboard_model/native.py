@@ -84,7 +84,8 @@ def cifg_kernel() -> ModuleType | None:
                 extra_cflags=list(_CFLAGS),
             )
     except (OSError, RuntimeError, ImportError) as error:
-        warnings.warn(f"training uses the slower Python CIFG walk: the C++ kernel did not build ({error})", stacklevel=2)
+        warnings.warn(f"training uses the slower Python CIFG walk: the C++ kernel did not build ({error})",
+                      stacklevel=2)
         return None
 
 

@@ -5,7 +5,8 @@ vocabulary words that begin with what has been typed of it. Only real words are
 offered: never <unk>, sentence markers or lone punctuation.
 
 A `Suggester` follows one text box. It keeps the model's incremental state (the CIFG's
-recurrent state, the Transformer's key/value cache) after every token of the text typed so far, so a keystroke costs at most one model step: typing inside a
+recurrent state, the Transformer's key/value cache) after every token of the text typed so far, so a keystroke costs
+at most one model step: typing inside a
 word reuses the scores it already has, finishing a word feeds that one word, and
 deleting goes back to a state it kept.
 """

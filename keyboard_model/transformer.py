@@ -128,7 +128,8 @@ class CausalTransformer(nn.Module):
         nn.init.normal_(self.embedding.weight, std=0.1)
         nn.init.zeros_(self.output_bias)
 
-    def _run(self, tokens: torch.Tensor, past: tuple[LayerCache, ...] | None) -> tuple[torch.Tensor, tuple[LayerCache, ...]]:
+    def _run(self, tokens: torch.Tensor,
+             past: tuple[LayerCache, ...] | None) -> tuple[torch.Tensor, tuple[LayerCache, ...]]:
         """Normalised outputs for `tokens` at the positions after `past`'s, and every layer's cache."""
         start = 0 if past is None else past[0][0].shape[2]
         x = self.embedding(tokens) + self.positions(torch.arange(start, start + tokens.shape[1]))

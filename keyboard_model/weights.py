@@ -108,7 +108,8 @@ def model_from_bytes(data: bytes) -> tuple[NextWordModel, int]:
     """Rebuild a served or saved model of the architecture it records; returns it with its version."""
     try:
         metadata = read_metadata(data)
-        config = config_from_dict(metadata.get("architecture", DEFAULT_ARCHITECTURE), json.loads(metadata["model_config"]))
+        config = config_from_dict(metadata.get("architecture", DEFAULT_ARCHITECTURE),
+                                  json.loads(metadata["model_config"]))
         version = int(metadata["version"])
     except (ValueError, KeyError, TypeError) as error:
         raise WeightsError(f"not a fedkeyboard model file: {error!r}") from error

@@ -184,7 +184,9 @@ def test_under_secure_aggregation_the_bits_arrive_only_as_their_sum(
     assert client.checkin(client.enrol().device_token).clip_norm == summary.dp_next_clip_norm
 
 
-def test_a_phone_clips_its_update_when_asked_and_reports_whether_it_was_within(tmp_path, small_tokenizer, small_model_config):
+def test_a_phone_clips_its_update_when_asked_and_reports_whether_it_was_within(
+    tmp_path, small_tokenizer, small_model_config
+):
     phone = Phone.create("p", tmp_path / "p", [(float(i), t) for i, t in enumerate(SMALL_TEXT * 6)])
     model = model_to_bytes(build_model(small_model_config, seed=1).state_dict(), 0, small_model_config)
     shapes = parameter_shapes(build_model(small_model_config).state_dict())

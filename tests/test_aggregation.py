@@ -20,7 +20,8 @@ def test_the_weighted_mean_weights_each_update_by_its_examples():
 
 
 def test_the_private_mean_clips_counts_each_device_once_and_divides_by_the_goal():
-    ledger = PrivacyLedger(ClipNorm(1.0, 1e-9, None, 4, 20.0), noise_multiplier=1e-9, goal=4, population=lambda: 100, delta=None, past=[])
+    ledger = PrivacyLedger(ClipNorm(1.0, 1e-9, None, 4, 20.0), noise_multiplier=1e-9, goal=4, population=lambda: 100,
+                           delta=None, past=[])
     rule = PrivateMean({"w": (2,)}, ledger)
     rule.add(torch.tensor([30.0, 40.0]), 900)  # norm 50: clipped to 1, and its 900 examples do not count
     rule.add(torch.tensor([0.1, 0.0]), 1)

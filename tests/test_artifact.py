@@ -86,4 +86,5 @@ def test_export_command_writes_a_loadable_artifact(tmp_path, small_tokenizer, sm
     assert result.returncode == 0, result.stderr
     loaded = artifact.load(tmp_path / "k.fkb")
     assert loaded.manifest["model_version"] == 9
-    assert Suggester(loaded.model, loaded.tokenizer).suggest("to be ") == Suggester(model, small_tokenizer).suggest("to be ")
+    assert (Suggester(loaded.model, loaded.tokenizer).suggest("to be ")
+            == Suggester(model, small_tokenizer).suggest("to be "))

@@ -107,7 +107,8 @@ def test_scale(tmp_path, monkeypatch, capsys):
 
 def test_vs_peers(tmp_path, monkeypatch, capsys):
     """This project's side always; Flower's and pfl's where `bash dev.sh peers` made their environments."""
-    peers = [peer for peer in ("flower", "pfl") if (BENCHMARKS.parent / ".venv-peers" / peer / "bin" / "python").exists()]
+    peers = [peer for peer in ("flower", "pfl")
+             if (BENCHMARKS.parent / ".venv-peers" / peer / "bin" / "python").exists()]
     out = run_benchmark("vs_peers", ["--per-round", "2", "--rounds", "1", "--repeats", "1", "--phones", "20",
                                      "--only", "ours", *peers, "--out", str(tmp_path)], monkeypatch, capsys)
     assert_prints(out, r"2 a round, run 1: fedkeyboard +{n} updates .* = +{n} updates/s, {n} CPU-s/update",
@@ -192,7 +193,8 @@ def test_soak(tmp_path, monkeypatch, capsys):
     # At this size, and on a loaded machine, lying and vanishing phones may leave no round to close.
     assert_prints(out, r"0.2 minutes: {n} rounds, {n} closed, {n} failed; the aggregator was killed [1-9]\d* times",
                   r"largest released update norm: ({n}|none \(no round closed\)) \(bound: --max-update-norm 20\)",
-                  r"clip norm: ({n} to {n}|none) over the closed rounds", r"aggregator RSS before each kill \(MB\): {n}",
+                  r"clip norm: ({n} to {n}|none) over the closed rounds",
+                  r"aggregator RSS before each kill \(MB\): {n}",
                   r"lying phone phone-\d+ \(impossible counts\)", r"lying phone phone-\d+ \(an all-zero key\)",
                   r"verdict: ", r"database whole: rounds 1\.\.\d+ without a gap")
 

@@ -49,7 +49,8 @@ def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path
         assert 0 <= line["fed_recall_at_1"] <= line["fed_recall_at_3"] <= 1
     # The central score after every second round and after the last; the local rate steps down half-way.
     assert [line["recall_at_1"] is None for line in lines] == [False, True, False, False]
-    assert all(0 <= line["recall_at_1"] <= line["recall_at_3"] <= 1 for line in lines if line["recall_at_1"] is not None)
+    assert all(0 <= line["recall_at_1"] <= line["recall_at_3"] <= 1
+               for line in lines if line["recall_at_1"] is not None)
     assert [line["local_learning_rate"] for line in lines] == [None, 1.0, 1.0, 0.25]
     assert lines[-1]["model_version"] == 3
     assert len(list((out / "phones").glob("phone-*/history.sqlite"))) == 20
@@ -208,7 +209,8 @@ def test_the_options_written_out_for_a_quick_help_are_the_configs_defaults(tmp_p
     tokenizer = tmp_path / "tokenizer.json"
     served = parse(parser, ["aggregator"])
     assert AggregatorConfig(db_path=served.db, tokenizer_path=tokenizer, host=served.host, port=served.port,
-                            **aggregator_cli.round_settings(served)) == AggregatorConfig(aggregator_cli.DB_PATH, tokenizer)
+                            **aggregator_cli.round_settings(served)) == AggregatorConfig(aggregator_cli.DB_PATH,
+                                                                                         tokenizer)
     assert cli_options.model_config_from_args(served, ModelConfig().vocab_size) == ModelConfig()
     evaluated = parse(parser, ["eval"])
     defaults = ComparisonConfig(baselines_dir=tmp_path)
@@ -267,7 +269,8 @@ def test_every_command_explains_its_options():
         (["simulate", "--config", "{tmp}/tool.toml", "--out", "{tmp}/x"],
          "--config {tmp}/tool.toml: tool.fedkb must be a table of options, not 5"),
         # A value never becomes another option: neither a list given to a one-value option...
-        (["simulate", "--config", "{tmp}/injected.toml"], "--config {tmp}/injected.toml: out takes one value, not a list"),
+        (["simulate", "--config", "{tmp}/injected.toml"],
+         "--config {tmp}/injected.toml: out takes one value, not a list"),
         # ...nor an element of a list that an option of several values takes.
         (["simulate", "--config", "{tmp}/injected-steps.toml", "--out", "{tmp}/x"],
          "--config {tmp}/injected-steps.toml: lr-steps: no value in a list may start with '-'"),
@@ -281,7 +284,8 @@ def test_every_command_explains_its_options():
          "argument --round-deadline: must be from 1 to 604800 seconds, got 1e308"),
         (["aggregator", "--secagg-phase", "1e-300"], "argument --secagg-phase: must be from 1 to 604800 seconds"),
         # A mistyped option is answered with the one meant, as git and pip do.
-        (["simulate", "--roudns", "3", "--out", "{tmp}/x"], "unrecognized arguments: --roudns 3; did you mean --rounds?"),
+        (["simulate", "--roudns", "3", "--out", "{tmp}/x"],
+         "unrecognized arguments: --roudns 3; did you mean --rounds?"),
         (["simulate", "--config", "mian", "--out", "{tmp}/x"],
          "no file 'mian' and no shipped experiment of that name (gboard, long, main, private, secure)"),
     ],

@@ -21,7 +21,8 @@ from tests.conftest import SMALL_TEXT
 
 def make_phones(folder: Path) -> list[Phone]:
     return [
-        Phone.create(f"phone-{n}", folder / f"phone-{n}", [(float(t), SMALL_TEXT[(n + t) % len(SMALL_TEXT)]) for t in range(10)])
+        Phone.create(f"phone-{n}", folder / f"phone-{n}",
+                     [(float(t), SMALL_TEXT[(n + t) % len(SMALL_TEXT)]) for t in range(10)])
         for n in range(3)
     ]
 
@@ -50,7 +51,8 @@ def test_every_row_is_scored_on_the_phones_held_out_messages_and_baselines_are_c
     assert sum("cached" in line for line in log) == 2 and not any("epoch" in line for line in log)
 
     # Other training settings are another baseline, not the cached one.
-    comparison_table(federated, small_tokenizer, phones, proxy, ComparisonConfig(config.baselines_dir, 2, 1), log=log.append)
+    comparison_table(federated, small_tokenizer, phones, proxy, ComparisonConfig(config.baselines_dir, 2, 1),
+                     log=log.append)
     assert len(list((tmp_path / "baselines").glob("*.safetensors"))) == 3
 
     table = markdown_table(rows).splitlines()
@@ -82,7 +84,8 @@ def test_the_cheap_rows_are_computed_once_and_a_damaged_cache_again(tmp_path: Pa
     held_out = small_tokenizer.encode_batch(SMALL_TEXT[3:])
     scorings = []
     score = KneserNeyTrigram.evaluate
-    monkeypatch.setattr(KneserNeyTrigram, "evaluate", lambda *args, **kwargs: scorings.append(1) or score(*args, **kwargs))
+    monkeypatch.setattr(KneserNeyTrigram, "evaluate",
+                        lambda *args, **kwargs: scorings.append(1) or score(*args, **kwargs))
     log: list[str] = []
 
     def rows() -> list[TableRow]:
@@ -121,4 +124,5 @@ def test_the_last_screen_puts_the_federated_model_beside_the_n_gram_and_the_targ
     assert re.search(r"most frequent \(the, and, to\) +3\.05% +8\.45%", screen)
     assert re.search(r"federated model +10\.00% +19\.00% +1\.05x the n-gram's top-1", screen)
     assert re.search(r"target: 1\.2x the n-gram's top-1, as Gboard's +11\.47%", screen)
-    assert re.search(r"Gboard's federated CIFG \(Hard et al\. 2018\) +16\.40% +27\.00% +1\.26x its n-gram's 13\.0%", screen)
+    assert re.search(r"Gboard's federated CIFG \(Hard et al\. 2018\) +16\.40% +27\.00% "
+                     r"+1\.26x its n-gram's 13\.0%", screen)

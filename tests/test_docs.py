@@ -24,7 +24,8 @@ README_MAX_LINES = 250
 README_START = """# fedkeyboard
 
 ```bash
-bash dev.sh up     # set up .venv, prepare the Shakespeare corpus, train ~10 min with a simulated phone fleet, serve the keyboard
+bash dev.sh up     # set up .venv, prepare the Shakespeare corpus, train ~10 min with a simulated phone fleet, \
+serve the keyboard
 bash dev.sh test   # set up .venv (and Debian's headless Chromium) and run the whole test suite
 ```
 """

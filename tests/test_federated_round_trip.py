@@ -57,7 +57,8 @@ def state_of(client: AggregatorClient) -> tuple[dict[str, torch.Tensor], int]:
 def test_three_phones_two_rounds_give_the_example_weighted_mean(
     tmp_path, start_aggregator, small_tokenizer_path, small_tokenizer, small_model_config
 ):
-    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, server_optimizer="fedavg",
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3,
+                                  server_optimizer="fedavg",
                                   serving_average=0.5)
     client = RecordingClient(aggregator.url)
     # Histories of different sizes, so the weighting matters.
@@ -216,7 +217,9 @@ def test_bad_uploads_are_refused_with_a_reason_and_leave_the_aggregate_alone(
     assert refused.value.status_code == 409 and "closed" in refused.value.detail
 
 
-def test_the_deadline_closes_a_round_with_the_updates_it_has(start_aggregator, small_tokenizer_path, small_model_config):
+def test_the_deadline_closes_a_round_with_the_updates_it_has(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
     aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=3, round_deadline_s=2.0,
                                   min_report_fraction=0.3, server_optimizer="fedavg")
     client = AggregatorClient(aggregator.url)
@@ -244,7 +247,8 @@ def test_a_round_with_too_few_reports_fails_and_keeps_the_model(
     client = AggregatorClient(aggregator.url)
     lonely = client.checkin(new_device(client))
     client.upload(lonely.round, lonely.upload_token,
-                  update_bytes({name: torch.zeros(shape) for name, shape in parameter_shapes(state_of(client)[0]).items()}, 3))
+                  update_bytes({name: torch.zeros(shape)
+                                for name, shape in parameter_shapes(state_of(client)[0]).items()}, 3))
     deadline = time.monotonic() + 20
     while not client.status().recent_rounds:
         assert time.monotonic() < deadline

@@ -157,7 +157,8 @@ def test_in_process_and_service_mode_follow_the_same_trajectory(tmp_path, small_
     settings = dict(model=small_model_config, clients_per_round=3, simulated_clock=True, round_deadline_s=3600.0)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    in_process, quality_a = run(InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path, **settings)),
+    in_process, quality_a = run(InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path,
+                                                                        **settings)),
                      tmp_path / "a" / "phones")
     with LocalAggregator(local_aggregator_config(tmp_path / "b", small_tokenizer_path, **settings)) as service:
         over_http, quality_b = run(AggregatorClient(service.url, operator_token=service.config.operator_token),
@@ -190,7 +191,8 @@ def test_secure_rounds_run_through_the_fleet_with_drop_outs_at_every_step_and_ma
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     in_process, summaries, reports = run(
-        InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path, **settings)), tmp_path / "a" / "phones")
+        InProcessClient(local_aggregator_config(tmp_path / "a", small_tokenizer_path, **settings)),
+        tmp_path / "a" / "phones")
     with LocalAggregator(local_aggregator_config(tmp_path / "b", small_tokenizer_path, **settings)) as service:
         over_http, summaries_b, _ = run(AggregatorClient(service.url, operator_token=service.config.operator_token),
                                   tmp_path / "b" / "phones")

@@ -232,7 +232,8 @@ def test_a_noise_state_from_before_float32_noise_loads_and_one_for_another_model
     shapes = {"a": (2, 3), "b": (4,)}
     buffers = {"a": np.arange(12.0).reshape(2, 2, 3), "b": np.arange(8.0).reshape(2, 4)}
     old = save_arrays({"key": np.array([7, 9], np.uint32), "step": np.array([5]),
-                       "buf_decay": np.asarray(TWO_BUFFERS.buf_decay), "output_scale": np.asarray(TWO_BUFFERS.output_scale),
+                       "buf_decay": np.asarray(TWO_BUFFERS.buf_decay),
+                       "output_scale": np.asarray(TWO_BUFFERS.output_scale),
                        **{f"buffers.{name}": b for name, b in buffers.items()}})
     loaded = [BltNoise(TWO_BUFFERS, 0.5, shapes, old) for _ in range(2)]
     assert loaded[0].step == 5

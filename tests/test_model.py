@@ -133,7 +133,8 @@ def test_fused_loss_matches_cross_entropy_of_the_logits_and_its_gradients():
     with torch.no_grad():
         model.output_bias.normal_()
     generator = torch.Generator().manual_seed(5)
-    tokens, targets = torch.randint(1, 30, (3, 7), generator=generator), torch.randint(1, 30, (3, 7), generator=generator)
+    tokens, targets = (torch.randint(1, 30, (3, 7), generator=generator),
+                       torch.randint(1, 30, (3, 7), generator=generator))
     targets[2, 4:] = 0  # padding, which both must skip
 
     fused = model.loss(tokens, targets, ignore_index=0)

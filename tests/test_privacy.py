@@ -69,7 +69,8 @@ def test_the_service_clips_adds_calibrated_noise_once_and_accounts_for_every_rou
         decisions = [client.checkin(client.enrol().device_token) for _ in range(4)]
         assert {d.clip_norm for d in decisions} == {0.5}
         # Updates far longer than the clip norm, as a phone that ignored it would send: the server clips them.
-        updates = [{name: torch.full(shape, sign * value) for name, shape in shapes.items()} for sign in (1, -1, -1, -1)]
+        updates = [{name: torch.full(shape, sign * value) for name, shape in shapes.items()}
+                   for sign in (1, -1, -1, -1)]
         assert l2_norm(updates[0]) > 10 * 0.5
         for k, (decision, update) in enumerate(zip(decisions, updates)):
             # Example counts differ wildly; each phone still counts once.

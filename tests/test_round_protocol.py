@@ -22,7 +22,8 @@ from tests.test_secure_rounds import Device, confirm_all, finished_round, random
 
 def constant_update(client: AggregatorClient, value: float, examples: int) -> bytes:
     model, _ = model_from_bytes(client.model())
-    return update_bytes({name: torch.full(shape, value) for name, shape in parameter_shapes(model.state_dict()).items()},
+    return update_bytes({name: torch.full(shape, value)
+                         for name, shape in parameter_shapes(model.state_dict()).items()},
                         examples)
 
 
@@ -46,7 +47,8 @@ def test_checkin_needs_an_enrolled_device_and_tokens_are_stored_hashed(
     enrolment = client.enrol()
     assert client.checkin(enrolment.device_token).action == "train"
     assert client.enrol().device_id != enrolment.device_id
-    database = aggregator.config.db_path.read_bytes() + aggregator.config.db_path.with_suffix(".sqlite-wal").read_bytes()
+    database = (aggregator.config.db_path.read_bytes()
+                + aggregator.config.db_path.with_suffix(".sqlite-wal").read_bytes())
     assert enrolment.device_id.encode() in database
     assert enrolment.device_token.encode() not in database
 
@@ -221,7 +223,9 @@ def test_sigkill_mid_round_loses_no_committed_round_and_the_redone_round_gives_t
         assert [row[0] for row in db.execute("select round from rounds order by round")] == [1, 2]
 
 
-def test_on_a_simulated_clock_the_deadline_is_simulated_time(start_aggregator, small_tokenizer_path, small_model_config):
+def test_on_a_simulated_clock_the_deadline_is_simulated_time(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
     aggregator = start_aggregator(small_tokenizer_path, small_model_config, clients_per_round=2, over_selection=1.0,
                                   min_report_fraction=0.5, round_deadline_s=600.0, simulated_clock=True)
     client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
@@ -239,7 +243,9 @@ def test_on_a_simulated_clock_the_deadline_is_simulated_time(start_aggregator, s
     assert refused.value.status_code == 409 and "forward" in refused.value.detail
 
 
-def test_a_wall_clock_aggregator_refuses_to_have_its_clock_set(start_aggregator, small_tokenizer_path, small_model_config):
+def test_a_wall_clock_aggregator_refuses_to_have_its_clock_set(
+    start_aggregator, small_tokenizer_path, small_model_config
+):
     aggregator = start_aggregator(small_tokenizer_path, small_model_config)
     client = AggregatorClient(aggregator.url, operator_token=aggregator.config.operator_token)
     assert client.status().clock == "wall"
@@ -350,11 +356,13 @@ def test_in_a_secure_round_devices_not_asked_to_score_send_zero_counts_and_the_r
     assert asked == [True, True, False, False, False]
     until_collecting(devices)
     for seed, (device, evaluates) in enumerate(zip(devices, asked)):
-        scored = EvaluationReport(model_version=0, positions=100, hits_at_1=10 + seed, hits_at_3=30) if evaluates else None
+        scored = (EvaluationReport(model_version=0, positions=100, hits_at_1=10 + seed, hits_at_3=30)
+                  if evaluates else None)
         device.upload(random_delta(parameter_shapes(before), seed), scored, seed)  # None: zero counts, masked
     confirm_all(devices)
     for device in devices:
         device.reveal()
     summary = finished_round(client)
     # The counts' checks held (hits <= positions <= reporters x max), and the round names the two that scored.
-    assert (summary.status, summary.eval_devices, summary.eval_positions, summary.eval_hits_at_1) == ("closed", 2, 200, 21)
+    assert ((summary.status, summary.eval_devices, summary.eval_positions, summary.eval_hits_at_1)
+            == ("closed", 2, 200, 21))

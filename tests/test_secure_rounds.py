@@ -130,7 +130,8 @@ def test_drop_outs_before_sharing_before_uploading_and_late_still_give_the_mean_
         no_keys.send_shares()
     with pytest.raises(AggregatorRefusedError) as refused:
         client.secagg_shares(no_keys.round, no_keys.token, SecAggShares(
-            pairs={1: DealtShares(sealed=bytes(64), self_mask=bytes(32), masking=bytes(32))}, seed_commitment=bytes(32)))
+            pairs={1: DealtShares(sealed=bytes(64), self_mask=bytes(32), masking=bytes(32))},
+            seed_commitment=bytes(32)))
     assert refused.value.status_code == 409 and "cohort" in refused.value.detail
     for device in [no_upload, *reporters]:
         device.send_shares()

@@ -3,7 +3,8 @@ from keyboard_model.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, UNK_ID, Key
 
 def test_lowercases_and_splits_punctuation_keeping_inner_apostrophes():
     tokenizer = KeyboardTokenizer.train(["x"], vocab_size=10)
-    assert tokenizer.split("'Tis now, RELIEV'D Francisco's!") == ["'", "tis", "now", ",", "reliev'd", "francisco's", "!"]
+    assert (tokenizer.split("'Tis now, RELIEV'D Francisco's!")
+            == ["'", "tis", "now", ",", "reliev'd", "francisco's", "!"])
 
 
 def test_special_tokens_have_fixed_ids_and_messages_are_framed():

@@ -24,7 +24,8 @@ CONTEXT = 6
 
 @pytest.fixture
 def config(small_tokenizer):
-    return TransformerConfig(vocab_size=small_tokenizer.vocab_size, embedding_dim=16, layers=2, heads=2, context=CONTEXT)
+    return TransformerConfig(vocab_size=small_tokenizer.vocab_size, embedding_dim=16, layers=2, heads=2,
+                             context=CONTEXT)
 
 
 def strong(model):

@@ -97,7 +97,8 @@ class DemoServer:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> DemoServer:
-        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
         try:
             wait_for(self._answers, 30, lambda: f"the demo did not answer at {self.url}:\n{self.output()}")
         except BaseException:
@@ -287,7 +288,8 @@ def test_picks_up_a_newly_published_model(aggregator: LocalAggregator, tokenizer
 def chromium(profile: Path) -> Iterator[webdriver.Chrome]:
     for binary in (CHROMIUM, CHROMEDRIVER):
         if not binary.exists():
-            pytest.fail(f"{binary} is missing: run `bash dev.sh test`, which installs Debian's chromium and chromium-driver")
+            pytest.fail(f"{binary} is missing: run `bash dev.sh test`, "
+                        "which installs Debian's chromium and chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -719,7 +721,8 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
         browser.get(demo.url)
         score = wait.until(lambda b: (e := b.find_element(By.ID, "score")).is_displayed() and e.text)
         assert score == (f"Model v{newest.base_version}'s first suggestion was the next word "
-                         f"{100 * newest.recall_at_1:.1f}% of the time, one of its three {100 * newest.recall_at_3:.1f}%,"
+                         f"{100 * newest.recall_at_1:.1f}% of the time, "
+                         f"one of its three {100 * newest.recall_at_3:.1f}%,"
                          f" on {newest.eval_devices} phones' own held-out messages.")
         browser.get(f"{demo.url}/dashboard")
         shown = wait.until(lambda b: (d := dashboard_state(b))["charts"] and shows_the_record(d) and d)

@@ -182,7 +182,8 @@ class BrowserPhone:
         elif outcome == "late":
             self._note(f"round {decision.round} closed before this phone's update arrived")
         elif outcome == "diverged":  # the phone aborted the round: nothing was sent
-            self._note(f"sat out round {decision.round}: training diverged ({work.result.divergence}); nothing was sent")
+            self._note(f"sat out round {decision.round}: training diverged ({work.result.divergence}); "
+                       "nothing was sent")
         elif outcome is None:
             self._note(f"{kind} {decision.round} went on without this phone")
         return self.check_in_s

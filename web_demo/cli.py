@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregator", default=DEFAULTS.aggregator_url, metavar="URL",
                         help="aggregator to take the global model and tokenizer from (default: %(default)s)")
     parser.add_argument("--host", default=DEFAULTS.host, help="address to serve the page on (default: %(default)s)")
-    parser.add_argument("--port", type=port, default=DEFAULTS.port, help="port to serve the page on (default: %(default)s)")
+    parser.add_argument("--port", type=port, default=DEFAULTS.port,
+                        help="port to serve the page on (default: %(default)s)")
     parser.add_argument("--refresh-seconds", type=float, default=DEFAULTS.refresh_seconds, metavar="SECONDS",
                         help="how often to check the aggregator for a newer model version (default: %(default)s)")
     parser.add_argument("--run", type=Path, default=DEFAULTS.run_dir, metavar="RUN", dest="run_dir",

@@ -35,7 +35,9 @@ Base64Bytes = Annotated[bytes, BeforeValidator(_from_base64),
 
 class EnrolmentResponse(BaseModel):
     device_id: str
-    device_token: str = Field(description="Secret; send it as 'Authorization: Bearer <device_token>' at every check-in.")
+    device_token: str = Field(
+        description="Secret; send it as 'Authorization: Bearer <device_token>' at every check-in."
+    )
 
 
 class CheckinResponse(BaseModel):
@@ -53,7 +55,9 @@ class CheckinResponse(BaseModel):
         False, description="With adaptive clipping: the device also reports whether its update's norm was within "
                            "clip_norm, one bit (in the upload's metadata, or inside the masked vector)."
     )
-    secure_aggregation: bool = Field(False, description="The round runs secure aggregation: see /rounds/{round}/secagg.")
+    secure_aggregation: bool = Field(
+        False, description="The round runs secure aggregation: see /rounds/{round}/secagg."
+    )
     model_encoding: Literal["float32", "int8"] = Field(
         "float32", description="Present when action is 'train': download the model as GET /model?encoding=this."
     )
@@ -146,7 +150,9 @@ class RoundSummary(BaseModel):
     eval_hits_at_1: int | None = None
     eval_hits_at_3: int | None = None
     dp_noise_multiplier: float | None = Field(None, description="Differential privacy: the round's noise multiplier.")
-    dp_sampling_rate: float | None = Field(None, description="The sampling rate the accountant assumed: goal / population.")
+    dp_sampling_rate: float | None = Field(
+        None, description="The sampling rate the accountant assumed: goal / population."
+    )
     dp_delta: float | None = None
     epsilon: float | None = Field(None, description="Privacy spent by every round up to this one, at dp_delta.")
     dp_mechanism: str | None = Field(None, description="Differential privacy: fedavg or ftrl (null: fedavg).")
@@ -194,7 +200,9 @@ class StatusResponse(BaseModel):
     aborted: int
     deadline_in_s: float
     differential_privacy: bool
-    epsilon: float | None = Field(description="Privacy spent so far (differential privacy on), at the last round's delta.")
+    epsilon: float | None = Field(
+        description="Privacy spent so far (differential privacy on), at the last round's delta."
+    )
     rho: float | None = Field(None, description="DP-FTRL: rho-zCDP spent so far.")
     clip_norm: float | None = Field(None, description="Differential privacy: the clip norm the open round asks for.")
     recent_rounds: list[RoundSummary]

@@ -1,7 +1,8 @@
 """What every driver of benchmarks/vs_peers.py shares: its job, the phone's work, the CPU it measures, its report.
 
 A driver runs in its framework's own environment (`bash dev.sh peers`), reads its job from the JSON file named by its
-first argument and prints one JSON line on stdout (its last line; frameworks log to stderr). The job is the same for every framework: the rounds
+first argument and prints one JSON line on stdout (its last line; frameworks log to stderr). The job is the same for
+every framework: the rounds
 to run, each the phones that train in it and the simulated time they train at, after one unmeasured warm-up round.
 """
 

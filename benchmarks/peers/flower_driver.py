@@ -6,7 +6,8 @@ the same phones each round as this project's fleet trained, named in the message
 whichever node gets it. The ServerApp is Flower's FedAvg with its sampling replaced by that schedule; its
 aggregation is Flower's own. One Ray worker per core, one CPU per ClientApp, and Ray on 127.0.0.1 only.
 
-Run with the Flower environment's python (`bash dev.sh peers`); job as the first argument (common.Job), one JSON line out.
+Run with the Flower environment's python (`bash dev.sh peers`); job as the first argument (common.Job),
+one JSON line out.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ The fleet picks its own phones (check-ins, selection, over-selection, phones tha
 whose updates each round counted are printed with the figures, and the peers' drivers then train exactly those,
 scoring the model on the phones that scored it here (the aggregator asks a share of each round's phones to).
 
-Job: a JSON file named by the first argument, {"phones_dir", "tokenizer_path", "per_round", "rounds", "workers", "seed", "workdir"}.
+Job: a JSON file named by the first argument, {"phones_dir", "tokenizer_path", "per_round", "rounds", "workers",
+"seed", "workdir"}.
 """
 
 from __future__ import annotations
