@@ -170,4 +170,5 @@ def resumed_clip(config: AggregatorConfig, last_release: dict | None) -> ClipNor
         if norm != resumed:
             logger.warning("the database's clip norm for the next round, %r, is outside [%g, %g]; using %g",
                            resumed, floor, config.max_update_norm, norm)
-    return ClipNorm(norm, config.noise_multiplier, adaptive, config.clients_per_round, config.max_update_norm, floor)
+    return ClipNorm(norm, config.private_noise_multiplier, adaptive, config.clients_per_round,
+                    config.max_update_norm, floor)

@@ -162,8 +162,8 @@ class SecureSum:
                 f"the evaluation counts sum to {positions} predictions, {hits_1} hits at 1 and {hits_3} at 3; "
                 f"{reported} phones send 0 <= hits at 1 <= hits at 3 <= predictions <= {self._max_eval_positions} "
                 "each: some phone lied")
-        evaluation = {"eval_devices": reported, "eval_positions": positions, "eval_hits_at_1": hits_1,
-                      "eval_hits_at_3": hits_3}
+        evaluation: dict[str, float | int] = {
+            "eval_devices": reported, "eval_positions": positions, "eval_hits_at_1": hits_1, "eval_hits_at_3": hits_3}
         if self._ledger is None or self._ledger.clip.adaptive is None:
             if within != 0:  # honest phones send 0 when the round does not adapt its clip norm
                 raise ImpossibleSumError(f"this round does not adapt its clip norm, yet the clipping bits sum to "

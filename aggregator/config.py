@@ -173,7 +173,8 @@ class AggregatorConfig:
                              f"got {self.clip_learning_rate} "
                              f"and {self.clip_count_stddev}")
         if self.adaptive_clipping is not None:
-            update_noise_multiplier(self.noise_multiplier, self.adaptive_clipping.count_stddev)  # raises if too small
+            # Raises if the count's noise is too small.
+            update_noise_multiplier(self.private_noise_multiplier, self.adaptive_clipping.count_stddev)
         if self.download_encoding not in MODEL_ENCODINGS:
             raise ValueError(f"download_encoding must be one of {MODEL_ENCODINGS}, got {self.download_encoding!r}")
         if self.secagg_ring_bits not in RING_WIDTHS:
@@ -198,6 +199,13 @@ class AggregatorConfig:
     @property
     def differential_privacy(self) -> bool:
         return self.noise_multiplier is not None
+
+    @property
+    def private_noise_multiplier(self) -> float:
+        """The noise multiplier, where differential privacy must be on (a privacy mechanism's settings)."""
+        if self.noise_multiplier is None:
+            raise ValueError("differential privacy is off: there is no noise multiplier")
+        return self.noise_multiplier
 
     @property
     def adaptive_clipping(self) -> AdaptiveClipping | None:

@@ -310,6 +310,7 @@ class FtrlLedger:
         return 0 if last is None else max(0, last + self.min_separation - self.releases)
 
     def spent(self, record: dict, reporters: Iterable[str] = ()) -> None:
+        assert self._pending is not None  # release() set it
         state, step = self._pending
         assert step == record["dp_step"]
         self._noise.advance(state)
@@ -339,6 +340,6 @@ def dp_ftrl(config: AggregatorConfig, storage: Storage, model: GlobalModel,
     if saved is not None and saved[0] != model.version:
         raise UserFacingError(f"the database {config.db_path} holds DP-FTRL noise state for model version "
                               f"{saved[0]}, not the newest model's ({model.version})")
-    return FtrlLedger(resumed_clip(config, last), config.noise_multiplier, config.clients_per_round,
+    return FtrlLedger(resumed_clip(config, last), config.private_noise_multiplier, config.clients_per_round,
                       config.min_separation, config.dp_rounds, model.shapes, population, config.dp_delta,
                       saved[1] if saved is not None else None, storage.last_participations())

@@ -40,6 +40,7 @@ class GlobalModel:
         if latest is None:
             storage.save_initial_model(model_to_bytes(self._initial_state(), 0, config.model))
             latest = storage.latest_model()
+            assert latest is not None  # just saved
         self.version, self.bytes = latest
         self.shapes = parameter_shapes(build_model(config.model).state_dict())
         try:

@@ -121,6 +121,6 @@ def dp_fedavg(config: AggregatorConfig, storage: Storage, model: GlobalModel,
               population: Callable[[], int]) -> PrivacyLedger:
     """DP-FedAvg, resumed: every release the database holds is counted again, and an adaptive clip norm goes on
     from where the last one left it."""
-    return PrivacyLedger(resumed_clip(config, storage.last_release()), config.noise_multiplier,
+    return PrivacyLedger(resumed_clip(config, storage.last_release()), config.private_noise_multiplier,
                          config.clients_per_round, population, config.dp_delta,
                          [PrivacyEvent(q, z) for q, z in storage.privacy_events()])

@@ -331,10 +331,13 @@ class RoundManager:
 
     def _submit_masked(self, round_number: int, token: str, data: bytes) -> SubmitResult:
         """A secure round's upload: a masked input, added to the masked sum. Reaching the goal starts unmasking."""
-        masked = self.round.secure.decode_masked(data)  # outside the lock: the layout is the same every round
+        secure = self.round.secure
+        assert secure is not None  # a secure round's upload
+        masked = secure.decode_masked(data)  # outside the lock: the layout is the same every round
         with self._lock:
             device_id = self._authorize(round_number, token)
             current = self.round
+            assert current.secure is not None
             if device_id in current.reported:
                 return SubmitResult(round_number, len(current.reported), duplicate=True)
             over = current.secure.masked_input(device_id, masked, self.clock(), len(current.reported) + 1)

@@ -82,9 +82,9 @@ def comparison_table(
     """The four rows, in the paper's order; then server, federated and oracle rows for each model `beside`."""
     train_texts, held_out_texts = [], []
     for phone in phones:
-        train, held_out = phone.messages()
+        train, held = phone.messages()
         train_texts += train
-        held_out_texts += held_out
+        held_out_texts += held
     held_out = tokenizer.encode_batch(held_out_texts)
     proxy = tokenizer.encode_batch(list(proxy_lines))
     log(f"scoring on {len(held_out):,} held-out messages of {len(phones)} phones; "

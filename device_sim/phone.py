@@ -70,6 +70,7 @@ class Phone:
                 self._device_token = json.loads(self.credentials_path.read_text())["device_token"]
             else:
                 self.enrol(client)
+        assert self._device_token is not None  # enrol set it
         return self._device_token
 
     def device_id(self) -> str:

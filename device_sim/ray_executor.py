@@ -85,7 +85,9 @@ class RayExecutor:
                       if node["Alive"] and node["Resources"].get("CPU", 0) >= 1}
         if not self._cpus:
             raise UserFacingError("the Ray cluster has no node with a CPU to train phones on")
-        self._stores = {node: _NodeStore.options(scheduling_strategy=_pinned(node)).remote() for node in self._cpus}
+        # ray.remote made _NodeStore an actor class, whose .options mypy cannot see.
+        self._stores = {node: _NodeStore.options(scheduling_strategy=_pinned(node)).remote()  # type: ignore[attr-defined]
+                        for node in self._cpus}
         self._node_of: dict[str, str] = {}
         self._phones_on: Counter[str] = Counter()
         self._folders: dict[str, ray.ObjectRef] = {}  # phone id -> its folder on its node, once copied there

@@ -36,6 +36,7 @@ class RunLog:
     def append(self, line: dict) -> None:
         """Write one round's line (`line["round"]` is its step); NaN and infinities become null, as JSON has none."""
         whole = json_safe(line)
+        assert isinstance(whole, dict)
         self._file.write(json.dumps(whole, allow_nan=False) + "\n")
         self._file.flush()
         for tag, value in _scalars(whole):

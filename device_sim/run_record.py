@@ -94,8 +94,9 @@ class RunRecord:
         return self.phases[-1].options(self.options) if self.phases else self.options
 
     def write(self, run_dir: Path) -> None:
-        record = {"fedkeyboard": self.fedkeyboard, "command": self.command, "corpus_path": self.corpus_path,
-                  "corpus_checksum": self.corpus_checksum, "started": self.started}
+        record: dict[str, object] = {
+            "fedkeyboard": self.fedkeyboard, "command": self.command, "corpus_path": self.corpus_path,
+            "corpus_checksum": self.corpus_checksum, "started": self.started}
         if self.phases:
             record[PHASE_KEY] = [phase.table() for phase in self.phases]
         text = (f"# The options `fedkb {self.command}` first ran with (defaults included); "

@@ -107,7 +107,7 @@ def guarded(round_input: RoundInput, call_next: Step) -> LocalWork:
     work = call_next(round_input)
     if work.result.divergence is not None:
         return replace(work, delta=None, evaluation=None)
-    if not all(torch.isfinite(t).all() for t in work.delta.values()):
+    if work.delta is not None and not all(torch.isfinite(t).all() for t in work.delta.values()):
         return replace(work, delta=None, evaluation=None,
                        result=replace(work.result, divergence="the update holds values that are not finite"))
     return work

@@ -308,7 +308,7 @@ def _round_line(
         # Differential privacy: the norm the round clipped to and, adapting it, the noisy fraction within it.
         **{name: getattr(server_view, name) if server_view else None
            for name in (*PRIVACY_SPENT, "dp_clip_norm", "dp_fraction_within")},
-        "examples": sum(p.result.num_examples for p in report.participants) if report else 0,
+        "examples": sum(p.result.num_examples for p in report.participants if p.result) if report else 0,
         "train_loss": report.train_loss if report else None,
         "local_learning_rate": learning_rate,
         # The researcher's central score of the model this round produced (model_version), when scored...

@@ -90,8 +90,8 @@ def simulate(args: argparse.Namespace, corpus: PreparedCorpus, stack: ExitStack)
         **aggregator_cli.round_settings(args) | own,
     )
     if args.in_process:
-        client = stack.enter_context(closing(InProcessClient(config)))
-        return device_cli.simulate_with(args, corpus, client), client.url
+        in_process = stack.enter_context(closing(InProcessClient(config)))
+        return device_cli.simulate_with(args, corpus, in_process), in_process.url
     url = stack.enter_context(LocalAggregator(config)).url
     print(f"started an aggregator at {url} (database {config.db_path})", flush=True)
     client = stack.enter_context(closing(AggregatorClient(url, operator_token=config.operator_token)))

@@ -32,7 +32,9 @@ class ArchitectureConfig(Protocol):
     """A frozen dataclass of a network's sizes."""
 
     architecture: ClassVar[str]
-    vocab_size: int
+
+    @property  # read-only, as a frozen dataclass's fields are
+    def vocab_size(self) -> int: ...
 
     def to_dict(self) -> dict[str, int]: ...
 
@@ -43,7 +45,9 @@ ModelState = Any
 
 
 class NextWordModel(Protocol):
-    config: ArchitectureConfig
+    @property  # read-only: each model holds its own architecture's config
+    def config(self) -> ArchitectureConfig: ...
+
     # The tied output layer: scores are features @ embedding.weight.T + output_bias. The fused losses (the model's
     # own and the vectorised executor's) read these two parameters by their names, "embedding.weight" and
     # "output_bias".
@@ -104,7 +108,7 @@ class Architecture:
 
     label: str  # its name in tables
     # Its sizes; every field but vocab_size (the tokenizer's) is a command-line option.
-    config_class: type[ArchitectureConfig]
+    config_class: type[Any]  # a frozen dataclass whose instances meet ArchitectureConfig
     # An untrained model of a config, initialised from torch's global generator.
     model_class: Callable[[Any], NextWordModel]
     # Matrix FLOPs of one training token for a config (forward and backward): what the benchmarks divide by.

@@ -32,7 +32,7 @@ def number(kind: type[int] | type[float], accepts: Callable[[float], bool], rule
 
 def at_least(lowest: int) -> Callable[[str], int]:
     """A whole number no smaller than `lowest`."""
-    return number(int, lambda value: value >= lowest, f"at least {lowest}")
+    return number(int, lambda value: value >= lowest, f"at least {lowest}")  # type: ignore[return-value]  # int
 
 
 positive_int = at_least(1)

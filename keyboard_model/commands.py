@@ -44,7 +44,7 @@ class CommandParser(Parser):
     """A subcommand's parser: it reports words it does not know itself, naming itself ("fedkb simulate: error:")
     and the option meant, where argparse would leave them to the top-level parser, which knows neither."""
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+    def parse_known_args(self, args=None, namespace=None):  # argparse's own signature
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
@@ -96,6 +96,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Name
     if config is None:
         return args
     command = _subcommands(parser)[args.command]
+    assert isinstance(command, Parser)  # command_parser makes every subcommand's parser one
     try:
         words = as_arguments(command, read_options(config), config)
     except UserFacingError as error:

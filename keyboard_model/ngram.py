@@ -109,7 +109,8 @@ class KneserNeyTrigram:
         total = EvalCounts()
         for start in range(0, len(scored), MESSAGES_PER_BATCH):
             batch = scored[start:start + MESSAGES_PER_BATCH]
-            contexts, targets = [], []
+            contexts: list[tuple[int, int]] = []
+            targets: list[int] = []
             for message in batch:
                 padded = [BOS_ID, *message]
                 contexts += zip(padded, padded[1:-1], strict=False)

@@ -119,7 +119,9 @@ class CausalTransformer(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
         for block in self.blocks:
+            assert isinstance(block, Block)
             for last in (block.attention.out, block.mlp[2]):
+                assert isinstance(last, nn.Linear)
                 nn.init.normal_(last.weight, std=0.02 / math.sqrt(2 * self.config.layers))
         # Larger than GPT-2's 0.02, for the CIFG's reason: the tied output layer reads this matrix, and with the
         # phones' plain SGD tiny embeddings sat on a word-frequency plateau. Held-out loss after three central

@@ -151,12 +151,14 @@ class LatestModel:
             self._weights = {name: t.detach().clone() for name, t in self._model.state_dict().items()}
             self._data = data
             return self._model, self._version
+        model = self._model
+        assert model is not None  # set with _data
         with torch.no_grad():
-            for name, tensor in self._model.state_dict().items():
+            for name, tensor in model.state_dict().items():
                 tensor.copy_(self._weights[name])
-        for parameter in self._model.parameters():
+        for parameter in model.parameters():
             parameter.grad = None
-        return self._model.train(), self._version  # as a newly built module
+        return model.train(), self._version  # as a newly built module
 
 
 def parameter_shapes(state: Tensors) -> dict[str, tuple[int, ...]]:

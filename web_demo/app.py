@@ -27,7 +27,7 @@ from web_demo.run_folder import RunFolder
 from web_demo.schemas import ErrorResponse, ModelInfo, ModelScore, RunResponse, SuggestResponse, TrainingResponse
 
 STATIC = Path(__file__).parent / "static"
-PLOTLY_JS = files("plotly") / "package_data" / "plotly.min.js"
+PLOTLY_JS = Path(str(files("plotly") / "package_data" / "plotly.min.js"))  # an installed package: a real file
 # The page sends the sentence being typed, at most this much of it, which keeps the query
 # string well inside uvicorn's limit and the suggester's remembered state short.
 MAX_TEXT_CHARS = 1000
@@ -170,17 +170,19 @@ def latest_score(run: RunResponse, status: StatusResponse | None) -> ModelScore 
     counts its phones reported on the global model the round started from."""
     if run.finished and run.final is not None:
         return run.final
-    scored = [r for r in status.recent_rounds if r.recall_at_1 is not None] if status else []
+    scored = [(r.round, r.base_version, r.eval_devices, r.recall_at_1, r.recall_at_3)
+              for r in (status.recent_rounds if status else []) if r.recall_at_1 is not None]
     if not scored:
         return None
-    newest = max(scored, key=lambda r: r.round)
-    return ModelScore(recall_at_1=newest.recall_at_1, recall_at_3=newest.recall_at_3,
-                      model_version=newest.base_version, scored_on=f"{newest.eval_devices} phones' own")
+    _, version, devices, top1, top3 = max(scored)
+    return ModelScore(recall_at_1=top1, recall_at_3=top3 or 0.0, model_version=version,
+                      scored_on=f"{devices} phones' own")
 
 
 def create_app(config: DemoConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        assert config.phone_dir is not None  # DemoConfig fills it in
         with ModelSource(config.aggregator_url, config.refresh_seconds) as source, \
                 BrowserPhone(config.phone_dir, config.aggregator_url, config.phone_check_in_s) as phone:
             app.state.model_source, app.state.phone = source, phone

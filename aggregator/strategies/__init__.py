@@ -18,6 +18,7 @@ A new one is a frozen dataclass with `server_learning_rate`, `init` and `apply`,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from aggregator.strategies.averaged import Averaged
@@ -30,7 +31,8 @@ from keyboard_model.weights import Tensors
 
 
 class Strategy(Protocol):
-    server_learning_rate: float
+    @property  # read-only, as a frozen dataclass's fields are
+    def server_learning_rate(self) -> float: ...
 
     def init(self, global_state: Tensors) -> Tensors:
         """What the optimiser carries from round to round, saved with each model version."""
@@ -39,7 +41,8 @@ class Strategy(Protocol):
         """(the stepped weights, the new state); neither argument is changed."""
 
 
-STRATEGIES: dict[str, type[Strategy]] = {
+# Each called with no argument or with server_learning_rate=.
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad,
 }
 

@@ -81,7 +81,7 @@ class RingEncoding:
         return np.float32 if self.bits <= 16 else np.float64
 
     def encode(self, delta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        padded = np.zeros(self.size, self._float)
+        padded: np.ndarray = np.zeros(self.size, self._float)
         # The DCT is linear, so the scale is applied with the signs, in the same pass.
         np.multiply(delta, self._signs[: self.length] * self.scale, out=padded[: self.length], casting="same_kind")
         scaled = dct(padded, norm="ortho", overwrite_x=True)
