@@ -33,6 +33,8 @@ from keyboard_model.errors import UserFacingError
 from tests.test_loopback_only import listening_beyond_loopback
 from tests.test_vectorised import run_fleet
 
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[Cluster]:

@@ -329,6 +329,7 @@ def assert_gboard_layout(browser: webdriver.Chrome) -> None:
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
 
 
+@pytest.mark.browser
 def test_typing_and_tapping_suggestions_in_a_browser(
     aggregator: LocalAggregator, tokenizer: KeyboardTokenizer, tmp_path: Path
 ) -> None:
@@ -573,6 +574,7 @@ def test_the_browser_phone_keeps_its_history_in_the_run_folder(
     assert "run_dir must be a run's folder" in capsys.readouterr().err
 
 
+@pytest.mark.browser
 def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differential_privacy(
     tmp_path: Path, tokenizer: KeyboardTokenizer
 ) -> None:
@@ -664,6 +666,7 @@ def assert_points(trace: dict, expected: list[tuple[float, int]]) -> None:
     assert [x for x, _ in shown] == pytest.approx([x for x, _ in expected])
 
 
+@pytest.mark.browser
 def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_path: Path) -> None:
     tokenizer_path = tmp_path / "tokenizer.json"
     KeyboardTokenizer.train(SMALL_TEXT, vocab_size=200).save(tokenizer_path)
@@ -829,6 +832,7 @@ def test_the_dashboard_plots_a_real_short_run_and_shows_a_rounds_details(tmp_pat
             assert asking_title(browser) == "Phones asking to train by simulated hour (UTC)"
 
 
+@pytest.mark.browser
 def test_the_dashboard_says_when_the_aggregator_was_never_reached(tmp_path: Path) -> None:
     with DemoServer(f"http://127.0.0.1:{free_port()}") as demo, chromium(tmp_path / "chromium-profile") as browser:
         browser.get(f"{demo.url}/dashboard")
@@ -836,6 +840,7 @@ def test_the_dashboard_says_when_the_aggregator_was_never_reached(tmp_path: Path
         assert not dashboard_state(browser)["charts"]
 
 
+@pytest.mark.browser
 def test_this_browser_is_a_phone_keeps_sent_text_only_in_its_own_sqlite_file_and_joins_rounds(
     tmp_path: Path, tokenizer: KeyboardTokenizer
 ) -> None:
@@ -916,6 +921,7 @@ def simulated_phone_takes_part(phone: Phone, url: str, tokenizer: KeyboardTokeni
     return None
 
 
+@pytest.mark.browser
 def test_this_browser_is_a_phone_joins_a_secure_round_beside_simulated_phones(
     tmp_path: Path, tokenizer: KeyboardTokenizer
 ) -> None:
