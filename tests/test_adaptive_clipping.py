@@ -26,8 +26,18 @@ from keyboard_model.train import LocalTrainConfig
 from keyboard_model.update_codec import decode_update
 from keyboard_model.weights import model_from_bytes, model_to_bytes, parameter_shapes, write_tensors
 from tests.conftest import SMALL_TEXT
-from tests.test_ftrl import IDENTITY, TWO_BUFFERS
-from tests.test_secure_rounds import Device, confirm_all, finished_round, random_delta, start_secure, until_collecting
+from tests.helpers import (
+    IDENTITY,
+    TWO_BUFFERS,
+    Device,
+    adaptive_manager,
+    confirm_all,
+    finished_round,
+    random_delta,
+    release_one_round,
+    start_secure,
+    until_collecting,
+)
 
 
 def test_updates_and_bits_together_spend_what_the_noise_multiplier_alone_would():
@@ -80,29 +90,10 @@ def test_the_released_fraction_is_the_bits_with_their_noise_divided_by_the_goal(
     assert clip.norm == record["dp_next_clip_norm"]
 
 
-def _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **changes) -> RoundManager:
-    settings = dict(model=small_model_config, clients_per_round=4, over_selection=1.0, server_optimizer="fedavg",
-                    noise_multiplier=0.01, clip_norm=0.5, clip_quantile=0.5, population=40, selection_window_s=0.0)
-    config = AggregatorConfig(db_path=tmp_path / "a.sqlite", tokenizer_path=small_tokenizer_path,
-                              **(settings | changes))
-    return RoundManager(config, open_storage(config.db_path))
-
-
-def _release_one_round(manager: RoundManager, decisions: list | None = None) -> dict:
-    """The round's four selected devices (`decisions`, else four new ones) report updates within the norm; returns
-    the round's record."""
-    decisions = decisions or [manager.checkin(manager.enrol()[0]) for _ in range(4)]
-    shapes = parameter_shapes(model_from_bytes(manager.current_model()[1])[0].state_dict())
-    delta = clip_to_norm(random_delta(shapes, 1), decisions[0].clip_norm)
-    for decision in decisions:
-        manager.submit(decision.round, decision.upload_token, update_bytes(delta, 5, "none", within_clip=True))
-    return manager.storage.recent_rounds(1)[0]
-
-
 def test_a_round_moves_the_clip_norm_from_the_phones_bits_and_a_restart_keeps_it(
     tmp_path, small_tokenizer_path, small_model_config
 ):
-    manager = _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
+    manager = adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
     decision = manager.checkin(manager.enrol()[0])
     assert decision.action == "train" and decision.clip_norm == 0.5 and decision.adaptive_clipping
     shapes = parameter_shapes(model_from_bytes(manager.current_model()[1])[0].state_dict())
@@ -113,7 +104,7 @@ def test_a_round_moves_the_clip_norm_from_the_phones_bits_and_a_restart_keeps_it
         with pytest.raises(BadUpdateError, match="within_clip"):
             manager.submit(decision.round, decision.upload_token, data)
     # Every update was within the norm: the fraction released is about 1, above the target, so the norm shrinks.
-    record = _release_one_round(manager, [decision, *(manager.checkin(manager.enrol()[0]) for _ in range(3))])
+    record = release_one_round(manager, [decision, *(manager.checkin(manager.enrol()[0]) for _ in range(3))])
     assert record["status"] == "closed" and record["dp_clip_norm"] == 0.5
     assert record["dp_fraction_within"] == pytest.approx(1.0, abs=0.5)  # sigma_b = goal / 20: 0.05 on the fraction
     assert record["dp_next_clip_norm"] == pytest.approx(0.5 * math.exp(-0.2 * (record["dp_fraction_within"] - 0.5)))
@@ -122,7 +113,7 @@ def test_a_round_moves_the_clip_norm_from_the_phones_bits_and_a_restart_keeps_it
     following = manager.checkin(manager.enrol()[0])
     assert following.clip_norm == record["dp_next_clip_norm"] == manager.snapshot()["clip_norm"]
     # A restarted aggregator asks for the same norm.
-    restarted = _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
+    restarted = adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
     assert restarted.checkin(restarted.enrol()[0]).clip_norm == record["dp_next_clip_norm"]
 
 
@@ -131,13 +122,13 @@ def test_a_dp_ftrl_database_refuses_another_noise_multiplier_or_clipping_on_resu
 ):
     # The BLT of tests/test_ftrl.py (10 rounds, separation 2): optimised once per process.
     ftrl = dict(dp_mechanism="ftrl", min_separation=2, dp_rounds=10, noise_multiplier=0.2)
-    record = _release_one_round(_adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **ftrl))
+    record = release_one_round(adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **ftrl))
     assert record["dp_mechanism"] == "ftrl" and record["rho"] > 0
     # Its accounting adds up releases of one noise multiplier and one way of clipping.
     for changed in ({"noise_multiplier": 0.3}, {"clip_quantile": None}, {"clip_count_stddev": 0.5}):
         with pytest.raises(UserFacingError, match="cannot change them mid-run"):
-            _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **(ftrl | changed))
-    resumed = _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **ftrl)
+            adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **(ftrl | changed))
+    resumed = adaptive_manager(tmp_path, small_tokenizer_path, small_model_config, **ftrl)
     assert resumed.privacy.clip_norm == record["dp_next_clip_norm"]
 
 

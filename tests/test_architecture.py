@@ -18,7 +18,7 @@ from keyboard_model.cli_options import add_model_arguments, model_config_from_ar
 from keyboard_model.errors import UserFacingError
 from keyboard_model.model import CIFGLSTM, TiedOutputCrossEntropy
 from keyboard_model.transformer import TransformerConfig
-from tests.test_vectorised import close, outcome, run_fleet
+from tests.helpers import close, outcome, run_fleet
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from aggregator.rounds import RoundManager
 from aggregator.storage import open_storage
 from keyboard_model.update_codec import encode_update
 from keyboard_model.weights import model_from_bytes
-from tests.test_secure_rounds import Device, confirm_all, random_delta, until_collecting
+from tests.helpers import Device, confirm_all, random_delta, until_collecting
 
 
 @contextlib.contextmanager

@@ -25,15 +25,7 @@ from fedkb.plot import references
 from keyboard_model.commands import command_parser, parse
 from keyboard_model.weights import model_from_bytes
 from tests.conftest import SMALL_TEXT
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def fedkb(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedkb", *args], capture_output=True, text=True, timeout=timeout,
-        stdin=subprocess.DEVNULL, cwd=ROOT,
-    )
+from tests.helpers import ROOT, fedkb
 
 
 def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path: Path, shakespeare):

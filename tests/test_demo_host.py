@@ -9,8 +9,7 @@ import httpx
 import pytest
 
 from aggregator.process import free_port
-from tests.test_slow_clients import open_stalled, read_until_closed
-from tests.test_web_demo import DemoServer
+from tests.helpers import DemoServer, open_stalled, read_until_closed
 from web_demo.cli import main
 
 pytestmark = pytest.mark.timeout(60)

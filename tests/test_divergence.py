@@ -21,7 +21,7 @@ from keyboard_model.architecture import build_model
 from keyboard_model.train import LocalTrainConfig, TrainingDivergedError, train_centrally, train_local
 from keyboard_model.weights import model_to_bytes
 from tests.conftest import SMALL_TEXT
-from tests.test_fleet import Tap, fleet_config, make_phones
+from tests.helpers import Tap, fleet_config, make_phones
 
 BLOW_UP = LocalTrainConfig(batch_size=2, learning_rate=1e6)
 

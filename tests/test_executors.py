@@ -12,7 +12,7 @@ from device_sim.session import LocalWork
 from device_sim.worker import TrainingJob, run_job
 from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
-from tests.test_vectorised import close, outcome, run_fleet
+from tests.helpers import close, outcome, run_fleet
 
 
 class Threads:

@@ -9,62 +9,16 @@ from pathlib import Path
 import torch
 
 from aggregator.api.client import AggregatorClient
-from aggregator.api.schemas import EvaluationReport
 from aggregator.inprocess import InProcessClient
 from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim.executor import LocalProcessPool
-from device_sim.fleet import ACTIVITIES, Fleet, FleetConfig, typing_times
-from device_sim.phone import EVAL_MESSAGES, Phone
+from device_sim.fleet import ACTIVITIES, Fleet
+from device_sim.phone import EVAL_MESSAGES
 from keyboard_model.evaluate import evaluate
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import model_from_bytes
-from tests.conftest import SMALL_TEXT
-
-
-def make_phones(folder: Path, count: int) -> list[Phone]:
-    phones = []
-    for n in range(count):
-        texts = [SMALL_TEXT[(n + t) % len(SMALL_TEXT)] for t in range(10 + n % 5)]
-        phones.append(Phone.create(f"phone-{n:05d}", folder / f"phone-{n:05d}", typing_times(texts, typing_days=1.0)))
-    return phones
-
-
-def fleet_config(folder: Path, **changes) -> FleetConfig:
-    settings = dict(phones_dir=folder, train=LocalTrainConfig(batch_size=4), workers=2, seed=3) | changes
-    return FleetConfig(**settings)
-
-
-class Tap:
-    """Wraps a client and keeps what the phones sent: upload tokens with their bodies, aborts, selections."""
-
-    def __init__(self, client) -> None:
-        self.client = client
-        self.uploads: dict[str, bytes] = {}
-        self.aborts: list[str] = []
-        self.evaluations: dict[str, EvaluationReport] = {}
-        self.selections: dict[str, tuple[str, int]] = {}  # upload token -> (device token, round)
-
-    def checkin(self, device_token):
-        decision = self.client.checkin(device_token)
-        if decision.upload_token:
-            self.selections[decision.upload_token] = (device_token, decision.round)
-        return decision
-
-    def upload(self, round_number, upload_token, update):
-        self.uploads[upload_token] = update
-        return self.client.upload(round_number, upload_token, update)
-
-    def report_evaluation(self, round_number, upload_token, report):
-        self.evaluations[upload_token] = report
-        return self.client.report_evaluation(round_number, upload_token, report)
-
-    def abort(self, round_number, upload_token):
-        self.aborts.append(upload_token)
-        return self.client.abort(round_number, upload_token)
-
-    def __getattr__(self, name):
-        return getattr(self.client, name)
+from tests.helpers import Tap, fleet_config, make_phones
 
 
 def test_a_phone_whose_conditions_change_while_training_aborts_and_uploads_nothing(

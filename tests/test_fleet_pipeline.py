@@ -16,7 +16,7 @@ from device_sim.eligibility import EligibilityConfig
 from device_sim.fleet import Fleet
 from device_sim.worker import TrainingJob, run_job
 from keyboard_model.tokenizer import KeyboardTokenizer
-from tests.test_fleet import fleet_config, make_phones
+from tests.helpers import fleet_config, make_phones
 
 
 class Inline:

@@ -7,7 +7,7 @@ from aggregator.inprocess import InProcessClient
 from aggregator.process import local_aggregator_config
 from device_sim.fleet import Fleet
 from device_sim.participation import Participant
-from tests.test_fleet import fleet_config, make_phones
+from tests.helpers import fleet_config, make_phones
 
 
 def test_a_round_counts_its_phones_still_in_it_when_it_ended_through_the_participants_it_was_given(

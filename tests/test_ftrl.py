@@ -25,15 +25,19 @@ from aggregator.storage import open_storage
 from device_sim.session import update_bytes
 from keyboard_model.errors import UserFacingError
 from keyboard_model.norms import clip_to_norm
-from tests.test_cli import fedkb
-from tests.test_secure_rounds import Device, assert_mean_within_rounding, confirm_all, random_delta, until_collecting
+from tests.helpers import (
+    IDENTITY,
+    TWO_BUFFERS,
+    Device,
+    assert_mean_within_rounding,
+    confirm_all,
+    fedkb,
+    random_delta,
+    until_collecting,
+)
 
-IDENTITY = buffered_toeplitz.BufferedToeplitz.build(buf_decay=[], output_scale=[])
 # Every Toeplitz coefficient 1: C is the prefix-sum matrix (all ones on and below the diagonal).
 PREFIX_SUM = buffered_toeplitz.BufferedToeplitz.build(buf_decay=[1.0], output_scale=[1.0])
-# A BLT of two buffers, as jax-privacy's optimiser returns them (the one it chose for 10 rounds, separation 2).
-TWO_BUFFERS = buffered_toeplitz.BufferedToeplitz.build(buf_decay=[0.99999996, 0.38399551],
-                                                      output_scale=[0.09168603, 0.34878843])
 
 
 @pytest.mark.parametrize("releases", [1, 2, 3, 5, 11])

@@ -11,7 +11,6 @@ import math
 import random
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,20 +19,12 @@ import torch
 from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from aggregator.api.schemas import RevealedShare, SecAggReveal
 from aggregator.config import AggregatorConfig
-from aggregator.inprocess import InProcessClient
 from aggregator.refusals import RoundClosedError
 from aggregator.rounds import RoundManager
 from aggregator.storage import open_storage
 from keyboard_model.update_codec import encode_update
-from keyboard_model.weights import model_from_bytes, parameter_shapes
-from tests.test_secure_rounds import (
-    Device,
-    assert_mean_within_rounding,
-    confirm_all,
-    finished_round,
-    random_delta,
-    wait_for_phase,
-)
+from keyboard_model.weights import model_from_bytes
+from tests.helpers import assert_mean_within_rounding, finished_round, secure_client, unmasking_round
 
 
 def raw_request(url: str, head: str, body: bytes = b"", timeout_s: float = 5.0) -> str:
@@ -51,37 +42,6 @@ def raw_request(url: str, head: str, body: bytes = b"", timeout_s: float = 5.0) 
 
 
 # --- secure aggregation: a member of the cohort reveals bad shares ------------------------------------------------
-
-
-def secure_client(tmp_path: Path, small_tokenizer_path: Path, small_model_config, devices: int) -> InProcessClient:
-    config = AggregatorConfig(
-        db_path=tmp_path / "aggregator.sqlite", tokenizer_path=small_tokenizer_path, model=small_model_config,
-        clients_per_round=devices, over_selection=1.0, secure_aggregation=True, server_optimizer="fedavg",
-        secagg_phase_s=1.0, round_deadline_s=60.0, selection_window_s=0.0, secagg_ring_bits=16,
-    )
-    return InProcessClient(config)
-
-
-def unmasking_round(client: InProcessClient, devices: int, forge=None):
-    """A secure round of `devices` devices that all reported; returns them, their deltas and the round's state. With
-    `forge`, the first device deals `forge(its share message)` instead of its own."""
-    before, _ = model_from_bytes(client.model())
-    members = [Device(client) for _ in range(devices)]
-    for device in members:
-        device.send_keys()
-    wait_for_phase(members[0], "share")
-    for device in members:
-        if device is members[0] and forge is not None:
-            client.secagg_shares(device.round, device.token, forge(device.part.shares_message(device.state())))
-        else:
-            device.send_shares()
-    state = wait_for_phase(members[0], "collect")
-    deltas = [random_delta(parameter_shapes(before.state_dict()), seed) for seed in range(devices)]
-    for seed, (device, delta) in enumerate(zip(members, deltas)):
-        device.upload(delta, None, seed)
-    wait_for_phase(members[0], "confirm")
-    confirm_all(members)
-    return members, deltas, state, before.state_dict()
 
 
 def test_a_share_moved_to_another_point_is_refused_and_the_round_still_unmasks(

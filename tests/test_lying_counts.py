@@ -31,8 +31,7 @@ from keyboard_model.errors import UserFacingError
 from keyboard_model.norms import clip_to_norm, l2_norm
 from keyboard_model.secagg import RingEncoding, masked_layout
 from keyboard_model.weights import Tensors, model_from_bytes, parameter_shapes
-from tests.test_adaptive_clipping import _adaptive_manager, _release_one_round
-from tests.test_secure_rounds import Device, confirm_all, random_delta, until_collecting
+from tests.helpers import Device, adaptive_manager, confirm_all, random_delta, release_one_round, until_collecting
 
 # The attack: goal 3, noise multiplier 0.01, the median's quantile.
 ADAPTIVE = dict(noise_multiplier=0.01, clip_quantile=0.5, clip_norm=1.0, population=30)
@@ -159,23 +158,23 @@ def test_whatever_the_bits_say_a_round_moves_the_clip_norm_within_its_bound_and_
 def test_a_stored_clip_norm_is_read_as_a_number_and_brought_within_the_floor_and_ceiling(
     stored, resumed, tmp_path, small_tokenizer_path, small_model_config
 ):
-    manager = _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
-    assert _release_one_round(manager)["status"] == "closed"
+    manager = adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
+    assert release_one_round(manager)["status"] == "closed"
     manager.storage.close()
     with sqlite3.connect(tmp_path / "a.sqlite") as db:  # as a database of today's code may hold it after an attack
         db.execute("update rounds set dp_next_clip_norm = ?", [stored])
-    restarted = _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
+    restarted = adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
     assert restarted.privacy.clip_norm == pytest.approx(resumed)
 
 
 def test_a_stored_clip_norm_that_is_not_finite_is_refused(tmp_path, small_tokenizer_path, small_model_config):
-    manager = _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
-    _release_one_round(manager)
+    manager = adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
+    release_one_round(manager)
     manager.storage.close()
     with sqlite3.connect(tmp_path / "a.sqlite") as db:
         db.execute("update rounds set dp_next_clip_norm = ?", [math.inf])
     with pytest.raises(UserFacingError, match="damaged"):
-        _adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
+        adaptive_manager(tmp_path, small_tokenizer_path, small_model_config)
 
 
 def test_a_secure_aggregator_whose_counts_could_wrap_around_the_ring_does_not_start(

@@ -42,9 +42,8 @@ from keyboard_model.secagg import (
     prg_mask,
     public_bytes,
 )
-from tests.test_secure_aggregation import enrolled_phones
+from tests.helpers import ROUND, enrolled_phones
 
-ROUND = 7
 LAYOUT = Layout((("update", "uint8", 2_000), ("counts", "uint32", 3)))
 
 

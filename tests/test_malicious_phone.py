@@ -25,16 +25,17 @@ from aggregator.api.schemas import RevealedShare, SecAggConfirm, SecAggKeys, Sec
 from aggregator.rounds import EXCLUDED_RETRY_S
 from keyboard_model.secagg import PublicKeys, Roster, RoundSecrets, SecAggError, graph_parameters, keys_statement
 from keyboard_model.weights import model_from_bytes, parameter_shapes
-from tests.test_hostile_clients import secure_client, unmasking_round
-from tests.test_malicious_aggregator import ROUND
-from tests.test_secure_aggregation import enrolled_phones
-from tests.test_secure_rounds import (
+from tests.helpers import (
+    ROUND,
     Device,
     assert_mean_within_rounding,
     confirm_all,
+    enrolled_phones,
     finished_round,
     random_delta,
+    secure_client,
     start_secure,
+    unmasking_round,
     until_collecting,
     wait_for_phase,
 )

@@ -30,8 +30,7 @@ from device_sim import cli as device_cli
 from device_sim.executor import LocalProcessPool
 from keyboard_model.architecture import build_model
 from keyboard_model.errors import UserFacingError
-from tests.test_loopback_only import listening_beyond_loopback
-from tests.test_vectorised import run_fleet
+from tests.helpers import listening_beyond_loopback, run_fleet
 
 pytestmark = pytest.mark.cluster
 

@@ -17,7 +17,7 @@ from aggregator.pace import CHECKINS_PER_SLOT, next_spread, retry_after_s
 from aggregator.process import LocalAggregator, local_aggregator_config
 from device_sim.session import update_bytes
 from keyboard_model.weights import model_from_bytes, parameter_shapes, read_metadata
-from tests.test_secure_rounds import Device, confirm_all, finished_round, random_delta, start_secure, until_collecting
+from tests.helpers import Device, confirm_all, finished_round, random_delta, start_secure, until_collecting
 
 
 def constant_update(client: AggregatorClient, value: float, examples: int) -> bytes:

@@ -12,8 +12,6 @@ from aggregator.secure_aggregation import SecureAggregation
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.secagg import (
     DealtPair,
-    Directory,
-    IdentityKey,
     Layout,
     Masked,
     RingEncoding,
@@ -23,21 +21,12 @@ from keyboard_model.secagg import (
     neighbours,
     open_shares,
 )
+from tests.helpers import enrolled_phones
 
 LENGTH = 5_000
 # A secure round's two rings: the update in bytes, the counts in 32-bit words.
 LAYOUT = Layout((("update", "uint8", LENGTH), ("counts", "uint32", 3)))
 PHASES = ("advertise", "share", "collect", "confirm", "unmask")
-
-
-def enrolled_phones(cohort: int, round_number: int = 7) -> dict[int, SecAggPhone]:
-    """Phones `device-000`... with identity keys in one directory (the PKI they trust; the server has no part in it)."""
-    directory, phones = Directory(), {}
-    for k in range(cohort):
-        identity = IdentityKey.generate()
-        directory.register(f"device-{k:03d}", identity.public())
-        phones[k] = SecAggPhone(round_number, f"device-{k:03d}", identity, directory)
-    return phones
 
 
 def run_round(cohort: int, drop: dict[str, set[int]] | None = None, seed: int = 0, layout: Layout = LAYOUT):

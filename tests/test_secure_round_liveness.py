@@ -16,7 +16,7 @@ from aggregator.api.client import AggregatorRefusedError
 from aggregator.config import AggregatorConfig
 from aggregator.inprocess import InProcessClient
 from keyboard_model.weights import model_from_bytes, parameter_shapes
-from tests.test_secure_rounds import Device, random_delta
+from tests.helpers import Device, random_delta
 
 DEADLINE_S, PHASE_S = 3600.0, 120.0
 

@@ -3,115 +3,29 @@ reporting phones sent, and a round with too few phones fails without moving the 
 
 from __future__ import annotations
 
-import math
-import time
-
 import pytest
 import torch
 from safetensors.torch import save
 
-from aggregator.api.client import AggregatorClient, AggregatorRefusedError
+from aggregator.api.client import AggregatorRefusedError
 from aggregator.api.schemas import DealtShares, EvaluationReport, SecAggShares
 from aggregator.config import AggregatorConfig
 from aggregator.inprocess import InProcessClient
 from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.norms import clip_to_norm
-from keyboard_model.secagg import Directory, IdentityKey, RingEncoding, SecAggError
+from keyboard_model.secagg import IdentityKey, RingEncoding, SecAggError
 from keyboard_model.weights import model_from_bytes, parameter_shapes
-
-# The identity keys the test's devices trust (the aggregator never sees it); device ids are random, so one will do.
-DIRECTORY = Directory()
-
-
-class Device:
-    """A selected device of a secure round, driven step by step by the test."""
-
-    def __init__(self, client: AggregatorClient) -> None:
-        self.client = client
-        enrolment = client.enrol()
-        self.device_token = enrolment.device_token  # to check in again after the round
-        decision = client.checkin(enrolment.device_token)
-        assert decision.action == "train" and decision.secure_aggregation
-        self.round, self.token = decision.round, decision.upload_token
-        identity = IdentityKey.generate()
-        DIRECTORY.register(enrolment.device_id, identity.public())
-        self.part = SecAggPhone(self.round, enrolment.device_id, identity, DIRECTORY)
-
-    def state(self):
-        return self.client.secagg_state(self.round, self.token)
-
-    def send_keys(self) -> None:
-        self.client.secagg_keys(self.round, self.token, self.part.keys_message())
-
-    def send_shares(self) -> None:
-        self.client.secagg_shares(self.round, self.token, self.part.shares_message(self.state()))
-
-    def upload(self, delta, evaluation: EvaluationReport, seed: int, within_clip: bool = False):
-        data = self.part.masked_upload(delta, evaluation, within_clip, self.state(), seed)
-        return self.client.upload(self.round, self.token, data)
-
-    def confirm(self) -> None:
-        self.client.secagg_confirm(self.round, self.token, self.part.confirm_message(self.state()))
-
-    def reveal(self) -> None:
-        self.client.secagg_reveal(self.round, self.token, self.part.reveal_message(self.state()))
-
-
-def wait_for_phase(device: Device, phase: str, timeout_s: float = 20.0):
-    deadline = time.monotonic() + timeout_s
-    while (state := device.state()).phase != phase:
-        assert time.monotonic() < deadline, f"still in phase {state.phase}, waiting for {phase}"
-        time.sleep(0.1)
-    return state
-
-
-def until_collecting(devices: list[Device]):
-    """All `devices` send keys and shares; returns the state once the round collects masked inputs."""
-    for device in devices:
-        device.send_keys()
-    wait_for_phase(devices[0], "share")
-    for device in devices:
-        device.send_shares()
-    return wait_for_phase(devices[0], "collect")
-
-
-def confirm_all(devices: list[Device]):
-    """The consistency round: all `devices` sign the survivor set; returns the state once unmasking opens."""
-    for device in devices:
-        device.confirm()
-    return wait_for_phase(devices[0], "unmask")
-
-
-def finished_round(client: AggregatorClient, timeout_s: float = 20.0):
-    """The summary of the aggregator's first round, once it has closed or failed."""
-    deadline = time.monotonic() + timeout_s
-    while not client.status().recent_rounds:
-        assert time.monotonic() < deadline, "the round never ended"
-        time.sleep(0.1)
-    return client.status().recent_rounds[0]
-
-
-def random_delta(shapes, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    return {name: 0.05 * torch.randn(shape, generator=generator) for name, shape in shapes.items()}
-
-
-def assert_mean_within_rounding(after, before, mean, state, reporters: int) -> None:
-    """`after` is `before` plus `mean`, give or take the rounding of `reporters` updates in the round's ring."""
-    residual = torch.cat([(after[name] - before[name] - mean[name]).flatten() for name in before]).double()
-    signal = torch.cat([mean[name].flatten() for name in before]).double()
-    # Each reporter's stochastic rounding adds at most 1/4 step^2 of variance to each value of the sum.
-    noise = math.sqrt(reporters / 4) / RingEncoding(**state.encoding.model_dump()).scale / reporters
-    assert residual.std().item() <= 1.05 * noise < signal.std().item()
-    assert abs(residual.mean().item()) < 5 * noise / math.sqrt(len(residual))
-
-
-def start_secure(start_aggregator, small_tokenizer_path, small_model_config, **settings):
-    aggregator = start_aggregator(small_tokenizer_path, small_model_config, secure_aggregation=True,
-                                  server_optimizer="fedavg", secagg_phase_s=1.0, round_deadline_s=60.0, **settings)
-    client = AggregatorClient(aggregator.url)
-    model, _ = model_from_bytes(client.model())
-    return client, model.state_dict()
+from tests.helpers import (
+    DIRECTORY,
+    Device,
+    assert_mean_within_rounding,
+    confirm_all,
+    finished_round,
+    random_delta,
+    start_secure,
+    until_collecting,
+    wait_for_phase,
+)
 
 
 def test_drop_outs_before_sharing_before_uploading_and_late_still_give_the_mean_of_the_reports(

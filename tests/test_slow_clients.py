@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import select
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ from aggregator.app import create_app
 from aggregator.process import free_port, local_aggregator_config
 from keyboard_model.model import ModelConfig
 from keyboard_model.serving import HEADER_TIMEOUT_S, uvicorn_options
-from tests.test_web_demo import DemoServer
+from tests.helpers import DemoServer, open_stalled, read_until_closed
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,29 +64,6 @@ def serving(app: Callable = echo, log_level: str = "error", **limits: float) -> 
     finally:
         server.should_exit = True
         thread.join(10)
-
-
-def open_stalled(port: int, request: bytes) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(request)
-    return sock
-
-
-def read_until_closed(sock: socket.socket, deadline: float) -> bytes | None:
-    """What the server sends until it closes the connection; None if it is still open at `deadline`."""
-    received = b""
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            return None
-        except ConnectionResetError:  # closed with bytes of ours unread
-            return received
-        if not chunk:
-            return received
-        received += chunk
-    return None
 
 
 def test_two_hundred_stalled_requests_are_answered_408_and_closed_while_others_are_served() -> None:

@@ -1,6 +1,4 @@
 import copy
-import random
-from collections.abc import Iterator
 
 import torch
 
@@ -9,6 +7,7 @@ from keyboard_model.model import ModelConfig
 from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import BOS_ID, SPECIAL_TOKENS, KeyboardTokenizer
 from tests.conftest import SMALL_TEXT
+from tests.helpers import typed_with_deletions
 
 
 def suggester(tokenizer: KeyboardTokenizer, seed: int = 0) -> Suggester:
@@ -65,19 +64,6 @@ def test_next_words_are_the_models_top_words_after_the_whole_message(small_token
         assert s.suggest(text + " ") == expected
         seen.add(tuple(expected))
     assert len(seen) > 1  # the context, not just word frequency, decides
-
-
-def typed_with_deletions(target: str, keystrokes: int, seed: int = 0) -> Iterator[str]:
-    """The text box after each keystroke of someone typing `target`, sometimes deleting a few characters, sometimes
-    typing something else."""
-    rng = random.Random(seed)
-    text = ""
-    for _ in range(keystrokes):
-        if text and rng.random() < 0.15:
-            text = text[: -rng.randint(1, min(6, len(text)))]  # backspace a few characters
-        else:
-            text = target[: len(text) + 1] if target.startswith(text) else text + rng.choice("ab ,")
-        yield text
 
 
 def test_incremental_state_matches_a_full_pass_while_typing_and_deleting(small_tokenizer, small_model_config):

@@ -16,7 +16,7 @@ from keyboard_model.train import LocalTrainConfig, language_model_loss, pack_seq
 from keyboard_model.transformer import CausalTransformer, TransformerConfig
 from keyboard_model.weights import WeightsError, model_from_bytes, model_to_bytes, write_tensors
 from tests.conftest import SMALL_TEXT
-from tests.test_suggest import typed_with_deletions
+from tests.helpers import typed_with_deletions
 
 # A window of 6 tokens, so that short test texts already slide it.
 CONTEXT = 6

@@ -11,16 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from aggregator.inprocess import InProcessClient
-from aggregator.process import local_aggregator_config
 from device_sim import cli as device_cli
 from device_sim.executor import SerialExecutor
-from device_sim.fleet import Fleet, Participation, typing_times
+from device_sim.fleet import typing_times
 from device_sim.phone import Phone
 from device_sim.session import Clipping, RoundInput, train
 from device_sim.vectorised import VectorisedCohort, check_device, train_cohort
@@ -29,19 +26,15 @@ from keyboard_model.architecture import build_model
 from keyboard_model.errors import UserFacingError
 from keyboard_model.train import LocalTrainConfig, batch_order, training_rows
 from keyboard_model.transformer import TransformerConfig
-from keyboard_model.weights import model_from_bytes, model_to_bytes
+from keyboard_model.weights import model_to_bytes
 from tests.conftest import SMALL_TEXT
-from tests.test_fleet import fleet_config, make_phones
+from tests.helpers import close, make_phones, outcome, run_fleet
 
 # Gradient norms of these phones run from 0.12 to 0.28 (measured): some steps are clipped, some not.
 CONFIG = LocalTrainConfig(batch_size=4, max_grad_norm=0.15)
 # Message counts of the ragged phones: one message (a single row, so a single batch), a few, many; and a phone with
 # nothing to train on.
 MESSAGES = (1, 6, 14, 40, 0)
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def ragged_phones(tokenizer) -> list[tuple[list[str], int]]:
@@ -178,29 +171,6 @@ def test_close_cancels_what_is_still_queued(tmp_path, small_tokenizer, small_mod
     job = cohort.submit(TrainingJob(phone, model, CONFIG, 0, "int8", 86_400.0, None))
     cohort.close()
     assert job.cancelled()
-
-
-def run_fleet(folder: Path, tokenizer_path: Path, model_config, executor, rounds: int, phones: int = 10,
-              per_round: int = 3, **settings):
-    """`rounds` rounds of `per_round` phones out of `phones` on a simulated clock, in process; the final model and
-    the reports."""
-    folder.mkdir()
-    client = InProcessClient(local_aggregator_config(folder, tokenizer_path, model=model_config,
-                                                     clients_per_round=per_round, simulated_clock=True,
-                                                     round_deadline_s=3600.0, **settings))
-    fleet = Fleet(make_phones(folder / "phones", phones),
-                  fleet_config(folder / "phones", vanish_probability=0.0, update_compression="none"), client,
-                  executor=executor)
-    try:
-        reports = [fleet.run_round() for _ in range(rounds)]
-    finally:
-        fleet.close()
-    return model_from_bytes(client.model())[0], reports
-
-
-def outcome(p: Participation) -> tuple:
-    """What became of a selected phone, with how much it trained (None: it never trained)."""
-    return p.phone_id, p.outcome, p.result.num_examples if p.result else None
 
 
 def test_a_fleet_on_the_vectorised_executor_follows_the_one_by_one_trajectory(

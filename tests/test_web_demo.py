@@ -7,18 +7,13 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import sqlite3
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 import pytest
@@ -46,7 +41,7 @@ from keyboard_model.tokenizer import SPECIAL_TOKENS, KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import model_from_bytes, parameter_shapes
 from tests.conftest import SMALL_TEXT
-from tests.test_fleet import fleet_config, make_phones
+from tests.helpers import DemoServer, fleet_config, make_phones, wait_for
 from web_demo.app import MAX_BODY_BYTES, create_app
 from web_demo.cli import add_arguments, config_from_args, main
 from web_demo.config import DemoConfig
@@ -66,84 +61,6 @@ LINES = [
 ]
 # A suggestible word as the tokenizer splits them: no punctuation, no special tokens.
 WORD = re.compile(r"\w+(?:'\w+)*")
-T = TypeVar("T")
-
-
-def wait_for(condition: Callable[[], T], timeout_s: float, failure: Callable[[], str]) -> T:
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(failure())
-        time.sleep(0.1)
-    return result
-
-
-class DemoServer:
-    """`python -m web_demo` as a child process on a free loopback port, stopped on exit."""
-
-    def __init__(self, aggregator_url: str, refresh_seconds: float = 0.3, phone_dir: Path | None = None,
-                 options: Sequence[str] = ()) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # The browser phone's folder: never the repository's runs/; one made here is removed on exit.
-        self._own_phone_dir = phone_dir is None
-        self.phone_dir = phone_dir or Path(tempfile.mkdtemp(prefix="browser-phone-"))
-        self.command = [
-            sys.executable, "-m", "web_demo", "--aggregator", aggregator_url,
-            "--port", str(self.port), "--refresh-seconds", str(refresh_seconds),
-            "--phone-dir", str(self.phone_dir), "--phone-check-in", "0.5", *options,
-        ]
-        self._log = tempfile.TemporaryFile()
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> DemoServer:
-        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
-        try:
-            wait_for(self._answers, 30, lambda: f"the demo did not answer at {self.url}:\n{self.output()}")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _answers(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"the demo exited with code {self.process.returncode}:\n{self.output()}")
-        try:
-            return httpx.get(self.url, timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def output(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")
-
-    def model_info(self) -> dict:
-        return httpx.get(f"{self.url}/api/model", timeout=5.0).json()
-
-    def wait_for_model(self, version: int | None = None) -> dict:
-        """/api/model once a model (of `version`, if given) is loaded."""
-        def loaded() -> dict | None:
-            info = self.model_info()
-            ready = info["model_version"] is not None and version in (None, info["model_version"])
-            return info if ready else None
-
-        return wait_for(loaded, 20, lambda: f"no model {version} in the demo: {self.model_info()}\n{self.output()}")
-
-    def suggest(self, text: str) -> httpx.Response:
-        return httpx.get(f"{self.url}/api/suggest", params={"text": text}, timeout=5.0)
-
-    def __exit__(self, *exc_info) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        if self._own_phone_dir:
-            shutil.rmtree(self.phone_dir, ignore_errors=True)
 
 
 @pytest.fixture
