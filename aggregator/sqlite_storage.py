@@ -31,6 +31,19 @@ import sqlite_utils
 
 from keyboard_model.errors import UserFacingError
 
+# A round's row. What a privacy mechanism records beyond these goes, as JSON, into `mechanism_record`, and comes
+# back merged into the row: a new mechanism adds no column.
+ROUND_COLUMNS: dict[str, type] = {
+    "round": int, "status": str, "started_at": float, "closed_at": float, "duration_s": float,
+    "goal": int, "selected": int, "reported": int, "aborted": int, "dropped": int, "late": int,
+    "examples": int, "bytes_up": int, "bytes_down": int, "base_version": int, "new_version": int,
+    "update_norm": float, "eval_devices": int, "eval_positions": int, "eval_hits_at_1": int,
+    "eval_hits_at_3": int, "dp_noise_multiplier": float, "dp_sampling_rate": float, "dp_delta": float,
+    "epsilon": float, "failure": str, "checked_in": int, "clock_started_s": float,
+    "dp_mechanism": str, "rho": float, "dp_min_separation": int, "dp_step": int,
+    "dp_clip_norm": float, "dp_update_noise_multiplier": float, "dp_count_stddev": float,
+    "dp_fraction_within": float, "dp_next_clip_norm": float, "excluded": str, "mechanism_record": str,
+}
 
 class SqliteStorage:
     def __init__(self, path: Path, keep_models: int = 0, keep_every: int = 0) -> None:
@@ -77,21 +90,7 @@ class SqliteStorage:
             {"version": int, "round": int, "created_at": float, "weights": bytes, "optimizer_state": bytes},
             pk="version",
         )
-        self._table(
-            "rounds",
-            {
-                "round": int, "status": str, "started_at": float, "closed_at": float, "duration_s": float,
-                "goal": int, "selected": int, "reported": int, "aborted": int, "dropped": int, "late": int,
-                "examples": int, "bytes_up": int, "bytes_down": int, "base_version": int, "new_version": int,
-                "update_norm": float, "eval_devices": int, "eval_positions": int, "eval_hits_at_1": int,
-                "eval_hits_at_3": int, "dp_noise_multiplier": float, "dp_sampling_rate": float, "dp_delta": float,
-                "epsilon": float, "failure": str, "checked_in": int, "clock_started_s": float,
-                "dp_mechanism": str, "rho": float, "dp_min_separation": int, "dp_step": int,
-                "dp_clip_norm": float, "dp_update_noise_multiplier": float, "dp_count_stddev": float,
-                "dp_fraction_within": float, "dp_next_clip_norm": float, "excluded": str,
-            },
-            pk="round",
-        )
+        self._table("rounds", ROUND_COLUMNS, pk="round")
         # status: selected, then reported, aborted or (after the round closed) late.
         self._table(
             "selections",
@@ -154,7 +153,9 @@ class SqliteStorage:
                     {"version": summary["new_version"], "round": summary["round"],
                      "created_at": summary["closed_at"], "weights": new_weights, "optimizer_state": optimizer_state}
                 )
-            self.db["rounds"].upsert(summary, pk="round")
+            extra = {key: value for key, value in summary.items() if key not in ROUND_COLUMNS}
+            row = {key: value for key, value in summary.items() if key in ROUND_COLUMNS}
+            self.db["rounds"].upsert({**row, "mechanism_record": json.dumps(extra) if extra else None}, pk="round")
 
     def _drop_models_before(self, new_version: int) -> None:
         """Delete the versions not kept once `new_version` is in: before inserting it, so that it can take their
@@ -232,7 +233,7 @@ class SqliteStorage:
         with self._lock:
             rows = list(self.db.query("select * from rounds where status = 'closed' and dp_noise_multiplier is not "
                                       "null order by round desc limit 1"))
-            return rows[0] if rows else None
+            return _whole(rows[0]) if rows else None
 
     def excluded_devices(self) -> dict[str, str]:
         """Device id -> how the protocol proved it lied, from every recorded round."""
@@ -244,9 +245,14 @@ class SqliteStorage:
     def recent_rounds(self, limit: int) -> list[dict]:
         with self._lock:
             rows = self.db.query("select * from rounds order by round desc limit ?", [limit])
-            return [{**row, "excluded": json.loads(row["excluded"]) if row["excluded"] else None}
-                    for row in reversed(list(rows))]
+            return [_whole(row) for row in reversed(list(rows))]
 
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+
+
+def _whole(row: dict) -> dict:
+    """A round's row as it was recorded: its mechanism's own fields merged back in, `excluded` read from JSON."""
+    extra = json.loads(row.pop("mechanism_record") or "{}")
+    return {**row, **extra, "excluded": json.loads(row["excluded"]) if row["excluded"] else None}

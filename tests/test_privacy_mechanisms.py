@@ -32,8 +32,10 @@ class Counting:
         return int(device_id in self._sitting_out)
 
     def release(self, total: Tensors, within: int, reported: int) -> tuple[Tensors, dict]:
+        # "counting_units" is this mechanism's own: the database keeps it without a column for it.
         record = {"dp_mechanism": "counting", "dp_noise_multiplier": 1.0, "dp_delta": 1e-5,
-                  "epsilon": float(self._releases + 1), **self.clip.release(within, reported)}
+                  "epsilon": float(self._releases + 1), "counting_units": self._releases + 1,
+                  **self.clip.release(within, reported)}
         return {name: t / self._goal for name, t in total.items()}, record
 
     def pending_state(self) -> bytes:
@@ -72,6 +74,7 @@ def test_a_mechanism_registered_with_one_line_runs_private_rounds_of_the_real_ag
         rounds.submit(decision.round, decision.upload_token, encode_update(delta, 10, "none"))
     record = rounds.storage.recent_rounds(1)[0]
     assert record["status"] == "closed" and record["dp_mechanism"] == "counting" and record["epsilon"] == 1.0
+    assert record["counting_units"] == 1 and "counting_units" not in rounds.storage.db["rounds"].columns_dict
     # Its release: the clipped sum over the goal, no noise.
     for name, t in rounds.model.state.items():
         torch.testing.assert_close(t - before[name], torch.full_like(t, 0.0625 / 2 / size), atol=1e-7, rtol=0)
@@ -81,3 +84,4 @@ def test_a_mechanism_registered_with_one_line_runs_private_rounds_of_the_real_ag
     assert rounds.storage.noise_state() == (1, b"1")
     restarted = RoundManager(config, open_storage(config.db_path))
     assert restarted.snapshot()["epsilon"] == 1.0 and restarted.privacy.pending_state() == b"2"
+    assert restarted.storage.last_release()["counting_units"] == 1

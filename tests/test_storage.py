@@ -20,8 +20,9 @@ def test_a_round_and_its_model_land_together_or_not_at_all(tmp_path):
     storage.save_initial_model(b"v0")
     storage.record_round(summary(1), b"v1", b"momentum1")
     with pytest.raises(sqlite3.Error):
-        # A round row the table cannot take: the model written just before it must be rolled back.
-        storage.record_round(summary(2, no_such_column=1), b"v2", b"momentum2")
+        # A round row the table cannot take (a value SQLite cannot store): the model written just before it must be
+        # rolled back.
+        storage.record_round(summary(2, goal=object()), b"v2", b"momentum2")
     assert storage.latest_model() == (1, b"v1")
     assert storage.last_round_number() == 1
     storage.close()
