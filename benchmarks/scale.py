@@ -42,7 +42,7 @@ from train_speed import matmul_flops_per_second
 
 from aggregator.config import AggregatorConfig
 from device_sim.corpus import CorpusConfig, prepare
-from device_sim.executor import EXECUTORS, ExecutorSettings, TrainingExecutor, make_executor
+from device_sim.executors import EXECUTORS, ExecutorSettings, TrainingExecutor, make_executor
 from device_sim.fleet import provision
 from device_sim.phone import Phone
 from device_sim.worker import TrainingJob

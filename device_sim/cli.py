@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from device_sim.corpus import CorpusConfig, default_data_dir, prepare
+from device_sim.executors import EXECUTORS, default_executor
 from device_sim.run_record import RUN_RECORD, RunRecord, corpus_checksum, start_record
 from keyboard_model.arguments import (
     at_least,
@@ -40,13 +41,12 @@ if TYPE_CHECKING:
     from aggregator.api.protocol import Aggregator
     from device_sim.comparison import TableRow
     from device_sim.corpus import PreparedCorpus
-    from device_sim.executor import ExecutorFactory
+    from device_sim.executors import ExecutorFactory
     from device_sim.simulation import SimulationConfig, SimulationSummary
 
 # The options' choices and defaults, written out for the same reason: the modules that define them (the
-# LocalTrainConfig, FleetConfig, SimulationConfig and ComparisonConfig dataclasses, device_sim.executor and
-# .vectorised, keyboard_model.update_codec) import torch. tests/test_cli.py checks that they make those defaults.
-EXECUTORS = ("local", "vectorised", "ray", "serial")
+# LocalTrainConfig, FleetConfig, SimulationConfig and ComparisonConfig dataclasses, device_sim.vectorised,
+# keyboard_model.update_codec) import torch. tests/test_cli.py checks that they make those defaults.
 DEFAULT_PHONES_PER_PASS = {"cpu": 32, "cuda": 512}
 UPDATE_COMPRESSIONS = ("int8", "none")
 SERVER_EPOCHS = ORACLE_EPOCHS = 20
@@ -136,12 +136,11 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                        help="simulated days over which the second half of each history is typed (default: %(default)s)")
     group.add_argument("--workers", type=positive_int, default=None,
                        help="processes training phones side by side, one thread each (default: one per core)")
-    group.add_argument("--executor", choices=EXECUTORS, default=None,
-                       help="where phones train: local, one process per core, each phone on its own; vectorised, "
-                            "the phones selected by then in batched passes in this process; ray, each phone on "
-                            "a node of a Ray cluster that holds its history; or serial, each phone as it is selected, "
-                            "in this process, for debugging (default: local on cpu, "
-                            "measured the faster on 2 cores by benchmarks/scale.py; vectorised on cuda)")
+    defaults = "; ".join(f"{default_executor(device)} on {device}" for device in ("cpu", "cuda"))
+    group.add_argument("--executor", choices=list(EXECUTORS), default=None,
+                       help="where phones train: "
+                            + "; ".join(f"{name}, {executor.summary}" for name, executor in EXECUTORS.items())
+                            + f" (default: {defaults}; device_sim/executors.py says why)")
     group.add_argument("--ray-address", default=None, metavar="HOST:PORT",
                        help="with --executor ray: the cluster's head, as `ray start --head` prints it "
                             "(default: the Ray that `ray start` runs on this machine, else one started for the run)")
@@ -219,7 +218,7 @@ def vectorised_device(name: str) -> str:
 def executor_from_args(args: argparse.Namespace) -> ExecutorFactory:
     """What builds the training executor that `--executor`, `--device`, `--workers`, `--phones-per-pass` and
     `--ray-address` ask for; options that do not go together are refused here, before any phone is provisioned."""
-    from device_sim.executor import ExecutorSettings, chosen_executor, make_executor
+    from device_sim.executors import ExecutorSettings, chosen_executor, make_executor
 
     settings = ExecutorSettings(args.device, args.workers, args.phones_per_pass, args.ray_address)
     return partial(make_executor, chosen_executor(args.executor, settings).name, settings=settings)

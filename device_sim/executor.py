@@ -1,17 +1,9 @@
-"""Where phones' local work runs: the executor seam, the executors behind it, and the registry `--executor` reads.
+"""The executors of this machine's CPU: the local process pool and the serial one (the seam and the registry that
+names them: device_sim/executors.py).
 
-The fleet hands each selected phone's local work (score the downloaded model, train,
-clip, encode: a `TrainingJob`, device_sim/worker.py) to a `TrainingExecutor` and collects
-the result when the phone's simulated training time is up. `LocalProcessPool` runs it in
-one single-threaded worker process per core (see benchmarks/train_speed.py: two phones on
-one thread each train faster than one phone on two threads); `SerialExecutor` runs it at
-once in this process; the vectorised cohort (device_sim/vectorised.py) and a Ray cluster
-(device_sim/ray_executor.py) are the others.
-
-Adding an executor is one module with a class that has `submit(job)` and `close()`, and
-one `Executor` record in `EXECUTORS`: its name, the devices it trains on, the options it
-reads and the function that makes it. `--executor`'s choices, each device's default and
-the checks of which options go together all come from the records.
+`LocalProcessPool` runs each phone's local work in one single-threaded worker process per core
+(see benchmarks/train_speed.py: two phones on one thread each train faster than one phone on
+two threads); `SerialExecutor` runs it at once in this process.
 """
 
 from __future__ import annotations
@@ -23,51 +15,20 @@ import signal
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
+from device_sim.executors import ExecutorSettings
 from device_sim.session import LocalWork
-from device_sim.vectorised import VectorisedCohort
 from device_sim.worker import TrainingJob, run_in_worker, run_job
-from keyboard_model.errors import UserFacingError
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import LatestModel
-
-
-class TrainingExecutor(Protocol):
-    def submit(self, job: TrainingJob) -> Future[tuple[LocalWork, float]]:
-        """A future of (the phone's LocalWork, wall seconds it spent on it)."""
-
-    def close(self) -> None:
-        """Stop now: work still queued or running is dropped."""
-
-
-@dataclass(frozen=True)
-class ExecutorSettings:
-    """What the command line says of executors; each reads only the options its record names."""
-
-    device: str = "cpu"  # where phones train
-    workers: int | None = None  # processes side by side (None: one per core)
-    phones_per_pass: int | None = None  # most phones in one batched pass (None: the device's default)
-    ray_address: str | None = None  # the Ray cluster's head (None: the Ray on this machine, else one started)
-
-
-@dataclass(frozen=True)
-class Executor:
-    """An executor as `--executor` knows it."""
-
-    name: str
-    devices: tuple[str, ...]  # the --device values it trains on
-    options: tuple[str, ...]  # the ExecutorSettings fields it reads besides the device: the others are refused
-    make: Callable[[KeyboardTokenizer, ExecutorSettings], TrainingExecutor]
-    default_on: tuple[str, ...] = ()  # the devices where it is the one used when --executor is not given
 
 
 class SerialExecutor:
@@ -175,59 +136,14 @@ class _ModelFiles:
         shutil.rmtree(self._folder, ignore_errors=True)
 
 
-def _ray(tokenizer: KeyboardTokenizer, settings: ExecutorSettings) -> TrainingExecutor:
-    try:  # Ray is an optional extra: only this executor needs it
-        from device_sim.ray_executor import RayExecutor
-    except ImportError as error:
-        raise UserFacingError(f"--executor ray needs Ray ({error}): pip install -e '.[ray]'") from None
-    return RayExecutor(tokenizer, settings.ray_address)
+def local_pool(tokenizer: KeyboardTokenizer, settings: ExecutorSettings) -> LocalProcessPool:
+    """`--executor local` (device_sim/executors.py)."""
+    return LocalProcessPool(tokenizer, settings.workers)
 
 
-# The defaults: on the CPU the local pool: on 2 cores it outran
-# the vectorised cohort at 10 and 100 phones a round (benchmarks/scale.py, on a machine busy with other jobs: 2.3
-# phone-updates/s against 1.9 with the cohort on one thread, 0.6 on two), because each of its workers trains a phone
-# with the C++ CIFG walk and the fused output loss on one thread, while batching phones adds no arithmetic
-# intensity on a CPU (a phone's largest products, 320 x 96 by 96 x vocabulary, are already big) and one process on
-# two threads loses most when other processes want the cores. On CUDA the vectorised cohort: the pool has no GPU path.
-# Ray only when asked for: it spreads phones over a cluster's CPUs.
-EXECUTORS: dict[str, Executor] = {executor.name: executor for executor in [
-    Executor("local", ("cpu",), ("workers",), lambda tokenizer, s: LocalProcessPool(tokenizer, s.workers),
-             default_on=("cpu",)),
-    Executor("vectorised", ("cpu", "cuda"), ("phones_per_pass",),
-             lambda tokenizer, s: VectorisedCohort(tokenizer, s.device, s.phones_per_pass), default_on=("cuda",)),
-    Executor("ray", ("cpu",), ("ray_address",), _ray),
-    Executor("serial", ("cpu",), (), lambda tokenizer, _: SerialExecutor(tokenizer)),
-]}
-ExecutorFactory = Callable[[KeyboardTokenizer], TrainingExecutor]
-
-
-def default_executor(device: str) -> str:
-    return next(executor.name for executor in EXECUTORS.values() if device in executor.default_on)
-
-
-def chosen_executor(name: str | None, settings: ExecutorSettings) -> Executor:
-    """The executor `--executor NAME` asks for (None: the device's default); refuses a device it does not train on
-    and options it does not read."""
-    name = name or default_executor(settings.device)
-    if name not in EXECUTORS:
-        raise UserFacingError(f"unknown --executor {name!r}; known: {', '.join(EXECUTORS)}")
-    executor = EXECUTORS[name]
-    if settings.device not in executor.devices:
-        trains_there = [other for other in EXECUTORS.values() if settings.device in other.devices]
-        raise UserFacingError(f"--device {settings.device} needs --executor "
-                              f"{' or '.join(other.name for other in trains_there)}: the {name} executor trains on "
-                              f"{' or '.join(executor.devices)}")
-    for option in (field.name for field in fields(settings)):
-        if option != "device" and getattr(settings, option) is not None and option not in executor.options:
-            readers = [other.name for other in EXECUTORS.values() if option in other.options]
-            raise UserFacingError(f"--{option.replace('_', '-')} goes with --executor {' or '.join(readers)}")
-    return executor
-
-
-def make_executor(name: str | None, tokenizer: KeyboardTokenizer,
-                  settings: ExecutorSettings = ExecutorSettings()) -> TrainingExecutor:
-    """The executor `--executor NAME` asks for (None: the device's default), made with `settings`."""
-    return chosen_executor(name, settings).make(tokenizer, settings)
+def serial(tokenizer: KeyboardTokenizer, settings: ExecutorSettings) -> SerialExecutor:
+    """`--executor serial` (device_sim/executors.py)."""
+    return SerialExecutor(tokenizer)
 
 
 @contextmanager

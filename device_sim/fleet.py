@@ -56,7 +56,8 @@ from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import CheckinResponse
 from device_sim.corpus import PreparedCorpus
 from device_sim.eligibility import EligibilityConfig, SimulatedClock
-from device_sim.executor import LocalProcessPool, TrainingExecutor
+from device_sim.executor import LocalProcessPool
+from device_sim.executors import TrainingExecutor
 from device_sim.history import split_held_out
 from device_sim.participation import SECURE_STEPS, Participant
 from device_sim.phone import Phone

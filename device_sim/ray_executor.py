@@ -47,6 +47,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from device_sim.executors import ExecutorSettings
 from device_sim.phone import Phone
 from device_sim.session import LocalWork
 from device_sim.worker import TrainingJob, run_in_worker
@@ -59,6 +60,11 @@ from keyboard_model.tokenizer import KeyboardTokenizer
 MODELS_KEPT = 2
 # Seconds to wait for the head's port to accept a connection before ray.init is tried.
 CONNECT_TIMEOUT_S = 10.0
+
+
+def on_ray(tokenizer: KeyboardTokenizer, settings: ExecutorSettings) -> RayExecutor:
+    """`--executor ray` (device_sim/executors.py)."""
+    return RayExecutor(tokenizer, settings.ray_address)
 
 
 class RayExecutor:

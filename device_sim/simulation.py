@@ -28,7 +28,7 @@ from tqdm import tqdm
 from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import RoundSummary
 from device_sim.corpus import PreparedCorpus
-from device_sim.executor import ExecutorFactory
+from device_sim.executors import ExecutorFactory
 from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision
 from device_sim.run_log import RunLog, json_safe, read_lines
 from keyboard_model.architecture import NextWordModel

@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 from torch.func import vmap
 
+from device_sim.executors import ExecutorSettings
 from device_sim.phone import EVAL_MESSAGES
 from device_sim.session import LocalWork, RoundInput, local_work, phone_mods
 from device_sim.worker import TrainingJob
@@ -256,6 +257,11 @@ class _Queued(Future):
         if not self.done():
             self._cohort.run_queued()
         return super().exception(timeout)
+
+
+def cohort(tokenizer: KeyboardTokenizer, settings: ExecutorSettings) -> VectorisedCohort:
+    """`--executor vectorised` (device_sim/executors.py)."""
+    return VectorisedCohort(tokenizer, settings.device, settings.phones_per_pass)
 
 
 class VectorisedCohort:

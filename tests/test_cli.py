@@ -184,7 +184,6 @@ def test_the_options_written_out_for_a_quick_help_are_the_configs_defaults(tmp_p
     from aggregator.strategies import STRATEGIES
     from device_sim import cli as device_cli
     from device_sim.comparison import ComparisonConfig
-    from device_sim.executor import EXECUTORS
     from device_sim.fleet import FleetConfig
     from device_sim.simulation import SimulationConfig
     from device_sim.vectorised import DEFAULT_PHONES_PER_PASS
@@ -212,7 +211,7 @@ def test_the_options_written_out_for_a_quick_help_are_the_configs_defaults(tmp_p
     assert cli_options.DEFAULT_ARCHITECTURE == DEFAULT_ARCHITECTURE
     assert aggregator_cli.SERVER_LEARNING_RATES == {name: s().server_learning_rate for name, s in STRATEGIES.items()}
     assert (aggregator_cli.DP_MECHANISMS, aggregator_cli.MODEL_ENCODINGS) == (DP_MECHANISMS, MODEL_ENCODINGS)
-    assert (device_cli.EXECUTORS, device_cli.UPDATE_COMPRESSIONS) == (tuple(EXECUTORS), SCHEMES)
+    assert device_cli.UPDATE_COMPRESSIONS == SCHEMES
     assert device_cli.DEFAULT_PHONES_PER_PASS == DEFAULT_PHONES_PER_PASS
 
 

@@ -7,7 +7,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from device_sim.executor import EXECUTORS, Executor, ExecutorSettings, SerialExecutor, chosen_executor, make_executor
+from device_sim.executor import SerialExecutor
+from device_sim.executors import EXECUTORS, Executor, ExecutorSettings, chosen_executor, make_executor
 from device_sim.session import LocalWork
 from device_sim.worker import TrainingJob, run_job
 from keyboard_model.errors import UserFacingError
@@ -31,10 +32,14 @@ class Threads:
         self._threads.shutdown(cancel_futures=True)
 
 
+def threads(tokenizer, settings: ExecutorSettings) -> Threads:
+    return Threads(tokenizer, settings.workers)
+
+
 def test_a_registered_executor_runs_the_fleets_rounds(monkeypatch, tmp_path, small_tokenizer_path, small_tokenizer,
                                                       small_model_config):
-    monkeypatch.setitem(EXECUTORS, "threads", Executor("threads", ("cpu",), ("workers",),
-                                                       lambda tokenizer, s: Threads(tokenizer, s.workers)))
+    monkeypatch.setitem(EXECUTORS, "threads", Executor("threads", ("cpu",), ("workers",), f"{__name__}:threads",
+                                                       "a thread per phone"))
     threads = make_executor("threads", small_tokenizer, ExecutorSettings(workers=3))
     assert isinstance(threads, Threads) and threads._threads._max_workers == 3
     on_threads, reports = run_fleet(tmp_path / "threads", small_tokenizer_path, small_model_config, threads, rounds=2)
@@ -56,3 +61,15 @@ def test_the_records_give_each_devices_default_and_refuse_what_does_not_go_toget
         chosen_executor("local", ExecutorSettings(phones_per_pass=4))
     with pytest.raises(UserFacingError, match="unknown --executor 'gpu-farm'; known: local, vectorised, ray, serial"):
         chosen_executor("gpu-farm", ExecutorSettings())
+
+
+def test_the_command_line_offers_a_registered_executor_with_no_other_change(monkeypatch):
+    from fedkb.cli import COMMANDS
+    from keyboard_model.commands import command_parser, parse
+
+    monkeypatch.setitem(EXECUTORS, "threads", Executor("threads", ("cpu",), ("workers",), f"{__name__}:threads",
+                                                       "a thread per phone"))
+    parser = command_parser("fedkb", "", COMMANDS)
+    assert parse(parser, ["simulate", "--executor", "threads", "--workers", "3"]).executor == "threads"
+    simulate = next(action for action in parser._actions if action.dest == "command").choices["simulate"]
+    assert "threads, a thread per phone" in " ".join(simulate.format_help().split())
