@@ -9,20 +9,22 @@ Adding an architecture is one module (a frozen config dataclass, a torch module,
 function that counts its training FLOPs) and one `Architecture` record in `ARCHITECTURES`.
 The record is all that the rest reads: the vectorised executor batches its
 `batched_features`, the benchmarks count its `training_flops_per_token`, and the command
-line sets its config's fields (`--embedding-dim`, `--layers`, ...: keyboard_model/cli_options.py).
+line lists it and sets its sizes (`--embedding-dim`, `--layers`, ...: keyboard_model/cli_options.py).
+It names what it needs by where it lives ("module:attribute"), as the aggregation rules and
+privacy mechanisms do, so that this module, and `--help`, import no torch
+(tests/test_cli_startup.py).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
-from torch.func import functional_call
-
-from keyboard_model import model as cifg
-from keyboard_model import transformer
+if TYPE_CHECKING:
+    import torch
 
 # A saved model without an architecture predates the seam: it is a CIFG.
 DEFAULT_ARCHITECTURE = "cifg"
@@ -82,51 +84,64 @@ class NextWordModel(Protocol):
 
 # (a model, one phone's weights by parameter name, its tokens (batch, time)) -> its features (batch, time, width),
 # computed with those weights in place of the model's own, in operations that torch.func.vmap can batch over phones.
-BatchedFeatures = Callable[[Any, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
-
-
-class _Features(torch.nn.Module):
-    """A model's `features` as a module's forward, so that functional_call runs it with other weights."""
-
-    def __init__(self, model: NextWordModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.features(tokens)
-
-
-def functional_features(model: NextWordModel, params: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """The model's own `features` with `params` in place of its weights: right for a model written in plain torch
-    operations (the Transformer); one with hand-written autograd Functions, which vmap cannot batch, brings its own."""
-    return functional_call(_Features(model), {f"model.{name}": t for name, t in params.items()}, (tokens,))
+BatchedFeatures = Callable[[Any, "dict[str, torch.Tensor]", "torch.Tensor"], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Everything the project needs of a network beyond `NextWordModel`."""
+    """Everything the project needs of a network beyond `NextWordModel`, each named as "module:attribute"."""
 
     label: str  # its name in tables
-    # Its sizes; every field but vocab_size (the tokenizer's) is a command-line option.
-    config_class: type[Any]  # a frozen dataclass whose instances meet ArchitectureConfig
-    # An untrained model of a config, initialised from torch's global generator.
-    model_class: Callable[[Any], NextWordModel]
+    config: str  # its sizes: a frozen dataclass whose instances meet ArchitectureConfig
+    model: str  # its module, built from a config and initialised from torch's global generator
     # Matrix FLOPs of one training token for a config (forward and backward): what the benchmarks divide by.
-    training_flops_per_token: Callable[[Any], int]
-    # What the vectorised executor batches over phones.
-    batched_features: BatchedFeatures = functional_features
+    flops: str
+    # Its config's fields but vocab_size (the tokenizer's), each a command-line option, with the option's help
+    # (tests/test_architecture.py holds them to the config's fields).
+    sizes: Mapping[str, str]
+    # What the vectorised executor batches over phones: by default the model's own `features` with other weights,
+    # right for a model in plain torch operations; one with hand-written autograd Functions brings its own.
+    batched: str = "keyboard_model.batched:functional_features"
 
-    def size_fields(self) -> tuple[str, ...]:
-        """The sizes the command line sets, as its config names them."""
-        return tuple(field.name for field in fields(self.config_class) if field.name != "vocab_size")
+    @property
+    def config_class(self) -> type[Any]:
+        return _load(self.config)
+
+    @property
+    def model_class(self) -> Callable[[Any], NextWordModel]:
+        return _load(self.model)
+
+    @property
+    def training_flops_per_token(self) -> Callable[[Any], int]:
+        return _load(self.flops)
+
+    @property
+    def batched_features(self) -> BatchedFeatures:
+        return _load(self.batched)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "cifg": Architecture("CIFG", cifg.ModelConfig, cifg.CIFGLSTM, cifg.training_flops_per_token,
-                         cifg.batched_features),
-    "transformer": Architecture("Transformer", transformer.TransformerConfig, transformer.CausalTransformer,
-                                transformer.training_flops_per_token),
+    "cifg": Architecture(
+        "CIFG", "keyboard_model.model:ModelConfig", "keyboard_model.model:CIFGLSTM",
+        "keyboard_model.model:training_flops_per_token",
+        {"embedding_dim": "word embedding width (default: 96)",
+         "hidden_dim": "CIFG-LSTM cells (default: 670)",
+         "projection_dim": "the projection's width; tying needs it equal to --embedding-dim (default: that)"},
+        batched="keyboard_model.model:batched_features"),
+    "transformer": Architecture(
+        "Transformer", "keyboard_model.transformer:TransformerConfig", "keyboard_model.transformer:CausalTransformer",
+        "keyboard_model.transformer:training_flops_per_token",
+        {"embedding_dim": "every layer's width, the embeddings' too (default: 96)",
+         "layers": "blocks (default: 4)",
+         "heads": "attention heads; --embedding-dim must be a multiple (default: 4)",
+         "context": "tokens a position sees, the training sequence length (default: 20)"}),
 }
+
+
+@functools.cache
+def _load(name: str) -> Any:
+    module, attribute = name.split(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def architecture(name: str) -> Architecture:
@@ -148,6 +163,8 @@ def new_model(config: ArchitectureConfig) -> NextWordModel:
 
 def build_model(config: ArchitectureConfig, seed: int = 0) -> NextWordModel:
     """A freshly initialised model of `config`'s architecture; the same seed gives the same weights."""
+    import torch
+
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -4,7 +4,7 @@ rounds on the vectorised executor, and the command line sets every architecture'
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 import pytest
@@ -66,7 +66,9 @@ def bigram_flops_per_token(config: BigramConfig) -> int:
 
 @pytest.fixture
 def bigram(monkeypatch):
-    monkeypatch.setitem(ARCHITECTURES, "bigram", Architecture("Bigram", BigramConfig, Bigram, bigram_flops_per_token))
+    monkeypatch.setitem(ARCHITECTURES, "bigram", Architecture(
+        "Bigram", f"{__name__}:BigramConfig", f"{__name__}:Bigram", f"{__name__}:bigram_flops_per_token",
+        {"embedding_dim": "its width"}))
 
 
 def test_a_registered_architecture_trains_in_rounds_on_the_vectorised_executor(
@@ -84,6 +86,16 @@ def test_a_registered_architecture_trains_in_rounds_on_the_vectorised_executor(
     for name, tensor in alone.state_dict().items():
         assert close(together.state_dict()[name], tensor), name
         assert not torch.equal(tensor, initial[name]), name
+
+
+def test_each_records_sizes_are_its_configs_fields_and_a_registered_one_is_offered(bigram):
+    for name, record in ARCHITECTURES.items():
+        assert set(record.sizes) == {f.name for f in fields(record.config_class)} - {"vocab_size"}, name
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    chosen = parser.parse_args(["--architecture", "bigram", "--embedding-dim", "4"])
+    assert model_config_from_args(chosen, 50) == BigramConfig(vocab_size=50, embedding_dim=4)
+    assert "Bigram: its width" in " ".join(parser.format_help().split())
 
 
 def test_every_size_of_every_architecture_is_an_option():

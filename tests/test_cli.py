@@ -188,7 +188,6 @@ def test_the_options_written_out_for_a_quick_help_are_the_configs_defaults(tmp_p
     from device_sim.simulation import SimulationConfig
     from device_sim.vectorised import DEFAULT_PHONES_PER_PASS
     from keyboard_model import cli_options
-    from keyboard_model.architecture import ARCHITECTURES, DEFAULT_ARCHITECTURE
     from keyboard_model.model import ModelConfig
     from keyboard_model.update_codec import SCHEMES
     from keyboard_model.weights import MODEL_ENCODINGS
@@ -206,9 +205,6 @@ def test_the_options_written_out_for_a_quick_help_are_the_configs_defaults(tmp_p
     evaluated = parse(parser, ["eval"])
     defaults = ComparisonConfig(baselines_dir=tmp_path)
     assert (evaluated.server_epochs, evaluated.oracle_epochs) == (defaults.server_epochs, defaults.oracle_epochs)
-    assert cli_options.ARCHITECTURE_NAMES == tuple(sorted(ARCHITECTURES))
-    assert set(cli_options.SIZE_OPTIONS) == {size for a in ARCHITECTURES.values() for size in a.size_fields()}
-    assert cli_options.DEFAULT_ARCHITECTURE == DEFAULT_ARCHITECTURE
     assert aggregator_cli.SERVER_LEARNING_RATES == {name: s().server_learning_rate for name, s in STRATEGIES.items()}
     assert (aggregator_cli.DP_MECHANISMS, aggregator_cli.MODEL_ENCODINGS) == (DP_MECHANISMS, MODEL_ENCODINGS)
     assert device_cli.UPDATE_COMPRESSIONS == SCHEMES
