@@ -18,10 +18,11 @@ import torch
 
 try:
     # First: it sets the variable that keeps a Ray on this machine on loopback, which Ray reads as it is imported.
+    # isort: off
+    from device_sim.ray_executor import LOOPBACK_ONLY_ENV, RayExecutor
     import ray
     from ray.cluster_utils import Cluster
-
-    from device_sim.ray_executor import LOOPBACK_ONLY_ENV, RayExecutor
+    # isort: on
 except ImportError:
     pytest.fail("Ray is missing: run `bash dev.sh test`, which installs the project's [ray] extra", pytrace=False)
 
