@@ -117,6 +117,7 @@ def test_a_round_moves_the_clip_norm_from_the_phones_bits_and_a_restart_keeps_it
     assert restarted.checkin(restarted.enrol()[0]).clip_norm == record["dp_next_clip_norm"]
 
 
+@pytest.mark.slow
 def test_a_dp_ftrl_database_refuses_another_noise_multiplier_or_clipping_on_resume(
     tmp_path, small_tokenizer_path, small_model_config
 ):

@@ -45,6 +45,7 @@ def assert_prints(output: str, *patterns: str) -> None:
         assert re.search(pattern.replace("{n}", NUMBER), output), f"no {pattern!r} in:\n{output}"
 
 
+@pytest.mark.slow
 def test_diurnal(tmp_path, tiny_run, monkeypatch, capsys):
     out = run_benchmark("diurnal", ["--phones", "50", "--days", "0.25", "--out", str(tmp_path / "d.png"),
                                     "--run", str(tiny_run)], monkeypatch, capsys)
@@ -66,18 +67,21 @@ def test_latency(monkeypatch, capsys, tmp_path):
     assert_prints(out, r"latency per keystroke: p50 {n} ms  p99 {n} ms  max {n} ms", r"int8 artifact: {n} bytes")
 
 
+@pytest.mark.slow
 def test_demo_latency(monkeypatch, capsys):
     out = run_benchmark("demo_latency", ["--keystrokes", "20"], monkeypatch, capsys)
     assert_prints(out, r"{n} keystrokes through the web demo's HTTP API",
                   r"latency per keystroke: p50 {n} ms  p95 {n} ms  p99 {n} ms")
 
 
+@pytest.mark.slow
 def test_ingest(monkeypatch, capsys):
     out = run_benchmark("ingest", ["--updates", "4", "--concurrency", "2"], monkeypatch, capsys)
     assert_prints(out, r"small round: 1 updates of {n} bytes accepted in {n} s = {n} updates/s; aggregator peak "
                        r"memory {n} MB", r"large round: 4 updates of", r"memory {n} MB for 3 more updates")
 
 
+@pytest.mark.slow
 def test_train_speed(monkeypatch, capsys):
     out = run_benchmark("train_speed", ["--seconds", "0.2", "--workers", "1", "--phone-updates", "1",
                                         "--step-split", "2"], monkeypatch, capsys)
@@ -98,6 +102,7 @@ def test_eval_share(monkeypatch, capsys):
                   r"population's by {n}% a round \(rms\), {n}% over ten rounds; saves {n} CPU-s a phone")
 
 
+@pytest.mark.slow
 def test_scale(tmp_path, monkeypatch, capsys):
     out = run_benchmark("scale", ["--sizes", "2", "--repeats", "1", "--vectorised-threads", "1", "--out",
                                   str(tmp_path)], monkeypatch, capsys)
@@ -105,6 +110,7 @@ def test_scale(tmp_path, monkeypatch, capsys):
                   r"2 phones: the executors' per-phone mean losses differ by at most {n}")
 
 
+@pytest.mark.slow
 def test_vs_peers(tmp_path, monkeypatch, capsys):
     """This project's side always; Flower's and pfl's where `bash dev.sh peers` made their environments."""
     peers = [peer for peer in ("flower", "pfl")
@@ -117,6 +123,7 @@ def test_vs_peers(tmp_path, monkeypatch, capsys):
                     for peer, label in (("flower", "Flower"), ("pfl", "pfl-research")) if peer in peers])
 
 
+@pytest.mark.slow
 def test_fleet(tmp_path, monkeypatch, capsys):
     out = run_benchmark("fleet", ["--phones", "20", "--per-round", "3", "--rounds", "1", "--warm-up", "0",
                                   "--modes", "service", "--out", str(tmp_path)], monkeypatch, capsys)
@@ -125,6 +132,7 @@ def test_fleet(tmp_path, monkeypatch, capsys):
                   r"aggregator memory after each measured round: {n} MB; peak {n} MB")
 
 
+@pytest.mark.slow
 def test_secagg(tmp_path, monkeypatch, capsys):
     out = run_benchmark("secagg", ["--cohort", "5", "--goal", "3", "--rounds", "1", "--phones", "20",
                                    "--out", str(tmp_path)], monkeypatch, capsys)
@@ -135,6 +143,7 @@ def test_secagg(tmp_path, monkeypatch, capsys):
                   r"wall time {n}x")
 
 
+@pytest.mark.slow
 def test_quality(tmp_path, tiny_run, monkeypatch, capsys):
     out = run_benchmark("quality", ["--federated-run", str(tiny_run), "--out", str(tmp_path), "--server-epochs",
                                     "1", "--oracle-epochs", "1", "--keystrokes", "20"], monkeypatch, capsys)
@@ -145,6 +154,7 @@ def test_quality(tmp_path, tiny_run, monkeypatch, capsys):
                   r"federated / n-gram top-1: {n}", r"int8 artifact: {n} bytes \(target <= 1.6 MB\); top-1 {n}")
 
 
+@pytest.mark.slow
 def test_privacy(tmp_path, monkeypatch, capsys):
     out = run_benchmark("privacy", ["--rounds", "1", "--phones", "30", "--noise", "0.1", "--mechanisms", "fedavg",
                                     "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--workers",
@@ -155,6 +165,7 @@ def test_privacy(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "docs" / "privacy.md").exists()
 
 
+@pytest.mark.slow
 def test_switches(tmp_path, monkeypatch, capsys):
     out = run_benchmark("switches", ["--time-budget", "2", "--only", "plain", "--out", str(tmp_path), "--phones",
                                      "12", "--clients-per-round", "3", "--in-process", "--workers", "1",
@@ -162,6 +173,7 @@ def test_switches(tmp_path, monkeypatch, capsys):
     assert_prints(out, r"\| plain \| {n} \({n}\) \| {n} \| {n} MB \| {n} MB \| {n}% \|")
 
 
+@pytest.mark.slow
 def test_secure_run(tmp_path, monkeypatch, capsys):
     out = run_benchmark("secure_run", ["--time-budget", "2", "--out", str(tmp_path), "--phones", "12",
                                        "--clients-per-round", "3", "--in-process", "--workers", "1", *TINY_MODEL],
@@ -178,6 +190,7 @@ def test_int8_downloads(shakespeare, monkeypatch, capsys):
                   r"control - float32, points: mean {n}", r"float32 across seeds: mean {n}, std {n}")
 
 
+@pytest.mark.slow
 def test_upload_cost(monkeypatch, capsys):
     out = run_benchmark("upload_cost", ["--uploads", "2", "--phones", "1", "--dp-rounds", "2", "--min-separation", "1",
                                         "--commits", "2"], monkeypatch, capsys)
@@ -186,6 +199,7 @@ def test_upload_cost(monkeypatch, capsys):
                   r"a phone's ring encoding: {n} CPU-s", r"a round's commit \(model and server momentum\): {n} ms wall")
 
 
+@pytest.mark.slow
 def test_soak(tmp_path, monkeypatch, capsys):
     out = run_benchmark("soak", ["--minutes", "0.2", "--kill-every", "0.06", "--out", str(tmp_path), "--phones", "24",
                                  "--clients-per-round", "3", "--dp-mechanism", "fedavg", "--workers", "1",

@@ -28,6 +28,7 @@ from tests.conftest import SMALL_TEXT
 from tests.helpers import ROOT, fedkb
 
 
+@pytest.mark.slow
 def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path: Path, shakespeare):
     out = tmp_path / "run"
     result = fedkb("simulate", "--phones", "20", "--clients-per-round", "5", "--rounds", "3", "--out", str(out),
@@ -80,6 +81,7 @@ def _refuse(constant: str) -> None:
     raise ValueError(f"{constant} is not JSON")
 
 
+@pytest.mark.slow
 def test_eval_table_compares_the_run_with_baselines_trained_on_the_same_corpus(tmp_path: Path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(
@@ -114,6 +116,7 @@ def test_eval_table_compares_the_run_with_baselines_trained_on_the_same_corpus(t
     assert other.returncode == 2 and "leave out --corpus" in other.stderr
 
 
+@pytest.mark.slow
 def test_a_config_file_runs_the_same_experiment_as_its_flags(tmp_path: Path, shakespeare):
     flags = ["--phones", "6", "--clients-per-round", "2", "--rounds", "2", "--hidden-dim", "16", "--embedding-dim", "8",
              "--in-process", "--lr-steps", "0.5:0.5", "--seed", "3"]
@@ -156,6 +159,7 @@ def test_the_shipped_experiments_are_valid_configs(experiment: Path):
         assert rates.index(0.3) == 515 and rates.index(0.1) == 665 and rates[0] is None
 
 
+@pytest.mark.slow
 def test_a_run_whose_updates_are_all_refused_goes_on_and_says_so(tmp_path: Path, shakespeare):
     # A norm bound no update meets: the aggregator refuses every upload (422), so no round can close.
     result = fedkb("simulate", "--phones", "6", "--clients-per-round", "2", "--rounds", "2", "--in-process",
@@ -307,6 +311,7 @@ def test_bad_input_gets_a_clear_message_not_a_traceback(tmp_path: Path, shakespe
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_run_and_its_aggregator_leaving_whole_files(tmp_path: Path, shakespeare):
     out = tmp_path / "run"
     run = subprocess.Popen(
@@ -342,6 +347,7 @@ def test_ctrl_c_stops_the_run_and_its_aggregator_leaving_whole_files(tmp_path: P
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_an_aggregator_database_of_another_model_is_refused_clearly(tmp_path: Path, small_tokenizer_path):
     def aggregator(hidden: str, port: int) -> subprocess.Popen:
         return subprocess.Popen(
@@ -362,6 +368,7 @@ def test_an_aggregator_database_of_another_model_is_refused_clearly(tmp_path: Pa
     assert "holds a model that does not fit" in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_reported_before_any_work(tmp_path: Path, small_tokenizer_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -381,6 +388,7 @@ def test_a_port_in_use_is_reported_before_any_work(tmp_path: Path, small_tokeniz
     assert not (tmp_path / "up").exists()
 
 
+@pytest.mark.slow
 def test_running_again_into_the_same_folder_resumes(tmp_path: Path, shakespeare):
     args = ["simulate", "--phones", "6", "--clients-per-round", "2", "--rounds", "2", "--out", str(tmp_path / "run"),
             "--no-progress", "--hidden-dim", "16", "--embedding-dim", "8"]
@@ -393,6 +401,7 @@ def test_running_again_into_the_same_folder_resumes(tmp_path: Path, shakespeare)
     assert [line["model_version"] for line in lines] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_in_process_and_service_mode_train_the_same_model(tmp_path: Path, shakespeare):
     common = ["simulate", "--phones", "8", "--clients-per-round", "3", "--rounds", "3", "--no-progress",
               "--hidden-dim", "16", "--embedding-dim", "8", "--seed", "5"]

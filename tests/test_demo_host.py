@@ -33,6 +33,7 @@ def answered(demo: DemoServer, host: str) -> None:
             assert client.get(path).status_code == 200, (host, path)
 
 
+@pytest.mark.slow
 def test_the_demo_refuses_other_host_names_and_answers_its_own_on_any_port() -> None:
     with DemoServer(f"http://127.0.0.1:{free_port()}") as demo:
         for host in ("attacker.test", f"attacker.test:{demo.port}", f"localhost.attacker.test:{demo.port}",

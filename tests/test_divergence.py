@@ -96,6 +96,7 @@ def test_a_delta_that_is_not_finite_is_never_encoded_even_if_training_missed_it(
     assert not encoded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("secure", [False, True])
 def test_phones_whose_training_diverges_abort_and_upload_nothing_so_the_round_fails_and_the_model_stays(
     tmp_path, small_tokenizer_path, small_model_config, secure

@@ -217,6 +217,7 @@ def test_bad_uploads_are_refused_with_a_reason_and_leave_the_aggregate_alone(
     assert refused.value.status_code == 409 and "closed" in refused.value.detail
 
 
+@pytest.mark.slow
 def test_the_deadline_closes_a_round_with_the_updates_it_has(
     start_aggregator, small_tokenizer_path, small_model_config
 ):
@@ -239,6 +240,7 @@ def test_the_deadline_closes_a_round_with_the_updates_it_has(
     torch.testing.assert_close(after["output_bias"], before["output_bias"] + 0.1)
 
 
+@pytest.mark.slow
 def test_a_round_with_too_few_reports_fails_and_keeps_the_model(
     start_aggregator, small_tokenizer_path, small_model_config
 ):

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from aggregator.api.client import AggregatorClient
@@ -21,6 +22,7 @@ from keyboard_model.weights import model_from_bytes
 from tests.helpers import Tap, fleet_config, make_phones
 
 
+@pytest.mark.slow
 def test_a_phone_whose_conditions_change_while_training_aborts_and_uploads_nothing(
     tmp_path, small_tokenizer_path, small_model_config
 ):
@@ -60,6 +62,7 @@ def test_a_phone_whose_conditions_change_while_training_aborts_and_uploads_nothi
         assert len(report.participants) == 4
 
 
+@pytest.mark.slow
 def test_the_rounds_quality_metrics_are_the_sum_of_what_its_phones_measured_on_their_own_held_out_messages(
     tmp_path, small_tokenizer_path, small_tokenizer, small_model_config
 ):
@@ -96,6 +99,7 @@ def test_the_rounds_quality_metrics_are_the_sum_of_what_its_phones_measured_on_t
     assert reports[1].participants and summaries[2].recall_at_3 > 0
 
 
+@pytest.mark.slow
 def test_in_process_and_service_mode_follow_the_same_trajectory(tmp_path, small_tokenizer_path, small_model_config):
     def run(client, folder: Path) -> bytes:
         fleet = Fleet(make_phones(folder, 16), fleet_config(folder), client)
@@ -128,6 +132,7 @@ def test_in_process_and_service_mode_follow_the_same_trajectory(tmp_path, small_
     assert any(not torch.equal(a, initial[name]) for name, a in model_a.state_dict().items())
 
 
+@pytest.mark.slow
 def test_secure_rounds_run_through_the_fleet_with_drop_outs_at_every_step_and_match_across_modes(
     tmp_path, small_tokenizer_path, small_model_config
 ):
@@ -183,6 +188,7 @@ class RecordingExecutor:
         return getattr(self.executor, name)
 
 
+@pytest.mark.slow
 def test_a_round_trains_at_the_rate_it_is_given_and_says_where_its_time_went(
     tmp_path, small_tokenizer_path, small_model_config
 ):

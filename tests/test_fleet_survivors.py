@@ -3,6 +3,8 @@ part (benchmarks/soak.py plants lying phones through it)."""
 
 from __future__ import annotations
 
+import pytest
+
 from aggregator.inprocess import InProcessClient
 from aggregator.process import local_aggregator_config
 from device_sim.fleet import Fleet
@@ -10,6 +12,7 @@ from device_sim.participation import Participant
 from tests.helpers import fleet_config, make_phones
 
 
+@pytest.mark.slow
 def test_a_round_counts_its_phones_still_in_it_when_it_ended_through_the_participants_it_was_given(
     tmp_path, small_tokenizer_path, small_model_config
 ):

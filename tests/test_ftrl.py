@@ -112,6 +112,7 @@ def _round(manager: RoundManager, devices: dict[str, str], value: float) -> list
     return retried
 
 
+@pytest.mark.slow
 def test_restarting_keeps_the_noise_stream_and_the_separation(tmp_path, small_tokenizer_path, small_model_config):
     settings = dict(model=small_model_config, clients_per_round=3, over_selection=1.0, server_optimizer="fedavg",
                     noise_multiplier=0.5, clip_norm=0.5, population=30, selection_window_s=0.0,
@@ -159,6 +160,7 @@ def test_restarting_keeps_the_noise_stream_and_the_separation(tmp_path, small_to
     assert observed_sensitivity_squared(blt, pattern) <= sensitivity_squared(blt, 3, 2) + 1e-9
 
 
+@pytest.mark.slow
 def test_dp_ftrl_reports_the_same_epsilon_in_service_mode_and_in_process(tmp_path: Path, shakespeare):
     common = ["simulate", "--phones", "12", "--clients-per-round", "3", "--rounds", "3", "--no-progress",
               "--hidden-dim", "16", "--embedding-dim", "8", "--seed", "5", "--noise-multiplier", "0.5",
@@ -180,6 +182,7 @@ def test_dp_ftrl_reports_the_same_epsilon_in_service_mode_and_in_process(tmp_pat
     assert f"differential privacy spent: epsilon {last['epsilon']:,.4g} at delta" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_secure_round_releases_exactly_the_noise_a_plain_round_would(tmp_path, small_tokenizer_path,
                                                                        small_model_config):
     # The restart test's BLT (10 rounds, separation 2): optimising one takes most of a minute, once per process.

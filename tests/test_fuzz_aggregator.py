@@ -52,6 +52,7 @@ def fuzzed(request, start_aggregator, small_tokenizer_path, small_model_config):
     return aggregator, schema, Credentials(aggregator.url, aggregator.config.operator_token)
 
 
+@pytest.mark.slow
 def test_no_generated_request_gets_a_server_error_or_an_undocumented_answer(fuzzed):
     aggregator, schema, credentials = fuzzed
     cases: dict[str, int] = {}
@@ -73,6 +74,7 @@ def test_no_generated_request_gets_a_server_error_or_an_undocumented_answer(fuzz
     assert len(cases) == len(operations)
 
 
+@pytest.mark.slow
 def test_following_the_documents_links_gets_no_server_error(fuzzed):
     aggregator, schema, credentials = fuzzed
     machine = schema.as_state_machine()

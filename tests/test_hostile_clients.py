@@ -255,6 +255,7 @@ def test_only_the_operator_sets_the_clock_and_only_to_a_finite_time(service):
     assert AggregatorClient(aggregator.url).status().recent_rounds == []  # no round failed on the way
 
 
+@pytest.mark.slow
 def test_literals_json_cannot_echo_are_refused_with_422(service):
     aggregator, decision = service
     bodies = {"evaluations": '{"model_version": 0, "positions": %s, "hits_at_1": 0, "hits_at_3": 0}',

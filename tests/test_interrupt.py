@@ -42,6 +42,7 @@ def workers_of(group: int, training: bool) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["workers starting", "phones training"])
 def test_ctrl_c_exits_within_seconds_with_a_clean_message_and_leaves_no_worker_behind(
     tmp_path: Path, shakespeare, moment
@@ -77,6 +78,7 @@ def test_ctrl_c_exits_within_seconds_with_a_clean_message_and_leaves_no_worker_b
     assert not left_behind
 
 
+@pytest.mark.slow
 def test_a_round_the_aggregator_committed_as_ctrl_c_arrived_has_its_line_once_the_run_resumes(
     tmp_path: Path, shakespeare, monkeypatch, capsys
 ):

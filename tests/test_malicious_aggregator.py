@@ -181,6 +181,7 @@ def test_the_attack_the_consistency_round_stops_works_on_phones_that_do_not_chec
     assert_equal(server.unmask_one(target, collected), server.inputs[target])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hand", ["all", "matching"])
 @pytest.mark.parametrize(("cohort", "told_dropped_share"), [(7, 0.5), (7, 0.34), (7, 0.67), (40, 0.5), (40, 0.75)])
 def test_different_drop_out_sets_for_different_phones_stop_at_the_consistency_check(cohort, told_dropped_share, hand):

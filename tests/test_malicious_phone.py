@@ -60,6 +60,7 @@ def mean_of(deltas, before):
 # --- item 2: wrong shares ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_wrong_share_where_only_threshold_remain_is_refused_and_the_round_fails_without_moving_the_model(
     start_aggregator, small_tokenizer_path, small_model_config
 ):

@@ -53,6 +53,7 @@ def test_clipping_scales_down_only_what_is_too_long():
     assert clip_to_norm(short, 1.5) is short
 
 
+@pytest.mark.slow
 def test_the_service_clips_adds_calibrated_noise_once_and_accounts_for_every_round_across_a_restart(
     tmp_path, small_tokenizer_path, small_model_config
 ):

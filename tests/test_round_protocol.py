@@ -86,6 +86,7 @@ def test_over_selection_absorbs_drop_outs_and_counts_aborted_late_and_dropped(
     del vanished
 
 
+@pytest.mark.slow
 def test_the_deadline_closes_a_round_whose_selected_devices_vanished(
     start_aggregator, small_tokenizer_path, small_model_config
 ):
@@ -159,6 +160,7 @@ def test_a_busy_round_sends_the_devices_it_turns_away_further_out(tmp_path, smal
     assert len(waits) == 59 and max(waits) > 250.0
 
 
+@pytest.mark.slow
 def test_sigkill_mid_round_loses_no_committed_round_and_the_redone_round_gives_the_same_model(
     tmp_path, small_tokenizer_path, small_model_config
 ):
@@ -223,6 +225,7 @@ def test_sigkill_mid_round_loses_no_committed_round_and_the_redone_round_gives_t
         assert [row[0] for row in db.execute("select round from rounds order by round")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_on_a_simulated_clock_the_deadline_is_simulated_time(
     start_aggregator, small_tokenizer_path, small_model_config
 ):

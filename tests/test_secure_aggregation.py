@@ -85,6 +85,7 @@ def assert_equal(total: Masked, expected: Masked) -> None:
         np.testing.assert_array_equal(total[name], expected[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cohort", [5, 130])
 def test_without_drop_outs_the_unmasked_sum_is_the_plain_sum(cohort):
     server, _, inputs, total = run_round(cohort)
@@ -93,6 +94,7 @@ def test_without_drop_outs_the_unmasked_sum_is_the_plain_sum(cohort):
     assert_equal(total, plain_sum(inputs, set(range(cohort))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("cohort", [9, 40, 100])
 def test_a_third_dropping_out_at_any_step_still_gives_the_sum_of_those_that_reported(phase, cohort):

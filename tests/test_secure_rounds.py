@@ -28,6 +28,7 @@ from tests.helpers import (
 )
 
 
+@pytest.mark.slow
 def test_drop_outs_before_sharing_before_uploading_and_late_still_give_the_mean_of_the_reports(
     start_aggregator, small_tokenizer_path, small_model_config
 ):
@@ -75,6 +76,7 @@ def test_drop_outs_before_sharing_before_uploading_and_late_still_give_the_mean_
     assert_mean_within_rounding(after.state_dict(), before, mean, state, reporters=5)
 
 
+@pytest.mark.slow
 def test_devices_dropping_out_while_unmasking_leave_enough_shares(
     start_aggregator, small_tokenizer_path, small_model_config
 ):
@@ -96,6 +98,7 @@ def test_devices_dropping_out_while_unmasking_leave_enough_shares(
                                 state, reporters=6)
 
 
+@pytest.mark.slow
 def test_too_few_devices_sharing_fails_the_round_before_anything_is_revealed_and_keeps_the_model(
     start_aggregator, small_tokenizer_path, small_model_config
 ):

@@ -97,6 +97,7 @@ def test_a_body_dripped_in_slower_than_the_deadline_is_cut_off() -> None:
         assert 1.0 <= time.monotonic() - started < 1.0 + SLACK_S
 
 
+@pytest.mark.slow
 def test_slow_but_timely_requests_are_served_and_each_request_gets_its_own_deadline() -> None:
     with serving(header_timeout_s=1.0, body_timeout_s=1.0) as port, open_stalled(port, b"") as sock:
         sock.settimeout(5)
@@ -158,6 +159,7 @@ def test_a_request_with_two_host_headers_is_refused() -> None:
         assert (answer.status_code, answer.content) == (200, b"ok")
 
 
+@pytest.mark.slow
 def test_the_aggregator_and_the_demo_close_stalled_connections(
     start_aggregator: Callable, small_tokenizer_path: Path, small_model_config: ModelConfig,
 ) -> None:

@@ -139,6 +139,7 @@ def test_suggestions_are_cased_as_a_keyboard_shows_them(text: str, words: list[s
     assert casing.shown_words(text, words) == shown
 
 
+@pytest.mark.slow
 def test_suggests_words_from_the_aggregators_model(aggregator: LocalAggregator, tokenizer: KeyboardTokenizer) -> None:
     with DemoServer(aggregator.url) as demo:
         info = demo.wait_for_model()
@@ -184,6 +185,7 @@ def test_reports_an_aggregator_that_is_not_reachable() -> None:
         assert "Traceback" not in detail and "Traceback" not in demo.output()
 
 
+@pytest.mark.slow
 def test_picks_up_a_newly_published_model(aggregator: LocalAggregator, tokenizer: KeyboardTokenizer) -> None:
     texts = ["", "to be ", "the ", "shall i compare thee to a ", "all the world's a "]
     with DemoServer(aggregator.url, refresh_seconds=0.3) as demo:
