@@ -175,6 +175,7 @@ def latest_score(run: RunResponse, status: StatusResponse | None) -> ModelScore 
     if not scored:
         return None
     _, version, devices, top1, top3 = max(scored)
+    # Both recalls come from the same counts: a round with a top-1 figure has a top-3 one.
     return ModelScore(recall_at_1=top1, recall_at_3=top3 or 0.0, model_version=version,
                       scored_on=f"{devices} phones' own")
 
