@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,6 +120,11 @@ class _Plan:
     batches: list[torch.Tensor]  # row indices of each step, as train_local takes them
 
 
+def _already_trained(phone: PhoneTrained) -> Callable[[RoundInput], LocalWork]:
+    """The training step of a phone the batched pass has trained: its result, for the phone's mods to finish."""
+    return lambda _: LocalWork(phone.result, phone.delta)
+
+
 def _train_pass(model: NextWordModel, features: BatchedFeatures, start: Tensors, plans: list[_Plan],
                 config: LocalTrainConfig, device: torch.device) -> list[PhoneTrained]:
     """One batched pass over `plans`, sorted by step count, longest first."""
@@ -129,6 +134,7 @@ def _train_pass(model: NextWordModel, features: BatchedFeatures, start: Tensors,
     # after a phone's last, which are never computed.
     batches = torch.full((phones, most_steps, config.batch_size, config.sequence_length + 1), PAD_ID, dtype=torch.long)
     for p, plan in enumerate(plans):
+        assert plan.rows is not None  # train_cohort answers a phone with nothing to train on before any pass
         for s, batch in enumerate(plan.batches):
             batches[p, s, : len(batch)] = plan.rows[batch]
     batches = batches.to(device)
@@ -162,17 +168,17 @@ def _train_pass(model: NextWordModel, features: BatchedFeatures, start: Tensors,
                     w[:k].sub_(update, alpha=config.learning_rate)
         with torch.no_grad():  # the trained model's loss on its first batch, for the final divergence check
             after = cohort_loss(model, features, weights, batches[:, 0]).tolist()
-    losses, norms = losses.tolist(), norms.tolist()
+    loss_values, norm_values = losses.tolist(), norms.tolist()
     trained = []
     for p, plan in enumerate(plans):
         # The steps the phone took: all of its batches, or up to the one that stopped it, whose loss counts in the
         # mean as in train_local.
         why = None
         for s in range(steps[p]):
-            why = step_divergence(s + 1, losses[p][s], norms[p][s])
+            why = step_divergence(s + 1, loss_values[p][s], norm_values[p][s])
             if why is not None:
                 break
-        taken = losses[p][: s + 1]
+        taken = loss_values[p][: s + 1]
         if why is None:
             why = final_divergence(taken[0], after[p], model.config.vocab_size)
         result = TrainResult(sum(taken) / len(taken), plan.examples, why)
@@ -321,7 +327,7 @@ class VectorisedCohort:
             started = time.perf_counter()
             try:
                 mods = phone_mods(job.compression, self.eval_messages if job.evaluate else 0, job.clipping, job.secure)
-                work = local_work(given, mods, train_step=lambda _, phone=phone: LocalWork(phone.result, phone.delta))
+                work = local_work(given, mods, train_step=_already_trained(phone))
             except Exception as error:  # one phone's failure is that phone's
                 future.set_exception(error)
                 continue
