@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from aggregator.admission import EnrolmentAttestation, RateLimits, TrustedNetworkOrSecret
 from aggregator.api.schemas import (
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 # How often the deadline of the open round is checked.
 TICK_SECONDS = 0.5
 # The JSON bodies that routes read themselves (aggregator/request_body.py), for the OpenAPI document.
-JSON_BODIES = [ClockUpdate, EvaluationReport, SecAggKeys, SecAggShares, SecAggConfirm, SecAggReveal]
+JSON_BODIES: list[type[BaseModel]] = [
+    ClockUpdate, EvaluationReport, SecAggKeys, SecAggShares, SecAggConfirm, SecAggReveal]
 
 
 def create_app(config: AggregatorConfig, attestation: EnrolmentAttestation | None = None) -> FastAPI:
@@ -65,10 +67,11 @@ def create_app(config: AggregatorConfig, attestation: EnrolmentAttestation | Non
     app.state.rate_limits = RateLimits(config)
     app.state.attestation = attestation or TrustedNetworkOrSecret(config.trusted_networks, config.enrolment_secret)
     app.state.tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
-    app.add_exception_handler(RequestValidationError, validation_error)
+    # Starlette types a handler as taking any Exception; this one is registered for RequestValidationError only.
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     for module in (devices, models, rounds_routes, secagg, status):
         app.include_router(module.router)
-    app.openapi = lambda: _openapi(app, config)
+    app.openapi = lambda: _openapi(app, config)  # type: ignore[method-assign]  # FastAPI's documented way
     return app
 
 
