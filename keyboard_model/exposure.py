@@ -91,24 +91,24 @@ def log_perplexities(model: NextWordModel, tokenizer: KeyboardTokenizer, canary:
     return torch.cat(scores).numpy() if scores else np.zeros(0)
 
 
-def exposure(model: NextWordModel, tokenizer: KeyboardTokenizer, canary: CanaryFormat, secret: Secret) -> float:
-    """The secret's exposure, its rank counted among every secret of the space (exact; the space is scored whole)."""
-    space = [canary.secret(index) for index in range(canary.space)]
-    scores = log_perplexities(model, tokenizer, canary, space)
-    own = log_perplexities(model, tokenizer, canary, [secret])[0]
-    rank = 1 + int((scores < own).sum())
-    return math.log2(canary.space) - math.log2(rank)
+def exposures(model: NextWordModel, tokenizer: KeyboardTokenizer, canary: CanaryFormat,
+              secrets: list[Secret]) -> list[float]:
+    """Each secret's exposure, its rank counted among every secret of the space (exact: the space is scored whole,
+    once for all the secrets)."""
+    scores = np.sort(log_perplexities(model, tokenizer, canary,
+                                      [canary.secret(index) for index in range(canary.space)]))
+    ranks = 1 + np.searchsorted(scores, log_perplexities(model, tokenizer, canary, secrets), side="left")
+    return [math.log2(canary.space) - math.log2(int(rank)) for rank in ranks]
 
 
-def estimated_exposure(model: NextWordModel, tokenizer: KeyboardTokenizer, canary: CanaryFormat, secret: Secret,
-                       samples: int = 4096, seed: int = 0) -> float:
-    """The secret's exposure for a space too large to score whole (Carlini et al. 2019, section 4.3): the share of
-    the space that the model finds likelier than the secret, read from a skew-normal fitted to the log-perplexities
-    of `samples` random secrets, as -log2 of that share."""
+def estimated_exposures(model: NextWordModel, tokenizer: KeyboardTokenizer, canary: CanaryFormat,
+                        secrets: list[Secret], samples: int = 4096, seed: int = 0) -> list[float]:
+    """Each secret's exposure for a space too large to score whole (Carlini et al. 2019, section 4.3): the share of
+    the space that the model finds likelier than the secret, read from a skew-normal fitted (once for all the
+    secrets) to the log-perplexities of `samples` random secrets, as -log2 of that share."""
     rng = random.Random(seed)
     sampled = log_perplexities(model, tokenizer, canary, [canary.random_secret(rng) for _ in range(samples)])
-    own = log_perplexities(model, tokenizer, canary, [secret])[0]
     shape, location, scale = stats.skewnorm.fit(sampled)
-    likelier = float(stats.skewnorm.cdf(own, shape, location, scale))
+    likelier = stats.skewnorm.cdf(log_perplexities(model, tokenizer, canary, secrets), shape, location, scale)
     # No share of the space is below one secret in it.
-    return -math.log2(max(likelier, 1 / canary.space))
+    return [-math.log2(max(float(share), 1 / canary.space)) for share in likelier]

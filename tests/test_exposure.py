@@ -8,7 +8,7 @@ import random
 import pytest
 
 from keyboard_model.architecture import build_model
-from keyboard_model.exposure import CanaryFormat, estimated_exposure, exposure
+from keyboard_model.exposure import CanaryFormat, estimated_exposures, exposures
 from keyboard_model.model import ModelConfig
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, train_centrally
@@ -35,18 +35,18 @@ def memorised():
 def test_a_secret_typed_many_times_is_exposed_and_unseen_ones_are_not(memorised):
     model, tokenizer, planted, held_out = memorised
     most = CANARY.space.bit_length() - 1  # log2(1000) is 9.97; the planted secret ranks first or near it
-    assert exposure(model, tokenizer, CANARY, planted) >= most - 1
-    unseen = [exposure(model, tokenizer, CANARY, secret) for secret in held_out]
+    assert exposures(model, tokenizer, CANARY, [planted])[0] >= most - 1
+    unseen = exposures(model, tokenizer, CANARY, held_out)
     # A secret never typed ranks like any: its exposure averages about 1 bit (log2 e), far below the planted one's.
     assert sum(unseen) / len(unseen) < 4
 
 
 def test_the_estimate_from_sampled_secrets_follows_the_exact_rank(memorised):
     model, tokenizer, planted, held_out = memorised
-    for secret in held_out:
-        exact = exposure(model, tokenizer, CANARY, secret)
-        assert estimated_exposure(model, tokenizer, CANARY, secret, samples=2000) == pytest.approx(exact, abs=1.5)
-    assert estimated_exposure(model, tokenizer, CANARY, planted, samples=2000) > 6
+    exact = exposures(model, tokenizer, CANARY, held_out)
+    *estimated, of_planted = estimated_exposures(model, tokenizer, CANARY, [*held_out, planted], samples=2000)
+    assert estimated == pytest.approx(exact, abs=1.5)
+    assert of_planted > 6
 
 
 def test_every_secret_of_the_space_has_its_own_index_and_the_alphabet_must_be_words_of_the_vocabulary():
@@ -56,6 +56,6 @@ def test_every_secret_of_the_space_has_its_own_index_and_the_alphabet_must_be_wo
     tokenizer = KeyboardTokenizer.train(["one two"], vocab_size=20)
     model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=8, hidden_dim=8))
     with pytest.raises(ValueError, match="not: \\['three'\\]"):
-        exposure(model, tokenizer, canary, ("one", "two"))
+        exposures(model, tokenizer, canary, [("one", "two")])
     with pytest.raises(ValueError, match="two or more distinct words"):
         CanaryFormat(alphabet=("one", "one"))
