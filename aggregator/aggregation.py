@@ -104,7 +104,8 @@ class Aggregation(Protocol):
     def add(self, delta: torch.Tensor, num_examples: int, within_clip: bool | None = None) -> None:
         """One update the manager has checked: `delta` a flat float32 vector (`keyboard_model/flat.py`) within the
         aggregator's norm bound, `num_examples` within its limit, `within_clip` adaptive clipping's bit (None when
-        the round does not adapt its clip norm). Only called once per device and round."""
+        the round does not adapt its clip norm). Only called once per device and round, and for the server's own
+        inputs (an audit's canary clients, aggregator/canary_clients.py), which send no bit."""
 
     def release(self, reported: int) -> Release:
         """The round's mean delta from the `reported` devices whose updates it holds."""
@@ -147,15 +148,21 @@ class SecureSum:
         self._secure = secure
         self._ledger = ledger
         self._max_eval_positions = max_eval_positions
+        # The server's own inputs (an audit's canary clients, aggregator/canary_clients.py), added in the clear.
+        self._own = UpdateSum(secure.shapes)
 
     def add(self, delta: torch.Tensor, num_examples: int, within_clip: bool | None = None) -> None:
-        # A secure round's inputs arrive masked and are summed by its SecureRound: no update is ever seen to add.
-        raise TypeError("a secure round adds masked inputs through its SecureRound, never a plain update")
+        """The server's own input, added to the unmasked sum, counted once. A device's input arrives masked and is
+        summed by the SecureRound: no device's update is ever seen to add."""
+        self._own.add(delta, 1.0)
 
     def release(self, reported: int) -> Release:
         """Raises ImpossibleSumError if the sum is not one that `reported` devices sending what honest devices send
         could give."""
         total, (positions, hits_1, hits_3, within) = self._secure.result()
+        if self._own.count:
+            own = self._own.total()
+            total = {name: value + own[name] for name, value in total.items()}
         # The counts are summed modulo 2**32 and read as 0 to 2**32 - 1, so one that wrapped below 0 reads as huge.
         if not hits_1 <= hits_3 <= positions <= reported * self._max_eval_positions:
             raise ImpossibleSumError(
@@ -170,14 +177,15 @@ class SecureSum:
                                          f"{within}: some phone lied")
         if self._ledger is None:
             # Each device counts once: its example count would be one more thing sent in the clear.
-            release = Release({name: (t / reported).float() for name, t in total.items()}, evaluation)
-            self._check_norm(release.mean_delta, reported, reported, noise_stddev=0.0)
+            inputs = reported + self._own.count
+            release = Release({name: (t / inputs).float() for name, t in total.items()}, evaluation)
+            self._check_norm(release.mean_delta, inputs, inputs, noise_stddev=0.0)
             return release
         # The clipping bits come summed, inside the masked vector: the server never sees one. Their range is checked
         # on their noisy sum (aggregator/adaptive_clipping.py).
         noise_stddev = self._ledger.noise_stddev
         mean_delta, privacy = self._ledger.release(total, within, reported)
-        self._check_norm(mean_delta, reported, self._secure.goal, noise_stddev)
+        self._check_norm(mean_delta, reported + self._own.count, self._secure.goal, noise_stddev)
         return Release(mean_delta, {**privacy, **evaluation})
 
     def _check_norm(self, mean_delta: Tensors, reported: int, denominator: int, noise_stddev: float) -> None:

@@ -139,6 +139,14 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     privacy.add_argument("--dp-rounds", type=positive_int, default=1000,
                          help="DP-FTRL: rounds the correlated noise is optimised for; later rounds are still noised "
                               "and accounted for (default: %(default)s)")
+    audit = parser.add_argument_group(
+        "empirical privacy audit", "Canary clients (Andrew et al. 2024): the aggregator inserts clients whose update "
+        "is a random direction scaled to the clip norm, keeps as many directions held out, and estimates epsilon "
+        "from how well the model's movement tells them apart; recorded in each audited round (audit_*).")
+    audit.add_argument("--canary-clients", type=at_least(0), default=0, metavar="K",
+                       help="canary clients to insert, 0 or at least 2; K more are held out (default: none)")
+    audit.add_argument("--audit-every", type=positive_int, default=10, metavar="N",
+                       help="estimate epsilon from the canaries after every N rounds (default: %(default)s)")
     admission = parser.add_argument_group(
         "admission", f"Credentials come from the environment, never the command line: {OPERATOR_TOKEN_ENV} (the "
                      f"operator's token, which PUT /clock needs) and {ENROLMENT_SECRET_ENV} (the secret devices "
@@ -187,6 +195,9 @@ def check_round_options(args: argparse.Namespace) -> None:
             raise UserFacingError(f"--clip-count-stddev ({count_stddev:g}) "
                                   "must be more than half of --noise-multiplier "
                                   f"({args.noise_multiplier}): the clipping bits would spend all the privacy it allows")
+    if args.canary_clients == 1:
+        raise UserFacingError("--canary-clients must be 0 or at least 2: one canary's score cannot be told from "
+                              "the held-out ones' spread")
     if args.selection_window >= args.round_deadline:
         raise UserFacingError(f"--selection-window ({args.selection_window} s) must be shorter than --round-deadline "
                               f"({args.round_deadline} s)")
@@ -223,6 +234,8 @@ def round_settings(args: argparse.Namespace) -> dict:
         dp_mechanism=args.dp_mechanism,
         min_separation=args.min_separation,
         dp_rounds=args.dp_rounds,
+        canary_clients=args.canary_clients,
+        audit_every=args.audit_every,
         seed=args.seed,
         initial_model=args.init_model,
         keep_models=args.keep_models,

@@ -86,6 +86,10 @@ class AggregatorConfig:
     min_separation: int = 10
     # DP-FTRL: the rounds the BLT noise is optimised for (it stays valid, and accounted for, beyond them).
     dp_rounds: int = 1000
+    # The empirical privacy audit (aggregator/canary_clients.py): this many canary clients inserted into training,
+    # and as many held out; 0 inserts none. Every `audit_every` rounds the aggregator estimates epsilon from them.
+    canary_clients: int = 0
+    audit_every: int = 10
     # How selected phones download the model: "int8" (a quarter of the bytes, `keyboard_model/int8.py`) or
     # "float32". The aggregator keeps and steps its model in float32 either way.
     download_encoding: str = "float32"
@@ -166,6 +170,9 @@ class AggregatorConfig:
         if self.min_separation < 1 or self.dp_rounds < 1:
             raise ValueError(f"min_separation and dp_rounds must be at least 1, got {self.min_separation} and "
                              f"{self.dp_rounds}")
+        if self.canary_clients == 1 or self.canary_clients < 0 or self.audit_every < 1:
+            raise ValueError(f"canary_clients must be 0 or at least 2, and audit_every at least 1; got "
+                             f"{self.canary_clients} and {self.audit_every}")
         if self.clip_quantile is not None and not 0 < self.clip_quantile < 1:
             raise ValueError(f"clip_quantile must be in (0, 1), got {self.clip_quantile}")
         if not self.clip_learning_rate > 0 or not (self.clip_count_stddev is None or self.clip_count_stddev > 0):

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from aggregator.adaptive_clipping import ImpossibleSumError
 from aggregator.aggregation import Aggregation, PrivateMean, Release, SecureSum
 from aggregator.api.schemas import EvaluationReport, SecAggState
+from aggregator.canary_clients import canary_clients
 from aggregator.config import AggregatorConfig
 from aggregator.devices import Devices, token_hash
 from aggregator.global_model import GlobalModel
@@ -69,6 +70,7 @@ from aggregator.uploads import check_update
 from keyboard_model.errors import UserFacingError
 from keyboard_model.secagg import Dealing, PublicKeys, Share
 from keyboard_model.update_codec import max_encoded_bytes
+from keyboard_model.weights import Tensors
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +130,10 @@ class OpenRound:
     failure: str | None = None
 
 
+# The latest audit's figures /status shows (aggregator/canary_clients.py).
+AUDIT_STATUS = ("audit_epsilon", "audit_epsilon_low", "audit_epsilon_high", "audit_epsilon_lower_bound")
+
+
 class RoundManager:
     """The round state machine. Thread-safe: HTTP handlers and the deadline timer share it."""
 
@@ -145,8 +151,12 @@ class RoundManager:
         self.model = GlobalModel(config, storage)
         self.devices = Devices(storage)
         # Phones that could take part, counted when a round releases (devices may still enrol while it runs).
-        self.privacy = (make_mechanism(config, storage, self.model, lambda: config.population or len(self.devices))
-                        if config.differential_privacy else None)
+        def population() -> int:
+            return config.population or len(self.devices)
+
+        self.privacy = make_mechanism(config, storage, self.model, population) if config.differential_privacy else None
+        self.canaries = canary_clients(config, self.model, population)
+        self._population = population
         recent = storage.recent_rounds(RECENT_ROUNDS)
         self._recent_durations = collections.deque(
             (r["duration_s"] for r in recent if r["duration_s"] is not None), maxlen=RECENT_ROUNDS
@@ -156,6 +166,8 @@ class RoundManager:
         self._comebacks = Comebacks()
         self._epsilon = next((r["epsilon"] for r in reversed(recent) if r.get("epsilon") is not None), None)
         self._rho = next((r["rho"] for r in reversed(recent) if r.get("rho") is not None), None)
+        self._last_audit = next(({key: r[key] for key in AUDIT_STATUS} for r in reversed(recent)
+                                 if r.get("audit_epsilon") is not None), dict.fromkeys(AUDIT_STATUS))
         if config.secure_aggregation and self.selection_target * config.max_eval_positions >= 2**32:
             raise UserFacingError(f"a secure round sums its evaluation counts modulo 2**32: {self.selection_target} "
                                   f"phones of up to --max-eval-positions {config.max_eval_positions} predictions "
@@ -504,12 +516,25 @@ class RoundManager:
             return
         if self.round.secure is not None:  # the masked sum cannot say who scored: those asked to, that reported did
             release.record["eval_devices"] = len(self._evaluators() & self.round.reported)
-        self.model.commit_step(release.mean_delta, {**summary, **release.record, "status": "closed"},
-                               self.privacy.pending_state() if self.privacy is not None else None, self._statuses())
+        record = {**summary, **release.record, "status": "closed"}
+        self.model.commit_step(release.mean_delta, record,
+                               self.privacy.pending_state() if self.privacy is not None else None, self._statuses(),
+                               measure=self._audit(release.record))
+        if "audit_epsilon" in record:
+            self._last_audit = {key: record[key] for key in AUDIT_STATUS}
         if self.privacy is not None:
             self.privacy.spent(release.record, self.round.reported)
             self._epsilon = release.record["epsilon"]
             self._rho = release.record.get("rho")
+
+    def _audit(self, record: dict) -> Callable[[Tensors], dict] | None:
+        """What the round's audit measures of the model it makes (aggregator/canary_clients.py), at the delta the
+        accountant reports epsilon at, or 1 / population without differential privacy."""
+        if self.canaries is None:
+            return None
+        canaries, number = self.canaries, self.round.number
+        delta = record.get("dp_delta") or self.config.dp_delta or 1 / max(self._population(), 1)
+        return lambda state: canaries.measure(number, state, delta)
 
     def _statuses(self) -> dict[str, str]:
         """The open round's selected devices that reported, aborted or (a secure round's) came late, as their
@@ -529,10 +554,24 @@ class RoundManager:
             current.failure = f"{len(current.reported)} updates arrived; {self.min_reports} needed"
             return None
         try:
-            return current.aggregation.release(len(current.reported))
+            canaries = self._insert_canaries(current)
+            release = current.aggregation.release(len(current.reported))
         except ImpossibleSumError as error:
             current.failure = f"refused the round's aggregate: {error}"
             return None
+        if self.canaries is not None:
+            release.record["audit_canaries_taking_part"] = canaries
+        return release
+
+    def _insert_canaries(self, current: OpenRound) -> int:
+        """The audit's canary clients that take part in the round, added to its aggregate once the phones' inputs
+        are in; how many. Each is clipped to the round's clip norm (the operator's, without differential privacy)
+        and weighs as the round's average phone where updates are weighted."""
+        if self.canaries is None:
+            return 0
+        norm = self.privacy.clip.norm if self.privacy is not None else self.config.clip_norm
+        weight = max(1, round(current.examples / max(len(current.reported), 1)))
+        return self.canaries.insert(current.aggregation, current.number, norm, weight)
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -545,5 +584,6 @@ class RoundManager:
                 "deadline_in_s": max(0.0, self.round.deadline - self.clock()),
                 "differential_privacy": self.config.differential_privacy, "epsilon": self._epsilon,
                 "rho": self._rho, "clip_norm": self.privacy.clip.norm if self.privacy is not None else None,
+                **self._last_audit,
             }
 

@@ -223,11 +223,12 @@ def start_secure(start_aggregator, small_tokenizer_path, small_model_config, **s
     return client, model.state_dict()
 
 
-def secure_client(tmp_path: Path, small_tokenizer_path: Path, small_model_config, devices: int) -> InProcessClient:
+def secure_client(tmp_path: Path, small_tokenizer_path: Path, small_model_config, devices: int,
+                  **settings) -> InProcessClient:
     config = AggregatorConfig(
         db_path=tmp_path / "aggregator.sqlite", tokenizer_path=small_tokenizer_path, model=small_model_config,
         clients_per_round=devices, over_selection=1.0, secure_aggregation=True, server_optimizer="fedavg",
-        secagg_phase_s=1.0, round_deadline_s=60.0, selection_window_s=0.0, secagg_ring_bits=16,
+        secagg_phase_s=1.0, round_deadline_s=60.0, selection_window_s=0.0, secagg_ring_bits=16, **settings,
     )
     return InProcessClient(config)
 

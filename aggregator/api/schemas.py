@@ -166,6 +166,21 @@ class RoundSummary(BaseModel):
         None, description="Adaptive clipping: the released (noisy) fraction of updates within dp_clip_norm.")
     dp_next_clip_norm: float | None = Field(None, description="Adaptive clipping: the clip norm of the next round.")
     failure: str | None = Field(None, description="Why a failed round failed.")
+    audit_canaries_taking_part: int | None = Field(
+        None, description="Empirical privacy audit: canary clients (the server's own inputs) in the round's aggregate.")
+    audit_canaries: int | None = Field(None, description="Audited rounds: the canary clients inserted (as many are "
+                                                         "held out).")
+    audit_epsilon: float | None = Field(
+        None, description="Audited rounds: the one-shot empirical epsilon at audit_delta (Andrew et al. 2024), an "
+                          "estimate for that attack, not a bound.")
+    audit_epsilon_low: float | None = Field(None, description="Its 95% bootstrap interval's low end.")
+    audit_epsilon_high: float | None = Field(None, description="Its 95% bootstrap interval's high end.")
+    audit_epsilon_lower_bound: float | None = Field(
+        None, description="A 95%-confidence lower bound on epsilon from the same scores (jax-privacy's one-run "
+                          "auditor).")
+    audit_delta: float | None = None
+    audit_score_in: float | None = Field(None, description="Inserted canaries' mean cosine with the model's movement.")
+    audit_score_out: float | None = Field(None, description="Held-out canaries' mean cosine with it.")
     excluded: dict[str, str] | None = Field(
         None, description="Secure aggregation: the devices this round proved to lie (device id -> how), excluded from "
                           "every later round."
@@ -205,6 +220,11 @@ class StatusResponse(BaseModel):
     )
     rho: float | None = Field(None, description="DP-FTRL: rho-zCDP spent so far.")
     clip_norm: float | None = Field(None, description="Differential privacy: the clip norm the open round asks for.")
+    audit_epsilon: float | None = Field(
+        None, description="Canary clients on: the latest audit's empirical epsilon (an estimate for that attack).")
+    audit_epsilon_low: float | None = Field(None, description="Its 95% bootstrap interval's low end.")
+    audit_epsilon_high: float | None = Field(None, description="Its 95% bootstrap interval's high end.")
+    audit_epsilon_lower_bound: float | None = Field(None, description="The latest audit's 95% lower bound on epsilon.")
     recent_rounds: list[RoundSummary]
 
 
