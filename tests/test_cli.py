@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -23,6 +25,7 @@ from device_sim.cli import simulation_config_from_args
 from fedkb.cli import COMMANDS, main
 from fedkb.plot import references
 from keyboard_model.commands import command_parser, parse
+from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes
 from tests.conftest import SMALL_TEXT
 from tests.helpers import ROOT, fedkb
@@ -414,3 +417,45 @@ def test_in_process_and_service_mode_train_the_same_model(tmp_path: Path, shakes
     assert service_version == version >= 1
     for (name, a), b in zip(service.state_dict().items(), in_process.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_child_aggregator_is_started_with_every_setting_of_its_config(tmp_path, small_tokenizer_path):
+    """`fedkb simulate` and `fedkb up` start their aggregator as `python -m aggregator` with flags: a setting left off
+    the command line would silently run at its default (canary clients once were)."""
+    from aggregator.cli import add_arguments, config_from_args
+    from aggregator.config import AggregatorConfig
+    from aggregator.process import LocalAggregator, local_aggregator_config
+    from keyboard_model.model import ModelConfig
+
+    private = dict(
+        model=ModelConfig(vocab_size=KeyboardTokenizer.from_file(small_tokenizer_path).vocab_size, embedding_dim=12,
+                          hidden_dim=20, projection_dim=12),
+        clients_per_round=7, over_selection=1.5, round_deadline_s=99.0, min_report_fraction=0.7,
+        server_optimizer="fedadam", server_learning_rate=0.03, serving_average=0.5, trim_fraction=0.2,
+        max_examples_per_update=123, max_update_norm=9.0, max_eval_positions=77, eval_share=0.6,
+        noise_multiplier=0.7, clip_norm=0.4, clip_quantile=0.6, clip_learning_rate=0.3, clip_count_stddev=2.0,
+        population=70, dp_delta=1e-4, dp_mechanism="ftrl", min_separation=3, dp_rounds=40, canary_clients=5,
+        audit_every=4, download_encoding="int8", secure_aggregation=True, secagg_phase_s=33.0, secagg_ring_bits=16,
+        simulated_clock=True, selection_window_s=2.0, trusted_networks=("10.0.0.0/8",), enrolments_per_minute=3,
+        checkins_per_minute=4, seed=9, keep_models=2, keep_every=6,
+    )
+    plain = dict(aggregation_rule="median")  # robust rules are for plain rounds only
+    # Not on the command line: the listener is handed over, credentials go in the environment, and these are fixed.
+    elsewhere = {"db_path", "tokenizer_path", "host", "port", "operator_token", "enrolment_secret", "retry_after_s",
+                 "max_json_bytes", "initial_model"}
+    defaults = AggregatorConfig(db_path=tmp_path / "a.sqlite", tokenizer_path=small_tokenizer_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    tested = set()
+    for changed in (private, plain):
+        config = local_aggregator_config(tmp_path, small_tokenizer_path, **changed)
+        tested |= {name for name in changed if getattr(config, name) != getattr(defaults, name)}
+        child_process = LocalAggregator(config)  # never started: only its command is read
+        command = child_process.command(listen_fd=3)
+        child_process.__exit__(None, None, None)
+        assert command[1:3] == ["-m", "aggregator"]
+        child = config_from_args(parser.parse_args(command[3:]), small_tokenizer_path)
+        for name in changed:
+            assert getattr(child, name) == getattr(config, name), name
+    untested = {f.name for f in dataclasses.fields(AggregatorConfig)} - elsewhere - tested
+    assert not untested, f"give these a value other than the default here: {untested}"

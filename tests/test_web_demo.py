@@ -498,17 +498,19 @@ def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differ
     tmp_path: Path, tokenizer: KeyboardTokenizer
 ) -> None:
     # DP-FTRL, which reports rho beside epsilon (DP-FedAvg's epsilon takes the same path to the page), with a BLT for
-    # two releases, quick to optimise, and a phone allowed in every one. One browser run: the suite is near its limit.
+    # two releases, quick to optimise, and a phone allowed in every one; and the canary clients' audit of every round.
+    # One browser run: the suite is near its limit.
     config = small_aggregator_config(tmp_path, tokenizer, max_update_norm=1_000.0, noise_multiplier=1.0, population=50,
-                                     dp_mechanism="ftrl", min_separation=1, dp_rounds=2)
+                                     dp_mechanism="ftrl", min_separation=1, dp_rounds=2, canary_clients=4,
+                                     audit_every=1)
     with LocalAggregator(config) as aggregator, DemoServer(aggregator.url) as demo, \
             chromium(tmp_path / "chromium-profile") as browser:
         demo.wait_for_model(version=0)
         assert demo.model_info()["differential_privacy"] and demo.model_info()["epsilon"] is None
         publish_new_version(aggregator)
         status = httpx.get(f"{aggregator.url}/status", timeout=5).json()
-        spent, zcdp = status["epsilon"], status["rho"]
-        assert spent > 0 and zcdp > 0
+        spent, zcdp, empirical = status["epsilon"], status["rho"], status["audit_epsilon"]
+        assert spent > 0 and zcdp > 0 and empirical is not None
         info = demo.wait_for_model(version=1)
         assert (info["epsilon"], info["dp_delta"]) == (spent, 1 / 50)
         browser.get(demo.url)
@@ -522,12 +524,15 @@ def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differ
         traces = WebDriverWait(browser, 10).until(lambda b: b.execute_script(
             "const chart = document.getElementById('chart-epsilon');"
             "return chart.offsetParent !== null && chart.data ? chart.data.map(t => [t.name, t.x, t.y]) : null;"))
-        # DP-FTRL's rho-zCDP beside epsilon, on the chart and in the summary line.
-        assert traces == [["epsilon", [1], [pytest.approx(spent)]], ["ρ-zCDP", [1], [pytest.approx(zcdp)]]]
-        summary = re.search(r"ε spent: ([-+.\de]+?), ρ-zCDP ([-+.\de]+?)\.$",
-                            browser.find_element(By.ID, "summary").text)
+        # DP-FTRL's rho-zCDP beside epsilon, and the audit's empirical epsilon, on the chart and in the summary line.
+        assert traces == [["epsilon", [1], [pytest.approx(spent)]], ["ρ-zCDP", [1], [pytest.approx(zcdp)]],
+                          ["empirical ε (canary clients, 95% interval)", [1], [pytest.approx(empirical)]],
+                          ["its 95% lower bound", [1], [pytest.approx(status["audit_epsilon_lower_bound"])]]]
+        summary = re.search(r"ε spent: ([-+.\de]+?), ρ-zCDP ([-+.\de]+?)\. Empirical ε \(canary clients\): "
+                            r"([-+.\de]+?) \(", browser.find_element(By.ID, "summary").text)
         assert float(summary[1]) == pytest.approx(spent, rel=5e-3)
         assert float(summary[2]) == pytest.approx(zcdp, rel=5e-3)
+        assert float(summary[3]) == pytest.approx(empirical, rel=5e-3, abs=1e-3)
         # A round on the wall clock is drawn at the hour (UTC) it opened at.
         opened = AggregatorClient(aggregator.url).status().recent_rounds[0].started_at
         hours = browser.execute_script("return document.getElementById('chart-asking').data[0].x")

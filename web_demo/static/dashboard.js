@@ -148,17 +148,38 @@ function draw(status, run) {
     bar("down", series("bytes_down", 1e-6), "#81c995"),
   ], layout("Bytes by round", "MB", { barmode: "group" }), PLOT_CONFIG);
   const privacy = document.getElementById("privacy-figure");
-  privacy.hidden = !status.differential_privacy;
-  if (status.differential_privacy) drawPrivacy(line);
+  const audited = series("audit_epsilon").some((value) => value != null);
+  privacy.hidden = !status.differential_privacy && !audited;
+  if (!privacy.hidden) drawPrivacy(line, audited);
+}
+
+// The canary clients' audits (every few rounds): the empirical ε with its interval, and the lower bound, beside
+// the accountant's ε, which bounds every attack where they measure one.
+function auditTraces() {
+  const x = roundNumbers();
+  const above = rounds.map((r) => (r.audit_epsilon == null ? null : r.audit_epsilon_high - r.audit_epsilon));
+  const below = rounds.map((r) => (r.audit_epsilon == null ? null : r.audit_epsilon - r.audit_epsilon_low));
+  return [
+    { type: "scatter", mode: "markers", name: "empirical ε (canary clients, 95% interval)", x,
+      y: series("audit_epsilon"), marker: { color: "#e37400", size: 8 },
+      error_y: { type: "data", symmetric: false, array: above, arrayminus: below, color: "#e37400" } },
+    { type: "scatter", mode: "markers", name: "its 95% lower bound", x, y: series("audit_epsilon_lower_bound"),
+      marker: { color: "#d93025", symbol: "triangle-up", size: 8 } },
+  ];
 }
 
 // DP-FTRL's rounds also carry the ρ-zCDP spent (DP-FedAvg's do not), drawn on an axis of its own: ε and ρ are
 // orders of magnitude apart.
-function drawPrivacy(line) {
+function drawPrivacy(line, audited) {
   const rho = series("rho");
   const zcdp = rho.some((value) => value != null);
-  const traces = [line("epsilon", series("epsilon")), ...(zcdp ? [line("ρ-zCDP", rho, { yaxis: "y2" })] : [])];
-  const title = zcdp ? "Privacy spent by round (ε at δ, and ρ-zCDP)" : "Privacy spent by round (ε at δ)";
+  const traces = [
+    ...(series("epsilon").some((value) => value != null) ? [line("epsilon", series("epsilon"))] : []),
+    ...(zcdp ? [line("ρ-zCDP", rho, { yaxis: "y2" })] : []),
+    ...(audited ? auditTraces() : []),
+  ];
+  const spent = zcdp ? "Privacy spent by round (ε at δ, and ρ-zCDP)" : "Privacy spent by round (ε at δ)";
+  const title = audited && traces.length === 2 ? "Empirical privacy by round (no DP: no proven ε)" : spent;
   const rhoAxis = {
     yaxis2: { title: { text: "ρ" }, overlaying: "y", side: "right", rangemode: "tozero" },
     margin: { l: 48, r: 48, t: 36, b: 40 },
@@ -205,7 +226,10 @@ function describeProgress(status, run) {
     : `Round ${status.round} is open: no phone has joined it` +
       (last ? ` since round ${last.round} closed ${ago(last.closed_at)}.` : " yet.");
   const zcdp = status.rho == null ? "" : `, ρ-zCDP ${status.rho.toPrecision(3)}`;
-  const privacy = status.epsilon === null ? "" : ` ε spent: ${status.epsilon.toPrecision(3)}${zcdp}.`;
+  const audit = status.audit_epsilon == null ? "" : ` Empirical ε (canary clients): ` +
+    `${status.audit_epsilon.toPrecision(3)} (${status.audit_epsilon_low.toPrecision(3)}–` +
+    `${status.audit_epsilon_high.toPrecision(3)}).`;
+  const privacy = (status.epsilon === null ? "" : ` ε spent: ${status.epsilon.toPrecision(3)}${zcdp}.`) + audit;
   if (!run.finished) return open + privacy;
   const final = run.rounds[run.rounds.length - 1];
   const ran = final?.round ?? last?.round ?? 0;
