@@ -97,9 +97,11 @@ class CanaryClients:
         return cosines[: self.count], cosines[self.count :]
 
     def measure(self, round_number: int, state: Tensors, delta: float) -> dict:
-        """The round's audit record (`audit_*`) of the model `state` it made, on every `audit_every`-th round."""
-        if round_number % self.audit_every:
-            return {}
+        """The round's audit record of the model `state` it made, on every `audit_every`-th round."""
+        return {} if round_number % self.audit_every else self.audit(state, delta)
+
+    def audit(self, state: Tensors, delta: float) -> dict:
+        """The audit record (`audit_*`) of the model `state`: the empirical epsilon at `delta`."""
         held_in, held_out = self.scores(flatten(state, self.shapes) - self.initial)
         return estimate(held_in, held_out, delta, seed=self.seed).record()
 

@@ -98,6 +98,9 @@ class InProcessClient:
     def set_clock(self, now_s: float) -> None:
         _call(self._rounds.set_simulated_time, now_s)
 
+    def audit(self) -> RoundSummary:
+        return RoundSummary(**_call(self._rounds.audit_now))
+
     def abort(self, round_number: int, upload_token: str) -> AbortResponse:
         return AbortResponse(round=round_number, aborted=_call(self._rounds.abort, round_number, upload_token))
 

@@ -33,6 +33,12 @@ class ClockError(UploadRefusedError):
     status_code = 409
 
 
+class AuditError(UploadRefusedError):
+    """An audit asked of an aggregator without canary clients, or before any round made a model."""
+
+    status_code = 409
+
+
 class SecAggRefusedError(UploadRefusedError):
     """A secure-aggregation message that does not fit the round's phase or cohort; the message says why."""
 

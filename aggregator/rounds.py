@@ -55,6 +55,7 @@ from aggregator.global_model import GlobalModel
 from aggregator.mechanisms import make_mechanism
 from aggregator.pace import next_spread, retry_after_s
 from aggregator.refusals import (
+    AuditError,
     BadUpdateError,
     ClockError,
     RoundClosedError,
@@ -528,13 +529,34 @@ class RoundManager:
             self._rho = release.record.get("rho")
 
     def _audit(self, record: dict) -> Callable[[Tensors], dict] | None:
-        """What the round's audit measures of the model it makes (aggregator/canary_clients.py), at the delta the
-        accountant reports epsilon at, or 1 / population without differential privacy."""
+        """What the round's audit measures of the model it makes (aggregator/canary_clients.py)."""
         if self.canaries is None:
             return None
-        canaries, number = self.canaries, self.round.number
-        delta = record.get("dp_delta") or self.config.dp_delta or 1 / max(self._population(), 1)
+        canaries, number, delta = self.canaries, self.round.number, self._audit_delta(record)
         return lambda state: canaries.measure(number, state, delta)
+
+    def _audit_delta(self, record: dict) -> float:
+        """The delta the accountant reports epsilon at, or 1 / population without differential privacy."""
+        return record.get("dp_delta") or self.config.dp_delta or 1 / max(self._population(), 1)
+
+    def audit_now(self) -> dict:
+        """Audit the current model with the canary clients now, whatever `audit_every` says, and add the figures to
+        the record of the round that made it (a simulation asks so at its end); that round's record."""
+        with self._lock:
+            if self.canaries is None:
+                raise AuditError("this aggregator inserts no canary clients (--canary-clients): there is nothing to "
+                                 "audit")
+            made = next((row for row in reversed(self.storage.recent_rounds(RECENT_ROUNDS))
+                         if row["new_version"] == self.model.version and row["status"] == "closed"), None)
+            if made is None:
+                raise AuditError(f"no recent round made model version {self.model.version}: audit a model a round "
+                                 "has made")
+            if made.get("audit_epsilon") is None:
+                audit = self.canaries.audit(self.model.state, self._audit_delta(made))
+                self.storage.amend_round(made["round"], audit)
+                made = {**made, **audit}
+                self._last_audit = {key: made[key] for key in AUDIT_STATUS}
+            return made
 
     def _statuses(self) -> dict[str, str]:
         """The open round's selected devices that reported, aborted or (a secure round's) came late, as their
@@ -584,6 +606,6 @@ class RoundManager:
                 "deadline_in_s": max(0.0, self.round.deadline - self.clock()),
                 "differential_privacy": self.config.differential_privacy, "epsilon": self._epsilon,
                 "rho": self._rho, "clip_norm": self.privacy.clip.norm if self.privacy is not None else None,
-                **self._last_audit,
+                "canary_clients": self.config.canary_clients, **self._last_audit,
             }
 

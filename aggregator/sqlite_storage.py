@@ -247,6 +247,14 @@ class SqliteStorage:
             rows = self.db.query("select * from rounds order by round desc limit ?", [limit])
             return [_whole(row) for row in reversed(list(rows))]
 
+    def amend_round(self, round_number: int, fields: dict) -> None:
+        with self._transaction():
+            rows = list(self.db.query("select mechanism_record from rounds where round = ?", [round_number]))
+            if not rows:
+                raise KeyError(f"no round {round_number} is recorded")
+            extra = {**json.loads(rows[0]["mechanism_record"] or "{}"), **fields}
+            self.db["rounds"].update(round_number, {"mechanism_record": json.dumps(extra)})
+
     def close(self) -> None:
         with self._lock:
             self._connection.close()

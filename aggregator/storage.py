@@ -72,6 +72,9 @@ class Storage(Protocol):
 
     def recent_rounds(self, limit: int) -> list[dict]: ...
 
+    def amend_round(self, round_number: int, fields: dict) -> None:
+        """Add `fields` to a recorded round's record (a measurement of the model it made), atomically."""
+
     def close(self) -> None: ...
 
 

@@ -9,6 +9,7 @@ import torch
 
 from aggregator.canary_clients import CanaryClients
 from aggregator.config import AggregatorConfig
+from aggregator.refusals import AuditError
 from aggregator.rounds import RoundManager
 from aggregator.storage import open_storage
 from device_sim.session import update_bytes
@@ -146,3 +147,20 @@ def test_the_estimate_reads_two_gaussians_apart_as_the_gaussian_mechanisms_epsil
     alike = estimate(torch.randn(400, generator=generator).tolist(), torch.randn(400, generator=generator).tolist(),
                      delta=1e-5)
     assert alike.epsilon_low < 0.5 and alike.lower_bound == 0
+
+
+def test_the_operator_audits_the_last_model_whatever_the_audit_interval(tmp_path, small_tokenizer_path,
+                                                                         small_model_config):
+    rounds = manager(tmp_path, small_tokenizer_path, small_model_config)  # audits every third round
+    run_rounds(rounds, 2)
+    assert rounds.storage.recent_rounds(1)[0].get("audit_epsilon") is None
+    record = rounds.audit_now()
+    # The figures go on the record of round 2, which made the current model, in the database too.
+    assert record["round"] == 2 and record["new_version"] == rounds.model.version
+    stored = rounds.storage.recent_rounds(1)[0]
+    assert stored["audit_epsilon"] == record["audit_epsilon"] > 0 and stored["status"] == "closed"
+    assert rounds.snapshot()["audit_epsilon"] == record["audit_epsilon"]
+    assert rounds.audit_now() == record  # asked again, the same record: nothing is measured twice
+    plain = manager(tmp_path / "plain", small_tokenizer_path, small_model_config, canary_clients=0)
+    with pytest.raises(AuditError, match="no canary clients"):
+        plain.audit_now()

@@ -10,6 +10,7 @@ from aggregator.api.schemas import (
     EnrolmentResponse,
     EvaluationReport,
     EvaluationResponse,
+    RoundSummary,
     SecAggConfirm,
     SecAggKeys,
     SecAggReveal,
@@ -115,10 +116,16 @@ class AggregatorClient:
                       headers={**_bearer(upload_token), "Content-Type": "application/json"})
 
     def set_clock(self, now_s: float) -> None:
+        self._request("PUT", "/clock", json={"now_s": now_s}, headers=self._operator("setting the aggregator's clock"))
+
+    def audit(self) -> RoundSummary:
+        response = self._request("POST", "/audit", headers=self._operator("an audit"))
+        return RoundSummary.model_validate(response.json())
+
+    def _operator(self, what: str) -> dict[str, str]:
         if self._operator_token is None:
-            raise AggregatorRefusedError(401, "setting the aggregator's clock needs the operator's token "
-                                              "(FEDKB_OPERATOR_TOKEN)")
-        self._request("PUT", "/clock", json={"now_s": now_s}, headers=_bearer(self._operator_token))
+            raise AggregatorRefusedError(401, f"{what} needs the operator's token (FEDKB_OPERATOR_TOKEN)")
+        return _bearer(self._operator_token)
 
     def abort(self, round_number: int, upload_token: str) -> AbortResponse:
         response = self._request(

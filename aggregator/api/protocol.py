@@ -10,6 +10,7 @@ from aggregator.api.schemas import (
     EnrolmentResponse,
     EvaluationReport,
     EvaluationResponse,
+    RoundSummary,
     SecAggConfirm,
     SecAggKeys,
     SecAggReveal,
@@ -63,6 +64,10 @@ class Aggregator(Protocol):
     def secagg_reveal(self, round_number: int, upload_token: str, reveal: SecAggReveal) -> None: ...
 
     def set_clock(self, now_s: float) -> None: ...
+
+    def audit(self) -> RoundSummary:
+        """The operator's: audit the current model with the canary clients now (aggregator/canary_clients.py); the
+        record of the round that made it, with the audit added."""
 
     def abort(self, round_number: int, upload_token: str) -> AbortResponse: ...
 

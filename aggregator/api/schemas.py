@@ -220,6 +220,7 @@ class StatusResponse(BaseModel):
     )
     rho: float | None = Field(None, description="DP-FTRL: rho-zCDP spent so far.")
     clip_norm: float | None = Field(None, description="Differential privacy: the clip norm the open round asks for.")
+    canary_clients: int = Field(0, description="Canary clients the aggregator inserts for its privacy audit (0: none).")
     audit_epsilon: float | None = Field(
         None, description="Canary clients on: the latest audit's empirical epsilon (an estimate for that attack).")
     audit_epsilon_low: float | None = Field(None, description="Its 95% bootstrap interval's low end.")

@@ -38,3 +38,14 @@ async def set_clock(update: ClockUpdate = Depends(json_body(ClockUpdate)),
     """A simulator moves the aggregator's simulated clock forward (only with --simulated-clock, and only with the
     operator's token: the simulator that started the aggregator holds it)."""
     await call_manager(rounds.set_simulated_time, update.now_s)
+
+
+@router.post(
+    "/audit", response_model=RoundSummary, operation_id="audit", dependencies=[Depends(require_operator)],
+    responses=refusals(status_401="Missing token, or not the operator's", status_403="No operator credential set",
+                       status_409="No canary clients, or no recent round made the current model"),
+)
+async def audit(rounds: RoundManager = Depends(get_rounds)) -> RoundSummary:
+    """The operator audits the current model with the canary clients now, whatever --audit-every says (a simulation
+    does at its end): the figures are added to the record of the round that made the model, which is returned."""
+    return RoundSummary(**await call_manager(rounds.audit_now))
