@@ -67,21 +67,28 @@ class CanaryFormat:
         return tuple(reversed(words))
 
 
+def alphabet_ids(tokenizer: KeyboardTokenizer, canary: CanaryFormat) -> dict[str, int]:
+    """The token id of each word of the canary's alphabet. Each must be one word of the vocabulary: a secret of words
+    the tokenizer splits or does not know could be neither scored nor suggested."""
+    ids = {word: tokenizer.encode(word) for word in canary.alphabet}
+    unknown = [word for word, encoded in ids.items() if len(encoded) != 1 or encoded[0] < len(SPECIAL_TOKENS)]
+    if unknown:
+        raise ValueError(f"every word of a canary's alphabet must be one word of the vocabulary; not: {unknown}")
+    return {word: encoded[0] for word, encoded in ids.items()}
+
+
 def log_perplexities(model: NextWordModel, tokenizer: KeyboardTokenizer, canary: CanaryFormat,
                      secrets: list[Secret]) -> np.ndarray:
     """Each secret's log-perplexity after the prefix: minus the sum of the log2-probabilities of its words.
 
     Only the secret's words are scored: the prefix is the same for every candidate, so it moves every score alike."""
     prefix = [BOS_ID, *tokenizer.encode(canary.prefix)]
-    ids = {word: tokenizer.encode(word) for word in canary.alphabet}
-    unknown = [word for word, encoded in ids.items() if len(encoded) != 1 or encoded[0] < len(SPECIAL_TOKENS)]
-    if unknown:
-        raise ValueError(f"every word of a canary's alphabet must be one word of the vocabulary; not: {unknown}")
+    ids = alphabet_ids(tokenizer, canary)
     model.eval()  # as evaluate() scores a model
     scores = []
     with torch.no_grad():
         for start in range(0, len(secrets), BATCH):
-            rows = torch.tensor([prefix + [ids[word][0] for word in secret] for secret in secrets[start:start + BATCH]])
+            rows = torch.tensor([prefix + [ids[word] for word in secret] for secret in secrets[start:start + BATCH]])
             # The prediction of position i+1 is made at position i: the secret's words are predicted from the
             # positions before each.
             features = model.features(rows[:, :-1])[:, len(prefix) - 1:]
