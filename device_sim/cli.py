@@ -39,6 +39,7 @@ from keyboard_model.tokenizer import SPECIAL_TOKENS
 if TYPE_CHECKING:
     from aggregator.api.client import AggregatorClient
     from aggregator.api.protocol import Aggregator
+    from device_sim.canaries import CanaryConfig
     from device_sim.comparison import TableRow
     from device_sim.corpus import PreparedCorpus
     from device_sim.executors import ExecutorFactory
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
 DEFAULT_PHONES_PER_PASS = {"cpu": 32, "cuda": 512}
 UPDATE_COMPRESSIONS = ("int8", "none")
 SERVER_EPOCHS = ORACLE_EPOCHS = 20
+# device_sim.canaries.CanaryConfig's and keyboard_model.exposure.CanaryFormat's (tests/test_canary_phrases.py).
+CANARY_REPEATS = (1, 4, 16)
+CANARY_LENGTH = 5
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +156,23 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                             f"(default: {DEFAULT_PHONES_PER_PASS['cpu']} on cpu, "
                             f"{DEFAULT_PHONES_PER_PASS['cuda']} on cuda)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    canaries = parser.add_argument_group(
+        "privacy audit: canary phrases",
+        "Canary phrases, the Secret Sharer way (Carlini et al. 2019): random secrets (\"my secret number is\" and "
+        "number words) typed into chosen phones' histories before the first round, as many held out and never typed; "
+        "at the end, how much the model memorised each (its exposure) and whether the keyboard would suggest it. "
+        "canaries.json in --out records them; `fedkb audit RUN` reports on them.")
+    canaries.add_argument("--canaries", type=positive_int, default=None, metavar="N",
+                          help="canary phrases to plant (default: none)")
+    canaries.add_argument("--canary-repeats", type=positive_int, nargs="+", default=list(CANARY_REPEATS),
+                          metavar="R", help="times a canary is typed by each of its phones; the canaries cycle "
+                                            "through these levels (default: %(default)s)")
+    canaries.add_argument("--canary-phones", type=positive_int, default=1, metavar="P",
+                          help="phones that type each canary, each phone typing one canary at most "
+                               "(default: %(default)s)")
+    canaries.add_argument("--canary-length", type=positive_int, default=CANARY_LENGTH, metavar="L",
+                          help="number words (one to ten) in a secret: 10^L possible secrets, scored whole up to "
+                               "10^4 and estimated from a sample beyond (default: %(default)s)")
     add_corpus_arguments(parser)
     add_training_arguments(parser)
 
@@ -173,7 +194,25 @@ def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
         vanish_probability=args.vanish_probability, typing_days=args.typing_days, workers=args.workers,
     )
     return SimulationConfig(out_dir=args.out, rounds=args.rounds, fleet=fleet, time_budget_s=args.time_budget,
-                            eval_every=args.eval_every, lr_steps=tuple(map(_lr_step_values, args.lr_steps)))
+                            eval_every=args.eval_every, lr_steps=tuple(map(_lr_step_values, args.lr_steps)),
+                            canaries=canary_config_from_args(args))
+
+
+def canary_config_from_args(args: argparse.Namespace) -> CanaryConfig | None:
+    from device_sim.canaries import CanaryConfig
+    from keyboard_model.exposure import CanaryFormat
+
+    if args.canaries is None:
+        if (tuple(args.canary_repeats), args.canary_phones, args.canary_length) != (CANARY_REPEATS, 1, CANARY_LENGTH):
+            raise UserFacingError("--canary-repeats, --canary-phones and --canary-length go with --canaries N")
+        return None
+    try:
+        return CanaryConfig(count=args.canaries, repetitions=tuple(args.canary_repeats),
+                            phones_per_canary=args.canary_phones, seed=args.seed,
+                            format=CanaryFormat(length=args.canary_length))
+    except ValueError as error:
+        raise UserFacingError(f"--canaries {args.canaries} with --canary-length {args.canary_length}: "
+                              f"{error}") from None
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -306,6 +345,10 @@ def print_summary(
     print(row("Gboard's federated CIFG (Hard et al. 2018)", *GBOARD_FEDERATED,
               f"   {GBOARD_FEDERATED[0] / GBOARD_NGRAM[0]:.2f}x its n-gram's {100 * GBOARD_NGRAM[0]:.1f}%; "
               "for scale: real traffic, ~3,000 rounds"))
+    if summary.canaries is not None:
+        from device_sim.canaries import report_lines
+
+        print("\n".join(report_lines(summary.canaries)))
     print(f"metrics: {out_dir / 'metrics.jsonl'} (TensorBoard: {out_dir / 'tensorboard'}); "
           f"model: {out_dir / 'model.safetensors'}\n"
           "the table with the server-trained and oracle models (tens of minutes the first time): "

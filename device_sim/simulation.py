@@ -11,7 +11,9 @@ Writes into the output folder:
 - `summary.json`, when the run ends: the final model against a keyboard that always
   offers the three most frequent words, on every phone's held-out messages, beside round
   0's score of the initial model on the eval sample. It is removed when a run starts, so
-  its presence says the run in the folder has ended.
+  its presence says the run in the folder has ended. With canary phrases (`canaries`), it also holds how much the
+  final model memorised them (`device_sim/canaries.py`);
+- `canaries.json`, with canary phrases: the planted and held-out secrets, the researcher's record of them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import RoundSummary
+from device_sim.canaries import CanaryConfig, audit_delta, canary_report, plant_canaries
 from device_sim.corpus import PreparedCorpus
 from device_sim.executors import ExecutorFactory
 from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision
@@ -51,6 +54,8 @@ class SimulationConfig:
     # (fraction of the run, local learning rate): from that fraction of the time budget, or of the rounds when
     # there is no budget, on, phones train at that rate. Empty: the fleet's rate throughout.
     lr_steps: tuple[tuple[float, float], ...] = ()
+    # Canary phrases to plant in phones' histories before the first round, and score the final model on.
+    canaries: CanaryConfig | None = None
 
     def __post_init__(self) -> None:
         if self.eval_every < 1:
@@ -91,6 +96,8 @@ class SimulationSummary:
     # The last screen's reference rows (the n-gram, the most frequent words) on the same positions as `final`,
     # added once they are scored (device_sim.cli.finish); the dashboard draws them.
     baselines: list[dict] = field(default_factory=list)
+    # With canary phrases: how much the final model memorised them (device_sim.canaries.canary_report).
+    canaries: dict | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -108,9 +115,10 @@ def run_simulation(
     (config.out_dir / SUMMARY_FILE).unlink(missing_ok=True)
     phones = provision(corpus, fleet_config.phones_dir, fleet_config.num_phones, fleet_config.seed,
                        fleet_config.typing_days)
-    chosen = None if executor is None else executor(KeyboardTokenizer.from_json(client.tokenizer_json()))
-    fleet = Fleet(phones, fleet_config, client, chosen)
-    tokenizer = fleet.tokenizer
+    tokenizer = KeyboardTokenizer.from_json(client.tokenizer_json())
+    # Before the fleet starts its workers, which a refusal would leave behind.
+    canaries = plant_canaries(config.out_dir, phones, config.canaries, tokenizer, fleet_config.train.max_messages)
+    fleet = Fleet(phones, fleet_config, client, None if executor is None else executor(tokenizer))
     write_atomically(config.out_dir / "tokenizer.json", tokenizer.to_json().encode("utf-8"))
 
     eval_sample = random.Random(fleet_config.seed).sample(phones, min(fleet_config.eval_phones, len(phones)))
@@ -191,6 +199,8 @@ def run_simulation(
         eval_positions=final.positions,
         wall_time_s=time.monotonic() - started,
         privacy_spent=_privacy_spent(client),
+        canaries=None if canaries is None else canary_report(final_model, tokenizer, canaries,
+                                                             audit_delta(config.out_dir)),
     )
     write_summary(config.out_dir, summary)
     return summary

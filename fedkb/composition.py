@@ -66,6 +66,7 @@ def check_simulate_options(args: argparse.Namespace) -> None:
     if args.aggregator is not None and args.in_process:
         raise UserFacingError("--in-process runs its own aggregator; it cannot be combined with --aggregator")
     device_cli.executor_from_args(args)  # refuses --executor, --device and --phones-per-pass that do not go together
+    device_cli.canary_config_from_args(args)  # refuses canary options that do not go together
     aggregator_cli.check_round_options(args)
 
 
