@@ -248,9 +248,11 @@ def _options(config: CanaryConfig) -> str:
 
 
 def audit_delta(run_dir: Path) -> float:
-    """The delta the run's accountant reports epsilon at (its last line's), else 1 / its phones, as its default."""
+    """The delta the run's accountant reports epsilon at (its last line's), else the canary clients' (the
+    aggregator's --dp-delta, which a run without differential privacy may set), else 1 / its phones, as its default."""
     lines = read_lines(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).exists() else []
-    delta = next((line["dp_delta"] for line in reversed(lines) if line.get("dp_delta") is not None), None)
+    delta = next((line[key] for key in ("dp_delta", "audit_delta") for line in reversed(lines)
+                  if line.get(key) is not None), None)
     if delta is not None:
         return delta
     return 1 / len(json.loads((run_dir / "phones" / "fleet.json").read_text())["phone_ids"])
@@ -338,6 +340,35 @@ def report_lines(report: dict) -> list[str]:
     lines.append(f"  epsilon >= {bound['epsilon']:.3g} at delta {bound['delta']:.1e} with {bound['confidence']:.0%} "
                  f"confidence: {bound['method']};\n  a lower bound for this attack, not a guarantee")
     return lines
+
+
+def canary_client_lines(line: dict) -> list[str]:
+    """The canary clients' empirical epsilon of an audited round's line (its `audit_*` keys, any of which an older
+    run may lack), beside the accountant's."""
+    delta = "" if line.get("audit_delta") is None else f" at delta {line['audit_delta']:.1e}"
+    said = [f"canary clients, round {line['round']} ({_number(line.get('audit_canaries'))} inserted, as many held "
+            "out):",
+            f"  empirical epsilon {_number(line['audit_epsilon'])}{delta}, 95% interval "
+            f"{_number(line.get('audit_epsilon_low'))} to {_number(line.get('audit_epsilon_high'))} "
+            "(one-shot Gaussian fit, Andrew et al. 2024)"]
+    if line.get("audit_epsilon_lower_bound") is not None:
+        said.append(f"  epsilon >= {_number(line['audit_epsilon_lower_bound'])} with 95% confidence "
+                    "(one run, Steinke et al. 2023: jax-privacy's CanaryScoreAuditor)")
+    if line.get("audit_score_in") is not None:
+        said.append(f"  mean cosine with the model's movement: inserted {line['audit_score_in']:.4f}, held out "
+                    f"{_number(line.get('audit_score_out'), '.4f')}")
+    if line.get("epsilon") is None:
+        said.append("  accountant: no DP, so no proven bound")
+    else:
+        rho = "" if line.get("rho") is None else f" (rho-zCDP {line['rho']:.4g})"
+        accountant_delta = "" if line.get("dp_delta") is None else f" at delta {line['dp_delta']:.1e}"
+        said.append(f"  accountant: epsilon {line['epsilon']:,.4g}{accountant_delta}{rho}, a proven bound")
+    said.append("  an empirical epsilon is what this attack achieved: a lower bound, not a guarantee")
+    return said
+
+
+def _number(value: float | None, shape: str = ".3g") -> str:
+    return "-" if value is None else format(value, shape)
 
 
 def _bits(value: float | None) -> str:

@@ -331,6 +331,10 @@ def print_summary(
         rho = "" if spent["rho"] is None else f" (rho-zCDP {spent['rho']:.4g})"
         delta = "" if spent["dp_delta"] is None else f" at delta {spent['dp_delta']:.1e}"
         print(f"differential privacy spent: epsilon {spent['epsilon']:,.4g}{delta}{rho}")
+    if summary.privacy_audit is not None:
+        from device_sim.canaries import canary_client_lines
+
+        print("\n".join(canary_client_lines(summary.privacy_audit)))
     if summary.rounds_completed and summary.rounds_failed == summary.rounds_completed:
         print("  no round of this run closed: the model is the one it started from (see metrics.jsonl's failures)")
     print(f"held-out recall over {summary.eval_positions:,} next-word positions of every phone:")

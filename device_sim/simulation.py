@@ -27,13 +27,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from aggregator.api.client import AggregatorRefusedError
 from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import RoundSummary
 from device_sim.canaries import CanaryConfig, audit_delta, canary_report, plant_canaries
 from device_sim.corpus import PreparedCorpus
 from device_sim.executors import ExecutorFactory
 from device_sim.fleet import Fleet, FleetConfig, RoundReport, provision
-from device_sim.run_log import RunLog, json_safe, read_lines
+from device_sim.run_log import METRICS_FILE, RunLog, json_safe, read_lines
 from keyboard_model.architecture import NextWordModel
 from keyboard_model.evaluate import EvalCounts, evaluate, evaluate_fixed_suggestions, most_frequent_words
 from keyboard_model.files import write_atomically
@@ -93,6 +94,8 @@ class SimulationSummary:
     # What the run's releases spent, as the aggregator accounts it (epsilon at dp_delta; rho-zCDP under DP-FTRL);
     # None without differential privacy.
     privacy_spent: dict[str, float | None] | None = None
+    # The aggregator's last audit with canary clients (its round and the `audit_*` figures); None without them.
+    privacy_audit: dict | None = None
     # The last screen's reference rows (the n-gram, the most frequent words) on the same positions as `final`,
     # added once they are scored (device_sim.cli.finish); the dashboard draws them.
     baselines: list[dict] = field(default_factory=list)
@@ -163,6 +166,9 @@ def run_simulation(
                 rounds_completed += 1
                 last = index == config.rounds - 1
                 version, counts = save_current_model(score=rounds_completed % config.eval_every == 0 or last)
+                if last or (config.time_budget_s is not None
+                            and time.monotonic() - budget_started > config.time_budget_s):
+                    _audit_last_model(client, progress)
                 server_view = next(r for r in client.status().recent_rounds if r.round == report.round)
                 line = _round_line(
                     report.round, version, report, server_view, counts, time.monotonic() - round_started,
@@ -199,6 +205,7 @@ def run_simulation(
         eval_positions=final.positions,
         wall_time_s=time.monotonic() - started,
         privacy_spent=_privacy_spent(client),
+        privacy_audit=_privacy_audit(config.out_dir),
         canaries=None if canaries is None else canary_report(final_model, tokenizer, canaries,
                                                              audit_delta(config.out_dir)),
     )
@@ -210,6 +217,24 @@ def write_summary(out_dir: Path, summary: SimulationSummary) -> None:
     """summary.json, whole or absent: its presence says the run has ended."""
     summary_json = json.dumps(json_safe(summary.to_dict()), indent=2, allow_nan=False) + "\n"
     write_atomically(out_dir / SUMMARY_FILE, summary_json.encode())
+
+
+def _audit_last_model(client: Aggregator, progress: tqdm) -> None:
+    """Have the aggregator audit the run's last model with its canary clients, whatever its --audit-every. An
+    aggregator this run did not start takes no such order from it (the operator's token is not the run's): its own
+    last audit stands."""
+    if not client.status(recent=0).canary_clients:
+        return
+    try:
+        client.audit()
+    except AggregatorRefusedError as error:
+        progress.write(f"the aggregator did not audit the last model ({error}); its last audit stands")
+
+
+def _privacy_audit(out_dir: Path) -> dict | None:
+    """The last audited round's figures, as metrics.jsonl has them."""
+    audited = [line for line in read_lines(out_dir / METRICS_FILE) if line.get("audit_epsilon") is not None]
+    return {key: audited[-1][key] for key in ("round", *AUDIT, *PRIVACY_SPENT)} if audited else None
 
 
 def _privacy_spent(client: Aggregator) -> dict[str, float | None] | None:
@@ -276,6 +301,9 @@ SERVER_COUNTS = ("selected", "reported", "aborted", "dropped", "late", "bytes_up
 # Privacy spent by every round up to this one: null, never 0, where nothing was measured (no differential privacy,
 # or round 0): a 0 read as perfect privacy in metrics.jsonl and TensorBoard.
 PRIVACY_SPENT = ("epsilon", "dp_delta", "rho")
+# The aggregator's empirical privacy audit (canary clients), on the rounds it audited: null on the others.
+AUDIT = ("audit_canaries_taking_part", "audit_canaries", "audit_epsilon", "audit_epsilon_low", "audit_epsilon_high",
+         "audit_epsilon_lower_bound", "audit_delta", "audit_score_in", "audit_score_out")
 # The fleet's own view of a round, unknown for a round recovered from the aggregator's record.
 FLEET_VIEW = ("participants", "eligible", "checkins", "vanished", "diverged", "refused", "survived", "sim_day",
               "sim_hour_utc", "train_loss", "local_learning_rate", "sim_ticks", "training_s", "wall_s_by_activity",
@@ -315,9 +343,10 @@ def _round_line(
         "sim_day": report.day if report else 0,
         "sim_hour_utc": round(report.hour_utc, 2) if report else 0,
         **{name: getattr(server_view, name) if server_view else 0 for name in SERVER_COUNTS},
-        # Differential privacy: the norm the round clipped to and, adapting it, the noisy fraction within it.
+        # Differential privacy: the norm the round clipped to and, adapting it, the noisy fraction within it; and
+        # the canary clients' audit of the round's model.
         **{name: getattr(server_view, name) if server_view else None
-           for name in (*PRIVACY_SPENT, "dp_clip_norm", "dp_fraction_within")},
+           for name in (*PRIVACY_SPENT, "dp_clip_norm", "dp_fraction_within", *AUDIT)},
         "examples": sum(p.result.num_examples for p in report.participants if p.result) if report else 0,
         "train_loss": report.train_loss if report else None,
         "local_learning_rate": learning_rate,

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Here, not at the top: device_sim's modules import torch, which `fedkb --help` does without.
-    from device_sim.canaries import Canaries, report_lines
+    from device_sim.canaries import Canaries, canary_client_lines, report_lines
     from device_sim.run_log import METRICS_FILE, read_lines
 
     folder: Path = args.run_dir
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         report = _canary_report(folder, canaries)
         print("\n".join(report_lines(report)))
     if audited:
-        print("\n".join(client_lines(audited[-1])))
+        print("\n".join(canary_client_lines(audited[-1])))
     png = args.out or folder / AUDIT_PNG
     draw(report, lines, png)
     print(f"wrote {png}")
@@ -79,35 +79,6 @@ def _canary_report(folder: Path, canaries: Canaries) -> dict:
     print(f"{folder}: model version {version}; {len(canaries.planted)} canary phrases planted, "
           f"{len(canaries.held_out)} held out")
     return canary_report(model, tokenizer, canaries, audit_delta(folder))
-
-
-def client_lines(line: dict) -> list[str]:
-    """The canary clients' empirical epsilon of an audited round's line (its `audit_*` keys, any of which an older
-    run may lack), beside the accountant's."""
-    delta = "" if line.get("audit_delta") is None else f" at delta {line['audit_delta']:.1e}"
-    said = [f"canary clients, round {line['round']} ({_number(line.get('audit_canaries'))} inserted, as many held "
-            "out):",
-            f"  empirical epsilon {_number(line['audit_epsilon'])}{delta}, 95% interval "
-            f"{_number(line.get('audit_epsilon_low'))} to {_number(line.get('audit_epsilon_high'))} "
-            "(one-shot Gaussian fit, Andrew et al. 2024)"]
-    if line.get("audit_epsilon_lower_bound") is not None:
-        said.append(f"  epsilon >= {_number(line['audit_epsilon_lower_bound'])} with 95% confidence "
-                    "(one run, Steinke et al. 2023: jax-privacy's CanaryScoreAuditor)")
-    if line.get("audit_score_in") is not None:
-        said.append(f"  mean cosine with the model's movement: inserted {line['audit_score_in']:.4f}, held out "
-                    f"{_number(line.get('audit_score_out'), '.4f')}")
-    if line.get("epsilon") is None:
-        said.append("  accountant: no DP, so no proven bound")
-    else:
-        rho = "" if line.get("rho") is None else f" (rho-zCDP {line['rho']:.4g})"
-        accountant_delta = "" if line.get("dp_delta") is None else f" at delta {line['dp_delta']:.1e}"
-        said.append(f"  accountant: epsilon {line['epsilon']:,.4g}{accountant_delta}{rho}, a proven bound")
-    said.append("  an empirical epsilon is what this attack achieved: a lower bound, not a guarantee")
-    return said
-
-
-def _number(value: float | None, shape: str = ".3g") -> str:
-    return "-" if value is None else format(value, shape)
 
 
 def draw(report: dict | None, lines: list[dict], png: Path) -> None:

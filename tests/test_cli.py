@@ -34,8 +34,11 @@ from tests.helpers import ROOT, fedkb
 @pytest.mark.slow
 def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path: Path, shakespeare):
     out = tmp_path / "run"
+    # With the aggregator's canary clients, audited every second round: service mode asks the child aggregator for
+    # the last model's audit with the operator's token.
     result = fedkb("simulate", "--phones", "20", "--clients-per-round", "5", "--rounds", "3", "--out", str(out),
-                   "--no-progress", "--eval-every", "2", "--lr-steps", "0.5:0.25")
+                   "--no-progress", "--eval-every", "2", "--lr-steps", "0.5:0.25", "--canary-clients", "6",
+                   "--audit-every", "2")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2, 3]
@@ -67,6 +70,12 @@ def test_simulate_writes_one_metrics_line_per_round_and_the_final_model(tmp_path
     assert [event.value for event in losses] == pytest.approx([line["train_loss"] for line in lines[1:]])
     assert [event.step for event in events.Scalars("recall_at_1")] == [0, 2, 3]
     assert "wall_s_by_activity/training" in events.Tags()["scalars"]
+    # The empirical privacy audit: every second round and the last, whatever the interval, in every record.
+    assert [line["round"] for line in lines if line["audit_epsilon"] is not None] == [2, 3]
+    assert [event.step for event in events.Scalars("audit_epsilon")] == [2, 3]
+    assert summary["privacy_audit"]["round"] == 3
+    assert summary["privacy_audit"]["audit_epsilon"] == lines[-1]["audit_epsilon"] >= 0
+    assert "canary clients, round 3 (6 inserted" in result.stdout and "no DP, so no proven bound" in result.stdout
     assert not {"epsilon", "dp_delta", "rho"} & set(events.Tags()["scalars"])
 
     drawn = fedkb("plot", str(out), "--out", str(tmp_path / "plots" / "run.png"))
