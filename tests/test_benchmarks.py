@@ -217,3 +217,18 @@ def test_robust(monkeypatch, capsys):
     out = run_benchmark("robust", ["--phones", "5", "--poisoning", "0", "1"], monkeypatch, capsys)
     assert_prints(out, r"5 phones a round, honest updates of norm {n}", r"\| rule \| 0 poisoning \| 1 poisoning \|",
                   r"\| mean \| {n} \| {n} \|", r"\| median \| {n} \| {n} \|", r"\| trimmed_mean \| {n} \| {n} \|")
+
+
+@pytest.mark.slow
+def test_audit(tmp_path, monkeypatch, capsys):
+    out = run_benchmark("audit", ["--rounds", "2", "--phones", "12", "--canaries", "3", "--canary-clients", "4",
+                                  "--settings", "DP-FedAvg z=1", "--out", str(tmp_path / "runs"), "--docs",
+                                  str(tmp_path / "docs"), "--workers", "1", "--eval-phones", "4", "--clients-per-round",
+                                  "3", *TINY_MODEL],
+                        monkeypatch, capsys)
+    # Proven, empirical (interval) and lower-bound epsilon; exposure at 1, 4 and 16 copies and never typed; the
+    # suggestion rate, the recall, and the rounds that closed.
+    row = (r"\| DP-FedAvg z=1 \| SECURE \| {n} \| {n} \({n}–{n}\) \| {n} \| " + r"{n} bits \| " * 4
+           + r"{n}% \| {n}% \| 2/2 \|")
+    assert_prints(out, row.replace("SECURE", "no"), row.replace("SECURE", "yes"))
+    assert "typed 16x" in (tmp_path / "docs" / "audit-table.md").read_text()
