@@ -24,6 +24,8 @@ ANSWERED_AT_ONCE = [
     ("fedkb.cli", ["aggregator", "--help"]),
     ("fedkb.cli", ["demo", "--help"]),
     ("fedkb.cli", ["plot", "--help"]),
+    ("fedkb.cli", ["audit", "--help"]),
+    ("fedkb.cli", ["simulate", "--canaries", "0"]),
     ("fedkb.cli", ["data", "--help"]),
     ("device_sim.cli", ["simulate", "--help"]),
     ("device_sim.cli", ["eval", "--server-epochs", "0"]),
