@@ -149,20 +149,24 @@ class SecureSum:
         self._ledger = ledger
         self._max_eval_positions = max_eval_positions
         # The server's own inputs (an audit's canary clients, aggregator/canary_clients.py), added in the clear.
-        self._own = UpdateSum(secure.shapes)
+        self._own: UpdateSum | None = None
 
     def add(self, delta: torch.Tensor, num_examples: int, within_clip: bool | None = None) -> None:
         """The server's own input, added to the unmasked sum, counted once. A device's input arrives masked and is
         summed by the SecureRound: no device's update is ever seen to add."""
+        if self._own is None:
+            self._own = UpdateSum(self._secure.shapes)
         self._own.add(delta, 1.0)
 
     def release(self, reported: int) -> Release:
         """Raises ImpossibleSumError if the sum is not one that `reported` devices sending what honest devices send
         could give."""
-        total, (positions, hits_1, hits_3, within) = self._secure.result()
-        if self._own.count:
-            own = self._own.total()
-            total = {name: value + own[name] for name, value in total.items()}
+        phones, (positions, hits_1, hits_3, within) = self._secure.result()
+        # The checks below read the phones' part alone: counting the server's own inputs in would widen what a lying
+        # phone may send by their share of the allowance.
+        own = self._own.total() if self._own is not None else {name: torch.zeros(()) for name in phones}
+        inputs = reported + (self._own.count if self._own is not None else 0)
+        total = {name: value + own[name] for name, value in phones.items()}
         # The counts are summed modulo 2**32 and read as 0 to 2**32 - 1, so one that wrapped below 0 reads as huge.
         if not hits_1 <= hits_3 <= positions <= reported * self._max_eval_positions:
             raise ImpossibleSumError(
@@ -177,15 +181,16 @@ class SecureSum:
                                          f"{within}: some phone lied")
         if self._ledger is None:
             # Each device counts once: its example count would be one more thing sent in the clear.
-            inputs = reported + self._own.count
-            release = Release({name: (t / inputs).float() for name, t in total.items()}, evaluation)
-            self._check_norm(release.mean_delta, inputs, inputs, noise_stddev=0.0)
-            return release
+            self._check_norm({name: (t / reported).float() for name, t in phones.items()}, reported, reported,
+                             noise_stddev=0.0)
+            return Release({name: (t / inputs).float() for name, t in total.items()}, evaluation)
         # The clipping bits come summed, inside the masked vector: the server never sees one. Their range is checked
         # on their noisy sum (aggregator/adaptive_clipping.py).
         noise_stddev = self._ledger.noise_stddev
+        goal = self._secure.goal
         mean_delta, privacy = self._ledger.release(total, within, reported)
-        self._check_norm(mean_delta, reported + self._own.count, self._secure.goal, noise_stddev)
+        self._check_norm({name: value - own[name] / goal for name, value in mean_delta.items()}, reported, goal,
+                         noise_stddev)
         return Release(mean_delta, {**privacy, **evaluation})
 
     def _check_norm(self, mean_delta: Tensors, reported: int, denominator: int, noise_stddev: float) -> None:

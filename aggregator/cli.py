@@ -195,6 +195,9 @@ def check_round_options(args: argparse.Namespace) -> None:
             raise UserFacingError(f"--clip-count-stddev ({count_stddev:g}) "
                                   "must be more than half of --noise-multiplier "
                                   f"({args.noise_multiplier}): the clipping bits would spend all the privacy it allows")
+    if args.canary_clients and args.aggregation_rule != DEFAULT_RULE:
+        raise UserFacingError(f"--canary-clients join the round's sum; --aggregation-rule {args.aggregation_rule} "
+                              f"does not sum (a canary would be one more input to it): use {DEFAULT_RULE}")
     if args.canary_clients == 1:
         raise UserFacingError("--canary-clients must be 0 or at least 2: one canary's score cannot be told from "
                               "the held-out ones' spread")

@@ -173,6 +173,9 @@ class AggregatorConfig:
         if self.canary_clients == 1 or self.canary_clients < 0 or self.audit_every < 1:
             raise ValueError(f"canary_clients must be 0 or at least 2, and audit_every at least 1; got "
                              f"{self.canary_clients} and {self.audit_every}")
+        if self.canary_clients and self.aggregation_rule != DEFAULT_RULE:
+            raise ValueError(f"canary clients join a sum; aggregation_rule {self.aggregation_rule} does not sum: "
+                             f"use {DEFAULT_RULE}")
         if self.clip_quantile is not None and not 0 < self.clip_quantile < 1:
             raise ValueError(f"clip_quantile must be in (0, 1), got {self.clip_quantile}")
         if not self.clip_learning_rate > 0 or not (self.clip_count_stddev is None or self.clip_count_stddev > 0):

@@ -9,7 +9,7 @@ once they are: a commit that fails leaves model and state as they were.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from safetensors.torch import load as load_safetensors
 
@@ -57,11 +57,14 @@ class GlobalModel:
         self._int8: tuple[int, bytes] | None = None
         self._served: tuple[int, bytes] | None = None
 
-    def initial_state(self) -> Tensors:
+    def initial_bytes(self) -> bytes:
         """Version 0, which the database always keeps."""
         initial = self.storage.model(0)
         assert initial is not None  # saved when the database was made, and never dropped
-        return read_tensors(initial, self.shapes)[0]
+        return initial
+
+    def initial_state(self) -> Tensors:
+        return read_tensors(self.initial_bytes(), self.shapes)[0]
 
     def encoded(self, encoding: str) -> bytes:
         """The current model as phones download it: the stored float32 bytes, or int8.
@@ -103,15 +106,13 @@ class GlobalModel:
         return model.state_dict()
 
     def commit_step(self, mean_delta: Tensors, record: dict, noise_state: bytes | None = None,
-                    statuses: Mapping[str, str] | None = None,
-                    measure: Callable[[Tensors], dict] | None = None) -> None:
+                    statuses: Mapping[str, str] | None = None) -> None:
         """Step the model by a round's mean delta and commit the new model, the optimiser's state, DP-FTRL's noise
-        state if any, the round's `record` (completed here with the new version, the step's norm and what `measure`
-        says of the new model) and its devices' `statuses` (`Storage.record_round`) together."""
+        state if any, the round's `record` (completed here with the new version and the step's norm) and its
+        devices' `statuses` (`Storage.record_round`) together."""
         new_state, optimizer_state = self.strategy.apply(self.state, self.optimizer_state, mean_delta)
         new_bytes = model_to_bytes(new_state, self.version + 1, self.config.model)
-        record.update(new_version=self.version + 1, update_norm=l2_norm(mean_delta),
-                      **(measure(new_state) if measure is not None else {}))
+        record.update(new_version=self.version + 1, update_norm=l2_norm(mean_delta))
         self.storage.record_round(record, new_bytes, write_tensors(optimizer_state), noise_state, statuses)
         self.version, self.bytes, self.state, self.optimizer_state = (self.version + 1, new_bytes, new_state,
                                                                       optimizer_state)

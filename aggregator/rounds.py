@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from aggregator.adaptive_clipping import ImpossibleSumError
 from aggregator.aggregation import Aggregation, PrivateMean, Release, SecureSum
 from aggregator.api.schemas import EvaluationReport, SecAggState
-from aggregator.canary_clients import canary_clients
+from aggregator.canary_clients import RECORDS_SEARCHED, make_canary_clients
 from aggregator.config import AggregatorConfig
 from aggregator.devices import Devices, token_hash
 from aggregator.global_model import GlobalModel
@@ -71,7 +71,6 @@ from aggregator.uploads import check_update
 from keyboard_model.errors import UserFacingError
 from keyboard_model.secagg import Dealing, PublicKeys, Share
 from keyboard_model.update_codec import max_encoded_bytes
-from keyboard_model.weights import Tensors
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +155,7 @@ class RoundManager:
             return config.population or len(self.devices)
 
         self.privacy = make_mechanism(config, storage, self.model, population) if config.differential_privacy else None
-        self.canaries = canary_clients(config, self.model, population)
+        self.canaries = make_canary_clients(config, self.model, storage, population)
         self._population = population
         recent = storage.recent_rounds(RECENT_ROUNDS)
         self._recent_durations = collections.deque(
@@ -517,24 +516,27 @@ class RoundManager:
             return
         if self.round.secure is not None:  # the masked sum cannot say who scored: those asked to, that reported did
             release.record["eval_devices"] = len(self._evaluators() & self.round.reported)
-        record = {**summary, **release.record, "status": "closed"}
-        self.model.commit_step(release.mean_delta, record,
-                               self.privacy.pending_state() if self.privacy is not None else None, self._statuses(),
-                               measure=self._audit(release.record))
-        if "audit_epsilon" in record:
-            self._last_audit = {key: record[key] for key in AUDIT_STATUS}
+        self.model.commit_step(release.mean_delta, {**summary, **release.record, "status": "closed"},
+                               self.privacy.pending_state() if self.privacy is not None else None, self._statuses())
         if self.privacy is not None:
             self.privacy.spent(release.record, self.round.reported)
             self._epsilon = release.record["epsilon"]
             self._rho = release.record.get("rho")
+        if self.canaries is not None and self.round.number % self.config.audit_every == 0:
+            self._audit_committed({**summary, **release.record})
 
-    def _audit(self, record: dict) -> Callable[[Tensors], dict] | None:
-        """What the round's audit measures of the model it makes (aggregator/canary_clients.py)."""
-        if self.canaries is None:
-            return None
-        canaries, number, delta = self.canaries, self.round.number, self._audit_delta(record)
-        return lambda state: canaries.measure(number, state, delta)
-
+    def _audit_committed(self, record: dict) -> dict:
+        """Audit the model the committed round of `record` made, and add the figures to the round's record (its
+        record with them). A failure is logged: the round stays committed as it was, and has no audit."""
+        assert self.canaries is not None
+        try:
+            audit = self.canaries.audit(self.model.state, self._audit_delta(record))
+            self.storage.amend_round(record["round"], audit)
+        except Exception:
+            logger.exception("auditing the model of round %d failed; the round stands, unaudited", record["round"])
+            return record
+        self._last_audit = {key: audit[key] for key in AUDIT_STATUS}
+        return {**record, **audit}
     def _audit_delta(self, record: dict) -> float:
         """The delta the accountant reports epsilon at, or 1 / population without differential privacy."""
         return record.get("dp_delta") or self.config.dp_delta or 1 / max(self._population(), 1)
@@ -546,17 +548,12 @@ class RoundManager:
             if self.canaries is None:
                 raise AuditError("this aggregator inserts no canary clients (--canary-clients): there is nothing to "
                                  "audit")
-            made = next((row for row in reversed(self.storage.recent_rounds(RECENT_ROUNDS))
+            made = next((row for row in reversed(self.storage.recent_rounds(RECORDS_SEARCHED))
                          if row["new_version"] == self.model.version and row["status"] == "closed"), None)
             if made is None:
                 raise AuditError(f"no recent round made model version {self.model.version}: audit a model a round "
                                  "has made")
-            if made.get("audit_epsilon") is None:
-                audit = self.canaries.audit(self.model.state, self._audit_delta(made))
-                self.storage.amend_round(made["round"], audit)
-                made = {**made, **audit}
-                self._last_audit = {key: made[key] for key in AUDIT_STATUS}
-            return made
+            return made if made.get("audit_epsilon") is not None else self._audit_committed(made)
 
     def _statuses(self) -> dict[str, str]:
         """The open round's selected devices that reported, aborted or (a secure round's) came late, as their
@@ -582,18 +579,19 @@ class RoundManager:
             current.failure = f"refused the round's aggregate: {error}"
             return None
         if self.canaries is not None:
-            release.record["audit_canaries_taking_part"] = canaries
+            release.record.update(audit_canaries=self.canaries.count, audit_canaries_taking_part=canaries)
         return release
 
     def _insert_canaries(self, current: OpenRound) -> int:
         """The audit's canary clients that take part in the round, added to its aggregate once the phones' inputs
-        are in; how many. Each is clipped to the round's clip norm (the operator's, without differential privacy)
-        and weighs as the round's average phone where updates are weighted."""
+        are in; how many. They are drawn by release (the model's version: a failed round released nothing), each
+        clipped to the round's clip norm (the operator's, without differential privacy), weighing as the round's
+        average phone where updates are weighted."""
         if self.canaries is None:
             return 0
         norm = self.privacy.clip.norm if self.privacy is not None else self.config.clip_norm
         weight = max(1, round(current.examples / max(len(current.reported), 1)))
-        return self.canaries.insert(current.aggregation, current.number, norm, weight)
+        return self.canaries.insert(current.aggregation, self.model.version, norm, weight)
 
     def snapshot(self) -> dict:
         with self._lock:

@@ -146,12 +146,10 @@ def run_simulation(
                         "first_round": client.status().round})
         # The budget is the rounds': provisioning and scoring round 0 come before it.
         budget_started = time.monotonic()
+        final_audit = None
         with _progress_bar(config, show_progress) as progress:
             for index in range(config.rounds):
                 elapsed = time.monotonic() - budget_started
-                if config.time_budget_s is not None and elapsed > config.time_budget_s:
-                    progress.write(f"time budget of {config.time_budget_s:.0f} s reached; stopping")
-                    break
                 round_started = time.monotonic()
                 fraction_done = elapsed / config.time_budget_s if config.time_budget_s else index / config.rounds
                 learning_rate = config.learning_rate(fraction_done) or fleet.config.train.learning_rate
@@ -164,11 +162,13 @@ def run_simulation(
                                    "update(s) (over --max-update-norm, or malformed); the phones' part in the round "
                                    "ended there")
                 rounds_completed += 1
-                last = index == config.rounds - 1
+                # Decided once, here: the last round's model is audited before its line is written.
+                over_budget = (config.time_budget_s is not None
+                               and time.monotonic() - budget_started > config.time_budget_s)
+                last = index == config.rounds - 1 or over_budget
                 version, counts = save_current_model(score=rounds_completed % config.eval_every == 0 or last)
-                if last or (config.time_budget_s is not None
-                            and time.monotonic() - budget_started > config.time_budget_s):
-                    _audit_last_model(client, progress)
+                if last:
+                    final_audit = _audit_last_model(client, progress)
                 server_view = next(r for r in client.status().recent_rounds if r.round == report.round)
                 line = _round_line(
                     report.round, version, report, server_view, counts, time.monotonic() - round_started,
@@ -187,6 +187,9 @@ def run_simulation(
                 done = index + 1 if config.time_budget_s is None else min(time.monotonic() - budget_started,
                                                                            config.time_budget_s)
                 progress.update(done - progress.n)
+                if over_budget:
+                    progress.write(f"time budget of {config.time_budget_s:.0f} s reached; stopping")
+                    break
         initial = _round_zero(log.path)
 
     final_model, version = model_from_bytes((config.out_dir / "model.safetensors").read_bytes())
@@ -205,7 +208,7 @@ def run_simulation(
         eval_positions=final.positions,
         wall_time_s=time.monotonic() - started,
         privacy_spent=_privacy_spent(client),
-        privacy_audit=_privacy_audit(config.out_dir),
+        privacy_audit=_privacy_audit(config.out_dir, final_audit),
         canaries=None if canaries is None else canary_report(final_model, tokenizer, canaries,
                                                              audit_delta(config.out_dir)),
     )
@@ -219,22 +222,27 @@ def write_summary(out_dir: Path, summary: SimulationSummary) -> None:
     write_atomically(out_dir / SUMMARY_FILE, summary_json.encode())
 
 
-def _audit_last_model(client: Aggregator, progress: tqdm) -> None:
-    """Have the aggregator audit the run's last model with its canary clients, whatever its --audit-every. An
-    aggregator this run did not start takes no such order from it (the operator's token is not the run's): its own
-    last audit stands."""
+def _audit_last_model(client: Aggregator, progress: tqdm) -> RoundSummary | None:
+    """Have the aggregator audit the run's last model with its canary clients, whatever its --audit-every; the record
+    of the round that made it. An aggregator this run did not start takes no such order from it (the operator's
+    token is not the run's): its own last audit stands."""
     if not client.status(recent=0).canary_clients:
-        return
+        return None
     try:
-        client.audit()
+        return client.audit()
     except AggregatorRefusedError as error:
         progress.write(f"the aggregator did not audit the last model ({error}); its last audit stands")
+        return None
 
 
-def _privacy_audit(out_dir: Path) -> dict | None:
-    """The last audited round's figures, as metrics.jsonl has them."""
+def _privacy_audit(out_dir: Path, final_audit: RoundSummary | None) -> dict | None:
+    """The figures of the audit of the run's last model, else of the last audited round in metrics.jsonl. The last
+    model's audit may sit on an earlier round than the last line's, when the last rounds failed."""
+    keys = ("round", *AUDIT, *PRIVACY_SPENT)
+    if final_audit is not None and final_audit.audit_epsilon is not None:
+        return {key: getattr(final_audit, key) for key in keys}
     audited = [line for line in read_lines(out_dir / METRICS_FILE) if line.get("audit_epsilon") is not None]
-    return {key: audited[-1][key] for key in ("round", *AUDIT, *PRIVACY_SPENT)} if audited else None
+    return {key: audited[-1][key] for key in keys} if audited else None
 
 
 def _privacy_spent(client: Aggregator) -> dict[str, float | None] | None:

@@ -171,15 +171,17 @@ function auditTraces() {
 // DP-FTRL's rounds also carry the ρ-zCDP spent (DP-FedAvg's do not), drawn on an axis of its own: ε and ρ are
 // orders of magnitude apart.
 function drawPrivacy(line, audited) {
+  const epsilon = series("epsilon");
+  const proven = epsilon.some((value) => value != null);
   const rho = series("rho");
   const zcdp = rho.some((value) => value != null);
   const traces = [
-    ...(series("epsilon").some((value) => value != null) ? [line("epsilon", series("epsilon"))] : []),
+    ...(proven ? [line("epsilon", epsilon)] : []),
     ...(zcdp ? [line("ρ-zCDP", rho, { yaxis: "y2" })] : []),
     ...(audited ? auditTraces() : []),
   ];
   const spent = zcdp ? "Privacy spent by round (ε at δ, and ρ-zCDP)" : "Privacy spent by round (ε at δ)";
-  const title = audited && traces.length === 2 ? "Empirical privacy by round (no DP: no proven ε)" : spent;
+  const title = proven || !audited ? spent : "Empirical privacy by round (no DP: no proven ε)";
   const rhoAxis = {
     yaxis2: { title: { text: "ρ" }, overlaying: "y", side: "right", rangemode: "tozero" },
     margin: { l: 48, r: 48, t: 36, b: 40 },
