@@ -51,8 +51,8 @@ def run(out: Path, setting: str, secure: bool, args: argparse.Namespace, extra: 
             command.append("--secure-aggregation")
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    audit = next((line for line in reversed(lines) if line.get("audit_epsilon") is not None), {})
+    # The audit of the run's last model (its round may be earlier than the last line's, when the last rounds failed).
+    audit = summary["privacy_audit"] or {}
     return {"setting": setting, "secure": secure, "top1": summary["final"]["recall_at_1"],
             "closed": f"{summary['rounds_completed'] - summary['rounds_failed']}/{summary['rounds_completed']}",
             "epsilon": (summary["privacy_spent"] or {}).get("epsilon"),
