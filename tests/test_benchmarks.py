@@ -232,3 +232,14 @@ def test_audit(tmp_path, monkeypatch, capsys):
            + r"{n}% \| {n}% \| 2/2 \|")
     assert_prints(out, row.replace("SECURE", "no"), row.replace("SECURE", "yes"))
     assert "typed 16x" in (tmp_path / "docs" / "audit-table.md").read_text()
+
+
+@pytest.mark.slow
+def test_personal(tiny_run, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="fedkb simulate"):
+        run_benchmark("personal", [], monkeypatch, capsys)
+    out = run_benchmark("personal", [str(tiny_run), "--phones", "3", "--settings", "all:0.1:1", "bias:1:1"],
+                        monkeypatch, capsys)
+    row = r"\| SETTING \| {n}% \| {n}% \| {n}% \| {n} pts \| {n} pts \| {n}% → {n}% \| {n} s \|"
+    assert_prints(out, r"[1-3] of 3 phones \({n} with no held-out word left out\), {n} held-out positions",
+                  row.replace("SETTING", "all:0.1:1"), row.replace("SETTING", "bias:1:1"))
