@@ -17,6 +17,7 @@ with the held-out band, and the empirical epsilon against the accountant's over 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     folder: Path = args.run_dir
     if not (folder / METRICS_FILE).is_file():
         raise UserFacingError(f"{folder} is not a run folder: it has no {METRICS_FILE}")
-    lines = read_lines(folder / METRICS_FILE)
+    lines = _with_final_audit(read_lines(folder / METRICS_FILE), folder)
     canaries = Canaries.read(folder)
     audited = [line for line in lines if line.get("audit_epsilon") is not None]
     if canaries is None and not audited:
@@ -60,6 +61,21 @@ def run(args: argparse.Namespace) -> int:
     draw(report, lines, png)
     print(f"wrote {png}")
     return 0
+
+
+def _with_final_audit(lines: list[dict], folder: Path) -> list[dict]:
+    """The run's lines, with the audit of its last model (summary.json's `privacy_audit`, once the run has ended) on
+    the line of the round that made that model: the aggregator adds it to that round's record after the line was
+    written, and when the run's last rounds failed, that round is an earlier one."""
+    from device_sim.simulation import SUMMARY_FILE
+
+    try:
+        final = json.loads((folder / SUMMARY_FILE).read_text()).get("privacy_audit")
+    except (OSError, ValueError):
+        return lines  # a run still going (or stopped) has no summary: its lines are all there is
+    if not final:
+        return lines
+    return [{**line, **final} if line["round"] == final["round"] else line for line in lines]
 
 
 def _canary_report(folder: Path, canaries: Canaries) -> dict:

@@ -4,6 +4,8 @@ accountant's epsilon; and the canaries never reach the phones' own statistics.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -213,3 +215,19 @@ def test_the_operator_audits_the_last_model_whatever_the_audit_interval(tmp_path
     plain = manager(tmp_path / "plain", small_tokenizer_path, small_model_config, canary_clients=0)
     with pytest.raises(AuditError, match="no canary clients"):
         plain.audit_now()
+
+
+def test_fedkb_audit_reports_the_last_models_audit_though_it_sits_on_an_earlier_rounds_line(tmp_path, capsys):
+    """The run's last rounds failed, so the aggregator added the audit of its last model to round 1's record after
+    round 1's line was written; summary.json holds it, and `fedkb audit` reads it from there."""
+    from fedkb.cli import main
+
+    lines = [{"round": r, "epsilon": None, "audit_epsilon": None} for r in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    audit = {"round": 1, "audit_canaries": 8, "audit_epsilon": 3.25, "audit_epsilon_low": 2.0,
+             "audit_epsilon_high": 4.5, "audit_epsilon_lower_bound": 0.5, "audit_delta": 1e-5, "epsilon": None}
+    (tmp_path / "summary.json").write_text(json.dumps({"privacy_audit": audit}))
+    assert main(["audit", str(tmp_path)]) == 0
+    said = capsys.readouterr().out
+    assert "canary clients, round 1 (8 inserted" in said and "empirical epsilon 3.25" in said
+    assert (tmp_path / "audit.png").stat().st_size > 0
