@@ -537,6 +537,7 @@ class RoundManager:
             return record
         self._last_audit = {key: audit[key] for key in AUDIT_STATUS}
         return {**record, **audit}
+
     def _audit_delta(self, record: dict) -> float:
         """The delta the accountant reports epsilon at, or 1 / population without differential privacy."""
         return record.get("dp_delta") or self.config.dp_delta or 1 / max(self._population(), 1)
