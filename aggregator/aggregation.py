@@ -164,9 +164,8 @@ class SecureSum:
         phones, (positions, hits_1, hits_3, within) = self._secure.result()
         # The checks below read the phones' part alone: counting the server's own inputs in would widen what a lying
         # phone may send by their share of the allowance.
-        own = self._own.total() if self._own is not None else {name: torch.zeros(()) for name in phones}
-        inputs = reported + (self._own.count if self._own is not None else 0)
-        total = {name: value + own[name] for name, value in phones.items()}
+        own = self._own.total() if self._own is not None else None
+        total = phones if own is None else {name: value + own[name] for name, value in phones.items()}
         # The counts are summed modulo 2**32 and read as 0 to 2**32 - 1, so one that wrapped below 0 reads as huge.
         if not hits_1 <= hits_3 <= positions <= reported * self._max_eval_positions:
             raise ImpossibleSumError(
@@ -181,16 +180,20 @@ class SecureSum:
                                          f"{within}: some phone lied")
         if self._ledger is None:
             # Each device counts once: its example count would be one more thing sent in the clear.
-            self._check_norm({name: (t / reported).float() for name, t in phones.items()}, reported, reported,
-                             noise_stddev=0.0)
+            mean = {name: (t / reported).float() for name, t in phones.items()}
+            self._check_norm(mean, reported, reported, noise_stddev=0.0)
+            if self._own is None:
+                return Release(mean, evaluation)
+            inputs = reported + self._own.count
             return Release({name: (t / inputs).float() for name, t in total.items()}, evaluation)
         # The clipping bits come summed, inside the masked vector: the server never sees one. Their range is checked
         # on their noisy sum (aggregator/adaptive_clipping.py).
         noise_stddev = self._ledger.noise_stddev
         goal = self._secure.goal
         mean_delta, privacy = self._ledger.release(total, within, reported)
-        self._check_norm({name: value - own[name] / goal for name, value in mean_delta.items()}, reported, goal,
-                         noise_stddev)
+        phones_part = (mean_delta if own is None
+                       else {name: value - own[name] / goal for name, value in mean_delta.items()})
+        self._check_norm(phones_part, reported, goal, noise_stddev)
         return Release(mean_delta, {**privacy, **evaluation})
 
     def _check_norm(self, mean_delta: Tensors, reported: int, denominator: int, noise_stddev: float) -> None:
