@@ -68,11 +68,12 @@ def tokenizer() -> KeyboardTokenizer:
     return KeyboardTokenizer.train(LINES, vocab_size=200)
 
 
-def small_aggregator_config(tmp_path: Path, tokenizer: KeyboardTokenizer, **settings) -> AggregatorConfig:
-    """An aggregator of a small model on `tokenizer`, in `tmp_path`, closing a round at each update."""
+def small_aggregator_config(tmp_path: Path, tokenizer: KeyboardTokenizer, model: ModelConfig | None = None,
+                            **settings) -> AggregatorConfig:
+    """An aggregator of a small model (or `model`) on `tokenizer`, in `tmp_path`, closing a round at each update."""
     tokenizer_path = tmp_path / "tokenizer.json"
     tokenizer.save(tokenizer_path)
-    model = ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=16, hidden_dim=32, projection_dim=16)
+    model = model or ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=16, hidden_dim=32, projection_dim=16)
     # The browser phone is selected at its first check-in: these tests are about the page, not selection.
     settings.setdefault("selection_window_s", 0.0)
     settings.setdefault("clients_per_round", 1)
@@ -156,7 +157,8 @@ def test_suggests_words_from_the_aggregators_model(aggregator: LocalAggregator, 
             body = response.json()
             assert len(body["suggestions"]) == 3, body
             assert_suggestible([word.lower() for word in body["suggestions"]], tokenizer)
-            assert body == {"suggestions": casing.shown_words(text, expected.suggest(text)), "model_version": version}
+            assert body == {"suggestions": casing.shown_words(text, expected.suggest(text)), "model": "global",
+                            "model_version": version, "personal_messages": None}
         # The first word of a sentence is capitalised.
         for text in ["", "To be, or not to be, that is the question. "]:
             assert all(word[0].isupper() for word in demo.suggest(text).json()["suggestions"])
@@ -879,3 +881,102 @@ def test_this_browser_is_a_phone_joins_a_secure_round_beside_simulated_phones(
         assert (summary.status, summary.reported, summary.new_version) == ("closed", 3, 1)
         # The three phones' evaluation counts travelled inside their masked inputs; only the sum was seen.
         assert summary.eval_devices == 3 and summary.eval_positions > 0
+
+
+@pytest.fixture
+def full_width_aggregator(tmp_path: Path, tokenizer: KeyboardTokenizer) -> Iterator[LocalAggregator]:
+    """An aggregator of a model of Gboard's widths on the small vocabulary, for personal models. The small model's
+    scores are so even that the personal fine-tuning every phone does (a few steps) raised its best word's probability
+    over the runner-up's by about a percent; this one's nearly doubles it (measured), a margin no rounding turns."""
+    config = small_aggregator_config(tmp_path, tokenizer, model=ModelConfig(vocab_size=tokenizer.vocab_size),
+                                     max_update_norm=10_000.0)  # publish_new_version's delta, on a larger model
+    with LocalAggregator(config) as running:
+        yield running
+
+
+# What the person keeps typing, sent TIMES times (the newest fifth is held out, so four are trained on), and the word
+# that follows CONTEXT in it: the personal model's best word there, which the global model does not suggest at all.
+OWN_PHRASE, TIMES, CONTEXT, OWN_NEXT = "winter of york", 5, "winter ", "of"
+
+
+@pytest.mark.slow  # an aggregator of its own: about 3.5 s
+def test_personal_suggestions_learn_the_phones_own_messages_on_this_machine_only_while_it_is_a_phone(
+    full_width_aggregator: LocalAggregator, tmp_path: Path
+) -> None:
+    phone_dir = tmp_path / "browser-phone"
+    config = DemoConfig(aggregator_url=full_width_aggregator.url, refresh_seconds=0.3, phone_dir=phone_dir)
+    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+        def suggest(personal: bool) -> httpx.Response:
+            return client.get("/api/suggest", params={"text": CONTEXT, "personal": personal})
+
+        def send(times: int) -> None:
+            for _ in range(times):
+                assert client.post("/api/phone/messages", json={"text": OWN_PHRASE}).status_code == 201
+
+        wait_for(lambda: suggest(False).status_code == 200, 20, lambda: suggest(False).text)
+        # Switched off, the phone has no personal model: refused, saying why.
+        refused = suggest(True)
+        assert refused.status_code == 409, refused.text
+        assert refused.json() == {"detail": "this browser is not a phone: switch it on to suggest from your personal "
+                                            "model"}
+        assert client.put("/api/phone", json={"enabled": True}).status_code == 200
+        refused = suggest(True)  # nor before anything was sent to learn from
+        assert refused.status_code == 409 and refused.json()["detail"].startswith("no personal model yet: ")
+
+        send(TIMES)
+        kept = sorted(path.name for path in phone_dir.iterdir())
+        shared, mine = suggest(False).json(), suggest(True).json()
+        assert shared["model"] == "global" and shared["personal_messages"] is None and len(shared["suggestions"]) == 3
+        assert OWN_NEXT not in shared["suggestions"], shared
+        assert mine["suggestions"][0] == OWN_NEXT, mine
+        assert (mine["model"], mine["model_version"], mine["personal_messages"]) == ("personal", 0, TIMES - 1)
+        # Kept in memory, not in a file (nothing new in the phone's folder), and built once, not at every keystroke.
+        assert sorted(path.name for path in phone_dir.iterdir()) == kept
+        phone, (base, _) = client.app.state.phone, client.app.state.model_source.state()
+        assert phone.personal_model(base) is phone.personal_model(base)
+
+        # Built again when the history grows (seven messages, two held out)...
+        send(2)
+        assert suggest(True).json()["personal_messages"] == 5
+        # ...and when the aggregator publishes a new global model.
+        version = publish_new_version(full_width_aggregator)
+        wait_for(lambda: suggest(False).json()["model_version"] == version, 20, lambda: suggest(False).text)
+        assert (suggest(True).json()["model_version"], version) == (1, 1)
+
+        # Switched off again, it is gone.
+        assert client.put("/api/phone", json={"enabled": False}).status_code == 200
+        assert suggest(True).status_code == 409
+
+
+@pytest.mark.browser
+def test_the_browser_phone_suggests_from_its_personal_model_and_says_so(
+    full_width_aggregator: LocalAggregator, tmp_path: Path
+) -> None:
+    with DemoServer(full_width_aggregator.url, phone_dir=tmp_path / "browser-phone") as demo, \
+            chromium(tmp_path / "chromium-profile") as browser:
+        demo.wait_for_model(version=0)
+        browser.get(demo.url)
+        wait = WebDriverWait(browser, 20)
+        choice, line = browser.find_element(By.ID, "phone-personal"), browser.find_element(By.ID, "personal-line")
+        assert not choice.is_displayed()  # only with "This browser is a phone" on
+        browser.find_element(By.ID, "phone-enabled").click()
+        wait.until(lambda b: choice.is_displayed())
+        choice.click()
+        # Nothing sent yet, so nothing to learn from: the page says so.
+        wait.until(lambda b: line.is_displayed() and line.text.startswith("no personal model yet: "))
+
+        box, send = browser.find_element(By.ID, "message"), browser.find_element(By.ID, "send")
+        for _ in range(TIMES):
+            box.send_keys(OWN_PHRASE)
+            send.click()
+            wait.until(lambda b: box.get_attribute("value") == "")
+        box.send_keys(CONTEXT)
+        wait.until(lambda b: (w := shown_words(b)) and w[0] == OWN_NEXT)
+        assert line.text == ("Suggestions from your personal model: model v0 fine-tuned on this machine on "
+                             f"{TIMES - 1} of your messages. It is built here from your own history, which never "
+                             "leaves this machine.")
+
+        # Back to the global model: its words, and no personal line.
+        choice.click()
+        shared = wait.until(lambda b: not line.is_displayed() and shown_words(b))
+        assert shared == demo.suggest(CONTEXT).json()["suggestions"] and OWN_NEXT not in shared

@@ -23,6 +23,7 @@ from keyboard_model.casing import shown_words
 from web_demo.browser_phone import BrowserPhone, NewMessage, PhoneSettings, PhoneState, PhoneSwitchedOffError
 from web_demo.config import DemoConfig
 from web_demo.model_source import ModelSource
+from web_demo.personal_model import NoPersonalModelError
 from web_demo.run_folder import RunFolder
 from web_demo.schemas import ErrorResponse, ModelInfo, ModelScore, RunResponse, SuggestResponse, TrainingResponse
 
@@ -138,18 +139,34 @@ def send_message(message: NewMessage, phone: BrowserPhone = Depends(get_phone)) 
 @router.get(
     "/api/suggest",
     response_model=SuggestResponse,
-    responses={503: {"model": ErrorResponse, "description": "No model has been loaded from the aggregator yet"}},
+    responses={
+        409: {"model": ErrorResponse,
+              "description": "Personal suggestions asked for with the switch off, or before any message to learn from"},
+        503: {"model": ErrorResponse, "description": "No model has been loaded from the aggregator yet"},
+    },
 )
 def suggest(
     text: str = Query("", max_length=MAX_TEXT_CHARS, description="The message up to the caret"),
+    personal: bool = Query(False, description="Suggest from this browser phone's personal model, fine-tuned on this "
+                                              "machine on its own history (the switch must be on)"),
     source: ModelSource = Depends(get_model_source),
+    phone: BrowserPhone = Depends(get_phone),
 ) -> SuggestResponse:
     model, error = source.state()
     if model is None:
         raise HTTPException(503, f"no model yet: {error or f'still fetching it from the aggregator at {source.url}'}")
+    suggester, personal_messages = model.suggester, None
+    if personal:
+        try:
+            mine = phone.personal_model(model)
+        except (PhoneSwitchedOffError, NoPersonalModelError) as refused:
+            raise HTTPException(409, str(refused)) from refused
+        suggester, personal_messages = mine.suggester, mine.messages
     # Cased here, not in the page, so that every client of the API gets the words as the person should see them,
     # and the page inserts what it shows.
-    return SuggestResponse(suggestions=shown_words(text, model.suggester.suggest(text)), model_version=model.version)
+    return SuggestResponse(suggestions=shown_words(text, suggester.suggest(text)),
+                           model="personal" if personal else "global", model_version=model.version,
+                           personal_messages=personal_messages)
 
 
 @router.get("/api/model", response_model=ModelInfo)

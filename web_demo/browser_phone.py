@@ -8,7 +8,8 @@ with the aggregator like a simulated phone and, when selected, takes the same st
 every phone (device_sim/participation.py), in plain and in secure rounds: it trains on
 that history and sends what any phone sends (device_sim/phone.py), the model update
 and three evaluation counts, masked together in a secure round. The history itself
-never leaves this machine.
+never leaves this machine. Nor does the phone's personal model, which the page may suggest
+from: the global model fine-tuned on this history, in this process's memory (web_demo/personal_model.py).
 
 The switch and the conditions are kept in `phone.json` beside the history, so a
 restarted demo comes back as it was left; a new phone starts switched off. Switching
@@ -35,6 +36,8 @@ from device_sim.session import Clipping, LocalWork
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
+from web_demo.model_source import LoadedModel
+from web_demo.personal_model import PersonalModel, PersonalModels
 
 logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 1000
@@ -78,6 +81,7 @@ class BrowserPhone:
         self.check_in_s = check_in_s
         self.train = train or LocalTrainConfig()
         self._client = AggregatorClient(aggregator_url, timeout_s=30.0)
+        self._personal = PersonalModels(self.phone)
         self._lock = threading.Lock()
         self._settings = self._load_settings()
         self._activity = "switched off" if not self._settings.enabled else "waiting to be eligible"
@@ -99,19 +103,21 @@ class BrowserPhone:
         s = self._settings
         return DeviceConditions(idle=s.idle, charging=s.charging, unmetered=s.wifi)
 
+    def _history_size(self) -> int:
+        if not self.phone.history_path.exists():
+            return 0
+        history = TypingHistory(self.phone.history_path)
+        try:
+            return len(history)
+        finally:
+            history.close()
+
     def state(self) -> PhoneState:
         with self._lock:
             settings, activity, rounds = self._settings, self._activity, list(self._rounds)
-        count = 0
-        if self.phone.history_path.exists():
-            history = TypingHistory(self.phone.history_path)
-            try:
-                count = len(history)
-            finally:
-                history.close()
         return PhoneState(**settings.model_dump(), eligible=settings.enabled and self._conditions().eligible,
-                          messages=count, history_path=str(self.phone.history_path.resolve()), activity=activity,
-                          rounds_joined=rounds)
+                          messages=self._history_size(), history_path=str(self.phone.history_path.resolve()),
+                          activity=activity, rounds_joined=rounds)
 
     def configure(self, settings: PhoneSettings) -> PhoneState:
         with self._lock:
@@ -123,6 +129,8 @@ class BrowserPhone:
                 self._activity = "waiting to be charging, idle and on Wi-Fi"
             else:
                 self._activity = "eligible: checking in with the aggregator"
+        if not settings.enabled:  # outside the lock: it waits for a build under way
+            self._personal.forget()
         self._wake.set()
         return self.state()
 
@@ -138,6 +146,22 @@ class BrowserPhone:
                 history.close()
         self._wake.set()
         return self.state()
+
+    def personal_model(self, base: LoadedModel) -> PersonalModel:
+        """This phone's personal model, fine-tuned from the global model `base` on its history as it is now; refused
+        while the switch is off (it has none then). A NoPersonalModelError while the history is too short."""
+        switched_off = PhoneSwitchedOffError("this browser is not a phone: switch it on to suggest from your "
+                                             "personal model")
+        with self._lock:
+            if not self._settings.enabled:
+                raise switched_off
+        model = self._personal.current(base, self._history_size())
+        with self._lock:
+            if self._settings.enabled:
+                return model
+        # Switched off during the build, after `configure` forgot the model: forget the one just built too.
+        self._personal.forget()
+        raise switched_off
 
     def _note(self, activity: str) -> None:
         with self._lock:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator.api.schemas import StatusResponse
@@ -9,7 +11,15 @@ from aggregator.api.schemas import StatusResponse
 
 class SuggestResponse(BaseModel):
     suggestions: list[str] = Field(description="Up to three words, best first, cased as the strip shows them.")
-    model_version: int = Field(description="Version of the global model that made the suggestions.")
+    model: Literal["global", "personal"] = Field(
+        description="Which model suggested: the aggregator's global model, or the browser phone's personal copy of "
+                    "it, fine-tuned on the machine serving the page on the person's own messages.")
+    model_version: int = Field(
+        description="Version of the global model that made the suggestions, or that the personal model was "
+                    "fine-tuned from.")
+    personal_messages: int | None = Field(
+        None, description="How many of the phone's messages the personal model was fine-tuned on; null for the "
+                          "global model.")
 
 
 class ModelScore(BaseModel):

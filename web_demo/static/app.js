@@ -19,9 +19,12 @@ const badge = document.getElementById("model-version");
 const privacyBadge = document.getElementById("privacy");
 const statusLine = document.getElementById("status");
 const aggregatorLabel = document.getElementById("aggregator");
+const personalChoice = document.getElementById("phone-personal");
+const personalLine = document.getElementById("personal-line");
 
 let latestRequest = 0; // an answer to an older request is for text that has changed since: dropped
 let requestedContext = null; // the text before the caret that the strip shows, or awaits, words for
+let requestedPersonal = false; // and whether from the personal model
 let knownVersion = null;
 let pollMs = 5000;
 
@@ -52,6 +55,22 @@ function showVersion(version) {
   badge.classList.toggle("missing", version === null);
 }
 
+// Says where the strip's words come from when they are the person's own model's, or why they cannot be.
+function showPersonal(text) {
+  personalLine.textContent = text ?? "";
+  personalLine.hidden = !text;
+}
+
+function describeSource(answer) {
+  if (answer.model !== "personal") return null;
+  const messages = `${answer.personal_messages} of your message${answer.personal_messages === 1 ? "" : "s"}`;
+  return `Suggestions from your personal model: model v${answer.model_version} fine-tuned on this machine on ` +
+    `${messages}. It is built here from your own history, which never leaves this machine.`;
+}
+
+// A personal model exists only while this browser is a phone.
+const personalWanted = () => phoneInputs.enabled.checked && personalChoice.checked;
+
 function showStatus(text) {
   statusLine.textContent = text ?? "";
   statusLine.hidden = !text;
@@ -68,21 +87,32 @@ function currentMessage(text) {
 
 async function updateSuggestions({ force = false } = {}) {
   const context = message.value.slice(0, message.selectionStart);
-  if (context === requestedContext && !force) return;
+  const personal = personalWanted();
+  if (context === requestedContext && personal === requestedPersonal && !force) return;
   requestedContext = context;
+  requestedPersonal = personal;
   const request = ++latestRequest;
   // Until the answer comes, the words on screen belong to older text: grey and not clickable.
   strip.setAttribute("aria-busy", "true");
   buttons.forEach((button) => (button.disabled = true));
 
-  const [status, body] = await getJson(`api/suggest?text=${encodeURIComponent(currentMessage(context))}`);
+  const query = `text=${encodeURIComponent(currentMessage(context))}${personal ? "&personal=true" : ""}`;
+  const [status, body] = await getJson(`api/suggest?${query}`);
   if (request !== latestRequest) return;
   if (status === 200) {
     showWords(body.suggestions, body.suggestions.length ? "" : "No suggestions");
     showVersion(body.model_version);
+    showPersonal(describeSource(body));
     return;
   }
   requestedContext = null; // so the next poll asks again
+  showPersonal(null);
+  if (status === 409 && personal) {
+    // No personal model yet (nothing sent to learn from), or the phone was switched off elsewhere.
+    showWords([], "No personal suggestions yet");
+    showPersonal(typeof body.detail === "string" ? body.detail : null);
+    return;
+  }
   if (status === 503) {
     // No model yet; the poll below tells why.
     showWords([], "Waiting for the aggregator…");
@@ -196,6 +226,8 @@ function showPhone(state) {
     ? ` Joined ${joined.length} round${joined.length === 1 ? "" : "s"}, the latest round ${joined[joined.length - 1]}.` : "";
   phoneStatus.textContent = `${state.messages} message${state.messages === 1 ? "" : "s"} in its history; ` +
     `${state.eligible ? "eligible" : "not eligible"}. Last: ${state.activity}.${rounds}`;
+  // Switched on or off (here or on another page): personal suggestions start or stop.
+  updateSuggestions();
 }
 
 async function phoneRequest(method, url, body) {
@@ -236,6 +268,7 @@ async function pollPhone() {
 }
 
 Object.values(phoneInputs).forEach((input) => input.addEventListener("change", configurePhone));
+personalChoice.addEventListener("change", () => updateSuggestions());
 sendButton.addEventListener("click", sendMessage);
 pollModel();
 pollPhone();
