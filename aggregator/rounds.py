@@ -54,6 +54,7 @@ from aggregator.devices import Devices, token_hash
 from aggregator.global_model import GlobalModel
 from aggregator.mechanisms import make_mechanism
 from aggregator.pace import next_spread, retry_after_s
+from aggregator.personal_evaluation import Paired, paired_counts, personal_record
 from aggregator.refusals import (
     AuditError,
     BadUpdateError,
@@ -121,6 +122,8 @@ class OpenRound:
     eval_positions: int = 0
     eval_hits_at_1: int = 0
     eval_hits_at_3: int = 0
+    # Each device's (base, personal) counts, from those that keep a personal model: only their distribution is recorded.
+    personal_scores: list[Paired] = field(default_factory=list)
     examples: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -421,6 +424,9 @@ class RoundManager:
             current.eval_positions += report.positions
             current.eval_hits_at_1 += report.hits_at_1
             current.eval_hits_at_3 += report.hits_at_3
+            paired = paired_counts(report)
+            if paired is not None:
+                current.personal_scores.append(paired)
             return len(current.evaluated), False
 
     def abort(self, round_number: int, token: str) -> int:
@@ -486,6 +492,7 @@ class RoundManager:
             "base_version": current.base_version, "new_version": None, "update_norm": None,
             "eval_devices": len(current.evaluated), "eval_positions": current.eval_positions,
             "eval_hits_at_1": current.eval_hits_at_1, "eval_hits_at_3": current.eval_hits_at_3,
+            **personal_record(current.personal_scores),
             "checked_in": len(current.checked_in), "clock_started_s": current.started,
             "excluded": culprits or None,
         }

@@ -155,6 +155,12 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                        help="most phones --executor vectorised trains in one batched pass "
                             f"(default: {DEFAULT_PHONES_PER_PASS['cpu']} on cpu, "
                             f"{DEFAULT_PHONES_PER_PASS['cuda']} on cuda)")
+    group.add_argument("--personal", action="store_true",
+                       help="phones keep a personal model: the global model fine-tuned on their own history "
+                            "(keyboard_model/personal.py), refreshed in the rounds they are asked to score, kept in "
+                            "their folder and never uploaded; in plain rounds they report its recall beside the "
+                            "global model's, and each round records the share of phones it helped and hurt and the "
+                            "median gain (default: off)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     canaries = parser.add_argument_group(
         "privacy audit: canary phrases",
@@ -181,6 +187,7 @@ def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
     from device_sim.eligibility import EligibilityConfig
     from device_sim.fleet import FleetConfig
     from device_sim.simulation import SimulationConfig
+    from keyboard_model.personal import PersonalConfig
     from keyboard_model.train import LocalTrainConfig
 
     train = LocalTrainConfig(
@@ -192,6 +199,7 @@ def simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
         eligibility=EligibilityConfig(seed=args.seed), eval_phones=args.eval_phones, seed=args.seed,
         update_compression=args.update_compression, minutes_per_message=args.minutes_per_message,
         vanish_probability=args.vanish_probability, typing_days=args.typing_days, workers=args.workers,
+        personal=PersonalConfig() if args.personal else None,
     )
     return SimulationConfig(out_dir=args.out, rounds=args.rounds, fleet=fleet, time_budget_s=args.time_budget,
                             eval_every=args.eval_every, lr_steps=tuple(map(_lr_step_values, args.lr_steps)),

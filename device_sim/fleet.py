@@ -67,6 +67,7 @@ from keyboard_model.architecture import NextWordModel
 from keyboard_model.errors import UserFacingError
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.files import write_atomically
+from keyboard_model.personal import PersonalConfig
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult
 
@@ -108,6 +109,8 @@ class FleetConfig:
     eval_phones: int = 32
     # Simulated ticks to wait for a round to fill before giving up.
     max_ticks_per_round: int = 1_000
+    # Phones keep a personal model, refreshed in the rounds they are asked to score (None: they keep none).
+    personal: PersonalConfig | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -457,7 +460,8 @@ class Fleet:
         job = _Job(participant.round, TrainingJob(phone, model, self._train, selected.seed,
                                                   self.config.update_compression, self.now_s,
                                                   Clipping.asked(participant.decision), secure,
-                                                  evaluate=participant.decision.evaluate))
+                                                  evaluate=participant.decision.evaluate,
+                                                  personal=self.config.personal))
         heapq.heappush(self._queued, (finish, self._queued_count, job))
         self._queued_count += 1
         self._pending.append(_Event(finish, selected, job))

@@ -8,6 +8,10 @@ and is two things:
   its held-out messages (at most EVAL_MESSAGES of them), and how many were right at
   top-1 and top-3.
 Nothing else: no text, no token ids, no word counts, no training loss.
+A phone that keeps a personal model (`personal.safetensors` in its folder: the global
+model fine-tuned on its own messages, keyboard_model/personal.py) keeps it there: it is
+never part of the upload. In a plain round it adds two counts to the evaluation: how many
+of the same predictions the personal model got right at top-1 and top-3.
 A phone whose local training diverged (`keyboard_model.train.train_local` says when)
 sends neither: it tells the aggregator it aborted the round, as a phone whose
 conditions changed does, so that no blown-up delta reaches the average and the round
@@ -26,13 +30,15 @@ from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import CheckinResponse, SecAggState, UploadResponse
 from device_sim.history import TypingHistory
 from device_sim.secure_aggregation import SecAggPhone
-from device_sim.session import Clipping, LocalWork, RoundInput, local_work, phone_mods
+from device_sim.session import Clipping, LocalWork, Personalisation, RoundInput, local_work, phone_mods
+from keyboard_model.architecture import NextWordModel
 from keyboard_model.errors import UserFacingError
 from keyboard_model.files import write_atomically
+from keyboard_model.personal import PersonalConfig
 from keyboard_model.secagg import Directory, IdentityKey
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
-from keyboard_model.weights import LatestModel, model_from_bytes
+from keyboard_model.weights import LatestModel, model_from_bytes, model_to_bytes
 
 # Held-out messages a phone scores the downloaded model on, at most. Ten phones still score about a thousand
 # predictions a round; scoring 100 messages cost a phone a quarter of its training time, 25 about a tenth; and
@@ -52,6 +58,7 @@ class Phone:
         self.phone_id = phone_id
         self.history_path = folder / "history.sqlite"
         self.credentials_path = folder / "device.json"
+        self.personal_path = folder / "personal.safetensors"
         self._device_token: str | None = None
 
     def check_in(self, client: Aggregator) -> CheckinResponse:
@@ -129,7 +136,7 @@ class Phone:
         self, model_bytes: bytes, tokenizer: KeyboardTokenizer, config: LocalTrainConfig, seed: int,
         compression: str = "int8", now: float | None = None, eval_messages: int = EVAL_MESSAGES,
         clipping: Clipping | None = None, secure: tuple[SecAggPhone, SecAggState] | None = None,
-        evaluate: bool = True, models: LatestModel | None = None,
+        evaluate: bool = True, models: LatestModel | None = None, personal: PersonalConfig | None = None,
     ) -> LocalWork:
         """Score the downloaded global model on held-out messages, then fine-tune it on the messages typed by
         `now`; with differential privacy on, the aggregator asks for the update clipped (`clipping`). In a
@@ -138,11 +145,27 @@ class Phone:
         is no upload and no evaluation: nothing of the round is encoded. This is all the work that happens on the
         phone (device_sim/session.py); nothing here talks to the network. The phone scores the model only when the
         aggregator asked it to (`evaluate`: federated evaluation runs on a share of each round's phones). A worker
-        that runs many phones passes its `models`, which decodes each downloaded model once, not once per phone."""
+        that runs many phones passes its `models`, which decodes each downloaded model once, not once per phone.
+        With `personal`, a phone asked to score the model also refreshes its personal model (`personalisation`)."""
         train_texts, held_out = self.messages(now)
         model, version = model_from_bytes(model_bytes) if models is None else models.fresh(model_bytes)
         return local_work(RoundInput(model, version, tokenizer, train_texts, held_out, config, seed),
-                          phone_mods(compression, eval_messages if evaluate else 0, clipping, secure))
+                          phone_mods(compression, eval_messages if evaluate else 0, clipping, secure,
+                                     self.personalisation(personal)))
+
+    def personalisation(self, config: PersonalConfig | None) -> Personalisation | None:
+        """How this phone keeps a personal model fine-tuned as `config` says (None: it keeps none)."""
+        return None if config is None else Personalisation(config, self.keep_personal)
+
+    def keep_personal(self, model: NextWordModel, global_version: int) -> None:
+        """Keep `model` as this phone's personal model, recorded with the global version it was fine-tuned from; whole
+        or not at all, as suggestions may read it at any time."""
+        write_atomically(self.personal_path, model_to_bytes(model.state_dict(), global_version, model.config))
+
+    def personal_model(self) -> tuple[NextWordModel, int] | None:
+        """This phone's personal model and the global version it came from, for its own suggestions; None if it
+        keeps none."""
+        return model_from_bytes(self.personal_path.read_bytes()) if self.personal_path.exists() else None
 
     def send(
         self, client: Aggregator, round_number: int, upload_token: str, work: LocalWork

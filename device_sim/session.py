@@ -5,6 +5,9 @@ that wraps the next step, as Flower's client mods wrap `call_next`, so training 
 sees privacy or encoding, and each mod can be tested, added or left out on its own:
 - `evaluated`: scores the downloaded model on held-out messages before training
   (federated evaluation: three counts, no words);
+- `personalised`: fine-tunes a personal copy of the downloaded model on the phone's own
+  messages and keeps it on the phone, never in the upload; in a plain round it adds the
+  personal copy's two hit counts to the evaluation (keyboard_model/personal.py);
 - `guarded`: drops a delta whose training diverged or that holds non-finite values, so
   the phone aborts instead of uploading it;
 - `clipped`: clips the delta to the norm the aggregator asked for (differential privacy)
@@ -28,6 +31,7 @@ from device_sim.secure_aggregation import SecAggPhone
 from keyboard_model.architecture import NextWordModel
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.norms import clip_to_norm, l2_norm
+from keyboard_model.personal import PersonalConfig, personalise
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, train_local
 from keyboard_model.update_codec import encode_update
@@ -76,6 +80,15 @@ class Clipping:
         return None if decision.clip_norm is None else cls(decision.clip_norm, decision.adaptive_clipping)
 
 
+@dataclass(frozen=True)
+class Personalisation:
+    """A phone that keeps a personal model: how it fine-tunes the copy, and `keep(model, global_version)`, which
+    stores it on the phone with the version of the global model it came from."""
+
+    config: PersonalConfig
+    keep: Callable[[NextWordModel, int], None]
+
+
 Step = Callable[[RoundInput], LocalWork]
 Mod = Callable[[RoundInput, Step], LocalWork]
 
@@ -93,12 +106,38 @@ def evaluated(messages: int) -> Mod:
     """Score the downloaded model on up to `messages` held-out messages, before training changes it."""
 
     def mod(round_input: RoundInput, call_next: Step) -> LocalWork:
-        scored = round_input.tokenizer.encode_batch(round_input.held_out[:messages]) if round_input.held_out else []
-        report = evaluation_report(round_input.model_version, evaluate(round_input.model, round_input.tokenizer,
-                                                                       scored))
+        report = evaluation_report(round_input.model_version, _scored(round_input.model, round_input, messages))
         return replace(call_next(round_input), evaluation=report)
 
     return mod
+
+
+def personalised(personal: Personalisation, messages: int) -> Mod:
+    """Fine-tune a personal copy of the downloaded model on the phone's own training messages and keep it; when
+    `messages` is above 0, score it on the held-out messages `evaluated(messages)` scores the downloaded model on,
+    and add its hits to that evaluation. It sits outside `evaluated` and training: the copy is made before training
+    moves the downloaded model, and neither sees it. Nothing of the copy goes into the upload."""
+
+    def mod(round_input: RoundInput, call_next: Step) -> LocalWork:
+        training = round_input.tokenizer.encode_batch(round_input.train_texts)
+        model = personalise(round_input.model, training, personal.config, round_input.seed)
+        personal.keep(model, round_input.model_version)
+        counts = _scored(model, round_input, messages) if messages > 0 else None
+        work = call_next(round_input)
+        if counts is None or work.evaluation is None:
+            return work
+        # Built anew rather than copied with an update, so that the report's checks run on the added counts too.
+        report = EvaluationReport.model_validate(work.evaluation.model_dump() | {
+            "personal_hits_at_1": counts.hits_at_1, "personal_hits_at_3": counts.hits_at_3})
+        return replace(work, evaluation=report)
+
+    return mod
+
+
+def _scored(model: NextWordModel, round_input: RoundInput, messages: int) -> EvalCounts:
+    """`model` scored on the phone's first `messages` held-out messages."""
+    scored = round_input.tokenizer.encode_batch(round_input.held_out[:messages]) if round_input.held_out else []
+    return evaluate(model, round_input.tokenizer, scored)
 
 
 def guarded(round_input: RoundInput, call_next: Step) -> LocalWork:
@@ -157,12 +196,19 @@ def masked(part: SecAggPhone, state: SecAggState) -> Mod:
 
 
 def phone_mods(compression: str, eval_messages: int, clipping: Clipping | None,
-               secure: tuple[SecAggPhone, SecAggState] | None) -> list[Mod]:
-    """A phone's mods, outermost first: the upload (masked in a secure round), the guard, federated evaluation
-    (unless `eval_messages` is 0: the aggregator did not ask this phone to score the model; in a secure round it
-    then sends zero counts in the masked sum), and clipping when the aggregator asked for it."""
+               secure: tuple[SecAggPhone, SecAggState] | None,
+               personal: Personalisation | None = None) -> list[Mod]:
+    """A phone's mods, outermost first: the upload (masked in a secure round), the guard, the personal model (a
+    phone that keeps one refreshes it in the rounds it is asked to score, a share of each round's phones, which
+    bounds its extra work), federated evaluation (unless `eval_messages` is 0: the aggregator did not ask this phone
+    to score the model; in a secure round it then sends zero counts in the masked sum), and clipping when the
+    aggregator asked for it. In a secure round the personal model is kept but not scored: the masked vector holds
+    the global model's three counts only, and a sum of personal counts could not say which phones it helped."""
+    asked = eval_messages > 0
     return [masked(*secure) if secure is not None else encoded(compression), guarded,
-            *([evaluated(eval_messages)] if eval_messages > 0 else []),
+            *([personalised(personal, 0 if secure is not None else eval_messages)]
+              if personal is not None and asked else []),
+            *([evaluated(eval_messages)] if asked else []),
             *([clipped(clipping)] if clipping is not None else [])]
 
 

@@ -312,6 +312,10 @@ PRIVACY_SPENT = ("epsilon", "dp_delta", "rho")
 # The aggregator's empirical privacy audit (canary clients), on the rounds it audited: null on the others.
 AUDIT = ("audit_canaries_taking_part", "audit_canaries", "audit_epsilon", "audit_epsilon_low", "audit_epsilon_high",
          "audit_epsilon_lower_bound", "audit_delta", "audit_score_in", "audit_score_out")
+# Federated evaluation of personal models (--personal), from the phones that scored theirs beside the global model in
+# a plain round: null where none did.
+PERSONAL = ("personal_helped", "personal_hurt", "personal_median_gain", "personal_recall_at_1",
+            "personal_recall_at_3")
 # The fleet's own view of a round, unknown for a round recovered from the aggregator's record.
 FLEET_VIEW = ("participants", "eligible", "checkins", "vanished", "diverged", "refused", "survived", "sim_day",
               "sim_hour_utc", "train_loss", "local_learning_rate", "sim_ticks", "training_s", "wall_s_by_activity",
@@ -367,6 +371,8 @@ def _round_line(
         "fed_eval_positions": server_view.eval_positions if server_view else 0,
         "fed_recall_at_1": server_view.recall_at_1 if server_view else None,
         "fed_recall_at_3": server_view.recall_at_3 if server_view else None,
+        "fed_personal_devices": (server_view.personal_devices or 0) if server_view else 0,
+        **{f"fed_{name}": getattr(server_view, name) if server_view else None for name in PERSONAL},
         "sim_ticks": report.ticks if report else 0,
         "training_s": round(report.training_s, 3) if report else 0.0,
         # This process's wall time in the round by activity (device_sim/fleet.py's ACTIVITIES).

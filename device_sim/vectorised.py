@@ -326,7 +326,8 @@ class VectorisedCohort:
         for (job, future, given), phone in zip(inputs, trained):
             started = time.perf_counter()
             try:
-                mods = phone_mods(job.compression, self.eval_messages if job.evaluate else 0, job.clipping, job.secure)
+                mods = phone_mods(job.compression, self.eval_messages if job.evaluate else 0, job.clipping, job.secure,
+                                  job.phone.personalisation(job.personal))
                 work = local_work(given, mods, train_step=_already_trained(phone))
             except Exception as error:  # one phone's failure is that phone's
                 future.set_exception(error)

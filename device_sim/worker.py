@@ -15,6 +15,7 @@ from aggregator.api.schemas import SecAggState
 from device_sim.phone import Phone
 from device_sim.secure_aggregation import SecAggPhone
 from device_sim.session import Clipping, LocalWork
+from keyboard_model.personal import PersonalConfig
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
 from keyboard_model.weights import LatestModel
@@ -33,6 +34,7 @@ class TrainingJob:
     clipping: Clipping | None  # the clipping the aggregator asked for (differential privacy), if any
     secure: tuple[SecAggPhone, SecAggState] | None = None  # this phone's part of a secure round, and its state
     evaluate: bool = True  # score the downloaded model first (the aggregator asks a share of the phones)
+    personal: PersonalConfig | None = None  # the phone keeps a personal model (refreshed when asked to score)
 
     def without_model(self) -> TrainingJob:
         """The job as it travels to a worker that gets the model its own way (a file it reads once, Ray's object
@@ -48,7 +50,8 @@ def run_job(job: TrainingJob, tokenizer: KeyboardTokenizer,
     `models`, which decodes each downloaded model once."""
     started = time.perf_counter()
     work = job.phone.local_work(job.model, tokenizer, job.config, job.seed, job.compression, job.now_s,
-                                clipping=job.clipping, secure=job.secure, evaluate=job.evaluate, models=models)
+                                clipping=job.clipping, secure=job.secure, evaluate=job.evaluate, models=models,
+                                personal=job.personal)
     return replace(work, delta=None), time.perf_counter() - started
 
 

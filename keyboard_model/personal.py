@@ -7,10 +7,12 @@ of it leaves the phone. What is tuned, and how hard, is chosen by measurement (b
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from keyboard_model.architecture import NextWordModel, build_model
+from keyboard_model.evaluate import EvalCounts
 from keyboard_model.train import LocalTrainConfig, train_local
 
 # "all": every weight. "bias": the output layer's bias alone, the model's prior score of each word, so the personal
@@ -62,3 +64,30 @@ def personalise(
     if result.divergence is not None:
         personal.load_state_dict(global_model.state_dict())
     return personal
+
+
+@dataclass(frozen=True)
+class PersonalGains:
+    """Wang et al.'s per-phone view of personalisation, over phones that scored the global and their personal model on
+    the same held-out positions: a pooled recall alone would hide that a personal model helps some phones and hurts
+    others."""
+
+    phones: int
+    helped: float  # the share of the phones whose personal model got more top-1 hits than the global one
+    hurt: float  # the share whose personal model got fewer
+    median_gain_points: float  # the median over phones of personal minus global top-1 recall, in percentage points
+    personal: EvalCounts  # the personal models' counts, pooled over the phones
+
+
+def personal_gains(scores: Sequence[tuple[EvalCounts, EvalCounts]]) -> PersonalGains | None:
+    """The distribution of (global, personal) counts, one pair per phone; None for no phones. Hits on the same
+    positions are whole numbers: a phone is helped or hurt only by a whole hit more or less."""
+    if not scores:
+        return None
+    if any(shared.positions != personal.positions or not shared.positions for shared, personal in scores):
+        raise ValueError("each phone's two counts must score the same positions, at least one")
+    helped = sum(personal.hits_at_1 > shared.hits_at_1 for shared, personal in scores)
+    hurt = sum(personal.hits_at_1 < shared.hits_at_1 for shared, personal in scores)
+    gains = [100 * (personal.recall_at_1 - shared.recall_at_1) for shared, personal in scores]
+    return PersonalGains(len(scores), helped / len(scores), hurt / len(scores), statistics.median(gains),
+                         sum((personal for _, personal in scores), EvalCounts()))

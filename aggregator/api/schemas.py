@@ -81,7 +81,8 @@ class UploadResponse(BaseModel):
 
 class EvaluationReport(BaseModel):
     """Federated evaluation: how well the model a device downloaded for this round predicts the device's own
-    held-out messages. Three counts, and which model they score; no words, no per-word counts."""
+    held-out messages. Three counts, and which model they score; no words, no per-word counts. A device that keeps a
+    personal model may add two: its personal model's hits on the same positions."""
 
     # Anything else a device sends is refused, not ignored: nothing rides along with the counts.
     model_config = ConfigDict(extra="forbid")
@@ -92,12 +93,26 @@ class EvaluationReport(BaseModel):
     positions: int = Field(ge=1, description="Next-word predictions scored (word targets in the held-out messages).")
     hits_at_1: int = Field(ge=0, description="Predictions whose target was the top suggestion.")
     hits_at_3: int = Field(ge=0, description="Predictions whose target was among the three suggestions.")
+    # Personal models (keyboard_model/personal.py): one field without the other is refused.
+    personal_hits_at_1: int | None = Field(
+        default=None, ge=0,
+        description="A device that keeps a personal model: the positions its personal model got right at top-1, of "
+                    "the same held-out positions. Accepted in plain rounds only.")
+    personal_hits_at_3: int | None = Field(
+        default=None, ge=0,
+        description="With personal_hits_at_1: those its personal model got among three suggestions.")
 
     @model_validator(mode="after")
     def _counts_are_consistent(self) -> EvaluationReport:
         if not self.hits_at_1 <= self.hits_at_3 <= self.positions:
             raise ValueError("the counts must satisfy hits_at_1 <= hits_at_3 <= positions")
+        if (self.personal_hits_at_1 is None) != (self.personal_hits_at_3 is None):
+            raise ValueError("personal_hits_at_1 and personal_hits_at_3 come together or not at all")
+        if self.personal_hits_at_1 is not None and self.personal_hits_at_3 is not None and not (
+                self.personal_hits_at_1 <= self.personal_hits_at_3 <= self.positions):
+            raise ValueError("the counts must satisfy personal_hits_at_1 <= personal_hits_at_3 <= positions")
         return self
+
 
 
 class EvaluationResponse(BaseModel):
@@ -149,6 +164,18 @@ class RoundSummary(BaseModel):
     eval_positions: int | None = Field(None, description="Next-word predictions those devices scored, summed.")
     eval_hits_at_1: int | None = None
     eval_hits_at_3: int | None = None
+    # Federated evaluation of personalisation (Wang et al. 2019), from the devices that reported their personal
+    # model's hits beside the global model's: plain rounds only, as a masked sum cannot say which devices it helped.
+    personal_devices: int | None = Field(
+        None, description="Devices that scored their personal model beside the base model, on the same positions.")
+    personal_helped: float | None = Field(
+        None, description="The share of them whose personal model got more top-1 hits than the base model.")
+    personal_hurt: float | None = Field(None, description="The share whose personal model got fewer.")
+    personal_median_gain: float | None = Field(
+        None, description="The median over them of personal minus base top-1 recall, in percentage points.")
+    personal_positions: int | None = Field(None, description="The predictions they scored, summed.")
+    personal_hits_at_1: int | None = None
+    personal_hits_at_3: int | None = None
     dp_noise_multiplier: float | None = Field(None, description="Differential privacy: the round's noise multiplier.")
     dp_sampling_rate: float | None = Field(
         None, description="The sampling rate the accountant assumed: goal / population."
@@ -202,6 +229,18 @@ class RoundSummary(BaseModel):
     @property
     def recall_at_3(self) -> float | None:
         return self.eval_hits_at_3 / self.eval_positions if self.eval_positions else None
+
+    # The personal models' recall, pooled over personal_devices (all of eval_devices when every device keeps one).
+    @computed_field
+    @property
+    def personal_recall_at_1(self) -> float | None:
+        return self.personal_hits_at_1 / self.personal_positions if self.personal_positions else None
+
+    @computed_field
+    @property
+    def personal_recall_at_3(self) -> float | None:
+        return self.personal_hits_at_3 / self.personal_positions if self.personal_positions else None
+
 
 
 class StatusResponse(BaseModel):
