@@ -18,33 +18,18 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from device_sim.fleet import provisioned_phones
-from keyboard_model.evaluate import EvalCounts, evaluate
-from keyboard_model.personal import PersonalConfig, personalise
+from keyboard_model.evaluate import EvalCounts
+from keyboard_model.personal import PersonalConfig, PhoneScore, score_personalised
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes
 
 MAKE_A_RUN = ".venv/bin/python -m fedkb simulate --in-process --no-progress --rounds 100 --out RUN"
 DEFAULT_SETTINGS = ["all:0.1:1", "all:0.3:1", "all:1:1", "all:0.3:3", "bias:10:1"]
-
-
-@dataclass(frozen=True)
-class PhoneScore:
-    """One phone's held-out counts with the run's model and with its personal model, and the fine-tuning's seconds."""
-
-    shared: EvalCounts
-    personal: EvalCounts
-    seconds: float
-
-    @property
-    def gain_points(self) -> float:
-        return 100 * (self.personal.recall_at_1 - self.shared.recall_at_1)
 
 
 def setting(spec: str) -> PersonalConfig:
@@ -100,15 +85,13 @@ def main() -> None:
     rows: dict[str, list[PhoneScore]] = {label(config): [] for config in args.settings}
     for index, phone in enumerate(phones):
         held_out = phone.held_out(tokenizer)
-        shared = evaluate(model, tokenizer, held_out)
-        if not shared.positions:
+        if not held_out:
             continue
         training = tokenizer.encode_batch(phone.messages()[0])
         for config in args.settings:
-            start = time.perf_counter()
-            personal = personalise(model, training, config, seed=args.seed + index)
-            seconds = time.perf_counter() - start
-            rows[label(config)].append(PhoneScore(shared, evaluate(personal, tokenizer, held_out), seconds))
+            score = score_personalised(model, tokenizer, training, held_out, config, seed=args.seed + index)
+            if score.shared.positions:
+                rows[label(config)].append(score)
 
     scored = next(iter(rows.values()))
     if not scored:

@@ -420,9 +420,11 @@ def run_eval(args: argparse.Namespace) -> int:
             baselines_dir=args.baselines_dir or run_dir / "baselines",
             server_epochs=args.server_epochs, oracle_epochs=args.oracle_epochs,
         )
-        proxy_lines = _run_corpus(run_dir, args).proxy_lines()
+        corpus = _run_corpus(run_dir, args)
         beside = [model_from_bytes(path.read_bytes())[0] for path in args.beside]
-        rows = comparison_table(model, tokenizer, phones, proxy_lines, config, beside=beside)
+        # The run's tokenizer.json has grown beyond the corpus's when the run discovered words.
+        rows = comparison_table(model, tokenizer, phones, corpus.proxy_lines(), config, beside=beside,
+                                corpus_vocab_size=corpus.tokenizer().vocab_size)
         table = {"model_version": version, "rows": [row.to_dict() for row in rows]}
         write_atomically(run_dir / TABLE_FILE, (json.dumps(json_safe(table), indent=2) + "\n").encode())
         print(markdown_table(rows))

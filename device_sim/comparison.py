@@ -1,15 +1,24 @@
-"""Gboard's comparison table (Hard et al. 2018) on our own fleet: n-gram, server model, federated, oracle.
+"""Gboard's comparison table (Hard et al. 2018) on our own fleet: n-gram, server model, federated, oracle;
+and personalised models (Wang et al. 2019).
 
-Every row is scored on the same positions: the held-out messages (each phone's newest
-20%, never trained on) of every phone of the fleet, counted as `keyboard_model.evaluate`
-describes.
+Every row but the two of the personal sample (5.) is scored on the same positions: the
+held-out messages (each phone's newest 20%, never trained on) of every phone of the fleet,
+counted as `keyboard_model.evaluate` describes.
 1. n-gram: interpolated Kneser-Ney trigram on the public proxy split (server-side data).
 2. server CIFG: the federated model's network, trained centrally on the proxy split only.
 3. federated CIFG: the model a federated run produced.
 4. centralised oracle: the same network trained centrally on all phones' training
    messages pooled, the privacy-free upper bound.
-Rows 2-4 are named after the federated model's architecture, and repeat for each
-federated model shown beside it (e.g. a Transformer run on the same phones).
+5. personalised (Wang et al. 2019): on a sample of the phones (`ComparisonConfig.personal_phones`,
+   drawn with a fixed seed), each phone's personal copy of the federated model, fine-tuned on
+   its own training messages (keyboard_model/personal.py) and scored on its own held-out
+   messages only, as on the phone; pooled over the sample, beside the federated model's row on
+   the same phones' positions. These two rows alone score the sample's positions, not every
+   phone's.
+Rows 2-5 are named after the federated model's architecture, and repeat for each
+federated model shown beside it (e.g. a Transformer run on the same phones). A federated
+model whose vocabulary grew beyond the corpus's tokenizer (word discovery) says by how many
+words in its row.
 The two central baselines start from the same initialisation as a federated run
 (`build_model(config, seed=0)`) and train with the phones' optimiser, but for several
 passes with a decaying learning rate, so they converge. They are cached by content.
@@ -20,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -33,6 +43,7 @@ from keyboard_model.architecture import NextWordModel, architecture, build_model
 from keyboard_model.evaluate import EvalCounts, evaluate, evaluate_fixed_suggestions, most_frequent_words
 from keyboard_model.files import write_atomically
 from keyboard_model.ngram import KneserNeyTrigram
+from keyboard_model.personal import PersonalConfig, score_personalised
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig, TrainResult, pack_sequences, train_centrally
 from keyboard_model.weights import model_from_bytes, model_to_bytes
@@ -55,10 +66,17 @@ class ComparisonConfig:
     server_epochs: int = 20
     oracle_epochs: int = 20
     train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
+    # Phones whose personal models are scored (0: no personalised rows), drawn with `personal_seed`; fine-tuning costs
+    # about 0.4 s a phone on 2 cores for the default model, so 100 phones take under a minute.
+    personal_phones: int = 100
+    personal_seed: int = 0
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
 
     def __post_init__(self) -> None:
         if self.server_epochs < 1 or self.oracle_epochs < 1:
             raise ValueError("server_epochs and oracle_epochs must be at least 1")
+        if self.personal_phones < 0:
+            raise ValueError("personal_phones must be at least 0")
 
 
 @dataclass(frozen=True)
@@ -78,8 +96,12 @@ def comparison_table(
     config: ComparisonConfig,
     log: Callable[[str], None] = tqdm.write,  # prints around the progress bars
     beside: Sequence[NextWordModel] = (),
+    corpus_vocab_size: int | None = None,
 ) -> list[TableRow]:
-    """The four rows, in the paper's order; then server, federated and oracle rows for each model `beside`."""
+    """The n-gram's row; then for `federated` and each model `beside`, the server, federated and oracle rows (the
+    paper's order) and the federated and personalised rows on the sample of phones (`personal_sample`).
+    `corpus_vocab_size`, the vocabulary of the corpus's tokenizer the run started from, tells how many words a
+    model's vocabulary gained by discovery."""
     train_texts, held_out_texts = [], []
     for phone in phones:
         train, held = phone.messages()
@@ -92,16 +114,51 @@ def comparison_table(
 
     pooled = tokenizer.encode_batch(train_texts)
     rows = cheap_rows(tokenizer, proxy, held_out, config.baselines_dir, log)[:1]
+    sample = personal_sample(phones, config)
     for model in (federated, *beside):
         label = architecture(model.config.architecture).label
+        discovered = model.config.vocab_size - (corpus_vocab_size or model.config.vocab_size)
+        grown = f" (vocabulary + {discovered} discovered words)" if discovered > 0 else ""
         server = _trained_centrally("server", model, proxy, config.server_epochs, config, log)
         oracle = _trained_centrally("oracle", model, pooled, config.oracle_epochs, config, log)
         rows += [
             TableRow(f"server {label} (proxy)", evaluate(server, tokenizer, held_out)),
-            TableRow(f"federated {label}", evaluate(model, tokenizer, held_out)),
+            TableRow(f"federated {label}{grown}", evaluate(model, tokenizer, held_out)),
             TableRow(f"centralised oracle ({label})", evaluate(oracle, tokenizer, held_out)),
         ]
+        if sample:
+            shared, personal = personalised_counts(model, tokenizer, sample, config, log)
+            rows += [TableRow(f"federated {label}{grown}, same {len(sample)} phones", shared),
+                     TableRow(f"personalised {label}, {len(sample)} phones (each on its own messages)", personal)]
     return rows
+
+
+def personal_sample(phones: Sequence[Phone], config: ComparisonConfig) -> list[Phone]:
+    """The phones whose personal models the table scores: `config.personal_phones` of them, drawn with its seed."""
+    if config.personal_phones >= len(phones):
+        return list(phones)
+    return random.Random(config.personal_seed).sample(list(phones), config.personal_phones)
+
+
+def personalised_counts(
+    model: NextWordModel,
+    tokenizer: KeyboardTokenizer,
+    sample: Sequence[Phone],
+    config: ComparisonConfig,
+    log: Callable[[str], None] = tqdm.write,
+    show_progress: bool = True,
+) -> tuple[EvalCounts, EvalCounts]:
+    """`model`'s and the phones' personal copies' counts on the `sample` phones' held-out messages, pooled: each
+    phone's copy fine-tuned on its own training messages and scored on its own held-out messages only."""
+    shared, personal = EvalCounts(), EvalCounts()
+    for index, phone in enumerate(tqdm(sample, desc="personalising on each sampled phone", unit="phone",
+                                       disable=not show_progress, dynamic_ncols=True)):
+        train, held = phone.messages()
+        score = score_personalised(model, tokenizer, tokenizer.encode_batch(train), tokenizer.encode_batch(held),
+                                   config.personal, seed=config.personal_seed + index)
+        shared, personal = shared + score.shared, personal + score.personal
+    log(f"personal models: {len(sample)} phones, {shared.positions:,} held-out positions")
+    return shared, personal
 
 
 def cheap_rows(

@@ -8,12 +8,21 @@ from dataclasses import asdict
 from pathlib import Path
 
 from device_sim.cli import print_summary
-from device_sim.comparison import NGRAM_ROW, ComparisonConfig, TableRow, cheap_rows, comparison_table, markdown_table
+from device_sim.comparison import (
+    NGRAM_ROW,
+    ComparisonConfig,
+    TableRow,
+    cheap_rows,
+    comparison_table,
+    markdown_table,
+    personal_sample,
+)
 from device_sim.phone import Phone
 from device_sim.simulation import SimulationSummary
 from keyboard_model.architecture import build_model
 from keyboard_model.evaluate import EvalCounts, evaluate
 from keyboard_model.ngram import KneserNeyTrigram
+from keyboard_model.personal import PersonalConfig, score_personalised
 from keyboard_model.transformer import TransformerConfig
 from keyboard_model.weights import model_from_bytes
 from tests.conftest import SMALL_TEXT
@@ -38,7 +47,9 @@ def test_every_row_is_scored_on_the_phones_held_out_messages_and_baselines_are_c
 
     rows = comparison_table(federated, small_tokenizer, phones, proxy, config, log=log.append)
 
-    assert [row.model.split(" ")[0] for row in rows] == ["n-gram", "server", "federated", "centralised"]
+    assert [row.model.split(" ")[0] for row in rows] == ["n-gram", "server", "federated", "centralised", "federated",
+                                                         "personalised"]
+    assert rows[4].model.endswith("same 3 phones")  # the sample is every phone: all rows score the same positions
     held_out = [m for phone in phones for m in phone.held_out(small_tokenizer)]
     assert rows[2].counts == evaluate(federated, small_tokenizer, held_out)
     assert {row.counts.positions for row in rows} == {rows[2].counts.positions} and rows[2].counts.positions > 0
@@ -56,7 +67,7 @@ def test_every_row_is_scored_on_the_phones_held_out_messages_and_baselines_are_c
     assert len(list((tmp_path / "baselines").glob("*.safetensors"))) == 3
 
     table = markdown_table(rows).splitlines()
-    assert table[0] == "| model | top-1 recall | top-3 recall | perplexity |" and len(table) == 6
+    assert table[0] == "| model | top-1 recall | top-3 recall | perplexity |" and len(table) == 8
 
 
 def test_a_model_of_another_architecture_is_shown_beside_with_its_own_baselines(tmp_path: Path, small_tokenizer,
@@ -65,7 +76,7 @@ def test_a_model_of_another_architecture_is_shown_beside_with_its_own_baselines(
     cifg = build_model(small_model_config, seed=7)
     transformer = build_model(TransformerConfig(vocab_size=small_tokenizer.vocab_size, embedding_dim=8, layers=1,
                                                 heads=2, context=6), seed=7)
-    config = ComparisonConfig(tmp_path / "baselines", server_epochs=1, oracle_epochs=1)
+    config = ComparisonConfig(tmp_path / "baselines", server_epochs=1, oracle_epochs=1, personal_phones=0)
 
     rows = comparison_table(cifg, small_tokenizer, phones, SMALL_TEXT[:3], config, log=lambda _: None,
                             beside=[transformer])
@@ -77,6 +88,40 @@ def test_a_model_of_another_architecture_is_shown_beside_with_its_own_baselines(
     cached = [model_from_bytes(path.read_bytes())[0] for path in (tmp_path / "baselines").glob("*.safetensors")]
     assert sorted(type(model).__name__ for model in cached) == ["CIFGLSTM", "CIFGLSTM", "CausalTransformer",
                                                                "CausalTransformer"]
+
+
+
+def test_personal_models_are_scored_on_a_sample_each_on_its_own_phones_messages(tmp_path: Path, small_tokenizer,
+                                                                               small_model_config):
+    phones = make_phones(tmp_path / "phones")
+    federated = build_model(small_model_config, seed=7)
+    config = ComparisonConfig(tmp_path / "baselines", server_epochs=1, oracle_epochs=1, personal_phones=2,
+                              personal=PersonalConfig(epochs=1))
+    # The run's vocabulary is the corpus's and 2 discovered words.
+    rows = comparison_table(federated, small_tokenizer, phones, SMALL_TEXT[:3], config, log=lambda _: None,
+                            corpus_vocab_size=small_tokenizer.vocab_size - 2)
+
+    assert [row.model for row in rows[1:]] == [
+        "server CIFG (proxy)", "federated CIFG (vocabulary + 2 discovered words)", "centralised oracle (CIFG)",
+        "federated CIFG (vocabulary + 2 discovered words), same 2 phones",
+        "personalised CIFG, 2 phones (each on its own messages)"]
+    sample = personal_sample(phones, config)
+    assert len(sample) == 2 and sample == personal_sample(phones, config)  # drawn with a fixed seed
+    held_out = [m for phone in sample for m in phone.held_out(small_tokenizer)]
+    same_phones, personalised = rows[4].counts, rows[5].counts
+    pooled = evaluate(federated, small_tokenizer, held_out)  # scored phone by phone: the sums differ in float rounding
+    assert (same_phones.hits_at_1, same_phones.hits_at_3, same_phones.positions) == (
+        pooled.hits_at_1, pooled.hits_at_3, pooled.positions)
+    assert personalised.positions == same_phones.positions > 0
+    assert same_phones.positions < rows[2].counts.positions  # the sample's positions, not the fleet's
+    # Each phone's personal copy learns from its own training messages only, and reads its own held-out ones.
+    first = sample[0]
+    own = score_personalised(federated, small_tokenizer, small_tokenizer.encode_batch(first.messages()[0]),
+                             first.held_out(small_tokenizer), config.personal, seed=config.personal_seed)
+    assert own.shared == evaluate(federated, small_tokenizer, first.held_out(small_tokenizer))
+    assert own.personal.positions <= personalised.positions
+    assert comparison_table(federated, small_tokenizer, phones, SMALL_TEXT[:3], config, log=lambda _: None,
+                            corpus_vocab_size=small_tokenizer.vocab_size)[2].model == "federated CIFG"
 
 
 def test_the_cheap_rows_are_computed_once_and_a_damaged_cache_again(tmp_path: Path, small_tokenizer, monkeypatch):
