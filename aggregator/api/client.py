@@ -18,6 +18,7 @@ from aggregator.api.schemas import (
     SecAggState,
     StatusResponse,
     UploadResponse,
+    Vote,
 )
 from keyboard_model.errors import UserFacingError
 
@@ -88,9 +89,15 @@ class AggregatorClient:
         )
         return UploadResponse.model_validate(response.json())
 
+    def vote(self, round_number: int, upload_token: str, vote: Vote) -> UploadResponse:
+        response = self._request("POST", f"/rounds/{round_number}/votes", content=vote.model_dump_json(),
+                                 headers={**_bearer(upload_token), "Content-Type": "application/json"})
+        return UploadResponse.model_validate(response.json())
+
     def report_evaluation(self, round_number: int, upload_token: str, report: EvaluationReport) -> EvaluationResponse:
         response = self._request(
-            "POST", f"/rounds/{round_number}/evaluations", content=report.model_dump_json(),
+            # A phone without a personal model sends the three counts alone, not two nulls beside them.
+            "POST", f"/rounds/{round_number}/evaluations", content=report.model_dump_json(exclude_none=True),
             headers={"Authorization": f"Bearer {upload_token}", "Content-Type": "application/json"},
         )
         return EvaluationResponse.model_validate(response.json())
