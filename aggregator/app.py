@@ -66,7 +66,6 @@ def create_app(config: AggregatorConfig, attestation: EnrolmentAttestation | Non
     app.state.max_json_bytes = config.max_json_bytes
     app.state.rate_limits = RateLimits(config)
     app.state.attestation = attestation or TrustedNetworkOrSecret(config.trusted_networks, config.enrolment_secret)
-    app.state.tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
     # Starlette types a handler as taking any Exception; this one is registered for RequestValidationError only.
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     for module in (devices, models, rounds_routes, secagg, status):

@@ -147,6 +147,26 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                        help="canary clients to insert, 0 or at least 2; K more are held out (default: none)")
     audit.add_argument("--audit-every", type=positive_int, default=10, metavar="N",
                        help="estimate epsilon from the canaries after every N rounds (default: %(default)s)")
+    discovery = parser.add_argument_group(
+        "word discovery", "TrieHH (Zhu et al. 2020): discovery rounds in which phones vote on words the model does not "
+        "know; the words enough of them vote for join the vocabulary, with (epsilon, delta)-DP and no noise.")
+    discovery.add_argument("--discover-words", action="store_true",
+                           help="discover new words: the vocabulary grows by the words many phones type")
+    discovery.add_argument("--discover-every", type=positive_int, default=20, metavar="N",
+                           help="with --discover-words: a discovery after every N training rounds (default: "
+                                "%(default)s)")
+    discovery.add_argument("--discovery-epsilon", type=positive_float, default=8.0,
+                           help="epsilon one discovery spends; picks the threshold and sampling (default: %(default)s)")
+    discovery.add_argument("--discovery-delta", type=quantile, default=1e-6,
+                           help="delta one discovery spends (default: %(default)s)")
+    discovery.add_argument("--discovery-max-word-length", type=positive_int, default=12, metavar="L",
+                           help="characters of the longest word a discovery can find; it takes up to L + 1 rounds "
+                                "(default: %(default)s)")
+    discovery.add_argument("--discovery-theta", type=positive_int, default=None,
+                           help="votes a prefix needs to join the trie, instead of those the epsilon picks (with "
+                                "--discovery-sampling-rate)")
+    discovery.add_argument("--discovery-sampling-rate", type=fraction, default=None,
+                           help="share of the phones asked to vote each discovery round (with --discovery-theta)")
     admission = parser.add_argument_group(
         "admission", f"Credentials come from the environment, never the command line: {OPERATOR_TOKEN_ENV} (the "
                      f"operator's token, which PUT /clock needs) and {ENROLMENT_SECRET_ENV} (the secret devices "
@@ -201,6 +221,15 @@ def check_round_options(args: argparse.Namespace) -> None:
     if args.canary_clients == 1:
         raise UserFacingError("--canary-clients must be 0 or at least 2: one canary's score cannot be told from "
                               "the held-out ones' spread")
+    if args.discover_words:
+        clashes = {"--secure-aggregation": args.secure_aggregation, "--canary-clients": args.canary_clients,
+                   "--dp-mechanism ftrl": args.noise_multiplier is not None and args.dp_mechanism == "ftrl"}
+        for option, on in clashes.items():
+            if on:
+                raise UserFacingError(f"--discover-words does not go with {option} yet: discovery's votes are not "
+                                      "masked, and canary directions and DP-FTRL's noise keep the model's first shape")
+        if (args.discovery_theta is None) != (args.discovery_sampling_rate is None):
+            raise UserFacingError("give --discovery-theta and --discovery-sampling-rate together, or neither")
     if args.selection_window >= args.round_deadline:
         raise UserFacingError(f"--selection-window ({args.selection_window} s) must be shorter than --round-deadline "
                               f"({args.round_deadline} s)")
@@ -239,6 +268,12 @@ def round_settings(args: argparse.Namespace) -> dict:
         dp_rounds=args.dp_rounds,
         canary_clients=args.canary_clients,
         audit_every=args.audit_every,
+        discover_every=args.discover_every if args.discover_words else 0,
+        discovery_epsilon=args.discovery_epsilon,
+        discovery_delta=args.discovery_delta,
+        discovery_max_word_length=args.discovery_max_word_length,
+        discovery_theta=args.discovery_theta,
+        discovery_sampling_rate=args.discovery_sampling_rate,
         seed=args.seed,
         initial_model=args.init_model,
         keep_models=args.keep_models,

@@ -12,6 +12,7 @@ from aggregator.rules import DEFAULT_RULE, RULES
 from keyboard_model.architecture import ArchitectureConfig
 from keyboard_model.model import ModelConfig
 from keyboard_model.secagg import RING_WIDTHS
+from keyboard_model.triehh import TrieHHConfig, for_privacy
 from keyboard_model.weights import MODEL_ENCODINGS
 
 DP_MECHANISMS = tuple(MECHANISMS)
@@ -90,6 +91,18 @@ class AggregatorConfig:
     # and as many held out; 0 inserts none. Every `audit_every` rounds the aggregator estimates epsilon from them.
     canary_clients: int = 0
     audit_every: int = 10
+    # Word discovery (aggregator/discovery.py, TrieHH): after every `discover_every` training rounds, a discovery of
+    # up to `discovery_max_word_length` + 1 rounds adds the words many phones type to the vocabulary; 0: never.
+    discover_every: int = 0
+    # The (epsilon, delta) each discovery spends, from which TrieHH's threshold and sampling rate are chosen
+    # (keyboard_model/triehh.py `for_privacy`): at the default, a word is found once roughly 10 / 0.05 phones type it.
+    discovery_epsilon: float = 8.0
+    discovery_delta: float = 1e-6
+    discovery_max_word_length: int = 12
+    # Or the threshold and sampling rate themselves (both or neither); epsilon is then reported if the paper's
+    # accounting covers them.
+    discovery_theta: int | None = None
+    discovery_sampling_rate: float | None = None
     # How selected phones download the model: "int8" (a quarter of the bytes, `keyboard_model/int8.py`) or
     # "float32". The aggregator keeps and steps its model in float32 either way.
     download_encoding: str = "float32"
@@ -202,9 +215,36 @@ class AggregatorConfig:
                                  f"{error}") from error
         if min(self.enrolments_per_minute, self.checkins_per_minute, self.max_json_bytes) < 1:
             raise ValueError("enrolments_per_minute, checkins_per_minute and max_json_bytes must be at least 1")
+        if self.discover_every < 0:
+            raise ValueError(f"discover_every must be 0 (no discovery) or more, got {self.discover_every}")
+        if self.discover_every:
+            self._check_discovery()
         if self.keep_models < 0 or self.keep_every < 0:
             raise ValueError(f"keep_models and keep_every must be 0 or more, got {self.keep_models} and "
                              f"{self.keep_every}")
+
+    def _check_discovery(self) -> None:
+        """Discovery grows the model; what keeps per-weight state across rounds, or masks inputs of the model's
+        shape, does not follow yet."""
+        refused = {"secure_aggregation": "its votes would travel unmasked: TrieHH's votes are not summed by the "
+                                         "secure aggregation protocol yet",
+                   "canary_clients": "the canary clients' directions have the model's starting shape",
+                   "dp_ftrl": "DP-FTRL's correlated noise keeps a stream per weight, which does not grow yet"}
+        on = {"secure_aggregation": self.secure_aggregation, "canary_clients": bool(self.canary_clients),
+              "dp_ftrl": self.differential_privacy and self.dp_mechanism == "ftrl"}
+        for name, why in refused.items():
+            if on[name]:
+                raise ValueError(f"word discovery (discover_every) with {name}: {why}")
+        if (self.discovery_theta is None) != (self.discovery_sampling_rate is None):
+            raise ValueError("give discovery_theta and discovery_sampling_rate together, or neither")
+        self.discovery_trie  # noqa: B018 -- raises on values out of range
+
+    @property
+    def discovery_trie(self) -> TrieHHConfig:
+        """TrieHH's settings: the threshold and sampling rate given, or those that spend the discovery's (ε, δ)."""
+        if self.discovery_theta is not None and self.discovery_sampling_rate is not None:
+            return TrieHHConfig(self.discovery_theta, self.discovery_sampling_rate, self.discovery_max_word_length)
+        return for_privacy(self.discovery_epsilon, self.discovery_delta, self.discovery_max_word_length)
 
     @property
     def differential_privacy(self) -> bool:

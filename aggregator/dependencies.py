@@ -37,7 +37,8 @@ def get_config(request: Request) -> AggregatorConfig:
 
 
 def get_tokenizer_json(request: Request) -> str:
-    return request.app.state.tokenizer_json
+    """The current model's tokenizer: the one the aggregator started with until word discovery grows it."""
+    return request.app.state.rounds.tokenizer_json()
 
 
 def get_bearer_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:

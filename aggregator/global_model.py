@@ -5,6 +5,10 @@ read back from storage on every later one; a round that closes with a mean delta
 it with the server optimiser (`aggregator/strategies/`, a pure step), and the new model,
 the optimiser's state and the round's record are committed together. It moves on only
 once they are: a commit that fails leaves model and state as they were.
+
+Its vocabulary can grow (`grow_vocabulary`, with the words a discovery found, aggregator/discovery.py): the
+tokenizer, the weights and the optimiser's state get rows for the new words, committed with the new version, and
+every later version, on restart too, has the grown sizes and tokenizer.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from safetensors.torch import load as load_safetensors
 from aggregator.config import AggregatorConfig
 from aggregator.storage import Storage
 from aggregator.strategies import make_strategy
-from aggregator.strategies.averaged import served_weights
-from keyboard_model.architecture import build_model
+from aggregator.strategies.averaged import AVERAGE, served_weights
+from keyboard_model.architecture import ArchitectureConfig, build_model
 from keyboard_model.errors import UserFacingError
 from keyboard_model.norms import l2_norm
+from keyboard_model.tokenizer import KeyboardTokenizer
+from keyboard_model.vocabulary_growth import grow_config, grow_optimizer_state, grow_tokenizer, grow_weights
 from keyboard_model.weights import (
     Tensors,
     WeightsError,
@@ -42,7 +48,13 @@ class GlobalModel:
             latest = storage.latest_model()
             assert latest is not None  # just saved
         self.version, self.bytes = latest
-        self.shapes = parameter_shapes(build_model(config.model).state_dict())
+        # The vocabulary the latest version was committed with: a grown one if word discovery grew it, else the
+        # starting tokenizer's, read when first asked for (`tokenizer`).
+        grown = storage.tokenizer(self.version)
+        self._tokenizer = None if grown is None else (grown, KeyboardTokenizer.from_json(grown))
+        self.architecture = config.model if self._tokenizer is None else grow_config(
+            config.model, self._tokenizer[1].vocab_size - config.model.vocab_size)
+        self.shapes = parameter_shapes(build_model(self.architecture).state_dict())
         try:
             self.state, _ = read_tensors(self.bytes, self.shapes)
         except WeightsError as error:
@@ -56,6 +68,20 @@ class GlobalModel:
         # (version, bytes): made once per version, on first request
         self._int8: tuple[int, bytes] | None = None
         self._served: tuple[int, bytes] | None = None
+
+    @property
+    def tokenizer(self) -> KeyboardTokenizer:
+        return self._vocabulary()[1]
+
+    @property
+    def tokenizer_json(self) -> str:
+        return self._vocabulary()[0]
+
+    def _vocabulary(self) -> tuple[str, KeyboardTokenizer]:
+        if self._tokenizer is None:
+            text = self.config.tokenizer_path.read_text(encoding="utf-8")
+            self._tokenizer = (text, KeyboardTokenizer.from_json(text))
+        return self._tokenizer
 
     def initial_bytes(self) -> bytes:
         """Version 0, which the database always keeps."""
@@ -77,7 +103,7 @@ class GlobalModel:
         if encoding == "float32":
             return self.bytes
         if self._int8 is None or self._int8[0] != self.version:
-            self._int8 = (self.version, model_to_bytes(self.state, self.version, self.config.model, encoding))
+            self._int8 = (self.version, model_to_bytes(self.state, self.version, self.architecture, encoding))
         return self._int8[1]
 
     def served(self) -> bytes:
@@ -87,7 +113,7 @@ class GlobalModel:
             return self.bytes  # a database written with averaging on holds an average this run does not update
         if self._served is None or self._served[0] != self.version:
             weights = served_weights(self.state, self.optimizer_state)
-            served = self.bytes if weights is self.state else model_to_bytes(weights, self.version, self.config.model)
+            served = self.bytes if weights is self.state else model_to_bytes(weights, self.version, self.architecture)
             self._served = (self.version, served)
         return self._served[1]
 
@@ -111,8 +137,31 @@ class GlobalModel:
         state if any, the round's `record` (completed here with the new version and the step's norm) and its
         devices' `statuses` (`Storage.record_round`) together."""
         new_state, optimizer_state = self.strategy.apply(self.state, self.optimizer_state, mean_delta)
-        new_bytes = model_to_bytes(new_state, self.version + 1, self.config.model)
-        record.update(new_version=self.version + 1, update_norm=l2_norm(mean_delta))
-        self.storage.record_round(record, new_bytes, write_tensors(optimizer_state), noise_state, statuses)
-        self.version, self.bytes, self.state, self.optimizer_state = (self.version + 1, new_bytes, new_state,
+        record.update(update_norm=l2_norm(mean_delta))
+        self._commit(new_state, optimizer_state, record, noise_state, statuses)
+
+    def grow_vocabulary(self, words: list[str], record: dict, statuses: Mapping[str, str] | None = None) -> None:
+        """Add `words` to the vocabulary, as new tokens after every existing one, and commit the grown model, its
+        optimiser state and tokenizer as a new version with the round's `record` and its devices' `statuses`.
+        What the model knew is kept: old ids keep their rows (keyboard_model/vocabulary_growth.py)."""
+        tokenizer = grow_tokenizer(self.tokenizer, words)
+        state = grow_weights(self.state, len(words))
+        optimizer_state = grow_optimizer_state(self.optimizer_state, state, weight_copies=(AVERAGE,))
+        architecture = grow_config(self.architecture, len(words))
+        self._commit(state, optimizer_state, record, None, statuses, architecture, tokenizer)
+
+    def _commit(self, state: Tensors, optimizer_state: Tensors, record: dict, noise_state: bytes | None,
+                statuses: Mapping[str, str] | None, architecture: ArchitectureConfig | None = None,
+                tokenizer: KeyboardTokenizer | None = None) -> None:
+        """Commit `state` as the next version; the manager moves on to it only once it is stored."""
+        architecture = architecture or self.architecture
+        new_bytes = model_to_bytes(state, self.version + 1, architecture)
+        record.update(new_version=self.version + 1)
+        tokenizer_json = tokenizer.to_json() if tokenizer is not None else None
+        self.storage.record_round(record, new_bytes, write_tensors(optimizer_state), noise_state, statuses,
+                                  tokenizer_json)
+        self.version, self.bytes, self.state, self.optimizer_state = (self.version + 1, new_bytes, state,
                                                                       optimizer_state)
+        if tokenizer is not None and tokenizer_json is not None:
+            self._tokenizer, self.architecture = (tokenizer_json, tokenizer), architecture
+            self.shapes = parameter_shapes(state)

@@ -23,6 +23,7 @@ from aggregator.api.schemas import (
     SecAggState,
     StatusResponse,
     UploadResponse,
+    Vote,
 )
 from aggregator.config import AggregatorConfig
 from aggregator.refusals import UploadRefusedError
@@ -37,7 +38,6 @@ class InProcessClient:
         self.url = f"in-process aggregator ({config.db_path})"
         self._storage = open_storage(config.db_path, config.keep_models, config.keep_every)
         self._rounds = RoundManager(config, self._storage)
-        self._tokenizer_json = config.tokenizer_path.read_text(encoding="utf-8")
 
     def status(self, recent: int = 20) -> StatusResponse:
         # No timer thread here: deadlines are checked whenever the fleet looks.
@@ -66,11 +66,14 @@ class InProcessClient:
         return data
 
     def tokenizer_json(self) -> str:
-        return self._tokenizer_json
+        return self._rounds.tokenizer_json()
 
     def upload(self, round_number: int, upload_token: str, update: bytes) -> UploadResponse:
         _call(self._rounds.authorize, round_number, upload_token)
         return UploadResponse(**_call(self._rounds.submit, round_number, upload_token, update).__dict__)
+
+    def vote(self, round_number: int, upload_token: str, vote: Vote) -> UploadResponse:
+        return UploadResponse(**_call(self._rounds.submit_vote, round_number, upload_token, vote.prefix).__dict__)
 
     def report_evaluation(self, round_number: int, upload_token: str, report: EvaluationReport) -> EvaluationResponse:
         evaluations, duplicate = _call(self._rounds.submit_evaluation, round_number, upload_token, report)

@@ -81,6 +81,12 @@ class LocalAggregator:
             *(["--clip-count-stddev", str(c.clip_count_stddev)] if c.clip_count_stddev is not None else []),
             "--dp-rounds", str(c.dp_rounds), "--canary-clients", str(c.canary_clients),
             "--audit-every", str(c.audit_every),
+            *(["--discover-words", "--discover-every", str(c.discover_every)] if c.discover_every else []),
+            "--discovery-epsilon", str(c.discovery_epsilon), "--discovery-delta", str(c.discovery_delta),
+            "--discovery-max-word-length", str(c.discovery_max_word_length),
+            *(["--discovery-theta", str(c.discovery_theta)] if c.discovery_theta is not None else []),
+            *(["--discovery-sampling-rate", str(c.discovery_sampling_rate)]
+              if c.discovery_sampling_rate is not None else []),
             "--seed", str(c.seed), *(["--init-model", str(c.initial_model)] if c.initial_model else []),
             "--keep-models", str(c.keep_models), "--keep-every", str(c.keep_every),
             "--architecture", c.model.architecture,

@@ -17,6 +17,9 @@ The protocol of Bonawitz et al. 2019 ("Towards Federated Learning at Scale"):
   reported in one of the last `min_separation` released rounds is told to retry later;
   with adaptive clipping the clip norm follows a quantile of the update norms, from one
   bit per device (`aggregator/adaptive_clipping.py`);
+- with word discovery on, every `discover_every` training rounds a discovery's rounds run instead
+  (`aggregator/discovery.py`): their devices vote on words the model does not know, and the
+  last one grows the model's vocabulary by the words enough of them voted for;
 - with secure aggregation on, the selected devices also run the phases of
   `aggregator/secure_round.py`, and the server learns only the sum of their updates; a
   device the protocol proves to lie (a share or a dealing its commitments give away) is
@@ -43,7 +46,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aggregator.adaptive_clipping import ImpossibleSumError
 from aggregator.aggregation import Aggregation, PrivateMean, Release, SecureSum
@@ -51,6 +54,7 @@ from aggregator.api.schemas import EvaluationReport, SecAggState
 from aggregator.canary_clients import RECORDS_SEARCHED, make_canary_clients
 from aggregator.config import AggregatorConfig
 from aggregator.devices import Devices, token_hash
+from aggregator.discovery import BadVoteError, DiscoveryRound, DiscoveryTask, WordDiscovery
 from aggregator.global_model import GlobalModel
 from aggregator.mechanisms import make_mechanism
 from aggregator.pace import next_spread, retry_after_s
@@ -84,7 +88,7 @@ EXCLUDED_RETRY_S = 86_400.0
 
 @dataclass
 class CheckinDecision:
-    action: str  # "train" or "retry"
+    action: str  # "train", "vote" (a discovery round) or "retry"
     round: int
     model_version: int
     upload_token: str | None = None
@@ -95,6 +99,8 @@ class CheckinDecision:
     model_encoding: str = "float32"
     excluded: str | None = None
     evaluate: bool = False
+    discovery: DiscoveryTask | None = None  # a discovery round's question
+    vocab_size: int | None = None  # the current model's, so that a device knows when to fetch the new tokenizer
 
 
 @dataclass
@@ -114,6 +120,8 @@ class OpenRound:
     deadline: float
     selection: SelectionWindow
     aggregation: Aggregation
+    target: int  # devices to select
+    goal: int  # reports that close it
     device_by_token: dict[str, str] = field(default_factory=dict)
     token_by_device: dict[str, str] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
@@ -131,6 +139,7 @@ class OpenRound:
     # Devices that asked to train while the round was open: a device asks only when it is eligible.
     checked_in: set[str] = field(default_factory=set)
     failure: str | None = None
+    discovery: DiscoveryRound | None = None  # a discovery round's votes (None: a training round)
 
 
 # The latest audit's figures /status shows (aggregator/canary_clients.py).
@@ -161,6 +170,8 @@ class RoundManager:
         self.canaries = make_canary_clients(config, self.model, storage, population)
         self._population = population
         recent = storage.recent_rounds(RECENT_ROUNDS)
+        self.discovery = (WordDiscovery(config.discovery_trie, config.discover_every, recent[-1] if recent else None)
+                          if config.discover_every else None)
         self._recent_durations = collections.deque(
             (r["duration_s"] for r in recent if r["duration_s"] is not None), maxlen=RECENT_ROUNDS
         )
@@ -196,9 +207,14 @@ class RoundManager:
             aggregation = PrivateMean(self.model.shapes, self.privacy)
         else:
             aggregation = make_rule(self.config.aggregation_rule, self.model.shapes, self.config)
-        return OpenRound(number, self.model.version, time.time(), now, now + self.config.round_deadline_s,
-                         SelectionWindow(self.config.selection_window_s, now + self.config.selection_window_s),
-                         aggregation, secure=secure)
+        opened = OpenRound(number, self.model.version, time.time(), now, now + self.config.round_deadline_s,
+                           SelectionWindow(self.config.selection_window_s, now + self.config.selection_window_s),
+                           aggregation, self.selection_target, self.config.clients_per_round, secure=secure)
+        if self.discovery is not None and self.discovery.due:
+            # Exactly the accounting's sample, all of whose votes close the round: over-selecting would sample more.
+            opened.discovery, self.discovery.state = self.discovery.opened()
+            opened.target = opened.goal = self.discovery.sample_size(self._population())
+        return opened
 
     @property
     def max_upload_bytes(self) -> int:
@@ -208,6 +224,11 @@ class RoundManager:
     def current_model(self, encoding: str = "float32") -> tuple[int, bytes]:
         with self._lock:
             return self.model.version, self.model.encoded(encoding)
+
+    def tokenizer_json(self) -> str:
+        """The tokenizer of the current model (its vocabulary grows with discovered words)."""
+        with self._lock:
+            return self.model.tokenizer_json
 
     def served_model(self) -> tuple[int, bytes]:
         with self._lock:
@@ -223,40 +244,46 @@ class RoundManager:
 
     def checkin(self, device_id: str) -> CheckinDecision:
         with self._lock:
-            current = self.round
-            exclusion = self.devices.exclusion(device_id)
-            if exclusion is not None:
-                return CheckinDecision("retry", current.number, self.model.version, retry_after_s=EXCLUDED_RETRY_S,
-                                       excluded=exclusion)
-            current.checked_in.add(device_id)
-            done = device_id in current.reported or device_id in current.aborted
-            early = None if device_id in current.token_by_device else self._comebacks.early_by(device_id, self.clock())
-            if early is not None:  # polling faster than told makes no candidate (aggregator/selection.py)
-                return CheckinDecision("retry", current.number, self.model.version, retry_after_s=round(early, 3))
-            separation_wait = self._separation_wait(device_id) if device_id not in current.token_by_device else None
-            if separation_wait is not None:
-                return CheckinDecision("retry", current.number, self.model.version,
-                                       retry_after_s=round(separation_wait, 3))
-            if device_id not in current.token_by_device and not done and self._selecting():
-                current.selection.offer(device_id, self.clock())
-                self._draw()
-            token = current.token_by_device.get(device_id)
-            if token is not None and not done:
-                clip_norm = self.privacy.clip.norm if self.privacy is not None else None
-                return CheckinDecision("train", current.number, self.model.version, upload_token=token,
-                                       clip_norm=clip_norm, adaptive_clipping=self._adaptive_clipping,
-                                       secure_aggregation=current.secure is not None,
-                                       model_encoding=self.config.download_encoding,
-                                       evaluate=device_id in self._evaluators())
-            if device_id in current.selection.candidates:
-                # Come back once the draw it is a candidate in has been made.
-                wait = max(current.selection.ends - self.clock(), 0.0) + 0.001
-            else:
-                wait = retry_after_s(self.clock() - current.started, self._recent_durations,
-                                     self.config.retry_after_s, self._rng, self._spread_rounds)
-            if self.config.selection_window_s > 0:  # a window of 0 is first come, first served
-                self._comebacks.told(device_id, self.clock() + wait)
-            return CheckinDecision("retry", current.number, self.model.version, retry_after_s=round(wait, 3))
+            return replace(self._checkin(device_id), vocab_size=self.model.architecture.vocab_size)
+
+    def _checkin(self, device_id: str) -> CheckinDecision:
+        current = self.round
+        exclusion = self.devices.exclusion(device_id)
+        if exclusion is not None:
+            return CheckinDecision("retry", current.number, self.model.version, retry_after_s=EXCLUDED_RETRY_S,
+                                   excluded=exclusion)
+        current.checked_in.add(device_id)
+        done = device_id in current.reported or device_id in current.aborted
+        early = None if device_id in current.token_by_device else self._comebacks.early_by(device_id, self.clock())
+        if early is not None:  # polling faster than told makes no candidate (aggregator/selection.py)
+            return CheckinDecision("retry", current.number, self.model.version, retry_after_s=round(early, 3))
+        separation_wait = self._separation_wait(device_id) if device_id not in current.token_by_device else None
+        if separation_wait is not None:
+            return CheckinDecision("retry", current.number, self.model.version,
+                                   retry_after_s=round(separation_wait, 3))
+        if device_id not in current.token_by_device and not done and self._selecting():
+            current.selection.offer(device_id, self.clock())
+            self._draw()
+        token = current.token_by_device.get(device_id)
+        if token is not None and not done and current.discovery is not None:
+            return CheckinDecision("vote", current.number, self.model.version, upload_token=token,
+                                   discovery=current.discovery.task)
+        if token is not None and not done:
+            clip_norm = self.privacy.clip.norm if self.privacy is not None else None
+            return CheckinDecision("train", current.number, self.model.version, upload_token=token,
+                                   clip_norm=clip_norm, adaptive_clipping=self._adaptive_clipping,
+                                   secure_aggregation=current.secure is not None,
+                                   model_encoding=self.config.download_encoding,
+                                   evaluate=device_id in self._evaluators())
+        if device_id in current.selection.candidates:
+            # Come back once the draw it is a candidate in has been made.
+            wait = max(current.selection.ends - self.clock(), 0.0) + 0.001
+        else:
+            wait = retry_after_s(self.clock() - current.started, self._recent_durations,
+                                 self.config.retry_after_s, self._rng, self._spread_rounds)
+        if self.config.selection_window_s > 0:  # a window of 0 is first come, first served
+            self._comebacks.told(device_id, self.clock() + wait)
+        return CheckinDecision("retry", current.number, self.model.version, retry_after_s=round(wait, 3))
 
     def _evaluators(self) -> set[str]:
         """The open round's devices asked to score the model they download: federated evaluation runs on a share of
@@ -282,7 +309,7 @@ class RoundManager:
         # A secure round's cohort is fixed once full or at its selection deadline: no one joins after that.
         current = self.round
         open_cohort = current.secure is None or current.secure.cohort_open
-        return open_cohort and len(current.token_by_device) < self.selection_target
+        return open_cohort and len(current.token_by_device) < current.target
 
     def _draw(self) -> None:
         """Select, at random, among the candidates of a selection window that has closed (aggregator/selection.py)."""
@@ -292,13 +319,13 @@ class RoundManager:
         if not self._selecting():
             current.selection.candidates.clear()
             return
-        for device_id in current.selection.draw(self.selection_target - len(current.token_by_device), now, self._rng):
+        for device_id in current.selection.draw(current.target - len(current.token_by_device), now, self._rng):
             token = secrets.token_urlsafe(24)
             self.storage.record_selection(current.number, device_id, token_hash(token))
             current.token_by_device[device_id] = token
             current.device_by_token[token] = device_id
-            # A selected device downloads the model it is to train.
-            current.bytes_down += len(self.model.encoded(self.config.download_encoding))
+            if current.discovery is None:  # a selected device downloads the model it is to train
+                current.bytes_down += len(self.model.encoded(self.config.download_encoding))
 
     @property
     def _adaptive_clipping(self) -> bool:
@@ -323,6 +350,8 @@ class RoundManager:
             raise TooLargeError(f"an update may be at most {self.max_upload_bytes} bytes; this one has {len(data)}")
         with self._lock:
             device_id = self._authorize(round_number, token)
+            if self.round.discovery is not None:
+                raise RoundClosedError(f"round {round_number} is a discovery round: it takes votes, not updates")
             if device_id in self.round.reported:
                 return SubmitResult(round_number, len(self.round.reported), duplicate=True)
         if self.config.secure_aggregation:
@@ -343,6 +372,27 @@ class RoundManager:
             if closed:
                 self._close_round()
         return SubmitResult(round_number, reported, duplicate=False, round_closed=closed)
+
+    def submit_vote(self, round_number: int, token: str, prefix: str | None) -> SubmitResult:
+        """A selected device's vote in a discovery round (None: it has no word to vote for). The round closes when
+        every selected device has voted."""
+        with self._lock:
+            device_id = self._authorize(round_number, token)
+            current = self.round
+            if current.discovery is None:
+                raise RoundClosedError(f"round {round_number} trains the model: it takes updates, not votes")
+            if device_id in current.reported:
+                return SubmitResult(round_number, len(current.reported), duplicate=True)
+            try:
+                current.discovery.vote(device_id, prefix)
+            except BadVoteError as error:
+                raise BadUpdateError(str(error)) from None
+            current.reported.add(device_id)
+            current.aborted.discard(device_id)
+            closed = len(current.reported) >= current.goal
+            if closed:
+                self._close_round()
+            return SubmitResult(round_number, len(current.reported), duplicate=False, round_closed=closed)
 
     def _submit_masked(self, round_number: int, token: str, data: bytes) -> SubmitResult:
         """A secure round's upload: a masked input, added to the masked sum. Reaching the goal starts unmasking."""
@@ -486,7 +536,7 @@ class RoundManager:
         culprits = current.secure.culprits if current.secure is not None else {}
         summary = {
             "round": current.number, "started_at": current.started_at, "closed_at": time.time(),
-            "duration_s": duration, "goal": self.config.clients_per_round, "selected": selected,
+            "duration_s": duration, "goal": current.goal, "selected": selected,
             "reported": reported, "aborted": aborted, "dropped": selected - reported - aborted - late, "late": late,
             "examples": current.examples, "bytes_up": current.bytes_up, "bytes_down": current.bytes_down,
             "base_version": current.base_version, "new_version": None, "update_norm": None,
@@ -495,6 +545,8 @@ class RoundManager:
             **personal_record(current.personal_scores),
             "checked_in": len(current.checked_in), "clock_started_s": current.started,
             "excluded": culprits or None,
+            # Where discovery stands before this round, so that even a round recorded as failed keeps it.
+            **(self.discovery.state.record() if self.discovery is not None else {}),
         }
         try:
             self._commit(dict(summary))
@@ -510,12 +562,36 @@ class RoundManager:
                 logger.exception("recording round %d as failed failed too", current.number)
         finally:
             self._recent_durations.append(duration)
-            self._spread_rounds = next_spread(self._spread_rounds, len(current.checked_in), self.selection_target)
+            self._spread_rounds = next_spread(self._spread_rounds, len(current.checked_in), current.target)
             self.round = self._open_round(current.number + 1)
 
     def _commit(self, summary: dict) -> None:
-        """Commit the round: with the model and optimiser state its updates give, or as failed. The manager moves
-        on to the new model, state and privacy spent only once they are committed."""
+        """Commit the round; the manager moves on to what it made (model, optimiser state, privacy spent, where
+        discovery stands) only once that is committed."""
+        if self.discovery is None:
+            self._commit_training(summary)
+            return
+        if self.round.discovery is not None:
+            record, words, state = self.discovery.closed(self.round.discovery, self.model.tokenizer)
+            self._commit_discovery({**summary, **record}, words)
+        else:
+            record, state = self.discovery.trained()
+            self._commit_training({**summary, **record})
+        self.discovery.state = state
+
+    def _commit_discovery(self, record: dict, words: list[str]) -> None:
+        """A discovery round: the record of its votes' counts (never the votes), and, when it ends the discovery
+        with new words, the grown model and tokenizer."""
+        record["status"] = "closed"
+        if words:
+            self.model.grow_vocabulary(words, record, self._statuses())
+            logger.info("word discovery added %d words: the vocabulary has %d tokens", len(words),
+                        self.model.tokenizer.vocab_size)
+        else:
+            self.storage.record_round(record, None, None, statuses=self._statuses())
+
+    def _commit_training(self, summary: dict) -> None:
+        """Commit a training round: with the model and optimiser state its updates give, or as failed."""
         release = self._release()
         if release is None:
             summary.update(status="failed", failure=self.round.failure)
@@ -606,12 +682,16 @@ class RoundManager:
             return {
                 "round": self.round.number, "model_version": self.model.version,
                 "clock": "simulated" if self.config.simulated_clock else "wall",
-                "goal": self.config.clients_per_round, "selection_target": self.selection_target,
+                "goal": self.round.goal, "selection_target": self.round.target,
                 "selected": len(self.round.token_by_device), "reported": len(self.round.reported),
                 "aborted": len(self.round.aborted),
                 "deadline_in_s": max(0.0, self.round.deadline - self.clock()),
                 "differential_privacy": self.config.differential_privacy, "epsilon": self._epsilon,
                 "rho": self._rho, "clip_norm": self.privacy.clip.norm if self.privacy is not None else None,
                 "canary_clients": self.config.canary_clients, **self._last_audit,
+                "round_kind": "training" if self.round.discovery is None else "discovery",
+                "vocab_size": self.model.architecture.vocab_size,
+                **(self.discovery.spent(self.discovery.state) if self.discovery is not None else {}),
+                "words_discovered": self.discovery.state.words_added if self.discovery is not None else None,
             }
 

@@ -103,6 +103,9 @@ class SqliteStorage:
         # DP-FTRL's noise state (aggregator/ftrl.py) after the newest model version: one row, replaced in the
         # transaction that commits each new version.
         self._table("noise_state", {"id": int, "version": int, "state": bytes}, pk="id")
+        # The tokenizer of every model version whose vocabulary grew (aggregator/discovery.py): a version's tokenizer
+        # is the newest one at or before it, or the one the aggregator was started with if there is none.
+        self._table("tokenizers", {"version": int, "tokenizer": str}, pk="version")
 
     def _table(self, name: str, columns: dict[str, type], pk: str | tuple[str, ...]) -> None:
         """Create a table, or add the columns a database made by an older version lacks."""
@@ -138,12 +141,15 @@ class SqliteStorage:
         return (rows[0]["version"], rows[0]["state"]) if rows else None
 
     def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None,
-                     noise_state: bytes | None = None, statuses: Mapping[str, str] | None = None) -> None:
-        """Store a finished round, the model, optimiser state and noise state it produced if it succeeded, and the
-        new status of its devices that reported or aborted, atomically. The devices the round proved to lie,
-        `summary["excluded"]`, are kept in its row as JSON (`excluded_devices`)."""
+                     noise_state: bytes | None = None, statuses: Mapping[str, str] | None = None,
+                     tokenizer: str | None = None) -> None:
+        """Store a finished round, the model, optimiser state, noise state and (if its vocabulary grew) tokenizer it
+        produced if it succeeded, and the new status of its devices that reported or aborted, atomically. The
+        devices the round proved to lie, `summary["excluded"]`, are kept in its row as JSON (`excluded_devices`)."""
         with self._transaction():
             now = time.time()
+            if tokenizer is not None:
+                self.db["tokenizers"].insert({"version": summary["new_version"], "tokenizer": tokenizer})
             for device_id, status in (statuses or {}).items():
                 self.db["selections"].update((summary["round"], device_id), {"status": status, "ts": now})
             if noise_state is not None:
@@ -167,6 +173,13 @@ class SqliteStorage:
         every = "" if not self._keep_every else f" and version % {self._keep_every} != 0"
         self._connection.execute(f"delete from models where version > 0 and version <= ?{every}",
                                  [new_version - self._keep_models])
+
+    def tokenizer(self, version: int) -> str | None:
+        """The tokenizer of model `version`: the newest stored at or before it, or None (the starting one)."""
+        with self._lock:
+            rows = list(self.db.query("select tokenizer from tokenizers where version <= ? order by version desc "
+                                      "limit 1", [version]))
+        return rows[0]["tokenizer"] if rows else None
 
     def enrol_device(self, device_id: str, token_sha256: str) -> None:
         with self._transaction():

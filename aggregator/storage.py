@@ -32,11 +32,17 @@ class Storage(Protocol):
         """(model version, DP-FTRL noise state committed with that version), or None."""
 
     def record_round(self, summary: dict, new_weights: bytes | None, optimizer_state: bytes | None,
-                     noise_state: bytes | None = None, statuses: Mapping[str, str] | None = None) -> None:
-        """A finished round, with the model, optimiser state and DP-FTRL noise state it produced if it succeeded,
-        and the new status of its selected devices that reported or aborted (device id -> status), atomically; in
-        the same transaction, the model versions no longer kept are deleted. `summary["excluded"]`, if any, maps the
+                     noise_state: bytes | None = None, statuses: Mapping[str, str] | None = None,
+                     tokenizer: str | None = None) -> None:
+        """A finished round, with the model, optimiser state, DP-FTRL noise state and (when the round grew the
+        vocabulary) tokenizer it produced if it succeeded, and the new status of its selected devices that reported
+        or aborted (device id -> status), atomically; in the same transaction, the model versions no longer kept are
+        deleted. `summary["excluded"]`, if any, maps the
         devices the round proved to lie to how: from then on `excluded_devices` holds them."""
+
+    def tokenizer(self, version: int) -> str | None:
+        """The tokenizer JSON of model `version` (the newest committed at or before it), or None while the
+        vocabulary is the one the aggregator was started with."""
 
     def enrol_device(self, device_id: str, token_sha256: str) -> None: ...
 

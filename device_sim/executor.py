@@ -47,6 +47,9 @@ class SerialExecutor:
             future.set_exception(error)
         return future
 
+    def use_tokenizer(self, tokenizer: KeyboardTokenizer) -> None:
+        self.tokenizer = tokenizer
+
     def close(self) -> None:
         """Nothing is ever queued."""
 
@@ -77,6 +80,9 @@ class LocalProcessPool:
             future = self._executor.submit(_run_from_file, self._tokenizer_json, path, job.without_model())
         future.add_done_callback(lambda _: self._models.release(path))
         return future
+
+    def use_tokenizer(self, tokenizer: KeyboardTokenizer) -> None:
+        self._tokenizer_json = tokenizer.to_json()  # each job takes the one of its submission
 
     def close(self) -> None:
         """Stop now: drop the phones still queued and end the ones training, whose work nobody will read.

@@ -34,6 +34,10 @@ class TrainingExecutor(Protocol):
     def submit(self, job: TrainingJob) -> Future[tuple[LocalWork, float]]:
         """A future of (the phone's LocalWork, wall seconds it spent on it)."""
 
+    def use_tokenizer(self, tokenizer: KeyboardTokenizer) -> None:
+        """Jobs submitted from now on train with this tokenizer: the vocabulary grew (aggregator/discovery.py). Jobs
+        submitted before keep the one their model was made for."""
+
     def close(self) -> None:
         """Stop now: work still queued or running is dropped."""
 

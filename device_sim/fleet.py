@@ -10,6 +10,9 @@ and due (pace steering told them when to come back) check in. The selected ones:
   send those counts and their update in the order they would finish; those after the
   round closed are late. A phone whose local training diverged sends neither and aborts
   (device_sim/phone.py).
+In a discovery round (aggregator/discovery.py) a selected phone votes at once, from its own
+history (device_sim/word_votes.py), and trains nothing; when a discovery grows the vocabulary, the
+fleet takes the aggregator's new tokenizer before the next round, and so do its executor's phones.
 In a round with secure aggregation, a selected phone first sends its keys and, once the
 cohort is fixed, its sealed shares; it trains when the round starts collecting masked
 inputs, signs the survivor set when collection closes, and reveals its shares when
@@ -62,6 +65,7 @@ from device_sim.history import split_held_out
 from device_sim.participation import SECURE_STEPS, Participant
 from device_sim.phone import Phone
 from device_sim.session import Clipping, LocalWork
+from device_sim.word_votes import cast_vote
 from device_sim.worker import TrainingJob
 from keyboard_model.architecture import NextWordModel
 from keyboard_model.errors import UserFacingError
@@ -187,7 +191,7 @@ class Participation:
     phone_id: str
     round: int  # the round it was selected for
     # "reported", "late", "refused" (the aggregator refused the update), "aborted", "diverged" (training blew up; it
-    # aborted) or "vanished"
+    # aborted), "vanished", or "voted" (a discovery round's)
     outcome: str
     # Simulated ticks: when it was selected, and when it uploaded or aborted (or vanished).
     selected_tick: int
@@ -379,12 +383,19 @@ class Fleet:
         training, so the workers train while the others check in). Returns how many were selected, and those that
         vanished."""
         self._rng.shuffle(due)
-        selected, vanished = 0, []
+        selected, vanished, voters = 0, [], []
         tick_minutes = self.config.eligibility.tick_minutes
         for phone in due:
             self._feed()  # a worker that finished meanwhile takes the next phone
             with self._timed("check-ins"):
                 decision = phone.check_in(self.client)
+            if decision.vocab_size is not None and decision.vocab_size != self.tokenizer.vocab_size:
+                self.use_tokenizer(KeyboardTokenizer.from_json(self.client.tokenizer_json()))
+            if decision.action == "vote":
+                voters.append(self._vote(phone, decision))
+                if self.client.status(recent=0).round != decision.round:
+                    break  # the last vote closed the round: the others check in at the next tick, in the next round
+                continue
             if decision.action != "train":
                 wait_ticks = math.ceil(decision.retry_after_s / 60.0 / tick_minutes)
                 self._due_tick[phone.phone_id] = self.clock.tick + max(1, wait_ticks)
@@ -402,7 +413,23 @@ class Fleet:
                                                                self.clock.tick, seed, vanish_at)
             selected += 1
             self._take_next_step(drawn, vanished)
-        return selected, vanished
+        return selected, vanished + voters
+
+    def _vote(self, phone: Phone, decision: CheckinResponse) -> Participation:
+        """A phone selected for a discovery round votes at once, from the messages it has typed by now; it comes back
+        at the next tick, for the next round."""
+        assert decision.discovery is not None and decision.upload_token is not None  # a vote's check-in has both
+        with self._timed("uploads"):  # a vote is its upload
+            ballot = cast_vote(phone.messages(self.now_s)[0], self.tokenizer, decision.discovery,
+                               self._rng.randrange(2**31))
+            self.client.vote(decision.round, decision.upload_token, ballot)
+        self._due_tick[phone.phone_id] = self.clock.tick + 1
+        return Participation(phone.phone_id, decision.round, "voted", self.clock.tick, self.clock.tick)
+
+    def use_tokenizer(self, tokenizer: KeyboardTokenizer) -> None:
+        """The model's vocabulary grew: phones vote and train with this tokenizer from now on."""
+        self.tokenizer = tokenizer
+        self.executor.use_tokenizer(tokenizer)
 
     def _advance(self) -> list[Participation]:
         """Let the selected phones take the steps their rounds now allow. Returns the ones that vanished."""

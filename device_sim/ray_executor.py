@@ -117,6 +117,9 @@ class RayExecutor:
         future.add_done_callback(lambda _: self._running.pop(task, None))
         return future
 
+    def use_tokenizer(self, tokenizer: KeyboardTokenizer) -> None:
+        self._tokenizer_json = ray.put(tokenizer.to_json())  # each task takes the one of its submission
+
     def phones_by_node(self) -> dict[str, list[Path]]:
         """Each node's id and the phone folders on it, as the nodes themselves list them."""
         return dict(ray.get([store.phones.remote() for store in self._stores.values()]))

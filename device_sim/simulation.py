@@ -128,8 +128,13 @@ def run_simulation(
     eval_messages = [m for phone in eval_sample for m in phone.held_out(tokenizer)]
 
     def save_current_model(score: bool) -> tuple[int, EvalCounts | None]:
+        nonlocal tokenizer, eval_messages
         data = client.served_model()
         model, version = model_from_bytes(data)
+        if model.config.vocab_size != tokenizer.vocab_size:  # a discovery grew the vocabulary
+            tokenizer = KeyboardTokenizer.from_json(client.tokenizer_json())
+            eval_messages = [m for phone in eval_sample for m in phone.held_out(tokenizer)]
+            write_atomically(config.out_dir / "tokenizer.json", tokenizer.to_json().encode("utf-8"))
         write_atomically(config.out_dir / "model.safetensors", data)
         return version, evaluate(model, tokenizer, eval_messages) if score else None
 
@@ -312,6 +317,10 @@ PRIVACY_SPENT = ("epsilon", "dp_delta", "rho")
 # The aggregator's empirical privacy audit (canary clients), on the rounds it audited: null on the others.
 AUDIT = ("audit_canaries_taking_part", "audit_canaries", "audit_epsilon", "audit_epsilon_low", "audit_epsilon_high",
          "audit_epsilon_lower_bound", "audit_delta", "audit_score_in", "audit_score_out")
+# Word discovery (aggregator/discovery.py): the round's kind and, in a discovery round, how many voted and what it
+# added (counts, never words); null without discovery.
+DISCOVERY = ("round_kind", "discovery_depth", "discovery_votes", "discovery_prefixes_added", "words_discovered",
+             "words_discovered_total", "discovery_epsilon", "discovery_delta")
 # Federated evaluation of personal models (--personal), from the phones that scored theirs beside the global model in
 # a plain round: null where none did.
 PERSONAL = ("personal_helped", "personal_hurt", "personal_median_gain", "personal_recall_at_1",
@@ -358,7 +367,7 @@ def _round_line(
         # Differential privacy: the norm the round clipped to and, adapting it, the noisy fraction within it; and
         # the canary clients' audit of the round's model.
         **{name: getattr(server_view, name) if server_view else None
-           for name in (*PRIVACY_SPENT, "dp_clip_norm", "dp_fraction_within", *AUDIT)},
+           for name in (*PRIVACY_SPENT, "dp_clip_norm", "dp_fraction_within", *AUDIT, *DISCOVERY)},
         "examples": sum(p.result.num_examples for p in report.participants if p.result) if report else 0,
         "train_loss": report.train_loss if report else None,
         "local_learning_rate": learning_rate,

@@ -277,7 +277,8 @@ class VectorisedCohort:
     def __init__(self, tokenizer: KeyboardTokenizer, device: str = "cpu", phones_per_pass: int | None = None,
                  eval_messages: int = EVAL_MESSAGES) -> None:
         check_device(device)
-        self.tokenizer = tokenizer
+        # By vocabulary size: a job queued before the vocabulary grew trains its model with the tokenizer made for it.
+        self._tokenizers = {tokenizer.vocab_size: tokenizer}
         self.device = device
         self.phones_per_pass = phones_per_pass
         self.eval_messages = eval_messages
@@ -289,6 +290,9 @@ class VectorisedCohort:
         future = _Queued(self)
         self._queue.append((job, future))
         return future
+
+    def use_tokenizer(self, tokenizer: KeyboardTokenizer) -> None:
+        self._tokenizers[tokenizer.vocab_size] = tokenizer
 
     def run_queued(self) -> None:
         """Train every queued phone: those that downloaded the same model with the same settings together."""
@@ -309,6 +313,7 @@ class VectorisedCohort:
         # One downloaded model serves every phone of the group: training works on stacked copies, and the mods
         # only score it, so none of them changes it.
         model, version = model_from_bytes(model_bytes)
+        tokenizer = self._tokenizers[model.config.vocab_size]
         inputs: list[tuple[TrainingJob, _Queued, RoundInput]] = []
         for job, future in group:
             try:
@@ -317,9 +322,9 @@ class VectorisedCohort:
                 future.set_exception(error)
                 continue
             inputs.append((job, future,
-                           RoundInput(model, version, self.tokenizer, train_texts, held_out, config, job.seed)))
+                           RoundInput(model, version, tokenizer, train_texts, held_out, config, job.seed)))
         started = time.perf_counter()
-        trained = train_cohort(model, [(self.tokenizer.encode_batch(given.train_texts), job.seed)
+        trained = train_cohort(model, [(tokenizer.encode_batch(given.train_texts), job.seed)
                                        for job, _, given in inputs], config, self.device, self.phones_per_pass)
         pass_s = time.perf_counter() - started
         all_steps = sum(t.steps for t in trained) or 1

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -115,8 +116,10 @@ def test_eval_table_compares_the_run_with_baselines_trained_on_the_same_corpus(t
 
     assert table.returncode == 0, table.stderr
     rows = [line.split(" | ") for line in table.stdout.splitlines() if line.startswith("| ")][2:]
-    assert [row[0] for row in rows] == ["| n-gram (KN trigram, proxy)", "| server CIFG (proxy)", "| federated CIFG",
-                                        "| centralised oracle (CIFG)"]
+    labels = [re.sub(r"\d+ phones", "N phones", row[0]) for row in rows]
+    assert labels == ["| n-gram (KN trigram, proxy)", "| server CIFG (proxy)", "| federated CIFG",
+                      "| centralised oracle (CIFG)", "| federated CIFG, same N phones",
+                      "| personalised CIFG, N phones (each on its own messages)"]
     assert rows[2][1] == f"{100 * json.loads(scored.stdout)['recall_at_1']:.2f}%"
     assert len(list((out / "baselines").glob("*.safetensors"))) == 2
     saved = json.loads((out / "table.json").read_text(), parse_constant=_refuse)
@@ -449,6 +452,9 @@ def test_a_child_aggregator_is_started_with_every_setting_of_its_config(tmp_path
         checkins_per_minute=4, seed=9, keep_models=2, keep_every=6,
     )
     plain = dict(aggregation_rule="median")  # robust rules are for plain rounds only
+    # Discovery does not go with secure aggregation, canary clients or DP-FTRL.
+    discovering = dict(discover_every=3, discovery_epsilon=5.0, discovery_delta=1e-5, discovery_max_word_length=9,
+                       discovery_theta=6, discovery_sampling_rate=0.1)
     # Not on the command line: the listener is handed over, credentials go in the environment, and these are fixed.
     elsewhere = {"db_path", "tokenizer_path", "host", "port", "operator_token", "enrolment_secret", "retry_after_s",
                  "max_json_bytes", "initial_model"}
@@ -456,7 +462,7 @@ def test_a_child_aggregator_is_started_with_every_setting_of_its_config(tmp_path
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     tested = set()
-    for changed in (private, plain):
+    for changed in (private, plain, discovering):
         config = local_aggregator_config(tmp_path, small_tokenizer_path, **changed)
         tested |= {name for name in changed if getattr(config, name) != getattr(defaults, name)}
         child_process = LocalAggregator(config)  # never started: only its command is read

@@ -18,6 +18,7 @@ from aggregator.api.schemas import (
     SecAggState,
     StatusResponse,
     UploadResponse,
+    Vote,
 )
 
 # Credentials travel in the environment, never on a command line, which every user of the machine can read: the
@@ -49,6 +50,9 @@ class Aggregator(Protocol):
     def tokenizer_json(self) -> str: ...
 
     def upload(self, round_number: int, upload_token: str, update: bytes) -> UploadResponse: ...
+
+    def vote(self, round_number: int, upload_token: str, vote: Vote) -> UploadResponse:
+        """A discovery round's answer (aggregator/discovery.py)."""
 
     def report_evaluation(self, round_number: int, upload_token: str,
                           report: EvaluationReport) -> EvaluationResponse: ...

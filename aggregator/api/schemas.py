@@ -40,11 +40,23 @@ class EnrolmentResponse(BaseModel):
     )
 
 
+class DiscoveryQuestion(BaseModel):
+    """A discovery round's question (aggregator/discovery.py): one vote, of `depth` characters, extending one of
+    `frontier` (the trie's prefixes of depth - 1 characters; none in the first round)."""
+
+    model_config = ConfigDict(from_attributes=True)
+    depth: int
+    frontier: list[str]
+    max_word_length: int = Field(description="Words longer than this cannot be found in this discovery: vote on "
+                                             "others.")
+
+
 class CheckinResponse(BaseModel):
-    action: Literal["train", "retry"]
+    action: Literal["train", "vote", "retry"]
     round: int
     model_version: int
-    upload_token: str | None = Field(None, description="Present when action is 'train'; authorises one upload.")
+    upload_token: str | None = Field(None, description="Present when action is 'train' or 'vote'; authorises one "
+                                                       "upload, or one vote.")
     retry_after_s: float | None = Field(
         None, description="Present when action is 'retry': seconds to wait, spread by the server (pace steering)."
     )
@@ -70,6 +82,21 @@ class CheckinResponse(BaseModel):
                           "counts (federated evaluation runs on a share of each round's devices). A device not asked "
                           "reports none; in a secure round it puts zero counts in its masked input."
     )
+    vocab_size: int | None = Field(
+        None, description="Tokens in the current model's vocabulary: when it differs from the device's tokenizer's, "
+                          "word discovery grew it, and the device fetches GET /tokenizer before it votes or trains.")
+    discovery: DiscoveryQuestion | None = Field(
+        None, description="Present when action is 'vote': the discovery round's question, answered with POST "
+                          "/rounds/{round}/votes."
+    )
+
+
+class Vote(BaseModel):
+    """A discovery round's answer: the first `depth` characters of one of the device's own words that the model
+    does not know (ending with '$' when the word ends there), extending a prefix of the question; or null."""
+
+    model_config = ConfigDict(extra="forbid")
+    prefix: str | None = Field(max_length=64)
 
 
 class UploadResponse(BaseModel):
@@ -112,7 +139,6 @@ class EvaluationReport(BaseModel):
                 self.personal_hits_at_1 <= self.personal_hits_at_3 <= self.positions):
             raise ValueError("the counts must satisfy personal_hits_at_1 <= personal_hits_at_3 <= positions")
         return self
-
 
 
 class EvaluationResponse(BaseModel):
@@ -218,6 +244,19 @@ class RoundSummary(BaseModel):
     clock_started_s: float | None = Field(
         None, description="When the round opened on the aggregator's clock (simulated seconds with a simulated clock)."
     )
+    round_kind: Literal["training", "discovery"] | None = Field(
+        None, description="With word discovery on: whether the round trained the model or voted on new words.")
+    discovery_depth: int | None = Field(None, description="A discovery round: the characters of its votes.")
+    discovery_votes: int | None = Field(None, description="A discovery round: the votes cast (not what they were).")
+    discovery_prefixes_added: int | None = Field(
+        None, description="A discovery round: the prefixes that reached the threshold and joined the trie.")
+    words_discovered: int | None = Field(
+        None, description="A discovery round that ended a discovery: the words it added to the vocabulary.")
+    words_discovered_total: int | None = Field(None, description="Words discovery has added so far.")
+    discovery_epsilon: float | None = Field(
+        None, description="Epsilon the discoveries started so far spend, composed by addition (None outside "
+                          "TrieHH's accounting).")
+    discovery_delta: float | None = None
 
     # The quality metrics: the model this round started from (base_version), scored by federated evaluation.
     @computed_field
@@ -242,7 +281,6 @@ class RoundSummary(BaseModel):
         return self.personal_hits_at_3 / self.personal_positions if self.personal_positions else None
 
 
-
 class StatusResponse(BaseModel):
     round: int = Field(description="The round now open.")
     clock: Literal["wall", "simulated"] = Field(description="What the round's deadline and durations are measured on.")
@@ -260,6 +298,14 @@ class StatusResponse(BaseModel):
     rho: float | None = Field(None, description="DP-FTRL: rho-zCDP spent so far.")
     clip_norm: float | None = Field(None, description="Differential privacy: the clip norm the open round asks for.")
     canary_clients: int = Field(0, description="Canary clients the aggregator inserts for its privacy audit (0: none).")
+    round_kind: Literal["training", "discovery"] = Field(
+        "training", description="Whether the open round trains the model or votes on new words.")
+    vocab_size: int | None = Field(None, description="Tokens in the current model's vocabulary; it grows with "
+                                                     "discovered words, and GET /tokenizer follows.")
+    words_discovered: int | None = Field(None, description="With word discovery on: the words it has added so far.")
+    discovery_epsilon: float | None = Field(None, description="With word discovery on: the epsilon its discoveries "
+                                                              "spend, composed by addition.")
+    discovery_delta: float | None = None
     audit_epsilon: float | None = Field(
         None, description="Canary clients on: the latest audit's empirical epsilon (an estimate for that attack).")
     audit_epsilon_low: float | None = Field(None, description="Its 95% bootstrap interval's low end.")

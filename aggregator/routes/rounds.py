@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from aggregator.api.schemas import AbortResponse, EvaluationReport, EvaluationResponse, UploadResponse
+from aggregator.api.schemas import AbortResponse, EvaluationReport, EvaluationResponse, UploadResponse, Vote
 from aggregator.dependencies import PathInteger, get_rounds, get_upload_token
 from aggregator.request_body import documented, json_body, read_limited
 from aggregator.rounds import RoundManager
@@ -57,6 +57,20 @@ async def report_evaluation(
     """Federated evaluation: how the model this device downloaded scored on its own held-out messages."""
     evaluations, duplicate = await call_manager(rounds.submit_evaluation, round_number, token, report)
     return EvaluationResponse(round=round_number, evaluations=evaluations, duplicate=duplicate)
+
+
+@router.post(
+    "/rounds/{round_number}/votes", response_model=UploadResponse, operation_id="vote",
+    openapi_extra=documented(Vote),
+    responses=refusals(status_401=UNAUTHORIZED, status_409=CLOSED, status_413=TOO_LARGE,
+                       status_422="Not a vote this round asked for, or malformed"),
+)
+async def vote(
+    round_number: PathInteger, token: str = Depends(get_upload_token),
+    body: Vote = Depends(json_body(Vote)), rounds: RoundManager = Depends(get_rounds),
+) -> UploadResponse:
+    """Word discovery: this device's one vote in a discovery round (its upload token from check-in)."""
+    return UploadResponse(**(await call_manager(rounds.submit_vote, round_number, token, body.prefix)).__dict__)
 
 
 @router.post(

@@ -1,0 +1,134 @@
+"""Word discovery (aggregator/discovery.py, device_sim/word_votes.py): discovery rounds through the round manager
+and the simulated fleet, the vocabulary's growth, and the votes a round refuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from aggregator.api.client import AggregatorRefusedError
+from aggregator.api.schemas import Vote
+from aggregator.inprocess import InProcessClient
+from aggregator.process import local_aggregator_config
+from device_sim.fleet import Fleet, typing_times
+from device_sim.phone import Phone
+from keyboard_model.evaluate import evaluate
+from keyboard_model.suggest import Suggester
+from keyboard_model.tokenizer import KeyboardTokenizer
+from keyboard_model.weights import model_from_bytes
+from tests.conftest import SMALL_TEXT
+from tests.helpers import fleet_config
+
+NEW_WORD = "zorblat"  # typed by every phone but one
+ONE_PHONE_WORD = "quixotry"  # typed by that one phone only, far more often than anyone types anything
+
+
+def discovery_phones(folder, count):
+    phones = []
+    for n in range(count):
+        # Typed throughout the day the histories span, so that a phone has typed its own word by any round.
+        own = f"a {ONE_PHONE_WORD} day" if n == 0 else f"the {NEW_WORD}"
+        texts = [text for t in range(12) for text in (SMALL_TEXT[(n + t) % len(SMALL_TEXT)], own)]
+        phones.append(Phone.create(f"phone-{n:05d}", folder / f"phone-{n:05d}", typing_times(texts, 1.0)))
+    return phones
+
+
+def discovery_client(folder, tokenizer_path, model_config, **changes):
+    settings = dict(model=model_config, clients_per_round=5, simulated_clock=True, round_deadline_s=3600.0,
+                    population=40, discover_every=2, discovery_theta=4, discovery_sampling_rate=0.2,
+                    discovery_max_word_length=10, selection_window_s=0.0) | changes
+    return InProcessClient(local_aggregator_config(folder, tokenizer_path, **settings))
+
+
+def test_a_word_many_phones_type_is_discovered_and_then_suggested_and_one_phones_word_never_is(
+        tmp_path, small_tokenizer_path, small_model_config):
+    client = discovery_client(tmp_path, small_tokenizer_path, small_model_config)
+    phones = discovery_phones(tmp_path / "phones", 40)
+    fleet = Fleet(phones, fleet_config(tmp_path / "phones", vanish_probability=0.0, update_compression="none"),
+                  client)
+    old_tokenizer = KeyboardTokenizer.from_json(client.tokenizer_json())
+    held_out = [m for phone in phones for m in phone.held_out(old_tokenizer)]
+    try:
+        kinds, before_growth = [], None
+        while len(kinds) < 30 and client.status().words_discovered == 0:
+            if client.status().round_kind == "discovery" and before_growth is None:
+                before_growth = model_from_bytes(client.model())[0]
+            report = fleet.run_round()
+            kinds.append(client.status(recent=1).recent_rounds[-1].round_kind)
+            own = [p.outcome for p in report.participations if p.round == report.round]
+            assert own and all(outcome == "voted" for outcome in own) == (kinds[-1] == "discovery"), own
+        grown_tokenizer = KeyboardTokenizer.from_json(client.tokenizer_json())
+        grown = model_from_bytes(client.model())[0]
+        for _ in range(12):
+            fleet.run_round()
+        trained = model_from_bytes(client.model())[0]
+    finally:
+        fleet.close()
+
+    assert kinds[:2] == ["training", "training"] and "discovery" in kinds
+    assert NEW_WORD in grown_tokenizer.token_to_id, kinds
+    assert ONE_PHONE_WORD not in grown_tokenizer.token_to_id
+    # Old words keep their ids, and the grown model scores old positions as the model before it did.
+    assert all(grown_tokenizer.token_to_id[token] == i for token, i in old_tokenizer.token_to_id.items())
+    assert grown.config.vocab_size == grown_tokenizer.vocab_size == old_tokenizer.vocab_size + 1
+    assert before_growth is not None
+    old = evaluate(before_growth, old_tokenizer, held_out)
+    kept = evaluate(grown, grown_tokenizer, held_out)
+    assert abs(kept.recall_at_1 - old.recall_at_1) <= 0.02 and abs(kept.recall_at_3 - old.recall_at_3) <= 0.02
+    # Before training reaches it, the new word is suggested nowhere; after a few rounds, where the phones type it.
+    assert NEW_WORD not in Suggester(grown, grown_tokenizer).suggest("the ")
+    assert NEW_WORD in Suggester(trained, grown_tokenizer).suggest("the ")
+    # What the records say: counts, never the words.
+    rounds = client.status(recent=40).recent_rounds
+    discovery = [r for r in rounds if r.round_kind == "discovery"]
+    assert sum(r.words_discovered or 0 for r in discovery) == 1 and rounds[-1].words_discovered_total == 1
+    assert all(r.discovery_votes is not None and r.discovery_votes <= 8 for r in discovery)
+    assert NEW_WORD not in client.status(recent=40).model_dump_json()
+
+
+def test_a_restarted_aggregator_serves_the_grown_vocabulary_and_resumes_a_discovery(
+        tmp_path, small_tokenizer_path, small_model_config):
+    from aggregator.global_model import GlobalModel
+    from aggregator.storage import open_storage
+
+    config = local_aggregator_config(tmp_path, small_tokenizer_path, model=small_model_config)
+    storage = open_storage(config.db_path)
+    model = GlobalModel(config, storage)
+    model.grow_vocabulary([NEW_WORD], {"round": 1, "closed_at": 0.0, "status": "closed",
+                                       "discovery_trie": '["z", "zo"]', "discovery_next_depth": 3})
+    storage.close()
+    client = discovery_client(tmp_path, small_tokenizer_path, small_model_config)
+    assert NEW_WORD in KeyboardTokenizer.from_json(client.tokenizer_json()).token_to_id
+    assert model_from_bytes(client.model())[0].config.vocab_size == model.tokenizer.vocab_size
+    status = client.status(recent=0)
+    assert status.round_kind == "discovery" and status.vocab_size == model.tokenizer.vocab_size
+
+
+def vote_checkin(client, devices):
+    """Enrol devices until one is selected for the open (discovery) round: its check-in."""
+    for _ in range(devices):
+        token = client.enrol().device_token
+        decision = client.checkin(token)
+        if decision.action == "vote":
+            return decision
+    raise AssertionError("no device was asked to vote")
+
+
+def test_a_discovery_round_refuses_votes_no_honest_phone_could_cast_and_counts_one_per_phone(
+        tmp_path, small_tokenizer_path, small_model_config):
+    client = discovery_client(tmp_path, small_tokenizer_path, small_model_config, discover_every=1,
+                              discovery_sampling_rate=0.1)
+    # A trie under way: its second round asks for two characters extending "z".
+    client._rounds.discovery.state = client._rounds.discovery.state.__class__(1, 1, 0, (frozenset({"z"}), 2))
+    client._rounds.round = client._rounds._open_round(client._rounds.round.number)
+    decision = vote_checkin(client, 3)
+    assert decision.discovery.depth == 2 and decision.discovery.frontier == ["z"]
+    for bad in ("zoo", "qo", "$", "z"):
+        with pytest.raises(AggregatorRefusedError) as refused:
+            client.vote(decision.round, decision.upload_token, Vote(prefix=bad))
+        assert refused.value.status_code == 422, bad
+    with pytest.raises(AggregatorRefusedError) as refused:
+        client.upload(decision.round, decision.upload_token, b"not a vote")
+    assert refused.value.status_code == 409
+    first = client.vote(decision.round, decision.upload_token, Vote(prefix="zo"))
+    again = client.vote(decision.round, decision.upload_token, Vote(prefix="zo"))
+    assert not first.duplicate and again.duplicate and again.reported == 1
