@@ -235,6 +235,16 @@ def test_audit(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_new_words(tiny_run, monkeypatch, capsys):
+    # The tiny run stands in for both runs: the smoke test checks what is printed, not what discovery finds.
+    out = run_benchmark("new_words", [str(tiny_run), "--discovered", str(tiny_run), "--epsilons", "8",
+                                      "--k", "2", "--repeats", "1"], monkeypatch, capsys)
+    assert_prints(out, r"12 phones; unknown words typed by at least k phones: k=2: {n}",
+                  r" 8\.00 +{n} +10 +{n} +{n} +{n} +{n} +0\n", r"<unk> share",
+                  r" +{n} +{n}% +{n}% +{n}%\n")
+
+
+@pytest.mark.slow
 def test_personal(tiny_run, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="fedkb simulate"):
         run_benchmark("personal", [], monkeypatch, capsys)
