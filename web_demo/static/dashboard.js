@@ -151,6 +151,17 @@ function draw(status, run) {
   const audited = series("audit_epsilon").some((value) => value != null);
   privacy.hidden = !status.differential_privacy && !audited;
   if (!privacy.hidden) drawPrivacy(line, audited);
+  // Word discovery's rounds: how many voted and how many words joined the vocabulary; the aggregator records counts
+  // only, never a vote or a word.
+  const words = document.getElementById("words-figure");
+  words.hidden = !rounds.some((r) => r.round_kind === "discovery");
+  if (!words.hidden) {
+    Plotly.react("chart-words", [
+      bar("votes", series("discovery_votes"), "#81c995"),
+      bar("words discovered", series("words_discovered"), "#188038"),
+    ], layout("Word discovery by round (counts, never the words)", "votes / words", { barmode: "group" }),
+    PLOT_CONFIG);
+  }
 }
 
 // The canary clients' audits (every few rounds): the empirical ε with its interval, and the lower bound, beside
@@ -231,7 +242,10 @@ function describeProgress(status, run) {
   const audit = status.audit_epsilon == null ? "" : ` Empirical ε (canary clients): ` +
     `${status.audit_epsilon.toPrecision(3)} (${status.audit_epsilon_low.toPrecision(3)}–` +
     `${status.audit_epsilon_high.toPrecision(3)}).`;
-  const privacy = (status.epsilon === null ? "" : ` ε spent: ${status.epsilon.toPrecision(3)}${zcdp}.`) + audit;
+  const discovery = status.words_discovered == null ? "" : ` Words discovered: ${status.words_discovered}` +
+    (status.discovery_epsilon == null ? "." : ` (discovery's ε: ${status.discovery_epsilon.toPrecision(3)}).`);
+  const privacy = (status.epsilon === null ? "" : ` ε spent: ${status.epsilon.toPrecision(3)}${zcdp}.`) + audit +
+    discovery;
   if (!run.finished) return open + privacy;
   const final = run.rounds[run.rounds.length - 1];
   const ran = final?.round ?? last?.round ?? 0;
