@@ -118,7 +118,8 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phones", type=positive_int, default=None,
                         help="phones to provision (default: one per corpus user)")
     parser.add_argument("--rounds", type=positive_int, default=10,
-                        help="federated rounds to run (default: %(default)s)")
+                        help="federated training rounds to run; --discover-words's rounds come on top (default: "
+                             "%(default)s)")
     parser.add_argument("--time-budget", type=positive_float, default=None,
                         help="seconds of rounds, counted from the first round (after provisioning): no round starts "
                              "after them, and the final scoring follows")

@@ -45,7 +45,7 @@ from keyboard_model.weights import model_from_bytes
 @dataclass(frozen=True)
 class SimulationConfig:
     out_dir: Path
-    rounds: int = 10
+    rounds: int = 10  # training rounds: a word discovery's rounds come on top
     fleet: FleetConfig | None = None
     # Stop after this many seconds even if rounds remain (None: run all rounds).
     time_budget_s: float | None = None
@@ -152,11 +152,13 @@ def run_simulation(
         # The budget is the rounds': provisioning and scoring round 0 come before it.
         budget_started = time.monotonic()
         final_audit = None
+        # `rounds` counts training rounds: a word discovery's rounds (aggregator/discovery.py) come on top.
+        trained = 0
         with _progress_bar(config, show_progress) as progress:
-            for index in range(config.rounds):
+            while trained < config.rounds:
                 elapsed = time.monotonic() - budget_started
                 round_started = time.monotonic()
-                fraction_done = elapsed / config.time_budget_s if config.time_budget_s else index / config.rounds
+                fraction_done = elapsed / config.time_budget_s if config.time_budget_s else trained / config.rounds
                 learning_rate = config.learning_rate(fraction_done) or fleet.config.train.learning_rate
                 report = fleet.run_round(learning_rate)
                 if report.count("diverged"):
@@ -167,10 +169,12 @@ def run_simulation(
                                    "update(s) (over --max-update-norm, or malformed); the phones' part in the round "
                                    "ended there")
                 rounds_completed += 1
+                kind = next(r.round_kind for r in client.status(recent=5).recent_rounds if r.round == report.round)
+                trained += kind != "discovery"
                 # Decided once, here: the last round's model is audited before its line is written.
                 over_budget = (config.time_budget_s is not None
                                and time.monotonic() - budget_started > config.time_budget_s)
-                last = index == config.rounds - 1 or over_budget
+                last = trained == config.rounds or over_budget
                 version, counts = save_current_model(score=rounds_completed % config.eval_every == 0 or last)
                 if last:
                     final_audit = _audit_last_model(client, progress)
@@ -189,7 +193,7 @@ def run_simulation(
                     round=report.round, participants=len(report.participants), loss=_shown(line["train_loss"]),
                     top1=_shown(top1),
                 )
-                done = index + 1 if config.time_budget_s is None else min(time.monotonic() - budget_started,
+                done = trained if config.time_budget_s is None else min(time.monotonic() - budget_started,
                                                                            config.time_budget_s)
                 progress.update(done - progress.n)
                 if over_budget:

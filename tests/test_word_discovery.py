@@ -3,6 +3,8 @@ and the simulated fleet, the vocabulary's growth, and the votes a round refuses.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from aggregator.api.client import AggregatorRefusedError
@@ -16,7 +18,7 @@ from keyboard_model.suggest import Suggester
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.weights import model_from_bytes
 from tests.conftest import SMALL_TEXT
-from tests.helpers import fleet_config
+from tests.helpers import fedkb, fleet_config
 
 NEW_WORD = "zorblat"  # typed by every phone but one
 ONE_PHONE_WORD = "quixotry"  # typed by that one phone only, far more often than anyone types anything
@@ -39,6 +41,7 @@ def discovery_client(folder, tokenizer_path, model_config, **changes):
     return InProcessClient(local_aggregator_config(folder, tokenizer_path, **settings))
 
 
+@pytest.mark.slow
 def test_a_word_many_phones_type_is_discovered_and_then_suggested_and_one_phones_word_never_is(
         tmp_path, small_tokenizer_path, small_model_config):
     client = discovery_client(tmp_path, small_tokenizer_path, small_model_config)
@@ -132,3 +135,29 @@ def test_a_discovery_round_refuses_votes_no_honest_phone_could_cast_and_counts_o
     first = client.vote(decision.round, decision.upload_token, Vote(prefix="zo"))
     again = client.vote(decision.round, decision.upload_token, Vote(prefix="zo"))
     assert not first.duplicate and again.duplicate and again.reported == 1
+
+
+@pytest.mark.slow
+def test_fedkb_simulate_discover_words_grows_the_runs_tokenizer_and_counts_training_rounds(tmp_path):
+    """The main job's path: discovery rounds on top of --rounds training rounds, the run folder's tokenizer grown with
+    the model it is served with, and the summary scored with it. θ = 1 so that a few phones find words for sure."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(
+        json.dumps({"user": f"user-{u}", "text": f"{SMALL_TEXT[(u + n) % len(SMALL_TEXT)]} the {NEW_WORD}", "ts": n})
+        + "\n" for u in range(6) for n in range(10)))
+    (tmp_path / "proxy.txt").write_text("\n".join(SMALL_TEXT) + "\n")
+    out = tmp_path / "run"
+    result = fedkb("simulate", "--corpus", str(corpus), "--proxy-text", str(tmp_path / "proxy.txt"),
+                   "--data-dir", str(tmp_path / "data"), "--min-messages", "5", "--embedding-dim", "8",
+                   "--hidden-dim", "16", "--clients-per-round", "2", "--rounds", "3", "--in-process", "--no-progress",
+                   "--discover-words", "--discover-every", "1", "--discovery-theta", "1",
+                   "--discovery-sampling-rate", "0.5", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    kinds = [line["round_kind"] for line in lines]
+    assert kinds.count("training") == 3 and kinds.count("discovery") >= 1, kinds
+    tokenizer = KeyboardTokenizer.from_file(out / "tokenizer.json")
+    model = model_from_bytes((out / "model.safetensors").read_bytes())[0]
+    assert NEW_WORD in tokenizer.token_to_id and model.config.vocab_size == tokenizer.vocab_size
+    assert lines[-1]["words_discovered_total"] >= 1
+    assert json.loads((out / "summary.json").read_text())["final"]["recall_at_1"] >= 0
