@@ -4,10 +4,11 @@ and the simulated fleet, the vocabulary's growth, and the votes a round refuses.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from aggregator.api.client import AggregatorRefusedError
+from aggregator.api.client import AggregatorClient, AggregatorRefusedError
 from aggregator.api.schemas import Vote
 from aggregator.inprocess import InProcessClient
 from aggregator.process import local_aggregator_config
@@ -161,3 +162,26 @@ def test_fedkb_simulate_discover_words_grows_the_runs_tokenizer_and_counts_train
     assert NEW_WORD in tokenizer.token_to_id and model.config.vocab_size == tokenizer.vocab_size
     assert lines[-1]["words_discovered_total"] >= 1
     assert json.loads((out / "summary.json").read_text())["final"]["recall_at_1"] >= 0
+
+
+@pytest.mark.slow
+def test_the_browser_phone_votes_in_a_discovery_round(tmp_path, start_aggregator, small_tokenizer_path,
+                                                       small_model_config):
+    """"This browser is a phone" takes part in discovery rounds as every phone does, through the real service."""
+    from web_demo.browser_phone import BrowserPhone, NewMessage, PhoneSettings
+
+    # A first round no phone reports to fails at its deadline; the discovery round comes after it.
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, round_deadline_s=1.0, population=1, clients_per_round=1,
+                                  discover_every=1, discovery_theta=1, discovery_sampling_rate=1.0)
+    phone = BrowserPhone(tmp_path / "browser-phone", aggregator.url, check_in_s=1.0)
+    phone.configure(PhoneSettings(enabled=True, charging=True, idle=True, wifi=True))
+    for _ in range(6):
+        phone.add_message(NewMessage(text=f"the {NEW_WORD} is here"))
+    client = AggregatorClient(aggregator.url)
+    deadline = time.monotonic() + 20
+    while client.status(recent=0).round_kind != "discovery" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    phone._step()
+    voted = client.status(recent=1).recent_rounds[-1]
+    assert voted.round_kind == "discovery" and voted.discovery_votes == 1 and voted.discovery_prefixes_added == 1
+    assert phone.state().activity.startswith(f"voted in word discovery round {voted.round}: the start (1 letters) of a word")

@@ -7,8 +7,9 @@ conditions. While the switch is on and the phone is eligible, a worker thread ch
 with the aggregator like a simulated phone and, when selected, takes the same steps as
 every phone (device_sim/participation.py), in plain and in secure rounds: it trains on
 that history and sends what any phone sends (device_sim/phone.py), the model update
-and three evaluation counts, masked together in a secure round. The history itself
-never leaves this machine. Nor does the phone's personal model, which the page may suggest
+and three evaluation counts, masked together in a secure round; in a word discovery round,
+one vote, as every phone (device_sim/word_votes.py). The history itself never leaves
+this machine. Nor does the phone's personal model, which the page may suggest
 from: the global model fine-tuned on this history, in this process's memory (web_demo/personal_model.py).
 
 The switch and the conditions are kept in `phone.json` beside the history, so a
@@ -33,6 +34,7 @@ from device_sim.participation import Participant
 from device_sim.phone import Phone
 from device_sim.secure_aggregation import SecAggPhone
 from device_sim.session import Clipping, LocalWork
+from device_sim.word_votes import cast_vote
 from keyboard_model.files import write_atomically
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.train import LocalTrainConfig
@@ -189,6 +191,8 @@ class BrowserPhone:
                        "aside to score the model)")
             return self.check_in_s
         decision = self.phone.check_in(self._client)
+        if decision.action == "vote":
+            return self._vote(decision)
         if decision.action != "train":
             self._note(f"eligible; the aggregator said to come back in {decision.retry_after_s:.0f} s")
             return max(decision.retry_after_s or 0.0, 1.0)
@@ -210,6 +214,18 @@ class BrowserPhone:
                        "nothing was sent")
         elif outcome is None:
             self._note(f"{kind} {decision.round} went on without this phone")
+        return self.check_in_s
+
+    def _vote(self, decision: CheckinResponse) -> float:
+        """A discovery round: one prefix of a word of this person's history that the model does not know, or none,
+        as every phone votes (device_sim/word_votes.py)."""
+        assert decision.discovery is not None and decision.upload_token is not None  # a vote's check-in has both
+        tokenizer = KeyboardTokenizer.from_json(self._client.tokenizer_json())
+        ballot = cast_vote(self.phone.messages()[0], tokenizer, decision.discovery, seed=time.time_ns() % 2**31)
+        self._client.vote(decision.round, decision.upload_token, ballot)
+        self._note(f"voted in word discovery round {decision.round}: " + (
+            f"the start ({decision.discovery.depth} letters) of a word the model does not know" if ballot.prefix
+            else "no vote, no word of this history extends what the round asked about"))
         return self.check_in_s
 
     def _train(self, decision: CheckinResponse, secure: tuple[SecAggPhone, SecAggState] | None) -> LocalWork:
