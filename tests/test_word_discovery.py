@@ -171,8 +171,8 @@ def test_the_browser_phone_votes_in_a_discovery_round(tmp_path, start_aggregator
     from web_demo.browser_phone import BrowserPhone, NewMessage, PhoneSettings
 
     # A first round no phone reports to fails at its deadline; the discovery round comes after it.
-    aggregator = start_aggregator(small_tokenizer_path, small_model_config, round_deadline_s=1.0, population=1, clients_per_round=1,
-                                  discover_every=1, discovery_theta=1, discovery_sampling_rate=1.0)
+    aggregator = start_aggregator(small_tokenizer_path, small_model_config, round_deadline_s=1.0, population=1,
+                                  clients_per_round=1, discover_every=1, discovery_theta=1, discovery_sampling_rate=1.0)
     phone = BrowserPhone(tmp_path / "browser-phone", aggregator.url, check_in_s=1.0)
     phone.configure(PhoneSettings(enabled=True, charging=True, idle=True, wifi=True))
     for _ in range(6):
@@ -184,4 +184,4 @@ def test_the_browser_phone_votes_in_a_discovery_round(tmp_path, start_aggregator
     phone._step()
     voted = client.status(recent=1).recent_rounds[-1]
     assert voted.round_kind == "discovery" and voted.discovery_votes == 1 and voted.discovery_prefixes_added == 1
-    assert phone.state().activity.startswith(f"voted in word discovery round {voted.round}: the start (1 letters) of a word")
+    assert phone.state().activity.startswith(f"voted in word discovery round {voted.round}: the start (1 letters)")
