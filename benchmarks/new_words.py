@@ -13,9 +13,10 @@ Part 2, with --discovered RUN2 (a run with `--discover-words`), the keyboard on 
 run with its own tokenizer: the share of next-word positions whose word the vocabulary lacks (<unk>, always a miss),
 top-1 and top-3 recall on all positions, and the words RUN2's discoveries added.
 
-    .venv/bin/python -m fedkb simulate --in-process --no-progress --rounds 100 --out RUN
-    .venv/bin/python -m fedkb simulate --in-process --no-progress --rounds 100 --discover-words --out RUN2
-    .venv/bin/python benchmarks/new_words.py RUN --discovered RUN2 [--epsilons 4 8 16 32] [--k 10 50]
+    .venv/bin/python -m fedkb simulate --in-process --no-progress --rounds 40 --out RUN
+    .venv/bin/python -m fedkb simulate --in-process --no-progress --rounds 40 --discover-words --discover-every 10 \
+        --discovery-theta 4 --discovery-sampling-rate 0.2 --out RUN2
+    .venv/bin/python benchmarks/new_words.py RUN --discovered RUN2 [--epsilons 4 8 16 32] [--theta-rates 4:0.2]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from device_sim.phone import Phone
 from device_sim.word_votes import unknown_words
 from keyboard_model.evaluate import MAX_SCORED_TOKENS, evaluate
 from keyboard_model.tokenizer import UNK_ID, KeyboardTokenizer
-from keyboard_model.triehh import discover, discovered, for_privacy, privacy
+from keyboard_model.triehh import TrieHHConfig, discover, discovered, for_privacy, privacy
 from keyboard_model.weights import model_from_bytes
 
 
@@ -44,8 +45,8 @@ def typed_by_at_least(words: dict[str, list[str]], k: int) -> set[str]:
     return {word for word, count in phones_typing.items() if count >= k}
 
 
-def discovery_table(words: dict[str, list[str]], epsilons: list[float], delta: float, max_length: int,
-                    ks: list[int], repeats: int) -> list[str]:
+def discovery_table(words: dict[str, list[str]], configs: list[TrieHHConfig], ks: list[int],
+                    repeats: int) -> list[str]:
     phones_typing = Counter(word for typed in words.values() for word in set(typed))
     truths = {k: typed_by_at_least(words, k) for k in ks}
     lines = [f"{len(words)} phones; unknown words typed by at least k phones: "
@@ -53,8 +54,7 @@ def discovery_table(words: dict[str, list[str]], epsilons: list[float], delta: f
     header = (f"{'epsilon':>8} {'delta':>9} {'theta':>6} {'rate':>7} {'found':>6} "
               + " ".join(f"{f'prec k={k}':>10} {f'rec k={k}':>9}" for k in ks) + f" {'< theta phones':>15}")
     lines.append(header)
-    for epsilon in epsilons:
-        config = for_privacy(epsilon, delta, max_length)
+    for config in configs:
         spent = privacy(config)
         runs = [discovered(discover(words, config, seed)) for seed in range(repeats)]
         found = statistics.mean(len(run) for run in runs)
@@ -81,6 +81,14 @@ def keyboard_scores(run: Path, phones: list[Phone]) -> tuple[float, float, float
     return unknown / counts.positions, counts.recall_at_1, counts.recall_at_3, tokenizer.vocab_size
 
 
+def theta_rate(spec: str) -> tuple[int, float]:
+    try:
+        theta, rate = spec.split(":")
+        return int(theta), float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not THETA:RATE, e.g. 4:0.2") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a finished run folder (fedkb simulate --out RUN)")
@@ -88,6 +96,8 @@ def main() -> None:
                         help="a finished run of the same fleet with --discover-words, to compare with RUN")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[4.0, 8.0, 16.0, 32.0])
     parser.add_argument("--delta", type=float, default=1e-6)
+    parser.add_argument("--theta-rates", type=theta_rate, nargs="*", default=[], metavar="THETA:RATE",
+                        help="threshold and sampling rate pairs to replay besides the epsilons' (e.g. 4:0.2)")
     parser.add_argument("--max-word-length", type=int, default=12)
     parser.add_argument("--k", type=int, nargs="+", default=[10, 50], help="truth: words typed by at least k phones")
     parser.add_argument("--repeats", type=int, default=5, help="discoveries replayed per epsilon, one seed each")
@@ -98,7 +108,9 @@ def main() -> None:
     words = phones_words(phones, tokenizer, args.max_word_length)
     print(f"\nDiscovery over the phones of {args.run} (words up to {args.max_word_length} characters, "
           f"{args.repeats} seeds each):")
-    print("\n".join(discovery_table(words, args.epsilons, args.delta, args.max_word_length, args.k, args.repeats)))
+    configs = [for_privacy(epsilon, args.delta, args.max_word_length) for epsilon in args.epsilons]
+    configs += [TrieHHConfig(theta, rate, args.max_word_length) for theta, rate in args.theta_rates]
+    print("\n".join(discovery_table(words, configs, args.k, args.repeats)))
     if args.discovered is None:
         return
     print(f"\nThe keyboard on every phone's held-out messages ({len(phones)} phones):")
