@@ -49,9 +49,10 @@ class DiscoveryRound:
         """Record a selected phone's one vote, refusing one that does not extend the frontier by one character."""
         if prefix is not None:
             depth = self.task.depth
-            if len(prefix) != depth or END in prefix[:-1] or (depth == 1 and prefix == END):
-                raise BadVoteError(f"a vote in this round is {depth} characters, the last may be {END!r}: "
-                                   f"got {len(prefix)}")
+            letters = prefix.removesuffix(END)
+            if len(prefix) != depth or not letters.isalpha() or letters != letters.lower():
+                raise BadVoteError(f"a vote in this round is {depth} characters, lower-case letters of which the last "
+                                   f"may be {END!r}: got {len(prefix)}")
             if depth > 1 and prefix[:-1] not in self.trie:
                 raise BadVoteError("the vote does not extend a prefix this round asked about")
         self.votes[device_id] = prefix

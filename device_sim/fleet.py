@@ -55,6 +55,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from aggregator.api.client import AggregatorRefusedError
 from aggregator.api.protocol import Aggregator
 from aggregator.api.schemas import CheckinResponse
 from device_sim.corpus import PreparedCorpus
@@ -422,9 +423,15 @@ class Fleet:
         with self._timed("uploads"):  # a vote is its upload
             ballot = cast_vote(phone.messages(self.now_s)[0], self.tokenizer, decision.discovery,
                                self._rng.randrange(2**31))
-            self.client.vote(decision.round, decision.upload_token, ballot)
+            try:
+                self.client.vote(decision.round, decision.upload_token, ballot)
+                outcome = "voted"
+            except AggregatorRefusedError as refused:
+                if refused.status_code != 409:  # an honest phone's vote is refused only when the round has closed
+                    raise
+                outcome = "late"
         self._due_tick[phone.phone_id] = self.clock.tick + 1
-        return Participation(phone.phone_id, decision.round, "voted", self.clock.tick, self.clock.tick)
+        return Participation(phone.phone_id, decision.round, outcome, self.clock.tick, self.clock.tick)
 
     def use_tokenizer(self, tokenizer: KeyboardTokenizer) -> None:
         """The model's vocabulary grew: phones vote and train with this tokenizer from now on."""

@@ -126,7 +126,7 @@ def test_a_discovery_round_refuses_votes_no_honest_phone_could_cast_and_counts_o
     client._rounds.round = client._rounds._open_round(client._rounds.round.number)
     decision = vote_checkin(client, 3)
     assert decision.discovery.depth == 2 and decision.discovery.frontier == ["z"]
-    for bad in ("zoo", "qo", "$", "z"):
+    for bad in ("zoo", "qo", "$", "z", "z1", "zO", "z "):
         with pytest.raises(AggregatorRefusedError) as refused:
             client.vote(decision.round, decision.upload_token, Vote(prefix=bad))
         assert refused.value.status_code == 422, bad
