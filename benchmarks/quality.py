@@ -102,9 +102,11 @@ def main() -> None:
 
     print(f"\nfederated model: version {version} of {args.federated_run}\n")
     print(markdown_table([*rows, *int8_rows]))
-    # rows are n-gram, then server, federated and oracle for each federated model.
+    # rows are the n-gram's, then the same rows for each federated model: server, federated, oracle and, on a sample
+    # of phones, federated and personalised.
+    per_model = (len(rows) - 1) // len(on_phone)
     print(f"\non the phone: latency over the same {on_phone[0].latency.keystrokes:,} held-out keystrokes, one thread\n")
-    print(on_phone_table(rows[2::3], on_phone))
+    print(on_phone_table(rows[2::per_model], on_phone))
     ngram, server, fed, oracle = (r.counts.recall_at_1 for r in rows[:4])
     print(f"\nfederated / n-gram top-1: {fed / ngram:.3f} (target >= 1.2); federated > server: {fed > server}; "
           f"federated / oracle: {fed / oracle:.3f} (target >= 0.95)")
