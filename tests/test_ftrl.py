@@ -164,7 +164,7 @@ def test_restarting_keeps_the_noise_stream_and_the_separation(tmp_path, small_to
 def test_dp_ftrl_reports_the_same_epsilon_in_service_mode_and_in_process(tmp_path: Path, shakespeare):
     common = ["simulate", "--phones", "12", "--clients-per-round", "3", "--rounds", "3", "--no-progress",
               "--hidden-dim", "16", "--embedding-dim", "8", "--seed", "5", "--noise-multiplier", "0.5",
-              "--dp-mechanism", "ftrl", "--min-separation", "2", "--dp-rounds", "10"]
+              "--dp-mechanism", "ftrl", "--min-separation", "2", "--dp-rounds", "4"]
     lines = {}
     for mode, extra in (("service", []), ("in-process", ["--in-process"])):
         result = fedkb(*common, "--out", str(tmp_path / mode), *extra)
