@@ -28,7 +28,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from starlette.testclient import TestClient
 
 from aggregator.api.client import AggregatorClient
-from aggregator.api.schemas import Vote
+from aggregator.api.schemas import EvaluationReport, Vote
 from aggregator.config import AggregatorConfig
 from aggregator.process import LocalAggregator, free_port, local_aggregator_config
 from device_sim.fleet import Fleet
@@ -566,6 +566,31 @@ def test_the_dashboard_shows_word_discovery_by_round_in_counts_only(tmp_path: Pa
         assert bars["votes"][decision.round] == 1 and bars["words discovered"][decision.round] == 0
         summary = browser.find_element(By.ID, "summary").text
         assert "Words discovered: 0" in summary and "q" not in summary.split("Words discovered")[1]
+
+
+@pytest.mark.browser
+def test_the_dashboard_shows_how_personal_models_did_against_the_global_one(tmp_path: Path,
+                                                                            tokenizer: KeyboardTokenizer) -> None:
+    config = small_aggregator_config(tmp_path, tokenizer, eval_share=1.0, max_update_norm=1_000.0)
+    with LocalAggregator(config) as aggregator, DemoServer(aggregator.url) as demo, \
+            chromium(tmp_path / "chromium-profile") as browser:
+        client = AggregatorClient(aggregator.url)
+        decision = client.checkin(client.enrol().device_token)
+        assert decision.action == "train" and decision.evaluate
+        client.report_evaluation(decision.round, decision.upload_token, EvaluationReport(
+            model_version=0, positions=40, hits_at_1=4, hits_at_3=9, personal_hits_at_1=6, personal_hits_at_3=11))
+        shapes = parameter_shapes(model_from_bytes(client.model())[0].state_dict())
+        client.upload(decision.round, decision.upload_token,
+                      update_bytes({name: torch.zeros(shape) for name, shape in shapes.items()}, 5))
+        browser.get(f"{demo.url}/dashboard")
+        traces = WebDriverWait(browser, 20).until(lambda b: b.execute_script(
+            "const chart = document.getElementById('chart-personal');"
+            "return chart.offsetParent !== null && chart.data ? chart.data.map(t => ({name: t.name, x: t.x, y: t.y}))"
+            " : null;"))
+        shown = by_name(traces)
+        # One phone, helped: 6 of 40 against 4 of 40 at top-1, five points.
+        assert shown["phones helped"][decision.round] == 100 and shown["phones hurt"][decision.round] == 0
+        assert shown["median gain (points)"][decision.round] == pytest.approx(5.0)
 
 
 def assert_inside_the_screen(browser: webdriver.Chrome, card: str) -> None:

@@ -151,6 +151,7 @@ function draw(status, run) {
   const audited = series("audit_epsilon").some((value) => value != null);
   privacy.hidden = !status.differential_privacy && !audited;
   if (!privacy.hidden) drawPrivacy(line, audited);
+  drawPersonal(bar);
   // Word discovery's rounds: how many voted and how many words joined the vocabulary; the aggregator records counts
   // only, never a vote or a word.
   const words = document.getElementById("words-figure");
@@ -162,6 +163,24 @@ function draw(status, run) {
     ], layout("Word discovery by round (counts, never the words)", "votes / words", { barmode: "group" }),
     PLOT_CONFIG);
   }
+}
+
+// Personal models' federated evaluation (Wang et al. 2019): of the phones that scored their personal model beside
+// the global one, the shares it helped and hurt at top-1, and the median gain; the aggregator keeps no phone's own.
+function drawPersonal(bar) {
+  const figure = document.getElementById("personal-figure");
+  figure.hidden = !rounds.some((r) => r.personal_devices);
+  if (figure.hidden) return;
+  Plotly.react("chart-personal", [
+    bar("phones helped", series("personal_helped", 100), "#188038"),
+    bar("phones hurt", series("personal_hurt", 100), "#d93025"),
+    { type: "scatter", mode: "lines+markers", name: "median gain (points)", x: roundNumbers(),
+      y: series("personal_median_gain"), yaxis: "y2", line: { color: "#9334e6" } },
+  ], layout("Personal models against the global one, by round", "% of the phones that scored both", {
+    barmode: "group",
+    yaxis2: { title: { text: "points of top-1" }, overlaying: "y", side: "right" },
+    margin: { l: 48, r: 48, t: 36, b: 40 },
+  }), PLOT_CONFIG);
 }
 
 // The canary clients' audits (every few rounds): the empirical ε with its interval, and the lower bound, beside
