@@ -159,10 +159,11 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
                            help="epsilon one discovery spends; picks the threshold and sampling (default: %(default)s)")
     discovery.add_argument("--discovery-delta", type=quantile, default=1e-6,
                            help="delta one discovery spends (default: %(default)s)")
-    discovery.add_argument("--discovery-max-word-length", type=positive_int, default=12, metavar="L",
+    discovery.add_argument("--discovery-max-word-length", type=number(int, lambda n: 1 <= n <= 63, "1 to 63"),
+                           default=12, metavar="L",
                            help="characters of the longest word a discovery can find; it takes up to L + 1 rounds "
                                 "(default: %(default)s)")
-    discovery.add_argument("--discovery-theta", type=positive_int, default=None,
+    discovery.add_argument("--discovery-theta", type=at_least(2), default=None,
                            help="votes a prefix needs to join the trie, instead of those the epsilon picks (with "
                                 "--discovery-sampling-rate)")
     discovery.add_argument("--discovery-sampling-rate", type=fraction, default=None,

@@ -16,6 +16,8 @@ from keyboard_model.triehh import TrieHHConfig, for_privacy
 from keyboard_model.weights import MODEL_ENCODINGS
 
 DP_MECHANISMS = tuple(MECHANISMS)
+# The longest word a discovery may find: a vote is at most this and its end marker (aggregator.api.schemas.Vote).
+MAX_DISCOVERED_WORD = 63
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,12 @@ class AggregatorConfig:
                 raise ValueError(f"word discovery (discover_every) with {name}: {why}")
         if (self.discovery_theta is None) != (self.discovery_sampling_rate is None):
             raise ValueError("give discovery_theta and discovery_sampling_rate together, or neither")
+        if self.discovery_theta is not None and self.discovery_theta < 2:
+            raise ValueError(f"discovery_theta must be at least 2 votes, or one phone's word could be discovered; got "
+                             f"{self.discovery_theta}")
+        if not 1 <= self.discovery_max_word_length <= MAX_DISCOVERED_WORD:
+            raise ValueError(f"discovery_max_word_length must be 1 to {MAX_DISCOVERED_WORD} characters, got "
+                             f"{self.discovery_max_word_length}")
         self.discovery_trie  # noqa: B018 -- raises on values out of range
 
     @property

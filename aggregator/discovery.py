@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from keyboard_model.tokenizer import KeyboardTokenizer
 from keyboard_model.triehh import EMPTY_TRIE, END, Privacy, Trie, TrieHHConfig, discovered, grow, privacy
+from keyboard_model.vocabulary_growth import is_new_word
 
 
 class BadVoteError(ValueError):
@@ -66,32 +67,42 @@ class DiscoveryState:
     discoveries: int = 0  # started so far
     words_added: int = 0
     campaign: tuple[Trie, int] | None = None  # the trie of the discovery under way, and its next round's depth
+    # What the discoveries started so far spent, each's own (ε, δ) added as it started; None once one ran outside the
+    # paper's accounting (a θ and γ it does not cover).
+    epsilon: float | None = 0.0
+    delta: float | None = 0.0
 
     @classmethod
     def restored(cls, record: dict | None) -> DiscoveryState:
-        record = record or {}
-        trie = record.get("discovery_trie")
+        """From the newest round record that holds discovery's fields (None: discovery never ran)."""
+        if record is None:
+            return cls()
+        trie = record["discovery_trie"]
         # A discovery under way when the service stopped goes on at its next depth.
         campaign = (frozenset(json.loads(trie)), int(record["discovery_next_depth"])) if trie is not None else None
-        return cls(int(record.get("discovery_training_rounds", 0)), int(record.get("discoveries", 0)),
-                   int(record.get("words_discovered_total", 0)), campaign)
+        return cls(int(record["discovery_training_rounds"]), int(record["discoveries"]),
+                   int(record["words_discovered_total"]), campaign, record["discovery_epsilon"],
+                   record["discovery_delta"])
 
     def record(self) -> dict:
         trie = None if self.campaign is None else json.dumps(sorted(self.campaign[0]))
         return {"discovery_training_rounds": self.training_rounds, "discoveries": self.discoveries,
                 "words_discovered_total": self.words_added, "discovery_trie": trie,
-                "discovery_next_depth": None if self.campaign is None else self.campaign[1]}
+                "discovery_next_depth": None if self.campaign is None else self.campaign[1],
+                "discovery_epsilon": self.epsilon, "discovery_delta": self.delta}
 
 
 class WordDiscovery:
-    """When discovery rounds run, and how each grows the trie. Its `state` moves on only when the manager commits
-    a round's record (the manager assigns the state `opened`, `closed` or `trained` returns)."""
+    """When discovery rounds run, and how each grows the trie. The manager assigns `state` what `opened`, `closed`
+    and `trained` return: when it opens a discovery round (a restart runs that round again from the last record),
+    and once a closed round's record is stored."""
 
     def __init__(self, config: TrieHHConfig, every: int, last_record: dict | None) -> None:
+        """`last_record`: the newest round record with discovery's fields, or None."""
         self.config = config
         self.every = every
         self.state = DiscoveryState.restored(last_record)
-        # The (ε, δ) of one discovery; None when θ and γ are outside the paper's accounting (a test's small fleet).
+        # The (ε, δ) of one discovery; None when θ and γ are outside the paper's accounting.
         try:
             self.privacy: Privacy | None = privacy(config)
         except ValueError:
@@ -103,10 +114,14 @@ class WordDiscovery:
         return self.state.campaign is not None or self.state.training_rounds >= self.every
 
     def opened(self) -> tuple[DiscoveryRound, DiscoveryState]:
-        """The next discovery round (call only when `due`), and the state with it open."""
+        """The next discovery round (call only when `due`), and the state with it open: a discovery that starts
+        here adds its (ε, δ) to what was spent."""
         state = self.state
         if state.campaign is None:
-            state = replace(state, discoveries=state.discoveries + 1, campaign=(EMPTY_TRIE, 1))
+            spent = self.privacy
+            state = replace(state, discoveries=state.discoveries + 1, campaign=(EMPTY_TRIE, 1),
+                            epsilon=None if spent is None or state.epsilon is None else state.epsilon + spent.epsilon,
+                            delta=None if spent is None or state.delta is None else state.delta + spent.delta)
         assert state.campaign is not None
         trie, depth = state.campaign
         frontier = tuple(sorted(prefix for prefix in trie if len(prefix) == depth - 1 and not prefix.endswith(END)))
@@ -119,35 +134,22 @@ class WordDiscovery:
     def closed(self, open_round: DiscoveryRound, tokenizer: KeyboardTokenizer) -> tuple[dict, list[str],
                                                                                        DiscoveryState]:
         """Grow the trie with the round's votes: the round's record, the words to add to the vocabulary when this
-        round ends the discovery (none otherwise), and the state after it."""
+        round ends the discovery (none otherwise), and the state after it.
+
+        The record holds only what the trie itself says (the prefixes it gained, the words): not how many voted,
+        a count below the threshold that the accounting does not cover."""
         depth = open_round.task.depth
         grown = grow(open_round.trie, open_round.votes, depth, self.config.theta)
         ended = grown == open_round.trie or depth >= self.config.rounds
-        words = sorted(word for word in discovered(grown) if _new_word(word, tokenizer)) if ended else []
+        words = sorted(word for word in discovered(grown) if is_new_word(word, tokenizer)) if ended else []
         state = (replace(self.state, training_rounds=0, words_added=self.state.words_added + len(words),
                          campaign=None) if ended else replace(self.state, campaign=(grown, depth + 1)))
-        record = {
-            "round_kind": "discovery", "discovery_depth": depth,
-            "discovery_votes": sum(vote is not None for vote in open_round.votes.values()),
-            "discovery_prefixes_added": len(grown - open_round.trie), "words_discovered": len(words),
-            **self.spent(state), **state.record(),
-        }
+        record = {"round_kind": "discovery", "discovery_depth": depth,
+                  "discovery_prefixes_added": len(grown - open_round.trie), "words_discovered": len(words),
+                  **state.record()}
         return record, words, state
 
     def trained(self) -> tuple[dict, DiscoveryState]:
         """A training round closed (whether or not it made a model): its record's fields, and the state after."""
         state = replace(self.state, training_rounds=self.state.training_rounds + 1)
-        return {"round_kind": "training", **self.spent(state), **state.record()}, state
-
-    def spent(self, state: DiscoveryState) -> dict:
-        """The (ε, δ) of the discoveries started so far, composed by simple addition (None outside the accounting)."""
-        if self.privacy is None:
-            return {"discovery_epsilon": None, "discovery_delta": None}
-        return {"discovery_epsilon": state.discoveries * self.privacy.epsilon,
-                "discovery_delta": state.discoveries * self.privacy.delta}
-
-
-def _new_word(word: str, tokenizer: KeyboardTokenizer) -> bool:
-    """A word the vocabulary can take: one word as the tokenizer splits text, not already a token. Phones vote
-    only on such words; a prefix planted by enough colluding phones might not be one."""
-    return tokenizer.split(word) == [word] and word not in tokenizer.token_to_id and word.isalpha()
+        return {"round_kind": "training", **state.record()}, state

@@ -90,7 +90,8 @@ class GlobalModel:
         return initial
 
     def initial_state(self) -> Tensors:
-        return read_tensors(self.initial_bytes(), self.shapes)[0]
+        """Version 0's weights, in the sizes it was made with (word discovery may have grown the model since)."""
+        return read_tensors(self.initial_bytes(), parameter_shapes(build_model(self.config.model).state_dict()))[0]
 
     def encoded(self, encoding: str) -> bytes:
         """The current model as phones download it: the stored float32 bytes, or int8.

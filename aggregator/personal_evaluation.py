@@ -4,7 +4,9 @@ report it: per round, the distribution over devices of the personal model's top-
 A device that keeps a personal model (device_sim/session.py's `personalised`) adds to its evaluation report its
 personal model's top-1 and top-3 hits on the same held-out positions it scored the base model on. The round keeps each
 such device's pair of counts in memory until it closes, and records only their distribution (`personal_record`): the
-shares of devices helped and hurt, the median gain and the pooled personal recall, never one device's counts. Secure
+shares of devices helped and hurt, the median gain and the pooled personal recall. With a single such device (a
+round's scoring share is small), that distribution is its own counts: a plain round's aggregator sees every device's
+evaluation counts anyway, and the record is the operator's. Secure
 rounds record none of it: their devices put the base model's three counts in the masked vector and nothing more, since
 a sum cannot say which devices a personal model helped.
 """

@@ -170,7 +170,8 @@ class RoundManager:
         self.canaries = make_canary_clients(config, self.model, storage, population)
         self._population = population
         recent = storage.recent_rounds(RECENT_ROUNDS)
-        self.discovery = (WordDiscovery(config.discovery_trie, config.discover_every, recent[-1] if recent else None)
+        self.discovery = (WordDiscovery(config.discovery_trie, config.discover_every,
+                                        storage.last_round_with("discoveries"))
                           if config.discover_every else None)
         self._recent_durations = collections.deque(
             (r["duration_s"] for r in recent if r["duration_s"] is not None), maxlen=RECENT_ROUNDS
@@ -290,7 +291,9 @@ class RoundManager:
         each round's devices, as Gboard's does, the first ceil(eval_share x selection target) of the round's draws
         (in the draws' random order). The others spend the round on training only; in a secure round they put zero
         counts in their masked input (aggregator/config.py says what the default share costs and saves)."""
-        evaluators = math.ceil(self.config.eval_share * self.selection_target)
+        if self.round.discovery is not None:  # a discovery round's devices vote, and score nothing
+            return set()
+        evaluators = math.ceil(self.config.eval_share * self.round.target)
         return set(itertools.islice(self.round.token_by_device, evaluators))
 
     def _separation_wait(self, device_id: str) -> float | None:
@@ -354,10 +357,12 @@ class RoundManager:
                 raise RoundClosedError(f"round {round_number} is a discovery round: it takes votes, not updates")
             if device_id in self.round.reported:
                 return SubmitResult(round_number, len(self.round.reported), duplicate=True)
+            # The shapes of the round's model: a discovery may grow the model once the round has closed.
+            shapes = self.model.shapes
         if self.config.secure_aggregation:
             return self._submit_masked(round_number, token, data)
         # Parsing and checking the bytes is the expensive part; do it outside the lock.
-        update = check_update(data, self.model.shapes, self.config)
+        update = check_update(data, shapes, self.config)
         with self._lock:
             device_id = self._authorize(round_number, token)
             if device_id in self.round.reported:
@@ -368,7 +373,7 @@ class RoundManager:
             self.round.examples += update.num_examples
             self.round.bytes_up += len(data)
             reported = len(self.round.reported)
-            closed = reported >= self.config.clients_per_round
+            closed = reported >= self.round.goal
             if closed:
                 self._close_round()
         return SubmitResult(round_number, reported, duplicate=False, round_closed=closed)
@@ -389,10 +394,16 @@ class RoundManager:
                 raise BadUpdateError(str(error)) from None
             current.reported.add(device_id)
             current.aborted.discard(device_id)
-            closed = len(current.reported) >= current.goal
+            closed = self._all_answered(current)
             if closed:
                 self._close_round()
             return SubmitResult(round_number, len(current.reported), duplicate=False, round_closed=closed)
+
+    @staticmethod
+    def _all_answered(current: OpenRound) -> bool:
+        """A discovery round's sample has all voted or aborted: waiting longer would only wait for the deadline.
+        Closing with fewer votes costs no privacy."""
+        return len(current.reported) + len(current.aborted) >= current.goal
 
     def _submit_masked(self, round_number: int, token: str, data: bytes) -> SubmitResult:
         """A secure round's upload: a masked input, added to the masked sum. Reaching the goal starts unmasking."""
@@ -486,9 +497,13 @@ class RoundManager:
             if round_number != self.round.number:
                 raise RoundClosedError(f"round {round_number} is closed; the current round is {self.round.number}")
             device_id = self._authorize(round_number, token)
-            if device_id not in self.round.reported:
-                self.round.aborted.add(device_id)
-            return len(self.round.aborted)
+            current = self.round
+            if device_id not in current.reported:
+                current.aborted.add(device_id)
+            aborted = len(current.aborted)
+            if current.discovery is not None and self._all_answered(current):
+                self._close_round()
+            return aborted
 
     def _authorize(self, round_number: int, token: str) -> str:
         if round_number != self.round.number:
@@ -545,8 +560,9 @@ class RoundManager:
             **personal_record(current.personal_scores),
             "checked_in": len(current.checked_in), "clock_started_s": current.started,
             "excluded": culprits or None,
-            # Where discovery stands before this round, so that even a round recorded as failed keeps it.
-            **(self.discovery.state.record() if self.discovery is not None else {}),
+            # Where discovery stands with this round open, so that even a round recorded as failed keeps it.
+            **({"round_kind": "training" if current.discovery is None else "discovery",
+                **self.discovery.state.record()} if self.discovery is not None else {}),
         }
         try:
             self._commit(dict(summary))
@@ -691,7 +707,8 @@ class RoundManager:
                 "canary_clients": self.config.canary_clients, **self._last_audit,
                 "round_kind": "training" if self.round.discovery is None else "discovery",
                 "vocab_size": self.model.architecture.vocab_size,
-                **(self.discovery.spent(self.discovery.state) if self.discovery is not None else {}),
-                "words_discovered": self.discovery.state.words_added if self.discovery is not None else None,
+                **({"words_discovered": self.discovery.state.words_added,
+                    "discovery_epsilon": self.discovery.state.epsilon, "discovery_delta": self.discovery.state.delta}
+                   if self.discovery is not None else {}),
             }
 

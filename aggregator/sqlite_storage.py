@@ -262,6 +262,12 @@ class SqliteStorage:
             rows = self.db.query("select * from rounds order by round desc limit ?", [limit])
             return [_whole(row) for row in reversed(list(rows))]
 
+    def last_round_with(self, field: str) -> dict | None:
+        with self._lock:
+            rows = list(self.db.query("select * from rounds where json_extract(mechanism_record, ?) is not null "
+                                      "order by round desc limit 1", [f"$.{field}"]))
+        return _whole(rows[0]) if rows else None
+
     def amend_round(self, round_number: int, fields: dict) -> None:
         with self._transaction():
             rows = list(self.db.query("select mechanism_record from rounds where round = ?", [round_number]))

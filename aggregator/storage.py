@@ -78,6 +78,9 @@ class Storage(Protocol):
 
     def recent_rounds(self, limit: int) -> list[dict]: ...
 
+    def last_round_with(self, field: str) -> dict | None:
+        """The newest round record that has `field` (one a mechanism recorded beyond the columns), or None."""
+
     def amend_round(self, round_number: int, fields: dict) -> None:
         """Add `fields` to a recorded round's record (a measurement of the model it made), atomically."""
 

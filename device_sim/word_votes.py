@@ -12,14 +12,15 @@ import random
 
 from aggregator.api.schemas import DiscoveryQuestion, Vote
 from keyboard_model.tokenizer import KeyboardTokenizer
-from keyboard_model.triehh import END, vote
+from keyboard_model.triehh import vote
+from keyboard_model.vocabulary_growth import is_new_word
 
 
 def unknown_words(texts: list[str], tokenizer: KeyboardTokenizer, max_length: int) -> list[str]:
     """The words of `texts` that `tokenizer` does not know, once per time typed, up to `max_length` characters.
     Punctuation and numbers are left out: a vocabulary grows by words."""
     return [word for text in texts for word in tokenizer.split(text)
-            if word not in tokenizer.token_to_id and word.isalpha() and END not in word and len(word) <= max_length]
+            if len(word) <= max_length and is_new_word(word, tokenizer)]
 
 
 def cast_vote(texts: list[str], tokenizer: KeyboardTokenizer, question: DiscoveryQuestion, seed: int) -> Vote:

@@ -28,6 +28,13 @@ VOCABULARY_PARAMETERS = ("embedding.weight", "output_bias")
 _STARTS_AS_WORD = re.compile(r"\w")
 
 
+def is_new_word(word: str, tokenizer: KeyboardTokenizer) -> bool:
+    """Whether the vocabulary can take `word`: letters only, one word as the tokenizer splits text (so lower case), and
+    not a token yet. Phones vote only on such words (device_sim/word_votes.py); the aggregator adds only such words,
+    whatever a discovery's trie spells."""
+    return word.isalpha() and tokenizer.split(word) == [word] and word not in tokenizer.token_to_id
+
+
 def grow_tokenizer(tokenizer: KeyboardTokenizer, words: Sequence[str]) -> KeyboardTokenizer:
     """`tokenizer` with `words` added as whole tokens, the first at id `tokenizer.vocab_size`, in their order.
 

@@ -546,24 +546,25 @@ def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differ
 @pytest.mark.browser
 def test_the_dashboard_shows_word_discovery_by_round_in_counts_only(tmp_path: Path,
                                                                    tokenizer: KeyboardTokenizer) -> None:
-    # A first round nobody reports to fails at its one-second deadline; the discovery round comes after it, and one
-    # device's vote (θ = 1) closes it.
-    config = small_aggregator_config(tmp_path, tokenizer, round_deadline_s=1.0, population=1, discover_every=1,
-                                     discovery_theta=1, discovery_sampling_rate=1.0)
+    # A first round nobody reports to fails at its one-second deadline; the discovery round comes after it, and two
+    # devices' votes for the same letter (θ = 2) close it with one prefix.
+    config = small_aggregator_config(tmp_path, tokenizer, round_deadline_s=1.0, population=2, discover_every=1,
+                                     discovery_theta=2, discovery_sampling_rate=1.0)
     with LocalAggregator(config) as aggregator, DemoServer(aggregator.url) as demo, \
             chromium(tmp_path / "chromium-profile") as browser:
         client = AggregatorClient(aggregator.url)
         WebDriverWait(client, 20, poll_frequency=0.2).until(lambda c: c.status(recent=0).round_kind == "discovery")
-        decision = client.checkin(client.enrol().device_token)
-        assert decision.action == "vote"
-        client.vote(decision.round, decision.upload_token, Vote(prefix="q"))
+        for _ in range(2):
+            decision = client.checkin(client.enrol().device_token)
+            assert decision.action == "vote"
+            client.vote(decision.round, decision.upload_token, Vote(prefix="q"))
         browser.get(f"{demo.url}/dashboard")
         traces = WebDriverWait(browser, 20).until(lambda b: b.execute_script(
             "const chart = document.getElementById('chart-words');"
             "return chart.offsetParent !== null && chart.data ? chart.data.map(t => ({name: t.name, x: t.x, y: t.y}))"
             " : null;"))
         bars = by_name(traces)
-        assert bars["votes"][decision.round] == 1 and bars["words discovered"][decision.round] == 0
+        assert bars["prefixes added"][decision.round] == 1 and bars["words discovered"][decision.round] == 0
         summary = browser.find_element(By.ID, "summary").text
         assert "Words discovered: 0" in summary and "q" not in summary.split("Words discovered")[1]
 

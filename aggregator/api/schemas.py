@@ -96,7 +96,7 @@ class Vote(BaseModel):
     does not know (ending with '$' when the word ends there), extending a prefix of the question; or null."""
 
     model_config = ConfigDict(extra="forbid")
-    prefix: str | None = Field(max_length=64)
+    prefix: str | None = Field(max_length=64)  # aggregator.config.MAX_DISCOVERED_WORD letters and the end marker
 
 
 class UploadResponse(BaseModel):
@@ -247,7 +247,6 @@ class RoundSummary(BaseModel):
     round_kind: Literal["training", "discovery"] | None = Field(
         None, description="With word discovery on: whether the round trained the model or voted on new words.")
     discovery_depth: int | None = Field(None, description="A discovery round: the characters of its votes.")
-    discovery_votes: int | None = Field(None, description="A discovery round: the votes cast (not what they were).")
     discovery_prefixes_added: int | None = Field(
         None, description="A discovery round: the prefixes that reached the threshold and joined the trie.")
     words_discovered: int | None = Field(

@@ -152,15 +152,16 @@ function draw(status, run) {
   privacy.hidden = !status.differential_privacy && !audited;
   if (!privacy.hidden) drawPrivacy(line, audited);
   drawPersonal(bar);
-  // Word discovery's rounds: how many voted and how many words joined the vocabulary; the aggregator records counts
-  // only, never a vote or a word.
+  // Word discovery's rounds: the prefixes that reached the threshold and the words that joined the vocabulary, as
+  // counts (the words themselves are the tokenizer's). Not how many voted: a count below the threshold, which
+  // discovery's privacy accounting does not cover, so the aggregator does not record it.
   const words = document.getElementById("words-figure");
   words.hidden = !rounds.some((r) => r.round_kind === "discovery");
   if (!words.hidden) {
     Plotly.react("chart-words", [
-      bar("votes", series("discovery_votes"), "#81c995"),
+      bar("prefixes added", series("discovery_prefixes_added"), "#81c995"),
       bar("words discovered", series("words_discovered"), "#188038"),
-    ], layout("Word discovery by round (counts, never the words)", "votes / words", { barmode: "group" }),
+    ], layout("Word discovery by round", "prefixes / words", { barmode: "group" }),
     PLOT_CONFIG);
   }
 }
