@@ -423,6 +423,10 @@ def run_eval(args: argparse.Namespace) -> int:
         )
         corpus = _run_corpus(run_dir, args)
         beside = [model_from_bytes(path.read_bytes())[0] for path in args.beside]
+        for path, other in zip(args.beside, beside):
+            if other.config.vocab_size != tokenizer.vocab_size:  # one table scores every model with one tokenizer
+                raise UserFacingError(f"--beside {path} has a vocabulary of {other.config.vocab_size} tokens, the "
+                                      f"run's tokenizer {tokenizer.vocab_size}: compare models of one vocabulary")
         # The run's tokenizer.json has grown beyond the corpus's when the run discovered words.
         rows = comparison_table(model, tokenizer, phones, corpus.proxy_lines(), config, beside=beside,
                                 corpus_vocab_size=corpus.tokenizer().vocab_size)

@@ -381,8 +381,8 @@ class Fleet:
 
     def _check_in(self, due: list[Phone]) -> tuple[int, list[Participation]]:
         """Let these phones check in; each selected one takes its first step at once (a plain round's phone starts
-        training, so the workers train while the others check in). Returns how many were selected, and those that
-        vanished."""
+        training, so the workers train while the others check in; a discovery round's votes). Returns how many were
+        selected to train, and the participations of those that vanished or voted."""
         self._rng.shuffle(due)
         selected, vanished, voters = 0, [], []
         tick_minutes = self.config.eligibility.tick_minutes

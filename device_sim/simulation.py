@@ -133,6 +133,9 @@ def run_simulation(
         model, version = model_from_bytes(data)
         if model.config.vocab_size != tokenizer.vocab_size:  # a discovery grew the vocabulary
             tokenizer = KeyboardTokenizer.from_json(client.tokenizer_json())
+            if tokenizer.vocab_size != model.config.vocab_size:  # it grew again in between: take its newer model
+                data = client.served_model()
+                model, version = model_from_bytes(data)
             eval_messages = [m for phone in eval_sample for m in phone.held_out(tokenizer)]
             write_atomically(config.out_dir / "tokenizer.json", tokenizer.to_json().encode("utf-8"))
         write_atomically(config.out_dir / "model.safetensors", data)
@@ -169,7 +172,8 @@ def run_simulation(
                                    "update(s) (over --max-update-norm, or malformed); the phones' part in the round "
                                    "ended there")
                 rounds_completed += 1
-                kind = next(r.round_kind for r in client.status(recent=5).recent_rounds if r.round == report.round)
+                kind = next((r.round_kind for r in client.status(recent=5).recent_rounds if r.round == report.round),
+                            None)
                 trained += kind != "discovery"
                 # Decided once, here: the last round's model is audited before its line is written.
                 over_budget = (config.time_budget_s is not None
@@ -323,7 +327,7 @@ AUDIT = ("audit_canaries_taking_part", "audit_canaries", "audit_epsilon", "audit
          "audit_epsilon_lower_bound", "audit_delta", "audit_score_in", "audit_score_out")
 # Word discovery (aggregator/discovery.py): the round's kind and, in a discovery round, how many voted and what it
 # added (counts, never words); null without discovery.
-DISCOVERY = ("round_kind", "discovery_depth", "discovery_votes", "discovery_prefixes_added", "words_discovered",
+DISCOVERY = ("round_kind", "discovery_depth", "discovery_prefixes_added", "words_discovered",
              "words_discovered_total", "discovery_epsilon", "discovery_delta")
 # Federated evaluation of personal models (--personal), from the phones that scored theirs beside the global model in
 # a plain round: null where none did.

@@ -68,7 +68,6 @@ def personalise(
     return personal
 
 
-
 @dataclass(frozen=True)
 class PhoneScore:
     """One phone's held-out counts with the global model and with its personal model, and the fine-tuning's seconds."""
