@@ -544,54 +544,42 @@ def test_the_page_shows_the_privacy_spent_when_the_aggregator_trains_with_differ
 
 
 @pytest.mark.browser
-def test_the_dashboard_shows_word_discovery_by_round_in_counts_only(tmp_path: Path,
-                                                                   tokenizer: KeyboardTokenizer) -> None:
-    # A first round nobody reports to fails at its one-second deadline; the discovery round comes after it, and two
-    # devices' votes for the same letter (θ = 2) close it with one prefix.
-    config = small_aggregator_config(tmp_path, tokenizer, round_deadline_s=1.0, population=2, discover_every=1,
-                                     discovery_theta=2, discovery_sampling_rate=1.0)
+def test_the_dashboard_shows_personal_models_and_word_discovery_by_round_in_counts_only(
+        tmp_path: Path, tokenizer: KeyboardTokenizer) -> None:
+    # Round 1 trains: its one phone scores its personal model beside the global one. Round 2 is a discovery (one
+    # every training round) whose two phones vote for the same letter (θ = 2), so it gains one prefix.
+    config = small_aggregator_config(tmp_path, tokenizer, eval_share=1.0, max_update_norm=1_000.0, population=2,
+                                     discover_every=1, discovery_theta=2, discovery_sampling_rate=1.0)
     with LocalAggregator(config) as aggregator, DemoServer(aggregator.url) as demo, \
             chromium(tmp_path / "chromium-profile") as browser:
         client = AggregatorClient(aggregator.url)
-        WebDriverWait(client, 20, poll_frequency=0.2).until(lambda c: c.status(recent=0).round_kind == "discovery")
-        for _ in range(2):
-            decision = client.checkin(client.enrol().device_token)
-            assert decision.action == "vote"
-            client.vote(decision.round, decision.upload_token, Vote(prefix="q"))
-        browser.get(f"{demo.url}/dashboard")
-        traces = WebDriverWait(browser, 20).until(lambda b: b.execute_script(
-            "const chart = document.getElementById('chart-words');"
-            "return chart.offsetParent !== null && chart.data ? chart.data.map(t => ({name: t.name, x: t.x, y: t.y}))"
-            " : null;"))
-        bars = by_name(traces)
-        assert bars["prefixes added"][decision.round] == 1 and bars["words discovered"][decision.round] == 0
-        summary = browser.find_element(By.ID, "summary").text
-        assert "Words discovered: 0" in summary and "q" not in summary.split("Words discovered")[1]
-
-
-@pytest.mark.browser
-def test_the_dashboard_shows_how_personal_models_did_against_the_global_one(tmp_path: Path,
-                                                                            tokenizer: KeyboardTokenizer) -> None:
-    config = small_aggregator_config(tmp_path, tokenizer, eval_share=1.0, max_update_norm=1_000.0)
-    with LocalAggregator(config) as aggregator, DemoServer(aggregator.url) as demo, \
-            chromium(tmp_path / "chromium-profile") as browser:
-        client = AggregatorClient(aggregator.url)
-        decision = client.checkin(client.enrol().device_token)
-        assert decision.action == "train" and decision.evaluate
-        client.report_evaluation(decision.round, decision.upload_token, EvaluationReport(
+        trains = client.checkin(client.enrol().device_token)
+        assert trains.action == "train" and trains.evaluate
+        client.report_evaluation(trains.round, trains.upload_token, EvaluationReport(
             model_version=0, positions=40, hits_at_1=4, hits_at_3=9, personal_hits_at_1=6, personal_hits_at_3=11))
         shapes = parameter_shapes(model_from_bytes(client.model())[0].state_dict())
-        client.upload(decision.round, decision.upload_token,
+        client.upload(trains.round, trains.upload_token,
                       update_bytes({name: torch.zeros(shape) for name, shape in shapes.items()}, 5))
+        for _ in range(2):
+            votes = client.checkin(client.enrol().device_token)
+            assert votes.action == "vote"
+            client.vote(votes.round, votes.upload_token, Vote(prefix="q"))
         browser.get(f"{demo.url}/dashboard")
-        traces = WebDriverWait(browser, 20).until(lambda b: b.execute_script(
-            "const chart = document.getElementById('chart-personal');"
-            "return chart.offsetParent !== null && chart.data ? chart.data.map(t => ({name: t.name, x: t.x, y: t.y}))"
-            " : null;"))
-        shown = by_name(traces)
+
+        def chart(name: str) -> dict[str, dict]:
+            return by_name(WebDriverWait(browser, 20).until(lambda b: b.execute_script(
+                "const chart = document.getElementById(arguments[0]);"
+                "return chart.offsetParent !== null && chart.data ?"
+                " chart.data.map(t => ({name: t.name, x: t.x, y: t.y})) : null;", name)))
+
         # One phone, helped: 6 of 40 against 4 of 40 at top-1, five points.
-        assert shown["phones helped"][decision.round] == 100 and shown["phones hurt"][decision.round] == 0
-        assert shown["median gain (points)"][decision.round] == pytest.approx(5.0)
+        personal = chart("chart-personal")
+        assert personal["phones helped"][trains.round] == 100 and personal["phones hurt"][trains.round] == 0
+        assert personal["median gain (points)"][trains.round] == pytest.approx(5.0)
+        words = chart("chart-words")
+        assert words["prefixes added"][votes.round] == 1 and words["words discovered"][votes.round] == 0
+        summary = browser.find_element(By.ID, "summary").text
+        assert "Words discovered: 0" in summary and "q" not in summary.split("Words discovered")[1]
 
 
 def assert_inside_the_screen(browser: webdriver.Chrome, card: str) -> None:
