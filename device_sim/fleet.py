@@ -393,9 +393,10 @@ class Fleet:
             if decision.vocab_size is not None and decision.vocab_size != self.tokenizer.vocab_size:
                 self.use_tokenizer(KeyboardTokenizer.from_json(self.client.tokenizer_json()))
             if decision.action == "vote":
-                voters.append(self._vote(phone, decision))
-                if self.client.status(recent=0).round != decision.round:
-                    break  # the last vote closed the round: the others check in at the next tick, in the next round
+                voted, round_over = self._vote(phone, decision)
+                voters.append(voted)
+                if round_over:
+                    break  # the round has closed: the others check in at the next tick, in the next round
                 continue
             if decision.action != "train":
                 wait_ticks = math.ceil(decision.retry_after_s / 60.0 / tick_minutes)
@@ -416,22 +417,23 @@ class Fleet:
             self._take_next_step(drawn, vanished)
         return selected, vanished + voters
 
-    def _vote(self, phone: Phone, decision: CheckinResponse) -> Participation:
+    def _vote(self, phone: Phone, decision: CheckinResponse) -> tuple[Participation, bool]:
         """A phone selected for a discovery round votes at once, from the messages it has typed by now; it comes back
-        at the next tick, for the next round."""
+        at the next tick, for the next round. Returns what became of it, and whether its round is over (its vote
+        closed it, or came after it closed)."""
         assert decision.discovery is not None and decision.upload_token is not None  # a vote's check-in has both
         with self._timed("uploads"):  # a vote is its upload
             ballot = cast_vote(phone.messages(self.now_s)[0], self.tokenizer, decision.discovery,
                                self._rng.randrange(2**31))
             try:
-                self.client.vote(decision.round, decision.upload_token, ballot)
-                outcome = "voted"
+                outcome, round_over = "voted", self.client.vote(decision.round, decision.upload_token,
+                                                                 ballot).round_closed
             except AggregatorRefusedError as refused:
                 if refused.status_code != 409:  # an honest phone's vote is refused only when the round has closed
                     raise
-                outcome = "late"
+                outcome, round_over = "late", True
         self._due_tick[phone.phone_id] = self.clock.tick + 1
-        return Participation(phone.phone_id, decision.round, outcome, self.clock.tick, self.clock.tick)
+        return Participation(phone.phone_id, decision.round, outcome, self.clock.tick, self.clock.tick), round_over
 
     def use_tokenizer(self, tokenizer: KeyboardTokenizer) -> None:
         """The model's vocabulary grew: phones vote and train with this tokenizer from now on."""
